@@ -1,0 +1,215 @@
+/*
+ * envelope.c — the wire format of DESIGN §4: validation of the identifying
+ * fields, UUIDv7 event ids, and the JSON envelope and headers.
+ */
+#include "postgres.h"
+
+#include <sys/time.h>
+
+#include "lib/stringinfo.h"
+#include "utils/builtins.h"
+#include "utils/datetime.h"
+#include "utils/json.h"
+#include "utils/timestamp.h"
+
+#include "eventbus.h"
+
+/* Name of a transport. */
+const char *
+eb_transport_name(int transport)
+{
+	return transport == EB_TRANSPORT_KAFKA ? "kafka" : "nats";
+}
+
+/* Transport number from its name, -1 if unknown. */
+int
+eb_transport_from_name(const char *name)
+{
+	if (strcmp(name, "kafka") == 0)
+		return EB_TRANSPORT_KAFKA;
+	if (strcmp(name, "nats") == 0)
+		return EB_TRANSPORT_NATS;
+	return -1;
+}
+
+/* Topic names: 1–249 characters of [A-Za-z0-9._-] (Kafka's rule). */
+void
+eb_validate_topic(const char *topic)
+{
+	size_t		len = strlen(topic);
+
+	if (len == 0 || len > EB_MAX_TOPIC)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("invalid topic name: must be 1 to %d characters long", EB_MAX_TOPIC),
+				 errdetail("The topic is %zu characters long.", len)));
+
+	for (const char *p = topic; *p; p++)
+	{
+		if (!(isalnum((unsigned char) *p) && (unsigned char) *p < 128) &&
+			*p != '.' && *p != '_' && *p != '-')
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("invalid topic name \"%s\"", topic),
+					 errdetail("Character %d is not allowed.", (int) (p - topic) + 1),
+					 errhint("Topic names use only A-Z, a-z, 0-9, '.', '_' and '-'.")));
+	}
+}
+
+/* Aggregate ids: 1–256 bytes of [A-Za-z0-9:_./-]. */
+void
+eb_validate_aggregate_id(const char *aggregate_id)
+{
+	size_t		len = strlen(aggregate_id);
+
+	if (len == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("aggregate_id must not be empty")));
+	if (len > EB_MAX_AGGREGATE_ID)
+		ereport(ERROR,
+				(errcode(ERRCODE_STRING_DATA_RIGHT_TRUNCATION),
+				 errmsg("aggregate_id is too long"),
+				 errdetail("It is %zu bytes; the limit is %d.", len, EB_MAX_AGGREGATE_ID)));
+
+	for (const char *p = aggregate_id; *p; p++)
+	{
+		unsigned char c = (unsigned char) *p;
+
+		if (!((c < 128 && isalnum(c)) || c == ':' || c == '_' || c == '.' ||
+			  c == '/' || c == '-'))
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("aggregate_id contains an invalid character"),
+					 errdetail("Byte %d (0x%02x) is not allowed.", (int) (p - aggregate_id) + 1, c),
+					 errhint("Use only A-Z, a-z, 0-9 and the characters : _ . / -")));
+	}
+}
+
+/*
+ * Generate a UUIDv7 (RFC 9562): 48-bit Unix milliseconds, then a 12-bit
+ * counter that keeps ids from one backend increasing within a millisecond,
+ * then 62 random bits.
+ */
+void
+eb_uuidv7(unsigned char out[16])
+{
+	static uint64 last_ms = 0;
+	static uint16 counter = 0;
+	struct timeval tv;
+	uint64		ms;
+
+	gettimeofday(&tv, NULL);
+	ms = (uint64) tv.tv_sec * 1000 + tv.tv_usec / 1000;
+
+	if (!pg_strong_random(out, 16))
+		ereport(ERROR,
+				(errcode(ERRCODE_INTERNAL_ERROR),
+				 errmsg("could not generate random bytes for an event id")));
+
+	if (ms <= last_ms)
+	{
+		ms = last_ms;
+		if (++counter > 0x0fff)
+		{
+			/* Counter exhausted: borrow the next millisecond. */
+			ms = ++last_ms;
+			counter = out[6] & 0x03;
+		}
+	}
+	else
+	{
+		last_ms = ms;
+		/* Start low so many ids fit in one millisecond. */
+		counter = ((out[6] << 8) | out[7]) & 0x01ff;
+	}
+
+	out[0] = (ms >> 40) & 0xff;
+	out[1] = (ms >> 32) & 0xff;
+	out[2] = (ms >> 24) & 0xff;
+	out[3] = (ms >> 16) & 0xff;
+	out[4] = (ms >> 8) & 0xff;
+	out[5] = ms & 0xff;
+	out[6] = 0x70 | ((counter >> 8) & 0x0f);
+	out[7] = counter & 0xff;
+	out[8] = 0x80 | (out[8] & 0x3f);
+}
+
+/* RFC 3339 in UTC with microseconds, e.g. 2026-11-21T00:13:02.123456Z. */
+void
+eb_format_timestamp(TimestampTz ts, char *buf, size_t len)
+{
+	struct pg_tm tm;
+	fsec_t		fsec;
+
+	if (timestamp2tm(ts, NULL, &tm, &fsec, NULL, NULL) != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATETIME_VALUE_OUT_OF_RANGE),
+				 errmsg("timestamp out of range")));
+	snprintf(buf, len, "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ",
+			 tm.tm_year, tm.tm_mon, tm.tm_mday,
+			 tm.tm_hour, tm.tm_min, tm.tm_sec, (int) fsec);
+}
+
+/* Append "name":"value" (value escaped), with a leading comma. */
+static void
+append_string_field(StringInfo buf, const char *name, const char *value)
+{
+	appendStringInfo(buf, ",\"%s\":", name);
+	escape_json(buf, value);
+}
+
+/*
+ * Encode the JSON envelope (DESIGN §4).  payload is already JSON text and is
+ * embedded as a value, not a string.
+ */
+void
+eb_envelope_encode(StringInfo buf, const EbEvent *ev)
+{
+	char		ts[64];
+
+	eb_format_timestamp(ev->occurred_at, ts, sizeof(ts));
+
+	appendStringInfoString(buf, "{\"event_id\":");
+	escape_json(buf, ev->event_id);
+	append_string_field(buf, "aggregate_id", ev->aggregate_id);
+	append_string_field(buf, "event_type", ev->event_type);
+	appendStringInfo(buf, ",\"event_version\":" INT64_FORMAT, ev->event_version);
+	append_string_field(buf, "timestamp", ts);
+	if (ev->trace_id)
+		append_string_field(buf, "trace_id", ev->trace_id);
+	if (ev->correlation_id)
+		append_string_field(buf, "correlation_id", ev->correlation_id);
+	if (ev->has_tenant)
+		appendStringInfo(buf, ",\"tenant_id\":%d", ev->tenant_id);
+	appendStringInfoString(buf, ",\"payload\":");
+	appendStringInfoString(buf, ev->payload);
+	appendStringInfoChar(buf, '}');
+}
+
+/*
+ * Call fn for each header of the event: the X-* headers of DESIGN §4, then
+ * the user's own headers.
+ */
+void
+eb_event_headers(const EbEvent *ev, EbHeaderFn fn, void *arg)
+{
+	char		num[32];
+
+	fn(arg, "X-Event-ID", ev->event_id);
+	fn(arg, "X-Aggregate-ID", ev->aggregate_id);
+	snprintf(num, sizeof(num), INT64_FORMAT, ev->event_version);
+	fn(arg, "X-Event-Version", num);
+	fn(arg, "X-Event-Type", ev->event_type);
+	if (ev->trace_id)
+		fn(arg, "X-Trace-ID", ev->trace_id);
+	if (ev->correlation_id)
+		fn(arg, "X-Correlation-ID", ev->correlation_id);
+	if (ev->has_tenant)
+	{
+		snprintf(num, sizeof(num), "%d", ev->tenant_id);
+		fn(arg, "X-Tenant-ID", num);
+	}
+	for (int i = 0; i < ev->nheaders; i++)
+		fn(arg, ev->header_names[i], ev->header_values[i]);
+}

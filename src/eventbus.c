@@ -1,0 +1,123 @@
+/*
+ * eventbus.c — module lifecycle: _PG_init, shared memory, launcher
+ * registration, and the helpers every SQL entry point needs.
+ */
+#include "postgres.h"
+
+#include "fmgr.h"
+#include "miscadmin.h"
+#include "postmaster/bgworker.h"
+#include "storage/ipc.h"
+#include "storage/lwlock.h"
+#include "storage/shmem.h"
+#include "utils/timestamp.h"
+
+#include "eventbus.h"
+
+PG_MODULE_MAGIC;
+
+void		_PG_init(void);
+
+EbShared   *eb_shared = NULL;
+
+/* True only when loaded through shared_preload_libraries. */
+bool		eb_preloaded = false;
+
+static shmem_request_hook_type prev_shmem_request_hook = NULL;
+static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
+
+/* Reserve our shared memory. */
+static void
+eb_shmem_request(void)
+{
+	if (prev_shmem_request_hook)
+		prev_shmem_request_hook();
+	RequestAddinShmemSpace(MAXALIGN(sizeof(EbShared)));
+}
+
+/* Create or attach our shared memory. */
+static void
+eb_shmem_startup(void)
+{
+	bool		found;
+
+	if (prev_shmem_startup_hook)
+		prev_shmem_startup_hook();
+
+	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
+	eb_shared = ShmemInitStruct("eventbus", sizeof(EbShared), &found);
+	if (!found)
+	{
+		memset(eb_shared, 0, sizeof(EbShared));
+		SpinLockInit(&eb_shared->mutex);
+	}
+	LWLockRelease(AddinShmemInitLock);
+}
+
+/* Register the static launcher worker. */
+static void
+eb_register_launcher(void)
+{
+	BackgroundWorker worker;
+
+	memset(&worker, 0, sizeof(worker));
+	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
+	/* Restart after an error exit; a crash restart happens at once. */
+	worker.bgw_restart_time = 5;
+	snprintf(worker.bgw_library_name, BGW_MAXLEN, "eventbus");
+	snprintf(worker.bgw_function_name, BGW_MAXLEN, "eventbus_launcher_main");
+	snprintf(worker.bgw_name, BGW_MAXLEN, "eventbus launcher");
+	snprintf(worker.bgw_type, BGW_MAXLEN, "eventbus launcher");
+	RegisterBackgroundWorker(&worker);
+}
+
+/*
+ * _PG_init — define GUCs always (so SET and SHOW work when the library is
+ * loaded on demand), but reserve shared memory and start workers only when
+ * preloaded, and never during binary upgrade.
+ */
+void
+_PG_init(void)
+{
+	eb_define_gucs();
+
+	if (!process_shared_preload_libraries_in_progress || IsBinaryUpgrade)
+		return;
+
+	eb_preloaded = true;
+
+	prev_shmem_request_hook = shmem_request_hook;
+	shmem_request_hook = eb_shmem_request;
+	prev_shmem_startup_hook = shmem_startup_hook;
+	shmem_startup_hook = eb_shmem_startup;
+
+	eb_register_launcher();
+}
+
+/* ERROR unless the library was preloaded (no shared memory otherwise). */
+void
+eb_require_preload(void)
+{
+	if (!eb_preloaded || eb_shared == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("eventbus is not loaded through shared_preload_libraries"),
+				 errdetail("The eventbus background workers and shared state exist only when the library is preloaded."),
+				 errhint("Add 'eventbus' to shared_preload_libraries in postgresql.conf and restart PostgreSQL.")));
+}
+
+/* Wake the relay (called after a publishing transaction commits). */
+void
+eb_wake_relay(void)
+{
+	Latch	   *latch;
+
+	if (eb_shared == NULL)
+		return;
+	SpinLockAcquire(&eb_shared->mutex);
+	latch = eb_shared->relay_latch;
+	SpinLockRelease(&eb_shared->mutex);
+	if (latch)
+		SetLatch(latch);
+}

@@ -1,0 +1,305 @@
+/*
+ * kafka.c — the relay's Kafka producer (librdkafka).
+ *
+ * Idempotent producer, fnv1a partitioner (Sarama-compatible), key =
+ * aggregate_id.  librdkafka's callbacks (delivery reports, errors, logs) are
+ * all served by rd_kafka_poll() on the launcher's main thread (log.queue),
+ * and its queue event writes to the launcher's wakeup pipe, so no library
+ * thread ever enters PostgreSQL.
+ */
+#include "postgres.h"
+
+#include <librdkafka/rdkafka.h>
+
+#include "utils/timestamp.h"
+
+#include "eventbus.h"
+
+static rd_kafka_t *producer = NULL;
+static bool connected = false;
+static bool fatal = false;
+static TimestampTz next_probe = 0;
+static int	probe_backoff_ms = 0;
+static uint32 round_gen = 0;
+
+/* Slots carry the round generation so a stale report is never misread. */
+#define SLOT_BITS 20
+#define MAKE_OPAQUE(slot) ((void *) (intptr_t) (((intptr_t) (round_gen & 0x7ff) << SLOT_BITS) | (slot)))
+
+/* Note a lost connection (from a callback on the main thread). */
+static void
+mark_down(const char *reason)
+{
+	connected = false;
+	next_probe = 0;
+	eb_set_producer_state(EB_TRANSPORT_KAFKA, EB_BROKER_DOWN, reason);
+}
+
+/* Delivery report: hand the outcome to the relay. */
+static void
+dr_cb(rd_kafka_t *rk, const rd_kafka_message_t *msg, void *opaque)
+{
+	intptr_t	v = (intptr_t) msg->_private;
+	int			slot = (int) (v & ((1 << SLOT_BITS) - 1));
+
+	if ((uint32) (v >> SLOT_BITS) != (round_gen & 0x7ff))
+		return;
+	if (msg->err == RD_KAFKA_RESP_ERR_NO_ERROR)
+	{
+		if (!connected)
+		{
+			connected = true;
+			probe_backoff_ms = 0;
+			eb_set_producer_state(EB_TRANSPORT_KAFKA, EB_BROKER_CONNECTED, eb_kafka_brokers);
+		}
+		eb_relay_ack(EB_TRANSPORT_KAFKA, slot, true, NULL);
+	}
+	else
+	{
+		if (msg->err == RD_KAFKA_RESP_ERR__MSG_TIMED_OUT ||
+			msg->err == RD_KAFKA_RESP_ERR__TRANSPORT)
+			mark_down(rd_kafka_err2str(msg->err));
+		eb_relay_ack(EB_TRANSPORT_KAFKA, slot, false, rd_kafka_err2str(msg->err));
+	}
+}
+
+/* Client-level errors: all brokers down, or a fatal idempotence error. */
+static void
+error_cb(rd_kafka_t *rk, int err, const char *reason, void *opaque)
+{
+	if (err == RD_KAFKA_RESP_ERR__FATAL)
+	{
+		char		buf[256];
+
+		rd_kafka_fatal_error(rk, buf, sizeof(buf));
+		ereport(WARNING,
+				(errmsg("eventbus: fatal Kafka producer error, recreating the producer"),
+				 errdetail("%s", buf)));
+		fatal = true;
+	}
+	else if (err == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN)
+		mark_down(reason);
+}
+
+/*
+ * librdkafka's own log lines go to DEBUG1: it repeats connection failures,
+ * and the state changes are already logged once by eb_set_producer_state.
+ */
+static void
+log_cb(const rd_kafka_t *rk, int level, const char *fac, const char *buf)
+{
+	ereport(DEBUG1, (errmsg_internal("eventbus: librdkafka %s: %s", fac, buf)));
+}
+
+/* Set one property; false (with the reason in errstr) if rejected. */
+static bool
+set_prop(rd_kafka_conf_t *conf, const char *name, const char *value,
+		 char *errstr, size_t errlen)
+{
+	return rd_kafka_conf_set(conf, name, value, errstr, errlen) == RD_KAFKA_CONF_OK;
+}
+
+/* Apply eventbus.kafka_properties: "name=value;name=value". */
+static bool
+apply_extra_properties(rd_kafka_conf_t *conf, char *errstr, size_t errlen)
+{
+	char	   *copy = pstrdup(eb_kafka_properties);
+	char	   *save = NULL;
+
+	for (char *item = strtok_r(copy, ";", &save); item; item = strtok_r(NULL, ";", &save))
+	{
+		char	   *eq = strchr(item, '=');
+		char	   *name = item;
+		char	   *value;
+
+		while (*name == ' ' || *name == '\t' || *name == '\n')
+			name++;
+		if (*name == '\0')
+			continue;
+		if (eq == NULL)
+		{
+			snprintf(errstr, errlen, "eventbus.kafka_properties: \"%s\" is not name=value", name);
+			return false;
+		}
+		*eq = '\0';
+		value = eq + 1;
+		for (char *e = eq - 1; e >= name && (*e == ' ' || *e == '\t'); e--)
+			*e = '\0';
+		while (*value == ' ' || *value == '\t')
+			value++;
+		if (!set_prop(conf, name, value, errstr, errlen))
+			return false;
+	}
+	return true;
+}
+
+/* Create the producer from the current configuration. */
+bool
+kafka_producer_start(void)
+{
+	rd_kafka_conf_t *conf = rd_kafka_conf_new();
+	rd_kafka_queue_t *mainq;
+	char		errstr[512];
+	char		timeout[32];
+
+	snprintf(timeout, sizeof(timeout), "%d", eb_ack_timeout_ms);
+	if (!set_prop(conf, "bootstrap.servers", eb_kafka_brokers, errstr, sizeof(errstr)) ||
+		!set_prop(conf, "client.id", "eventbus-relay", errstr, sizeof(errstr)) ||
+		!set_prop(conf, "enable.idempotence", "true", errstr, sizeof(errstr)) ||
+		!set_prop(conf, "partitioner", "fnv1a", errstr, sizeof(errstr)) ||
+		!set_prop(conf, "message.timeout.ms", timeout, errstr, sizeof(errstr)) ||
+		!set_prop(conf, "linger.ms", "5", errstr, sizeof(errstr)) ||
+		!set_prop(conf, "log.queue", "true", errstr, sizeof(errstr)) ||
+		!apply_extra_properties(conf, errstr, sizeof(errstr)))
+	{
+		rd_kafka_conf_destroy(conf);
+		eb_set_producer_state(EB_TRANSPORT_KAFKA, EB_BROKER_DOWN, errstr);
+		return false;
+	}
+
+	rd_kafka_conf_set_dr_msg_cb(conf, dr_cb);
+	rd_kafka_conf_set_error_cb(conf, error_cb);
+	rd_kafka_conf_set_log_cb(conf, log_cb);
+
+	producer = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, sizeof(errstr));
+	if (producer == NULL)
+	{
+		/* rd_kafka_new frees conf only on success. */
+		rd_kafka_conf_destroy(conf);
+		eb_set_producer_state(EB_TRANSPORT_KAFKA, EB_BROKER_DOWN, errstr);
+		return false;
+	}
+
+	rd_kafka_set_log_queue(producer, NULL);
+	mainq = rd_kafka_queue_get_main(producer);
+	rd_kafka_queue_io_event_enable(mainq, eb_wakeup_write_fd(), "k", 1);
+	rd_kafka_queue_destroy(mainq);
+
+	connected = false;
+	fatal = false;
+	next_probe = 0;
+	probe_backoff_ms = 0;
+	eb_set_producer_state(EB_TRANSPORT_KAFKA, EB_BROKER_CONNECTING, eb_kafka_brokers);
+	return true;
+}
+
+/* Destroy the producer; unacknowledged events stay in the outbox. */
+void
+kafka_producer_stop(void)
+{
+	if (producer == NULL)
+		return;
+	rd_kafka_purge(producer, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
+	rd_kafka_poll(producer, 0);
+	rd_kafka_destroy(producer);
+	producer = NULL;
+	connected = false;
+}
+
+/* Serve delivery reports, errors and logs. */
+void
+kafka_producer_poll(void)
+{
+	if (producer)
+		while (rd_kafka_poll(producer, 0) > 0)
+			;
+}
+
+bool
+kafka_producer_connected(void)
+{
+	return producer != NULL && connected && !fatal;
+}
+
+bool
+kafka_producer_fatal(void)
+{
+	return fatal;
+}
+
+/*
+ * While not connected, ask a broker for metadata, with exponential backoff
+ * between attempts (0.5 s doubling to 5 s).
+ */
+void
+kafka_probe(void)
+{
+	const struct rd_kafka_metadata *md;
+	rd_kafka_resp_err_t err;
+
+	if (producer == NULL || connected || GetCurrentTimestamp() < next_probe)
+		return;
+
+	err = rd_kafka_metadata(producer, 0, NULL, &md, 500);
+	if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
+	{
+		rd_kafka_metadata_destroy(md);
+		connected = true;
+		probe_backoff_ms = 0;
+		eb_set_producer_state(EB_TRANSPORT_KAFKA, EB_BROKER_CONNECTED, eb_kafka_brokers);
+	}
+	else
+	{
+		char		detail[EB_DETAIL_LEN];
+
+		probe_backoff_ms = Min(Max(probe_backoff_ms * 2, 500), 5000);
+		next_probe = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), probe_backoff_ms);
+		snprintf(detail, sizeof(detail), "%s: %s", eb_kafka_brokers, rd_kafka_err2str(err));
+		eb_set_producer_state(EB_TRANSPORT_KAFKA, EB_BROKER_DOWN, detail);
+	}
+}
+
+/* A new relay round begins: reports of earlier rounds are ignored. */
+void
+kafka_begin_round(void)
+{
+	round_gen++;
+}
+
+/* Add one header to a librdkafka header list. */
+static void
+add_header(void *arg, const char *name, const char *value)
+{
+	rd_kafka_header_add((rd_kafka_headers_t *) arg, name, -1, value, -1);
+}
+
+/* Produce one event; its delivery report arrives through rd_kafka_poll. */
+bool
+kafka_produce(const EbEvent *ev, const char *value, size_t len, int slot, char **errmsg)
+{
+	rd_kafka_headers_t *hdrs;
+	rd_kafka_resp_err_t err;
+
+	if (producer == NULL)
+	{
+		*errmsg = "Kafka producer not running";
+		return false;
+	}
+
+	hdrs = rd_kafka_headers_new(8 + ev->nheaders);
+	eb_event_headers(ev, add_header, hdrs);
+
+	for (;;)
+	{
+		err = rd_kafka_producev(producer,
+								RD_KAFKA_V_TOPIC(ev->topic),
+								RD_KAFKA_V_KEY(ev->aggregate_id, strlen(ev->aggregate_id)),
+								RD_KAFKA_V_VALUE((void *) value, len),
+								RD_KAFKA_V_MSGFLAGS(RD_KAFKA_MSG_F_COPY),
+								RD_KAFKA_V_HEADERS(hdrs),
+								RD_KAFKA_V_OPAQUE(MAKE_OPAQUE(slot)),
+								RD_KAFKA_V_END);
+		if (err != RD_KAFKA_RESP_ERR__QUEUE_FULL)
+			break;
+		/* Local queue full: let deliveries drain, then try again. */
+		rd_kafka_poll(producer, 100);
+	}
+
+	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+	{
+		rd_kafka_headers_destroy(hdrs);
+		*errmsg = pstrdup(rd_kafka_err2str(err));
+		return false;
+	}
+	return true;
+}

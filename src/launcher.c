@@ -1,0 +1,121 @@
+/*
+ * launcher.c — the eventbus launcher background worker: connect to
+ * eventbus.database, wait until the extension exists, run the outbox relay,
+ * reload on SIGHUP, stop cleanly on SIGTERM.
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "commands/extension.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "tcop/tcopprot.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+
+#include "eventbus.h"
+
+/* Is the extension installed in our database? */
+static bool
+extension_installed(void)
+{
+	bool		found;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	found = OidIsValid(get_extension_oid("eventbus", true));
+	CommitTransactionCommand();
+	pgstat_report_stat(false);
+	return found;
+}
+
+/* Publish (or clear) the launcher's presence in shared memory. */
+static void
+set_launcher(pid_t pid, Latch *latch, bool ready)
+{
+	SpinLockAcquire(&eb_shared->mutex);
+	eb_shared->launcher_pid = pid;
+	eb_shared->launcher_since = GetCurrentTimestamp();
+	eb_shared->relay_latch = latch;
+	eb_shared->extension_ready = ready;
+	SpinLockRelease(&eb_shared->mutex);
+}
+
+/* On exit: close broker connections and leave shared memory clean. */
+static void
+launcher_exit(int code, Datum arg)
+{
+	relay_shutdown();
+	nats_library_close();
+	set_launcher(0, NULL, false);
+}
+
+/* Main entry point of the launcher worker. */
+void
+eventbus_launcher_main(Datum main_arg)
+{
+	WaitEventSet *wes;
+	bool		ready = false;
+
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, die);
+	BackgroundWorkerUnblockSignals();
+
+	BackgroundWorkerInitializeConnection(eb_database, NULL, 0);
+	pgstat_report_appname("eventbus launcher");
+
+	set_launcher(MyProcPid, MyLatch, false);
+	before_shmem_exit(launcher_exit, (Datum) 0);
+
+	relay_init();
+
+	wes = CreateWaitEventSet(TopMemoryContext, 3);
+	AddWaitEventToSet(wes, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
+	AddWaitEventToSet(wes, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
+	AddWaitEventToSet(wes, WL_SOCKET_READABLE, eb_wakeup_fd(), NULL, NULL);
+
+	ereport(LOG, (errmsg("eventbus launcher started for database \"%s\"", eb_database)));
+
+	for (;;)
+	{
+		WaitEvent	event;
+		long		timeout = 1000;
+		bool		now_ready;
+
+		CHECK_FOR_INTERRUPTS();
+
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+		}
+
+		now_ready = extension_installed();
+		if (now_ready != ready)
+		{
+			ready = now_ready;
+			SpinLockAcquire(&eb_shared->mutex);
+			eb_shared->extension_ready = ready;
+			SpinLockRelease(&eb_shared->mutex);
+			if (ready)
+				ereport(LOG, (errmsg("eventbus: extension found, starting relay")));
+			else
+			{
+				ereport(LOG, (errmsg("eventbus: extension not installed, waiting for CREATE EXTENSION eventbus")));
+				relay_shutdown();
+			}
+		}
+
+		if (ready)
+			timeout = relay_step();
+
+		pgstat_report_activity(STATE_IDLE, NULL);
+		(void) WaitEventSetWait(wes, timeout, &event, 1, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		eb_wakeup_drain();
+	}
+}

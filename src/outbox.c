@@ -1,0 +1,289 @@
+/*
+ * outbox.c — eventbus_publish(): validate, assign the aggregate version,
+ * insert the outbox row, and wake the relay when the transaction commits.
+ *
+ * Versions come from an upsert on eventbus.aggregate_versions whose row lock
+ * is held to commit, so concurrent publishers of one (topic, aggregate) are
+ * serialized: versions and outbox ids follow commit order, which is what
+ * lets the relay send rows in id order.
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "commands/dbcommands.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "miscadmin.h"
+#include "utils/builtins.h"
+#include "utils/jsonb.h"
+#include "utils/uuid.h"
+
+#include "eventbus.h"
+
+PG_FUNCTION_INFO_V1(eventbus_publish);
+
+static SPIPlanPtr insert_plan = NULL;
+static bool xact_callback_registered = false;
+static bool wake_at_commit = false;
+
+#define INSERT_SQL \
+	"WITH v AS (" \
+	" INSERT INTO eventbus.aggregate_versions AS a (topic, aggregate_id, version)" \
+	" VALUES ($1, $2, COALESCE($6, 1))" \
+	" ON CONFLICT (topic, aggregate_id) DO UPDATE SET version =" \
+	"  CASE WHEN $6 IS NULL THEN a.version + 1 ELSE GREATEST(a.version, $6) END" \
+	" RETURNING version)" \
+	" INSERT INTO eventbus.outbox (event_id, transport, topic, aggregate_id," \
+	"  event_type, event_version, occurred_at, trace_id, correlation_id," \
+	"  tenant_id, payload, headers)" \
+	" SELECT $11, $5, $1, $2, $3, COALESCE($6, v.version), pg_catalog.clock_timestamp()," \
+	"  $7, $8, $9, $4, $10 FROM v"
+
+/* Wake the relay once the publishing transaction has committed. */
+static void
+eb_xact_callback(XactEvent event, void *arg)
+{
+	switch (event)
+	{
+		case XACT_EVENT_COMMIT:
+		case XACT_EVENT_PARALLEL_COMMIT:
+			if (wake_at_commit)
+				eb_wake_relay();
+			wake_at_commit = false;
+			break;
+		case XACT_EVENT_ABORT:
+		case XACT_EVENT_PARALLEL_ABORT:
+		case XACT_EVENT_PREPARE:
+			/* A prepared transaction is found by the relay's periodic scan. */
+			wake_at_commit = false;
+			break;
+		default:
+			break;
+	}
+}
+
+/* ERROR with 22004 naming the field when a required argument is NULL. */
+static void
+require_not_null(FunctionCallInfo fcinfo, int argno, const char *field)
+{
+	if (PG_ARGISNULL(argno))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("%s must not be null", field)));
+}
+
+/* Header values and ids travel in protocol headers: no control characters. */
+static void
+validate_header_text(const char *field, const char *value)
+{
+	for (const char *p = value; *p; p++)
+		if ((unsigned char) *p < 0x20 || *p == 0x7f)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("%s must not contain control characters", field)));
+	if (strlen(value) > 1024)
+		ereport(ERROR,
+				(errcode(ERRCODE_STRING_DATA_RIGHT_TRUNCATION),
+				 errmsg("%s is too long", field),
+				 errdetail("The limit is 1024 bytes.")));
+}
+
+/* Is this header name one eventbus sets itself? */
+static bool
+reserved_header(const char *name)
+{
+	static const char *const reserved[] = {
+		"X-Event-ID", "X-Aggregate-ID", "X-Event-Version", "X-Event-Type",
+		"X-Trace-ID", "X-Correlation-ID", "X-Tenant-ID", NULL
+	};
+
+	if (pg_strncasecmp(name, "Nats-", 5) == 0)
+		return true;
+	for (int i = 0; reserved[i]; i++)
+		if (pg_strcasecmp(name, reserved[i]) == 0)
+			return true;
+	return false;
+}
+
+/*
+ * headers must be a JSON object of scalar (string, number, boolean) values
+ * whose names are HTTP-style tokens and not reserved.
+ */
+static void
+validate_headers(Jsonb *headers)
+{
+	JsonbIterator *it;
+	JsonbValue	v;
+	JsonbIteratorToken tok;
+	char	   *name = NULL;
+
+	if (!JB_ROOT_IS_OBJECT(headers))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("headers must be a JSON object")));
+
+	it = JsonbIteratorInit(&headers->root);
+	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
+	{
+		if (tok == WJB_KEY)
+		{
+			name = pnstrdup(v.val.string.val, v.val.string.len);
+			if (name[0] == '\0')
+				ereport(ERROR,
+						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+						 errmsg("headers: a header name must not be empty")));
+			for (const char *p = name; *p; p++)
+				if ((unsigned char) *p <= 0x20 || (unsigned char) *p >= 0x7f || *p == ':')
+					ereport(ERROR,
+							(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+							 errmsg("headers: invalid header name \"%s\"", name),
+							 errhint("Header names are printable ASCII without spaces or ':'.")));
+			if (reserved_header(name))
+				ereport(ERROR,
+						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+						 errmsg("headers: header \"%s\" is reserved", name),
+						 errdetail("eventbus sets the X-Event-*, X-Aggregate-ID, X-Trace-ID, X-Correlation-ID, X-Tenant-ID and Nats-* headers itself.")));
+		}
+		else if (tok == WJB_VALUE)
+		{
+			if (v.type == jbvString)
+				validate_header_text("headers", pnstrdup(v.val.string.val, v.val.string.len));
+			else if (v.type != jbvNumeric && v.type != jbvBool)
+				ereport(ERROR,
+						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+						 errmsg("headers: value of \"%s\" must be a string, number or boolean", name)));
+		}
+	}
+}
+
+/* eventbus_publish(topic, aggregate_id, event_type, payload, ...) RETURNS uuid */
+Datum
+eventbus_publish(PG_FUNCTION_ARGS)
+{
+	char	   *topic;
+	char	   *aggregate_id;
+	char	   *event_type;
+	Jsonb	   *payload;
+	int			transport;
+	pg_uuid_t  *event_id;
+	Datum		values[11];
+	char		nulls[11];
+	int			rc;
+
+	eb_require_preload();
+
+	require_not_null(fcinfo, 0, "topic");
+	require_not_null(fcinfo, 1, "aggregate_id");
+	require_not_null(fcinfo, 2, "event_type");
+	require_not_null(fcinfo, 3, "payload");
+
+	topic = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	aggregate_id = text_to_cstring(PG_GETARG_TEXT_PP(1));
+	event_type = text_to_cstring(PG_GETARG_TEXT_PP(2));
+	payload = PG_GETARG_JSONB_P(3);
+
+	eb_validate_topic(topic);
+	eb_validate_aggregate_id(aggregate_id);
+	if (event_type[0] == '\0')
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("event_type must not be empty")));
+	validate_header_text("event_type", event_type);
+
+	if (VARSIZE_ANY_EXHDR(payload) > (Size) eb_max_payload_bytes)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("payload is too large"),
+				 errdetail("It is %zu bytes; eventbus.max_payload_bytes is %d.",
+						   (size_t) VARSIZE_ANY_EXHDR(payload), eb_max_payload_bytes)));
+
+	if (PG_ARGISNULL(4))
+		transport = eb_default_transport;
+	else
+	{
+		char	   *name = text_to_cstring(PG_GETARG_TEXT_PP(4));
+
+		transport = eb_transport_from_name(name);
+		if (transport < 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("unknown transport \"%s\"", name),
+					 errhint("Use 'kafka' or 'nats', or NULL for eventbus.default_transport.")));
+	}
+	if (!eb_transport_configured(transport))
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("transport \"%s\" is not configured", eb_transport_name(transport)),
+				 errhint("Set %s in postgresql.conf and reload.",
+						 transport == EB_TRANSPORT_KAFKA ? "eventbus.kafka_brokers" : "eventbus.nats_url")));
+
+	if (!PG_ARGISNULL(5) && PG_GETARG_INT64(5) <= 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("event_version must be greater than zero"),
+				 errdetail("Got " INT64_FORMAT ".", PG_GETARG_INT64(5))));
+	if (!PG_ARGISNULL(6))
+		validate_header_text("trace_id", text_to_cstring(PG_GETARG_TEXT_PP(6)));
+	if (!PG_ARGISNULL(7))
+		validate_header_text("correlation_id", text_to_cstring(PG_GETARG_TEXT_PP(7)));
+	if (!PG_ARGISNULL(9))
+		validate_headers(PG_GETARG_JSONB_P(9));
+
+	/* Only the launcher's database is relayed: refuse rather than strand events. */
+	if (strcmp(get_database_name(MyDatabaseId), eb_database) != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("eventbus relays events only from database \"%s\"", eb_database),
+				 errdetail("Events published in database \"%s\" would never be sent.",
+						   get_database_name(MyDatabaseId)),
+				 errhint("Publish from database \"%s\", or set eventbus.database and restart.", eb_database)));
+
+	event_id = palloc(sizeof(pg_uuid_t));
+	eb_uuidv7(event_id->data);
+
+	values[0] = PointerGetDatum(cstring_to_text(topic));
+	values[1] = PointerGetDatum(cstring_to_text(aggregate_id));
+	values[2] = PointerGetDatum(cstring_to_text(event_type));
+	values[3] = PointerGetDatum(payload);
+	values[4] = PointerGetDatum(cstring_to_text(eb_transport_name(transport)));
+	memset(nulls, ' ', sizeof(nulls));
+	for (int i = 5; i <= 9; i++)
+	{
+		if (PG_ARGISNULL(i))
+		{
+			nulls[i] = 'n';
+			values[i] = (Datum) 0;
+		}
+		else
+			values[i] = PG_GETARG_DATUM(i);
+	}
+	values[10] = UUIDPGetDatum(event_id);
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	if (insert_plan == NULL)
+	{
+		Oid			argtypes[11] = {TEXTOID, TEXTOID, TEXTOID, JSONBOID, TEXTOID,
+		INT8OID, TEXTOID, TEXTOID, INT4OID, JSONBOID, UUIDOID};
+		SPIPlanPtr	plan = SPI_prepare(INSERT_SQL, 11, argtypes);
+
+		if (plan == NULL)
+			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+		SPI_keepplan(plan);
+		insert_plan = plan;
+	}
+	rc = SPI_execute_plan(insert_plan, values, nulls, false, 0);
+	if (rc != SPI_OK_INSERT || SPI_processed != 1)
+		elog(ERROR, "eventbus outbox insert failed: %s", SPI_result_code_string(rc));
+	SPI_finish();
+
+	if (!xact_callback_registered)
+	{
+		RegisterXactCallback(eb_xact_callback, NULL);
+		xact_callback_registered = true;
+	}
+	wake_at_commit = true;
+
+	PG_RETURN_UUID_P(event_id);
+}
