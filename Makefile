@@ -5,7 +5,6 @@ MODULE_big  = eventbus
 OBJS        = $(patsubst %.c,%.o,$(sort $(wildcard src/*.c)))
 DATA        = $(sort $(wildcard sql/eventbus--*.sql))
 REGRESS     = $(sort $(patsubst sql/%.sql,%,$(filter-out sql/eventbus--%,$(wildcard sql/*.sql))))
-REGRESS_OPTS = --dbname=eventbus_regress
 
 PG_CONFIG  ?= pg_config
 # -Wno-unused-parameter: PG_FUNCTION_ARGS and library callbacks have fixed signatures.

@@ -27,6 +27,7 @@ COMMENT ON TABLE eventbus.outbox IS
 COMMENT ON COLUMN eventbus.outbox.id IS 'Send order: per (topic, aggregate) it follows commit order';
 COMMENT ON COLUMN eventbus.outbox.attempts IS 'Failed delivery attempts so far';
 COMMENT ON COLUMN eventbus.outbox.last_error IS 'Error of the last failed delivery attempt';
+COMMENT ON SEQUENCE eventbus.outbox_id_seq IS 'Generates outbox ids (send order)';
 SELECT pg_catalog.pg_extension_config_dump('eventbus.outbox', '');
 
 CREATE TABLE eventbus.aggregate_versions (
