@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Brokers down when the launcher starts: it keeps retrying with backoff,
+# logs once per state change (not once per attempt), and connects when the
+# brokers appear.
+source "$(dirname "$0")/lib.sh"
+
+"$STACK" nats-stop >/dev/null
+"$STACK" kafka-down >/dev/null
+log_lines() { grep -c "eventbus: $1 " "$EVENTBUS_PG_LOG" || true; }
+
+# Restart the launcher so it starts with both brokers down.
+q -c "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE backend_type = 'eventbus launcher'" >/dev/null
+before_k=$(log_lines kafka); before_n=$(log_lines nats)
+sleep 1
+wait_until 20 test "$(broker_state kafka)" = down
+ok $? "Kafka reported down while its brokers are down"
+wait_until 20 test "$(broker_state nats)" = down
+ok $? "NATS reported down while the server is stopped"
+
+# Long enough for several retries at the 5 s backoff ceiling.
+sleep 12
+ok "$(q -c "SELECT detail <> '' FROM eventbus_status() WHERE transport = 'nats'" | grep -q t; echo $?)" \
+	"status shows why NATS is down"
+k=$(( $(log_lines kafka) - before_k )); n=$(( $(log_lines nats) - before_n ))
+ok "$([ "$k" -le 2 ]; echo $?)" "Kafka outage logged once per state change, not per attempt ($k lines in 12+ s)"
+ok "$([ "$n" -le 2 ]; echo $?)" "NATS outage logged once per state change, not per attempt ($n lines in 12+ s)"
+
+"$STACK" kafka-up >/dev/null
+"$STACK" nats-start >/dev/null
+wait_until 30 both_connected
+ok $? "launcher connects to both brokers once they are up"
+is "$(grep -c 'eventbus: kafka connected' "$EVENTBUS_PG_LOG" | xargs test 0 -lt && echo yes)" "yes" "reconnection logged"
+
+done_testing

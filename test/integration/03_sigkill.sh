@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# A SIGKILLed eventbus worker: the postmaster restarts it (crash recovery)
+# and it reconnects to both brokers.
+source "$(dirname "$0")/lib.sh"
+
+wait_until 20 both_connected || bail "brokers not connected at start"
+old=$(launcher_pid)
+kill -9 "$old"
+ok $? "SIGKILL sent to launcher $old"
+wait_until 60 bash -c "[ -n \"\$(psql -X -A -t -c \"SELECT pid FROM pg_stat_activity WHERE backend_type = 'eventbus launcher'\" 2>/dev/null)\" ]"
+ok $? "postmaster restarted the launcher"
+new=$(launcher_pid)
+ok "$([ -n "$new" ] && [ "$new" != "$old" ]; echo $?)" "new launcher pid ($old -> ${new:-none})"
+ok "$([ ! -d "/proc/$old" ]; echo $?)" "killed process is gone"
+wait_until 30 both_connected
+ok $? "restarted launcher reconnected to Kafka and NATS"
+
+done_testing

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# No thread or connection leak across 20 SIGHUP reloads; after pg_ctl stop
+# no process of the cluster remains.
+source "$(dirname "$0")/lib.sh"
+
+wait_until 20 both_connected || bail "brokers not connected at start"
+pid=$(launcher_pid)
+t0=$(threads "$pid"); c0=$(tcp_conns "$pid" $(kafka_ports) "$(nats_port)")
+fd0=$(ls "/proc/$pid/fd" | wc -l)
+for i in $(seq 1 20); do
+	q -c "SELECT pg_reload_conf()" >/dev/null
+	sleep 0.3
+done
+sleep 1
+is "$(launcher_pid)" "$pid" "launcher survived 20 SIGHUPs"
+is "$(threads "$pid")" "$t0" "thread count stable across 20 SIGHUP reloads"
+is "$(tcp_conns "$pid" $(kafka_ports) "$(nats_port)")" "$c0" "broker connection count stable across reloads"
+is "$(ls "/proc/$pid/fd" | wc -l)" "$fd0" "open file count stable across reloads"
+ok "$(both_connected; echo $?)" "still connected to both brokers"
+
+pm=$(head -1 "$EVENTBUS_PGDATA/postmaster.pid")
+children=$(ps -o pid= --ppid "$pm" | xargs)
+ok "$([ -n "$children" ]; echo $?)" "cluster processes before stop: $pm $children"
+"$STACK" pg-stop fast >/dev/null
+left=""
+for p in $pm $children; do [ -d "/proc/$p" ] && left="$left $p"; done
+is "$left" "" "no process of the cluster remains after pg_ctl stop"
+"$STACK" pg-start >/dev/null
+wait_until 30 both_connected
+ok $? "cluster restarted and reconnected"
+
+done_testing

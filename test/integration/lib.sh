@@ -1,0 +1,177 @@
+# lib.sh — shared helpers for the integration tests (sourced, emits TAP).
+#
+# Each test runs against the stack the runner started (scripts/stack.sh, its
+# env file is named by $EVENTBUS_ENV) and prints TAP, so `prove` runs them.
+# Assertions compare numbers counted from the database or read back from the
+# brokers by independent clients (kcat, test/tools/natstool).
+
+set -uo pipefail
+
+: "${EVENTBUS_ENV:?run through scripts/test.sh (EVENTBUS_ENV names the stack env file)}"
+# shellcheck disable=SC1090
+source "$EVENTBUS_ENV"
+
+REPO="$EVENTBUS_REPO"
+STACK="$REPO/scripts/stack.sh"
+NATSTOOL="$REPO/test/tools/natstool"
+TAP_N=0
+TAP_FAILED=0
+
+# q SQL... — run SQL in the eventbus database, unaligned, tuples only.
+q() { psql -X -A -t -q -v ON_ERROR_STOP=1 "$@" 2>&1; }
+
+# qdb DB SQL — run SQL in another database.
+qdb() { local db=$1; shift; psql -X -A -t -q -v ON_ERROR_STOP=1 -d "$db" "$@" 2>&1; }
+
+plan() { echo "1..$1"; }
+
+ok() {   # ok CONDITION_EXIT_STATUS DESCRIPTION
+	TAP_N=$((TAP_N + 1))
+	if [ "$1" -eq 0 ]; then echo "ok $TAP_N - $2"; else echo "not ok $TAP_N - $2"; TAP_FAILED=$((TAP_FAILED + 1)); fi
+}
+
+is() {   # is GOT EXPECTED DESCRIPTION
+	TAP_N=$((TAP_N + 1))
+	if [ "$1" == "$2" ]; then
+		echo "ok $TAP_N - $3"
+	else
+		echo "not ok $TAP_N - $3"
+		echo "#   got:      '$1'"
+		echo "#   expected: '$2'"
+		TAP_FAILED=$((TAP_FAILED + 1))
+	fi
+}
+
+diag() { echo "# $*"; }
+
+# bail MESSAGE — abort the whole test file.
+bail() { echo "Bail out! $*"; exit 255; }
+
+# wait_until TIMEOUT_S COMMAND... — poll (0.2 s) until COMMAND succeeds.
+wait_until() {
+	local deadline=$((SECONDS + $1)); shift
+	while ! "$@" >/dev/null 2>&1; do
+		[ $SECONDS -ge $deadline ] && return 1
+		sleep 0.2
+	done
+	return 0
+}
+
+# broker_state TRANSPORT — state of the launcher's connection to it.
+broker_state() {
+	q -c "SELECT state FROM eventbus_status() WHERE component = 'launcher' AND transport = '$1'"
+}
+both_connected() {
+	[ "$(broker_state kafka)" = connected ] && [ "$(broker_state nats)" = connected ]
+}
+
+launcher_pid() {
+	q -c "SELECT pid FROM pg_stat_activity WHERE backend_type = 'eventbus launcher'"
+}
+
+# outbox_empty — the relay has had every committed event acknowledged.
+outbox_empty() { [ "$(q -c 'SELECT count(*) FROM eventbus.outbox')" = 0 ]; }
+
+# threads PID — thread count from /proc.
+threads() { awk '/^Threads:/ {print $2}' "/proc/$1/status"; }
+
+# tcp_conns PID PORT... — established TCP connections of PID to those ports.
+tcp_conns() {
+	local pid=$1; shift
+	local inodes ports hex
+	inodes=$(find "/proc/$pid/fd" -lname 'socket:*' -printf '%l\n' 2>/dev/null | sed 's/socket:\[\(.*\)\]/\1/' | sort -u)
+	ports=""
+	for p in "$@"; do hex=$(printf '%04X' "$p"); ports="$ports $hex"; done
+	cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | awk -v inodes="$inodes" -v ports="$ports" '
+		BEGIN { n = split(inodes, a, "\n"); for (i = 1; i <= n; i++) ino[a[i]] = 1
+		        m = split(ports, b, " "); for (i = 1; i <= m; i++) want[b[i]] = 1 }
+		NR > 1 && $4 == "01" { split($3, r, ":"); if ((r[2] in want) && ($10 in ino)) c++ }
+		END { print c + 0 }'
+}
+
+kafka_ports() { echo "$EVENTBUS_KAFKA_BROKERS" | tr ',' '\n' | sed 's/.*://'; }
+nats_port() { echo "$EVENTBUS_NATS_URL" | sed 's/.*://'; }
+
+# kafka_dump TOPIC — every message of TOPIC as kcat JSON lines (all partitions).
+kafka_dump() {
+	kcat -b "$EVENTBUS_KAFKA_BROKERS" -C -t "$1" -o beginning -e -q -J 2>/dev/null
+}
+
+# nats_dump SUBJECT — every stored message of SUBJECT as JSON lines.
+nats_dump() { "$NATSTOOL" --url "$EVENTBUS_NATS_URL" dump "$1"; }
+
+# load_lines TABLE — read JSON lines from stdin into TABLE(line jsonb).
+# The CSV quote/delimiter are control characters that never occur in JSON.
+load_lines() {
+	q -c "CREATE TABLE IF NOT EXISTS $1 (n bigserial, line jsonb)" >/dev/null
+	q -c "\\copy $1 (line) FROM STDIN WITH (FORMAT csv, QUOTE E'\\x01', DELIMITER E'\\x02')"
+}
+
+# done_testing — final line and exit status.
+done_testing() {
+	echo "1..$TAP_N"
+	[ "$TAP_FAILED" -eq 0 ]
+	exit $?
+}
+
+# load_wire_functions — install the test-side checkers (wire.sql).
+load_wire_functions() { q -f "$REPO/test/integration/wire.sql" >/dev/null; }
+
+# kafka_partitions TOPIC — partition count from broker metadata.
+kafka_partitions() {
+	kcat -b "$EVENTBUS_KAFKA_BROKERS" -L -t "$1" 2>/dev/null | sed -n 's/.* with \([0-9]*\) partitions.*/\1/p' | head -1
+}
+
+# wire_kafka TOPIC TABLE / wire_nats SUBJECT TABLE — read back with the
+# independent clients into a normalized table (part, pos, key, env, hdrs).
+wire_kafka() {
+	q -c "DROP TABLE IF EXISTS ${2}_raw" >/dev/null
+	kafka_dump "$1" | load_lines "${2}_raw" >/dev/null
+	q -c "SELECT t_wire_kafka('${2}_raw', '$2')" >/dev/null
+}
+wire_nats() {
+	q -c "DROP TABLE IF EXISTS ${2}_raw" >/dev/null
+	nats_dump "$1" | load_lines "${2}_raw" >/dev/null
+	q -c "SELECT t_wire_nats('${2}_raw', '$2')" >/dev/null
+}
+
+# check WIRE PUB NPARTS — JSON figures from t_check (wire.sql).
+check() { q -c "SELECT t_check('$1', '$2', $3)"; }
+# field JSON NAME
+field() { echo "$1" | sed -n "s/.*\"$2\": \([0-9]*\).*/\1/p"; }
+
+# publish_log_setup TABLE — a committed-events log written in the same
+# transaction as each publish, so it holds exactly what committed.
+publish_log_setup() {
+	q -c "DROP TABLE IF EXISTS $1; CREATE TABLE $1 (event_id uuid PRIMARY KEY, transport text, topic text, aggregate_id text, payload jsonb)" >/dev/null
+}
+
+# burst_proc_setup — CALL t_burst(worker, n, topic_kafka, topic_nats, naggs,
+# prefix, log) publishes n events on each transport from one connection, in
+# transactions touching 1–40 aggregates (locked in sorted order, as the
+# README advises for multi-aggregate transactions).
+burst_proc_setup() {
+	q >/dev/null <<'SQL'
+CREATE OR REPLACE PROCEDURE t_burst(w int, n int, tk text, tn text, naggs int, prefix text, log text)
+LANGUAGE plpgsql AS $$
+DECLARE
+  done int := 0; sz int; agg text; id uuid; p jsonb;
+BEGIN
+  WHILE done < n LOOP
+    sz := least(1 + floor(random() * 40)::int, n - done);
+    FOR agg IN SELECT prefix || floor(random() * naggs)::int AS a FROM generate_series(1, sz) ORDER BY 1 LOOP
+      p := jsonb_build_object('worker', w, 'n', done, 'note', 'ünïcødé "quoted" \ back');
+      id := eventbus_publish(tk, agg, 'ItemAdded', p, 'kafka');
+      EXECUTE format('INSERT INTO %I VALUES ($1, $2, $3, $4, $5)', log) USING id, 'kafka', tk, agg, p;
+      id := eventbus_publish(tn, agg, 'ItemAdded', p, 'nats');
+      EXECUTE format('INSERT INTO %I VALUES ($1, $2, $3, $4, $5)', log) USING id, 'nats', tn, agg, p;
+      done := done + 1;
+    END LOOP;
+    COMMIT;
+  END LOOP;
+END $$;
+SQL
+}
+
+# wait_outbox_empty SECONDS — wait for the relay to drain the outbox.
+wait_outbox_empty() { wait_until "$1" outbox_empty; }
