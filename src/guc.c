@@ -7,6 +7,7 @@
  */
 #include "postgres.h"
 
+#include "miscadmin.h"
 #include "utils/guc.h"
 
 #include "eventbus.h"
@@ -30,14 +31,21 @@ static const struct config_enum_entry transport_options[] = {
 	{NULL, 0, false}
 };
 
-/* Define every eventbus.* GUC. */
+/*
+ * Define every eventbus.* GUC.  PostgreSQL refuses PGC_POSTMASTER variables
+ * after startup, so those exist only when the library is preloaded (the only
+ * case in which they mean anything).
+ */
 void
 eb_define_gucs(void)
 {
-	DefineCustomStringVariable("eventbus.database",
-							   "Database the eventbus background workers connect to.",
-							   NULL, &eb_database, "postgres",
-							   PGC_POSTMASTER, 0, NULL, NULL, NULL);
+	bool		preloading = process_shared_preload_libraries_in_progress;
+
+	if (preloading)
+		DefineCustomStringVariable("eventbus.database",
+								   "Database the eventbus background workers connect to.",
+								   NULL, &eb_database, "postgres",
+								   PGC_POSTMASTER, 0, NULL, NULL, NULL);
 
 	DefineCustomStringVariable("eventbus.kafka_brokers",
 							   "Kafka bootstrap servers (host:port,...); empty disables Kafka.",
@@ -55,10 +63,11 @@ eb_define_gucs(void)
 							 transport_options,
 							 PGC_USERSET, 0, NULL, NULL, NULL);
 
-	DefineCustomIntVariable("eventbus.workers",
-							"Number of processes in the keyed-worker pool.",
-							NULL, &eb_workers, 4, 1, 64,
-							PGC_POSTMASTER, 0, NULL, NULL, NULL);
+	if (preloading)
+		DefineCustomIntVariable("eventbus.workers",
+								"Number of processes in the keyed-worker pool.",
+								NULL, &eb_workers, 4, 1, 64,
+								PGC_POSTMASTER, 0, NULL, NULL, NULL);
 
 	DefineCustomStringVariable("eventbus.consumer_group",
 							   "Kafka group.id and JetStream durable-name prefix.",

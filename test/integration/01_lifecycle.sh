@@ -7,7 +7,7 @@ source "$(dirname "$0")/lib.sh"
 q -c "DROP EXTENSION IF EXISTS eventbus CASCADE" >/dev/null
 pid=$(launcher_pid)
 ok "$([ -n "$pid" ]; echo $?)" "launcher runs in the configured database while the extension is absent (pid ${pid:-none})"
-wait_until 10 test "$(tcp_conns "$pid" $(kafka_ports) "$(nats_port)")" = 0
+wait_until 10 '[ "$(tcp_conns "$pid" $(kafka_ports) "$(nats_port)")" = 0 ]'
 ok $? "no broker connection while the extension is absent"
 idle_threads=$(threads "$pid")
 
@@ -23,9 +23,9 @@ busy_threads=$(threads "$pid")
 ok "$([ "$busy_threads" -gt "$idle_threads" ]; echo $?)" "client threads started ($idle_threads -> $busy_threads)"
 
 q -c "DROP EXTENSION eventbus" >/dev/null
-wait_until 10 test "$(tcp_conns "$pid" $(kafka_ports) "$(nats_port)")" = 0
+wait_until 10 '[ "$(tcp_conns "$pid" $(kafka_ports) "$(nats_port)")" = 0 ]'
 ok $? "DROP EXTENSION closes every broker connection"
-wait_until 10 test "$(threads "$pid")" -le "$idle_threads"
+wait_until 10 '[ "$(threads "$pid")" -le "$idle_threads" ]'
 ok $? "DROP EXTENSION stops the client threads (now $(threads "$pid"), idle $idle_threads)"
 is "$(launcher_pid)" "$pid" "launcher stays, waiting for CREATE EXTENSION"
 

@@ -7,7 +7,7 @@ wait_until 20 both_connected || bail "brokers not connected at start"
 old=$(launcher_pid)
 kill -9 "$old"
 ok $? "SIGKILL sent to launcher $old"
-wait_until 60 bash -c "[ -n \"\$(psql -X -A -t -c \"SELECT pid FROM pg_stat_activity WHERE backend_type = 'eventbus launcher'\" 2>/dev/null)\" ]"
+wait_until 60 '[ -n "$(launcher_pid)" ]'
 ok $? "postmaster restarted the launcher"
 new=$(launcher_pid)
 ok "$([ -n "$new" ] && [ "$new" != "$old" ]; echo $?)" "new launcher pid ($old -> ${new:-none})"

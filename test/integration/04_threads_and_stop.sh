@@ -22,9 +22,10 @@ pm=$(head -1 "$EVENTBUS_PGDATA/postmaster.pid")
 children=$(ps -o pid= --ppid "$pm" | xargs)
 ok "$([ -n "$children" ]; echo $?)" "cluster processes before stop: $pm $children"
 "$STACK" pg-stop fast >/dev/null
-left=""
-for p in $pm $children; do [ -d "/proc/$p" ] && left="$left $p"; done
-is "$left" "" "no process of the cluster remains after pg_ctl stop"
+# alive PID... — those still running (a zombie awaiting reaping by init has exited).
+alive() { for p in "$@"; do grep -qs '^State:[[:space:]]*[^Z]' "/proc/$p/status" && printf ' %s' "$p"; done; }
+wait_until 10 '[ -z "$(alive $pm $children)" ]'
+is "$(alive $pm $children)" "" "no process of the cluster remains after pg_ctl stop"
 "$STACK" pg-start >/dev/null
 wait_until 30 both_connected
 ok $? "cluster restarted and reconnected"

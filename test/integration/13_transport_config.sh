@@ -5,7 +5,7 @@ source "$(dirname "$0")/lib.sh"
 
 wait_until 20 both_connected || bail "brokers not connected"
 q -c "ALTER SYSTEM SET eventbus.nats_url = ''" -c "SELECT pg_reload_conf()" >/dev/null
-wait_until 20 test "$(broker_state nats)" = off
+wait_until 20 '[ "$(broker_state nats)" = off ]'
 ok $? "NATS off once eventbus.nats_url is empty"
 out=$(psql -X -A -t -q 2>&1 <<'SQL'
 \set VERBOSITY verbose

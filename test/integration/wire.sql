@@ -63,9 +63,8 @@ BEGIN
       'order_violations', (SELECT count(*) FROM ordered WHERE v <> rn),
       'version_gaps', (SELECT count(*) FROM (SELECT key, max(v) m, count(*) c FROM ordered GROUP BY key) g WHERE m <> c),
       'aggregates',  (SELECT count(DISTINCT key) FROM w),
-      'redelivered_out_of_order', (SELECT count(*) FROM (SELECT key, (env->>'event_version')::bigint v,
-                        max((env->>'event_version')::bigint) OVER (PARTITION BY key ORDER BY part, pos ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev
-                        FROM w) x WHERE prev IS NOT NULL AND v < prev AND v <> prev),
+      'duplicate_mismatches', (SELECT count(*) FROM w JOIN first f ON f.eid = w.eid
+                                WHERE (w.part, w.pos) <> (f.part, f.pos) AND (w.env <> f.env OR w.key <> f.key)),
       'partition_violations', CASE WHEN %3$s > 0 THEN (SELECT count(*) FROM w WHERE part <> t_fnv1a_partition(key, %3$s)) ELSE 0 END,
       'split_aggregates', (SELECT count(*) FROM (SELECT key FROM w GROUP BY key HAVING count(DISTINCT part) > 1) s),
       'envelope_violations', (SELECT count(*) FROM w WHERE NOT (
