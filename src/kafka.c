@@ -20,6 +20,7 @@ static bool connected = false;
 static bool fatal = false;
 static TimestampTz next_probe = 0;
 static int	probe_backoff_ms = 0;
+static int	probe_attempts = 0;	/* failed probes since last connected */
 static uint32 round_gen = 0;
 
 /* Slots carry the round generation so a stale report is never misread. */
@@ -236,6 +237,7 @@ kafka_probe(void)
 		rd_kafka_metadata_destroy(md);
 		connected = true;
 		probe_backoff_ms = 0;
+		probe_attempts = 0;
 		eb_set_producer_state(EB_TRANSPORT_KAFKA, EB_BROKER_CONNECTED, eb_kafka_brokers);
 	}
 	else
@@ -243,8 +245,10 @@ kafka_probe(void)
 		char		detail[EB_DETAIL_LEN];
 
 		probe_backoff_ms = Min(Max(probe_backoff_ms * 2, 500), 5000);
+		probe_attempts++;
 		next_probe = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), probe_backoff_ms);
-		snprintf(detail, sizeof(detail), "%s: %s", eb_kafka_brokers, rd_kafka_err2str(err));
+		snprintf(detail, sizeof(detail), "%s: %s (attempt %d, next in %d ms)",
+				 eb_kafka_brokers, rd_kafka_err2str(err), probe_attempts, probe_backoff_ms);
 		eb_set_producer_state(EB_TRANSPORT_KAFKA, EB_BROKER_DOWN, detail);
 	}
 }

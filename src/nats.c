@@ -27,6 +27,7 @@ static natsConnection *conn = NULL;
 static jsCtx *js = NULL;
 static HTAB *streams_ready = NULL;	/* topics known to have a stream */
 static bool library_opened = false;
+static int	reconnect_attempts = 0;	/* written by cnats threads (atomic) */
 
 /* Event id -> slot of the current round, sorted for bsearch. */
 typedef struct IdSlot
@@ -85,6 +86,7 @@ reconnect_delay_cb(natsConnection *nc, int attempts, void *closure)
 {
 	int64_t		delay = 100;
 
+	__atomic_store_n(&reconnect_attempts, attempts, __ATOMIC_RELAXED);
 	for (int i = 1; i < attempts && delay < 5000; i++)
 		delay *= 2;
 	return delay < 5000 ? delay : 5000;
@@ -267,7 +269,13 @@ nats_producer_poll(void)
 	if (natsConnection_Status(conn) == NATS_CONN_STATUS_CONNECTED)
 		eb_set_producer_state(EB_TRANSPORT_NATS, EB_BROKER_CONNECTED, eb_nats_url);
 	else
-		eb_set_producer_state(EB_TRANSPORT_NATS, EB_BROKER_DOWN, NULL);
+	{
+		char		detail[EB_DETAIL_LEN];
+
+		snprintf(detail, sizeof(detail), "%s: not connected (attempt %d)", eb_nats_url,
+				 __atomic_load_n(&reconnect_attempts, __ATOMIC_RELAXED));
+		eb_set_producer_state(EB_TRANSPORT_NATS, EB_BROKER_DOWN, detail);
+	}
 
 	pthread_mutex_lock(&ack_mutex);
 	if (!acks.active || acks.n == 0)

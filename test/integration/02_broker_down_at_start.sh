@@ -21,6 +21,11 @@ ok $? "NATS reported down while the server is stopped"
 sleep 12
 ok "$(q -c "SELECT detail <> '' FROM eventbus_status() WHERE transport = 'nats'" | grep -q t; echo $?)" \
 	"status shows why NATS is down"
+attempts() { q -c "SELECT coalesce(substring(detail from 'attempt ([0-9]+)'), '0') FROM eventbus_status() WHERE transport = '$1'"; }
+ka=$(attempts kafka); na=$(attempts nats)
+# Retrying continues, but with backoff: a fixed 0.5 s retry would make ~24 attempts in 12 s.
+ok "$([ "$ka" -ge 3 ] && [ "$ka" -le 15 ]; echo $?)" "Kafka: still retrying, with backoff ($ka attempts so far)"
+ok "$([ "$na" -ge 3 ] && [ "$na" -le 15 ]; echo $?)" "NATS: still retrying, with backoff ($na attempts so far)"
 k=$(( $(log_lines kafka) - before_k )); n=$(( $(log_lines nats) - before_n ))
 ok "$([ "$k" -le 2 ]; echo $?)" "Kafka outage logged once per state change, not per attempt ($k lines in 12+ s)"
 ok "$([ "$n" -le 2 ]; echo $?)" "NATS outage logged once per state change, not per attempt ($n lines in 12+ s)"

@@ -7,7 +7,7 @@ wait_until 20 both_connected || bail "brokers not connected at start"
 old=$(launcher_pid)
 kill -9 "$old"
 ok $? "SIGKILL sent to launcher $old"
-wait_until 60 '[ -n "$(launcher_pid)" ]'
+wait_until 60 '[ -n "$(launcher_pid)" ] && [ "$(launcher_pid)" != "$old" ]'
 ok $? "postmaster restarted the launcher"
 new=$(launcher_pid)
 ok "$([ -n "$new" ] && [ "$new" != "$old" ]; echo $?)" "new launcher pid ($old -> ${new:-none})"

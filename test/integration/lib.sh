@@ -66,8 +66,9 @@ both_connected() {
 	[ "$(broker_state kafka)" = connected ] && [ "$(broker_state nats)" = connected ]
 }
 
+# launcher_pid — the launcher's pid, empty if none (or the server is down).
 launcher_pid() {
-	q -c "SELECT pid FROM pg_stat_activity WHERE backend_type = 'eventbus launcher'"
+	psql -X -A -t -q -c "SELECT pid FROM pg_stat_activity WHERE backend_type = 'eventbus launcher'" 2>/dev/null | grep -E '^[0-9]+$'
 }
 
 # outbox_empty — the relay has had every committed event acknowledged.
