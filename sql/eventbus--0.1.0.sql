@@ -91,3 +91,95 @@ LANGUAGE C VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp;
 COMMENT ON FUNCTION eventbus_status() IS
   'eventbus processes, broker connection states, outbox backlog and counters';
+
+-- Consuming -----------------------------------------------------------------
+
+CREATE TABLE eventbus.subscriptions (
+    id           bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    topic        text NOT NULL,
+    transport    text NOT NULL CHECK (transport IN ('kafka', 'nats')),
+    handler      regprocedure NOT NULL,
+    role_id      oid NOT NULL,
+    max_attempts integer NOT NULL CHECK (max_attempts >= 1),
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (topic, transport, handler)
+);
+COMMENT ON TABLE eventbus.subscriptions IS
+  'Handlers subscribed to topics; each runs with the privileges of role_id, the role that subscribed it';
+COMMENT ON SEQUENCE eventbus.subscriptions_id_seq IS 'Generates subscription ids';
+SELECT pg_catalog.pg_extension_config_dump('eventbus.subscriptions', '');
+
+CREATE TABLE eventbus.inbox (
+    subscription_id bigint NOT NULL REFERENCES eventbus.subscriptions ON DELETE CASCADE,
+    event_id        uuid NOT NULL,
+    outcome         text NOT NULL CHECK (outcome IN ('handled', 'dead_lettered')),
+    handled_at      timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (subscription_id, event_id)
+);
+COMMENT ON TABLE eventbus.inbox IS
+  'Events already handled (or dead-lettered) per subscription, committed with the handler''s effects; redeliveries are skipped';
+SELECT pg_catalog.pg_extension_config_dump('eventbus.inbox', '');
+
+CREATE TABLE eventbus.dead_letters (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    subscription_id bigint NOT NULL REFERENCES eventbus.subscriptions ON DELETE CASCADE,
+    envelope        eventbus.envelope NOT NULL,
+    error_message   text NOT NULL,
+    error_sqlstate  text NOT NULL,
+    attempts        integer NOT NULL,
+    failed_at       timestamptz NOT NULL DEFAULT clock_timestamp(),
+    replayed_at     timestamptz
+);
+COMMENT ON TABLE eventbus.dead_letters IS
+  'Events whose handler failed max_attempts times; the aggregate moved on. Replay with eventbus_replay_dead_letter(id)';
+COMMENT ON SEQUENCE eventbus.dead_letters_id_seq IS 'Generates dead letter ids';
+SELECT pg_catalog.pg_extension_config_dump('eventbus.dead_letters', '');
+
+CREATE TABLE eventbus.quarantine (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    transport       text NOT NULL,
+    topic           text NOT NULL,
+    kafka_partition integer,
+    kafka_offset    bigint,
+    stream_sequence bigint,
+    message_key     bytea,
+    headers         jsonb,
+    raw             bytea NOT NULL,
+    reason          text NOT NULL,
+    received_at     timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+COMMENT ON TABLE eventbus.quarantine IS
+  'Inbound messages that are not valid envelopes, kept with their raw bytes and the reason; consumption continued past them';
+COMMENT ON SEQUENCE eventbus.quarantine_id_seq IS 'Generates quarantine ids';
+SELECT pg_catalog.pg_extension_config_dump('eventbus.quarantine', '');
+
+CREATE FUNCTION eventbus_subscribe(
+    topic        text,
+    handler      regprocedure,
+    transport    text DEFAULT NULL,
+    max_attempts integer DEFAULT 5)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'eventbus_subscribe'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION eventbus_subscribe(text, regprocedure, text, integer) IS
+  'Run handler(eventbus.envelope) for every event of topic, as the calling role; returns the subscription id';
+REVOKE ALL ON FUNCTION eventbus_subscribe(text, regprocedure, text, integer) FROM PUBLIC;
+
+CREATE FUNCTION eventbus_unsubscribe(
+    topic     text,
+    handler   regprocedure,
+    transport text DEFAULT NULL)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'eventbus_unsubscribe'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION eventbus_unsubscribe(text, regprocedure, text) IS
+  'Remove a subscription (with its inbox and dead letters); true if it existed';
+REVOKE ALL ON FUNCTION eventbus_unsubscribe(text, regprocedure, text) FROM PUBLIC;
+
+CREATE FUNCTION eventbus_replay_dead_letter(id bigint)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'eventbus_replay_dead_letter'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION eventbus_replay_dead_letter(bigint) IS
+  'Run the handler of a dead letter again, now, in the calling transaction, as the subscribing role; true if it succeeded';
+REVOKE ALL ON FUNCTION eventbus_replay_dead_letter(bigint) FROM PUBLIC;

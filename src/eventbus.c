@@ -4,6 +4,7 @@
  */
 #include "postgres.h"
 
+#include "access/xact.h"
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "postmaster/bgworker.h"
@@ -107,17 +108,80 @@ eb_require_preload(void)
 				 errhint("Add 'eventbus' to shared_preload_libraries in postgresql.conf and restart PostgreSQL.")));
 }
 
-/* Wake the relay (called after a publishing transaction commits). */
-void
-eb_wake_relay(void)
+/* Set the latch stored in *slot (under the mutex), if any. */
+static void
+wake(Latch **slot)
 {
 	Latch	   *latch;
 
 	if (eb_shared == NULL)
 		return;
 	SpinLockAcquire(&eb_shared->mutex);
-	latch = eb_shared->relay_latch;
+	latch = *slot;
 	SpinLockRelease(&eb_shared->mutex);
 	if (latch)
 		SetLatch(latch);
+}
+
+/* Wake the relay. */
+void
+eb_wake_relay(void)
+{
+	if (eb_shared)
+		wake(&eb_shared->relay_latch);
+}
+
+/* Wake the dispatcher (subscriptions changed). */
+void
+eb_wake_dispatcher(void)
+{
+	if (eb_shared)
+	{
+		SpinLockAcquire(&eb_shared->mutex);
+		eb_shared->subs_generation++;
+		SpinLockRelease(&eb_shared->mutex);
+		wake(&eb_shared->dispatcher_latch);
+	}
+}
+
+static bool xact_callback_registered = false;
+static bool wake_relay_at_commit = false;
+static bool wake_dispatcher_at_commit = false;
+
+/* At commit, wake whoever this transaction's work concerns. */
+static void
+eb_xact_callback(XactEvent event, void *arg)
+{
+	switch (event)
+	{
+		case XACT_EVENT_COMMIT:
+		case XACT_EVENT_PARALLEL_COMMIT:
+			if (wake_relay_at_commit)
+				eb_wake_relay();
+			if (wake_dispatcher_at_commit)
+				eb_wake_dispatcher();
+			wake_relay_at_commit = wake_dispatcher_at_commit = false;
+			break;
+		case XACT_EVENT_ABORT:
+		case XACT_EVENT_PARALLEL_ABORT:
+		case XACT_EVENT_PREPARE:
+			/* A prepared transaction is found by the periodic scans. */
+			wake_relay_at_commit = wake_dispatcher_at_commit = false;
+			break;
+		default:
+			break;
+	}
+}
+
+/* Ask for the relay and/or dispatcher to be woken when this transaction commits. */
+void
+eb_wake_at_commit(bool relay, bool dispatcher)
+{
+	if (!xact_callback_registered)
+	{
+		RegisterXactCallback(eb_xact_callback, NULL);
+		xact_callback_registered = true;
+	}
+	wake_relay_at_commit |= relay;
+	wake_dispatcher_at_commit |= dispatcher;
 }

@@ -13,8 +13,12 @@
 
 #include "datatype/timestamp.h"
 #include "lib/stringinfo.h"
+#include "nodes/pg_list.h"
 #include "storage/latch.h"
 #include "storage/spin.h"
+#include "utils/elog.h"
+
+#include <signal.h>
 
 #define EB_TRANSPORT_KAFKA	0
 #define EB_TRANSPORT_NATS	1
@@ -42,6 +46,27 @@ typedef struct EbBrokerStatus
 	char		detail[EB_DETAIL_LEN];	/* last error or endpoint */
 } EbBrokerStatus;
 
+#define EB_MAX_WORKERS		64
+#define EB_MAX_SUB_STATUS	128
+
+/* One pool worker, as shown by eventbus_status(). */
+typedef struct EbWorkerStatus
+{
+	pid_t		pid;
+	TimestampTz since;
+	uint64		processed;		/* events handled (or skipped as already handled) */
+	uint64		failed;			/* handler failures (each attempt) */
+	uint64		dead_lettered;
+	int			queued;			/* items sent to it and not yet completed */
+} EbWorkerStatus;
+
+/* Lag of one subscription, written by the dispatcher. */
+typedef struct EbSubStatus
+{
+	int64		id;
+	int64		lag;			/* in flight + waiting in the broker, when known */
+} EbSubStatus;
+
 typedef struct EbShared
 {
 	slock_t		mutex;			/* protects everything below */
@@ -50,6 +75,16 @@ typedef struct EbShared
 	bool		extension_ready;	/* launcher saw the extension installed */
 	Latch	   *relay_latch;	/* set at commit by publishers */
 	EbBrokerStatus producer[EB_NTRANSPORTS];
+
+	uint64		subs_generation;	/* bumped when subscriptions change */
+	pid_t		dispatcher_pid;
+	TimestampTz dispatcher_since;
+	Latch	   *dispatcher_latch;	/* set at commit by (un)subscribers */
+	EbBrokerStatus consumer[EB_NTRANSPORTS];
+	int			nworkers;
+	EbWorkerStatus workers[EB_MAX_WORKERS];
+	int			nsubs;
+	EbSubStatus subs[EB_MAX_SUB_STATUS];
 } EbShared;
 
 /* eventbus.c */
@@ -57,6 +92,8 @@ extern EbShared *eb_shared;
 extern bool eb_preloaded;
 extern void eb_require_preload(void);
 extern void eb_wake_relay(void);
+extern void eb_wake_dispatcher(void);
+extern void eb_wake_at_commit(bool relay, bool dispatcher);
 
 /* guc.c */
 extern char *eb_database;
@@ -102,26 +139,38 @@ extern void eb_uuidv7(unsigned char out[16]);
 extern void eb_format_timestamp(TimestampTz ts, char *buf, size_t len);
 extern void eb_envelope_encode(StringInfo buf, const EbEvent *ev);
 
+/* Header lookup for decoding: value of a header, or NULL. */
+typedef const char *(*EbHeaderLookup) (void *arg, const char *name);
+extern const char *eb_envelope_decode(const char *data, size_t len,
+									  const char *key, size_t keylen,
+									  EbHeaderLookup lookup, void *lookup_arg,
+									  EbEvent *ev);
+
 /* Callback that receives each header of an event (name, value). */
 typedef void (*EbHeaderFn) (void *arg, const char *name, const char *value);
 extern void eb_event_headers(const EbEvent *ev, EbHeaderFn fn, void *arg);
 
 /* status.c */
-extern void eb_set_producer_state(int transport, EbBrokerState state,
-								  const char *detail);
+extern EbBrokerStatus *eb_broker_slots;	/* this process's broker rows */
+extern const char *eb_log_prefix;	/* "eventbus" or "eventbus consumer" */
+extern void eb_set_broker_state(int transport, EbBrokerState state,
+								const char *detail);
 extern const char *eb_broker_state_name(EbBrokerState state);
 
 /* launcher.c */
 extern PGDLLEXPORT void eventbus_launcher_main(Datum main_arg);
 
-/* relay.c */
-extern void relay_init(void);
-extern void relay_shutdown(void);
-extern long relay_step(void);
+/* wakeup.c */
+extern void eb_wakeup_init(void);
 extern int	eb_wakeup_fd(void);
 extern void eb_wakeup_drain(void);
 extern void eb_wakeup_signal(void);
 extern int	eb_wakeup_write_fd(void);
+
+/* relay.c */
+extern void relay_init(void);
+extern void relay_shutdown(void);
+extern long relay_step(void);
 /* Completion of one in-flight slot; main thread only. */
 extern void eb_relay_ack(int transport, int slot, bool ok, const char *err);
 
@@ -130,26 +179,124 @@ extern void eb_relay_ack(int transport, int slot, bool ok, const char *err);
  * only write to the wakeup pipe; results are handed over on the main thread.
  */
 
-/* kafka.c */
-extern bool kafka_producer_start(void);
-extern void kafka_producer_stop(void);
-extern void kafka_producer_poll(void);
-extern bool kafka_producer_connected(void);
-extern bool kafka_producer_fatal(void);
+/* kafka.c: the process's librdkafka client (launcher: producer; dispatcher: consumer) */
+#include <librdkafka/rdkafka.h>
+extern rd_kafka_t *eb_kafka;
+extern bool kafka_client_start(rd_kafka_type_t type, rd_kafka_conf_t *conf);
+extern void kafka_client_stop(void);
+extern bool kafka_connected(void);
+extern bool kafka_fatal(void);
+extern void kafka_mark_down(const char *reason);
+extern void kafka_mark_connected(void);
 extern void kafka_probe(void);
+extern void kafka_producer_poll(void);
+extern bool kafka_producer_start(void);
 extern void kafka_begin_round(void);
 extern bool kafka_produce(const EbEvent *ev, const char *value, size_t len,
 						  int slot, char **errmsg);
 
-/* nats.c */
-extern bool nats_producer_start(void);
-extern void nats_producer_stop(void);
+/* nats.c: the process's NATS connection and JetStream context */
+#include <nats/nats.h>
+extern natsConnection *eb_nats_conn;
+extern jsCtx *eb_js;
+extern bool nats_client_start(const char *name);
+extern void nats_client_stop(void);
+extern bool nats_connected(void);
+extern void nats_poll_state(void);
+extern bool nats_ensure_stream(const char *topic, char **errmsg);
+extern void nats_block_signals(sigset_t *old);
+extern void nats_restore_signals(const sigset_t *old);
+extern void nats_library_close(void);
 extern void nats_producer_poll(void);
-extern bool nats_producer_connected(void);
 extern void nats_publish_begin(const EbEvent *events, int n);
 extern bool nats_publish(const EbEvent *ev, const char *value, size_t len,
 						 int slot, char **errmsg);
 extern void nats_publish_abandon(void);
-extern void nats_library_close(void);
+
+/* workitem.c: what the dispatcher sends a pool worker, and back */
+typedef struct EbWorkItem
+{
+	uint64		tag;			/* dispatcher's delivery tag */
+	int64		subscription_id;
+	Oid			handler;
+	Oid			role;
+	int32		max_attempts;
+	int32		transport;
+	EbEvent		ev;
+} EbWorkItem;
+
+typedef enum EbOutcome
+{
+	EB_OUTCOME_HANDLED = 0,
+	EB_OUTCOME_DUPLICATE,		/* already in the inbox: skipped */
+	EB_OUTCOME_DEAD_LETTERED
+} EbOutcome;
+
+typedef struct EbCompletion
+{
+	uint64		tag;
+	int32		outcome;
+} EbCompletion;
+
+extern void eb_workitem_encode(StringInfo buf, const EbWorkItem *item);
+extern void eb_workitem_decode(const char *data, Size len, EbWorkItem *item);
+
+/* handler.c: run one handler invocation; EbOutcome, or -1 with *error set */
+extern int	eb_handler_run(const EbWorkItem *item, ErrorData **error);
+extern bool eb_handler_call(Oid handler, Oid role, Datum envelope, ErrorData **error);
+extern void eb_dead_letter(const EbWorkItem *item, const ErrorData *error, int attempts);
+extern Oid	eb_envelope_type(void);
+
+/* subscription.c */
+extern bool eb_handler_signature_ok(Oid handler);
+
+/* A message received by a consumer, handed to the dispatcher. */
+typedef struct EbInbound
+{
+	int			transport;
+	const char *topic;
+	const char *data;
+	size_t		len;
+	const char *key;			/* Kafka key or NULL */
+	size_t		keylen;
+	int32		partition;		/* Kafka */
+	int64		offset;			/* Kafka */
+	uint64		stream_seq;		/* JetStream */
+	int			nheaders;
+	char	  **header_names;
+	char	  **header_values;
+	void	   *token;			/* the consumer's handle: passed back when done */
+} EbInbound;
+
+/* dispatcher.c: take one inbound message; string list membership */
+extern bool eb_string_member(List *list, const char *s);
+extern void dispatch_message(EbInbound *in);
+
+/* kafka_consumer.c */
+extern bool kafka_consumer_start(void);
+extern void kafka_consumer_set_topics(List *topics);
+extern int	kafka_consumer_poll(int max);
+extern void kafka_consumer_done(void *token);
+extern void kafka_consumer_pause(bool pause);
+extern int64 kafka_consumer_lag(const char *topic);
+
+/* nats_consumer.c */
+extern void nats_consumer_set_topics(List *topics);
+extern int	nats_consumer_poll(int max);
+extern void nats_consumer_done(void *token);
+extern int64 nats_consumer_lag(const char *topic);
+extern void nats_consumer_forget(void);
+
+/* DSM layout shared by dispatcher.c and pool.c: per worker an inbound
+ * (dispatcher -> worker) and an outbound (completions) queue. */
+#define EB_SHM_MAGIC		0x45564255	/* "EVBU" */
+#define EB_IN_QUEUE_SIZE	(1024 * 1024)
+#define EB_OUT_QUEUE_SIZE	(64 * 1024)
+#define EB_TOC_IN(i)		((uint64) (i) * 2)
+#define EB_TOC_OUT(i)		((uint64) (i) * 2 + 1)
+
+/* dispatcher.c / pool.c */
+extern PGDLLEXPORT void eventbus_dispatcher_main(Datum main_arg);
+extern PGDLLEXPORT void eventbus_worker_main(Datum main_arg);
 
 #endif							/* EVENTBUS_H */

@@ -1,21 +1,20 @@
 /*
- * kafka.c — the relay's Kafka producer (librdkafka).
+ * kafka.c — the process's librdkafka client: configuration, connection
+ * state and backoff probing shared by the launcher's producer and the
+ * dispatcher's consumer, plus the relay's producer calls.
  *
- * Idempotent producer, fnv1a partitioner (Sarama-compatible), key =
- * aggregate_id.  librdkafka's callbacks (delivery reports, errors, logs) are
- * all served by rd_kafka_poll() on the launcher's main thread (log.queue),
- * and its queue event writes to the launcher's wakeup pipe, so no library
- * thread ever enters PostgreSQL.
+ * Every librdkafka callback (delivery reports, errors, logs with log.queue)
+ * is served by a poll on the worker's main thread, and the queue event only
+ * writes to the wakeup pipe, so no library thread enters PostgreSQL.
  */
 #include "postgres.h"
-
-#include <librdkafka/rdkafka.h>
 
 #include "utils/timestamp.h"
 
 #include "eventbus.h"
 
-static rd_kafka_t *producer = NULL;
+rd_kafka_t *eb_kafka = NULL;
+
 static bool connected = false;
 static bool fatal = false;
 static TimestampTz next_probe = 0;
@@ -23,45 +22,29 @@ static int	probe_backoff_ms = 0;
 static int	probe_attempts = 0;	/* failed probes since last connected */
 static uint32 round_gen = 0;
 
-/* Slots carry the round generation so a stale report is never misread. */
+/* Producer slots carry the round generation so a stale report is never misread. */
 #define SLOT_BITS 20
 #define MAKE_OPAQUE(slot) ((void *) (intptr_t) (((intptr_t) (round_gen & 0x7ff) << SLOT_BITS) | (slot)))
 
-/* Note a lost connection (from a callback on the main thread). */
-static void
-mark_down(const char *reason)
+/* Note a lost connection (main thread). */
+void
+kafka_mark_down(const char *reason)
 {
 	connected = false;
 	next_probe = 0;
-	eb_set_producer_state(EB_TRANSPORT_KAFKA, EB_BROKER_DOWN, reason);
+	eb_set_broker_state(EB_TRANSPORT_KAFKA, EB_BROKER_DOWN, reason);
 }
 
-/* Delivery report: hand the outcome to the relay. */
-static void
-dr_cb(rd_kafka_t *rk, const rd_kafka_message_t *msg, void *opaque)
+/* Note a working connection (main thread). */
+void
+kafka_mark_connected(void)
 {
-	intptr_t	v = (intptr_t) msg->_private;
-	int			slot = (int) (v & ((1 << SLOT_BITS) - 1));
-
-	if ((uint32) (v >> SLOT_BITS) != (round_gen & 0x7ff))
+	if (connected)
 		return;
-	if (msg->err == RD_KAFKA_RESP_ERR_NO_ERROR)
-	{
-		if (!connected)
-		{
-			connected = true;
-			probe_backoff_ms = 0;
-			eb_set_producer_state(EB_TRANSPORT_KAFKA, EB_BROKER_CONNECTED, eb_kafka_brokers);
-		}
-		eb_relay_ack(EB_TRANSPORT_KAFKA, slot, true, NULL);
-	}
-	else
-	{
-		if (msg->err == RD_KAFKA_RESP_ERR__MSG_TIMED_OUT ||
-			msg->err == RD_KAFKA_RESP_ERR__TRANSPORT)
-			mark_down(rd_kafka_err2str(msg->err));
-		eb_relay_ack(EB_TRANSPORT_KAFKA, slot, false, rd_kafka_err2str(msg->err));
-	}
+	connected = true;
+	probe_backoff_ms = 0;
+	probe_attempts = 0;
+	eb_set_broker_state(EB_TRANSPORT_KAFKA, EB_BROKER_CONNECTED, eb_kafka_brokers);
 }
 
 /* Client-level errors: all brokers down, or a fatal idempotence error. */
@@ -74,22 +57,22 @@ error_cb(rd_kafka_t *rk, int err, const char *reason, void *opaque)
 
 		rd_kafka_fatal_error(rk, buf, sizeof(buf));
 		ereport(WARNING,
-				(errmsg("eventbus: fatal Kafka producer error, recreating the producer"),
+				(errmsg("%s: fatal Kafka client error, recreating the client", eb_log_prefix),
 				 errdetail("%s", buf)));
 		fatal = true;
 	}
 	else if (err == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN)
-		mark_down(reason);
+		kafka_mark_down(reason);
 }
 
 /*
  * librdkafka's own log lines go to DEBUG1: it repeats connection failures,
- * and the state changes are already logged once by eb_set_producer_state.
+ * and state changes are already logged once by eb_set_broker_state.
  */
 static void
 log_cb(const rd_kafka_t *rk, int level, const char *fac, const char *buf)
 {
-	ereport(DEBUG1, (errmsg_internal("eventbus: librdkafka %s: %s", fac, buf)));
+	ereport(DEBUG1, (errmsg_internal("%s: librdkafka %s: %s", eb_log_prefix, fac, buf)));
 }
 
 /* Set one property; false (with the reason in errstr) if rejected. */
@@ -134,86 +117,83 @@ apply_extra_properties(rd_kafka_conf_t *conf, char *errstr, size_t errlen)
 	return true;
 }
 
-/* Create the producer from the current configuration. */
+/*
+ * Create the process's client from conf (which the caller filled with its
+ * role's properties and callbacks; consumed here in every case).
+ */
 bool
-kafka_producer_start(void)
+kafka_client_start(rd_kafka_type_t type, rd_kafka_conf_t *conf)
 {
-	rd_kafka_conf_t *conf = rd_kafka_conf_new();
-	rd_kafka_queue_t *mainq;
+	rd_kafka_queue_t *q;
 	char		errstr[512];
-	char		timeout[32];
 
-	snprintf(timeout, sizeof(timeout), "%d", eb_ack_timeout_ms);
 	if (!set_prop(conf, "bootstrap.servers", eb_kafka_brokers, errstr, sizeof(errstr)) ||
-		!set_prop(conf, "client.id", "eventbus-relay", errstr, sizeof(errstr)) ||
-		!set_prop(conf, "enable.idempotence", "true", errstr, sizeof(errstr)) ||
-		!set_prop(conf, "partitioner", "fnv1a", errstr, sizeof(errstr)) ||
-		!set_prop(conf, "message.timeout.ms", timeout, errstr, sizeof(errstr)) ||
-		!set_prop(conf, "linger.ms", "5", errstr, sizeof(errstr)) ||
 		!set_prop(conf, "log.queue", "true", errstr, sizeof(errstr)) ||
 		!apply_extra_properties(conf, errstr, sizeof(errstr)))
 	{
 		rd_kafka_conf_destroy(conf);
-		eb_set_producer_state(EB_TRANSPORT_KAFKA, EB_BROKER_DOWN, errstr);
+		eb_set_broker_state(EB_TRANSPORT_KAFKA, EB_BROKER_DOWN, errstr);
 		return false;
 	}
-
-	rd_kafka_conf_set_dr_msg_cb(conf, dr_cb);
 	rd_kafka_conf_set_error_cb(conf, error_cb);
 	rd_kafka_conf_set_log_cb(conf, log_cb);
 
-	producer = rd_kafka_new(RD_KAFKA_PRODUCER, conf, errstr, sizeof(errstr));
-	if (producer == NULL)
+	eb_kafka = rd_kafka_new(type, conf, errstr, sizeof(errstr));
+	if (eb_kafka == NULL)
 	{
 		/* rd_kafka_new frees conf only on success. */
 		rd_kafka_conf_destroy(conf);
-		eb_set_producer_state(EB_TRANSPORT_KAFKA, EB_BROKER_DOWN, errstr);
+		eb_set_broker_state(EB_TRANSPORT_KAFKA, EB_BROKER_DOWN, errstr);
 		return false;
 	}
 
-	rd_kafka_set_log_queue(producer, NULL);
-	mainq = rd_kafka_queue_get_main(producer);
-	rd_kafka_queue_io_event_enable(mainq, eb_wakeup_write_fd(), "k", 1);
-	rd_kafka_queue_destroy(mainq);
+	rd_kafka_set_log_queue(eb_kafka, NULL);
+	if (type == RD_KAFKA_CONSUMER)
+	{
+		/* One queue for messages, rebalances, errors and logs. */
+		rd_kafka_poll_set_consumer(eb_kafka);
+		q = rd_kafka_queue_get_consumer(eb_kafka);
+	}
+	else
+		q = rd_kafka_queue_get_main(eb_kafka);
+	rd_kafka_queue_io_event_enable(q, eb_wakeup_write_fd(), "k", 1);
+	rd_kafka_queue_destroy(q);
 
 	connected = false;
 	fatal = false;
 	next_probe = 0;
 	probe_backoff_ms = 0;
-	eb_set_producer_state(EB_TRANSPORT_KAFKA, EB_BROKER_CONNECTING, eb_kafka_brokers);
+	probe_attempts = 0;
+	eb_set_broker_state(EB_TRANSPORT_KAFKA, EB_BROKER_CONNECTING, eb_kafka_brokers);
 	return true;
 }
 
-/* Destroy the producer; unacknowledged events stay in the outbox. */
+/* Destroy the client; unacknowledged work stays in the outbox / broker. */
 void
-kafka_producer_stop(void)
+kafka_client_stop(void)
 {
-	if (producer == NULL)
+	if (eb_kafka == NULL)
 		return;
-	rd_kafka_purge(producer, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
-	rd_kafka_poll(producer, 0);
-	rd_kafka_destroy(producer);
-	producer = NULL;
+	if (rd_kafka_type(eb_kafka) == RD_KAFKA_PRODUCER)
+	{
+		rd_kafka_purge(eb_kafka, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
+		rd_kafka_poll(eb_kafka, 0);
+	}
+	else
+		rd_kafka_consumer_close(eb_kafka);
+	rd_kafka_destroy(eb_kafka);
+	eb_kafka = NULL;
 	connected = false;
 }
 
-/* Serve delivery reports, errors and logs. */
-void
-kafka_producer_poll(void)
+bool
+kafka_connected(void)
 {
-	if (producer)
-		while (rd_kafka_poll(producer, 0) > 0)
-			;
+	return eb_kafka != NULL && connected && !fatal;
 }
 
 bool
-kafka_producer_connected(void)
-{
-	return producer != NULL && connected && !fatal;
-}
-
-bool
-kafka_producer_fatal(void)
+kafka_fatal(void)
 {
 	return fatal;
 }
@@ -228,17 +208,14 @@ kafka_probe(void)
 	const struct rd_kafka_metadata *md;
 	rd_kafka_resp_err_t err;
 
-	if (producer == NULL || connected || GetCurrentTimestamp() < next_probe)
+	if (eb_kafka == NULL || connected || GetCurrentTimestamp() < next_probe)
 		return;
 
-	err = rd_kafka_metadata(producer, 0, NULL, &md, 500);
+	err = rd_kafka_metadata(eb_kafka, 0, NULL, &md, 500);
 	if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
 	{
 		rd_kafka_metadata_destroy(md);
-		connected = true;
-		probe_backoff_ms = 0;
-		probe_attempts = 0;
-		eb_set_producer_state(EB_TRANSPORT_KAFKA, EB_BROKER_CONNECTED, eb_kafka_brokers);
+		kafka_mark_connected();
 	}
 	else
 	{
@@ -249,8 +226,63 @@ kafka_probe(void)
 		next_probe = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), probe_backoff_ms);
 		snprintf(detail, sizeof(detail), "%s: %s (attempt %d, next in %d ms)",
 				 eb_kafka_brokers, rd_kafka_err2str(err), probe_attempts, probe_backoff_ms);
-		eb_set_producer_state(EB_TRANSPORT_KAFKA, EB_BROKER_DOWN, detail);
+		eb_set_broker_state(EB_TRANSPORT_KAFKA, EB_BROKER_DOWN, detail);
 	}
+}
+
+/* Producer delivery report: hand the outcome to the relay. */
+static void
+dr_cb(rd_kafka_t *rk, const rd_kafka_message_t *msg, void *opaque)
+{
+	intptr_t	v = (intptr_t) msg->_private;
+	int			slot = (int) (v & ((1 << SLOT_BITS) - 1));
+
+	if ((uint32) (v >> SLOT_BITS) != (round_gen & 0x7ff))
+		return;
+	if (msg->err == RD_KAFKA_RESP_ERR_NO_ERROR)
+	{
+		kafka_mark_connected();
+		eb_relay_ack(EB_TRANSPORT_KAFKA, slot, true, NULL);
+	}
+	else
+	{
+		if (msg->err == RD_KAFKA_RESP_ERR__MSG_TIMED_OUT ||
+			msg->err == RD_KAFKA_RESP_ERR__TRANSPORT)
+			kafka_mark_down(rd_kafka_err2str(msg->err));
+		eb_relay_ack(EB_TRANSPORT_KAFKA, slot, false, rd_kafka_err2str(msg->err));
+	}
+}
+
+/* The relay's producer: idempotent, fnv1a partitioner, bounded by ack_timeout. */
+bool
+kafka_producer_start(void)
+{
+	rd_kafka_conf_t *conf = rd_kafka_conf_new();
+	char		errstr[512];
+	char		timeout[32];
+
+	snprintf(timeout, sizeof(timeout), "%d", eb_ack_timeout_ms);
+	if (!set_prop(conf, "client.id", "eventbus-relay", errstr, sizeof(errstr)) ||
+		!set_prop(conf, "enable.idempotence", "true", errstr, sizeof(errstr)) ||
+		!set_prop(conf, "partitioner", "fnv1a", errstr, sizeof(errstr)) ||
+		!set_prop(conf, "message.timeout.ms", timeout, errstr, sizeof(errstr)) ||
+		!set_prop(conf, "linger.ms", "5", errstr, sizeof(errstr)))
+	{
+		rd_kafka_conf_destroy(conf);
+		eb_set_broker_state(EB_TRANSPORT_KAFKA, EB_BROKER_DOWN, errstr);
+		return false;
+	}
+	rd_kafka_conf_set_dr_msg_cb(conf, dr_cb);
+	return kafka_client_start(RD_KAFKA_PRODUCER, conf);
+}
+
+/* Serve delivery reports, errors and logs. */
+void
+kafka_producer_poll(void)
+{
+	if (eb_kafka)
+		while (rd_kafka_poll(eb_kafka, 0) > 0)
+			;
 }
 
 /* A new relay round begins: reports of earlier rounds are ignored. */
@@ -274,7 +306,7 @@ kafka_produce(const EbEvent *ev, const char *value, size_t len, int slot, char *
 	rd_kafka_headers_t *hdrs;
 	rd_kafka_resp_err_t err;
 
-	if (producer == NULL)
+	if (eb_kafka == NULL)
 	{
 		*errmsg = "Kafka producer not running";
 		return false;
@@ -285,7 +317,7 @@ kafka_produce(const EbEvent *ev, const char *value, size_t len, int slot, char *
 
 	for (;;)
 	{
-		err = rd_kafka_producev(producer,
+		err = rd_kafka_producev(eb_kafka,
 								RD_KAFKA_V_TOPIC(ev->topic),
 								RD_KAFKA_V_KEY(ev->aggregate_id, strlen(ev->aggregate_id)),
 								RD_KAFKA_V_VALUE((void *) value, len),
@@ -296,7 +328,7 @@ kafka_produce(const EbEvent *ev, const char *value, size_t len, int slot, char *
 		if (err != RD_KAFKA_RESP_ERR__QUEUE_FULL)
 			break;
 		/* Local queue full: let deliveries drain, then try again. */
-		rd_kafka_poll(producer, 100);
+		rd_kafka_poll(eb_kafka, 100);
 	}
 
 	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)

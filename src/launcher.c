@@ -45,10 +45,69 @@ set_launcher(pid_t pid, Latch *latch, bool ready)
 	SpinLockRelease(&eb_shared->mutex);
 }
 
+static BackgroundWorkerHandle *dispatcher = NULL;
+static TimestampTz dispatcher_next_start = 0;
+static int	dispatcher_backoff_ms = 0;
+
+/* Start the dispatcher if it is not running (with backoff after failures). */
+static void
+ensure_dispatcher(void)
+{
+	BackgroundWorker w;
+	pid_t		pid;
+
+	if (dispatcher != NULL)
+	{
+		if (GetBackgroundWorkerPid(dispatcher, &pid) != BGWH_STOPPED)
+			return;
+		pfree(dispatcher);
+		dispatcher = NULL;
+		/* It stopped on its own: wait before the next start. */
+		dispatcher_backoff_ms = Min(Max(dispatcher_backoff_ms * 2, 1000), 30000);
+		dispatcher_next_start = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), dispatcher_backoff_ms);
+	}
+	if (GetCurrentTimestamp() < dispatcher_next_start)
+		return;
+
+	memset(&w, 0, sizeof(w));
+	w.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	w.bgw_start_time = BgWorkerStart_RecoveryFinished;
+	w.bgw_restart_time = BGW_NEVER_RESTART;
+	snprintf(w.bgw_library_name, BGW_MAXLEN, "eventbus");
+	snprintf(w.bgw_function_name, BGW_MAXLEN, "eventbus_dispatcher_main");
+	snprintf(w.bgw_name, BGW_MAXLEN, "eventbus dispatcher");
+	snprintf(w.bgw_type, BGW_MAXLEN, "eventbus dispatcher");
+	w.bgw_notify_pid = MyProcPid;
+	if (!RegisterDynamicBackgroundWorker(&w, &dispatcher))
+	{
+		dispatcher = NULL;
+		dispatcher_next_start = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), 5000);
+		ereport(WARNING,
+				(errmsg("eventbus: could not start the dispatcher"),
+				 errhint("Raise max_worker_processes (eventbus needs eventbus.workers + 2).")));
+	}
+}
+
+/* Stop the dispatcher (and with it the pool). */
+static void
+stop_dispatcher(void)
+{
+	if (dispatcher == NULL)
+		return;
+	TerminateBackgroundWorker(dispatcher);
+	(void) WaitForBackgroundWorkerShutdown(dispatcher);
+	pfree(dispatcher);
+	dispatcher = NULL;
+	dispatcher_backoff_ms = 0;
+	dispatcher_next_start = 0;
+}
+
 /* On exit: close broker connections and leave shared memory clean. */
 static void
 launcher_exit(int code, Datum arg)
 {
+	if (dispatcher)
+		TerminateBackgroundWorker(dispatcher);
 	relay_shutdown();
 	nats_library_close();
 	set_launcher(0, NULL, false);
@@ -71,6 +130,8 @@ eventbus_launcher_main(Datum main_arg)
 	set_launcher(MyProcPid, MyLatch, false);
 	before_shmem_exit(launcher_exit, (Datum) 0);
 
+	eb_broker_slots = eb_shared->producer;
+	eb_wakeup_init();
 	relay_init();
 
 	wes = CreateWaitEventSet(TopMemoryContext, 3);
@@ -106,12 +167,16 @@ eventbus_launcher_main(Datum main_arg)
 			else
 			{
 				ereport(LOG, (errmsg("eventbus: extension not installed, waiting for CREATE EXTENSION eventbus")));
+				stop_dispatcher();
 				relay_shutdown();
 			}
 		}
 
 		if (ready)
+		{
+			ensure_dispatcher();
 			timeout = relay_step();
+		}
 
 		pgstat_report_activity(STATE_IDLE, NULL);
 		(void) WaitEventSetWait(wes, timeout, &event, 1, PG_WAIT_EXTENSION);

@@ -1,5 +1,7 @@
 /*
- * nats.c — the relay's NATS JetStream publisher (cnats).
+ * nats.c — the process's NATS connection and JetStream context (shared by
+ * the launcher's relay and the dispatcher's consumers), stream creation, and
+ * the relay's asynchronous JetStream publishing.
  *
  * cnats runs its own threads.  They inherit PostgreSQL's signal handlers
  * unless created with every signal blocked, so each cnats call that may start
@@ -10,9 +12,6 @@
 #include "postgres.h"
 
 #include <pthread.h>
-#include <signal.h>
-
-#include <nats/nats.h>
 
 #include "utils/hsearch.h"
 #include "utils/memutils.h"
@@ -22,9 +21,10 @@
 /* Keep JetStream's dedupe window long enough to cover relay retries. */
 #define DUPLICATE_WINDOW_NS ((int64) 10 * 60 * 1000000000)
 
+natsConnection *eb_nats_conn = NULL;
+jsCtx	   *eb_js = NULL;
+
 static natsOptions *opts = NULL;
-static natsConnection *conn = NULL;
-static jsCtx *js = NULL;
 static HTAB *streams_ready = NULL;	/* topics known to have a stream */
 static bool library_opened = false;
 static int	reconnect_attempts = 0;	/* written by cnats threads (atomic) */
@@ -58,8 +58,8 @@ static struct
 } acks;
 
 /* Block every signal in this thread; threads created meanwhile inherit it. */
-static void
-block_signals(sigset_t *old)
+void
+nats_block_signals(sigset_t *old)
 {
 	sigset_t	all;
 
@@ -67,8 +67,8 @@ block_signals(sigset_t *old)
 	pthread_sigmask(SIG_SETMASK, &all, old);
 }
 
-static void
-restore_signals(const sigset_t *old)
+void
+nats_restore_signals(const sigset_t *old)
 {
 	pthread_sigmask(SIG_SETMASK, old, NULL);
 }
@@ -147,24 +147,24 @@ set_down(const char *what, natsStatus s)
 
 	snprintf(detail, sizeof(detail), "%s: %s: %s", eb_nats_url, what,
 			 nats_GetLastError(NULL) ? nats_GetLastError(NULL) : natsStatus_GetText(s));
-	eb_set_producer_state(EB_TRANSPORT_NATS, EB_BROKER_DOWN, detail);
+	eb_set_broker_state(EB_TRANSPORT_NATS, EB_BROKER_DOWN, detail);
 }
 
 /* Connect (or keep retrying in the background) to eventbus.nats_url. */
 bool
-nats_producer_start(void)
+nats_client_start(const char *name)
 {
 	natsStatus	s;
 	jsOptions	jsopts;
 	sigset_t	old;
 
-	block_signals(&old);
+	nats_block_signals(&old);
 	library_opened = true;
 	s = natsOptions_Create(&opts);
 	if (s == NATS_OK)
 		s = natsOptions_SetURL(opts, eb_nats_url);
 	if (s == NATS_OK)
-		s = natsOptions_SetName(opts, "eventbus relay");
+		s = natsOptions_SetName(opts, name);
 	if (s == NATS_OK)
 		s = natsOptions_SetRetryOnFailedConnect(opts, true, conn_event_cb, NULL);
 	if (s == NATS_OK)
@@ -185,53 +185,53 @@ nats_producer_start(void)
 		s = natsOptions_SetUserCredentialsFromFiles(opts, eb_nats_credentials_file, NULL);
 	if (s != NATS_OK)
 	{
-		restore_signals(&old);
+		nats_restore_signals(&old);
 		set_down("invalid NATS options", s);
 		natsOptions_Destroy(opts);
 		opts = NULL;
 		return false;
 	}
 
-	s = natsConnection_Connect(&conn, opts);
+	s = natsConnection_Connect(&eb_nats_conn, opts);
 	if (s == NATS_OK || s == NATS_NOT_YET_CONNECTED)
 	{
 		jsOptions_Init(&jsopts);
 		jsopts.Wait = 5000;
 		jsopts.PublishAsync.AckHandler = ack_cb;
 		jsopts.PublishAsync.MaxPending = 20000;
-		s = natsConnection_JetStream(&js, conn, &jsopts) == NATS_OK ? s : NATS_ERR;
+		s = natsConnection_JetStream(&eb_js, eb_nats_conn, &jsopts) == NATS_OK ? s : NATS_ERR;
 	}
-	restore_signals(&old);
+	nats_restore_signals(&old);
 
 	if (s != NATS_OK && s != NATS_NOT_YET_CONNECTED)
 	{
 		set_down("connect failed", s);
-		nats_producer_stop();
+		nats_client_stop();
 		return false;
 	}
 	if (s == NATS_NOT_YET_CONNECTED)
 		set_down("not reachable, retrying", s);
 	else
-		eb_set_producer_state(EB_TRANSPORT_NATS, EB_BROKER_CONNECTED, eb_nats_url);
+		eb_set_broker_state(EB_TRANSPORT_NATS, EB_BROKER_CONNECTED, eb_nats_url);
 	return true;
 }
 
-/* Close the connection; unacknowledged events stay in the outbox. */
+/* Close the connection; unacknowledged events stay in the outbox / stream. */
 void
-nats_producer_stop(void)
+nats_client_stop(void)
 {
 	sigset_t	old;
 
-	block_signals(&old);
-	if (js)
-		jsCtx_Destroy(js);
-	if (conn)
-		natsConnection_Destroy(conn);
+	nats_block_signals(&old);
+	if (eb_js)
+		jsCtx_Destroy(eb_js);
+	if (eb_nats_conn)
+		natsConnection_Destroy(eb_nats_conn);
 	if (opts)
 		natsOptions_Destroy(opts);
-	restore_signals(&old);
-	js = NULL;
-	conn = NULL;
+	nats_restore_signals(&old);
+	eb_js = NULL;
+	eb_nats_conn = NULL;
 	opts = NULL;
 
 	pthread_mutex_lock(&ack_mutex);
@@ -254,6 +254,25 @@ nats_library_close(void)
 	library_opened = false;
 }
 
+/* Track the connection state (log once per change). */
+void
+nats_poll_state(void)
+{
+	if (eb_nats_conn == NULL)
+		return;
+
+	if (natsConnection_Status(eb_nats_conn) == NATS_CONN_STATUS_CONNECTED)
+		eb_set_broker_state(EB_TRANSPORT_NATS, EB_BROKER_CONNECTED, eb_nats_url);
+	else
+	{
+		char		detail[EB_DETAIL_LEN];
+
+		snprintf(detail, sizeof(detail), "%s: not connected (attempt %d)", eb_nats_url,
+				 __atomic_load_n(&reconnect_attempts, __ATOMIC_RELAXED));
+		eb_set_broker_state(EB_TRANSPORT_NATS, EB_BROKER_DOWN, detail);
+	}
+}
+
 /* Track connection state and hand finished acks to the relay. */
 void
 nats_producer_poll(void)
@@ -263,19 +282,9 @@ nats_producer_poll(void)
 	int			ndone = 0;
 	char		error[EB_DETAIL_LEN];
 
-	if (conn == NULL)
+	if (eb_nats_conn == NULL)
 		return;
-
-	if (natsConnection_Status(conn) == NATS_CONN_STATUS_CONNECTED)
-		eb_set_producer_state(EB_TRANSPORT_NATS, EB_BROKER_CONNECTED, eb_nats_url);
-	else
-	{
-		char		detail[EB_DETAIL_LEN];
-
-		snprintf(detail, sizeof(detail), "%s: not connected (attempt %d)", eb_nats_url,
-				 __atomic_load_n(&reconnect_attempts, __ATOMIC_RELAXED));
-		eb_set_producer_state(EB_TRANSPORT_NATS, EB_BROKER_DOWN, detail);
-	}
+	nats_poll_state();
 
 	pthread_mutex_lock(&ack_mutex);
 	if (!acks.active || acks.n == 0)
@@ -304,9 +313,9 @@ nats_producer_poll(void)
 }
 
 bool
-nats_producer_connected(void)
+nats_connected(void)
 {
-	return conn != NULL && natsConnection_Status(conn) == NATS_CONN_STATUS_CONNECTED;
+	return eb_nats_conn != NULL && natsConnection_Status(eb_nats_conn) == NATS_CONN_STATUS_CONNECTED;
 }
 
 /* Prepare the ack table for a round of n events (before any publish). */
@@ -350,12 +359,12 @@ nats_publish_abandon(void)
 	acks.active = false;
 	pthread_mutex_unlock(&ack_mutex);
 
-	if (js == NULL)
+	if (eb_js == NULL)
 		return;
-	block_signals(&old);
-	if (js_PublishAsyncGetPendingList(&pending, js) == NATS_OK)
+	nats_block_signals(&old);
+	if (js_PublishAsyncGetPendingList(&pending, eb_js) == NATS_OK)
 		natsMsgList_Destroy(&pending);
-	restore_signals(&old);
+	nats_restore_signals(&old);
 }
 
 /* Stream name for a topic: EVENTBUS_<topic with '.' as '_'>_<fnv1a hex>. */
@@ -379,8 +388,8 @@ stream_name(const char *topic, char *buf, size_t len)
  * unconsumed events: limits retention without limits, and DiscardNew so a
  * limit added later rejects new events instead of dropping old ones.
  */
-static bool
-ensure_stream(const char *topic, char **errmsg)
+bool
+nats_ensure_stream(const char *topic, char **errmsg)
 {
 	jsStreamConfig cfg;
 	jsStreamInfo *si = NULL;
@@ -417,11 +426,11 @@ ensure_stream(const char *topic, char **errmsg)
 	cfg.MaxMsgsPerSubject = -1;
 	cfg.Duplicates = DUPLICATE_WINDOW_NS;
 
-	block_signals(&old);
-	s = js_AddStream(&si, js, &cfg, NULL, &jerr);
+	nats_block_signals(&old);
+	s = js_AddStream(&si, eb_js, &cfg, NULL, &jerr);
 	if (si)
 		jsStreamInfo_Destroy(si);
-	restore_signals(&old);
+	nats_restore_signals(&old);
 
 	if (s != NATS_OK && jerr != JSStreamSubjectOverlapErr && jerr != JSStreamNameExistErr)
 	{
@@ -448,12 +457,12 @@ nats_publish(const EbEvent *ev, const char *value, size_t len, int slot, char **
 	natsStatus	s;
 	sigset_t	old;
 
-	if (js == NULL)
+	if (eb_js == NULL)
 	{
 		*errmsg = "NATS connection not running";
 		return false;
 	}
-	if (!ensure_stream(ev->topic, errmsg))
+	if (!nats_ensure_stream(ev->topic, errmsg))
 		return false;
 
 	s = natsMsg_Create(&msg, ev->topic, NULL, value, (int) len);
@@ -464,9 +473,9 @@ nats_publish(const EbEvent *ev, const char *value, size_t len, int slot, char **
 	}
 	if (s == NATS_OK)
 	{
-		block_signals(&old);
-		s = js_PublishMsgAsync(js, &msg, NULL);
-		restore_signals(&old);
+		nats_block_signals(&old);
+		s = js_PublishMsgAsync(eb_js, &msg, NULL);
+		nats_restore_signals(&old);
 	}
 	if (s != NATS_OK)
 	{

@@ -9,7 +9,6 @@
  */
 #include "postgres.h"
 
-#include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "commands/dbcommands.h"
 #include "executor/spi.h"
@@ -24,8 +23,6 @@
 PG_FUNCTION_INFO_V1(eventbus_publish);
 
 static SPIPlanPtr insert_plan = NULL;
-static bool xact_callback_registered = false;
-static bool wake_at_commit = false;
 
 #define INSERT_SQL \
 	"WITH v AS (" \
@@ -39,29 +36,6 @@ static bool wake_at_commit = false;
 	"  tenant_id, payload, headers)" \
 	" SELECT $11, $5, $1, $2, $3, COALESCE($6, v.version), pg_catalog.clock_timestamp()," \
 	"  $7, $8, $9, $4, $10 FROM v"
-
-/* Wake the relay once the publishing transaction has committed. */
-static void
-eb_xact_callback(XactEvent event, void *arg)
-{
-	switch (event)
-	{
-		case XACT_EVENT_COMMIT:
-		case XACT_EVENT_PARALLEL_COMMIT:
-			if (wake_at_commit)
-				eb_wake_relay();
-			wake_at_commit = false;
-			break;
-		case XACT_EVENT_ABORT:
-		case XACT_EVENT_PARALLEL_ABORT:
-		case XACT_EVENT_PREPARE:
-			/* A prepared transaction is found by the relay's periodic scan. */
-			wake_at_commit = false;
-			break;
-		default:
-			break;
-	}
-}
 
 /* ERROR with 22004 naming the field when a required argument is NULL. */
 static void
@@ -278,12 +252,7 @@ eventbus_publish(PG_FUNCTION_ARGS)
 		elog(ERROR, "eventbus outbox insert failed: %s", SPI_result_code_string(rc));
 	SPI_finish();
 
-	if (!xact_callback_registered)
-	{
-		RegisterXactCallback(eb_xact_callback, NULL);
-		xact_callback_registered = true;
-	}
-	wake_at_commit = true;
+	eb_wake_at_commit(true, false);
 
 	PG_RETURN_UUID_P(event_id);
 }

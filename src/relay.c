@@ -13,9 +13,6 @@
  */
 #include "postgres.h"
 
-#include <fcntl.h>
-#include <unistd.h>
-
 #include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
@@ -55,7 +52,6 @@ typedef struct Round
 } Round;
 
 static Round rounds[EB_NTRANSPORTS];
-static int	wakeup_pipe[2] = {-1, -1};
 static SPIPlanPtr select_plan = NULL;
 static SPIPlanPtr delete_plan = NULL;
 static SPIPlanPtr fail_plan = NULL;
@@ -71,57 +67,10 @@ static SPIPlanPtr fail_plan = NULL;
 	"UPDATE eventbus.outbox SET attempts = attempts + 1, last_error = $2" \
 	" WHERE id = ANY($1)"
 
-/* The read end of the pipe library threads write to, to wake the launcher. */
-int
-eb_wakeup_fd(void)
-{
-	return wakeup_pipe[0];
-}
-
-/*
- * Wake the launcher from any thread.  Only write(2): safe in library
- * threads, which must never call PostgreSQL.
- */
-void
-eb_wakeup_signal(void)
-{
-	char		c = 1;
-
-	/* EAGAIN means the pipe is full: the launcher is woken anyway. */
-	if (wakeup_pipe[1] >= 0 && write(wakeup_pipe[1], &c, 1) < 0)
-		return;
-}
-
-/* The write end, for librdkafka's queue event. */
-int
-eb_wakeup_write_fd(void)
-{
-	return wakeup_pipe[1];
-}
-
-/* Empty the wakeup pipe. */
-void
-eb_wakeup_drain(void)
-{
-	char		buf[256];
-
-	while (read(wakeup_pipe[0], buf, sizeof(buf)) > 0)
-		;
-}
-
-/* Set up the pipe and memory; called once by the launcher. */
+/* Set up memory; called once by the launcher. */
 void
 relay_init(void)
 {
-	if (pipe(wakeup_pipe) != 0 ||
-		fcntl(wakeup_pipe[0], F_SETFL, O_NONBLOCK) != 0 ||
-		fcntl(wakeup_pipe[1], F_SETFL, O_NONBLOCK) != 0 ||
-		fcntl(wakeup_pipe[0], F_SETFD, FD_CLOEXEC) != 0 ||
-		fcntl(wakeup_pipe[1], F_SETFD, FD_CLOEXEC) != 0)
-		ereport(ERROR,
-				(errcode_for_file_access(),
-				 errmsg("eventbus: could not create wakeup pipe: %m")));
-
 	for (int t = 0; t < EB_NTRANSPORTS; t++)
 		rounds[t].cxt = AllocSetContextCreate(TopMemoryContext, "eventbus relay round",
 											  ALLOCSET_DEFAULT_SIZES);
@@ -157,9 +106,9 @@ stop_client(int t)
 	if (!r->client_up)
 		return;
 	if (t == EB_TRANSPORT_KAFKA)
-		kafka_producer_stop();
+		kafka_client_stop();
 	else
-		nats_producer_stop();
+		nats_client_stop();
 	r->client_up = false;
 	if (r->client_config)
 		pfree(r->client_config);
@@ -175,7 +124,7 @@ relay_shutdown(void)
 	{
 		stop_client(t);
 		if (eb_shared)
-			eb_set_producer_state(t, EB_BROKER_OFF, "");
+			eb_set_broker_state(t, EB_BROKER_OFF, "");
 	}
 }
 
@@ -437,9 +386,9 @@ finish_round(int t, Round *r)
 	{
 		r->backoff_ms = Min(Max(r->backoff_ms * 2, 200), 10000);
 		r->next_try = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), r->backoff_ms);
-		eb_set_producer_state(t, t == EB_TRANSPORT_KAFKA && !kafka_producer_connected() ?
-							  EB_BROKER_DOWN : eb_shared->producer[t].state,
-							  r->first_error);
+		eb_set_broker_state(t, t == EB_TRANSPORT_KAFKA && !kafka_connected() ?
+							EB_BROKER_DOWN : eb_shared->producer[t].state,
+							r->first_error);
 	}
 	else
 	{
@@ -471,7 +420,7 @@ step_transport(int t)
 	if (!eb_transport_configured(t))
 	{
 		stop_client(t);
-		eb_set_producer_state(t, EB_BROKER_OFF, "");
+		eb_set_broker_state(t, EB_BROKER_OFF, "");
 		return 1000;
 	}
 
@@ -484,7 +433,7 @@ step_transport(int t)
 	}
 	if (!r->client_up)
 	{
-		r->client_up = kafka ? kafka_producer_start() : nats_producer_start();
+		r->client_up = kafka ? kafka_producer_start() : nats_client_start("eventbus relay");
 		if (!r->client_up)
 			return 1000;
 		r->client_config = MemoryContextStrdup(TopMemoryContext, config);
@@ -494,7 +443,7 @@ step_transport(int t)
 	if (kafka)
 	{
 		kafka_producer_poll();
-		if (kafka_producer_fatal())
+		if (kafka_fatal())
 		{
 			/* The idempotent producer cannot continue: start a new one. */
 			stop_client(t);
@@ -520,7 +469,7 @@ step_transport(int t)
 
 	if (r->next_try != 0 && GetCurrentTimestamp() < r->next_try)
 		return Max(ms_until(r->next_try), 1);
-	if (!(kafka ? kafka_producer_connected() : nats_producer_connected()))
+	if (!(kafka ? kafka_connected() : nats_connected()))
 		return kafka ? 200 : 1000;
 
 	start_round(t, r);

@@ -4,6 +4,7 @@
  */
 #include "postgres.h"
 
+#include "access/htup_details.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "funcapi.h"
@@ -35,15 +36,23 @@ eb_broker_state_name(EbBrokerState state)
 	return "unknown";
 }
 
+/* Broker rows this process reports into (launcher: producer, dispatcher: consumer). */
+EbBrokerStatus *eb_broker_slots = NULL;
+const char *eb_log_prefix = "eventbus";
+
 /*
- * Record a producer's connection state; log once per change, never per
+ * Record a broker client's connection state; log once per change, never per
  * attempt, so an outage does not flood the server log.
  */
 void
-eb_set_producer_state(int transport, EbBrokerState state, const char *detail)
+eb_set_broker_state(int transport, EbBrokerState state, const char *detail)
 {
-	EbBrokerStatus *st = &eb_shared->producer[transport];
+	EbBrokerStatus *st;
 	bool		changed;
+
+	if (eb_broker_slots == NULL)
+		return;
+	st = &eb_broker_slots[transport];
 
 	SpinLockAcquire(&eb_shared->mutex);
 	changed = st->state != state;
@@ -60,12 +69,12 @@ eb_set_producer_state(int transport, EbBrokerState state, const char *detail)
 		return;
 	if (state == EB_BROKER_DOWN)
 		ereport(LOG,
-				(errmsg("eventbus: %s is unreachable, retrying with backoff",
-						eb_transport_name(transport)),
+				(errmsg("%s: %s is unreachable, retrying with backoff",
+						eb_log_prefix, eb_transport_name(transport)),
 				 detail ? errdetail("%s", detail) : 0));
 	else
 		ereport(LOG,
-				(errmsg("eventbus: %s %s", eb_transport_name(transport),
+				(errmsg("%s: %s %s", eb_log_prefix, eb_transport_name(transport),
 						eb_broker_state_name(state)),
 				 detail ? errdetail("%s", detail) : 0));
 }
@@ -90,6 +99,48 @@ count_backlog(int64 backlog[EB_NTRANSPORTS])
 
 		if (t >= 0)
 			backlog[t] = DatumGetInt64(n);
+	}
+	SPI_finish();
+}
+
+/* One row per subscription: handled / dead-lettered counts and lag. */
+static void
+add_subscription_rows(ReturnSetInfo *rsinfo, EbShared *snap)
+{
+	Datum		values[STATUS_COLS];
+	bool		nulls[STATUS_COLS];
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	if (SPI_execute("SELECT s.id, s.transport, s.topic || ' -> ' || s.handler::text, s.created_at,"
+					" (SELECT count(*) FROM eventbus.inbox i WHERE i.subscription_id = s.id AND i.outcome = 'handled'),"
+					" (SELECT count(*) FROM eventbus.dead_letters d WHERE d.subscription_id = s.id AND d.replayed_at IS NULL)"
+					" FROM eventbus.subscriptions s ORDER BY s.id", true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "could not read subscriptions");
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	t = SPI_tuptable->vals[i];
+		TupleDesc	d = SPI_tuptable->tupdesc;
+		bool		isnull;
+		int64		id = DatumGetInt64(SPI_getbinval(t, d, 1, &isnull));
+
+		memset(nulls, false, sizeof(nulls));
+		values[0] = CStringGetTextDatum(psprintf("subscription " INT64_FORMAT, id));
+		nulls[1] = true;
+		values[2] = CStringGetTextDatum(SPI_getvalue(t, d, 2));
+		values[3] = CStringGetTextDatum(snap->dispatcher_pid ? "active" : "inactive");
+		values[4] = SPI_getbinval(t, d, 4, &isnull);
+		values[5] = CStringGetTextDatum(SPI_getvalue(t, d, 3));
+		nulls[6] = true;
+		for (int k = 0; k < snap->nsubs; k++)
+			if (snap->subs[k].id == id)
+			{
+				values[6] = Int64GetDatum(snap->subs[k].lag);
+				nulls[6] = false;
+			}
+		values[7] = SPI_getbinval(t, d, 5, &isnull);
+		values[8] = SPI_getbinval(t, d, 6, &isnull);
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 	}
 	SPI_finish();
 }
@@ -154,6 +205,63 @@ eventbus_status(PG_FUNCTION_ARGS)
 		values[8] = Int64GetDatum((int64) st->failed);
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 	}
+
+	/* The dispatcher and its consumers. */
+	memset(nulls, true, sizeof(nulls));
+	values[0] = CStringGetTextDatum("dispatcher");
+	nulls[0] = false;
+	if (snap.dispatcher_pid != 0)
+	{
+		values[1] = Int32GetDatum(snap.dispatcher_pid);
+		nulls[1] = false;
+		values[4] = TimestampTzGetDatum(snap.dispatcher_since);
+		nulls[4] = false;
+	}
+	values[3] = CStringGetTextDatum(snap.dispatcher_pid ? "running" : "stopped");
+	nulls[3] = false;
+	tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	for (int t = 0; t < EB_NTRANSPORTS; t++)
+	{
+		EbBrokerStatus *st = &snap.consumer[t];
+
+		memset(nulls, true, sizeof(nulls));
+		values[0] = CStringGetTextDatum("dispatcher");
+		nulls[0] = false;
+		values[1] = Int32GetDatum(snap.dispatcher_pid);
+		nulls[1] = snap.dispatcher_pid == 0;
+		values[2] = CStringGetTextDatum(eb_transport_name(t));
+		nulls[2] = false;
+		values[3] = CStringGetTextDatum(eb_broker_state_name(snap.dispatcher_pid ? st->state : EB_BROKER_OFF));
+		nulls[3] = false;
+		values[4] = TimestampTzGetDatum(st->since);
+		nulls[4] = st->since == 0;
+		values[5] = CStringGetTextDatum(st->detail);
+		nulls[5] = st->detail[0] == '\0';
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+
+	/* Pool workers. */
+	for (int w = 0; w < snap.nworkers && snap.dispatcher_pid; w++)
+	{
+		EbWorkerStatus *ws = &snap.workers[w];
+
+		memset(nulls, false, sizeof(nulls));
+		values[0] = CStringGetTextDatum(psprintf("worker %d", w));
+		values[1] = Int32GetDatum(ws->pid);
+		nulls[1] = ws->pid == 0;
+		nulls[2] = true;
+		values[3] = CStringGetTextDatum(ws->pid ? "running" : "starting");
+		values[4] = TimestampTzGetDatum(ws->since);
+		nulls[4] = ws->since == 0;
+		values[5] = CStringGetTextDatum(psprintf("dead-lettered " UINT64_FORMAT, ws->dead_lettered));
+		values[6] = Int64GetDatum(ws->queued);
+		values[7] = Int64GetDatum((int64) ws->processed);
+		values[8] = Int64GetDatum((int64) ws->failed);
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+
+	/* Subscriptions, with counts from the inbox and lag from the dispatcher. */
+	add_subscription_rows(rsinfo, &snap);
 
 	return (Datum) 0;
 }

@@ -1,0 +1,721 @@
+/*
+ * dispatcher.c — the eventbus dispatcher background worker: runs the Kafka
+ * and NATS consumers, decodes messages (quarantining malformed ones), and
+ * feeds the global keyed-worker pool through shared-memory queues, routing
+ * by hash of the aggregate id so one aggregate is always handled by one
+ * worker, in order.  A message is finished — Kafka completion point
+ * advanced, JetStream message acked — only when every subscription's
+ * handler for it committed (or dead-lettered it).
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "common/hashfn.h"
+#include "executor/spi.h"
+#include "mb/pg_wchar.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/dsm.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "storage/proc.h"
+#include "storage/shm_mq.h"
+#include "storage/shm_toc.h"
+#include "tcop/tcopprot.h"
+#include "utils/builtins.h"
+#include "utils/hsearch.h"
+#include "utils/json.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+
+#include "eventbus.h"
+
+/* Messages received and not yet finished, at most (backpressure). */
+#define MAX_IN_FLIGHT	10000
+
+/* A subscription, as loaded from eventbus.subscriptions. */
+typedef struct Sub
+{
+	int64		id;
+	char	   *topic;
+	int			transport;
+	Oid			handler;
+	Oid			role;
+	int32		max_attempts;
+	int64		in_flight;
+} Sub;
+
+/* One received message until it is finished. */
+typedef struct Delivery
+{
+	int			transport;
+	void	   *token;			/* consumer's handle */
+	int			pending;		/* work items not yet completed */
+} Delivery;
+
+/* A work item in flight: its tag maps back to message and subscription. */
+typedef struct ItemRef
+{
+	uint64		tag;
+	Delivery   *delivery;
+	int64		subscription_id;
+	int			worker;
+} ItemRef;
+
+/* A malformed message waiting to be written to eventbus.quarantine. */
+typedef struct Quarantined
+{
+	Delivery   *delivery;
+	int			transport;
+	char	   *topic;
+	int32		partition;
+	int64		offset;
+	uint64		stream_seq;
+	bytea	   *key;
+	char	   *headers;
+	bytea	   *raw;
+	const char *reason;
+} Quarantined;
+
+static int	nworkers;
+static dsm_segment *seg;
+static shm_mq_handle **toq;
+static shm_mq_handle **fromq;
+static BackgroundWorkerHandle **whandles;
+static List **unsent;			/* per worker: encoded items shm_mq could not take yet */
+static int *queued;				/* per worker: items sent and not completed */
+
+static Sub *subs = NULL;
+static int	nsubs = 0;
+static uint64 subs_generation = 0;
+static TimestampTz subs_loaded_at = 0;
+
+static HTAB *items;				/* tag -> ItemRef */
+static uint64 next_tag = 1;
+static int	in_flight = 0;
+static List *quarantine = NIL;
+static MemoryContext msg_cxt;	/* deliveries, unsent items, quarantine */
+static bool kafka_up = false;
+static bool nats_up = false;
+
+/* Is s in a list of C strings? */
+bool
+eb_string_member(List *list, const char *s)
+{
+	ListCell   *lc;
+
+	foreach(lc, list)
+		if (strcmp(lfirst(lc), s) == 0)
+			return true;
+	return false;
+}
+
+/* Finish a message: commit point / ack. */
+static void
+finish(Delivery *d)
+{
+	if (d->transport == EB_TRANSPORT_KAFKA)
+		kafka_consumer_done(d->token);
+	else
+		nats_consumer_done(d->token);
+	pfree(d);
+	in_flight--;
+}
+
+/* Hand an encoded item to worker w, keeping order behind anything unsent. */
+static void
+send_to(int w, StringInfo buf)
+{
+	if (unsent[w] == NIL)
+	{
+		shm_mq_result res = shm_mq_send(toq[w], buf->len, buf->data, true, true);
+
+		if (res == SHM_MQ_SUCCESS)
+		{
+			pfree(buf->data);
+			pfree(buf);
+			return;
+		}
+		if (res == SHM_MQ_DETACHED)
+			ereport(ERROR, (errmsg("eventbus: pool worker %d is gone, restarting the pool", w)));
+	}
+	/* Would block: shm_mq needs the very same message again later. */
+	unsent[w] = lappend(unsent[w], buf);
+}
+
+/* Retry unsent items in order. */
+static void
+flush_unsent(void)
+{
+	for (int w = 0; w < nworkers; w++)
+	{
+		while (unsent[w] != NIL)
+		{
+			StringInfo	buf = linitial(unsent[w]);
+			shm_mq_result res = shm_mq_send(toq[w], buf->len, buf->data, true, true);
+
+			if (res == SHM_MQ_WOULD_BLOCK)
+				break;
+			if (res == SHM_MQ_DETACHED)
+				ereport(ERROR, (errmsg("eventbus: pool worker %d is gone, restarting the pool", w)));
+			unsent[w] = list_delete_first(unsent[w]);
+			pfree(buf->data);
+			pfree(buf);
+		}
+	}
+}
+
+/* Header lookup over an EbInbound's headers (for the aggregate id). */
+static const char *
+inbound_header(void *arg, const char *name)
+{
+	EbInbound  *in = arg;
+
+	for (int i = 0; i < in->nheaders; i++)
+		if (pg_strcasecmp(in->header_names[i], name) == 0)
+			return in->header_values[i];
+	return NULL;
+}
+
+/* A bytea copy of bytes. */
+static bytea *
+to_bytea(const char *data, size_t len)
+{
+	bytea	   *b = palloc(VARHDRSZ + len);
+
+	SET_VARSIZE(b, VARHDRSZ + len);
+	if (len > 0)
+		memcpy(VARDATA(b), data, len);
+	return b;
+}
+
+/* Headers as a JSON object (for quarantine rows). */
+static char *
+headers_object(EbInbound *in)
+{
+	StringInfoData buf;
+
+	if (in->nheaders == 0)
+		return NULL;
+	initStringInfo(&buf);
+	appendStringInfoChar(&buf, '{');
+	for (int i = 0; i < in->nheaders; i++)
+	{
+		/* Header bytes may not be valid UTF-8: keep them out of jsonb then. */
+		if (!pg_verify_mbstr(PG_UTF8, in->header_values[i], strlen(in->header_values[i]), true) ||
+			!pg_verify_mbstr(PG_UTF8, in->header_names[i], strlen(in->header_names[i]), true))
+			continue;
+		if (buf.len > 1)
+			appendStringInfoChar(&buf, ',');
+		escape_json(&buf, in->header_names[i]);
+		appendStringInfoChar(&buf, ':');
+		escape_json(&buf, in->header_values[i]);
+	}
+	appendStringInfoChar(&buf, '}');
+	return buf.data;
+}
+
+/*
+ * Take one inbound message: decode it, then either queue it for quarantine
+ * or send one work item per matching subscription to the worker its
+ * aggregate hashes to.
+ */
+void
+dispatch_message(EbInbound *in)
+{
+	MemoryContext old = MemoryContextSwitchTo(msg_cxt);
+	Delivery   *d = palloc0(sizeof(Delivery));
+	EbEvent		ev;
+	const char *reason;
+
+	d->transport = in->transport;
+	d->token = in->token;
+	in_flight++;
+
+	reason = eb_envelope_decode(in->data, in->len, in->key, in->keylen,
+								inbound_header, in, &ev);
+	if (reason != NULL)
+	{
+		Quarantined *q = palloc0(sizeof(Quarantined));
+
+		q->delivery = d;
+		q->transport = in->transport;
+		q->topic = pstrdup(in->topic);
+		q->partition = in->partition;
+		q->offset = in->offset;
+		q->stream_seq = in->stream_seq;
+		q->key = in->key ? to_bytea(in->key, in->keylen) : NULL;
+		q->headers = headers_object(in);
+		q->raw = to_bytea(in->data, in->len);
+		q->reason = reason;
+		quarantine = lappend(quarantine, q);
+		MemoryContextSwitchTo(old);
+		return;
+	}
+
+	ev.topic = pstrdup(in->topic);
+	ev.nheaders = in->nheaders;
+	ev.header_names = in->header_names;
+	ev.header_values = in->header_values;
+	{
+		int			w = (int) (hash_bytes((const unsigned char *) ev.aggregate_id,
+										  strlen(ev.aggregate_id)) % (uint32) nworkers);
+
+		for (int i = 0; i < nsubs; i++)
+		{
+			EbWorkItem	item;
+			StringInfo	buf;
+			ItemRef    *ref;
+			bool		found;
+
+			if (subs[i].transport != in->transport || strcmp(subs[i].topic, in->topic) != 0)
+				continue;
+			memset(&item, 0, sizeof(item));
+			item.tag = next_tag++;
+			item.subscription_id = subs[i].id;
+			item.handler = subs[i].handler;
+			item.role = subs[i].role;
+			item.max_attempts = subs[i].max_attempts;
+			item.transport = in->transport;
+			item.ev = ev;
+
+			ref = hash_search(items, &item.tag, HASH_ENTER, &found);
+			ref->delivery = d;
+			ref->subscription_id = subs[i].id;
+			ref->worker = w;
+			d->pending++;
+			queued[w]++;
+			subs[i].in_flight++;
+
+			buf = makeStringInfo();
+			eb_workitem_encode(buf, &item);
+			send_to(w, buf);
+		}
+	}
+	MemoryContextSwitchTo(old);
+
+	/* No subscription (any more) for it: nothing to do. */
+	if (d->pending == 0)
+		finish(d);
+}
+
+/* Write queued malformed messages to eventbus.quarantine, then finish them. */
+static void
+flush_quarantine(void)
+{
+	ListCell   *lc;
+	Oid			types[10] = {TEXTOID, TEXTOID, INT4OID, INT8OID, INT8OID, BYTEAOID, JSONBOID, BYTEAOID, TEXTOID};
+
+	if (quarantine == NIL)
+		return;
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	PushActiveSnapshot(GetTransactionSnapshot());
+	foreach(lc, quarantine)
+	{
+		Quarantined *q = lfirst(lc);
+		Datum		v[9];
+		char		n[9];
+		bool		kafka = q->transport == EB_TRANSPORT_KAFKA;
+
+		memset(n, ' ', sizeof(n));
+		v[0] = CStringGetTextDatum(eb_transport_name(q->transport));
+		v[1] = CStringGetTextDatum(q->topic);
+		v[2] = Int32GetDatum(q->partition);
+		n[2] = kafka ? ' ' : 'n';
+		v[3] = Int64GetDatum(q->offset);
+		n[3] = kafka ? ' ' : 'n';
+		v[4] = Int64GetDatum((int64) q->stream_seq);
+		n[4] = kafka ? 'n' : ' ';
+		v[5] = PointerGetDatum(q->key);
+		n[5] = q->key ? ' ' : 'n';
+		v[6] = q->headers ? DirectFunctionCall1(jsonb_in, CStringGetDatum(q->headers)) : (Datum) 0;
+		n[6] = q->headers ? ' ' : 'n';
+		v[7] = PointerGetDatum(q->raw);
+		v[8] = CStringGetTextDatum(q->reason);
+		if (SPI_execute_with_args("INSERT INTO eventbus.quarantine (transport, topic, kafka_partition,"
+								  " kafka_offset, stream_sequence, message_key, headers, raw, reason)"
+								  " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+								  9, types, v, n, false, 0) != SPI_OK_INSERT)
+			elog(ERROR, "eventbus: could not write to eventbus.quarantine");
+		ereport(LOG,
+				(errmsg("eventbus: quarantined a message from %s topic %s: %s",
+						eb_transport_name(q->transport), q->topic, q->reason)));
+	}
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+
+	foreach(lc, quarantine)
+		finish(((Quarantined *) lfirst(lc))->delivery);
+	list_free(quarantine);
+	quarantine = NIL;
+}
+
+/* Read completions from every worker. */
+static void
+drain_completions(void)
+{
+	for (int w = 0; w < nworkers; w++)
+	{
+		for (;;)
+		{
+			Size		len;
+			void	   *data;
+			shm_mq_result res = shm_mq_receive(fromq[w], &len, &data, true);
+			EbCompletion *c = data;
+
+			if (res == SHM_MQ_WOULD_BLOCK)
+				break;
+			if (res == SHM_MQ_DETACHED)
+				ereport(ERROR, (errmsg("eventbus: pool worker %d is gone, restarting the pool", w)));
+			for (Size i = 0; i < len / sizeof(EbCompletion); i++)
+			{
+				ItemRef    *ref = hash_search(items, &c[i].tag, HASH_FIND, NULL);
+				Delivery   *d;
+
+				if (ref == NULL)
+					continue;
+				d = ref->delivery;
+				queued[ref->worker]--;
+				for (int s = 0; s < nsubs; s++)
+					if (subs[s].id == ref->subscription_id)
+						subs[s].in_flight--;
+				hash_search(items, &c[i].tag, HASH_REMOVE, NULL);
+				if (--d->pending == 0)
+					finish(d);
+			}
+		}
+	}
+}
+
+/* Load eventbus.subscriptions and (re)subscribe the consumers. */
+static void
+load_subscriptions(void)
+{
+	List	   *ktopics = NIL;
+	List	   *ntopics = NIL;
+	Sub		   *fresh;
+	int			n;
+	MemoryContext old;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	PushActiveSnapshot(GetTransactionSnapshot());
+	if (SPI_execute("SELECT id, topic, transport, handler::oid, role_id, max_attempts"
+					" FROM eventbus.subscriptions ORDER BY id", true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "eventbus: could not read subscriptions");
+	n = (int) SPI_processed;
+	old = MemoryContextSwitchTo(TopMemoryContext);
+	fresh = palloc0(sizeof(Sub) * Max(n, 1));
+	for (int i = 0; i < n; i++)
+	{
+		HeapTuple	t = SPI_tuptable->vals[i];
+		TupleDesc	d = SPI_tuptable->tupdesc;
+		bool		isnull;
+
+		fresh[i].id = DatumGetInt64(SPI_getbinval(t, d, 1, &isnull));
+		fresh[i].topic = SPI_getvalue(t, d, 2);
+		fresh[i].transport = eb_transport_from_name(SPI_getvalue(t, d, 3));
+		fresh[i].handler = DatumGetObjectId(SPI_getbinval(t, d, 4, &isnull));
+		fresh[i].role = DatumGetObjectId(SPI_getbinval(t, d, 5, &isnull));
+		fresh[i].max_attempts = DatumGetInt32(SPI_getbinval(t, d, 6, &isnull));
+		for (int j = 0; j < nsubs; j++)
+			if (subs[j].id == fresh[i].id)
+				fresh[i].in_flight = subs[j].in_flight;
+		if (fresh[i].transport == EB_TRANSPORT_KAFKA && !eb_string_member(ktopics, fresh[i].topic))
+			ktopics = lappend(ktopics, fresh[i].topic);
+		if (fresh[i].transport == EB_TRANSPORT_NATS && !eb_string_member(ntopics, fresh[i].topic))
+			ntopics = lappend(ntopics, fresh[i].topic);
+	}
+	MemoryContextSwitchTo(old);
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+
+	for (int j = 0; j < nsubs; j++)
+		pfree(subs[j].topic);
+	if (subs)
+		pfree(subs);
+	subs = fresh;
+	nsubs = n;
+	subs_loaded_at = GetCurrentTimestamp();
+
+	if (kafka_up)
+		kafka_consumer_set_topics(ktopics);
+	if (nats_up)
+		nats_consumer_set_topics(ntopics);
+	list_free(ktopics);
+	list_free(ntopics);
+}
+
+/* Start (or stop) the broker clients as configured. */
+static void
+manage_clients(void)
+{
+	if (!kafka_up && eb_transport_configured(EB_TRANSPORT_KAFKA))
+	{
+		kafka_up = kafka_consumer_start();
+		if (kafka_up)
+			subs_loaded_at = 0;	/* subscribe it */
+	}
+	if (!nats_up && eb_transport_configured(EB_TRANSPORT_NATS))
+	{
+		nats_up = nats_client_start("eventbus consumer");
+		if (nats_up)
+			subs_loaded_at = 0;
+	}
+	if (kafka_up)
+	{
+		kafka_probe();
+		if (kafka_fatal())
+		{
+			ereport(ERROR, (errmsg("eventbus: Kafka consumer failed, restarting the dispatcher")));
+		}
+	}
+	if (nats_up)
+		nats_poll_state();
+}
+
+/* Publish queue depths and lag for eventbus_status(). */
+static void
+report_status(void)
+{
+	SpinLockAcquire(&eb_shared->mutex);
+	for (int w = 0; w < nworkers; w++)
+		eb_shared->workers[w].queued = queued[w];
+	eb_shared->nsubs = Min(nsubs, EB_MAX_SUB_STATUS);
+	SpinLockRelease(&eb_shared->mutex);
+
+	for (int i = 0; i < nsubs && i < EB_MAX_SUB_STATUS; i++)
+	{
+		int64		waiting = subs[i].transport == EB_TRANSPORT_KAFKA ?
+			kafka_consumer_lag(subs[i].topic) : nats_consumer_lag(subs[i].topic);
+
+		SpinLockAcquire(&eb_shared->mutex);
+		eb_shared->subs[i].id = subs[i].id;
+		eb_shared->subs[i].lag = subs[i].in_flight + Max(waiting, 0);
+		SpinLockRelease(&eb_shared->mutex);
+	}
+}
+
+/* Create the queues and start the pool workers. */
+static void
+start_pool(void)
+{
+	shm_toc_estimator e;
+	Size		size;
+	shm_toc    *toc;
+	dsm_handle	handle;
+
+	nworkers = eb_workers;
+	shm_toc_initialize_estimator(&e);
+	for (int i = 0; i < nworkers; i++)
+	{
+		shm_toc_estimate_chunk(&e, EB_IN_QUEUE_SIZE);
+		shm_toc_estimate_chunk(&e, EB_OUT_QUEUE_SIZE);
+	}
+	shm_toc_estimate_keys(&e, 2 * nworkers);
+	size = shm_toc_estimate(&e);
+
+	seg = dsm_create(size, 0);
+	dsm_pin_mapping(seg);
+	toc = shm_toc_create(EB_SHM_MAGIC, dsm_segment_address(seg), size);
+	handle = dsm_segment_handle(seg);
+
+	toq = MemoryContextAllocZero(TopMemoryContext, sizeof(shm_mq_handle *) * nworkers);
+	fromq = MemoryContextAllocZero(TopMemoryContext, sizeof(shm_mq_handle *) * nworkers);
+	whandles = MemoryContextAllocZero(TopMemoryContext, sizeof(BackgroundWorkerHandle *) * nworkers);
+	unsent = MemoryContextAllocZero(TopMemoryContext, sizeof(List *) * nworkers);
+	queued = MemoryContextAllocZero(TopMemoryContext, sizeof(int) * nworkers);
+
+	SpinLockAcquire(&eb_shared->mutex);
+	eb_shared->nworkers = nworkers;
+	memset(eb_shared->workers, 0, sizeof(eb_shared->workers));
+	SpinLockRelease(&eb_shared->mutex);
+
+	for (int i = 0; i < nworkers; i++)
+	{
+		shm_mq	   *in = shm_mq_create(shm_toc_allocate(toc, EB_IN_QUEUE_SIZE), EB_IN_QUEUE_SIZE);
+		shm_mq	   *out = shm_mq_create(shm_toc_allocate(toc, EB_OUT_QUEUE_SIZE), EB_OUT_QUEUE_SIZE);
+		BackgroundWorker w;
+
+		shm_toc_insert(toc, EB_TOC_IN(i), in);
+		shm_toc_insert(toc, EB_TOC_OUT(i), out);
+		shm_mq_set_sender(in, MyProc);
+		shm_mq_set_receiver(out, MyProc);
+
+		memset(&w, 0, sizeof(w));
+		w.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+		w.bgw_start_time = BgWorkerStart_RecoveryFinished;
+		w.bgw_restart_time = BGW_NEVER_RESTART;
+		snprintf(w.bgw_library_name, BGW_MAXLEN, "eventbus");
+		snprintf(w.bgw_function_name, BGW_MAXLEN, "eventbus_worker_main");
+		snprintf(w.bgw_name, BGW_MAXLEN, "eventbus worker %d", i);
+		snprintf(w.bgw_type, BGW_MAXLEN, "eventbus worker");
+		w.bgw_main_arg = Int32GetDatum(i);
+		memcpy(w.bgw_extra, &handle, sizeof(handle));
+		w.bgw_notify_pid = MyProcPid;
+		if (!RegisterDynamicBackgroundWorker(&w, &whandles[i]))
+			ereport(ERROR,
+					(errcode(ERRCODE_INSUFFICIENT_RESOURCES),
+					 errmsg("eventbus: could not start pool worker %d", i),
+					 errhint("Raise max_worker_processes (the pool needs eventbus.workers + 2).")));
+		toq[i] = shm_mq_attach(in, seg, whandles[i]);
+		fromq[i] = shm_mq_attach(out, seg, whandles[i]);
+	}
+}
+
+/* Is every pool worker still there? */
+static bool
+pool_alive(void)
+{
+	for (int i = 0; i < nworkers; i++)
+	{
+		pid_t		pid;
+
+		if (GetBackgroundWorkerPid(whandles[i], &pid) == BGWH_STOPPED)
+			return false;
+	}
+	return true;
+}
+
+/* On exit: stop the pool and the consumers (durables and offsets kept). */
+static void
+dispatcher_exit(int code, Datum arg)
+{
+	for (int i = 0; i < nworkers; i++)
+		if (whandles && whandles[i])
+			TerminateBackgroundWorker(whandles[i]);
+	if (kafka_up)
+		kafka_client_stop();
+	if (nats_up)
+	{
+		nats_consumer_forget();
+		nats_client_stop();
+	}
+	nats_library_close();
+	SpinLockAcquire(&eb_shared->mutex);
+	eb_shared->dispatcher_pid = 0;
+	eb_shared->dispatcher_latch = NULL;
+	eb_shared->nsubs = 0;
+	for (int t = 0; t < EB_NTRANSPORTS; t++)
+		eb_shared->consumer[t].state = EB_BROKER_OFF;
+	SpinLockRelease(&eb_shared->mutex);
+}
+
+/* Main entry point of the dispatcher worker. */
+void
+eventbus_dispatcher_main(Datum main_arg)
+{
+	WaitEventSet *wes;
+	HASHCTL		ctl;
+
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, die);
+	BackgroundWorkerUnblockSignals();
+	BackgroundWorkerInitializeConnection(eb_database, NULL, 0);
+	pgstat_report_appname("eventbus dispatcher");
+
+	eb_broker_slots = eb_shared->consumer;
+	eb_log_prefix = "eventbus consumer";
+	SpinLockAcquire(&eb_shared->mutex);
+	eb_shared->dispatcher_pid = MyProcPid;
+	eb_shared->dispatcher_since = GetCurrentTimestamp();
+	eb_shared->dispatcher_latch = MyLatch;
+	subs_generation = eb_shared->subs_generation;
+	SpinLockRelease(&eb_shared->mutex);
+	before_shmem_exit(dispatcher_exit, (Datum) 0);
+
+	memset(&ctl, 0, sizeof(ctl));
+	ctl.keysize = sizeof(uint64);
+	ctl.entrysize = sizeof(ItemRef);
+	items = hash_create("eventbus work items", 1024, &ctl, HASH_ELEM | HASH_BLOBS);
+	msg_cxt = AllocSetContextCreate(TopMemoryContext, "eventbus dispatcher messages",
+									ALLOCSET_DEFAULT_SIZES);
+
+	eb_wakeup_init();
+	start_pool();
+
+	wes = CreateWaitEventSet(TopMemoryContext, 3);
+	AddWaitEventToSet(wes, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
+	AddWaitEventToSet(wes, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
+	AddWaitEventToSet(wes, WL_SOCKET_READABLE, eb_wakeup_fd(), NULL, NULL);
+
+	ereport(LOG, (errmsg("eventbus dispatcher started with %d pool workers", nworkers)));
+
+	for (;;)
+	{
+		WaitEvent	event;
+		long		timeout = 1000;
+		int			got = 0;
+		uint64		gen;
+
+		CHECK_FOR_INTERRUPTS();
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+		}
+		if (!pool_alive())
+			ereport(ERROR, (errmsg("eventbus: a pool worker exited, restarting the pool")));
+
+		manage_clients();
+
+		SpinLockAcquire(&eb_shared->mutex);
+		gen = eb_shared->subs_generation;
+		SpinLockRelease(&eb_shared->mutex);
+		if (gen != subs_generation ||
+			GetCurrentTimestamp() >= TimestampTzPlusMilliseconds(subs_loaded_at, 5000))
+		{
+			subs_generation = gen;
+			load_subscriptions();
+		}
+
+		drain_completions();
+		flush_unsent();
+
+		if (in_flight < MAX_IN_FLIGHT)
+		{
+			kafka_consumer_pause(false);
+			if (kafka_up)
+				got += kafka_consumer_poll(MAX_IN_FLIGHT - in_flight);
+			if (nats_up)
+				got += nats_consumer_poll(MAX_IN_FLIGHT - in_flight);
+		}
+		else
+		{
+			/*
+			 * Pool busy: stop fetching; nothing is dropped.  Keep serving the
+			 * consumer (rebalances); the few messages it had prefetched are
+			 * still taken.
+			 */
+			kafka_consumer_pause(true);
+			if (kafka_up)
+				got += kafka_consumer_poll(100);
+		}
+		flush_quarantine();
+		report_status();
+
+		if (got > 0)
+			timeout = 0;
+		else if (nats_up && nsubs > 0)
+			timeout = 50;		/* JetStream pull: fetch again shortly */
+
+		pgstat_report_activity(STATE_IDLE, NULL);
+		if (timeout > 0)
+		{
+			(void) WaitEventSetWait(wes, timeout, &event, 1, PG_WAIT_EXTENSION);
+			ResetLatch(MyLatch);
+			eb_wakeup_drain();
+		}
+	}
+}

@@ -1,0 +1,294 @@
+/*
+ * handler.c — run one subscribed handler for one event, effectively once.
+ *
+ * Each invocation runs in its own subtransaction of the caller's (pool
+ * worker's batch) transaction: claim the event in eventbus.inbox (a
+ * duplicate claim means it was handled before: skip), switch to the
+ * subscribing role, call the handler, switch back.  The inbox row commits
+ * with the handler's effects, or neither does.
+ */
+#include "postgres.h"
+
+#include "access/htup_details.h"
+#include "access/xact.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "utils/acl.h"
+#include "utils/builtins.h"
+#include "utils/json.h"
+#include "utils/jsonb.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/regproc.h"
+#include "utils/resowner.h"
+#include "utils/snapmgr.h"
+#include "utils/syscache.h"
+#include "utils/typcache.h"
+#include "utils/uuid.h"
+
+#include "eventbus.h"
+
+static SPIPlanPtr claim_plan = NULL;
+static SPIPlanPtr dead_plan = NULL;
+
+#define CLAIM_SQL \
+	"INSERT INTO eventbus.inbox (subscription_id, event_id, outcome)" \
+	" VALUES ($1, $2, 'handled') ON CONFLICT DO NOTHING"
+#define DEAD_SQL \
+	"WITH d AS (INSERT INTO eventbus.dead_letters" \
+	"  (subscription_id, envelope, error_message, error_sqlstate, attempts)" \
+	"  VALUES ($1, $2, $3, $4, $5))" \
+	" INSERT INTO eventbus.inbox (subscription_id, event_id, outcome)" \
+	" VALUES ($1, ($2).event_id, 'dead_lettered') ON CONFLICT DO NOTHING"
+
+/* OID of eventbus.envelope. */
+Oid
+eb_envelope_type(void)
+{
+	Oid			nsp = get_namespace_oid("eventbus", false);
+
+	return GetSysCacheOid2(TYPENAMENSP, Anum_pg_type_oid,
+						   CStringGetDatum("envelope"), ObjectIdGetDatum(nsp));
+}
+
+/* The event's headers as a JSON object text (NULL when none). */
+static char *
+headers_json(const EbEvent *ev)
+{
+	StringInfoData buf;
+
+	if (ev->nheaders == 0)
+		return NULL;
+	initStringInfo(&buf);
+	appendStringInfoChar(&buf, '{');
+	for (int i = 0; i < ev->nheaders; i++)
+	{
+		if (i > 0)
+			appendStringInfoChar(&buf, ',');
+		escape_json(&buf, ev->header_names[i]);
+		appendStringInfoChar(&buf, ':');
+		escape_json(&buf, ev->header_values[i]);
+	}
+	appendStringInfoChar(&buf, '}');
+	return buf.data;
+}
+
+/* Build the eventbus.envelope composite a handler receives. */
+static Datum
+make_envelope(const EbWorkItem *item)
+{
+	const EbEvent *ev = &item->ev;
+	TupleDesc	desc = lookup_rowtype_tupdesc(eb_envelope_type(), -1);
+	Datum		values[12];
+	bool		nulls[12];
+	char	   *hdrs = headers_json(ev);
+	HeapTuple	tuple;
+
+	memset(nulls, false, sizeof(nulls));
+	values[0] = DirectFunctionCall1(uuid_in, CStringGetDatum(ev->event_id));
+	values[1] = CStringGetTextDatum(ev->topic);
+	values[2] = CStringGetTextDatum(ev->aggregate_id);
+	values[3] = CStringGetTextDatum(ev->event_type);
+	values[4] = Int64GetDatum(ev->event_version);
+	values[5] = TimestampTzGetDatum(ev->occurred_at);
+	nulls[6] = ev->trace_id == NULL;
+	values[6] = ev->trace_id ? CStringGetTextDatum(ev->trace_id) : (Datum) 0;
+	nulls[7] = ev->correlation_id == NULL;
+	values[7] = ev->correlation_id ? CStringGetTextDatum(ev->correlation_id) : (Datum) 0;
+	nulls[8] = !ev->has_tenant;
+	values[8] = Int32GetDatum(ev->tenant_id);
+	values[9] = DirectFunctionCall1(jsonb_in, CStringGetDatum(ev->payload));
+	nulls[10] = hdrs == NULL;
+	values[10] = hdrs ? DirectFunctionCall1(jsonb_in, CStringGetDatum(hdrs)) : (Datum) 0;
+	values[11] = CStringGetTextDatum(eb_transport_name(item->transport));
+
+	tuple = heap_form_tuple(desc, values, nulls);
+	ReleaseTupleDesc(desc);
+	return HeapTupleGetDatum(tuple);
+}
+
+/*
+ * Call handler(envelope) as role, in a subtransaction of the current
+ * transaction.  On failure the subtransaction is rolled back, *error is set
+ * (allocated in the caller's memory context) and false returned.
+ */
+bool
+eb_handler_call(Oid handler, Oid role, Datum envelope, ErrorData **error)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	ResourceOwner owner = CurrentResourceOwner;
+	volatile bool ok = true;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(cxt);
+	PG_TRY();
+	{
+		Oid			save_uid;
+		int			save_sec;
+
+		if (pg_proc_aclcheck(handler, role, ACL_EXECUTE) != ACLCHECK_OK)
+			ereport(ERROR,
+					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+					 errmsg("permission denied for function %s", format_procedure(handler)),
+					 errdetail("The subscribing role %s lacks EXECUTE on the handler.",
+							   GetUserNameFromId(role, true) ? GetUserNameFromId(role, true) : "(dropped)")));
+
+		GetUserIdAndSecContext(&save_uid, &save_sec);
+		SetUserIdAndSecContext(role, save_sec | SECURITY_LOCAL_USERID_CHANGE);
+		PushActiveSnapshot(GetTransactionSnapshot());
+		OidFunctionCall1(handler, envelope);
+		PopActiveSnapshot();
+		SetUserIdAndSecContext(save_uid, save_sec);
+
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(cxt);
+		CurrentResourceOwner = owner;
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(cxt);
+		*error = CopyErrorData();
+		FlushErrorState();
+		/* Also restores the user id saved when the subtransaction began. */
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(cxt);
+		CurrentResourceOwner = owner;
+		ok = false;
+	}
+	PG_END_TRY();
+	return ok;
+}
+
+/* Run a statement of a kept plan. */
+static int
+exec_plan(SPIPlanPtr *plan, const char *sql, int nargs, Oid *types, Datum *values)
+{
+	int			rc;
+
+	if (*plan == NULL)
+	{
+		SPIPlanPtr	p = SPI_prepare(sql, nargs, types);
+
+		if (p == NULL)
+			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+		SPI_keepplan(p);
+		*plan = p;
+	}
+	rc = SPI_execute_plan(*plan, values, NULL, false, 0);
+	if (rc < 0)
+		elog(ERROR, "eventbus: statement failed: %s", SPI_result_code_string(rc));
+	return (int) SPI_processed;
+}
+
+/*
+ * Handle one work item effectively once: returns EB_OUTCOME_HANDLED,
+ * EB_OUTCOME_DUPLICATE, or -1 with *error set when the handler failed (its
+ * effects and the inbox claim rolled back together).
+ */
+int
+eb_handler_run(const EbWorkItem *item, ErrorData **error)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	ResourceOwner owner = CurrentResourceOwner;
+	Oid			types[2] = {INT8OID, UUIDOID};
+	Datum		args[2];
+	volatile int outcome = EB_OUTCOME_HANDLED;
+
+	args[0] = Int64GetDatum(item->subscription_id);
+	args[1] = DirectFunctionCall1(uuid_in, CStringGetDatum(item->ev.event_id));
+
+	/* The claim and the handler share one subtransaction. */
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(cxt);
+	PG_TRY();
+	{
+		int			claimed;
+
+		if (SPI_connect() != SPI_OK_CONNECT)
+			elog(ERROR, "SPI_connect failed");
+		PushActiveSnapshot(GetTransactionSnapshot());
+		claimed = exec_plan(&claim_plan, CLAIM_SQL, 2, types, args);
+		PopActiveSnapshot();
+		SPI_finish();
+
+		if (claimed == 0)
+			outcome = EB_OUTCOME_DUPLICATE;
+		else if (!eb_handler_call(item->handler, item->role, make_envelope(item), error))
+			outcome = -1;
+
+		if (outcome == -1)
+			RollbackAndReleaseCurrentSubTransaction();
+		else
+			ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(cxt);
+		CurrentResourceOwner = owner;
+	}
+	PG_CATCH();
+	{
+		/* The claim itself failed (e.g. subscription just removed). */
+		MemoryContextSwitchTo(cxt);
+		*error = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(cxt);
+		CurrentResourceOwner = owner;
+		outcome = -1;
+	}
+	PG_END_TRY();
+	return outcome;
+}
+
+/*
+ * Record an event whose handler failed max_attempts times, and mark it
+ * done in the inbox so a redelivery does not run it again.  Errors here
+ * (the subscription was removed meanwhile) are logged and the event dropped
+ * with it.
+ */
+void
+eb_dead_letter(const EbWorkItem *item, const ErrorData *error, int attempts)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	ResourceOwner owner = CurrentResourceOwner;
+	Oid			types[5] = {INT8OID, eb_envelope_type(), TEXTOID, TEXTOID, INT4OID};
+	Datum		args[5];
+
+	args[0] = Int64GetDatum(item->subscription_id);
+	args[1] = make_envelope(item);
+	args[2] = CStringGetTextDatum(error->message ? error->message : "unknown error");
+	args[3] = CStringGetTextDatum(unpack_sql_state(error->sqlerrcode));
+	args[4] = Int32GetDatum(attempts);
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(cxt);
+	PG_TRY();
+	{
+		if (SPI_connect() != SPI_OK_CONNECT)
+			elog(ERROR, "SPI_connect failed");
+		PushActiveSnapshot(GetTransactionSnapshot());
+		exec_plan(&dead_plan, DEAD_SQL, 5, types, args);
+		PopActiveSnapshot();
+		SPI_finish();
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(cxt);
+		CurrentResourceOwner = owner;
+	}
+	PG_CATCH();
+	{
+		ErrorData  *e;
+
+		MemoryContextSwitchTo(cxt);
+		e = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(cxt);
+		CurrentResourceOwner = owner;
+		ereport(WARNING,
+				(errmsg("eventbus: could not dead-letter event %s of subscription " INT64_FORMAT,
+						item->ev.event_id, item->subscription_id),
+				 errdetail("%s", e->message)));
+	}
+	PG_END_TRY();
+}

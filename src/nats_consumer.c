@@ -1,0 +1,271 @@
+/*
+ * nats_consumer.c — the dispatcher's JetStream consumers: one durable pull
+ * consumer per subscribed subject, fetched without waiting from the main
+ * thread.  A message is acked only after its handlers' transaction
+ * committed; durables are never deleted (a restart resumes where it
+ * stopped).
+ */
+#include "postgres.h"
+
+#include "utils/memutils.h"
+
+#include "eventbus.h"
+
+/* Redelivery after this long without an ack (a crashed dispatcher's messages). */
+#define ACK_WAIT_NS		((int64) 30 * 1000000000)
+#define MAX_ACK_PENDING 20000
+#define FETCH_MAX		256
+
+typedef struct NatsSub
+{
+	char	   *topic;
+	char	   *durable;
+	natsSubscription *sub;
+	int64		pending;		/* messages waiting in the stream (last known) */
+} NatsSub;
+
+static List *subs = NIL;		/* NatsSub * */
+
+/* Durable name: <consumer_group>_<subject with . as _>_<fnv1a hex>. */
+static char *
+durable_name(const char *topic)
+{
+	uint32		h = 2166136261u;
+	StringInfoData buf;
+
+	for (const char *p = topic; *p; p++)
+		h = (h ^ (unsigned char) *p) * 16777619u;
+	initStringInfo(&buf);
+	for (const char *p = eb_consumer_group; *p; p++)
+		appendStringInfoChar(&buf, (*p == '.' || *p == '*' || *p == '>' || *p == ' ') ? '_' : *p);
+	appendStringInfoChar(&buf, '_');
+	for (const char *p = topic; *p && buf.len < 200; p++)
+		appendStringInfoChar(&buf, *p == '.' ? '_' : *p);
+	appendStringInfo(&buf, "_%08x", h);
+	return buf.data;
+}
+
+/* Bind (creating if needed) the durable pull consumer of one subject. */
+static NatsSub *
+subscribe_topic(const char *topic)
+{
+	NatsSub    *ns;
+	jsSubOptions so;
+	jsErrCode	jerr = 0;
+	natsStatus	s;
+	char	   *err = NULL;
+	sigset_t	old;
+	MemoryContext mc = MemoryContextSwitchTo(TopMemoryContext);
+
+	ns = palloc0(sizeof(NatsSub));
+	ns->topic = pstrdup(topic);
+	ns->durable = durable_name(topic);
+	MemoryContextSwitchTo(mc);
+
+	if (!nats_ensure_stream(topic, &err))
+	{
+		ereport(WARNING, (errmsg("eventbus consumer: %s", err)));
+		return ns;				/* retried at the next subscription refresh */
+	}
+
+	jsSubOptions_Init(&so);
+	so.Config.Durable = ns->durable;
+	so.Config.AckPolicy = js_AckExplicit;
+	so.Config.DeliverPolicy = js_DeliverAll;
+	so.Config.AckWait = ACK_WAIT_NS;
+	so.Config.MaxAckPending = MAX_ACK_PENDING;
+	so.Config.MaxDeliver = -1;
+	so.Config.FilterSubject = ns->topic;
+
+	nats_block_signals(&old);
+	s = js_PullSubscribe(&ns->sub, eb_js, ns->topic, ns->durable, NULL, &so, &jerr);
+	nats_restore_signals(&old);
+	if (s != NATS_OK)
+	{
+		ereport(WARNING,
+				(errmsg("eventbus consumer: could not bind JetStream consumer %s for %s: %s",
+						ns->durable, ns->topic, natsStatus_GetText(s)),
+				 jerr ? errdetail("JetStream error %d", (int) jerr) : 0));
+		ns->sub = NULL;
+	}
+	return ns;
+}
+
+/* Release a subscription without deleting its durable. */
+static void
+release(NatsSub *ns)
+{
+	if (ns->sub)
+	{
+		sigset_t	old;
+
+		nats_block_signals(&old);
+		natsSubscription_Destroy(ns->sub);
+		nats_restore_signals(&old);
+	}
+	pfree(ns->topic);
+	pfree(ns->durable);
+	pfree(ns);
+}
+
+/* Consume exactly these subjects (and retry binds that failed). */
+void
+nats_consumer_set_topics(List *want)
+{
+	List	   *keep = NIL;
+	ListCell   *lc;
+
+	if (eb_js == NULL)
+		return;
+	foreach(lc, subs)
+	{
+		NatsSub    *ns = lfirst(lc);
+
+		if (eb_string_member(want, ns->topic) && ns->sub != NULL)
+			keep = lappend(keep, ns);
+		else
+			release(ns);
+	}
+	list_free(subs);
+	subs = NIL;
+	foreach(lc, keep)
+		subs = lappend(subs, lfirst(lc));
+	list_free(keep);
+
+	foreach(lc, want)
+	{
+		const char *topic = lfirst(lc);
+		bool		have = false;
+		ListCell   *lc2;
+
+		foreach(lc2, subs)
+			if (strcmp(((NatsSub *) lfirst(lc2))->topic, topic) == 0)
+				have = true;
+		if (!have)
+		{
+			MemoryContext mc = MemoryContextSwitchTo(TopMemoryContext);
+
+			subs = lappend(subs, subscribe_topic(topic));
+			MemoryContextSwitchTo(mc);
+		}
+	}
+}
+
+/* Forget all subscriptions (the connection is being closed). */
+void
+nats_consumer_forget(void)
+{
+	ListCell   *lc;
+
+	foreach(lc, subs)
+		release(lfirst(lc));
+	list_free(subs);
+	subs = NIL;
+}
+
+/* Hand one fetched message to the dispatcher (which now owns it). */
+static void
+deliver(NatsSub *ns, natsMsg *msg)
+{
+	EbInbound	in;
+	jsMsgMetaData *meta = NULL;
+	const char **keys = NULL;
+	int			nkeys = 0;
+
+	memset(&in, 0, sizeof(in));
+	in.transport = EB_TRANSPORT_NATS;
+	in.topic = ns->topic;
+	in.data = natsMsg_GetData(msg);
+	in.len = natsMsg_GetDataLength(msg);
+	in.token = msg;
+	if (natsMsg_GetMetaData(&meta, msg) == NATS_OK)
+	{
+		in.stream_seq = meta->Sequence.Stream;
+		ns->pending = (int64) meta->NumPending;
+		jsMsgMetaData_Destroy(meta);
+	}
+	if (natsMsgHeader_Keys(msg, &keys, &nkeys) == NATS_OK && nkeys > 0)
+	{
+		in.header_names = palloc(sizeof(char *) * nkeys);
+		in.header_values = palloc(sizeof(char *) * nkeys);
+		for (int i = 0; i < nkeys; i++)
+		{
+			const char *v = NULL;
+
+			if (natsMsgHeader_Get(msg, keys[i], &v) != NATS_OK || v == NULL)
+				continue;
+			in.header_names[in.nheaders] = pstrdup(keys[i]);
+			in.header_values[in.nheaders] = pstrdup(v);
+			in.nheaders++;
+		}
+		free((void *) keys);
+	}
+	dispatch_message(&in);
+}
+
+/* Fetch up to max messages across the subjects, without waiting. */
+int
+nats_consumer_poll(int max)
+{
+	int			n = 0;
+	ListCell   *lc;
+
+	if (eb_js == NULL || !nats_connected())
+		return 0;
+	foreach(lc, subs)
+	{
+		NatsSub    *ns = lfirst(lc);
+		jsFetchRequest req;
+		natsMsgList list = {0};
+		natsStatus	s;
+		sigset_t	old;
+
+		if (ns->sub == NULL || n >= max)
+			continue;
+		jsFetchRequest_Init(&req);
+		req.Batch = Min(max - n, FETCH_MAX);
+		req.NoWait = true;
+		nats_block_signals(&old);
+		s = natsSubscription_FetchRequest(&list, ns->sub, &req);
+		nats_restore_signals(&old);
+		if (s != NATS_OK)
+			continue;			/* nothing waiting (timeout / not found) or a lost connection */
+		for (int i = 0; i < list.Count; i++)
+		{
+			natsMsg    *msg = list.Msgs[i];
+
+			list.Msgs[i] = NULL;
+			deliver(ns, msg);
+			n++;
+		}
+		natsMsgList_Destroy(&list);
+	}
+	return n;
+}
+
+/* Handlers committed: acknowledge the message. */
+void
+nats_consumer_done(void *token)
+{
+	natsMsg    *msg = token;
+
+	if (natsMsg_Ack(msg, NULL) != NATS_OK)
+		ereport(DEBUG1, (errmsg("eventbus consumer: ack failed; JetStream will redeliver (the inbox skips it)")));
+	natsMsg_Destroy(msg);
+}
+
+/* Messages of the subject still in the stream for us (last known), -1 if unknown. */
+int64
+nats_consumer_lag(const char *topic)
+{
+	ListCell   *lc;
+
+	foreach(lc, subs)
+	{
+		NatsSub    *ns = lfirst(lc);
+
+		if (strcmp(ns->topic, topic) == 0)
+			return ns->pending;
+	}
+	return -1;
+}

@@ -1,0 +1,340 @@
+/*
+ * pool.c — a keyed-pool worker: receives work items from the dispatcher on
+ * its shm_mq, runs their handlers in batched transactions (a subtransaction
+ * per event), and reports completions on a second queue.
+ *
+ * Events of one (subscription, aggregate) arrive in order on one worker.
+ * When a handler fails, that key is parked: its event is retried after a
+ * backoff and its later events wait behind it, while every other key routed
+ * here keeps going.  After max_attempts the event is dead-lettered and the
+ * key moves on.
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "lib/ilist.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/dsm.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "storage/proc.h"
+#include "storage/shm_mq.h"
+#include "storage/shm_toc.h"
+#include "tcop/tcopprot.h"
+#include "utils/hsearch.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+
+#include "eventbus.h"
+
+#define BATCH_MAX	64			/* events per transaction */
+#define KEY_LEN		(EB_MAX_AGGREGATE_ID + 24)
+
+/* A work item waiting in a parked key's queue. */
+typedef struct Pending
+{
+	dlist_node	node;
+	MemoryContext cxt;			/* holds this struct and the item's strings */
+	EbWorkItem	item;
+	int			attempts;
+} Pending;
+
+/* A parked (subscription, aggregate): its events in order, head first. */
+typedef struct Parked
+{
+	char		key[KEY_LEN];
+	dlist_head	items;
+	TimestampTz retry_at;
+} Parked;
+
+static int	my_index;
+static shm_mq_handle *inq;
+static shm_mq_handle *outq;
+static HTAB *parked;
+static MemoryContext item_cxt;	/* parent of each item's own context */
+
+/* Key of an item: subscription and aggregate. */
+static void
+item_key(const EbWorkItem *item, char *key)
+{
+	memset(key, 0, KEY_LEN);
+	snprintf(key, KEY_LEN, INT64_FORMAT ":%s", item->subscription_id, item->ev.aggregate_id);
+}
+
+/* Backoff before retry n (1-based): 100 ms doubling, at most 5 s. */
+static int
+backoff_ms(int attempts)
+{
+	int			ms = 100;
+
+	for (int i = 1; i < attempts && ms < 5000; i++)
+		ms *= 2;
+	return Min(ms, 5000);
+}
+
+/* Update this worker's counters in shared memory. */
+static void
+count(int processed, int failed, int dead)
+{
+	EbWorkerStatus *w = &eb_shared->workers[my_index];
+
+	SpinLockAcquire(&eb_shared->mutex);
+	w->processed += processed;
+	w->failed += failed;
+	w->dead_lettered += dead;
+	SpinLockRelease(&eb_shared->mutex);
+}
+
+/* Send completions to the dispatcher (blocking: it always drains). */
+static void
+send_completions(EbCompletion *done, int n)
+{
+	shm_mq_result res;
+
+	if (n == 0)
+		return;
+	res = shm_mq_send(outq, sizeof(EbCompletion) * n, done, false, true);
+	if (res != SHM_MQ_SUCCESS)
+		proc_exit(0);			/* dispatcher gone: it will start a new pool */
+}
+
+/* Append a new item to a parked key (creating the entry). */
+static Parked *
+park(Pending *p)
+{
+	char		key[KEY_LEN];
+	bool		found;
+	Parked	   *k;
+
+	item_key(&p->item, key);
+	k = hash_search(parked, key, HASH_ENTER, &found);
+	if (!found)
+	{
+		dlist_init(&k->items);
+		k->retry_at = 0;
+	}
+	dlist_push_tail(&k->items, &p->node);
+	return k;
+}
+
+/*
+ * Process one batch in one transaction.  batch[] holds items in arrival
+ * order; an item whose key is parked (possibly by an earlier failure in this
+ * same batch) joins the parked queue instead of running.
+ */
+static void
+run_batch(Pending **batch, int n, bool from_parked)
+{
+	EbCompletion done[BATCH_MAX];
+	int			ndone = 0;
+	int			handled = 0;
+	int			failed = 0;
+	int			dead = 0;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	pgstat_report_activity(STATE_RUNNING, "eventbus: running handlers");
+
+	for (int i = 0; i < n; i++)
+	{
+		Pending    *p = batch[i];
+		char		key[KEY_LEN];
+		Parked	   *k;
+		ErrorData  *error = NULL;
+		int			outcome;
+
+		item_key(&p->item, key);
+		k = hash_search(parked, key, HASH_FIND, NULL);
+		/* Later events of a parked key wait behind its head. */
+		if (k && !(from_parked && dlist_head_node(&k->items) == &p->node))
+		{
+			if (!from_parked)
+				dlist_push_tail(&k->items, &p->node);
+			continue;
+		}
+
+		outcome = eb_handler_run(&p->item, &error);
+		if (outcome < 0)
+		{
+			p->attempts++;
+			failed++;
+			if (p->attempts >= p->item.max_attempts)
+			{
+				eb_dead_letter(&p->item, error, p->attempts);
+				outcome = EB_OUTCOME_DEAD_LETTERED;
+				dead++;
+			}
+			else
+			{
+				ereport(LOG,
+						(errmsg("eventbus: handler %u failed for event %s (attempt %d of %d), retrying",
+								p->item.handler, p->item.ev.event_id, p->attempts, p->item.max_attempts),
+						 errdetail("%s", error->message)));
+				if (!k)
+					k = park(p);
+				k->retry_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), backoff_ms(p->attempts));
+				continue;
+			}
+		}
+		else
+			handled++;
+
+		/* Done: leave the parked queue if it came from there. */
+		if (k)
+		{
+			dlist_delete(&p->node);
+			k->retry_at = 0;
+			if (dlist_is_empty(&k->items))
+				hash_search(parked, key, HASH_REMOVE, NULL);
+		}
+		done[ndone].tag = p->item.tag;
+		done[ndone].outcome = outcome;
+		ndone++;
+		MemoryContextDelete(p->cxt);
+	}
+
+	CommitTransactionCommand();
+	pgstat_report_activity(STATE_IDLE, NULL);
+	count(handled, failed, dead);
+	/* Only after commit: the dispatcher may now commit offsets / ack. */
+	send_completions(done, ndone);
+}
+
+/* Retry the heads of parked keys whose backoff has passed; returns ms to the next. */
+static long
+run_due_parked(void)
+{
+	HASH_SEQ_STATUS seq;
+	Parked	   *k;
+	Pending    *batch[BATCH_MAX];
+	int			n = 0;
+	TimestampTz now = GetCurrentTimestamp();
+	long		next = 1000;
+
+	hash_seq_init(&seq, parked);
+	while ((k = hash_seq_search(&seq)) != NULL)
+	{
+		if (k->retry_at <= now && n < BATCH_MAX)
+			batch[n++] = dlist_head_element(Pending, node, &k->items);
+		else if (k->retry_at > now)
+		{
+			long		secs;
+			int			usecs;
+
+			TimestampDifference(now, k->retry_at, &secs, &usecs);
+			next = Min(next, secs * 1000 + usecs / 1000 + 1);
+		}
+	}
+	if (n > 0)
+	{
+		run_batch(batch, n, true);
+		next = 0;
+	}
+	return next;
+}
+
+/* Read up to BATCH_MAX items without waiting; false if the dispatcher left. */
+static bool
+receive_batch(Pending **batch, int *n)
+{
+	*n = 0;
+	while (*n < BATCH_MAX)
+	{
+		Size		len;
+		void	   *data;
+		shm_mq_result res = shm_mq_receive(inq, &len, &data, true);
+		MemoryContext cxt;
+		MemoryContext old;
+		Pending    *p;
+
+		if (res == SHM_MQ_WOULD_BLOCK)
+			break;
+		if (res != SHM_MQ_SUCCESS)
+			return false;
+		cxt = AllocSetContextCreate(item_cxt, "eventbus item", ALLOCSET_SMALL_SIZES);
+		old = MemoryContextSwitchTo(cxt);
+		p = palloc0(sizeof(Pending));
+		p->cxt = cxt;
+		eb_workitem_decode(data, len, &p->item);
+		MemoryContextSwitchTo(old);
+		batch[(*n)++] = p;
+	}
+	return true;
+}
+
+/* Main entry point of a pool worker; main_arg is its index. */
+void
+eventbus_worker_main(Datum main_arg)
+{
+	dsm_handle	handle;
+	dsm_segment *seg;
+	shm_toc    *toc;
+	HASHCTL		ctl;
+
+	my_index = DatumGetInt32(main_arg);
+	memcpy(&handle, MyBgworkerEntry->bgw_extra, sizeof(handle));
+
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, die);
+	BackgroundWorkerUnblockSignals();
+
+	seg = dsm_attach(handle);
+	if (seg == NULL)
+		proc_exit(0);			/* the dispatcher is already gone */
+	toc = shm_toc_attach(EB_SHM_MAGIC, dsm_segment_address(seg));
+	if (toc == NULL)
+		elog(ERROR, "eventbus: bad pool segment");
+	{
+		shm_mq	   *in = shm_toc_lookup(toc, EB_TOC_IN(my_index), false);
+		shm_mq	   *out = shm_toc_lookup(toc, EB_TOC_OUT(my_index), false);
+
+		shm_mq_set_receiver(in, MyProc);
+		shm_mq_set_sender(out, MyProc);
+		inq = shm_mq_attach(in, seg, NULL);
+		outq = shm_mq_attach(out, seg, NULL);
+	}
+
+	BackgroundWorkerInitializeConnection(eb_database, NULL, 0);
+	pgstat_report_appname("eventbus worker");
+
+	SpinLockAcquire(&eb_shared->mutex);
+	eb_shared->workers[my_index].pid = MyProcPid;
+	eb_shared->workers[my_index].since = GetCurrentTimestamp();
+	SpinLockRelease(&eb_shared->mutex);
+
+	memset(&ctl, 0, sizeof(ctl));
+	ctl.keysize = KEY_LEN;
+	ctl.entrysize = sizeof(Parked);
+	parked = hash_create("eventbus parked keys", 64, &ctl, HASH_ELEM | HASH_BLOBS);
+	item_cxt = AllocSetContextCreate(TopMemoryContext, "eventbus work items", ALLOCSET_DEFAULT_SIZES);
+
+	for (;;)
+	{
+		Pending    *batch[BATCH_MAX];
+		int			n;
+		long		wait;
+
+		CHECK_FOR_INTERRUPTS();
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+		}
+
+		if (!receive_batch(batch, &n))
+			proc_exit(0);		/* dispatcher detached */
+		if (n > 0)
+			run_batch(batch, n, false);
+		wait = run_due_parked();
+
+		if (n == 0 && wait > 0)
+		{
+			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+							 wait, PG_WAIT_EXTENSION);
+			ResetLatch(MyLatch);
+		}
+	}
+}
