@@ -35,7 +35,7 @@ printf '%-8s %10s %12s %14s %16s\n' transport events connections publish_ms "eve
 json="["
 for tr in kafka nats; do
 	topic="bench.publish.$tr.$(date +%s)"
-	until [ "$(psql -X -A -t -c "SELECT state FROM eventbus_status() WHERE transport = '$tr'")" = connected ]; do sleep 0.2; done
+	until [ "$(psql -X -A -t -c "SELECT state FROM eventbus_status() WHERE component = 'launcher' AND transport = '$tr'")" = connected ]; do sleep 0.2; done
 	t0=$(now_ms)
 	pids=()
 	for _ in $(seq 1 "$C"); do

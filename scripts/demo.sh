@@ -16,7 +16,7 @@ sql() { psql -X -q -v ON_ERROR_STOP=1 "$@"; }
 step "Install the extension and wait for the launcher to reach both brokers"
 sql -c "CREATE EXTENSION IF NOT EXISTS eventbus"
 for _ in $(seq 1 50); do
-	n=$(psql -X -A -t -c "SELECT count(*) FROM eventbus_status() WHERE transport IS NOT NULL AND state = 'connected'")
+	n=$(psql -X -A -t -c "SELECT count(*) FROM eventbus_status() WHERE component = 'launcher' AND transport IS NOT NULL AND state = 'connected'")
 	[ "$n" = 2 ] && break
 	sleep 0.2
 done
@@ -72,7 +72,7 @@ for _ in $(seq 1 100); do
 	[ "$(psql -X -A -t -c 'SELECT count(*) FROM eventbus.outbox')" = 0 ] && break
 	sleep 0.1
 done
-sql -c "SELECT transport, state, backlog, processed AS acknowledged FROM eventbus_status() WHERE transport IS NOT NULL"
+sql -c "SELECT transport, state, backlog, processed AS acknowledged FROM eventbus_status() WHERE component = 'launcher' AND transport IS NOT NULL"
 
 step "What Kafka holds for shop.orders (read with kcat: partition, key, version, type, status)"
 kcat -b "$EVENTBUS_KAFKA_BROKERS" -C -t shop.orders -o beginning -e -q \

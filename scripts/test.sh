@@ -25,7 +25,7 @@ psql -X -q -c "CREATE EXTENSION IF NOT EXISTS eventbus" -c "CREATE EXTENSION IF 
 # The launcher may be in its restart delay (the stack creates its database
 # after PostgreSQL starts): wait until it reports both brokers connected.
 for _ in $(seq 1 150); do
-	[ "$(psql -X -A -t -c "SELECT count(*) FROM eventbus_status() WHERE transport IS NOT NULL AND state = 'connected'" 2>/dev/null)" = 2 ] && break
+	[ "$(psql -X -A -t -c "SELECT count(*) FROM eventbus_status() WHERE component = 'launcher' AND transport IS NOT NULL AND state = 'connected'" 2>/dev/null)" = 2 ] && break
 	sleep 0.2
 done
 psql -X -c "SELECT component, pid, transport, state FROM eventbus_status()"

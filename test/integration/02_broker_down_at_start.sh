@@ -19,9 +19,9 @@ ok $? "NATS reported down while the server is stopped"
 
 # Long enough for several retries at the 5 s backoff ceiling.
 sleep 12
-ok "$(q -c "SELECT detail <> '' FROM eventbus_status() WHERE transport = 'nats'" | grep -q t; echo $?)" \
+ok "$(q -c "SELECT detail <> '' FROM eventbus_status() WHERE component = 'launcher' AND transport = 'nats'" | grep -q t; echo $?)" \
 	"status shows why NATS is down"
-attempts() { q -c "SELECT coalesce(substring(detail from 'attempt ([0-9]+)'), '0') FROM eventbus_status() WHERE transport = '$1'"; }
+attempts() { q -c "SELECT coalesce(substring(detail from 'attempt ([0-9]+)'), '0') FROM eventbus_status() WHERE component = 'launcher' AND transport = '$1'"; }
 ka=$(attempts kafka); na=$(attempts nats)
 # Retrying continues, but with backoff: a fixed 0.5 s retry would make ~24 attempts in 12 s.
 ok "$([ "$ka" -ge 3 ] && [ "$ka" -le 15 ]; echo $?)" "Kafka: still retrying, with backoff ($ka attempts so far)"

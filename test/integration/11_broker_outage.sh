@@ -8,7 +8,7 @@ run=$(date +%s)$RANDOM
 TK="t11.kafka.$run"; TN="t11.nats.$run"
 load_wire_functions; burst_proc_setup; publish_log_setup t11_pub
 wait_until 20 both_connected || bail "brokers not connected"
-processed() { q -c "SELECT coalesce(sum(processed), 0) FROM eventbus_status() WHERE transport = '$1'"; }
+processed() { q -c "SELECT coalesce(sum(processed), 0) FROM eventbus_status() WHERE component = 'launcher' AND transport = '$1'"; }
 k0=$(processed kafka); n0=$(processed nats)
 
 pids=()
@@ -24,8 +24,8 @@ diag "brokers down after $(( $(processed kafka) - k0 )) Kafka / $(( $(processed 
 rc=0; for p in "${pids[@]}"; do wait "$p" || rc=1; done
 ok $rc "publishing kept succeeding while the brokers were down"
 sleep 2
-backlog_k=$(q -c "SELECT backlog FROM eventbus_status() WHERE transport = 'kafka'")
-backlog_n=$(q -c "SELECT backlog FROM eventbus_status() WHERE transport = 'nats'")
+backlog_k=$(q -c "SELECT backlog FROM eventbus_status() WHERE component = 'launcher' AND transport = 'kafka'")
+backlog_n=$(q -c "SELECT backlog FROM eventbus_status() WHERE component = 'launcher' AND transport = 'nats'")
 ok "$([ "$backlog_k" -gt 0 ] && [ "$backlog_n" -gt 0 ]; echo $?)" "backlog visible in eventbus_status() (kafka $backlog_k, nats $backlog_n)"
 is "$(broker_state nats)" "down" "NATS reported down"
 wait_until 30 '[ "$(broker_state kafka)" = down ]'

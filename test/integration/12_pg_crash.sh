@@ -8,14 +8,14 @@ run=$(date +%s)$RANDOM
 TK="t12.kafka.$run"; TN="t12.nats.$run"
 load_wire_functions; burst_proc_setup; publish_log_setup t12_pub
 wait_until 20 both_connected || bail "brokers not connected"
-k0=$(q -c "SELECT min(processed) FROM eventbus_status() WHERE transport IS NOT NULL")
+k0=$(q -c "SELECT min(processed) FROM eventbus_status() WHERE component = 'launcher' AND transport IS NOT NULL")
 
 pids=()
 for w in 1 2 3 4; do
 	psql -X -q -c "CALL t_burst($w, 1500, '$TK', '$TN', 300, 'cart-', 't12_pub')" >/dev/null 2>&1 &
 	pids+=($!)
 done
-wait_until 60 '[ "$(q -c "SELECT min(processed) FROM eventbus_status() WHERE transport IS NOT NULL")" -gt $((k0 + 300)) ]'
+wait_until 60 '[ "$(q -c "SELECT min(processed) FROM eventbus_status() WHERE component = 'launcher' AND transport IS NOT NULL")" -gt $((k0 + 300)) ]'
 "$STACK" pg-stop immediate >/dev/null
 ok $? "pg_ctl stop -m immediate in the middle of the burst"
 for p in "${pids[@]}"; do wait "$p"; done
