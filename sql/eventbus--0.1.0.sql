@@ -116,8 +116,9 @@ CREATE TABLE eventbus.inbox (
     handled_at      timestamptz NOT NULL DEFAULT clock_timestamp(),
     PRIMARY KEY (subscription_id, event_id)
 );
+CREATE INDEX inbox_handled_at ON eventbus.inbox (handled_at);
 COMMENT ON TABLE eventbus.inbox IS
-  'Events already handled (or dead-lettered) per subscription, committed with the handler''s effects; redeliveries are skipped';
+  'Events already handled (or dead-lettered) per subscription, committed with the handler''s effects; redeliveries are skipped. Kept for eventbus.inbox_retention';
 SELECT pg_catalog.pg_extension_config_dump('eventbus.inbox', '');
 
 CREATE TABLE eventbus.dead_letters (

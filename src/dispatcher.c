@@ -485,6 +485,36 @@ manage_clients(void)
 		nats_poll_state();
 }
 
+/*
+ * Forget inbox records older than eventbus.inbox_retention, a batch at a
+ * time (a broker redelivering something older would run it again).
+ */
+static void
+prune_inbox(void)
+{
+	static TimestampTz last = 0;
+	char		sql[256];
+
+	if (eb_inbox_retention_min == 0 ||
+		GetCurrentTimestamp() < TimestampTzPlusMilliseconds(last, 60 * 1000))
+		return;
+	last = GetCurrentTimestamp();
+	snprintf(sql, sizeof(sql),
+			 "DELETE FROM eventbus.inbox WHERE ctid = ANY (ARRAY(SELECT ctid FROM eventbus.inbox"
+			 " WHERE handled_at < now() - interval '%d minutes' LIMIT 10000))",
+			 eb_inbox_retention_min);
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	PushActiveSnapshot(GetTransactionSnapshot());
+	if (SPI_execute(sql, false, 0) != SPI_OK_DELETE)
+		elog(ERROR, "eventbus: could not prune the inbox");
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+}
+
 /* Publish queue depths and lag for eventbus_status(). */
 static void
 report_status(void)
@@ -703,6 +733,7 @@ eventbus_dispatcher_main(Datum main_arg)
 				got += kafka_consumer_poll(100);
 		}
 		flush_quarantine();
+		prune_inbox();
 		report_status();
 
 		if (got > 0)

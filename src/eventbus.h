@@ -108,6 +108,7 @@ extern char *eb_nats_token;
 extern int	eb_relay_batch_size;
 extern int	eb_ack_timeout_ms;
 extern int	eb_max_payload_bytes;
+extern int	eb_inbox_retention_min;
 extern void eb_define_gucs(void);
 extern bool eb_transport_configured(int transport);
 

@@ -24,6 +24,7 @@ char	   *eb_nats_token = NULL;
 int			eb_relay_batch_size = 1000;
 int			eb_ack_timeout_ms = 30000;
 int			eb_max_payload_bytes = 1000000;
+int			eb_inbox_retention_min = 7 * 24 * 60;
 
 static const struct config_enum_entry transport_options[] = {
 	{"kafka", EB_TRANSPORT_KAFKA, false},
@@ -103,6 +104,11 @@ eb_define_gucs(void)
 							"Largest payload (JSON text) eventbus_publish accepts.",
 							NULL, &eb_max_payload_bytes, 1000000, 1024, 100000000,
 							PGC_SUSET, GUC_UNIT_BYTE, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("eventbus.inbox_retention",
+							"How long handled-event records are kept for duplicate detection; 0 keeps them forever.",
+							NULL, &eb_inbox_retention_min, 7 * 24 * 60, 0, 10 * 365 * 24 * 60,
+							PGC_SIGHUP, GUC_UNIT_MIN, NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("eventbus");
 }
