@@ -2,11 +2,20 @@
  * nats_consumer.c — the dispatcher's JetStream consumers: one durable pull
  * consumer per subscribed subject, fetched without waiting from the main
  * thread.  A message is acked only after its handlers' transaction
- * committed; durables are never deleted (a restart resumes where it
- * stopped).
+ * committed.
+ *
+ * Order across restarts: JetStream redelivers a message that was delivered
+ * but never acked only after AckWait, while new fetches would already return
+ * later messages — an aggregate's later event could be handled first.  So
+ * when binding a durable that exists, we restart it at its ack floor + 1
+ * (delete, recreate at that stream sequence): everything not known to be
+ * finished comes again, in stream order, and the inbox skips what was
+ * already handled.  The durable's name and position survive; it is never
+ * deleted on shutdown.
  */
 #include "postgres.h"
 
+#include "utils/json.h"
 #include "utils/memutils.h"
 
 #include "eventbus.h"
@@ -45,6 +54,70 @@ durable_name(const char *topic)
 	return buf.data;
 }
 
+/* Name of the stream that captures subject (palloc'd), or NULL. */
+static char *
+stream_for_subject(const char *subject)
+{
+	StringInfoData body;
+	natsMsg    *reply = NULL;
+	natsStatus	s;
+	const char *data;
+	const char *p;
+	const char *end;
+	sigset_t	old;
+	char	   *name = NULL;
+
+	initStringInfo(&body);
+	appendStringInfoString(&body, "{\"subject\":");
+	escape_json(&body, subject);
+	appendStringInfoChar(&body, '}');
+	nats_block_signals(&old);
+	s = natsConnection_Request(&reply, eb_nats_conn, "$JS.API.STREAM.NAMES", body.data, body.len, 5000);
+	nats_restore_signals(&old);
+	if (s != NATS_OK)
+		return NULL;
+	data = natsMsg_GetData(reply);
+	/* {"type":...,"streams":["NAME"],...}: stream names contain no quotes. */
+	if (data && (p = strstr(data, "\"streams\":[\"")) != NULL)
+	{
+		p += strlen("\"streams\":[\"");
+		if ((end = strchr(p, '"')) != NULL)
+			name = pnstrdup(p, end - p);
+	}
+	natsMsg_Destroy(reply);
+	return name;
+}
+
+/*
+ * If the durable exists, delete it and return the stream sequence to
+ * restart from (its ack floor + 1); 0 if it did not exist.
+ */
+static uint64
+take_over_durable(const char *stream, const char *durable)
+{
+	jsConsumerInfo *ci = NULL;
+	jsErrCode	jerr = 0;
+	uint64		start = 0;
+	int64		unacked = 0;
+	sigset_t	old;
+
+	nats_block_signals(&old);
+	if (js_GetConsumerInfo(&ci, eb_js, stream, durable, NULL, &jerr) == NATS_OK)
+	{
+		start = ci->AckFloor.Stream + 1;
+		unacked = ci->NumAckPending;
+		jsConsumerInfo_Destroy(ci);
+		js_DeleteConsumer(eb_js, stream, durable, NULL, &jerr);
+	}
+	nats_restore_signals(&old);
+	if (unacked > 0)
+		ereport(LOG,
+				(errmsg("eventbus consumer: resuming %s at stream sequence " UINT64_FORMAT
+						" so that " INT64_FORMAT " unacknowledged messages come again first, in order",
+						durable, start, unacked)));
+	return start;
+}
+
 /* Bind (creating if needed) the durable pull consumer of one subject. */
 static NatsSub *
 subscribe_topic(const char *topic)
@@ -54,6 +127,8 @@ subscribe_topic(const char *topic)
 	jsErrCode	jerr = 0;
 	natsStatus	s;
 	char	   *err = NULL;
+	char	   *stream;
+	uint64		start;
 	sigset_t	old;
 	MemoryContext mc = MemoryContextSwitchTo(TopMemoryContext);
 
@@ -62,16 +137,21 @@ subscribe_topic(const char *topic)
 	ns->durable = durable_name(topic);
 	MemoryContextSwitchTo(mc);
 
-	if (!nats_ensure_stream(topic, &err))
+	if (!nats_ensure_stream(topic, &err) || (stream = stream_for_subject(topic)) == NULL)
 	{
-		ereport(WARNING, (errmsg("eventbus consumer: %s", err)));
+		ereport(WARNING, (errmsg("eventbus consumer: no JetStream stream for %s%s%s", topic,
+								 err ? ": " : "", err ? err : "")));
 		return ns;				/* retried at the next subscription refresh */
 	}
+	start = take_over_durable(stream, ns->durable);
 
 	jsSubOptions_Init(&so);
+	so.Stream = stream;
 	so.Config.Durable = ns->durable;
 	so.Config.AckPolicy = js_AckExplicit;
-	so.Config.DeliverPolicy = js_DeliverAll;
+	/* New durable: the start policy (everything retained); else resume. */
+	so.Config.DeliverPolicy = start > 0 ? js_DeliverByStartSequence : js_DeliverAll;
+	so.Config.OptStartSeq = start;
 	so.Config.AckWait = ACK_WAIT_NS;
 	so.Config.MaxAckPending = MAX_ACK_PENDING;
 	so.Config.MaxDeliver = -1;
