@@ -48,6 +48,7 @@ set_launcher(pid_t pid, Latch *latch, bool ready)
 static BackgroundWorkerHandle *dispatcher = NULL;
 static TimestampTz dispatcher_next_start = 0;
 static int	dispatcher_backoff_ms = 0;
+static TimestampTz dispatcher_started = 0;
 
 /* Start the dispatcher if it is not running (with backoff after failures). */
 static void
@@ -62,7 +63,9 @@ ensure_dispatcher(void)
 			return;
 		pfree(dispatcher);
 		dispatcher = NULL;
-		/* It stopped on its own: wait before the next start. */
+		/* It stopped on its own: wait before the next start (1 s doubling to 30 s; reset after a minute of health). */
+		if (GetCurrentTimestamp() > TimestampTzPlusMilliseconds(dispatcher_started, 60 * 1000))
+			dispatcher_backoff_ms = 0;
 		dispatcher_backoff_ms = Min(Max(dispatcher_backoff_ms * 2, 1000), 30000);
 		dispatcher_next_start = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), dispatcher_backoff_ms);
 	}
@@ -78,6 +81,7 @@ ensure_dispatcher(void)
 	snprintf(w.bgw_name, BGW_MAXLEN, "eventbus dispatcher");
 	snprintf(w.bgw_type, BGW_MAXLEN, "eventbus dispatcher");
 	w.bgw_notify_pid = MyProcPid;
+	dispatcher_started = GetCurrentTimestamp();
 	if (!RegisterDynamicBackgroundWorker(&w, &dispatcher))
 	{
 		dispatcher = NULL;
