@@ -193,32 +193,6 @@ to_bytea(const char *data, size_t len)
 	return b;
 }
 
-/* Headers as a JSON object (for quarantine rows). */
-static char *
-headers_object(EbInbound *in)
-{
-	StringInfoData buf;
-
-	if (in->nheaders == 0)
-		return NULL;
-	initStringInfo(&buf);
-	appendStringInfoChar(&buf, '{');
-	for (int i = 0; i < in->nheaders; i++)
-	{
-		/* Header bytes may not be valid UTF-8: keep them out of jsonb then. */
-		if (!pg_verify_mbstr(PG_UTF8, in->header_values[i], strlen(in->header_values[i]), true) ||
-			!pg_verify_mbstr(PG_UTF8, in->header_names[i], strlen(in->header_names[i]), true))
-			continue;
-		if (buf.len > 1)
-			appendStringInfoChar(&buf, ',');
-		escape_json(&buf, in->header_names[i]);
-		appendStringInfoChar(&buf, ':');
-		escape_json(&buf, in->header_values[i]);
-	}
-	appendStringInfoChar(&buf, '}');
-	return buf.data;
-}
-
 /*
  * Take one inbound message: decode it, then either queue it for quarantine
  * or send one work item per matching subscription to the worker its
@@ -249,7 +223,7 @@ dispatch_message(EbInbound *in)
 		q->offset = in->offset;
 		q->stream_seq = in->stream_seq;
 		q->key = in->key ? to_bytea(in->key, in->keylen) : NULL;
-		q->headers = headers_object(in);
+		q->headers = eb_headers_json(in->nheaders, in->header_names, in->header_values);
 		q->raw = to_bytea(in->data, in->len);
 		q->reason = reason;
 		quarantine = lappend(quarantine, q);
@@ -589,23 +563,17 @@ start_pool(void)
 		shm_mq	   *in = shm_mq_create(shm_toc_allocate(toc, EB_IN_QUEUE_SIZE), EB_IN_QUEUE_SIZE);
 		shm_mq	   *out = shm_mq_create(shm_toc_allocate(toc, EB_OUT_QUEUE_SIZE), EB_OUT_QUEUE_SIZE);
 		BackgroundWorker w;
+		char		name[BGW_MAXLEN];
 
 		shm_toc_insert(toc, EB_TOC_IN(i), in);
 		shm_toc_insert(toc, EB_TOC_OUT(i), out);
 		shm_mq_set_sender(in, MyProc);
 		shm_mq_set_receiver(out, MyProc);
 
-		memset(&w, 0, sizeof(w));
-		w.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
-		w.bgw_start_time = BgWorkerStart_RecoveryFinished;
-		w.bgw_restart_time = BGW_NEVER_RESTART;
-		snprintf(w.bgw_library_name, BGW_MAXLEN, "eventbus");
-		snprintf(w.bgw_function_name, BGW_MAXLEN, "eventbus_worker_main");
-		snprintf(w.bgw_name, BGW_MAXLEN, "eventbus worker %d", i);
-		snprintf(w.bgw_type, BGW_MAXLEN, "eventbus worker");
+		snprintf(name, sizeof(name), "eventbus worker %d", i);
+		eb_bgworker_init(&w, "eventbus_worker_main", name, "eventbus worker");
 		w.bgw_main_arg = Int32GetDatum(i);
 		memcpy(w.bgw_extra, &handle, sizeof(handle));
-		w.bgw_notify_pid = MyProcPid;
 		if (!RegisterDynamicBackgroundWorker(&w, &whandles[i]))
 			ereport(ERROR,
 					(errcode(ERRCODE_INSUFFICIENT_RESOURCES),

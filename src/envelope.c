@@ -8,6 +8,7 @@
 
 #include "lib/stringinfo.h"
 #include "common/jsonapi.h"
+#include "fmgr.h"
 #include "mb/pg_wchar.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
@@ -33,6 +34,63 @@ eb_transport_from_name(const char *name)
 	if (strcmp(name, "nats") == 0)
 		return EB_TRANSPORT_NATS;
 	return -1;
+}
+
+/* A transport argument of a SQL function (NULL = default); ERROR if unknown. */
+int
+eb_transport_arg(FunctionCallInfo fcinfo, int argno)
+{
+	char	   *name;
+	int			t;
+
+	if (PG_ARGISNULL(argno))
+		return eb_default_transport;
+	name = text_to_cstring(PG_GETARG_TEXT_PP(argno));
+	t = eb_transport_from_name(name);
+	if (t < 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("unknown transport \"%s\"", name),
+				 errhint("Use 'kafka' or 'nats', or NULL for eventbus.default_transport.")));
+	return t;
+}
+
+/* ERROR unless the transport's broker setting is set. */
+void
+eb_require_transport_configured(int transport)
+{
+	if (!eb_transport_configured(transport))
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("transport \"%s\" is not configured", eb_transport_name(transport)),
+				 errhint("Set %s in postgresql.conf and reload.",
+						 transport == EB_TRANSPORT_KAFKA ? "eventbus.kafka_brokers" : "eventbus.nats_url")));
+}
+
+/* Name/value headers as a JSON object text, NULL when there are none.
+ * Pairs that are not valid UTF-8 are left out (they cannot be JSON). */
+char *
+eb_headers_json(int n, char **names, char **values)
+{
+	StringInfoData buf;
+
+	if (n == 0)
+		return NULL;
+	initStringInfo(&buf);
+	appendStringInfoChar(&buf, '{');
+	for (int i = 0; i < n; i++)
+	{
+		if (!pg_verify_mbstr(PG_UTF8, names[i], strlen(names[i]), true) ||
+			!pg_verify_mbstr(PG_UTF8, values[i], strlen(values[i]), true))
+			continue;
+		if (buf.len > 1)
+			appendStringInfoChar(&buf, ',');
+		escape_json(&buf, names[i]);
+		appendStringInfoChar(&buf, ':');
+		escape_json(&buf, values[i]);
+	}
+	appendStringInfoChar(&buf, '}');
+	return buf.data;
 }
 
 /* Topic names: 1–249 characters of [A-Za-z0-9._-] (Kafka's rule). */

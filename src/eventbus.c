@@ -55,21 +55,35 @@ eb_shmem_startup(void)
 	LWLockRelease(AddinShmemInitLock);
 }
 
+/*
+ * Fill in a background worker of this library: database connection,
+ * started after recovery, never restarted by the postmaster unless the
+ * caller says otherwise, and reporting to the calling process.
+ */
+void
+eb_bgworker_init(BackgroundWorker *w, const char *function, const char *name, const char *type)
+{
+	memset(w, 0, sizeof(*w));
+	w->bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	w->bgw_start_time = BgWorkerStart_RecoveryFinished;
+	w->bgw_restart_time = BGW_NEVER_RESTART;
+	snprintf(w->bgw_library_name, BGW_MAXLEN, "eventbus");
+	snprintf(w->bgw_function_name, BGW_MAXLEN, "%s", function);
+	snprintf(w->bgw_name, BGW_MAXLEN, "%s", name);
+	snprintf(w->bgw_type, BGW_MAXLEN, "%s", type);
+	w->bgw_notify_pid = MyProcPid;
+}
+
 /* Register the static launcher worker. */
 static void
 eb_register_launcher(void)
 {
 	BackgroundWorker worker;
 
-	memset(&worker, 0, sizeof(worker));
-	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
-	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
+	eb_bgworker_init(&worker, "eventbus_launcher_main", "eventbus launcher", "eventbus launcher");
 	/* Restart after an error exit; a crash restart happens at once. */
 	worker.bgw_restart_time = 5;
-	snprintf(worker.bgw_library_name, BGW_MAXLEN, "eventbus");
-	snprintf(worker.bgw_function_name, BGW_MAXLEN, "eventbus_launcher_main");
-	snprintf(worker.bgw_name, BGW_MAXLEN, "eventbus launcher");
-	snprintf(worker.bgw_type, BGW_MAXLEN, "eventbus launcher");
+	worker.bgw_notify_pid = 0;
 	RegisterBackgroundWorker(&worker);
 }
 

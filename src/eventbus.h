@@ -11,6 +11,8 @@
 
 #include "postgres.h"
 
+#include "fmgr.h"
+
 #include "datatype/timestamp.h"
 #include "lib/stringinfo.h"
 #include "nodes/pg_list.h"
@@ -91,6 +93,9 @@ typedef struct EbShared
 extern EbShared *eb_shared;
 extern bool eb_preloaded;
 extern void eb_require_preload(void);
+struct BackgroundWorker;
+extern void eb_bgworker_init(struct BackgroundWorker *w, const char *function,
+							 const char *name, const char *type);
 extern void eb_wake_relay(void);
 extern void eb_wake_dispatcher(void);
 extern void eb_wake_at_commit(bool relay, bool dispatcher);
@@ -134,6 +139,9 @@ typedef struct EbEvent
 
 extern const char *eb_transport_name(int transport);
 extern int	eb_transport_from_name(const char *name);
+extern int	eb_transport_arg(FunctionCallInfo fcinfo, int argno);
+extern void eb_require_transport_configured(int transport);
+extern char *eb_headers_json(int n, char **names, char **values);
 extern void eb_validate_topic(const char *topic);
 extern void eb_validate_aggregate_id(const char *aggregate_id);
 extern void eb_uuidv7(unsigned char out[16]);

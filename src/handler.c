@@ -54,28 +54,6 @@ eb_envelope_type(void)
 						   CStringGetDatum("envelope"), ObjectIdGetDatum(nsp));
 }
 
-/* The event's headers as a JSON object text (NULL when none). */
-static char *
-headers_json(const EbEvent *ev)
-{
-	StringInfoData buf;
-
-	if (ev->nheaders == 0)
-		return NULL;
-	initStringInfo(&buf);
-	appendStringInfoChar(&buf, '{');
-	for (int i = 0; i < ev->nheaders; i++)
-	{
-		if (i > 0)
-			appendStringInfoChar(&buf, ',');
-		escape_json(&buf, ev->header_names[i]);
-		appendStringInfoChar(&buf, ':');
-		escape_json(&buf, ev->header_values[i]);
-	}
-	appendStringInfoChar(&buf, '}');
-	return buf.data;
-}
-
 /* Build the eventbus.envelope composite a handler receives. */
 static Datum
 make_envelope(const EbWorkItem *item)
@@ -84,7 +62,7 @@ make_envelope(const EbWorkItem *item)
 	TupleDesc	desc = lookup_rowtype_tupdesc(eb_envelope_type(), -1);
 	Datum		values[12];
 	bool		nulls[12];
-	char	   *hdrs = headers_json(ev);
+	char	   *hdrs = eb_headers_json(ev->nheaders, ev->header_names, ev->header_values);
 	HeapTuple	tuple;
 
 	memset(nulls, false, sizeof(nulls));

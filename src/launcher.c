@@ -72,15 +72,7 @@ ensure_dispatcher(void)
 	if (GetCurrentTimestamp() < dispatcher_next_start)
 		return;
 
-	memset(&w, 0, sizeof(w));
-	w.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
-	w.bgw_start_time = BgWorkerStart_RecoveryFinished;
-	w.bgw_restart_time = BGW_NEVER_RESTART;
-	snprintf(w.bgw_library_name, BGW_MAXLEN, "eventbus");
-	snprintf(w.bgw_function_name, BGW_MAXLEN, "eventbus_dispatcher_main");
-	snprintf(w.bgw_name, BGW_MAXLEN, "eventbus dispatcher");
-	snprintf(w.bgw_type, BGW_MAXLEN, "eventbus dispatcher");
-	w.bgw_notify_pid = MyProcPid;
+	eb_bgworker_init(&w, "eventbus_dispatcher_main", "eventbus dispatcher", "eventbus dispatcher");
 	dispatcher_started = GetCurrentTimestamp();
 	if (!RegisterDynamicBackgroundWorker(&w, &dispatcher))
 	{

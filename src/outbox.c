@@ -172,25 +172,8 @@ eventbus_publish(PG_FUNCTION_ARGS)
 				 errdetail("It is %zu bytes; eventbus.max_payload_bytes is %d.",
 						   (size_t) VARSIZE_ANY_EXHDR(payload), eb_max_payload_bytes)));
 
-	if (PG_ARGISNULL(4))
-		transport = eb_default_transport;
-	else
-	{
-		char	   *name = text_to_cstring(PG_GETARG_TEXT_PP(4));
-
-		transport = eb_transport_from_name(name);
-		if (transport < 0)
-			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-					 errmsg("unknown transport \"%s\"", name),
-					 errhint("Use 'kafka' or 'nats', or NULL for eventbus.default_transport.")));
-	}
-	if (!eb_transport_configured(transport))
-		ereport(ERROR,
-				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("transport \"%s\" is not configured", eb_transport_name(transport)),
-				 errhint("Set %s in postgresql.conf and reload.",
-						 transport == EB_TRANSPORT_KAFKA ? "eventbus.kafka_brokers" : "eventbus.nats_url")));
+	transport = eb_transport_arg(fcinfo, 4);
+	eb_require_transport_configured(transport);
 
 	if (!PG_ARGISNULL(5) && PG_GETARG_INT64(5) <= 0)
 		ereport(ERROR,

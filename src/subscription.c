@@ -44,25 +44,6 @@ eb_handler_signature_ok(Oid handler)
 	return ok;
 }
 
-/* Transport argument (NULL = default); ERROR if unknown. */
-static int
-transport_arg(FunctionCallInfo fcinfo, int argno)
-{
-	char	   *name;
-	int			t;
-
-	if (PG_ARGISNULL(argno))
-		return eb_default_transport;
-	name = text_to_cstring(PG_GETARG_TEXT_PP(argno));
-	t = eb_transport_from_name(name);
-	if (t < 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("unknown transport \"%s\"", name),
-				 errhint("Use 'kafka' or 'nats', or NULL for eventbus.default_transport.")));
-	return t;
-}
-
 /* Run one statement on eventbus's tables as the bootstrap superuser. */
 static uint64
 exec_as_owner(const char *sql, int nargs, Oid *types, Datum *values, const char *nulls,
@@ -101,7 +82,7 @@ eventbus_subscribe(PG_FUNCTION_ARGS)
 				 errmsg("%s must not be null", PG_ARGISNULL(0) ? "topic" : "handler")));
 	topic = text_to_cstring(PG_GETARG_TEXT_PP(0));
 	handler = PG_GETARG_OID(1);
-	transport = transport_arg(fcinfo, 2);
+	transport = eb_transport_arg(fcinfo, 2);
 	max_attempts = PG_ARGISNULL(3) ? 5 : PG_GETARG_INT32(3);
 
 	eb_validate_topic(topic);
@@ -121,12 +102,7 @@ eventbus_subscribe(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 				 errmsg("permission denied for function %s", format_procedure(handler)),
 				 errdetail("A handler runs as the role that subscribes it, which needs EXECUTE on it.")));
-	if (!eb_transport_configured(transport))
-		ereport(ERROR,
-				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
-				 errmsg("transport \"%s\" is not configured", eb_transport_name(transport)),
-				 errhint("Set %s in postgresql.conf and reload.",
-						 transport == EB_TRANSPORT_KAFKA ? "eventbus.kafka_brokers" : "eventbus.nats_url")));
+	eb_require_transport_configured(transport);
 
 	values[0] = CStringGetTextDatum(topic);
 	values[1] = CStringGetTextDatum(eb_transport_name(transport));
@@ -163,7 +139,7 @@ eventbus_unsubscribe(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 				 errmsg("%s must not be null", PG_ARGISNULL(0) ? "topic" : "handler")));
 	values[0] = PointerGetDatum(PG_GETARG_TEXT_PP(0));
-	values[1] = CStringGetTextDatum(eb_transport_name(transport_arg(fcinfo, 2)));
+	values[1] = CStringGetTextDatum(eb_transport_name(eb_transport_arg(fcinfo, 2)));
 	values[2] = PG_GETARG_DATUM(1);
 
 	if (SPI_connect() != SPI_OK_CONNECT)
