@@ -3,6 +3,9 @@
 
 CREATE SCHEMA eventbus;
 COMMENT ON SCHEMA eventbus IS 'eventbus internal tables and types';
+-- Roles that write handlers need the eventbus.envelope type; the tables
+-- themselves grant nothing, so they stay private.
+GRANT USAGE ON SCHEMA eventbus TO PUBLIC;
 
 CREATE TABLE eventbus.outbox (
     id             bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

@@ -18,6 +18,7 @@ for w in 1 2 3 4; do
 done
 # Stop both brokers once the relay has delivered part of the burst.
 wait_until 60 '[ "$(processed kafka)" -gt $((k0 + 300)) ] && [ "$(processed nats)" -gt $((n0 + 300)) ]'
+ok $? "relay delivering part of the burst before the brokers go down"
 "$STACK" kafka-down >/dev/null; "$STACK" nats-stop >/dev/null
 diag "brokers down after $(( $(processed kafka) - k0 )) Kafka / $(( $(processed nats) - n0 )) NATS events"
 

@@ -15,7 +15,10 @@ for w in 1 2 3 4; do
 	psql -X -q -c "CALL t_burst($w, 1500, '$TK', '$TN', 300, 'cart-', 't12_pub')" >/dev/null 2>&1 &
 	pids+=($!)
 done
-wait_until 60 '[ "$(q -c "SELECT min(processed) FROM eventbus_status() WHERE component = 'launcher' AND transport IS NOT NULL")" -gt $((k0 + 300)) ]'
+# Crash once the relay has delivered some events and an eighth of the burst
+# has committed: publishing and relaying are both in flight.
+wait_until 60 '[ "$(q -c "SELECT min(processed) FROM eventbus_status() WHERE component = '"'"'launcher'"'"' AND transport IS NOT NULL")" -gt $((k0 + 100)) ] && [ "$(q -c "SELECT count(*) FROM t12_pub")" -ge 1500 ]'
+ok $? "burst under way: relay delivering, $(q -c "SELECT count(*) FROM t12_pub") events committed so far"
 "$STACK" pg-stop immediate >/dev/null
 ok $? "pg_ctl stop -m immediate in the middle of the burst"
 for p in "${pids[@]}"; do wait "$p"; done

@@ -177,3 +177,143 @@ SQL
 
 # wait_outbox_empty SECONDS — wait for the relay to drain the outbox.
 wait_outbox_empty() { wait_until "$1" outbox_empty; }
+
+# ---------------------------------------------------------------------------
+# consumer helpers (tests 2x: eventbus_subscribe, the dispatcher and the pool)
+# ---------------------------------------------------------------------------
+
+# Short Kafka group timings: the dev broker's rebalances take about
+# session.timeout.ms, and a subscription change is a rebalance.
+CONSUMER_FAST_KAFKA='session.timeout.ms=6000;heartbeat.interval.ms=500'
+CONSUMER_OLD_KAFKA_PROPS=''
+CONSUMER_CHANGED_KAFKA_PROPS=0
+CONSUMER_CLEANUP=''
+COUNT=0
+
+# dispatcher_running — the dispatcher reports itself running.
+dispatcher_running() {
+	[ "$(q -c "SELECT count(*) FROM eventbus_status() WHERE component = 'dispatcher' AND transport IS NULL AND state = 'running'" 2>/dev/null)" = 1 ]
+}
+# dispatcher_pid / worker_pid N — pids from eventbus_status() (empty if none).
+dispatcher_pid() {
+	q -c "SELECT pid FROM eventbus_status() WHERE component = 'dispatcher' AND transport IS NULL" 2>/dev/null | grep -E '^[0-9]+$'
+}
+worker_pid() {
+	q -c "SELECT pid FROM eventbus_status() WHERE component = 'worker $1'" 2>/dev/null | grep -E '^[0-9]+$'
+}
+# consumer_state TRANSPORT — state of the dispatcher's consumer for it.
+consumer_state() {
+	q -c "SELECT state FROM eventbus_status() WHERE component = 'dispatcher' AND transport = '$1'" 2>/dev/null
+}
+
+# consumer_setup — fast Kafka rebalances for this test (restored at exit),
+# brokers connected, dispatcher running.  Set CONSUMER_CLEANUP to shell code
+# (e.g. unsubscribe_like 't2x.%') to run at exit as well.
+consumer_setup() {
+	CONSUMER_OLD_KAFKA_PROPS=$(q -c "SHOW eventbus.kafka_properties")
+	if [ "$CONSUMER_OLD_KAFKA_PROPS" != "$CONSUMER_FAST_KAFKA" ]; then
+		q -c "ALTER SYSTEM SET eventbus.kafka_properties = '$CONSUMER_FAST_KAFKA'" >/dev/null
+		q -c "SELECT pg_reload_conf()" >/dev/null
+		CONSUMER_CHANGED_KAFKA_PROPS=1
+		sleep 1
+	fi
+	trap consumer_teardown EXIT
+	wait_until 30 both_connected || bail "brokers not connected"
+	wait_until 30 dispatcher_running || bail "dispatcher not running (eventbus_status())"
+}
+
+# consumer_teardown — EXIT trap: test cleanup, then the Kafka properties as
+# they were before the test (if consumer_setup changed them).  Prints
+# nothing (TAP is finished by then).
+consumer_teardown() {
+	if [ -n "$CONSUMER_CLEANUP" ]; then eval "$CONSUMER_CLEANUP" >/dev/null 2>&1; fi
+	[ "$CONSUMER_CHANGED_KAFKA_PROPS" = 1 ] || return 0
+	if [ -z "$CONSUMER_OLD_KAFKA_PROPS" ]; then
+		q -c "ALTER SYSTEM RESET eventbus.kafka_properties" >/dev/null 2>&1
+	else
+		q -c "ALTER SYSTEM SET eventbus.kafka_properties = '${CONSUMER_OLD_KAFKA_PROPS//\'/\'\'}'" >/dev/null 2>&1
+	fi
+	q -c "SELECT pg_reload_conf()" >/dev/null 2>&1
+}
+
+# unsubscribe_like PATTERN — drop every subscription whose topic is LIKE
+# PATTERN (with its inbox and dead letters); prints how many.
+unsubscribe_like() {
+	q -c "SELECT count(*) FILTER (WHERE eventbus_unsubscribe(topic, handler, transport)) FROM eventbus.subscriptions WHERE topic LIKE '$1'"
+}
+
+# kafka_produce TOPIC [kcat options] — one message per stdin line KEY<TAB>VALUE
+# (a line without a tab: no key; "KEY<TAB>" alone: empty value).  Idempotent
+# producer, so each partition keeps the input order.
+kafka_produce() {
+	local t=$1; shift
+	kcat -P -b "$EVENTBUS_KAFKA_BROKERS" -t "$t" -K '\t' -X enable.idempotence=true "$@"
+}
+# kafka_produce_file TOPIC FILE [kcat options: -p N, -k KEY, -H NAME=VALUE] —
+# the file's exact bytes as one message (kcat skips empty files: use
+# kafka_produce with "KEY<TAB>" for an empty value).
+kafka_produce_file() {
+	local t=$1 f=$2; shift 2
+	kcat -P -b "$EVENTBUS_KAFKA_BROKERS" -t "$t" -X enable.idempotence=true -X message.max.bytes=4000000 "$@" "$f"
+}
+# nats_stream NAME SUBJECT... — make sure a stream captures the subjects.
+nats_stream() { "$NATSTOOL" --url "$EVENTBUS_NATS_URL" ensure-stream "$@" >/dev/null; }
+# nats_produce [SUBJECT] [natstool pub options] — one message per stdin line.
+nats_produce() { "$NATSTOOL" --url "$EVENTBUS_NATS_URL" pub "$@" >/dev/null; }
+# nats_stream_of SUBJECT — name of the stream capturing SUBJECT.
+nats_stream_of() {
+	"$NATSTOOL" --url "$EVENTBUS_NATS_URL" stream-info "$1" 2>/dev/null | sed -n 's/^{"name":"\([^"]*\)".*/\1/p'
+}
+# nats_consumers STREAM — durable consumer names, one per line.
+nats_consumers() { "$NATSTOOL" --url "$EVENTBUS_NATS_URL" consumers "$1"; }
+
+# produce_sql TRANSPORT TOPIC 'SELECT key, value ...' — one message per row,
+# in row order: Kafka key = key; NATS subject = TOPIC, Nats-Msg-Id = the
+# value's event_id.
+produce_sql() {
+	local tr=$1 topic=$2 sql=$3
+	if [ "$tr" = kafka ]; then
+		psql -X -A -t -q -v ON_ERROR_STOP=1 -F $'\t' -c "$sql" | kafka_produce "$topic"
+	else
+		psql -X -A -t -q -v ON_ERROR_STOP=1 -c "SELECT v FROM ($sql) s (k, v)" | nats_produce "$topic" --msg-id-from-event-id
+	fi
+}
+
+# consumer_sql_setup — test-side SQL: t_env(...) builds a JSON envelope as
+# DESIGN §4 (what a Go producer sends).
+consumer_sql_setup() {
+	q >/dev/null <<'SQL'
+CREATE OR REPLACE FUNCTION t_env(eid uuid, agg text, typ text, ver bigint, payload jsonb, extra jsonb DEFAULT '{}')
+RETURNS text LANGUAGE sql VOLATILE AS $$
+  SELECT (jsonb_build_object('event_id', eid, 'aggregate_id', agg, 'event_type', typ, 'event_version', ver,
+            'timestamp', to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+            'payload', payload) || extra)::text
+$$;
+SQL
+}
+
+# wait_count TIMEOUT EXPECTED 'SQL count' [STALL] — poll (0.5 s) until the
+# count reaches EXPECTED (status 0); status 1 when it has not grown for STALL
+# seconds (default: TIMEOUT) or TIMEOUT passed.  The last count is in $COUNT.
+wait_count() {
+	local deadline=$((SECONDS + $1)) want=$2 sql=$3 stall=${4:-$1} last=-2 since=$SECONDS c
+	while :; do
+		c=$(q -c "$sql" 2>/dev/null)
+		[[ $c =~ ^[0-9]+$ ]] || c=-1
+		COUNT=$c
+		[ "$c" -ge "$want" ] && return 0
+		if [ "$c" != "$last" ]; then last=$c; since=$SECONDS; fi
+		[ $((SECONDS - since)) -ge "$stall" ] && return 1
+		[ $SECONDS -ge $deadline ] && return 1
+		sleep 0.5
+	done
+}
+
+# sqlstate_of SQL... — run the statements in one session (psql -c each);
+# print the SQLSTATE of the first error, or "ok".
+sqlstate_of() {
+	local args=() s err
+	for s in "$@"; do args+=(-c "$s"); done
+	err=$(psql -X -A -t -q -v ON_ERROR_STOP=1 -v VERBOSITY=sqlstate "${args[@]}" 2>&1 >/dev/null)
+	if [[ $err =~ ERROR:\ +([0-9A-Z]{5}) ]]; then echo "${BASH_REMATCH[1]}"; else echo ok; fi
+}
