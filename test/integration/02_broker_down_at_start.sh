@@ -6,12 +6,16 @@ source "$(dirname "$0")/lib.sh"
 
 "$STACK" nats-stop >/dev/null
 "$STACK" kafka-down >/dev/null
-log_lines() { grep -c "eventbus: $1 " "$EVENTBUS_PG_LOG" || true; }
+# log_lines TRANSPORT — state-change lines of the (new) launcher about it.
+log_lines() { grep -c "\[$new\] eventbus launcher LOG:  eventbus: $1 " "$EVENTBUS_PG_LOG" || true; }
 
 # Restart the launcher so it starts with both brokers down.
+old=$(launcher_pid)
 q -c "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE backend_type = 'eventbus launcher'" >/dev/null
-before_k=$(log_lines kafka); before_n=$(log_lines nats)
-sleep 1
+wait_until 30 '[ -n "$(launcher_pid)" ] && [ "$(launcher_pid)" != "$old" ]'
+ok $? "launcher restarted with both brokers down"
+new=$(launcher_pid)
+before_k=0; before_n=0
 wait_until 20 '[ "$(broker_state kafka)" = down ]'
 ok $? "Kafka reported down while its brokers are down"
 wait_until 20 '[ "$(broker_state nats)" = down ]'

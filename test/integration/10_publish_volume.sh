@@ -74,4 +74,19 @@ for tr in kafka nats; do
 		"trace-1,corr-1,7,test" "$tr: trace_id, correlation_id, tenant_id and user headers on the wire"
 done
 
+# The stream eventbus created never discards unconsumed events silently.
+info=$("$NATSTOOL" --url "$EVENTBUS_NATS_URL" stream-info "$TN")
+diag "stream created by eventbus: $info"
+js() { echo "$info" | sed -n "s/.*\"$1\":\([^,}]*\).*/\1/p" | tr -d '"'; }
+is "$(js retention),$(js discard),$(js max_msgs),$(js max_bytes),$(js max_age),$(js max_msgs_per_subject),$(js storage)" \
+	"limits,new,-1,-1,0,-1,file" "NATS stream: limits retention without limits, discard new, file storage"
+
+# A stream that already captures the subject is used as is.
+TU="t10.user.$run"
+"$NATSTOOL" --url "$EVENTBUS_NATS_URL" ensure-stream "USER_$run" "$TU" >/dev/null
+q -c "SELECT eventbus_publish('$TU', 'u-1', 'Created', '{}', 'nats')" >/dev/null
+wait_outbox_empty 30
+is "$(nats_dump "$TU" | sed -n 's/.*"stream":"\([^"]*\)".*/\1/p' | sort -u)" "USER_$run" \
+	"an existing stream capturing the subject is used (no eventbus stream created)"
+
 done_testing
