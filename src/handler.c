@@ -18,6 +18,8 @@
 #include "miscadmin.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
+#include "utils/hsearch.h"
+#include "utils/inval.h"
 #include "utils/json.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
@@ -44,14 +46,88 @@ static SPIPlanPtr dead_plan = NULL;
 	" INSERT INTO eventbus.inbox (subscription_id, event_id, outcome)" \
 	" VALUES ($1, ($2).event_id, 'dead_lettered') ON CONFLICT DO NOTHING"
 
-/* OID of eventbus.envelope. */
+/*
+ * OID of eventbus.envelope, looked up once per process: the pool and the
+ * dispatcher are restarted when the extension is dropped, and a backend that
+ * survives a DROP/CREATE re-checks the cached OID below.
+ */
 Oid
 eb_envelope_type(void)
 {
-	Oid			nsp = get_namespace_oid("eventbus", false);
+	static Oid	cached = InvalidOid;
 
-	return GetSysCacheOid2(TYPENAMENSP, Anum_pg_type_oid,
-						   CStringGetDatum("envelope"), ObjectIdGetDatum(nsp));
+	if (!OidIsValid(cached) || !SearchSysCacheExists1(TYPEOID, ObjectIdGetDatum(cached)))
+	{
+		Oid			nsp = get_namespace_oid("eventbus", false);
+
+		cached = GetSysCacheOid2(TYPENAMENSP, Anum_pg_type_oid,
+								 CStringGetDatum("envelope"), ObjectIdGetDatum(nsp));
+	}
+	return cached;
+}
+
+/* A handler's call info, kept per process so PL/pgSQL reuses its compiled function. */
+typedef struct HandlerEntry
+{
+	Oid			handler;
+	FmgrInfo	flinfo;
+} HandlerEntry;
+
+static HTAB *handlers = NULL;
+static MemoryContext handlers_cxt = NULL;
+static bool handlers_stale = false;
+
+/* Any change to pg_proc (e.g. CREATE OR REPLACE of a handler) drops the cache. */
+static void
+handlers_invalidate(Datum arg, int cacheid, uint32 hashvalue)
+{
+	handlers_stale = true;
+}
+
+/* The cached call info of a handler. */
+static FmgrInfo *
+handler_fmgr(Oid handler)
+{
+	HandlerEntry *e;
+	bool		found;
+
+	if (handlers_cxt == NULL)
+	{
+		handlers_cxt = AllocSetContextCreate(TopMemoryContext, "eventbus handlers",
+											 ALLOCSET_SMALL_SIZES);
+		CacheRegisterSyscacheCallback(PROCOID, handlers_invalidate, (Datum) 0);
+	}
+	if (handlers_stale)
+	{
+		MemoryContextReset(handlers_cxt);
+		handlers = NULL;
+		handlers_stale = false;
+	}
+	if (handlers == NULL)
+	{
+		HASHCTL		ctl;
+
+		memset(&ctl, 0, sizeof(ctl));
+		ctl.keysize = sizeof(Oid);
+		ctl.entrysize = sizeof(HandlerEntry);
+		ctl.hcxt = handlers_cxt;
+		handlers = hash_create("eventbus handlers", 16, &ctl, HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	}
+	e = hash_search(handlers, &handler, HASH_ENTER, &found);
+	if (!found)
+	{
+		PG_TRY();
+		{
+			fmgr_info_cxt(handler, &e->flinfo, handlers_cxt);
+		}
+		PG_CATCH();
+		{
+			hash_search(handlers, &handler, HASH_REMOVE, NULL);
+			PG_RE_THROW();
+		}
+		PG_END_TRY();
+	}
+	return &e->flinfo;
 }
 
 /* Build the eventbus.envelope composite a handler receives. */
@@ -117,7 +193,7 @@ eb_handler_call(Oid handler, Oid role, Datum envelope, ErrorData **error)
 		GetUserIdAndSecContext(&save_uid, &save_sec);
 		SetUserIdAndSecContext(role, save_sec | SECURITY_LOCAL_USERID_CHANGE);
 		PushActiveSnapshot(GetTransactionSnapshot());
-		OidFunctionCall1(handler, envelope);
+		FunctionCall1(handler_fmgr(handler), envelope);
 		PopActiveSnapshot();
 		SetUserIdAndSecContext(save_uid, save_sec);
 
