@@ -534,8 +534,10 @@ pg_write_eventbus_conf() {
             echo "eventbus.nats_url = $(conf_quote "${natsport:+nats://127.0.0.1:$natsport}")"
             echo "eventbus.workers = 4"
             echo "eventbus.consumer_group = 'eventbus'"
-            # The dev broker rebalances in session.timeout.ms - 1 s: keep it short.
-            echo "eventbus.kafka_properties = 'session.timeout.ms=6000;heartbeat.interval.ms=500'"
+            # The dev broker rebalances in session.timeout.ms - 1 s: keep it short; and it
+            # holds every fetch for fetch.wait.max.ms (a real broker answers when data
+            # arrives), so keep that short too or Kafka latency is ~250 ms.
+            echo "eventbus.kafka_properties = 'session.timeout.ms=6000;heartbeat.interval.ms=500;fetch.wait.max.ms=50'"
         fi
     } > "$tmp"
     chmod 0600 "$tmp"

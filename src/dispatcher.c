@@ -431,6 +431,15 @@ load_subscriptions(void)
 	list_free(ntopics);
 }
 
+/* The settings the consumers depend on, as one string. */
+static char *
+consumer_config(void)
+{
+	return psprintf("%s|%s|%s|%s|%s|%s|%d", eb_kafka_brokers, eb_kafka_properties,
+					eb_nats_url, eb_nats_credentials_file, eb_nats_token,
+					eb_consumer_group, eb_max_payload_bytes);
+}
+
 /* Start (or stop) the broker clients as configured. */
 static void
 manage_clients(void)
@@ -628,6 +637,7 @@ eventbus_dispatcher_main(Datum main_arg)
 {
 	WaitEventSet *wes;
 	HASHCTL		ctl;
+	char	   *config;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, die);
@@ -653,6 +663,7 @@ eventbus_dispatcher_main(Datum main_arg)
 									ALLOCSET_DEFAULT_SIZES);
 
 	eb_wakeup_init();
+	config = consumer_config();
 	start_pool();
 
 	wes = CreateWaitEventSet(TopMemoryContext, 3);
@@ -672,8 +683,22 @@ eventbus_dispatcher_main(Datum main_arg)
 		CHECK_FOR_INTERRUPTS();
 		if (ConfigReloadPending)
 		{
+			char	   *now;
+
 			ConfigReloadPending = false;
 			ProcessConfigFile(PGC_SIGHUP);
+			now = consumer_config();
+			if (strcmp(now, config) != 0)
+			{
+				/*
+				 * In-flight work belongs to the old clients: start over.  The
+				 * launcher starts a new dispatcher; unfinished messages are
+				 * redelivered and the inbox skips what was handled.
+				 */
+				ereport(LOG, (errmsg("eventbus: consumer settings changed, restarting the dispatcher")));
+				proc_exit(0);
+			}
+			pfree(now);
 		}
 		if (!pool_alive())
 			ereport(ERROR, (errmsg("eventbus: a pool worker exited, restarting the pool")));

@@ -7,6 +7,9 @@ wait_until 20 both_connected || bail "brokers not connected"
 q -c "ALTER SYSTEM SET eventbus.nats_url = ''" -c "SELECT pg_reload_conf()" >/dev/null
 wait_until 20 '[ "$(broker_state nats)" = off ]'
 ok $? "NATS off once eventbus.nats_url is empty"
+consumer_nats() { q -c "SELECT state FROM eventbus_status() WHERE component = 'dispatcher' AND transport = 'nats'"; }
+wait_until 30 '[ "$(consumer_nats)" = off ]'
+ok $? "the dispatcher follows the reload too (its NATS consumer is off)"
 out=$(psql -X -A -t -q 2>&1 <<'SQL'
 \set VERBOSITY verbose
 SELECT eventbus_publish('t13.orders', 'o-1', 'Created', '{}', 'nats');
@@ -35,6 +38,8 @@ is "$(echo "$res" | tail -1)" "2" "the transaction's other work committed after 
 q -c "ALTER SYSTEM RESET eventbus.nats_url" -c "SELECT pg_reload_conf()" >/dev/null
 wait_until 20 both_connected
 ok $? "NATS reconnects when the setting comes back (SIGHUP)"
+wait_until 30 '[ "$(consumer_nats)" = connected ]'
+ok $? "the dispatcher's NATS consumer reconnects too"
 wait_outbox_empty 60
 ok $? "the Kafka event of that transaction was relayed"
 
