@@ -126,25 +126,31 @@ finish(Delivery *d)
 	in_flight--;
 }
 
-/* Hand an encoded item to worker w, keeping order behind anything unsent. */
+/*
+ * Hand an encoded item (in loop memory) to worker w, keeping order behind
+ * anything unsent.  Only an item that must wait is copied to msg_cxt.
+ */
 static void
 send_to(int w, StringInfo buf)
 {
+	MemoryContext old;
+	StringInfo	copy;
+
 	if (unsent[w] == NIL)
 	{
 		shm_mq_result res = shm_mq_send(toq[w], buf->len, buf->data, true, true);
 
 		if (res == SHM_MQ_SUCCESS)
-		{
-			pfree(buf->data);
-			pfree(buf);
 			return;
-		}
 		if (res == SHM_MQ_DETACHED)
 			ereport(ERROR, (errmsg("eventbus: pool worker %d is gone, restarting the pool", w)));
 	}
 	/* Would block: shm_mq needs the very same message again later. */
-	unsent[w] = lappend(unsent[w], buf);
+	old = MemoryContextSwitchTo(msg_cxt);
+	copy = makeStringInfo();
+	appendBinaryStringInfo(copy, buf->data, buf->len);
+	unsent[w] = lappend(unsent[w], copy);
+	MemoryContextSwitchTo(old);
 }
 
 /* Retry unsent items in order. */
@@ -201,8 +207,8 @@ to_bytea(const char *data, size_t len)
 void
 dispatch_message(EbInbound *in)
 {
-	MemoryContext old = MemoryContextSwitchTo(msg_cxt);
-	Delivery   *d = palloc0(sizeof(Delivery));
+	/* Only the delivery outlives this loop iteration; the rest is loop memory. */
+	Delivery   *d = MemoryContextAllocZero(msg_cxt, sizeof(Delivery));
 	EbEvent		ev;
 	const char *reason;
 
@@ -226,8 +232,7 @@ dispatch_message(EbInbound *in)
 		q->headers = eb_headers_json(in->nheaders, in->header_names, in->header_values);
 		q->raw = to_bytea(in->data, in->len);
 		q->reason = reason;
-		quarantine = lappend(quarantine, q);
-		MemoryContextSwitchTo(old);
+		quarantine = lappend(quarantine, q);	/* flushed in this iteration */
 		return;
 	}
 
@@ -270,7 +275,6 @@ dispatch_message(EbInbound *in)
 			send_to(w, buf);
 		}
 	}
-	MemoryContextSwitchTo(old);
 
 	/* No subscription (any more) for it: nothing to do. */
 	if (d->pending == 0)
@@ -283,6 +287,8 @@ flush_quarantine(void)
 {
 	ListCell   *lc;
 	Oid			types[10] = {TEXTOID, TEXTOID, INT4OID, INT8OID, INT8OID, BYTEAOID, JSONBOID, BYTEAOID, TEXTOID};
+
+	MemoryContext cxt = CurrentMemoryContext;
 
 	if (quarantine == NIL)
 		return;
@@ -325,6 +331,7 @@ flush_quarantine(void)
 	SPI_finish();
 	PopActiveSnapshot();
 	CommitTransactionCommand();
+	MemoryContextSwitchTo(cxt);
 
 	foreach(lc, quarantine)
 		finish(((Quarantined *) lfirst(lc))->delivery);
@@ -378,6 +385,7 @@ load_subscriptions(void)
 	Sub		   *fresh;
 	int			n;
 	MemoryContext old;
+	MemoryContext cxt = CurrentMemoryContext;
 
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
@@ -414,6 +422,7 @@ load_subscriptions(void)
 	SPI_finish();
 	PopActiveSnapshot();
 	CommitTransactionCommand();
+	MemoryContextSwitchTo(cxt);
 
 	for (int j = 0; j < nsubs; j++)
 		pfree(subs[j].topic);
@@ -489,6 +498,7 @@ prune_inbox(void)
 {
 	static TimestampTz last = 0;
 	char		sql[256];
+	MemoryContext cxt = CurrentMemoryContext;
 
 	if (eb_inbox_retention_min == 0 ||
 		GetCurrentTimestamp() < TimestampTzPlusMilliseconds(last, 60 * 1000))
@@ -508,6 +518,7 @@ prune_inbox(void)
 	SPI_finish();
 	PopActiveSnapshot();
 	CommitTransactionCommand();
+	MemoryContextSwitchTo(cxt);
 }
 
 /* Publish queue depths and lag for eventbus_status(). */
@@ -638,6 +649,7 @@ eventbus_dispatcher_main(Datum main_arg)
 	WaitEventSet *wes;
 	HASHCTL		ctl;
 	char	   *config;
+	MemoryContext loop_cxt;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, die);
@@ -661,6 +673,8 @@ eventbus_dispatcher_main(Datum main_arg)
 	items = hash_create("eventbus work items", 1024, &ctl, HASH_ELEM | HASH_BLOBS);
 	msg_cxt = AllocSetContextCreate(TopMemoryContext, "eventbus dispatcher messages",
 									ALLOCSET_DEFAULT_SIZES);
+	loop_cxt = AllocSetContextCreate(TopMemoryContext, "eventbus dispatcher loop",
+									 ALLOCSET_DEFAULT_SIZES);
 
 	eb_wakeup_init();
 	config = consumer_config();
@@ -679,6 +693,10 @@ eventbus_dispatcher_main(Datum main_arg)
 		long		timeout = 1000;
 		int			got = 0;
 		uint64		gen;
+
+		/* Everything allocated in an iteration and not kept goes here. */
+		MemoryContextReset(loop_cxt);
+		MemoryContextSwitchTo(loop_cxt);
 
 		CHECK_FOR_INTERRUPTS();
 		if (ConfigReloadPending)

@@ -160,8 +160,13 @@ kafka_consumer_set_topics(List *want)
 
 	list_free_deep(topics);
 	topics = NIL;
-	foreach(lc, want)
-		topics = lappend(topics, MemoryContextStrdup(TopMemoryContext, lfirst(lc)));
+	{
+		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+		foreach(lc, want)
+			topics = lappend(topics, pstrdup(lfirst(lc)));
+		MemoryContextSwitchTo(old);
+	}
 
 	if (topics == NIL)
 	{

@@ -24,11 +24,13 @@ static bool
 extension_installed(void)
 {
 	bool		found;
+	MemoryContext cxt = CurrentMemoryContext;
 
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	found = OidIsValid(get_extension_oid("eventbus", true));
 	CommitTransactionCommand();
+	MemoryContextSwitchTo(cxt);
 	pgstat_report_stat(false);
 	return found;
 }
@@ -56,6 +58,8 @@ ensure_dispatcher(void)
 {
 	BackgroundWorker w;
 	pid_t		pid;
+	MemoryContext old;
+	bool		registered;
 
 	if (dispatcher != NULL)
 	{
@@ -74,7 +78,11 @@ ensure_dispatcher(void)
 
 	eb_bgworker_init(&w, "eventbus_dispatcher_main", "eventbus dispatcher", "eventbus dispatcher");
 	dispatcher_started = GetCurrentTimestamp();
-	if (!RegisterDynamicBackgroundWorker(&w, &dispatcher))
+	/* The handle must outlive the loop's memory. */
+	old = MemoryContextSwitchTo(TopMemoryContext);
+	registered = RegisterDynamicBackgroundWorker(&w, &dispatcher);
+	MemoryContextSwitchTo(old);
+	if (!registered)
 	{
 		dispatcher = NULL;
 		dispatcher_next_start = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), 5000);
@@ -115,6 +123,7 @@ eventbus_launcher_main(Datum main_arg)
 {
 	WaitEventSet *wes;
 	bool		ready = false;
+	MemoryContext loop_cxt;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, die);
@@ -136,6 +145,8 @@ eventbus_launcher_main(Datum main_arg)
 	AddWaitEventToSet(wes, WL_SOCKET_READABLE, eb_wakeup_fd(), NULL, NULL);
 
 	ereport(LOG, (errmsg("eventbus launcher started for database \"%s\"", eb_database)));
+	loop_cxt = AllocSetContextCreate(TopMemoryContext, "eventbus launcher loop",
+									 ALLOCSET_DEFAULT_SIZES);
 
 	for (;;)
 	{
@@ -143,6 +154,9 @@ eventbus_launcher_main(Datum main_arg)
 		long		timeout = 1000;
 		bool		now_ready;
 
+		/* Everything allocated in an iteration and not kept goes here. */
+		MemoryContextReset(loop_cxt);
+		MemoryContextSwitchTo(loop_cxt);
 		CHECK_FOR_INTERRUPTS();
 
 		if (ConfigReloadPending)

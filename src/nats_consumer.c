@@ -194,9 +194,12 @@ nats_consumer_set_topics(List *want)
 {
 	List	   *keep = NIL;
 	ListCell   *lc;
+	MemoryContext old;
 
 	if (eb_js == NULL)
 		return;
+	/* subs outlives the dispatcher's loop memory. */
+	old = MemoryContextSwitchTo(TopMemoryContext);
 	foreach(lc, subs)
 	{
 		NatsSub    *ns = lfirst(lc);
@@ -222,13 +225,9 @@ nats_consumer_set_topics(List *want)
 			if (strcmp(((NatsSub *) lfirst(lc2))->topic, topic) == 0)
 				have = true;
 		if (!have)
-		{
-			MemoryContext mc = MemoryContextSwitchTo(TopMemoryContext);
-
 			subs = lappend(subs, subscribe_topic(topic));
-			MemoryContextSwitchTo(mc);
-		}
 	}
+	MemoryContextSwitchTo(old);
 }
 
 /* Forget all subscriptions (the connection is being closed). */

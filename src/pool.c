@@ -133,6 +133,7 @@ run_batch(Pending **batch, int n, bool from_parked)
 	int			handled = 0;
 	int			failed = 0;
 	int			dead = 0;
+	MemoryContext cxt = CurrentMemoryContext;
 
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
@@ -197,6 +198,7 @@ run_batch(Pending **batch, int n, bool from_parked)
 	}
 
 	CommitTransactionCommand();
+	MemoryContextSwitchTo(cxt);
 	pgstat_report_activity(STATE_IDLE, NULL);
 	count(handled, failed, dead);
 	/* Only after commit: the dispatcher may now commit offsets / ack. */
@@ -273,6 +275,7 @@ eventbus_worker_main(Datum main_arg)
 	dsm_segment *seg;
 	shm_toc    *toc;
 	HASHCTL		ctl;
+	MemoryContext loop_cxt;
 
 	my_index = DatumGetInt32(main_arg);
 	memcpy(&handle, MyBgworkerEntry->bgw_extra, sizeof(handle));
@@ -310,6 +313,7 @@ eventbus_worker_main(Datum main_arg)
 	ctl.entrysize = sizeof(Parked);
 	parked = hash_create("eventbus parked keys", 64, &ctl, HASH_ELEM | HASH_BLOBS);
 	item_cxt = AllocSetContextCreate(TopMemoryContext, "eventbus work items", ALLOCSET_DEFAULT_SIZES);
+	loop_cxt = AllocSetContextCreate(TopMemoryContext, "eventbus worker loop", ALLOCSET_DEFAULT_SIZES);
 
 	for (;;)
 	{
@@ -317,6 +321,8 @@ eventbus_worker_main(Datum main_arg)
 		int			n;
 		long		wait;
 
+		MemoryContextReset(loop_cxt);
+		MemoryContextSwitchTo(loop_cxt);
 		CHECK_FOR_INTERRUPTS();
 		if (ConfigReloadPending)
 		{

@@ -274,6 +274,7 @@ start_round(int t, Round *r)
 	EbEvent    *events;
 	StringInfoData buf;
 	int			n;
+	MemoryContext cxt = CurrentMemoryContext;
 
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
@@ -284,6 +285,7 @@ start_round(int t, Round *r)
 	SPI_finish();
 	PopActiveSnapshot();
 	CommitTransactionCommand();
+	MemoryContextSwitchTo(cxt);
 
 	if (n == 0)
 		return;
