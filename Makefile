@@ -16,6 +16,9 @@ EXTRA_CLEAN = test/tools/devbroker test/tools/natstool
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
 
+# Every object depends on the shared header (PGXS tracks no header dependencies).
+$(OBJS): src/eventbus.h
+
 TOOL_CFLAGS = -std=gnu11 -O2 -Wall -Wextra -Werror
 
 all: tools

@@ -159,7 +159,7 @@ eb_wake_dispatcher(void)
 }
 
 static bool xact_callback_registered = false;
-static bool wake_relay_at_commit = false;
+static uint32 wake_relay_at_commit = 0;	/* bit per transport published to */
 static bool wake_dispatcher_at_commit = false;
 
 /* At commit, wake whoever this transaction's work concerns. */
@@ -170,32 +170,44 @@ eb_xact_callback(XactEvent event, void *arg)
 	{
 		case XACT_EVENT_COMMIT:
 		case XACT_EVENT_PARALLEL_COMMIT:
-			if (wake_relay_at_commit)
+			if (wake_relay_at_commit && eb_shared)
+			{
+				/* Tell the relay which transports have new rows. */
+				SpinLockAcquire(&eb_shared->mutex);
+				eb_shared->relay_pending |= wake_relay_at_commit;
+				SpinLockRelease(&eb_shared->mutex);
 				eb_wake_relay();
+			}
 			if (wake_dispatcher_at_commit)
 				eb_wake_dispatcher();
-			wake_relay_at_commit = wake_dispatcher_at_commit = false;
+			wake_relay_at_commit = 0;
+			wake_dispatcher_at_commit = false;
 			break;
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PARALLEL_ABORT:
 		case XACT_EVENT_PREPARE:
 			/* A prepared transaction is found by the periodic scans. */
-			wake_relay_at_commit = wake_dispatcher_at_commit = false;
+			wake_relay_at_commit = 0;
+			wake_dispatcher_at_commit = false;
 			break;
 		default:
 			break;
 	}
 }
 
-/* Ask for the relay and/or dispatcher to be woken when this transaction commits. */
+/*
+ * Ask for the relay (for the given transport, or -1 for none) and/or the
+ * dispatcher to be woken when this transaction commits.
+ */
 void
-eb_wake_at_commit(bool relay, bool dispatcher)
+eb_wake_at_commit(int relay_transport, bool dispatcher)
 {
 	if (!xact_callback_registered)
 	{
 		RegisterXactCallback(eb_xact_callback, NULL);
 		xact_callback_registered = true;
 	}
-	wake_relay_at_commit |= relay;
+	if (relay_transport >= 0)
+		wake_relay_at_commit |= 1u << relay_transport;
 	wake_dispatcher_at_commit |= dispatcher;
 }

@@ -76,6 +76,7 @@ typedef struct EbShared
 	TimestampTz launcher_since;
 	bool		extension_ready;	/* launcher saw the extension installed */
 	Latch	   *relay_latch;	/* set at commit by publishers */
+	uint32		relay_pending;	/* bit per transport with newly committed rows */
 	EbBrokerStatus producer[EB_NTRANSPORTS];
 
 	uint64		subs_generation;	/* bumped when subscriptions change */
@@ -98,7 +99,7 @@ extern void eb_bgworker_init(struct BackgroundWorker *w, const char *function,
 							 const char *name, const char *type);
 extern void eb_wake_relay(void);
 extern void eb_wake_dispatcher(void);
-extern void eb_wake_at_commit(bool relay, bool dispatcher);
+extern void eb_wake_at_commit(int relay_transport, bool dispatcher);
 
 /* guc.c */
 extern char *eb_database;

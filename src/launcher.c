@@ -124,6 +124,7 @@ eventbus_launcher_main(Datum main_arg)
 	WaitEventSet *wes;
 	bool		ready = false;
 	MemoryContext loop_cxt;
+	TimestampTz checked_at = 0;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, die);
@@ -165,7 +166,14 @@ eventbus_launcher_main(Datum main_arg)
 			ProcessConfigFile(PGC_SIGHUP);
 		}
 
-		now_ready = extension_installed();
+		/* A catalog look-up once a second, not on every commit's wake-up. */
+		if (!ready || GetCurrentTimestamp() >= TimestampTzPlusMilliseconds(checked_at, 1000))
+		{
+			now_ready = extension_installed();
+			checked_at = GetCurrentTimestamp();
+		}
+		else
+			now_ready = ready;
 		if (now_ready != ready)
 		{
 			ready = now_ready;

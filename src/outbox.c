@@ -235,7 +235,7 @@ eventbus_publish(PG_FUNCTION_ARGS)
 		elog(ERROR, "eventbus outbox insert failed: %s", SPI_result_code_string(rc));
 	SPI_finish();
 
-	eb_wake_at_commit(true, false);
+	eb_wake_at_commit(transport, false);
 
 	PG_RETURN_UUID_P(event_id);
 }

@@ -48,6 +48,8 @@ typedef struct Round
 	TimestampTz deadline;
 	TimestampTz next_try;		/* backoff after a failed round */
 	int			backoff_ms;
+	bool		more;			/* the last round found rows: look again */
+	TimestampTz next_scan;		/* periodic look without a wake-up */
 	MemoryContext cxt;			/* reset after every round */
 } Round;
 
@@ -287,6 +289,7 @@ start_round(int t, Round *r)
 	CommitTransactionCommand();
 	MemoryContextSwitchTo(cxt);
 
+	r->more = n > 0;
 	if (n == 0)
 		return;
 	if (t == EB_TRANSPORT_NATS)
@@ -413,7 +416,7 @@ ms_until(TimestampTz ts)
 
 /* One transport's share of a relay step; returns the wait it wants. */
 static long
-step_transport(int t)
+step_transport(int t, bool woken)
 {
 	Round	   *r = &rounds[t];
 	bool		kafka = t == EB_TRANSPORT_KAFKA;
@@ -474,6 +477,14 @@ step_transport(int t)
 	if (!(kafka ? kafka_connected() : nats_connected()))
 		return kafka ? 200 : 1000;
 
+	/*
+	 * Read the outbox only when there may be rows: a commit published to
+	 * this transport, the last round found some, or the periodic scan (for
+	 * prepared transactions and rows from before a restart) is due.
+	 */
+	if (!woken && !r->more && GetCurrentTimestamp() < r->next_scan)
+		return Max(ms_until(r->next_scan), 1);
+	r->next_scan = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), 1000);
 	start_round(t, r);
 	if (r->active)
 		return kafka ? 100 : Max(ms_until(r->deadline), 1);
@@ -490,6 +501,12 @@ long
 relay_step(void)
 {
 	volatile long timeout = 1000;
+	uint32		pending;
+
+	SpinLockAcquire(&eb_shared->mutex);
+	pending = eb_shared->relay_pending;
+	eb_shared->relay_pending = 0;
+	SpinLockRelease(&eb_shared->mutex);
 
 	for (int t = 0; t < EB_NTRANSPORTS; t++)
 	{
@@ -497,7 +514,7 @@ relay_step(void)
 
 		PG_TRY();
 		{
-			timeout = Min(timeout, step_transport(t));
+			timeout = Min(timeout, step_transport(t, (pending & (1u << t)) != 0));
 		}
 		PG_CATCH();
 		{
@@ -507,6 +524,7 @@ relay_step(void)
 			FlushErrorState();
 			AbortOutOfAnyTransaction();
 			rounds[t].next_try = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), 1000);
+			rounds[t].more = true;	/* look again after the backoff */
 			timeout = Min(timeout, 1000);
 		}
 		PG_END_TRY();

@@ -121,7 +121,7 @@ eventbus_subscribe(PG_FUNCTION_ARGS)
 	id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 	SPI_finish();
 
-	eb_wake_at_commit(false, true);
+	eb_wake_at_commit(-1, true);
 	PG_RETURN_INT64(id);
 }
 
@@ -150,7 +150,7 @@ eventbus_unsubscribe(PG_FUNCTION_ARGS)
 	SPI_finish();
 
 	if (n > 0)
-		eb_wake_at_commit(false, true);
+		eb_wake_at_commit(-1, true);
 	PG_RETURN_BOOL(n > 0);
 }
 
