@@ -288,15 +288,11 @@ flush_quarantine(void)
 	ListCell   *lc;
 	Oid			types[10] = {TEXTOID, TEXTOID, INT4OID, INT8OID, INT8OID, BYTEAOID, JSONBOID, BYTEAOID, TEXTOID};
 
-	MemoryContext cxt = CurrentMemoryContext;
+	MemoryContext cxt;
 
 	if (quarantine == NIL)
 		return;
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
-	PushActiveSnapshot(GetTransactionSnapshot());
+	cxt = eb_xact_begin();
 	foreach(lc, quarantine)
 	{
 		Quarantined *q = lfirst(lc);
@@ -328,10 +324,7 @@ flush_quarantine(void)
 				(errmsg("eventbus: quarantined a message from %s topic %s: %s",
 						eb_transport_name(q->transport), q->topic, q->reason)));
 	}
-	SPI_finish();
-	PopActiveSnapshot();
-	CommitTransactionCommand();
-	MemoryContextSwitchTo(cxt);
+	eb_xact_end(cxt);
 
 	foreach(lc, quarantine)
 		finish(((Quarantined *) lfirst(lc))->delivery);
@@ -385,13 +378,9 @@ load_subscriptions(void)
 	Sub		   *fresh;
 	int			n;
 	MemoryContext old;
-	MemoryContext cxt = CurrentMemoryContext;
+	MemoryContext cxt;
 
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
-	PushActiveSnapshot(GetTransactionSnapshot());
+	cxt = eb_xact_begin();
 	if (SPI_execute("SELECT id, topic, transport, handler::oid, role_id, max_attempts"
 					" FROM eventbus.subscriptions ORDER BY id", true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "eventbus: could not read subscriptions");
@@ -419,10 +408,7 @@ load_subscriptions(void)
 			ntopics = lappend(ntopics, fresh[i].topic);
 	}
 	MemoryContextSwitchTo(old);
-	SPI_finish();
-	PopActiveSnapshot();
-	CommitTransactionCommand();
-	MemoryContextSwitchTo(cxt);
+	eb_xact_end(cxt);
 
 	for (int j = 0; j < nsubs; j++)
 		pfree(subs[j].topic);
@@ -498,7 +484,7 @@ prune_inbox(void)
 {
 	static TimestampTz last = 0;
 	char		sql[256];
-	MemoryContext cxt = CurrentMemoryContext;
+	MemoryContext cxt;
 
 	if (eb_inbox_retention_min == 0 ||
 		GetCurrentTimestamp() < TimestampTzPlusMilliseconds(last, 60 * 1000))
@@ -508,17 +494,10 @@ prune_inbox(void)
 			 "DELETE FROM eventbus.inbox WHERE ctid = ANY (ARRAY(SELECT ctid FROM eventbus.inbox"
 			 " WHERE handled_at < now() - interval '%d minutes' LIMIT 10000))",
 			 eb_inbox_retention_min);
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
-	PushActiveSnapshot(GetTransactionSnapshot());
+	cxt = eb_xact_begin();
 	if (SPI_execute(sql, false, 0) != SPI_OK_DELETE)
 		elog(ERROR, "eventbus: could not prune the inbox");
-	SPI_finish();
-	PopActiveSnapshot();
-	CommitTransactionCommand();
-	MemoryContextSwitchTo(cxt);
+	eb_xact_end(cxt);
 }
 
 /* Publish queue depths and lag for eventbus_status(). */
@@ -651,11 +630,7 @@ eventbus_dispatcher_main(Datum main_arg)
 	char	   *config;
 	MemoryContext loop_cxt;
 
-	pqsignal(SIGHUP, SignalHandlerForConfigReload);
-	pqsignal(SIGTERM, die);
-	BackgroundWorkerUnblockSignals();
-	BackgroundWorkerInitializeConnection(eb_database, NULL, 0);
-	pgstat_report_appname("eventbus dispatcher");
+	eb_worker_connect("eventbus dispatcher");
 
 	eb_broker_slots = eb_shared->consumer;
 	eb_log_prefix = "eventbus consumer";

@@ -5,6 +5,11 @@
 #include "postgres.h"
 
 #include "access/xact.h"
+#include "executor/spi.h"
+#include "pgstat.h"
+#include "postmaster/interrupt.h"
+#include "tcop/tcopprot.h"
+#include "utils/snapmgr.h"
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "postmaster/bgworker.h"
@@ -108,6 +113,49 @@ _PG_init(void)
 	shmem_startup_hook = eb_shmem_startup;
 
 	eb_register_launcher();
+}
+
+/*
+ * Start a background worker's transaction with SPI and a snapshot.  Returns
+ * the caller's memory context, which eb_xact_end restores (a commit would
+ * otherwise leave TopMemoryContext current, where loop allocations leak).
+ */
+MemoryContext
+eb_xact_begin(void)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	PushActiveSnapshot(GetTransactionSnapshot());
+	return cxt;
+}
+
+/* Finish what eb_xact_begin started: commit, back to the caller's context. */
+void
+eb_xact_end(MemoryContext cxt)
+{
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	MemoryContextSwitchTo(cxt);
+}
+
+/*
+ * Common start of every eventbus background worker: signal handlers (SIGHUP
+ * reloads, SIGTERM terminates through die()), then a connection to
+ * eventbus.database.
+ */
+void
+eb_worker_connect(const char *appname)
+{
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, die);
+	BackgroundWorkerUnblockSignals();
+	BackgroundWorkerInitializeConnection(eb_database, NULL, 0);
+	pgstat_report_appname(appname);
 }
 
 /* ERROR unless the library was preloaded (no shared memory otherwise). */

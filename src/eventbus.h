@@ -94,6 +94,9 @@ typedef struct EbShared
 extern EbShared *eb_shared;
 extern bool eb_preloaded;
 extern void eb_require_preload(void);
+extern MemoryContext eb_xact_begin(void);
+extern void eb_xact_end(MemoryContext cxt);
+extern void eb_worker_connect(const char *appname);
 struct BackgroundWorker;
 extern void eb_bgworker_init(struct BackgroundWorker *w, const char *function,
 							 const char *name, const char *type);

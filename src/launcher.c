@@ -126,12 +126,7 @@ eventbus_launcher_main(Datum main_arg)
 	MemoryContext loop_cxt;
 	TimestampTz checked_at = 0;
 
-	pqsignal(SIGHUP, SignalHandlerForConfigReload);
-	pqsignal(SIGTERM, die);
-	BackgroundWorkerUnblockSignals();
-
-	BackgroundWorkerInitializeConnection(eb_database, NULL, 0);
-	pgstat_report_appname("eventbus launcher");
+	eb_worker_connect("eventbus launcher");
 
 	set_launcher(MyProcPid, MyLatch, false);
 	before_shmem_exit(launcher_exit, (Datum) 0);

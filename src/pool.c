@@ -280,13 +280,12 @@ eventbus_worker_main(Datum main_arg)
 	my_index = DatumGetInt32(main_arg);
 	memcpy(&handle, MyBgworkerEntry->bgw_extra, sizeof(handle));
 
-	pqsignal(SIGHUP, SignalHandlerForConfigReload);
-	pqsignal(SIGTERM, die);
-	BackgroundWorkerUnblockSignals();
+	eb_worker_connect("eventbus worker");
 
 	seg = dsm_attach(handle);
 	if (seg == NULL)
 		proc_exit(0);			/* the dispatcher is already gone */
+	dsm_pin_mapping(seg);		/* for the life of the process, not a resource owner */
 	toc = shm_toc_attach(EB_SHM_MAGIC, dsm_segment_address(seg));
 	if (toc == NULL)
 		elog(ERROR, "eventbus: bad pool segment");
@@ -299,9 +298,6 @@ eventbus_worker_main(Datum main_arg)
 		inq = shm_mq_attach(in, seg, NULL);
 		outq = shm_mq_attach(out, seg, NULL);
 	}
-
-	BackgroundWorkerInitializeConnection(eb_database, NULL, 0);
-	pgstat_report_appname("eventbus worker");
 
 	SpinLockAcquire(&eb_shared->mutex);
 	eb_shared->workers[my_index].pid = MyProcPid;

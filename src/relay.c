@@ -276,18 +276,11 @@ start_round(int t, Round *r)
 	EbEvent    *events;
 	StringInfoData buf;
 	int			n;
-	MemoryContext cxt = CurrentMemoryContext;
+	MemoryContext cxt;
 
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
-	PushActiveSnapshot(GetTransactionSnapshot());
+	cxt = eb_xact_begin();
 	n = fetch_batch(t, r, &events);
-	SPI_finish();
-	PopActiveSnapshot();
-	CommitTransactionCommand();
-	MemoryContextSwitchTo(cxt);
+	eb_xact_end(cxt);
 
 	r->more = n > 0;
 	if (n == 0)
@@ -348,6 +341,7 @@ finish_round(int t, Round *r)
 	Datum		args[2];
 	int			nok;
 	int			nfailed;
+	MemoryContext cxt;
 	MemoryContext old = MemoryContextSwitchTo(r->cxt);
 
 	/* Anything still pending (NATS ack timeout) failed. */
@@ -355,11 +349,7 @@ finish_round(int t, Round *r)
 		if (r->state[i] == SLOT_PENDING)
 			eb_relay_ack(t, i, false, "no acknowledgement within eventbus.ack_timeout");
 
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
-	PushActiveSnapshot(GetTransactionSnapshot());
+	cxt = eb_xact_begin();
 
 	args[0] = ids_in_state(r, SLOT_OK, &nok);
 	if (nok > 0)
@@ -377,9 +367,7 @@ finish_round(int t, Round *r)
 			elog(ERROR, "eventbus: could not record relay failures");
 	}
 
-	SPI_finish();
-	PopActiveSnapshot();
-	CommitTransactionCommand();
+	eb_xact_end(cxt);
 	MemoryContextSwitchTo(old);
 
 	SpinLockAcquire(&eb_shared->mutex);
