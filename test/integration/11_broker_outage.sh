@@ -13,7 +13,7 @@ k0=$(processed kafka); n0=$(processed nats)
 
 pids=()
 for w in 1 2 3 4; do
-	psql -X -q -c "CALL t_burst($w, 1500, '$TK', '$TN', 300, 'acct-', 't11_pub')" &
+	psql -X -q -c "CALL t_burst($w, 1500, '$TK', '$TN', 300, 'acct-', 't11_pub', 0.02)" &
 	pids+=($!)
 done
 # Stop both brokers once the relay has delivered part of the burst.

@@ -12,7 +12,7 @@ k0=$(q -c "SELECT min(processed) FROM eventbus_status() WHERE component = 'launc
 
 pids=()
 for w in 1 2 3 4; do
-	psql -X -q -c "CALL t_burst($w, 1500, '$TK', '$TN', 300, 'cart-', 't12_pub')" >/dev/null 2>&1 &
+	psql -X -q -c "CALL t_burst($w, 1500, '$TK', '$TN', 300, 'cart-', 't12_pub', 0.05)" >/dev/null 2>&1 &
 	pids+=($!)
 done
 # Crash once the relay has delivered some events and an eighth of the burst

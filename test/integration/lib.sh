@@ -149,12 +149,15 @@ publish_log_setup() {
 }
 
 # burst_proc_setup — CALL t_burst(worker, n, topic_kafka, topic_nats, naggs,
-# prefix, log) publishes n events on each transport from one connection, in
+# prefix, log [, pause]) publishes n events on each transport from one
+# connection (pausing `pause` seconds after each commit, to stretch a burst), in
 # transactions touching 1–40 aggregates (locked in sorted order, as the
 # README advises for multi-aggregate transactions).
 burst_proc_setup() {
 	q >/dev/null <<'SQL'
-CREATE OR REPLACE PROCEDURE t_burst(w int, n int, tk text, tn text, naggs int, prefix text, log text)
+DROP PROCEDURE IF EXISTS t_burst(int, int, text, text, int, text, text);
+CREATE OR REPLACE PROCEDURE t_burst(w int, n int, tk text, tn text, naggs int, prefix text, log text,
+                                    pause float8 DEFAULT 0)
 LANGUAGE plpgsql AS $$
 DECLARE
   done int := 0; sz int; agg text; id uuid; p jsonb;
@@ -170,6 +173,7 @@ BEGIN
       done := done + 1;
     END LOOP;
     COMMIT;
+    IF pause > 0 THEN PERFORM pg_sleep(pause); END IF;
   END LOOP;
 END $$;
 SQL
