@@ -669,18 +669,10 @@ eventbus_dispatcher_main(Datum main_arg)
 		int			got = 0;
 		uint64		gen;
 
-		/* Everything allocated in an iteration and not kept goes here. */
-		MemoryContextReset(loop_cxt);
-		MemoryContextSwitchTo(loop_cxt);
-
-		CHECK_FOR_INTERRUPTS();
-		if (ConfigReloadPending)
+		if (eb_worker_loop_top(loop_cxt))
 		{
-			char	   *now;
+			char	   *now = consumer_config();
 
-			ConfigReloadPending = false;
-			ProcessConfigFile(PGC_SIGHUP);
-			now = consumer_config();
 			if (strcmp(now, config) != 0)
 			{
 				/*

@@ -9,6 +9,7 @@
 #include "pgstat.h"
 #include "postmaster/interrupt.h"
 #include "tcop/tcopprot.h"
+#include "utils/memutils.h"
 #include "utils/snapmgr.h"
 #include "fmgr.h"
 #include "miscadmin.h"
@@ -156,6 +157,24 @@ eb_worker_connect(const char *appname)
 	BackgroundWorkerUnblockSignals();
 	BackgroundWorkerInitializeConnection(eb_database, NULL, 0);
 	pgstat_report_appname(appname);
+}
+
+/*
+ * Top of every worker loop iteration: start from an empty iteration context,
+ * serve interrupts (SIGTERM exits here), and reload the configuration after
+ * SIGHUP.  Returns true when it reloaded.
+ */
+bool
+eb_worker_loop_top(MemoryContext loop_cxt)
+{
+	MemoryContextReset(loop_cxt);
+	MemoryContextSwitchTo(loop_cxt);
+	CHECK_FOR_INTERRUPTS();
+	if (!ConfigReloadPending)
+		return false;
+	ConfigReloadPending = false;
+	ProcessConfigFile(PGC_SIGHUP);
+	return true;
 }
 
 /* ERROR unless the library was preloaded (no shared memory otherwise). */

@@ -97,6 +97,7 @@ extern void eb_require_preload(void);
 extern MemoryContext eb_xact_begin(void);
 extern void eb_xact_end(MemoryContext cxt);
 extern void eb_worker_connect(const char *appname);
+extern bool eb_worker_loop_top(MemoryContext loop_cxt);
 struct BackgroundWorker;
 extern void eb_bgworker_init(struct BackgroundWorker *w, const char *function,
 							 const char *name, const char *type);

@@ -150,16 +150,7 @@ eventbus_launcher_main(Datum main_arg)
 		long		timeout = 1000;
 		bool		now_ready;
 
-		/* Everything allocated in an iteration and not kept goes here. */
-		MemoryContextReset(loop_cxt);
-		MemoryContextSwitchTo(loop_cxt);
-		CHECK_FOR_INTERRUPTS();
-
-		if (ConfigReloadPending)
-		{
-			ConfigReloadPending = false;
-			ProcessConfigFile(PGC_SIGHUP);
-		}
+		(void) eb_worker_loop_top(loop_cxt);
 
 		/* A catalog look-up once a second, not on every commit's wake-up. */
 		if (!ready || GetCurrentTimestamp() >= TimestampTzPlusMilliseconds(checked_at, 1000))

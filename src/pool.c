@@ -317,14 +317,7 @@ eventbus_worker_main(Datum main_arg)
 		int			n;
 		long		wait;
 
-		MemoryContextReset(loop_cxt);
-		MemoryContextSwitchTo(loop_cxt);
-		CHECK_FOR_INTERRUPTS();
-		if (ConfigReloadPending)
-		{
-			ConfigReloadPending = false;
-			ProcessConfigFile(PGC_SIGHUP);
-		}
+		(void) eb_worker_loop_top(loop_cxt);
 
 		if (!receive_batch(batch, &n))
 			proc_exit(0);		/* dispatcher detached */
