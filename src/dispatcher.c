@@ -651,14 +651,9 @@ eventbus_dispatcher_main(Datum main_arg)
 	loop_cxt = AllocSetContextCreate(TopMemoryContext, "eventbus dispatcher loop",
 									 ALLOCSET_DEFAULT_SIZES);
 
-	eb_wakeup_init();
+	wes = eb_wakeup_wait_set();
 	config = consumer_config();
 	start_pool();
-
-	wes = CreateWaitEventSet(TopMemoryContext, 3);
-	AddWaitEventToSet(wes, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
-	AddWaitEventToSet(wes, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
-	AddWaitEventToSet(wes, WL_SOCKET_READABLE, eb_wakeup_fd(), NULL, NULL);
 
 	ereport(LOG, (errmsg("eventbus dispatcher started with %d pool workers", nworkers)));
 

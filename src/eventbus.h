@@ -176,6 +176,7 @@ extern PGDLLEXPORT void eventbus_launcher_main(Datum main_arg);
 
 /* wakeup.c */
 extern void eb_wakeup_init(void);
+extern WaitEventSet *eb_wakeup_wait_set(void);
 extern int	eb_wakeup_fd(void);
 extern void eb_wakeup_drain(void);
 extern void eb_wakeup_signal(void);

@@ -132,13 +132,8 @@ eventbus_launcher_main(Datum main_arg)
 	before_shmem_exit(launcher_exit, (Datum) 0);
 
 	eb_broker_slots = eb_shared->producer;
-	eb_wakeup_init();
+	wes = eb_wakeup_wait_set();
 	relay_init();
-
-	wes = CreateWaitEventSet(TopMemoryContext, 3);
-	AddWaitEventToSet(wes, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
-	AddWaitEventToSet(wes, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
-	AddWaitEventToSet(wes, WL_SOCKET_READABLE, eb_wakeup_fd(), NULL, NULL);
 
 	ereport(LOG, (errmsg("eventbus launcher started for database \"%s\"", eb_database)));
 	loop_cxt = AllocSetContextCreate(TopMemoryContext, "eventbus launcher loop",

@@ -8,6 +8,10 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include "miscadmin.h"
+#include "storage/latch.h"
+#include "utils/memutils.h"
+
 #include "eventbus.h"
 
 static int	wakeup_pipe[2] = {-1, -1};
@@ -26,6 +30,23 @@ eb_wakeup_init(void)
 		ereport(ERROR,
 				(errcode_for_file_access(),
 				 errmsg("eventbus: could not create wakeup pipe: %m")));
+}
+
+/*
+ * The pipe plus the WaitEventSet a worker's main loop waits on: its latch,
+ * postmaster death, and the pipe.
+ */
+WaitEventSet *
+eb_wakeup_wait_set(void)
+{
+	WaitEventSet *wes;
+
+	eb_wakeup_init();
+	wes = CreateWaitEventSet(TopMemoryContext, 3);
+	AddWaitEventToSet(wes, WL_LATCH_SET, PGINVALID_SOCKET, MyLatch, NULL);
+	AddWaitEventToSet(wes, WL_EXIT_ON_PM_DEATH, PGINVALID_SOCKET, NULL, NULL);
+	AddWaitEventToSet(wes, WL_SOCKET_READABLE, wakeup_pipe[0], NULL, NULL);
+	return wes;
 }
 
 /* The read end, for the WaitEventSet. */

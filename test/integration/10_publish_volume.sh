@@ -44,14 +44,8 @@ n_pub=$(q -c "SELECT count(*) FROM t10_pub")
 diag "published and acknowledged $n_pub events in $(( (t1 - t0) / 1000000 )) ms"
 
 for tr in kafka nats; do
-	q -c "DROP TABLE IF EXISTS t10_pub_$tr; CREATE TABLE t10_pub_$tr AS SELECT * FROM t10_pub WHERE transport = '$tr'" >/dev/null
-	if [ $tr = kafka ]; then
-		nparts=$(kafka_partitions "$TK"); wire_kafka "$TK" t10_wire_$tr
-		diag "Kafka topic $TK has $nparts partitions"
-	else
-		nparts=0; wire_nats "$TN" t10_wire_$tr
-	fi
-	r=$(check t10_wire_$tr t10_pub_$tr "$nparts")
+	r=$(check_transport t10 $tr "$TK" "$TN")
+	[ $tr = kafka ] && diag "Kafka topic $TK has $(kafka_partitions "$TK") partitions"
 	diag "$tr: $r"
 	is "$(field "$r" published)" "10002" "$tr: 10,002 events committed (10,000 + kept + full; rolled-back ones excluded)"
 	is "$(field "$r" missing)" "0" "$tr: zero missing on the broker"

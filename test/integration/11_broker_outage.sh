@@ -37,10 +37,7 @@ wait_outbox_empty 180
 ok $? "backlog delivered after the brokers came back"
 
 for tr in kafka nats; do
-	q -c "DROP TABLE IF EXISTS t11_pub_$tr; CREATE TABLE t11_pub_$tr AS SELECT * FROM t11_pub WHERE transport = '$tr'" >/dev/null
-	if [ $tr = kafka ]; then nparts=$(kafka_partitions "$TK"); wire_kafka "$TK" t11_wire_$tr
-	else nparts=0; wire_nats "$TN" t11_wire_$tr; fi
-	r=$(check t11_wire_$tr t11_pub_$tr "$nparts")
+	r=$(check_transport t11 $tr "$TK" "$TN")
 	diag "$tr: $r"
 	is "$(field "$r" published)" "6000" "$tr: 6,000 events committed"
 	is "$(field "$r" missing)" "0" "$tr: zero missing after the outage"

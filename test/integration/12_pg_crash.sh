@@ -31,10 +31,7 @@ wait_outbox_empty 180
 ok $? "relay drained the outbox left from before the crash"
 
 for tr in kafka nats; do
-	q -c "DROP TABLE IF EXISTS t12_pub_$tr; CREATE TABLE t12_pub_$tr AS SELECT * FROM t12_pub WHERE transport = '$tr'" >/dev/null
-	if [ $tr = kafka ]; then nparts=$(kafka_partitions "$TK"); wire_kafka "$TK" t12_wire_$tr
-	else nparts=0; wire_nats "$TN" t12_wire_$tr; fi
-	r=$(check t12_wire_$tr t12_pub_$tr "$nparts")
+	r=$(check_transport t12 $tr "$TK" "$TN")
 	diag "$tr: $r"
 	is "$(field "$r" missing)" "0" "$tr: every committed event arrived"
 	is "$(field "$r" unexpected)" "0" "$tr: no event that did not commit"

@@ -137,6 +137,17 @@ wire_nats() {
 	q -c "SELECT t_wire_nats('${2}_raw', '$2')" >/dev/null
 }
 
+# check_transport PREFIX TR KAFKA_TOPIC NATS_SUBJECT — split the commit log
+# PREFIX_pub by transport, read that transport's topic back with the
+# independent client into PREFIX_wire_TR, and print t_check's figures.
+check_transport() {
+	local p=$1 tr=$2 nparts=0
+	q -c "DROP TABLE IF EXISTS ${p}_pub_$tr; CREATE TABLE ${p}_pub_$tr AS SELECT * FROM ${p}_pub WHERE transport = '$tr'" >/dev/null
+	if [ "$tr" = kafka ]; then nparts=$(kafka_partitions "$3"); wire_kafka "$3" "${p}_wire_$tr"
+	else wire_nats "$4" "${p}_wire_$tr"; fi
+	check "${p}_wire_$tr" "${p}_pub_$tr" "$nparts"
+}
+
 # check WIRE PUB NPARTS — JSON figures from t_check (wire.sql).
 check() { q -c "SELECT t_check('$1', '$2', $3)"; }
 # field JSON NAME
