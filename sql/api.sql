@@ -25,12 +25,20 @@ SELECT attname, format_type(atttypid, atttypmod)
 -- Publishing is granted explicitly: PUBLIC may not execute it.
 SELECT has_function_privilege('public', 'eventbus_publish(text,text,text,jsonb,text,bigint,text,text,integer,jsonb)', 'EXECUTE') AS public_can_publish;
 
+-- Every API function is granted explicitly (status: to pg_monitor), and every
+-- one runs its statements with search_path pinned.
+SELECT p.proname, has_function_privilege('public', p.oid, 'EXECUTE') AS public_can_execute,
+       has_function_privilege('pg_monitor', p.oid, 'EXECUTE') AS monitor_can_execute, p.proconfig
+  FROM pg_proc p WHERE p.proname LIKE 'eventbus\_%' ORDER BY 1;
+
 -- GUCs: the contract names exist; credentials are hidden from other roles.
 SELECT name, context, vartype FROM pg_settings WHERE name LIKE 'eventbus.%' ORDER BY name;
 CREATE ROLE eventbus_regress_user;
 SET ROLE eventbus_regress_user;
 SELECT name FROM pg_settings WHERE name LIKE 'eventbus.%' ORDER BY name;
 SHOW eventbus.kafka_properties;
+SHOW eventbus.nats_url;
+SELECT current_setting('eventbus.nats_token');
 SHOW eventbus.default_transport;
 SET eventbus.default_transport = 'nats';
 SHOW eventbus.default_transport;

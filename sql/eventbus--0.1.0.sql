@@ -90,10 +90,12 @@ CREATE FUNCTION eventbus_status(
     OUT failed    bigint)
 RETURNS SETOF record
 AS 'MODULE_PATHNAME', 'eventbus_status'
-LANGUAGE C VOLATILE SECURITY DEFINER
+LANGUAGE C VOLATILE
 SET search_path = pg_catalog, pg_temp;
 COMMENT ON FUNCTION eventbus_status() IS
-  'eventbus processes, broker connection states, outbox backlog and counters';
+  'eventbus processes, broker connection states, outbox backlog and counters; a non-superuser sees the subscriptions of roles it is a member of';
+REVOKE ALL ON FUNCTION eventbus_status() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION eventbus_status() TO pg_monitor;
 
 -- Consuming -----------------------------------------------------------------
 
@@ -104,11 +106,11 @@ CREATE TABLE eventbus.subscriptions (
     handler      regprocedure NOT NULL,
     role_id      oid NOT NULL,
     max_attempts integer NOT NULL CHECK (max_attempts >= 1),
-    created_at   timestamptz NOT NULL DEFAULT now(),
+    created_at   timestamptz NOT NULL DEFAULT pg_catalog.now(),
     UNIQUE (topic, transport, handler)
 );
 COMMENT ON TABLE eventbus.subscriptions IS
-  'Handlers subscribed to topics; each runs with the privileges of role_id, the role that subscribed it';
+  'Handlers subscribed to topics; each runs with the privileges of role_id, the role that subscribed it and owns the subscription';
 COMMENT ON SEQUENCE eventbus.subscriptions_id_seq IS 'Generates subscription ids';
 SELECT pg_catalog.pg_extension_config_dump('eventbus.subscriptions', '');
 
@@ -116,7 +118,7 @@ CREATE TABLE eventbus.inbox (
     subscription_id bigint NOT NULL REFERENCES eventbus.subscriptions ON DELETE CASCADE,
     event_id        uuid NOT NULL,
     outcome         text NOT NULL CHECK (outcome IN ('handled', 'dead_lettered')),
-    handled_at      timestamptz NOT NULL DEFAULT clock_timestamp(),
+    handled_at      timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
     PRIMARY KEY (subscription_id, event_id)
 );
 CREATE INDEX inbox_handled_at ON eventbus.inbox (handled_at);
@@ -131,7 +133,7 @@ CREATE TABLE eventbus.dead_letters (
     error_message   text NOT NULL,
     error_sqlstate  text NOT NULL,
     attempts        integer NOT NULL,
-    failed_at       timestamptz NOT NULL DEFAULT clock_timestamp(),
+    failed_at       timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
     replayed_at     timestamptz
 );
 COMMENT ON TABLE eventbus.dead_letters IS
@@ -150,7 +152,7 @@ CREATE TABLE eventbus.quarantine (
     headers         jsonb,
     raw             bytea NOT NULL,
     reason          text NOT NULL,
-    received_at     timestamptz NOT NULL DEFAULT clock_timestamp()
+    received_at     timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp()
 );
 COMMENT ON TABLE eventbus.quarantine IS
   'Inbound messages that are not valid envelopes, kept with their raw bytes and the reason; consumption continued past them';
@@ -164,7 +166,8 @@ CREATE FUNCTION eventbus_subscribe(
     max_attempts integer DEFAULT 5)
 RETURNS bigint
 AS 'MODULE_PATHNAME', 'eventbus_subscribe'
-LANGUAGE C VOLATILE PARALLEL UNSAFE;
+LANGUAGE C VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp;
 COMMENT ON FUNCTION eventbus_subscribe(text, regprocedure, text, integer) IS
   'Run handler(eventbus.envelope) for every event of topic, as the calling role; returns the subscription id';
 REVOKE ALL ON FUNCTION eventbus_subscribe(text, regprocedure, text, integer) FROM PUBLIC;
@@ -175,15 +178,37 @@ CREATE FUNCTION eventbus_unsubscribe(
     transport text DEFAULT NULL)
 RETURNS boolean
 AS 'MODULE_PATHNAME', 'eventbus_unsubscribe'
-LANGUAGE C VOLATILE PARALLEL UNSAFE;
+LANGUAGE C VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp;
 COMMENT ON FUNCTION eventbus_unsubscribe(text, regprocedure, text) IS
-  'Remove a subscription (with its inbox and dead letters); true if it existed';
+  'Remove a subscription (with its inbox and dead letters); true if it existed; needs membership in the owning role';
 REVOKE ALL ON FUNCTION eventbus_unsubscribe(text, regprocedure, text) FROM PUBLIC;
 
 CREATE FUNCTION eventbus_replay_dead_letter(id bigint)
 RETURNS boolean
 AS 'MODULE_PATHNAME', 'eventbus_replay_dead_letter'
-LANGUAGE C VOLATILE PARALLEL UNSAFE;
+LANGUAGE C VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp;
 COMMENT ON FUNCTION eventbus_replay_dead_letter(bigint) IS
-  'Run the handler of a dead letter again, now, in the calling transaction, as the subscribing role; true if it succeeded';
+  'Run the handler of a dead letter again, now, in the calling transaction, as the subscribing role isolated as in the pool; true if it succeeded; a dead letter replays successfully at most once; needs membership in the owning role';
 REVOKE ALL ON FUNCTION eventbus_replay_dead_letter(bigint) FROM PUBLIC;
+
+CREATE FUNCTION eventbus_dead_letters(
+    subscription_id bigint DEFAULT NULL,
+    OUT id            bigint,
+    OUT subscription  bigint,
+    OUT topic         text,
+    OUT handler       regprocedure,
+    OUT envelope      eventbus.envelope,
+    OUT error_message text,
+    OUT error_sqlstate text,
+    OUT attempts      integer,
+    OUT failed_at     timestamptz,
+    OUT replayed_at   timestamptz)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'eventbus_dead_letters'
+LANGUAGE C VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION eventbus_dead_letters(bigint) IS
+  'Dead letters of a subscription (needs membership in its owning role), or with NULL of every subscription the caller may act for';
+REVOKE ALL ON FUNCTION eventbus_dead_letters(bigint) FROM PUBLIC;

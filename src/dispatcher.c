@@ -381,8 +381,10 @@ load_subscriptions(void)
 	MemoryContext cxt;
 
 	cxt = eb_xact_begin();
-	if (SPI_execute("SELECT id, topic, transport, handler::oid, role_id, max_attempts"
-					" FROM eventbus.subscriptions ORDER BY id", true, 0) != SPI_OK_SELECT)
+	/* Subscriptions whose owner was dropped (from another database) stop. */
+	if (SPI_execute("SELECT s.id, s.topic, s.transport, s.handler::pg_catalog.oid, s.role_id, s.max_attempts"
+					" FROM eventbus.subscriptions s WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_authid a"
+					" WHERE a.oid OPERATOR(pg_catalog.=) s.role_id) ORDER BY s.id", true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "eventbus: could not read subscriptions");
 	n = (int) SPI_processed;
 	old = MemoryContextSwitchTo(TopMemoryContext);
@@ -491,8 +493,9 @@ prune_inbox(void)
 		return;
 	last = GetCurrentTimestamp();
 	snprintf(sql, sizeof(sql),
-			 "DELETE FROM eventbus.inbox WHERE ctid = ANY (ARRAY(SELECT ctid FROM eventbus.inbox"
-			 " WHERE handled_at < now() - interval '%d minutes' LIMIT 10000))",
+			 "DELETE FROM eventbus.inbox WHERE ctid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT ctid FROM eventbus.inbox"
+			 " WHERE handled_at OPERATOR(pg_catalog.<) (pg_catalog.now() OPERATOR(pg_catalog.-)"
+			 " pg_catalog.make_interval(mins => %d)) LIMIT 10000))",
 			 eb_inbox_retention_min);
 	cxt = eb_xact_begin();
 	if (SPI_execute(sql, false, 0) != SPI_OK_DELETE)

@@ -107,6 +107,9 @@ _PG_init(void)
 		return;
 
 	eb_preloaded = true;
+	eb_capture_config_search_path();
+	eb_install_log_redaction();
+	eb_install_ddl_guard();
 
 	prev_shmem_request_hook = shmem_request_hook;
 	shmem_request_hook = eb_shmem_request;
@@ -156,6 +159,7 @@ eb_worker_connect(const char *appname)
 	pqsignal(SIGTERM, die);
 	BackgroundWorkerUnblockSignals();
 	BackgroundWorkerInitializeConnection(eb_database, NULL, 0);
+	eb_pin_worker_search_path();
 	pgstat_report_appname(appname);
 }
 

@@ -120,6 +120,10 @@ extern int	eb_ack_timeout_ms;
 extern int	eb_max_payload_bytes;
 extern int	eb_inbox_retention_min;
 extern void eb_define_gucs(void);
+extern bool eb_kafka_properties_parse(const char *spec, List **names, List **values, char **err);
+extern bool eb_kafka_property_mandatory(const char *name);
+extern char *eb_mask_credentials(const char *s);
+extern void eb_install_log_redaction(void);
 extern bool eb_transport_configured(int transport);
 
 /* envelope.c */
@@ -244,7 +248,8 @@ typedef enum EbOutcome
 {
 	EB_OUTCOME_HANDLED = 0,
 	EB_OUTCOME_DUPLICATE,		/* already in the inbox: skipped */
-	EB_OUTCOME_DEAD_LETTERED
+	EB_OUTCOME_DEAD_LETTERED,
+	EB_OUTCOME_OWNER_DROPPED	/* subscribing role gone: not run */
 } EbOutcome;
 
 typedef struct EbCompletion
@@ -261,6 +266,27 @@ extern int	eb_handler_run(const EbWorkItem *item, ErrorData **error);
 extern bool eb_handler_call(Oid handler, Oid role, Datum envelope, ErrorData **error);
 extern void eb_dead_letter(const EbWorkItem *item, const ErrorData *error, int attempts);
 extern Oid	eb_envelope_type(void);
+
+/* privilege.c: the user and settings statements and handlers run with */
+typedef struct EbSecContext
+{
+	Oid			save_uid;
+	int			save_sec;
+	int			nestlevel;
+} EbSecContext;
+
+extern void eb_capture_config_search_path(void);
+extern void eb_pin_worker_search_path(void);
+extern Oid	eb_extension_owner(void);
+extern void eb_as_owner_begin(EbSecContext *ctx);
+extern void eb_as_owner_end(EbSecContext *ctx);
+extern bool eb_may_act_for(Oid role);
+extern void eb_require_owner(Oid role, const char *action, int64 subscription_id);
+extern void eb_handler_context_begin(EbSecContext *ctx, Oid role);
+extern void eb_handler_context_end(EbSecContext *ctx);
+
+/* ddl_guard.c */
+extern void eb_install_ddl_guard(void);
 
 /* subscription.c */
 extern bool eb_handler_signature_ok(Oid handler);

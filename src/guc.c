@@ -1,13 +1,17 @@
 /*
  * guc.c — the eventbus.* configuration parameters.
  *
- * Names and contexts of the parameters in DESIGN §3 are a contract.
+ * Names and contexts of the documented parameters are a contract.
  * Credentials and raw client properties are superuser-only and hidden from
- * other roles (GUC_SUPERUSER_ONLY).
+ * other roles (GUC_SUPERUSER_ONLY), and their values never reach the server
+ * log: not through eventbus, and not through PostgreSQL's own "parameter
+ * changed" or "invalid value" lines (redacted by an emit_log_hook).
  */
 #include "postgres.h"
 
 #include "miscadmin.h"
+#include "tcop/tcopprot.h"
+#include "utils/elog.h"
 #include "utils/guc.h"
 
 #include "eventbus.h"
@@ -33,6 +37,224 @@ static const struct config_enum_entry transport_options[] = {
 };
 
 /*
+ * librdkafka properties eventbus sets itself: the guarantees (idempotent,
+ * ordered production; offsets stored only up to completed work; reading from
+ * the earliest offset; callbacks on the main thread) depend on them.
+ */
+static const char *const mandatory_kafka_properties[] = {
+	"bootstrap.servers", "metadata.broker.list", "group.id",
+	"log.queue", "enable.idempotence", "partitioner", "acks",
+	"request.required.acks", "message.timeout.ms", "delivery.timeout.ms",
+	"enable.auto.commit", "enable.auto.offset.store", "auto.offset.reset",
+	"enable.partition.eof", NULL
+};
+
+/*
+ * Split "name=value;name=value" into names and values (palloc'd lists).
+ * "\;" is a ';' and "\\" a '\' inside a value or name; blanks around names
+ * and before values are dropped; empty items are skipped.  On a malformed
+ * item returns false with *err set; values are never quoted in *err.
+ */
+bool
+eb_kafka_properties_parse(const char *spec, List **names, List **values, char **err)
+{
+	StringInfoData item;
+	const char *p = spec ? spec : "";
+
+	*names = NIL;
+	*values = NIL;
+	initStringInfo(&item);
+	for (;;)
+	{
+		int			eq = -1;
+
+		resetStringInfo(&item);
+		for (; *p && *p != ';'; p++)
+		{
+			if (*p == '\\' && (p[1] == ';' || p[1] == '\\'))
+				p++;
+			else if (*p == '=' && eq < 0)
+			{
+				eq = item.len;
+				appendStringInfoChar(&item, '\0');
+				continue;
+			}
+			appendStringInfoChar(&item, *p);
+		}
+		{
+			char	   *name = item.data;
+			char	   *value;
+			char	   *e;
+
+			while (*name == ' ' || *name == '\t' || *name == '\n' || *name == '\r')
+				name++;
+			if (eq < 0)
+			{
+				if (*name != '\0')
+				{
+					*err = psprintf("item %d is not name=value", list_length(*names) + 1);
+					return false;
+				}
+			}
+			else
+			{
+				value = item.data + eq + 1;
+				for (e = item.data + eq - 1; e >= name && (*e == ' ' || *e == '\t' || *e == '\n'); e--)
+					*e = '\0';
+				while (*value == ' ' || *value == '\t')
+					value++;
+				if (*name == '\0')
+				{
+					*err = psprintf("item %d has no property name", list_length(*names) + 1);
+					return false;
+				}
+				*names = lappend(*names, pstrdup(name));
+				*values = lappend(*values, pstrdup(value));
+			}
+		}
+		if (*p == '\0')
+			break;
+		p++;
+	}
+	pfree(item.data);
+	return true;
+}
+
+/* Is name a property eventbus sets itself? */
+bool
+eb_kafka_property_mandatory(const char *name)
+{
+	for (int i = 0; mandatory_kafka_properties[i]; i++)
+		if (pg_strcasecmp(name, mandatory_kafka_properties[i]) == 0)
+			return true;
+	return false;
+}
+
+/* Check hook of eventbus.kafka_properties: well-formed, no mandatory property. */
+static bool
+check_kafka_properties(char **newval, void **extra, GucSource source)
+{
+	List	   *names;
+	List	   *values;
+	char	   *err = NULL;
+	ListCell   *lc;
+
+	if (!eb_kafka_properties_parse(*newval, &names, &values, &err))
+	{
+		GUC_check_errdetail("eventbus.kafka_properties: %s.", err);
+		GUC_check_errhint("Use name=value pairs separated by ';'; write \\; for a ';' inside a value.");
+		return false;
+	}
+	foreach(lc, names)
+	{
+		const char *name = lfirst(lc);
+
+		if (eb_kafka_property_mandatory(name))
+		{
+			GUC_check_errdetail("eventbus sets Kafka property \"%s\" itself; it cannot be set in eventbus.kafka_properties.",
+								name);
+			GUC_check_errhint("Remove \"%s\" from the setting.", name);
+			return false;
+		}
+	}
+	return true;
+}
+
+/*
+ * Copy of s with the user:password of every "scheme://user:password@host"
+ * replaced by "***".
+ */
+char *
+eb_mask_credentials(const char *s)
+{
+	StringInfoData out;
+	const char *p = s;
+
+	initStringInfo(&out);
+	while (*p)
+	{
+		const char *scheme = strstr(p, "://");
+		const char *q;
+
+		if (scheme == NULL)
+			break;
+		appendBinaryStringInfo(&out, p, scheme + 3 - p);
+		p = scheme + 3;
+		for (q = p; *q && *q != '@' && *q != '/' && *q != ',' && *q != ' ' && *q != ';'; q++)
+			;
+		if (*q == '@')
+		{
+			appendStringInfoString(&out, "***");
+			p = q;
+		}
+	}
+	appendStringInfoString(&out, p);
+	return out.data;
+}
+
+/* Parameters whose values may hold credentials. */
+static const char *const secret_gucs[] = {
+	"eventbus.kafka_properties", "eventbus.nats_url", "eventbus.nats_token",
+	"eventbus.nats_credentials_file", NULL
+};
+
+static emit_log_hook_type prev_emit_log_hook = NULL;
+
+/* Does s name a secret parameter? */
+static bool
+mentions_secret_guc(const char *s)
+{
+	if (s == NULL)
+		return false;
+	for (int i = 0; secret_gucs[i]; i++)
+		if (strstr(s, secret_gucs[i]) != NULL)
+			return true;
+	return false;
+}
+
+/*
+ * Keep secret parameter values out of the server log: PostgreSQL logs a
+ * reloaded parameter's new value ("parameter ... changed to ...") and an
+ * invalid value ("invalid value for parameter ...") verbatim, and the
+ * statement that set it.  Cut such messages after the parameter name.
+ */
+static void
+redact_secrets_hook(ErrorData *edata)
+{
+	for (int i = 0; edata->message && secret_gucs[i]; i++)
+	{
+		char	   *at = strstr(edata->message, secret_gucs[i]);
+		const char *rest;
+
+		if (at == NULL)
+			continue;
+		/* Only a message that goes on after the name can hold a value. */
+		rest = at + strlen(secret_gucs[i]);
+		if (*rest == '"')
+			rest++;
+		if (*rest != '\0')
+		{
+			edata->message = psprintf("%.*s (value hidden)", (int) (rest - edata->message),
+									  edata->message);
+			edata->hide_stmt = true;
+		}
+		break;
+	}
+	if (mentions_secret_guc(debug_query_string))
+		edata->hide_stmt = true;
+	if (prev_emit_log_hook)
+		prev_emit_log_hook(edata);
+}
+
+/* Install the log redaction (postmaster, inherited by every process). */
+void
+eb_install_log_redaction(void)
+{
+	prev_emit_log_hook = emit_log_hook;
+	emit_log_hook = redact_secrets_hook;
+}
+
+/*
  * Define every eventbus.* GUC.  PostgreSQL refuses PGC_POSTMASTER variables
  * after startup, so those exist only when the library is preloaded (the only
  * case in which they mean anything).
@@ -55,8 +277,9 @@ eb_define_gucs(void)
 
 	DefineCustomStringVariable("eventbus.nats_url",
 							   "NATS server URL(s), e.g. nats://127.0.0.1:4222; empty disables NATS.",
-							   NULL, &eb_nats_url, "",
-							   PGC_SIGHUP, 0, NULL, NULL, NULL);
+							   "May carry user:password@; superuser-only for that reason.",
+							   &eb_nats_url, "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
 
 	DefineCustomEnumVariable("eventbus.default_transport",
 							 "Transport eventbus_publish uses when none is given.",
@@ -77,8 +300,9 @@ eb_define_gucs(void)
 
 	DefineCustomStringVariable("eventbus.kafka_properties",
 							   "Extra librdkafka properties, 'name=value' pairs separated by ';' (SASL, TLS, tuning).",
-							   NULL, &eb_kafka_properties, "",
-							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+							   "Write \\; for a ';' and \\\\ for a '\\' inside a value. Properties eventbus sets itself are refused.",
+							   &eb_kafka_properties, "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, check_kafka_properties, NULL, NULL);
 
 	DefineCustomStringVariable("eventbus.nats_credentials_file",
 							   "NATS user credentials (.creds) file.",

@@ -3,8 +3,8 @@
  *
  * Each invocation runs in its own subtransaction of the caller's (pool
  * worker's batch) transaction: claim the event in eventbus.inbox (a
- * duplicate claim means it was handled before: skip), switch to the
- * subscribing role, call the handler, switch back.  The inbox row commits
+ * duplicate claim means it was handled before: skip), enter the
+ * subscribing role's isolated context (privilege.c), call the handler, leave.  The inbox row commits
  * with the handler's effects, or neither does.
  */
 #include "postgres.h"
@@ -180,22 +180,31 @@ eb_handler_call(Oid handler, Oid role, Datum envelope, ErrorData **error)
 	MemoryContextSwitchTo(cxt);
 	PG_TRY();
 	{
-		Oid			save_uid;
-		int			save_sec;
+		EbSecContext sec;
+		FmgrInfo   *flinfo;
+		LOCAL_FCINFO(fcinfo, 1);
 
+		if (!SearchSysCacheExists1(AUTHOID, ObjectIdGetDatum(role)))
+			ereport(ERROR,
+					(errcode(ERRCODE_UNDEFINED_OBJECT),
+					 errmsg("the role that subscribed handler %s no longer exists", format_procedure(handler))));
 		if (pg_proc_aclcheck(handler, role, ACL_EXECUTE) != ACLCHECK_OK)
 			ereport(ERROR,
 					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
 					 errmsg("permission denied for function %s", format_procedure(handler)),
 					 errdetail("The subscribing role %s lacks EXECUTE on the handler.",
-							   GetUserNameFromId(role, true) ? GetUserNameFromId(role, true) : "(dropped)")));
+							   GetUserNameFromId(role, false))));
 
-		GetUserIdAndSecContext(&save_uid, &save_sec);
-		SetUserIdAndSecContext(role, save_sec | SECURITY_LOCAL_USERID_CHANGE);
+		flinfo = handler_fmgr(handler);
+		eb_handler_context_begin(&sec, role);
 		PushActiveSnapshot(GetTransactionSnapshot());
-		FunctionCall1(handler_fmgr(handler), envelope);
+		/* Called directly: a void function may return NULL (SQL functions do). */
+		InitFunctionCallInfoData(*fcinfo, flinfo, 1, InvalidOid, NULL, NULL);
+		fcinfo->args[0].value = envelope;
+		fcinfo->args[0].isnull = false;
+		(void) FunctionCallInvoke(fcinfo);
 		PopActiveSnapshot();
-		SetUserIdAndSecContext(save_uid, save_sec);
+		eb_handler_context_end(&sec);
 
 		ReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(cxt);
@@ -206,7 +215,7 @@ eb_handler_call(Oid handler, Oid role, Datum envelope, ErrorData **error)
 		MemoryContextSwitchTo(cxt);
 		*error = CopyErrorData();
 		FlushErrorState();
-		/* Also restores the user id saved when the subtransaction began. */
+		/* Also restores the user id and settings of before the subtransaction. */
 		RollbackAndReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(cxt);
 		CurrentResourceOwner = owner;
@@ -250,6 +259,19 @@ eb_handler_run(const EbWorkItem *item, ErrorData **error)
 	Oid			types[2] = {INT8OID, UUIDOID};
 	Datum		args[2];
 	volatile int outcome = EB_OUTCOME_HANDLED;
+
+	/*
+	 * A role dropped from another database leaves its subscriptions behind;
+	 * the dispatcher stops routing to them within seconds.  Never run a
+	 * handler under a dangling role, and do not retry what cannot succeed.
+	 */
+	if (!SearchSysCacheExists1(AUTHOID, ObjectIdGetDatum(item->role)))
+	{
+		ereport(LOG,
+				(errmsg("not running event %s for subscription " INT64_FORMAT ": its owning role was dropped",
+						item->ev.event_id, item->subscription_id)));
+		return EB_OUTCOME_OWNER_DROPPED;
+	}
 
 	args[0] = Int64GetDatum(item->subscription_id);
 	args[1] = DirectFunctionCall1(uuid_in, CStringGetDatum(item->ev.event_id));

@@ -83,36 +83,42 @@ set_prop(rd_kafka_conf_t *conf, const char *name, const char *value,
 	return rd_kafka_conf_set(conf, name, value, errstr, errlen) == RD_KAFKA_CONF_OK;
 }
 
-/* Apply eventbus.kafka_properties: "name=value;name=value". */
+/*
+ * Apply eventbus.kafka_properties.  Errors name the property, never its
+ * value (it may be a password).
+ */
 static bool
 apply_extra_properties(rd_kafka_conf_t *conf, char *errstr, size_t errlen)
 {
-	char	   *copy = pstrdup(eb_kafka_properties);
-	char	   *save = NULL;
+	List	   *names;
+	List	   *values;
+	char	   *err = NULL;
+	ListCell   *ln;
+	ListCell   *lv;
 
-	for (char *item = strtok_r(copy, ";", &save); item; item = strtok_r(NULL, ";", &save))
+	if (!eb_kafka_properties_parse(eb_kafka_properties, &names, &values, &err))
 	{
-		char	   *eq = strchr(item, '=');
-		char	   *name = item;
-		char	   *value;
+		snprintf(errstr, errlen, "eventbus.kafka_properties: %s", err);
+		return false;
+	}
+	forboth(ln, names, lv, values)
+	{
+		const char *name = lfirst(ln);
+		char		ignored[512];
+		rd_kafka_conf_res_t res;
 
-		while (*name == ' ' || *name == '\t' || *name == '\n')
-			name++;
-		if (*name == '\0')
-			continue;
-		if (eq == NULL)
+		if (eb_kafka_property_mandatory(name))
 		{
-			snprintf(errstr, errlen, "eventbus.kafka_properties: \"%s\" is not name=value", name);
+			snprintf(errstr, errlen, "eventbus.kafka_properties: \"%s\" is set by eventbus", name);
 			return false;
 		}
-		*eq = '\0';
-		value = eq + 1;
-		for (char *e = eq - 1; e >= name && (*e == ' ' || *e == '\t'); e--)
-			*e = '\0';
-		while (*value == ' ' || *value == '\t')
-			value++;
-		if (!set_prop(conf, name, value, errstr, errlen))
+		res = rd_kafka_conf_set(conf, name, lfirst(lv), ignored, sizeof(ignored));
+		if (res != RD_KAFKA_CONF_OK)
+		{
+			snprintf(errstr, errlen, "eventbus.kafka_properties: %s \"%s\"",
+					 res == RD_KAFKA_CONF_UNKNOWN ? "unknown property" : "invalid value for", name);
 			return false;
+		}
 	}
 	return true;
 }

@@ -29,7 +29,7 @@ static SPIPlanPtr insert_plan = NULL;
 	" INSERT INTO eventbus.aggregate_versions AS a (topic, aggregate_id, version)" \
 	" VALUES ($1, $2, COALESCE($6, 1))" \
 	" ON CONFLICT (topic, aggregate_id) DO UPDATE SET version =" \
-	"  CASE WHEN $6 IS NULL THEN a.version + 1 ELSE GREATEST(a.version, $6) END" \
+	"  CASE WHEN $6 IS NULL THEN a.version OPERATOR(pg_catalog.+) 1 ELSE GREATEST(a.version, $6) END" \
 	" RETURNING version)" \
 	" INSERT INTO eventbus.outbox (event_id, transport, topic, aggregate_id," \
 	"  event_type, event_version, occurred_at, trace_id, correlation_id," \

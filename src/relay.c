@@ -63,11 +63,11 @@ static SPIPlanPtr fail_plan = NULL;
 	" occurred_at, trace_id, correlation_id, tenant_id, payload::text," \
 	" (SELECT pg_catalog.array_agg(key ORDER BY key) FROM pg_catalog.jsonb_each_text(headers))," \
 	" (SELECT pg_catalog.array_agg(value ORDER BY key) FROM pg_catalog.jsonb_each_text(headers))" \
-	" FROM eventbus.outbox WHERE transport = $1 ORDER BY id LIMIT $2"
-#define DELETE_SQL "DELETE FROM eventbus.outbox WHERE id = ANY($1)"
+	" FROM eventbus.outbox WHERE transport OPERATOR(pg_catalog.=) $1 ORDER BY id LIMIT $2"
+#define DELETE_SQL "DELETE FROM eventbus.outbox WHERE id OPERATOR(pg_catalog.=) ANY ($1)"
 #define FAIL_SQL \
-	"UPDATE eventbus.outbox SET attempts = attempts + 1, last_error = $2" \
-	" WHERE id = ANY($1)"
+	"UPDATE eventbus.outbox SET attempts = attempts OPERATOR(pg_catalog.+) 1, last_error = $2" \
+	" WHERE id OPERATOR(pg_catalog.=) ANY ($1)"
 
 /* Set up memory; called once by the launcher. */
 void

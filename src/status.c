@@ -5,6 +5,7 @@
 #include "postgres.h"
 
 #include "access/htup_details.h"
+#include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "funcapi.h"
@@ -53,6 +54,9 @@ eb_set_broker_state(int transport, EbBrokerState state, const char *detail)
 	if (eb_broker_slots == NULL)
 		return;
 	st = &eb_broker_slots[transport];
+	/* Status and log show URLs without their user:password. */
+	if (detail)
+		detail = eb_mask_credentials(detail);
 
 	SpinLockAcquire(&eb_shared->mutex);
 	changed = st->state != state;
@@ -83,12 +87,17 @@ eb_set_broker_state(int transport, EbBrokerState state, const char *detail)
 static void
 count_backlog(int64 backlog[EB_NTRANSPORTS])
 {
-	memset(backlog, 0, sizeof(int64) * EB_NTRANSPORTS);
+	EbSecContext ctx;
+	int			rc;
 
+	memset(backlog, 0, sizeof(int64) * EB_NTRANSPORTS);
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	if (SPI_execute("SELECT transport, count(*) FROM eventbus.outbox GROUP BY transport",
-					true, 0) != SPI_OK_SELECT)
+	eb_as_owner_begin(&ctx);
+	rc = SPI_execute("SELECT transport, pg_catalog.count(*) FROM eventbus.outbox GROUP BY transport",
+					 true, 0);
+	eb_as_owner_end(&ctx);
+	if (rc != SPI_OK_SELECT)
 		elog(ERROR, "could not count the outbox backlog");
 	for (uint64 i = 0; i < SPI_processed; i++)
 	{
@@ -110,12 +119,30 @@ add_subscription_rows(ReturnSetInfo *rsinfo, EbShared *snap)
 	Datum		values[STATUS_COLS];
 	bool		nulls[STATUS_COLS];
 
+	EbSecContext ctx;
+	Oid			types[2] = {BOOLOID, OIDOID};
+	Datum		args[2];
+	int			rc;
+
+	/* A non-superuser sees the subscriptions of roles it is a member of. */
+	args[0] = BoolGetDatum(superuser());
+	args[1] = ObjectIdGetDatum(GetUserId());
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	if (SPI_execute("SELECT s.id, s.transport, s.topic || ' -> ' || s.handler::text, s.created_at,"
-					" (SELECT count(*) FROM eventbus.inbox i WHERE i.subscription_id = s.id AND i.outcome = 'handled'),"
-					" (SELECT count(*) FROM eventbus.dead_letters d WHERE d.subscription_id = s.id AND d.replayed_at IS NULL)"
-					" FROM eventbus.subscriptions s ORDER BY s.id", true, 0) != SPI_OK_SELECT)
+	eb_as_owner_begin(&ctx);
+	rc = SPI_execute_with_args("SELECT s.id, s.transport, s.topic OPERATOR(pg_catalog.||) ' -> '"
+							   " OPERATOR(pg_catalog.||) s.handler::pg_catalog.text, s.created_at,"
+							   " (SELECT pg_catalog.count(*) FROM eventbus.inbox i"
+							   "   WHERE i.subscription_id OPERATOR(pg_catalog.=) s.id"
+							   "   AND i.outcome OPERATOR(pg_catalog.=) 'handled'),"
+							   " (SELECT pg_catalog.count(*) FROM eventbus.dead_letters d"
+							   "   WHERE d.subscription_id OPERATOR(pg_catalog.=) s.id AND d.replayed_at IS NULL),"
+							   " EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.oid OPERATOR(pg_catalog.=) s.role_id)"
+							   " FROM eventbus.subscriptions s"
+							   " WHERE $1 OR pg_catalog.pg_has_role($2, s.role_id, 'MEMBER')"
+							   " ORDER BY s.id", 2, types, args, NULL, true, 0);
+	eb_as_owner_end(&ctx);
+	if (rc != SPI_OK_SELECT)
 		elog(ERROR, "could not read subscriptions");
 	for (uint64 i = 0; i < SPI_processed; i++)
 	{
@@ -128,7 +155,8 @@ add_subscription_rows(ReturnSetInfo *rsinfo, EbShared *snap)
 		values[0] = CStringGetTextDatum(psprintf("subscription " INT64_FORMAT, id));
 		nulls[1] = true;
 		values[2] = CStringGetTextDatum(SPI_getvalue(t, d, 2));
-		values[3] = CStringGetTextDatum(snap->dispatcher_pid ? "active" : "inactive");
+		values[3] = CStringGetTextDatum(!DatumGetBool(SPI_getbinval(t, d, 7, &isnull)) ? "owner dropped" :
+										snap->dispatcher_pid ? "active" : "inactive");
 		values[4] = SPI_getbinval(t, d, 4, &isnull);
 		values[5] = CStringGetTextDatum(SPI_getvalue(t, d, 3));
 		nulls[6] = true;

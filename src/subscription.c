@@ -2,9 +2,11 @@
  * subscription.c — eventbus_subscribe, eventbus_unsubscribe and
  * eventbus_replay_dead_letter.
  *
- * These run as the caller (so the subscribing role is the caller's role)
- * but read and write eventbus's own tables as their owner: EXECUTE on them
- * is what GRANT controls.
+ * These run as the caller (so the subscribing role is the caller's role);
+ * their statements on eventbus's own tables run as the extension owner
+ * (privilege.c).  EXECUTE on them is what GRANT controls; a subscription is
+ * owned by its role, and changing it, replaying or reading its dead letters
+ * takes membership in that role.
  */
 #include "postgres.h"
 
@@ -14,6 +16,7 @@
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "fmgr.h"
+#include "funcapi.h"
 #include "miscadmin.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
@@ -25,6 +28,7 @@
 PG_FUNCTION_INFO_V1(eventbus_subscribe);
 PG_FUNCTION_INFO_V1(eventbus_unsubscribe);
 PG_FUNCTION_INFO_V1(eventbus_replay_dead_letter);
+PG_FUNCTION_INFO_V1(eventbus_dead_letters);
 
 /* Is handler a function (eventbus.envelope) RETURNS void? */
 bool
@@ -44,25 +48,54 @@ eb_handler_signature_ok(Oid handler)
 	return ok;
 }
 
-/* Run one statement on eventbus's tables as the bootstrap superuser. */
+/*
+ * Run one internal statement on eventbus's tables as the extension owner
+ * (privilege.c); the caller has connected SPI.
+ */
 static uint64
-exec_as_owner(const char *sql, int nargs, Oid *types, Datum *values, const char *nulls,
+exec_internal(const char *sql, int nargs, Oid *types, Datum *values, const char *nulls,
 			  int expected)
 {
-	Oid			save_uid;
-	int			save_sec;
+	EbSecContext ctx;
 	int			rc;
 
-	GetUserIdAndSecContext(&save_uid, &save_sec);
-	SetUserIdAndSecContext(BOOTSTRAP_SUPERUSERID, save_sec | SECURITY_LOCAL_USERID_CHANGE);
+	eb_as_owner_begin(&ctx);
 	rc = SPI_execute_with_args(sql, nargs, types, values, nulls, false, 0);
-	SetUserIdAndSecContext(save_uid, save_sec);
+	eb_as_owner_end(&ctx);
 	if (rc != expected)
-		elog(ERROR, "eventbus: statement failed: %s", SPI_result_code_string(rc));
+		elog(ERROR, "eventbus internal statement failed: %s", SPI_result_code_string(rc));
 	return SPI_processed;
 }
 
-/* eventbus_subscribe(topic, handler, transport, max_attempts) RETURNS bigint */
+/* Column col of the first result row (SPI), as a Datum; *isnull set. */
+static Datum
+result_col(int col, bool *isnull)
+{
+	return SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, col, isnull);
+}
+
+#define FIND_SUB_SQL \
+	"SELECT id, role_id FROM eventbus.subscriptions" \
+	" WHERE topic OPERATOR(pg_catalog.=) $1 AND transport OPERATOR(pg_catalog.=) $2" \
+	" AND handler OPERATOR(pg_catalog.=) $3 FOR UPDATE"
+
+/* topic and handler arguments must not be NULL. */
+static void
+require_topic_handler(FunctionCallInfo fcinfo)
+{
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("%s must not be null", PG_ARGISNULL(0) ? "topic" : "handler")));
+}
+
+/*
+ * eventbus_subscribe(topic, handler, transport, max_attempts) RETURNS bigint
+ *
+ * A new subscription is owned by the calling role.  Subscribing again to an
+ * existing (topic, transport, handler) updates max_attempts and keeps the
+ * owner; it needs membership in the owning role.
+ */
 Datum
 eventbus_subscribe(PG_FUNCTION_ARGS)
 {
@@ -70,16 +103,13 @@ eventbus_subscribe(PG_FUNCTION_ARGS)
 	Oid			handler;
 	int			transport;
 	int32		max_attempts;
-	Oid			types[5] = {TEXTOID, TEXTOID, REGPROCEDUREOID, OIDOID, INT4OID};
+	Oid			types[5] = {TEXTOID, TEXTOID, OIDOID, OIDOID, INT4OID};
 	Datum		values[5];
 	bool		isnull;
-	int64		id;
+	int64		id = 0;
 
 	eb_require_preload();
-	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
-		ereport(ERROR,
-				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("%s must not be null", PG_ARGISNULL(0) ? "topic" : "handler")));
+	require_topic_handler(fcinfo);
 	topic = text_to_cstring(PG_GETARG_TEXT_PP(0));
 	handler = PG_GETARG_OID(1);
 	transport = eb_transport_arg(fcinfo, 2);
@@ -112,14 +142,36 @@ eventbus_subscribe(PG_FUNCTION_ARGS)
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	exec_as_owner("INSERT INTO eventbus.subscriptions (topic, transport, handler, role_id, max_attempts)"
-				  " VALUES ($1, $2, $3, $4, $5)"
-				  " ON CONFLICT (topic, transport, handler) DO UPDATE"
-				  " SET role_id = EXCLUDED.role_id, max_attempts = EXCLUDED.max_attempts"
-				  " RETURNING id",
-				  5, types, values, NULL, SPI_OK_INSERT_RETURNING);
-	id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	/* Insert, or lock the existing row; a concurrent insert makes us look again. */
+	for (int tries = 0; tries < 2 && id == 0; tries++)
+	{
+		if (exec_internal("INSERT INTO eventbus.subscriptions (topic, transport, handler, role_id, max_attempts)"
+						  " VALUES ($1, $2, $3::pg_catalog.regprocedure, $4, $5)"
+						  " ON CONFLICT (topic, transport, handler) DO NOTHING RETURNING id",
+						  5, types, values, NULL, SPI_OK_INSERT_RETURNING) == 1)
+		{
+			id = DatumGetInt64(result_col(1, &isnull));
+			break;
+		}
+		if (exec_internal(FIND_SUB_SQL, 3, types, values, NULL, SPI_OK_SELECT) == 1)
+		{
+			Datum		upd[2];
+			Oid			updtypes[2] = {INT8OID, INT4OID};
+
+			id = DatumGetInt64(result_col(1, &isnull));
+			eb_require_owner(DatumGetObjectId(result_col(2, &isnull)), "change", id);
+			upd[0] = Int64GetDatum(id);
+			upd[1] = values[4];
+			exec_internal("UPDATE eventbus.subscriptions SET max_attempts = $2"
+						  " WHERE id OPERATOR(pg_catalog.=) $1",
+						  2, updtypes, upd, NULL, SPI_OK_UPDATE);
+		}
+	}
 	SPI_finish();
+	if (id == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
+				 errmsg("subscription changed concurrently, try again")));
 
 	eb_wake_at_commit(-1, true);
 	PG_RETURN_INT64(id);
@@ -129,84 +181,164 @@ eventbus_subscribe(PG_FUNCTION_ARGS)
 Datum
 eventbus_unsubscribe(PG_FUNCTION_ARGS)
 {
-	Oid			types[3] = {TEXTOID, TEXTOID, REGPROCEDUREOID};
+	Oid			types[3] = {TEXTOID, TEXTOID, OIDOID};
 	Datum		values[3];
-	uint64		n;
+	bool		isnull;
+	bool		found;
 
 	eb_require_preload();
-	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
-		ereport(ERROR,
-				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("%s must not be null", PG_ARGISNULL(0) ? "topic" : "handler")));
+	require_topic_handler(fcinfo);
 	values[0] = PointerGetDatum(PG_GETARG_TEXT_PP(0));
 	values[1] = CStringGetTextDatum(eb_transport_name(eb_transport_arg(fcinfo, 2)));
 	values[2] = PG_GETARG_DATUM(1);
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	n = exec_as_owner("DELETE FROM eventbus.subscriptions"
-					  " WHERE topic = $1 AND transport = $2 AND handler = $3",
-					  3, types, values, NULL, SPI_OK_DELETE);
+	found = exec_internal(FIND_SUB_SQL, 3, types, values, NULL, SPI_OK_SELECT) == 1;
+	if (found)
+	{
+		int64		id = DatumGetInt64(result_col(1, &isnull));
+		Oid			idtype = INT8OID;
+		Datum		idval = Int64GetDatum(id);
+
+		eb_require_owner(DatumGetObjectId(result_col(2, &isnull)), "remove", id);
+		exec_internal("DELETE FROM eventbus.subscriptions WHERE id OPERATOR(pg_catalog.=) $1",
+					  1, &idtype, &idval, NULL, SPI_OK_DELETE);
+	}
 	SPI_finish();
 
-	if (n > 0)
+	if (found)
 		eb_wake_at_commit(-1, true);
-	PG_RETURN_BOOL(n > 0);
+	PG_RETURN_BOOL(found);
 }
 
 /*
  * eventbus_replay_dead_letter(id) RETURNS boolean — run the handler again,
- * now, in the caller's transaction, as the subscribing role.
+ * now, in the caller's transaction, as the subscribing role and isolated as
+ * in the pool.  A dead letter replays successfully at most once: its row is
+ * locked for the call, so a concurrent replay waits and then finds it done.
  */
 Datum
 eventbus_replay_dead_letter(PG_FUNCTION_ARGS)
 {
-	int64		id = PG_GETARG_INT64(0);
-	Oid			types[4] = {INT8OID, TEXTOID, TEXTOID, TEXTOID};
-	Datum		values[4];
+	int64		id;
+	Oid			types[3] = {INT8OID, TEXTOID, TEXTOID};
+	Datum		values[3];
 	bool		isnull;
 	Oid			handler;
 	Oid			role;
+	int64		sub_id;
 	Datum		envelope;
 	ErrorData  *error = NULL;
 	bool		ok;
 
 	eb_require_preload();
+	if (PG_ARGISNULL(0))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("id must not be null")));
+	id = PG_GETARG_INT64(0);
 	values[0] = Int64GetDatum(id);
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	exec_as_owner("SELECT s.handler::oid, s.role_id, d.envelope FROM eventbus.dead_letters d"
-				  " JOIN eventbus.subscriptions s ON s.id = d.subscription_id WHERE d.id = $1",
-				  1, types, values, NULL, SPI_OK_SELECT);
-	if (SPI_processed == 0)
+	if (exec_internal("SELECT s.handler::pg_catalog.oid, s.role_id, d.envelope, s.id,"
+					  " d.replayed_at IS NOT NULL"
+					  " FROM eventbus.dead_letters d JOIN eventbus.subscriptions s"
+					  " ON s.id OPERATOR(pg_catalog.=) d.subscription_id"
+					  " WHERE d.id OPERATOR(pg_catalog.=) $1 FOR UPDATE OF d",
+					  1, types, values, NULL, SPI_OK_SELECT) == 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
 				 errmsg("dead letter " INT64_FORMAT " does not exist", id)));
-	handler = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
-	role = DatumGetObjectId(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
-	envelope = SPI_datumTransfer(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3, &isnull),
-								 false, -1);
+	handler = DatumGetObjectId(result_col(1, &isnull));
+	role = DatumGetObjectId(result_col(2, &isnull));
+	envelope = SPI_datumTransfer(result_col(3, &isnull), false, -1);
+	sub_id = DatumGetInt64(result_col(4, &isnull));
+	eb_require_owner(role, "replay a dead letter of", sub_id);
+	if (DatumGetBool(result_col(5, &isnull)))
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("dead letter " INT64_FORMAT " was already replayed", id),
+				 errdetail("A dead letter is replayed successfully at most once.")));
 
 	ok = eb_handler_call(handler, role, envelope, &error);
 	if (ok)
-		exec_as_owner("WITH d AS (UPDATE eventbus.dead_letters SET replayed_at = clock_timestamp()"
-					  " WHERE id = $1 RETURNING subscription_id, (envelope).event_id)"
-					  " UPDATE eventbus.inbox i SET outcome = 'handled', handled_at = clock_timestamp()"
-					  " FROM d WHERE i.subscription_id = d.subscription_id AND i.event_id = d.event_id",
+		exec_internal("WITH d AS (UPDATE eventbus.dead_letters SET replayed_at = pg_catalog.clock_timestamp()"
+					  " WHERE id OPERATOR(pg_catalog.=) $1 RETURNING subscription_id, (envelope).event_id)"
+					  " UPDATE eventbus.inbox i SET outcome = 'handled', handled_at = pg_catalog.clock_timestamp()"
+					  " FROM d WHERE i.subscription_id OPERATOR(pg_catalog.=) d.subscription_id"
+					  " AND i.event_id OPERATOR(pg_catalog.=) d.event_id",
 					  1, types, values, NULL, SPI_OK_UPDATE);
 	else
 	{
 		values[1] = CStringGetTextDatum(error->message ? error->message : "unknown error");
 		values[2] = CStringGetTextDatum(unpack_sql_state(error->sqlerrcode));
-		exec_as_owner("UPDATE eventbus.dead_letters SET attempts = attempts + 1,"
-					  " error_message = $2, error_sqlstate = $3, failed_at = clock_timestamp()"
-					  " WHERE id = $1",
+		exec_internal("UPDATE eventbus.dead_letters SET attempts = attempts OPERATOR(pg_catalog.+) 1,"
+					  " error_message = $2, error_sqlstate = $3, failed_at = pg_catalog.clock_timestamp()"
+					  " WHERE id OPERATOR(pg_catalog.=) $1",
 					  3, types, values, NULL, SPI_OK_UPDATE);
 		ereport(WARNING,
-				(errmsg("eventbus: replay of dead letter " INT64_FORMAT " failed: %s", id, error->message),
+				(errmsg("replay of dead letter " INT64_FORMAT " failed: %s", id, error->message),
 				 errdetail("SQLSTATE %s", unpack_sql_state(error->sqlerrcode))));
 	}
 	SPI_finish();
 	PG_RETURN_BOOL(ok);
+}
+
+/*
+ * eventbus_dead_letters(subscription_id bigint DEFAULT NULL) RETURNS SETOF
+ * record — dead letters of one subscription (42501 unless the caller may act
+ * for its owner), or of every subscription the caller may act for.
+ */
+Datum
+eventbus_dead_letters(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	Oid			types[2] = {INT8OID, OIDOID};
+	Datum		values[2];
+	char		nulls[2] = {' ', ' '};
+	bool		superuser_caller = superuser();
+	uint64		n;
+
+	eb_require_preload();
+	InitMaterializedSRF(fcinfo, 0);
+	values[1] = ObjectIdGetDatum(GetUserId());
+	nulls[0] = PG_ARGISNULL(0) ? 'n' : ' ';
+	values[0] = PG_ARGISNULL(0) ? (Datum) 0 : PG_GETARG_DATUM(0);
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	if (!PG_ARGISNULL(0))
+	{
+		bool		isnull;
+
+		if (exec_internal("SELECT role_id FROM eventbus.subscriptions WHERE id OPERATOR(pg_catalog.=) $1",
+						  1, types, values, nulls, SPI_OK_SELECT) == 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_UNDEFINED_OBJECT),
+					 errmsg("subscription " INT64_FORMAT " does not exist", PG_GETARG_INT64(0))));
+		eb_require_owner(DatumGetObjectId(result_col(1, &isnull)), "read dead letters of",
+						 PG_GETARG_INT64(0));
+	}
+	n = exec_internal("SELECT d.id, d.subscription_id, s.topic, s.handler, d.envelope, d.error_message,"
+					  " d.error_sqlstate, d.attempts, d.failed_at, d.replayed_at"
+					  " FROM eventbus.dead_letters d JOIN eventbus.subscriptions s"
+					  " ON s.id OPERATOR(pg_catalog.=) d.subscription_id"
+					  " WHERE ($1 IS NULL OR s.id OPERATOR(pg_catalog.=) $1)"
+					  " AND ($3 OR pg_catalog.pg_has_role($2, s.role_id, 'MEMBER'))"
+					  " ORDER BY d.id",
+					  3, (Oid[]) {INT8OID, OIDOID, BOOLOID},
+					  (Datum[]) {values[0], values[1], BoolGetDatum(superuser_caller)},
+					  (char[]) {nulls[0], ' ', ' '}, SPI_OK_SELECT);
+	for (uint64 i = 0; i < n; i++)
+	{
+		Datum		row[10];
+		bool		rownulls[10];
+
+		heap_deform_tuple(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, row, rownulls);
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, row, rownulls);
+	}
+	SPI_finish();
+	return (Datum) 0;
 }

@@ -1,0 +1,247 @@
+/*
+ * privilege.c — who eventbus's statements and handlers run as, and with
+ * which settings.
+ *
+ * Three rules, as PostgreSQL applies them to index builds and materialized
+ * views:
+ *  - internal statements of the SQL API run as the extension owner, as a
+ *    security-restricted operation, with search_path pinned to
+ *    "pg_catalog, pg_temp" in a GUC nest level of their own;
+ *  - background workers pin that search_path for their whole life, above
+ *    any database or role setting;
+ *  - a handler runs as its subscribing role, security-restricted, in a GUC
+ *    nest level that starts from the role's defaults in this database and is
+ *    thrown away when the call returns, so nothing it sets reaches the next.
+ */
+#include "postgres.h"
+
+#include "access/genam.h"
+#include "access/htup_details.h"
+#include "access/table.h"
+#include "catalog/indexing.h"
+#include "catalog/pg_db_role_setting.h"
+#include "catalog/pg_extension.h"
+#include "miscadmin.h"
+#include "storage/proc.h"
+#include "utils/acl.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/fmgroids.h"
+#include "utils/guc.h"
+#include "utils/memutils.h"
+#include "utils/rel.h"
+#include "utils/snapmgr.h"
+
+#include "eventbus.h"
+
+#define PINNED_SEARCH_PATH "pg_catalog, pg_temp"
+
+/* search_path of postgresql.conf when the server started: a handler's base. */
+static char *config_search_path = NULL;
+
+/* Remember postgresql.conf's search_path (called from _PG_init). */
+void
+eb_capture_config_search_path(void)
+{
+	const char *v = GetConfigOption("search_path", true, false);
+
+	config_search_path = MemoryContextStrdup(TopMemoryContext,
+											 v ? v : "\"$user\", public");
+}
+
+/*
+ * Pin a background worker's search_path above every database and role
+ * setting (as autovacuum does), so ALTER DATABASE/ROLE ... SET cannot
+ * redirect its statements to objects of the database owner's choosing.
+ */
+void
+eb_pin_worker_search_path(void)
+{
+	SetConfigOption("search_path", PINNED_SEARCH_PATH, PGC_SUSET, PGC_S_OVERRIDE);
+}
+
+/* Role that owns the eventbus extension (and so its tables). */
+Oid
+eb_extension_owner(void)
+{
+	Relation	rel;
+	ScanKeyData key;
+	SysScanDesc scan;
+	HeapTuple	tup;
+	Oid			owner = InvalidOid;
+
+	rel = table_open(ExtensionRelationId, AccessShareLock);
+	ScanKeyInit(&key, Anum_pg_extension_extname, BTEqualStrategyNumber, F_NAMEEQ,
+				CStringGetDatum("eventbus"));
+	scan = systable_beginscan(rel, ExtensionNameIndexId, true, NULL, 1, &key);
+	tup = systable_getnext(scan);
+	if (HeapTupleIsValid(tup))
+		owner = ((Form_pg_extension) GETSTRUCT(tup))->extowner;
+	systable_endscan(scan);
+	table_close(rel, AccessShareLock);
+
+	if (!OidIsValid(owner))
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+				 errmsg("extension \"eventbus\" is not installed in this database"),
+				 errhint("Run CREATE EXTENSION eventbus.")));
+	return owner;
+}
+
+/*
+ * Enter the context of eventbus's internal statements: the extension owner,
+ * security-restricted, search_path pinned.  Leave with eb_as_owner_end; an
+ * error in between is unwound by transaction abort.
+ */
+void
+eb_as_owner_begin(EbSecContext *ctx)
+{
+	Oid			owner = eb_extension_owner();
+
+	GetUserIdAndSecContext(&ctx->save_uid, &ctx->save_sec);
+	SetUserIdAndSecContext(owner, ctx->save_sec | SECURITY_LOCAL_USERID_CHANGE |
+						   SECURITY_RESTRICTED_OPERATION);
+	ctx->nestlevel = NewGUCNestLevel();
+	(void) set_config_option("search_path", PINNED_SEARCH_PATH, PGC_SUSET, PGC_S_SESSION,
+							 GUC_ACTION_SAVE, true, 0, false);
+}
+
+/* Leave what eb_as_owner_begin entered. */
+void
+eb_as_owner_end(EbSecContext *ctx)
+{
+	AtEOXact_GUC(false, ctx->nestlevel);
+	SetUserIdAndSecContext(ctx->save_uid, ctx->save_sec);
+}
+
+/* May the current user act for role (member of it, or superuser)? */
+bool
+eb_may_act_for(Oid role)
+{
+	return superuser() || (OidIsValid(role) && is_member_of_role(GetUserId(), role));
+}
+
+/* ERROR 42501 unless the current user may act for the subscription's owner. */
+void
+eb_require_owner(Oid role, const char *action, int64 subscription_id)
+{
+	const char *name;
+
+	if (eb_may_act_for(role))
+		return;
+	name = GetUserNameFromId(role, true);
+	ereport(ERROR,
+			(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+			 errmsg("permission denied to %s subscription " INT64_FORMAT, action, subscription_id),
+			 errdetail("The subscription is owned by role %s.", name ? quote_identifier(name) : "(dropped)"),
+			 errhint("Only members of the owning role and superusers may change it, replay or read its dead letters.")));
+}
+
+/* A role's setting arrays, read once per transaction (a pool batch). */
+typedef struct RoleDefaults
+{
+	Oid			role;
+	Datum		arrays[4];		/* ALTER ROLE ALL, DATABASE, ROLE, ROLE IN DATABASE */
+} RoleDefaults;
+
+static List *defaults_cache = NIL;	/* in TopTransactionContext */
+static LocalTransactionId defaults_lxid = InvalidLocalTransactionId;
+
+/* Read role's rows of pg_db_role_setting that apply in this database. */
+static RoleDefaults *
+read_role_defaults(Oid role)
+{
+	Relation	rel;
+	SysScanDesc scan;
+	HeapTuple	tup;
+	Snapshot	snap;
+	RoleDefaults *rd;
+	MemoryContext old;
+	ListCell   *lc;
+
+	if (defaults_lxid != MyProc->lxid)
+	{
+		defaults_cache = NIL;
+		defaults_lxid = MyProc->lxid;
+	}
+	foreach(lc, defaults_cache)
+		if (((RoleDefaults *) lfirst(lc))->role == role)
+			return lfirst(lc);
+
+	old = MemoryContextSwitchTo(TopTransactionContext);
+	rd = palloc0(sizeof(RoleDefaults));
+	rd->role = role;
+	snap = RegisterSnapshot(GetCatalogSnapshot(DbRoleSettingRelationId));
+	rel = table_open(DbRoleSettingRelationId, AccessShareLock);
+	scan = systable_beginscan(rel, InvalidOid, false, snap, 0, NULL);
+	while ((tup = systable_getnext(scan)) != NULL)
+	{
+		Form_pg_db_role_setting s = (Form_pg_db_role_setting) GETSTRUCT(tup);
+		bool		isnull;
+		Datum		d;
+
+		if ((s->setdatabase != InvalidOid && s->setdatabase != MyDatabaseId) ||
+			(s->setrole != InvalidOid && s->setrole != role))
+			continue;
+		d = heap_getattr(tup, Anum_pg_db_role_setting_setconfig, RelationGetDescr(rel), &isnull);
+		if (!isnull)
+			rd->arrays[(s->setrole != InvalidOid ? 2 : 0) + (s->setdatabase != InvalidOid ? 1 : 0)] =
+				PointerGetDatum(PG_DETOAST_DATUM_COPY(d));
+	}
+	systable_endscan(scan);
+	table_close(rel, AccessShareLock);
+	UnregisterSnapshot(snap);
+	defaults_cache = lappend(defaults_cache, rd);
+	MemoryContextSwitchTo(old);
+	return rd;
+}
+
+/*
+ * Apply the settings a new session of role in this database would get from
+ * ALTER ROLE/DATABASE ... SET, lowest precedence first (as PostgreSQL does at
+ * connection): ALTER ROLE ALL, ALTER DATABASE, ALTER ROLE, ALTER ROLE IN
+ * DATABASE.
+ */
+static void
+apply_role_defaults(Oid role)
+{
+	RoleDefaults *rd = read_role_defaults(role);
+
+	for (int i = 0; i < 4; i++)
+		if (rd->arrays[i] != (Datum) 0)
+			ProcessGUCArray(DatumGetArrayTypeP(rd->arrays[i]), PGC_SUSET, PGC_S_SESSION,
+							GUC_ACTION_SET);
+}
+
+/*
+ * Enter a handler's context: the subscribing role, security-restricted, in a
+ * fresh GUC nest level holding postgresql.conf's search_path and the role's
+ * defaults.  pg_temp goes last so a caller's temporary tables (replay runs in
+ * the caller's session) never capture the handler's unqualified names.
+ */
+void
+eb_handler_context_begin(EbSecContext *ctx, Oid role)
+{
+	const char *sp;
+
+	GetUserIdAndSecContext(&ctx->save_uid, &ctx->save_sec);
+	SetUserIdAndSecContext(role, ctx->save_sec | SECURITY_LOCAL_USERID_CHANGE |
+						   SECURITY_RESTRICTED_OPERATION);
+	ctx->nestlevel = NewGUCNestLevel();
+	(void) set_config_option("search_path",
+							 config_search_path ? config_search_path : "\"$user\", public",
+							 PGC_SUSET, PGC_S_SESSION, GUC_ACTION_SET, true, 0, false);
+	apply_role_defaults(role);
+	sp = GetConfigOption("search_path", false, false);
+	if (strstr(sp, "pg_temp") == NULL)
+		(void) set_config_option("search_path", psprintf("%s, pg_temp", sp),
+								 PGC_SUSET, PGC_S_SESSION, GUC_ACTION_SET, true, 0, false);
+}
+
+/* Leave a handler's context: every setting it made is undone. */
+void
+eb_handler_context_end(EbSecContext *ctx)
+{
+	AtEOXact_GUC(false, ctx->nestlevel);
+	SetUserIdAndSecContext(ctx->save_uid, ctx->save_sec);
+}
