@@ -137,6 +137,7 @@ run_batch(Pending **batch, int n, bool from_parked)
 
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
+	eb_constraints_immediate();
 	pgstat_report_activity(STATE_RUNNING, "eventbus: running handlers");
 
 	for (int i = 0; i < n; i++)
