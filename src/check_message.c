@@ -1,12 +1,15 @@
 /*
- * check_message.c — eventbus_check_message(value, key, headers): why the
- * consumer would quarantine a message, or NULL when it would accept it.
+ * check_message.c — diagnostics of inbound messages:
+ * eventbus_check_message(value, key, headers) says why the consumer would
+ * quarantine a message (NULL when it would accept it), and
+ * eventbus_decode_message(...) returns the envelope its handler would
+ * receive (NULL when quarantined).
  *
- * It runs the dispatcher's decoder, then what the rest of the path does
+ * Both run the dispatcher's decoder, then what the rest of the path does
  * with the result that could fail: for an accepted message, the work item
  * round trip to a pool worker and building the eventbus.envelope the
  * handler receives; for a rejected one, the quarantine row's headers.  So a
- * message it accepts cannot make the dispatcher or a pool worker throw
+ * message they accept cannot make the dispatcher or a pool worker throw
  * before its handler runs (the fuzz harness in test/fuzz relies on this).
  */
 #include "postgres.h"
@@ -20,6 +23,7 @@
 #include "eventbus.h"
 
 PG_FUNCTION_INFO_V1(eventbus_check_message);
+PG_FUNCTION_INFO_V1(eventbus_decode_message);
 
 /* A header value given as a JSON scalar, as text (ERROR for containers). */
 static char *
@@ -81,11 +85,11 @@ headers_arg(Jsonb *headers, char ***names, char ***values)
 }
 
 /*
- * eventbus_check_message(value bytea, key bytea DEFAULT NULL,
- *                        headers jsonb DEFAULT NULL) RETURNS text
+ * The consumer's path for the message in the arguments (value bytea, key
+ * bytea, headers jsonb): the quarantine reason, or NULL with *envelope set.
  */
-Datum
-eventbus_check_message(PG_FUNCTION_ARGS)
+static const char *
+check(FunctionCallInfo fcinfo, Datum *envelope)
 {
 	bytea	   *value = PG_ARGISNULL(0) ? NULL : PG_GETARG_BYTEA_PP(0);
 	bytea	   *key = PG_ARGISNULL(1) ? NULL : PG_GETARG_BYTEA_PP(1);
@@ -114,17 +118,47 @@ eventbus_check_message(PG_FUNCTION_ARGS)
 
 		if (json != NULL)
 			(void) DirectFunctionCall1(jsonb_in, CStringGetDatum(json));
-		PG_RETURN_TEXT_P(cstring_to_text(reason));
+		return reason;
 	}
 
 	/* What the dispatcher sends a pool worker, and what the worker builds. */
 	item.tag = 1;
 	item.max_attempts = 1;
 	item.transport = key ? EB_TRANSPORT_KAFKA : EB_TRANSPORT_NATS;
-	item.ev.topic = "eventbus_check_message";
+	item.ev.topic = "";
 	initStringInfo(&buf);
 	eb_workitem_encode(&buf, &item);
 	eb_workitem_decode(buf.data, buf.len, &back);
-	(void) eb_make_envelope(&back);
-	PG_RETURN_NULL();
+	*envelope = eb_make_envelope(&back);
+	return NULL;
+}
+
+/*
+ * eventbus_check_message(value bytea, key bytea DEFAULT NULL,
+ *                        headers jsonb DEFAULT NULL) RETURNS text
+ */
+Datum
+eventbus_check_message(PG_FUNCTION_ARGS)
+{
+	Datum		envelope;
+	const char *reason = check(fcinfo, &envelope);
+
+	if (reason == NULL)
+		PG_RETURN_NULL();
+	PG_RETURN_TEXT_P(cstring_to_text(reason));
+}
+
+/*
+ * eventbus_decode_message(value bytea, key bytea DEFAULT NULL,
+ *                         headers jsonb DEFAULT NULL) RETURNS eventbus.envelope
+ * (topic empty; transport 'kafka' when a key is given, else 'nats')
+ */
+Datum
+eventbus_decode_message(PG_FUNCTION_ARGS)
+{
+	Datum		envelope;
+
+	if (check(fcinfo, &envelope) != NULL)
+		PG_RETURN_NULL();
+	PG_RETURN_DATUM(envelope);
 }
