@@ -181,6 +181,22 @@ extern const char *eb_envelope_decode(const char *data, size_t len,
 									  char **header_values, EbEvent *ev);
 extern char *eb_inbound_headers_json(int n, char **names, char **values);
 
+/* inbound_text.c: checks of inbound text before PostgreSQL's parsers see it */
+typedef struct EbJsonScan
+{
+	int64		tokens;			/* containers, strings, numbers, literals */
+	int64		number_growth;	/* bytes numbers gain when numeric writes them */
+	const char *number_problem; /* the first number numeric cannot hold */
+} EbJsonScan;
+
+extern char *eb_printable(const char *s, size_t len, size_t max);
+extern bool eb_needs_conversion(void);
+extern Oid	eb_utf8_to_server_proc(void);
+extern bool eb_utf8_to_server(const char *s, size_t len, char **out, size_t *outlen);
+extern char *eb_unescape_non_ascii(const char *s, size_t len, size_t *outlen);
+extern const char *eb_json_prescan(const char *s, size_t len, EbJsonScan *scan);
+extern bool eb_parse_rfc3339(const char *s, int len, TimestampTz *out);
+
 /* status.c */
 extern EbBrokerStatus *eb_broker_slots;	/* this process's broker rows */
 extern const char *eb_log_prefix;	/* "eventbus" or "eventbus consumer" */
