@@ -13,7 +13,7 @@ source "$(dirname "$0")/lib.sh"
 
 N=${EB_FUZZ_INPUTS:-8000}
 NL=${EB_FUZZ_LATIN1_INPUTS:-2000}
-SEED=0.$RANDOM
+SEED=${EB_FUZZ_SEED:-0.$RANDOM}
 FUZZ="$REPO/test/fuzz/fuzz.sql"
 LDB="eb_fuzz_latin1_$$"
 export PGCLIENTENCODING=UTF8
