@@ -15,6 +15,7 @@
 #include "mb/pg_wchar.h"
 #include "utils/datetime.h"
 #include "utils/memutils.h"
+#include "utils/resowner.h"
 #include "utils/timestamp.h"
 
 #include "eventbus.h"
@@ -74,13 +75,17 @@ eb_utf8_to_server_proc(void)
 	if (!looked_up)
 	{
 		MemoryContext cxt = CurrentMemoryContext;
+		ResourceOwner owner = CurrentResourceOwner;
 		bool		own = !IsTransactionState();
 
 		if (own)
 			StartTransactionCommand();
 		proc = FindDefaultConversionProc(PG_UTF8, GetDatabaseEncoding());
 		if (own)
+		{
 			CommitTransactionCommand();
+			CurrentResourceOwner = owner;
+		}
 		MemoryContextSwitchTo(cxt);
 		looked_up = true;
 	}
