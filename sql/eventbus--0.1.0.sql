@@ -159,6 +159,30 @@ COMMENT ON TABLE eventbus.quarantine IS
 COMMENT ON SEQUENCE eventbus.quarantine_id_seq IS 'Generates quarantine ids';
 SELECT pg_catalog.pg_extension_config_dump('eventbus.quarantine', '');
 
+CREATE FUNCTION eventbus_check_message(
+    value   bytea,
+    key     bytea DEFAULT NULL,
+    headers jsonb DEFAULT NULL)
+RETURNS text
+AS 'MODULE_PATHNAME', 'eventbus_check_message'
+LANGUAGE C VOLATILE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION eventbus_check_message(bytea, bytea, jsonb) IS
+  'Why the consumer would quarantine this inbound message (value, Kafka key, headers as a JSON object), or NULL when it would accept it; runs the consumer''s own decoder';
+REVOKE ALL ON FUNCTION eventbus_check_message(bytea, bytea, jsonb) FROM PUBLIC;
+
+CREATE FUNCTION eventbus_decode_message(
+    value   bytea,
+    key     bytea DEFAULT NULL,
+    headers jsonb DEFAULT NULL)
+RETURNS eventbus.envelope
+AS 'MODULE_PATHNAME', 'eventbus_decode_message'
+LANGUAGE C VOLATILE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION eventbus_decode_message(bytea, bytea, jsonb) IS
+  'The envelope a handler would receive for this inbound message (topic empty; transport kafka when a key is given, else nats), or NULL when the consumer would quarantine it (eventbus_check_message says why)';
+REVOKE ALL ON FUNCTION eventbus_decode_message(bytea, bytea, jsonb) FROM PUBLIC;
+
 CREATE FUNCTION eventbus_subscribe(
     topic        text,
     handler      regprocedure,

@@ -175,18 +175,6 @@ flush_unsent(void)
 	}
 }
 
-/* Header lookup over an EbInbound's headers (for the aggregate id). */
-static const char *
-inbound_header(void *arg, const char *name)
-{
-	EbInbound  *in = arg;
-
-	for (int i = 0; i < in->nheaders; i++)
-		if (pg_strcasecmp(in->header_names[i], name) == 0)
-			return in->header_values[i];
-	return NULL;
-}
-
 /* A bytea copy of bytes. */
 static bytea *
 to_bytea(const char *data, size_t len)
@@ -216,8 +204,9 @@ dispatch_message(EbInbound *in)
 	d->token = in->token;
 	in_flight++;
 
+	/* Never throws, whatever the message: a bad one is quarantined. */
 	reason = eb_envelope_decode(in->data, in->len, in->key, in->keylen,
-								inbound_header, in, &ev);
+								in->nheaders, in->header_names, in->header_values, &ev);
 	if (reason != NULL)
 	{
 		Quarantined *q = palloc0(sizeof(Quarantined));
@@ -229,7 +218,7 @@ dispatch_message(EbInbound *in)
 		q->offset = in->offset;
 		q->stream_seq = in->stream_seq;
 		q->key = in->key ? to_bytea(in->key, in->keylen) : NULL;
-		q->headers = eb_headers_json(in->nheaders, in->header_names, in->header_values);
+		q->headers = eb_inbound_headers_json(in->nheaders, in->header_names, in->header_values);
 		q->raw = to_bytea(in->data, in->len);
 		q->reason = reason;
 		quarantine = lappend(quarantine, q);	/* flushed in this iteration */
@@ -237,9 +226,6 @@ dispatch_message(EbInbound *in)
 	}
 
 	ev.topic = pstrdup(in->topic);
-	ev.nheaders = in->nheaders;
-	ev.header_names = in->header_names;
-	ev.header_values = in->header_values;
 	{
 		int			w = (int) (hash_bytes((const unsigned char *) ev.aggregate_id,
 										  strlen(ev.aggregate_id)) % (uint32) nworkers);

@@ -1,6 +1,7 @@
 /*
  * envelope.c — the wire format of DESIGN §4: validation of the identifying
- * fields, UUIDv7 event ids, and the JSON envelope and headers.
+ * fields, UUIDv7 event ids, and the JSON envelope and headers we send.
+ * Inbound messages are decoded in decode.c.
  */
 #include "postgres.h"
 
@@ -67,12 +68,16 @@ eb_require_transport_configured(int transport)
 						 transport == EB_TRANSPORT_KAFKA ? "eventbus.kafka_brokers" : "eventbus.nats_url")));
 }
 
-/* Name/value headers as a JSON object text, NULL when there are none.
- * Pairs that are not valid UTF-8 are left out (they cannot be JSON). */
+/*
+ * Name/value headers (text in the database encoding) as a JSON object text,
+ * NULL when there are none.  Pairs that are not valid text are left out
+ * (they cannot be JSON).
+ */
 char *
 eb_headers_json(int n, char **names, char **values)
 {
 	StringInfoData buf;
+	int			enc = GetDatabaseEncoding();
 
 	if (n == 0)
 		return NULL;
@@ -80,8 +85,8 @@ eb_headers_json(int n, char **names, char **values)
 	appendStringInfoChar(&buf, '{');
 	for (int i = 0; i < n; i++)
 	{
-		if (!pg_verify_mbstr(PG_UTF8, names[i], strlen(names[i]), true) ||
-			!pg_verify_mbstr(PG_UTF8, values[i], strlen(values[i]), true))
+		if (!pg_verify_mbstr(enc, names[i], strlen(names[i]), true) ||
+			!pg_verify_mbstr(enc, values[i], strlen(values[i]), true))
 			continue;
 		if (buf.len > 1)
 			appendStringInfoChar(&buf, ',');
@@ -281,9 +286,9 @@ eb_event_headers(const EbEvent *ev, EbHeaderFn fn, void *arg)
 		fn(arg, ev->header_names[i], ev->header_values[i]);
 }
 
-/* Reason an inbound aggregate id is invalid, or NULL. */
-static const char *
-aggregate_id_problem(const char *id, size_t len)
+/* Why an inbound aggregate id (len bytes, NUL bytes included) is invalid, or NULL. */
+const char *
+eb_aggregate_id_problem(const char *id, size_t len)
 {
 	if (len == 0)
 		return "aggregate_id is empty";
@@ -292,212 +297,5 @@ aggregate_id_problem(const char *id, size_t len)
 	for (size_t i = 0; i < len; i++)
 		if (!aggregate_id_char((unsigned char) id[i]))
 			return "aggregate_id contains a character outside [A-Za-z0-9:_./-]";
-	return NULL;
-}
-
-/* Canonical lower-case UUID text, or false if s is not a UUID. */
-static bool
-canonical_uuid(const char *s, int len, char out[37])
-{
-	static const int dashes[] = {8, 13, 18, 23};
-	int			d = 0;
-
-	if (len != 36)
-		return false;
-	for (int i = 0; i < 36; i++)
-	{
-		if (d < 4 && i == dashes[d])
-		{
-			if (s[i] != '-')
-				return false;
-			out[i] = '-';
-			d++;
-		}
-		else if (isxdigit((unsigned char) s[i]))
-			out[i] = tolower((unsigned char) s[i]);
-		else
-			return false;
-	}
-	out[36] = '\0';
-	return true;
-}
-
-/* Look up a top-level key of a jsonb object. */
-static bool
-get_field(Jsonb *jb, const char *key, JsonbValue *v)
-{
-	return getKeyJsonValueFromContainer(&jb->root, key, strlen(key), v) != NULL;
-}
-
-/* Optional string field: NULL when absent; *problem set when not a string. */
-static char *
-optional_string(Jsonb *jb, const char *key, const char **problem, const char *msg)
-{
-	JsonbValue	v;
-
-	if (!get_field(jb, key, &v) || v.type == jbvNull)
-		return NULL;
-	if (v.type != jbvString)
-	{
-		*problem = msg;
-		return NULL;
-	}
-	return pnstrdup(v.val.string.val, v.val.string.len);
-}
-
-/* An integral numeric within [min, max], else false. */
-static bool
-numeric_integer(JsonbValue *v, int64 min, int64 max, int64 *out)
-{
-	char	   *text;
-	char	   *end;
-	long long	n;
-
-	if (v->type != jbvNumeric)
-		return false;
-	text = DatumGetCString(DirectFunctionCall1(numeric_out, NumericGetDatum(v->val.numeric)));
-	errno = 0;
-	n = strtoll(text, &end, 10);
-	if (errno != 0 || *end != '\0' || n < min || n > max)
-		return false;
-	*out = n;
-	return true;
-}
-
-/*
- * Decode an inbound message into ev.  Returns NULL on success, else the
- * reason the message is quarantined.  Never throws for bad input: a broker
- * message must never stop consumption.
- *
- * The aggregate id comes from the envelope, else the X-Aggregate-ID header,
- * else the Kafka key (DESIGN §4).
- */
-const char *
-eb_envelope_decode(const char *data, size_t len, const char *key, size_t keylen,
-				   EbHeaderLookup lookup, void *lookup_arg, EbEvent *ev)
-{
-	JsonLexContext *lex;
-	JsonSemAction nullsem;
-	Jsonb	   *volatile jb = NULL;
-	JsonbValue	v;
-	const char *problem = NULL;
-	char		uuid[37];
-	int64		n;
-	volatile bool parsed = true;
-
-	memset(ev, 0, sizeof(EbEvent));
-
-	if (len == 0)
-		return "empty message";
-	if (len > (size_t) eb_max_payload_bytes + 65536)
-		return "message larger than eventbus.max_payload_bytes + 64 kB";
-	if (!pg_verify_mbstr(PG_UTF8, data, (int) len, true))
-		return "message is not valid UTF-8";
-
-	/* Validate the syntax without throwing, then build the jsonb. */
-	memset(&nullsem, 0, sizeof(nullsem));
-	lex = makeJsonLexContextCstringLen((char *) data, (int) len, PG_UTF8, true);
-	if (pg_parse_json(lex, &nullsem) != JSON_SUCCESS)
-		return "message is not valid JSON";
-	PG_TRY();
-	{
-		jb = DatumGetJsonbP(DirectFunctionCall1(jsonb_in,
-												CStringGetDatum(pnstrdup(data, len))));
-	}
-	PG_CATCH();
-	{
-		/* e.g. a number out of numeric's range: pure parsing, safe to swallow */
-		FlushErrorState();
-		parsed = false;
-	}
-	PG_END_TRY();
-	if (!parsed)
-		return "message JSON cannot be represented (value out of range)";
-	if (!JB_ROOT_IS_OBJECT(jb) || JB_ROOT_IS_SCALAR(jb))
-		return "message is not a JSON object";
-
-	/* event_id: a non-empty string holding a UUID */
-	if (!get_field(jb, "event_id", &v) || v.type == jbvNull)
-		return "event_id is missing";
-	if (v.type != jbvString || v.val.string.len == 0)
-		return "event_id is not a non-empty string";
-	if (!canonical_uuid(v.val.string.val, v.val.string.len, uuid))
-		return "event_id is not a UUID";
-	ev->event_id = pstrdup(uuid);
-
-	/* aggregate_id: envelope, else header, else key */
-	if (get_field(jb, "aggregate_id", &v) && v.type != jbvNull)
-	{
-		if (v.type != jbvString)
-			return "aggregate_id is not a string";
-		ev->aggregate_id = pnstrdup(v.val.string.val, v.val.string.len);
-	}
-	else if (lookup && lookup(lookup_arg, "X-Aggregate-ID") != NULL)
-		ev->aggregate_id = pstrdup(lookup(lookup_arg, "X-Aggregate-ID"));
-	else if (key != NULL && keylen > 0)
-		ev->aggregate_id = pnstrdup(key, keylen);
-	else
-		return "no aggregate id (envelope field, X-Aggregate-ID header or key)";
-	if ((problem = aggregate_id_problem(ev->aggregate_id, strlen(ev->aggregate_id))) != NULL)
-		return problem;
-
-	/* event_type: non-empty string */
-	if (!get_field(jb, "event_type", &v) || v.type == jbvNull)
-		return "event_type is missing";
-	if (v.type != jbvString || v.val.string.len == 0)
-		return "event_type is not a non-empty string";
-	ev->event_type = pnstrdup(v.val.string.val, v.val.string.len);
-
-	/* event_version: integer > 0 */
-	if (!get_field(jb, "event_version", &v) || v.type == jbvNull)
-		return "event_version is missing";
-	if (!numeric_integer(&v, 1, PG_INT64_MAX, &n))
-		return "event_version is not an integer greater than zero";
-	ev->event_version = n;
-
-	/* timestamp: optional RFC 3339; receipt time when absent */
-	ev->occurred_at = GetCurrentTimestamp();
-	if (get_field(jb, "timestamp", &v) && v.type != jbvNull)
-	{
-		char	   *ts;
-
-		if (v.type != jbvString)
-			return "timestamp is not a string";
-		ts = pnstrdup(v.val.string.val, v.val.string.len);
-		PG_TRY();
-		{
-			ev->occurred_at = DatumGetTimestampTz(DirectFunctionCall3(timestamptz_in,
-																	  CStringGetDatum(ts),
-																	  ObjectIdGetDatum(InvalidOid),
-																	  Int32GetDatum(-1)));
-		}
-		PG_CATCH();
-		{
-			FlushErrorState();
-			parsed = false;
-		}
-		PG_END_TRY();
-		if (!parsed)
-			return "timestamp is not a valid timestamp";
-	}
-
-	ev->trace_id = optional_string(jb, "trace_id", &problem, "trace_id is not a string");
-	ev->correlation_id = optional_string(jb, "correlation_id", &problem, "correlation_id is not a string");
-	if (problem)
-		return problem;
-	if (get_field(jb, "tenant_id", &v) && v.type != jbvNull)
-	{
-		if (!numeric_integer(&v, PG_INT32_MIN, PG_INT32_MAX, &n))
-			return "tenant_id is not a 32-bit integer";
-		ev->has_tenant = true;
-		ev->tenant_id = (int32) n;
-	}
-
-	/* payload: required, any JSON value */
-	if (!get_field(jb, "payload", &v))
-		return "payload is missing";
-	if (v.type == jbvBinary || v.type == jbvNull || v.type == jbvString ||
-		v.type == jbvNumeric || v.type == jbvBool)
-		ev->payload = JsonbToCString(NULL, &JsonbValueToJsonb(&v)->root, -1);
 	return NULL;
 }

@@ -30,6 +30,18 @@
 #define EB_MAX_AGGREGATE_ID 256
 #define EB_MAX_TOPIC		249
 
+/*
+ * Limits of an inbound message (decode.c), far above what a real producer
+ * sends: JSON nesting (PostgreSQL's JSON parser recurses per level), and
+ * header count and sizes (the headers travel to the pool in the work item
+ * and into the envelope's headers jsonb).
+ */
+#define EB_MAX_JSON_DEPTH	256
+#define EB_MAX_HEADERS		1000
+#define EB_MAX_HEADER_NAME	256
+#define EB_MAX_HEADER_VALUE 32768
+#define EB_MAX_HEADER_BYTES (1024 * 1024)
+
 /* Connection state of one broker client, as shown by eventbus_status(). */
 typedef enum EbBrokerState
 {
@@ -156,17 +168,34 @@ extern void eb_validate_aggregate_id(const char *aggregate_id);
 extern void eb_uuidv7(unsigned char out[16]);
 extern void eb_format_timestamp(TimestampTz ts, char *buf, size_t len);
 extern void eb_envelope_encode(StringInfo buf, const EbEvent *ev);
-
-/* Header lookup for decoding: value of a header, or NULL. */
-typedef const char *(*EbHeaderLookup) (void *arg, const char *name);
-extern const char *eb_envelope_decode(const char *data, size_t len,
-									  const char *key, size_t keylen,
-									  EbHeaderLookup lookup, void *lookup_arg,
-									  EbEvent *ev);
+extern const char *eb_aggregate_id_problem(const char *id, size_t len);
 
 /* Callback that receives each header of an event (name, value). */
 typedef void (*EbHeaderFn) (void *arg, const char *name, const char *value);
 extern void eb_event_headers(const EbEvent *ev, EbHeaderFn fn, void *arg);
+
+/* decode.c: inbound messages; never throws (NULL or the quarantine reason) */
+extern const char *eb_envelope_decode(const char *data, size_t len,
+									  const char *key, size_t keylen,
+									  int nheaders, char **header_names,
+									  char **header_values, EbEvent *ev);
+extern char *eb_inbound_headers_json(int n, char **names, char **values);
+
+/* inbound_text.c: checks of inbound text before PostgreSQL's parsers see it */
+typedef struct EbJsonScan
+{
+	int64		tokens;			/* containers, strings, numbers, literals */
+	int64		number_growth;	/* bytes numbers gain when numeric writes them */
+	const char *number_problem; /* the first number numeric cannot hold */
+} EbJsonScan;
+
+extern char *eb_printable(const char *s, size_t len, size_t max);
+extern bool eb_needs_conversion(void);
+extern Oid	eb_utf8_to_server_proc(void);
+extern bool eb_utf8_to_server(const char *s, size_t len, char **out, size_t *outlen);
+extern char *eb_unescape_non_ascii(const char *s, size_t len, size_t *outlen);
+extern const char *eb_json_prescan(const char *s, size_t len, EbJsonScan *scan);
+extern bool eb_parse_rfc3339(const char *s, int len, TimestampTz *out);
 
 /* status.c */
 extern EbBrokerStatus *eb_broker_slots;	/* this process's broker rows */
@@ -263,6 +292,7 @@ extern void eb_workitem_decode(const char *data, Size len, EbWorkItem *item);
 
 /* handler.c: run one handler invocation; EbOutcome, or -1 with *error set */
 extern int	eb_handler_run(const EbWorkItem *item, ErrorData **error);
+extern Datum eb_make_envelope(const EbWorkItem *item);
 extern bool eb_handler_call(Oid handler, Oid role, Datum envelope, ErrorData **error);
 extern void eb_dead_letter(const EbWorkItem *item, const ErrorData *error, int attempts);
 extern Oid	eb_envelope_type(void);
