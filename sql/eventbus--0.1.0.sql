@@ -54,6 +54,7 @@ CREATE TABLE eventbus.undeliverable (
     held_behind    bigint
 );
 CREATE INDEX undeliverable_key ON eventbus.undeliverable (transport, topic, aggregate_id, id);
+COMMENT ON INDEX eventbus.undeliverable_key IS 'Finds the undeliverable events of an aggregate (the relay holds its later events behind them)';
 COMMENT ON TABLE eventbus.undeliverable IS
   'Outbox rows the broker refused for good, and the later rows of their (transport, topic, aggregate), which wait behind them; eventbus_retry_undeliverable moves them back to the outbox, eventbus_discard_undeliverable deletes them';
 COMMENT ON COLUMN eventbus.undeliverable.id IS 'The row''s outbox id (its place in the send order, kept when it moves back)';
