@@ -258,6 +258,7 @@ kafka_error_permanent(rd_kafka_resp_err_t err)
 		case RD_KAFKA_RESP_ERR_UNSUPPORTED_FOR_MESSAGE_FORMAT:
 		case RD_KAFKA_RESP_ERR_TOPIC_EXCEPTION:
 		case RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED:
+		case RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART:
 		case RD_KAFKA_RESP_ERR_POLICY_VIOLATION:
 		case RD_KAFKA_RESP_ERR__UNKNOWN_TOPIC:
 		case RD_KAFKA_RESP_ERR__INVALID_ARG:
@@ -303,6 +304,9 @@ kafka_producer_start(void)
 	snprintf(timeout, sizeof(timeout), "%d", eb_ack_timeout_ms);
 	if (!set_prop(conf, "client.id", "eventbus-relay", errstr, sizeof(errstr)) ||
 		!set_prop(conf, "enable.idempotence", "true", errstr, sizeof(errstr)) ||
+		/* A batch refused for good stops the producer instead of letting
+		 * later messages of its partition through (the relay's order). */
+		!set_prop(conf, "enable.gapless.guarantee", "true", errstr, sizeof(errstr)) ||
 		!set_prop(conf, "partitioner", "fnv1a", errstr, sizeof(errstr)) ||
 		!set_prop(conf, "message.timeout.ms", timeout, errstr, sizeof(errstr)) ||
 		!set_prop(conf, "linger.ms", "5", errstr, sizeof(errstr)))

@@ -3,11 +3,19 @@
  * id order and delete each row only after the broker acknowledged it.
  *
  * Work proceeds in rounds per transport: read up to relay_batch_size rows,
- * keep at most one per (topic, aggregate), produce them, wait until every one
- * is acknowledged or failed, then record the outcomes and start the next
- * round.  Because a round never holds two events of one aggregate, no
- * failure (lost, refused or timed-out publish) can let an aggregate's later
- * event reach the broker before an earlier one, on either transport.
+ * produce them, wait until every one is acknowledged or failed, then record
+ * the outcomes and start the next round.  A round never starts while the
+ * previous one still has events in flight, and a failure never lets an
+ * aggregate's later event reach the broker before an earlier one:
+ *  - NATS: a round holds at most one event per (topic, aggregate), so any
+ *    mix of lost, refused and stored publishes cannot reorder an aggregate.
+ *  - Kafka: an aggregate's events go to one partition, in order, through the
+ *    idempotent producer with enable.gapless.guarantee: a batch the broker
+ *    refuses for good makes the producer fail (the broker's sequence check
+ *    refuses the batches after it) instead of renumbering and sending them;
+ *    the round is then finished with what is known and a new producer
+ *    started.  An event the client refuses before sending stops the rest of
+ *    its aggregate's events in that round from being produced.
  *
  * Outcomes, per row:
  *  - acknowledged: the row is deleted;
@@ -333,6 +341,9 @@ backoff_key(Round *r, const EbEvent *ev)
 
 	event_key(ev, key);
 	e = hash_search(r->backoff, key, HASH_ENTER, &found);
+	/* Several failed events of one aggregate in a round back off once. */
+	if (found && e->next_try > GetCurrentTimestamp())
+		return;
 	e->backoff_ms = found ? Min(e->backoff_ms * 2, BACKOFF_MAX_MS) : BACKOFF_MIN_MS;
 	e->next_try = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), e->backoff_ms);
 }
@@ -424,30 +435,41 @@ set_aside_held(int t, Round *r, EbEvent *events, bool *held, int n)
 	return n;
 }
 
-/* At most one event per (topic, aggregate) per round: see the file header. */
-static int
-distinct_aggregates(EbEvent *events, int n, MemoryContext cxt)
+/* A set of (topic, aggregate) keys in cxt. */
+static HTAB *
+key_set(MemoryContext cxt)
 {
 	HASHCTL		ctl;
-	HTAB	   *seen;
-	int			kept = 0;
 
 	memset(&ctl, 0, sizeof(ctl));
 	ctl.keysize = KEY_LEN;
 	ctl.entrysize = ctl.keysize;
 	ctl.hcxt = cxt;
-	seen = hash_create("eventbus round keys", n, &ctl, HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
+	return hash_create("eventbus round keys", 64, &ctl, HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
+}
+
+/* Is ev's key in the set?  With add, put it there. */
+static bool
+key_in_set(HTAB *set, const EbEvent *ev, bool add)
+{
+	char		key[KEY_LEN];
+	bool		found;
+
+	event_key(ev, key);
+	(void) hash_search(set, key, add ? HASH_ENTER : HASH_FIND, &found);
+	return found;
+}
+
+/* NATS: at most one event per (topic, aggregate) per round (file header). */
+static int
+distinct_aggregates(EbEvent *events, int n, MemoryContext cxt)
+{
+	HTAB	   *seen = key_set(cxt);
+	int			kept = 0;
 
 	for (int i = 0; i < n; i++)
-	{
-		char		key[KEY_LEN];
-		bool		found;
-
-		event_key(&events[i], key);
-		(void) hash_search(seen, key, HASH_ENTER, &found);
-		if (!found)
+		if (!key_in_set(seen, &events[i], true))
 			events[kept++] = events[i];
-	}
 	hash_destroy(seen);
 	return kept;
 }
@@ -466,6 +488,7 @@ start_round(int t, Round *r)
 	int			fetched;
 	MemoryContext cxt;
 	TimestampTz earliest;
+	HTAB	   *refused = NULL; /* Kafka: aggregates with a refused event */
 
 	cxt = eb_xact_begin();
 	/* Now and then, return rows held behind nothing (a retry raced the relay). */
@@ -483,7 +506,8 @@ start_round(int t, Round *r)
 	r->more = fetched > 0 && (n > 0 || fetched >= eb_relay_batch_size);
 	if (n == 0)
 		return earliest;
-	n = distinct_aggregates(events, n, r->cxt);
+	if (t == EB_TRANSPORT_NATS)
+		n = distinct_aggregates(events, n, r->cxt);
 
 	r->events = events;
 	r->state = MemoryContextAllocZero(r->cxt, sizeof(SlotState) * n);
@@ -504,6 +528,13 @@ start_round(int t, Round *r)
 		bool		permanent = false;
 		bool		ok;
 
+		/* Kafka: after a refusal, the aggregate's later events wait. */
+		if (refused != NULL && key_in_set(refused, &events[i], false))
+		{
+			eb_relay_ack(t, i, EB_FAILED_TRANSIENT,
+						 "not sent: an earlier event of its aggregate failed in the same round");
+			continue;
+		}
 		resetStringInfo(&buf);
 		eb_envelope_encode(&buf, &events[i]);
 		if (t == EB_TRANSPORT_KAFKA)
@@ -511,7 +542,15 @@ start_round(int t, Round *r)
 		else
 			ok = nats_publish(&events[i], buf.data, buf.len, i, &err, &permanent);
 		if (!ok)
+		{
 			eb_relay_ack(t, i, permanent ? EB_FAILED_PERMANENT : EB_FAILED_TRANSIENT, err);
+			if (t == EB_TRANSPORT_KAFKA)
+			{
+				if (refused == NULL)
+					refused = key_set(r->cxt);
+				(void) key_in_set(refused, &events[i], true);
+			}
+		}
 	}
 	pfree(buf.data);
 	return earliest;
@@ -558,7 +597,10 @@ finish_round(int t, Round *r)
 	/* Anything still pending (NATS ack timeout) failed. */
 	for (int i = 0; i < r->n; i++)
 		if (r->state[i] == SLOT_PENDING)
-			eb_relay_ack(t, i, EB_FAILED_TRANSIENT, "no acknowledgement within eventbus.ack_timeout");
+			eb_relay_ack(t, i, EB_FAILED_TRANSIENT,
+						 kafka_fatal() && t == EB_TRANSPORT_KAFKA ?
+						 "no acknowledgement before the producer failed" :
+						 "no acknowledgement within eventbus.ack_timeout");
 
 	cxt = eb_xact_begin();
 
@@ -614,7 +656,7 @@ finish_round(int t, Round *r)
 			backoff_forget(r, &r->events[i]);
 	}
 	if (first_error)
-		eb_set_broker_state(t, t == EB_TRANSPORT_KAFKA && !connected ?
+		eb_set_broker_state(t, t == EB_TRANSPORT_KAFKA && !connected && !kafka_fatal() ?
 							EB_BROKER_DOWN : eb_shared->producer[t].state,
 							first_error);
 	MemoryContextSwitchTo(old);
@@ -687,7 +729,19 @@ step_transport(int t, bool woken)
 		kafka_producer_poll();
 		if (kafka_fatal())
 		{
-			/* The idempotent producer cannot continue: start a new one. */
+			/*
+			 * The idempotent producer cannot continue (e.g. the gap-less
+			 * guarantee after a batch refused for good): let the reports of
+			 * what was in flight arrive (bounded), record the round — its
+			 * refused events move aside, the rest is retried — and start a
+			 * new producer.
+			 */
+			if (r->active)
+			{
+				rd_kafka_flush(eb_kafka, 1000);
+				kafka_producer_poll();
+				finish_round(t, r);
+			}
 			stop_client(t);
 			return 1000;
 		}

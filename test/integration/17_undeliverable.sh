@@ -163,4 +163,42 @@ wait_outbox_empty 30
 is "$(on_wire kafka "$TK" stuck)" "1,2,3" "kafka: the stuck aggregate's events delivered once, in order"
 is "$(q -c "SELECT count(*) FROM eventbus.undeliverable")" 0 "nothing left undeliverable"
 
+# --- 5. Kafka: a batch refused by the broker (MSG_SIZE_TOO_LARGE on a Produce request) ---
+# The dev broker answers its next Produce request with MSG_SIZE_TOO_LARGE for
+# every partition in it; the idempotent producer's gap-less guarantee keeps
+# the later batches of those partitions from being appended after it.
+TB="t17b.$run"
+q -c "DELETE FROM t17_pub" >/dev/null
+publish_round() {   # publish_round N — event N of each of 100 aggregates, one transaction
+	q -c "SELECT count(t17_publish('kafka', '$TB', 'other-' || g, jsonb_build_object('g', g, 'n', $1))) FROM generate_series(1, 100) g" >/dev/null
+}
+publish_round 1; wait_outbox_empty 30
+kill -WINCH "$(cat "$("$STACK" state-dir)/kafka/devbroker.pid")"
+ok $? "dev broker: the next Produce request will be refused"
+t0=$SECONDS
+for n in 2 3 4; do publish_round "$n"; done
+wait_outbox_empty 60
+ok $? "outbox drained: delivered or moved aside"
+diag "kafka batch: drained in $((SECONDS - t0)) s; $(und "$TB") undeliverable, $(und "$TB" "AND held_behind IS NULL") of them refused"
+ok "$([ "$(und "$TB" "AND held_behind IS NULL")" -gt 0 ]; echo $?)" "the refused batch's events are undeliverable"
+is "$(und "$TB" "AND held_behind IS NULL AND error NOT LIKE '%MSG_SIZE_TOO_LARGE%'")" 0 "each with the broker's error"
+stuck_aggs=$(q -c "SELECT count(DISTINCT aggregate_id) FROM eventbus.undeliverable WHERE topic = '$TB'")
+wire_kafka "$TB" t17b_w
+is "$(q -c "SELECT count(*) FROM t17b_w w JOIN eventbus.undeliverable u ON u.topic = '$TB' AND u.aggregate_id = w.key
+             WHERE (w.env->>'event_version')::bigint > (SELECT min(event_version) FROM eventbus.undeliverable v
+                                                          WHERE v.topic = '$TB' AND v.aggregate_id = w.key)")" 0 \
+	"no event of a stuck aggregate after its refused one reached the broker"
+is "$(q -c "SELECT count(DISTINCT key) FROM t17b_w")" 100 "every aggregate got its events up to the refused batch"
+publish_round 5; wait_outbox_empty 30
+is "$(q -c "SELECT count(*) FROM eventbus.undeliverable WHERE topic = '$TB' AND event_version = 5")" "$stuck_aggs" \
+	"a later event of each of the $stuck_aggs stuck aggregates waits; the others' were delivered"
+q -c "SELECT eventbus_retry_undeliverable(NULL)" >/dev/null
+wait_outbox_empty 30
+q -c "DROP TABLE IF EXISTS t17b_pub; CREATE TABLE t17b_pub AS SELECT * FROM t17_pub" >/dev/null
+r=$(check_transport t17b kafka "$TB" "")
+diag "kafka batch after retry: $r"
+is "$(field "$r" published)/$(field "$r" missing)/$(field "$r" order_violations)/$(field "$r" version_gaps)/$(field "$r" duplicate_mismatches)" "500/0/0/0/0" \
+	"after the retry: 500 events, none missing, order and versions intact (published/missing/order/gaps/dup mismatches)"
+is "$(q -c "SELECT count(*) FROM eventbus.undeliverable")" 0 "nothing left undeliverable"
+
 done_testing
