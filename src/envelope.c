@@ -14,6 +14,7 @@
 #include "utils/jsonb.h"
 #include "utils/datetime.h"
 #include "utils/json.h"
+#include "utils/memutils.h"
 #include "utils/timestamp.h"
 
 #include "eventbus.h"
@@ -165,6 +166,9 @@ eb_transport_max_message(int transport, const char **limit_name)
 
 	if (transport == EB_TRANSPORT_KAFKA)
 	{
+		/* Parsed again only when the setting changed (it is per publish). */
+		static char *parsed_spec = NULL;
+		static int64 parsed_limit = 0;
 		List	   *names;
 		List	   *values;
 		char	   *err;
@@ -172,6 +176,8 @@ eb_transport_max_message(int transport, const char **limit_name)
 		ListCell   *lv;
 
 		*limit_name = "message.max.bytes";
+		if (parsed_spec && strcmp(parsed_spec, eb_kafka_properties ? eb_kafka_properties : "") == 0)
+			return parsed_limit;
 		limit = EB_KAFKA_DEFAULT_MAX_MESSAGE;
 		if (eb_kafka_properties_parse(eb_kafka_properties, &names, &values, &err))
 		{
@@ -189,6 +195,11 @@ eb_transport_max_message(int transport, const char **limit_name)
 					limit = v;
 			}
 		}
+		if (parsed_spec)
+			pfree(parsed_spec);
+		parsed_spec = MemoryContextStrdup(TopMemoryContext,
+										  eb_kafka_properties ? eb_kafka_properties : "");
+		parsed_limit = limit;
 		return limit;
 	}
 

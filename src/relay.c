@@ -491,10 +491,17 @@ start_round(int t, Round *r)
 	HTAB	   *refused = NULL; /* Kafka: aggregates with a refused event */
 
 	cxt = eb_xact_begin();
-	/* Now and then, return rows held behind nothing (a retry raced the relay). */
-	if (r->undeliverable && GetCurrentTimestamp() >= r->next_release)
+	/*
+	 * Once a second: return rows held behind nothing (a retry raced the
+	 * relay), and look whether rows appeared that the relay did not move
+	 * there itself (a restored dump).
+	 */
+	if (GetCurrentTimestamp() >= r->next_release)
 	{
-		(void) eb_undeliverable_release(t);
+		if (r->undeliverable)
+			(void) eb_undeliverable_release(t);
+		else
+			r->undeliverable = eb_undeliverable_any(t);
 		r->next_release = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), 1000);
 	}
 	fetched = n = fetch_batch(t, r, &events, &held, &earliest);
