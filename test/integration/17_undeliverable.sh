@@ -201,4 +201,28 @@ is "$(field "$r" published)/$(field "$r" missing)/$(field "$r" order_violations)
 	"after the retry: 500 events, none missing, order and versions intact (published/missing/order/gaps/dup mismatches)"
 is "$(q -c "SELECT count(*) FROM eventbus.undeliverable")" 0 "nothing left undeliverable"
 
+# --- 6. NATS: a transient failure (stream full) backs off its aggregates only ---
+TF="t17f.$run"; TO="t17o.$run"
+q -c "SELECT t17_publish('nats', '$TF', 'full-0', '{}')" >/dev/null
+wait_outbox_empty 30
+full_stream=$(nats_stream_of "$TF")
+"$NATSTOOL" --url "$EVENTBUS_NATS_URL" set-max-msgs "$full_stream" 1 >/dev/null
+ok $? "eventbus's stream $full_stream (discard new) limited to the 1 message it has"
+q -c "SELECT count(t17_publish('nats', '$TF', 'full-' || (1 + g % 5), jsonb_build_object('g', g))) FROM generate_series(0, 9) g" >/dev/null
+t0=$SECONDS
+publish_others nats "$TO" before
+publish_others nats "$TO" after
+wait_until 30 "[ \"\$(q -c \"SELECT count(*) FROM eventbus.outbox WHERE topic = '$TO'\")\" = 0 ]"
+ok $? "another topic's 200 events delivered while the full stream refuses"
+diag "other topic delivered in $((SECONDS - t0)) s"
+is "$(q -c "SELECT count(*) FROM eventbus.outbox WHERE topic = '$TF' AND attempts > 0 AND last_error LIKE '%maximum messages%'")" 5 \
+	"the full stream's first event per aggregate failed transiently (maximum messages exceeded) and stays in the outbox"
+is "$(und "$TF")" 0 "a transient failure is not moved aside"
+"$NATSTOOL" --url "$EVENTBUS_NATS_URL" set-max-msgs "$full_stream" -1 >/dev/null
+t0=$SECONDS
+wait_outbox_empty 30
+ok $? "delivered once the stream takes them again"
+diag "full stream: drained $((SECONDS - t0)) s after the limit was lifted (per-aggregate backoff)"
+is "$(on_wire nats "$TF" full-1),$(on_wire nats "$TF" full-5)" "1,2,1,2" "its aggregates' events in order"
+
 done_testing

@@ -32,8 +32,9 @@
  *       already exists with the same subject set and file storage. Prints
  *       "created NAME" or "exists NAME".
  *   set-max-msg-size NAME BYTES
- *       Change stream NAME's max_msg_size (-1 = unlimited). Prints
- *       "updated NAME max_msg_size BYTES".
+ *   set-max-msgs NAME COUNT
+ *       Change stream NAME's max_msg_size / max_msgs (-1 = unlimited). Prints
+ *       "updated NAME max_msg_size BYTES" / "updated NAME max_msgs COUNT".
  *   stream-info SUBJECT
  *       One JSON line about the stream capturing SUBJECT (config and state).
  *   consumers STREAM
@@ -94,6 +95,7 @@ usage(void)
             " [--subject-prefix-tab]\n"
             "  ensure-stream NAME SUBJECT...\n"
             "  set-max-msg-size NAME BYTES\n"
+            "  set-max-msgs NAME COUNT\n"
             "  stream-info SUBJECT\n"
             "  consumers STREAM\n",
             progname);
@@ -1631,7 +1633,7 @@ cmd_ensure_stream(const char *name, const char **subjects, int nsubjects)
 /* ------------------------------------------------------------------------ */
 
 static int
-cmd_set_max_msg_size(const char *name, const char *bytes)
+cmd_set_limit(const char *name, const char *limit, const char *value)
 {
     jsStreamInfo *si = NULL;
     jsStreamInfo *updated = NULL;
@@ -1641,10 +1643,10 @@ cmd_set_max_msg_size(const char *name, const char *bytes)
     long          v;
 
     errno = 0;
-    v = strtol(bytes, &end, 10);
+    v = strtol(value, &end, 10);
     if (errno != 0 || *end != '\0' || v < -1 || v > INT32_MAX)
     {
-        errmsg("invalid BYTES '%s'", bytes);
+        errmsg("invalid value '%s'", value);
         return EXIT_USAGE;
     }
     s = js_GetStreamInfo(&si, g_js, name, NULL, &jerr);
@@ -1653,7 +1655,10 @@ cmd_set_max_msg_size(const char *name, const char *bytes)
         nats_fail("looking up the stream", s, jerr);
         return (s == NATS_NOT_FOUND || jerr == JSStreamNotFoundErr) ? EXIT_NOSTREAM : EXIT_ERR;
     }
-    si->Config->MaxMsgSize = (int32_t) v;
+    if (strcmp(limit, "max_msgs") == 0)
+        si->Config->MaxMsgs = v;
+    else
+        si->Config->MaxMsgSize = (int32_t) v;
     s = js_UpdateStream(&updated, g_js, si->Config, NULL, &jerr);
     jsStreamInfo_Destroy(si);
     if (s != NATS_OK)
@@ -1662,7 +1667,7 @@ cmd_set_max_msg_size(const char *name, const char *bytes)
         return EXIT_ERR;
     }
     jsStreamInfo_Destroy(updated);
-    printf("updated %s max_msg_size %ld\n", name, v);
+    printf("updated %s %s %ld\n", name, limit, v);
     return 0;
 }
 
@@ -1910,16 +1915,17 @@ main(int argc, char **argv)
         if ((rc = nats_setup(url, NULL)) == 0)
             rc = cmd_ensure_stream(argv[i], (const char **) &argv[i + 1], argc - i - 1);
     }
-    else if (strcmp(cmd, "set-max-msg-size") == 0)
+    else if (strcmp(cmd, "set-max-msg-size") == 0 || strcmp(cmd, "set-max-msgs") == 0)
     {
         if (argc - i != 2)
         {
-            errmsg("set-max-msg-size needs NAME and BYTES");
+            errmsg("%s needs NAME and a number", cmd);
             usage();
             return EXIT_USAGE;
         }
         if ((rc = nats_setup(url, NULL)) == 0)
-            rc = cmd_set_max_msg_size(argv[i], argv[i + 1]);
+            rc = cmd_set_limit(argv[i], strcmp(cmd, "set-max-msgs") == 0 ? "max_msgs" : "max_msg_size",
+                               argv[i + 1]);
     }
     else if (strcmp(cmd, "pub") == 0)
     {
