@@ -18,6 +18,7 @@
 #include "nodes/pg_list.h"
 #include "storage/latch.h"
 #include "storage/spin.h"
+#include "utils/hsearch.h"
 #include "utils/elog.h"
 
 #include <signal.h>
@@ -219,6 +220,17 @@ typedef enum EbDelivery
 
 /* Completion of one in-flight slot; main thread only. */
 extern void eb_relay_ack(int transport, int slot, EbDelivery result, const char *err);
+
+/* relay_keys.c: the relay's per-(topic, aggregate) bookkeeping */
+extern HTAB *eb_backoff_create(void);
+extern void eb_backoff_clear(HTAB *backoff);
+extern void eb_backoff_arrays(HTAB *backoff, Datum *topics, Datum *aggregates,
+							  TimestampTz *earliest);
+extern void eb_backoff_fail(HTAB *backoff, const EbEvent *ev);
+extern void eb_backoff_forget(HTAB *backoff, const EbEvent *ev);
+extern HTAB *eb_key_set(MemoryContext cxt);
+extern bool eb_key_in_set(HTAB *set, const EbEvent *ev, bool add);
+extern int	eb_distinct_aggregates(EbEvent *events, int n, MemoryContext cxt);
 
 /* undeliverable.c: rows moved aside by the relay, and back */
 extern void eb_undeliverable_move_failed(Datum ids, Datum errors);

@@ -51,18 +51,6 @@ typedef enum SlotState
 	SLOT_FAILED_PERMANENT
 } SlotState;
 
-#define KEY_LEN (EB_MAX_TOPIC + EB_MAX_AGGREGATE_ID + 2)
-#define BACKOFF_MIN_MS 200
-#define BACKOFF_MAX_MS 10000
-
-/* A (topic, aggregate) backing off after a transient failure. */
-typedef struct KeyBackoff
-{
-	char		key[KEY_LEN];	/* topic \x1f aggregate_id */
-	TimestampTz next_try;
-	int			backoff_ms;
-} KeyBackoff;
-
 /* One transport's relay state. */
 typedef struct Round
 {
@@ -81,7 +69,7 @@ typedef struct Round
 	bool		undeliverable;	/* eventbus.undeliverable may hold rows of ours */
 	TimestampTz next_release;	/* next look for rows held behind nothing */
 	TimestampTz backoff_due;	/* when a backed-off aggregate may be retried */
-	HTAB	   *backoff;		/* KeyBackoff by key */
+	HTAB	   *backoff;		/* aggregates backing off (relay_keys.c) */
 	MemoryContext cxt;			/* reset after every round */
 } Round;
 
@@ -124,15 +112,9 @@ relay_init(void)
 {
 	for (int t = 0; t < EB_NTRANSPORTS; t++)
 	{
-		HASHCTL		ctl;
-
 		rounds[t].cxt = AllocSetContextCreate(TopMemoryContext, "eventbus relay round",
 											  ALLOCSET_DEFAULT_SIZES);
-		memset(&ctl, 0, sizeof(ctl));
-		ctl.keysize = KEY_LEN;
-		ctl.entrysize = sizeof(KeyBackoff);
-		rounds[t].backoff = hash_create("eventbus relay backoff", 64, &ctl,
-										HASH_ELEM | HASH_STRINGS);
+		rounds[t].backoff = eb_backoff_create();
 		rounds[t].undeliverable = true; /* look once */
 	}
 }
@@ -158,18 +140,6 @@ round_reset(Round *r)
 	MemoryContextReset(r->cxt);
 }
 
-/* Forget every aggregate's backoff. */
-static void
-backoff_clear(Round *r)
-{
-	HASH_SEQ_STATUS seq;
-	KeyBackoff *e;
-
-	hash_seq_init(&seq, r->backoff);
-	while ((e = hash_seq_search(&seq)) != NULL)
-		(void) hash_search(r->backoff, e->key, HASH_REMOVE, NULL);
-}
-
 /* Stop one transport's producer. */
 static void
 stop_client(int t)
@@ -187,7 +157,7 @@ stop_client(int t)
 		pfree(r->client_config);
 	r->client_config = NULL;
 	round_reset(r);
-	backoff_clear(r);
+	eb_backoff_clear(r->backoff);
 	r->undeliverable = true;
 }
 
@@ -287,79 +257,6 @@ keep_plan(SPIPlanPtr *plan, const char *sql, int nargs, Oid *argtypes)
 	return *plan;
 }
 
-/* Key of an event's (topic, aggregate) in the backoff table. */
-static void
-event_key(const EbEvent *ev, char *key)
-{
-	snprintf(key, KEY_LEN, "%s\x1f%s", ev->topic, ev->aggregate_id);
-}
-
-/*
- * The aggregates still backing off, as two text[] datums (topics, aggregate
- * ids).  Entries long expired (their rows went elsewhere) are dropped.
- * Sets *earliest to the first moment one of them may be retried (0: none).
- */
-static void
-backoff_arrays(Round *r, Datum *topics, Datum *aggregates, TimestampTz *earliest)
-{
-	HASH_SEQ_STATUS seq;
-	KeyBackoff *e;
-	TimestampTz now = GetCurrentTimestamp();
-	long		count = hash_get_num_entries(r->backoff);
-	Datum	   *t = palloc(sizeof(Datum) * Max(count, 1));
-	Datum	   *a = palloc(sizeof(Datum) * Max(count, 1));
-	int			k = 0;
-
-	*earliest = 0;
-	hash_seq_init(&seq, r->backoff);
-	while ((e = hash_seq_search(&seq)) != NULL)
-	{
-		char	   *sep = strchr(e->key, '\x1f');
-
-		if (now >= e->next_try)
-		{
-			if (now >= TimestampTzPlusMilliseconds(e->next_try, 60000))
-				(void) hash_search(r->backoff, e->key, HASH_REMOVE, NULL);
-			continue;
-		}
-		if (*earliest == 0 || e->next_try < *earliest)
-			*earliest = e->next_try;
-		t[k] = PointerGetDatum(cstring_to_text_with_len(e->key, sep - e->key));
-		a[k++] = CStringGetTextDatum(sep + 1);
-	}
-	*topics = PointerGetDatum(construct_array(t, k, TEXTOID, -1, false, TYPALIGN_INT));
-	*aggregates = PointerGetDatum(construct_array(a, k, TEXTOID, -1, false, TYPALIGN_INT));
-}
-
-/* A transient failure of an aggregate's event: back off that aggregate. */
-static void
-backoff_key(Round *r, const EbEvent *ev)
-{
-	char		key[KEY_LEN];
-	KeyBackoff *e;
-	bool		found;
-
-	event_key(ev, key);
-	e = hash_search(r->backoff, key, HASH_ENTER, &found);
-	/* Several failed events of one aggregate in a round back off once. */
-	if (found && e->next_try > GetCurrentTimestamp())
-		return;
-	e->backoff_ms = found ? Min(e->backoff_ms * 2, BACKOFF_MAX_MS) : BACKOFF_MIN_MS;
-	e->next_try = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), e->backoff_ms);
-}
-
-/* The aggregate's event left the outbox (delivered or moved aside). */
-static void
-backoff_forget(Round *r, const EbEvent *ev)
-{
-	char		key[KEY_LEN];
-
-	if (hash_get_num_entries(r->backoff) == 0)
-		return;
-	event_key(ev, key);
-	(void) hash_search(r->backoff, key, HASH_REMOVE, NULL);
-}
-
 /*
  * Read the next batch of a transport's outbox rows into r->cxt; held[i]
  * says whether row i must wait behind an undeliverable row of its aggregate.
@@ -375,7 +272,7 @@ fetch_batch(int t, Round *r, EbEvent **events, bool **held, TimestampTz *earlies
 
 	args[0] = CStringGetTextDatum(eb_transport_name(t));
 	args[1] = Int32GetDatum(eb_relay_batch_size);
-	backoff_arrays(r, &args[2], &args[3], earliest);
+	eb_backoff_arrays(r->backoff, &args[2], &args[3], earliest);
 
 	plan = r->undeliverable ? keep_plan(&select_held_plan, SELECT_HELD_SQL, 4, argtypes) :
 		keep_plan(&select_plan, SELECT_SQL, 4, argtypes);
@@ -428,50 +325,11 @@ set_aside_held(int t, Round *r, EbEvent *events, bool *held, int n)
 			if (!held[i])
 				events[kept++] = events[i];
 			else
-				backoff_forget(r, &events[i]);
+				eb_backoff_forget(r->backoff, &events[i]);
 		n = kept;
 	}
 	r->undeliverable = eb_undeliverable_any(t);
 	return n;
-}
-
-/* A set of (topic, aggregate) keys in cxt. */
-static HTAB *
-key_set(MemoryContext cxt)
-{
-	HASHCTL		ctl;
-
-	memset(&ctl, 0, sizeof(ctl));
-	ctl.keysize = KEY_LEN;
-	ctl.entrysize = ctl.keysize;
-	ctl.hcxt = cxt;
-	return hash_create("eventbus round keys", 64, &ctl, HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
-}
-
-/* Is ev's key in the set?  With add, put it there. */
-static bool
-key_in_set(HTAB *set, const EbEvent *ev, bool add)
-{
-	char		key[KEY_LEN];
-	bool		found;
-
-	event_key(ev, key);
-	(void) hash_search(set, key, add ? HASH_ENTER : HASH_FIND, &found);
-	return found;
-}
-
-/* NATS: at most one event per (topic, aggregate) per round (file header). */
-static int
-distinct_aggregates(EbEvent *events, int n, MemoryContext cxt)
-{
-	HTAB	   *seen = key_set(cxt);
-	int			kept = 0;
-
-	for (int i = 0; i < n; i++)
-		if (!key_in_set(seen, &events[i], true))
-			events[kept++] = events[i];
-	hash_destroy(seen);
-	return kept;
 }
 
 /*
@@ -514,7 +372,7 @@ start_round(int t, Round *r)
 	if (n == 0)
 		return earliest;
 	if (t == EB_TRANSPORT_NATS)
-		n = distinct_aggregates(events, n, r->cxt);
+		n = eb_distinct_aggregates(events, n, r->cxt);
 
 	r->events = events;
 	r->state = MemoryContextAllocZero(r->cxt, sizeof(SlotState) * n);
@@ -536,7 +394,7 @@ start_round(int t, Round *r)
 		bool		ok;
 
 		/* Kafka: after a refusal, the aggregate's later events wait. */
-		if (refused != NULL && key_in_set(refused, &events[i], false))
+		if (refused != NULL && eb_key_in_set(refused, &events[i], false))
 		{
 			eb_relay_ack(t, i, EB_FAILED_TRANSIENT,
 						 "not sent: an earlier event of its aggregate failed in the same round");
@@ -554,8 +412,8 @@ start_round(int t, Round *r)
 			if (t == EB_TRANSPORT_KAFKA)
 			{
 				if (refused == NULL)
-					refused = key_set(r->cxt);
-				(void) key_in_set(refused, &events[i], true);
+					refused = eb_key_set(r->cxt);
+				(void) eb_key_in_set(refused, &events[i], true);
 			}
 		}
 	}
@@ -657,10 +515,10 @@ finish_round(int t, Round *r)
 			if (first_error == NULL)
 				first_error = r->errors[i];
 			if (connected)
-				backoff_key(r, &r->events[i]);
+				eb_backoff_fail(r->backoff, &r->events[i]);
 		}
 		else
-			backoff_forget(r, &r->events[i]);
+			eb_backoff_forget(r->backoff, &r->events[i]);
 	}
 	if (first_error)
 		eb_set_broker_state(t, t == EB_TRANSPORT_KAFKA && !connected && !kafka_fatal() ?
