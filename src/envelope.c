@@ -15,6 +15,7 @@
 #include "utils/jsonb.h"
 #include "utils/datetime.h"
 #include "utils/json.h"
+#include "utils/memutils.h"
 #include "utils/timestamp.h"
 
 #include "eventbus.h"
@@ -120,6 +121,159 @@ eb_validate_topic(const char *topic)
 					 errdetail("Character %d is not allowed.", (int) (p - topic) + 1),
 					 errhint("Topic names use only A-Z, a-z, 0-9, '.', '_' and '-'.")));
 	}
+}
+
+/*
+ * The topic rules of one transport, on top of eb_validate_topic's: Kafka
+ * refuses the names "." and ".."; a NATS subject is tokens separated by '.',
+ * none of them empty (nats-server cannot capture "a..b" or ".a" in a stream).
+ * Wildcards and whitespace are already outside the allowed characters.
+ */
+void
+eb_validate_topic_for_transport(const char *topic, int transport)
+{
+	eb_validate_topic(topic);
+
+	if (transport == EB_TRANSPORT_KAFKA)
+	{
+		if (strcmp(topic, ".") == 0 || strcmp(topic, "..") == 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("invalid topic name \"%s\" for transport \"kafka\"", topic),
+					 errdetail("Kafka does not allow the topic names \".\" and \"..\".")));
+		return;
+	}
+
+	for (const char *p = topic; *p; p++)
+	{
+		if (*p == '.' && (p == topic || p[1] == '.' || p[1] == '\0'))
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("invalid topic name \"%s\" for transport \"nats\"", topic),
+					 errdetail("A NATS subject is tokens separated by '.'; the token %s character %d is empty.",
+							   p == topic ? "before" : "after", (int) (p - topic) + 1),
+					 errhint("Do not start or end the topic with '.' or repeat '.'.")));
+	}
+}
+
+/*
+ * Largest message the transport takes, in the units eb_event_wire_size
+ * counts; *limit_name names the setting it comes from.
+ *  - Kafka: the producer's message.max.bytes (librdkafka refuses a larger
+ *    message before sending it): eventbus.kafka_properties, else 1,000,000.
+ *  - NATS: the server's max_payload, which the relay learns when it
+ *    connects, else 1 MB; and never above the consuming side's limit.
+ */
+int64
+eb_transport_max_message(int transport, const char **limit_name)
+{
+	int64		limit = 0;
+
+	if (transport == EB_TRANSPORT_KAFKA)
+	{
+		/* Parsed again only when the setting changed (it is per publish). */
+		static char *parsed_spec = NULL;
+		static int64 parsed_limit = 0;
+		List	   *names;
+		List	   *values;
+		char	   *err;
+		ListCell   *ln;
+		ListCell   *lv;
+
+		*limit_name = "message.max.bytes";
+		if (parsed_spec && strcmp(parsed_spec, eb_kafka_properties ? eb_kafka_properties : "") == 0)
+			return parsed_limit;
+		limit = EB_KAFKA_DEFAULT_MAX_MESSAGE;
+		if (eb_kafka_properties_parse(eb_kafka_properties, &names, &values, &err))
+		{
+			/* The last setting wins, as in librdkafka. */
+			forboth(ln, names, lv, values)
+			{
+				char	   *end;
+				long		v;
+
+				if (strcmp(lfirst(ln), "message.max.bytes") != 0)
+					continue;
+				errno = 0;
+				v = strtol(lfirst(lv), &end, 10);
+				if (errno == 0 && *end == '\0' && v > 0)
+					limit = v;
+			}
+		}
+		if (parsed_spec)
+			pfree(parsed_spec);
+		parsed_spec = MemoryContextStrdup(TopMemoryContext,
+										  eb_kafka_properties ? eb_kafka_properties : "");
+		parsed_limit = limit;
+		return limit;
+	}
+
+	*limit_name = "the NATS server's max_payload";
+	if (eb_shared)
+	{
+		SpinLockAcquire(&eb_shared->mutex);
+		limit = eb_shared->nats_max_payload;
+		SpinLockRelease(&eb_shared->mutex);
+	}
+	return limit > 0 ? limit : EB_NATS_DEFAULT_MAX_PAYLOAD;
+}
+
+/* Bytes of a zigzag varint (Kafka record fields). */
+static Size
+zigzag_varint_size(int64 n)
+{
+	uint64		z = ((uint64) n << 1) ^ (uint64) (n >> 63);
+	Size		bytes = 1;
+
+	while (z >= 0x80)
+	{
+		z >>= 7;
+		bytes++;
+	}
+	return bytes;
+}
+
+typedef struct WireSize
+{
+	int			transport;
+	Size		bytes;
+} WireSize;
+
+static void
+count_header(void *arg, const char *name, const char *value)
+{
+	WireSize   *ws = (WireSize *) arg;
+	Size		nl = strlen(name);
+	Size		vl = strlen(value);
+
+	if (ws->transport == EB_TRANSPORT_KAFKA)
+		ws->bytes += nl + vl + zigzag_varint_size(nl) + zigzag_varint_size(vl);
+	else
+		ws->bytes += nl + 2 + vl + 2;	/* "Name: value\r\n" */
+}
+
+/*
+ * Size of the message the relay sends for ev, whose envelope (as encoded by
+ * eb_envelope_encode) is envelope_len bytes, counted as the client library
+ * checks it against the limit of eb_transport_max_message:
+ *  - Kafka (librdkafka's check before producing): 36 bytes of maximum
+ *    record overhead + key (the aggregate id) + value + serialized headers.
+ *  - NATS (cnats' and the server's check): headers block
+ *    "NATS/1.0\r\n" + "Name: value\r\n"... + "\r\n", including Nats-Msg-Id,
+ *    plus the body.
+ */
+Size
+eb_event_wire_size(const EbEvent *ev, int transport, Size envelope_len)
+{
+	WireSize	ws;
+
+	ws.transport = transport;
+	ws.bytes = 0;
+	eb_event_headers(ev, count_header, &ws);
+	if (transport == EB_TRANSPORT_KAFKA)
+		return 36 + strlen(ev->aggregate_id) + envelope_len + ws.bytes;
+	count_header(&ws, "Nats-Msg-Id", ev->event_id);
+	return 10 + ws.bytes + 2 + envelope_len;
 }
 
 /* Is c allowed in an aggregate id ([A-Za-z0-9:_./-])? */
