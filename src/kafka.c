@@ -179,8 +179,8 @@ kafka_client_start(rd_kafka_type_t type, rd_kafka_conf_t *conf)
  * commit; rd_kafka_destroy then joins librdkafka's threads, which can wait
  * on an unreachable broker far longer than a shutdown may take.
  */
-#define CLOSE_BUDGET_MS		2000
-#define DESTROY_BUDGET_MS	2000
+#define CLOSE_BUDGET_MS		1500
+#define DESTROY_BUDGET_MS	1500
 
 /* Helper thread: destroy after a completed close (or a producer). */
 static void

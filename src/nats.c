@@ -221,8 +221,8 @@ nats_client_start(const char *name)
  * joins its reconnect thread, which may sit in a connect attempt (2 s
  * timeout); closing the library joins cnats' own threads.
  */
-#define CLOSE_BUDGET_MS		2500
-#define LIBRARY_BUDGET_MS	1500
+#define CLOSE_BUDGET_MS		2000
+#define LIBRARY_BUDGET_MS	1000
 
 /* What a teardown helper thread destroys (malloc'd: it may outlive us). */
 typedef struct NatsTeardown
