@@ -113,7 +113,7 @@ pg_version=$(bq -c "SELECT current_setting('server_version')")
 versions="PostgreSQL $pg_version, librdkafka $(pkg-config --modversion rdkafka 2>/dev/null || echo '?'), cnats $(pkg-config --modversion libnats 2>/dev/null || echo '?'), $(nats-server --version 2>/dev/null || echo 'nats-server ?')"
 engine="eventbus $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')"
 if git -C "$REPO" diff --quiet HEAD -- src sql 2>/dev/null; then engine="$engine (src/, sql/ as committed)"; else engine="$engine + uncommitted src/ or sql/ changes"; fi
-engine="$engine, installed eventbus.so md5 $(md5sum "$(pg_config --pkglibdir)/eventbus.so" 2>/dev/null | cut -c1-12)"
+engine="$engine, installed eventbus.so md5 $(md5sum "$("${PG_CONFIG:-pg_config}" --pkglibdir)/eventbus.so" 2>/dev/null | cut -c1-12)"
 say "$engine"
 say "$versions; eventbus.workers = $(bq -c "SHOW eventbus.workers"), kafka properties '$(bq -c "SHOW eventbus.kafka_properties")'"
 
