@@ -182,6 +182,13 @@ for ((rep = 1; rep <= LIFECYCLE_REPEATS; rep++)); do
 	$lc_pass || { echo "bench: 29_shutdown.sh failed in repeat $rep:" >&2; grep -E '^not ok|^#' "$lc_log" >&2; }
 	rm -f "$lc_log"
 done
+# The test ends with a crash restart: let every eventbus process come back,
+# so that the stop below counts a complete set.
+if [ "$LIFECYCLE_REPEATS" -gt 0 ]; then
+	bench_wait 60 "SELECT count(*) = current_setting('eventbus.workers')::int + 1 FROM eventbus_status()
+	               WHERE (component = 'dispatcher' OR component LIKE 'worker %') AND transport IS NULL AND state = 'running'" ||
+		say "not every eventbus process is back after the shutdown test"
+fi
 
 # ---------------------------------------------------------------------------
 # Report (before the stop: the database formats it)
