@@ -22,7 +22,14 @@
 #  3. Idle CPU for 5 s with the steady run's subscriptions active.
 #  4. The reference limit: pgbench doing the same writes without eventbus
 #     (BENCH_REF_SECONDS, 15 s; BENCH_REF_CLIENTS, 8 clients).
-#  5. Stop: PostgreSQL first, then count what is left of the eventbus
+#  5. Shutdown and recovery (test/integration/29_shutdown.sh on this stack,
+#     BENCH_LIFECYCLE_REPEATS times, default 3): how long pg_ctl stop -m fast
+#     takes right after a subscription change, with the Kafka broker
+#     unreachable, with nats-server stopped and with a handler in
+#     pg_sleep(60); and how long after an immediate stop (from the start) and
+#     a kill -9 of a pool worker (from the kill) each transport handles new
+#     events again.  BENCH_LIFECYCLE_REPEATS=0 skips it.
+#  6. Stop: PostgreSQL first, then count what is left of the eventbus
 #     processes (and their threads); then the brokers, and count again.
 #
 # Figures (all from the database: bench/bench.sql level_stats):
@@ -53,6 +60,7 @@ RATE=${BENCH_RATE:-1000}
 DURATION=${BENCH_DURATION:-30}
 REF_SECONDS=${BENCH_REF_SECONDS:-15}
 REF_CLIENTS=${BENCH_REF_CLIENTS:-8}
+LIFECYCLE_REPEATS=${BENCH_LIFECYCLE_REPEATS:-3}
 OUT=${BENCH_OUT:-$REPO/bench/results/latest.json}
 export PGBENCH=${PGBENCH:-$("${PG_CONFIG:-pg_config}" --bindir)/pgbench}
 
@@ -105,7 +113,7 @@ pg_version=$(bq -c "SELECT current_setting('server_version')")
 versions="PostgreSQL $pg_version, librdkafka $(pkg-config --modversion rdkafka 2>/dev/null || echo '?'), cnats $(pkg-config --modversion libnats 2>/dev/null || echo '?'), $(nats-server --version 2>/dev/null || echo 'nats-server ?')"
 engine="eventbus $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')"
 if git -C "$REPO" diff --quiet HEAD -- src sql 2>/dev/null; then engine="$engine (src/, sql/ as committed)"; else engine="$engine + uncommitted src/ or sql/ changes"; fi
-engine="$engine, installed eventbus.so md5 $(md5sum "$(pg_config --pkglibdir)/eventbus.so" 2>/dev/null | cut -c1-12)"
+engine="$engine, installed eventbus.so md5 $(md5sum "$("${PG_CONFIG:-pg_config}" --pkglibdir)/eventbus.so" 2>/dev/null | cut -c1-12)"
 say "$engine"
 say "$versions; eventbus.workers = $(bq -c "SHOW eventbus.workers"), kafka properties '$(bq -c "SHOW eventbus.kafka_properties")'"
 
@@ -161,6 +169,28 @@ bq -c "SELECT format('reference: %s events/s (publish %s/s, consume %s/s)', d->>
          FROM (SELECT '$ref'::jsonb AS d) s" >&2
 
 # ---------------------------------------------------------------------------
+# 5. Shutdown and recovery
+# ---------------------------------------------------------------------------
+# The test prints "# figure NAME MS" lines; each repeat is stored with its
+# TAP verdict (a figure from a failed repeat is reported, and marked).
+for ((rep = 1; rep <= LIFECYCLE_REPEATS; rep++)); do
+	say "[$((SECONDS))s] shutdown and recovery, repeat $rep/$LIFECYCLE_REPEATS (test/integration/29_shutdown.sh)"
+	lc_log=$(mktemp)
+	if EVENTBUS_ENV="$EVENTBUS_STATE/env" prove -v "$REPO/test/integration/29_shutdown.sh" >"$lc_log" 2>&1; then lc_pass=true; else lc_pass=false; fi
+	lc_fig=$(awk '/^# figure [a-zA-Z0-9_]+ -?[0-9]+$/ { printf "%s\"%s\": %s", sep, $3, $4; sep = ", " }' "$lc_log")
+	store lifecycle "{$lc_fig${lc_fig:+, }\"repeat\": $rep, \"test_passed\": $lc_pass}"
+	$lc_pass || { echo "bench: 29_shutdown.sh failed in repeat $rep:" >&2; grep -E '^not ok|^#' "$lc_log" >&2; }
+	rm -f "$lc_log"
+done
+# The test ends with a crash restart: let every eventbus process come back,
+# so that the stop below counts a complete set.
+if [ "$LIFECYCLE_REPEATS" -gt 0 ]; then
+	bench_wait 60 "SELECT count(*) = current_setting('eventbus.workers')::int + 1 FROM eventbus_status()
+	               WHERE (component = 'dispatcher' OR component LIKE 'worker %') AND transport IS NULL AND state = 'running'" ||
+		say "not every eventbus process is back after the shutdown test"
+fi
+
+# ---------------------------------------------------------------------------
 # Report (before the stop: the database formats it)
 # ---------------------------------------------------------------------------
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -190,7 +220,19 @@ SELECT jsonb_pretty(jsonb_build_object(
   'runs', (SELECT jsonb_agg(doc ORDER BY n) FROM $BENCH_SCHEMA.results WHERE kind = 'level'),
   'steady', (SELECT doc FROM r WHERE kind = 'steady'),
   'idle_cpu_s', (SELECT doc FROM $BENCH_SCHEMA.results WHERE kind = 'idle'),
-  'reference', (SELECT doc FROM $BENCH_SCHEMA.results WHERE kind = 'reference')))"
+  'reference', (SELECT doc FROM $BENCH_SCHEMA.results WHERE kind = 'reference'),
+  'lifecycle_ms', (SELECT jsonb_build_object(
+       'method', 'test/integration/29_shutdown.sh on this stack, librdkafka default group timings: shutdown_* = wall time of pg_ctl stop -m fast (scripts/stack.sh pg-stop) in that state; recovery_immediate_* = from pg-start returning after pg_ctl stop -m immediate to the last of 10 new events of that transport handled (handler clock_timestamp()); recovery_kill9_* = the same from a kill -9 of pool worker 0 (the postmaster restarts everything)',
+       'median', (SELECT jsonb_object_agg(k, v) FROM (
+           SELECT e.key AS k, percentile_disc(0.5) WITHIN GROUP (ORDER BY e.value::numeric) AS v
+             FROM $BENCH_SCHEMA.results r, jsonb_each_text(r.doc) e
+            WHERE r.kind = 'lifecycle' AND e.key LIKE '%\_ms' GROUP BY e.key) m),
+       'max', (SELECT jsonb_object_agg(k, v) FROM (
+           SELECT e.key AS k, max(e.value::numeric) AS v
+             FROM $BENCH_SCHEMA.results r, jsonb_each_text(r.doc) e
+            WHERE r.kind = 'lifecycle' AND e.key LIKE '%\_ms' GROUP BY e.key) m),
+       'repeats', (SELECT jsonb_agg(doc ORDER BY n) FROM $BENCH_SCHEMA.results WHERE kind = 'lifecycle'))
+     WHERE EXISTS (SELECT 1 FROM $BENCH_SCHEMA.results WHERE kind = 'lifecycle'))))"
 json=$(bq -c "$report_sql") || die "could not build the JSON report"
 
 table_sql="
@@ -250,7 +292,17 @@ SELECT line FROM (
          (SELECT string_agg(format('%s %s / %s / %s', k, v->>'p50', v->>'p95', v->>'p99'), ', ' ORDER BY k)
             FROM jsonb_each(d->'latency_by_transport_ms') e (k, v)))
     FROM $BENCH_SCHEMA.level_summary() r (n, kind, d)) x ORDER BY n"
+lifecycle_sql="
+WITH r AS (SELECT doc FROM $BENCH_SCHEMA.results WHERE kind = 'lifecycle'),
+     f AS (SELECT e.key AS k, percentile_disc(0.5) WITHIN GROUP (ORDER BY e.value::numeric) AS med, max(e.value::numeric) AS mx, count(*) AS n
+             FROM r, jsonb_each_text(r.doc) e WHERE e.key LIKE '%\_ms' GROUP BY e.key)
+SELECT format('%-46s %9s %9s', 'state (ms, median / max of ' || (SELECT count(*) FROM r) || ')', 'median', 'max')
+UNION ALL
+SELECT * FROM (SELECT format('%-46s %9s %9s', k, med, mx) FROM f ORDER BY k) x
+UNION ALL
+SELECT 'failed repeats: ' || count(*) FROM r WHERE NOT (doc->>'test_passed')::boolean HAVING count(*) > 0"
 table=$(bq -c "$table_sql")
+lifecycletable=$(bq -c "$lifecycle_sql")
 splittable=$(bq -c "$split_sql")
 cputable=$(bq -c "$cpu_sql")
 refline=$(bq -c "SELECT format('reference (pgbench, same writes without eventbus, %s clients, %s s): %s events/s (publish side %s/s, consume side %s/s)',
@@ -258,7 +310,7 @@ refline=$(bq -c "SELECT format('reference (pgbench, same writes without eventbus
                   FROM $BENCH_SCHEMA.results WHERE kind = 'reference'")
 
 # ---------------------------------------------------------------------------
-# 5. Stop, and count what is left
+# 6. Stop, and count what is left
 # ---------------------------------------------------------------------------
 # Every eventbus process seen, with its start time (so a recycled pid is not
 # counted), and the threads the launcher / dispatcher had before the stop.
@@ -333,6 +385,9 @@ Latency split (ms; p50 then p95): pub tx = occurred_at -> publishing transaction
 end of the handler call (relay, broker, consumer, dispatcher, pool queue, handler); batch = end of the handler call ->
 commit of the pool worker's batch transaction:
 $splittable
+
+Shutdown (pg_ctl stop -m fast in each state) and recovery after a crash (new events handled again), ms:
+$lifecycletable
 
 CPU seconds per process group during each run (from /proc; brokers = nats-server + devbroker; others = the rest of
 the machine: the harness (psql clients, the shell reading /proc) and any other job; busy = whole machine; eb us/evt = launcher+dispatcher+workers CPU per delivered event; outbox / pool q / lag = largest sampled backlog):

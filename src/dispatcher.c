@@ -448,19 +448,7 @@ manage_clients(void)
 		}
 	}
 	if (nats_up)
-	{
-		static bool was_connected = true;
-		bool		now = nats_connected();
-
-		nats_poll_state();
-		/* Fetched-but-lost messages come back only after AckWait: rebind now. */
-		if (now && !was_connected)
-		{
-			nats_consumer_forget();
-			subs_loaded_at = 0;
-		}
-		was_connected = now;
-	}
+		nats_poll_state();		/* nats_consumer_poll rebinds after a reconnect */
 }
 
 /*

@@ -233,6 +233,9 @@ extern void eb_wakeup_drain(void);
 extern void eb_wakeup_signal(void);
 extern int	eb_wakeup_write_fd(void);
 
+/* bounded.c: a library teardown call on a helper thread, with a deadline */
+extern bool eb_run_bounded(void (*fn) (void *), void *arg, int timeout_ms);
+
 /* relay.c */
 extern void relay_init(void);
 extern void relay_shutdown(void);
@@ -300,6 +303,7 @@ extern bool nats_ensure_stream(const char *topic, char **errmsg);
 extern void nats_block_signals(sigset_t *old);
 extern void nats_restore_signals(const sigset_t *old);
 extern void nats_library_close(void);
+extern uint64 nats_reconnects(void);
 extern void nats_producer_poll(void);
 extern void nats_publish_begin(const EbEvent *events, int n);
 extern bool nats_publish(const EbEvent *ev, const char *value, size_t len,

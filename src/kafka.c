@@ -174,22 +174,87 @@ kafka_client_start(rd_kafka_type_t type, rd_kafka_conf_t *conf)
 	return true;
 }
 
-/* Destroy the client; unacknowledged work stays in the outbox / broker. */
+/*
+ * Shutdown budgets (ms).  The consumer's orderly close stores its final
+ * commit; rd_kafka_destroy then joins librdkafka's threads, which can wait
+ * on an unreachable broker far longer than a shutdown may take.
+ */
+#define CLOSE_BUDGET_MS		1500
+#define DESTROY_BUDGET_MS	1500
+
+/* Helper thread: destroy after a completed close (or a producer). */
+static void
+destroy_client(void *rk)
+{
+	rd_kafka_destroy((rd_kafka_t *) rk);
+}
+
+/* Helper thread: destroy without the consumer's group/commit handshake. */
+static void
+destroy_client_now(void *rk)
+{
+	rd_kafka_destroy_flags((rd_kafka_t *) rk, RD_KAFKA_DESTROY_F_NO_CONSUMER_CLOSE);
+}
+
+/*
+ * Close the consumer in order — unassign, commit the stored completion
+ * points — serving its events here, for at most budget_ms.  True if closed.
+ */
+static bool
+consumer_close_bounded(rd_kafka_t *rk, int budget_ms)
+{
+	rd_kafka_queue_t *q = rd_kafka_queue_new(rk);
+	rd_kafka_error_t *error = rd_kafka_consumer_close_queue(rk, q);
+	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), budget_ms);
+	bool		closed;
+
+	if (error != NULL)
+		rd_kafka_error_destroy(error);
+	else
+	{
+		while (!rd_kafka_consumer_closed(rk) && GetCurrentTimestamp() < deadline)
+		{
+			rd_kafka_event_t *ev = rd_kafka_queue_poll(q, 100);
+
+			if (ev != NULL)
+				rd_kafka_event_destroy(ev);
+		}
+	}
+	closed = rd_kafka_consumer_closed(rk);
+	rd_kafka_queue_destroy(q);
+	return closed;
+}
+
+/*
+ * Destroy the client in bounded time; unacknowledged work stays in the
+ * outbox / broker.  If librdkafka does not finish within the budget its
+ * threads are left to the process exit: nothing is lost (offsets not
+ * committed are redelivered, and the inbox skips what was handled).
+ */
 void
 kafka_client_stop(void)
 {
-	if (eb_kafka == NULL)
+	rd_kafka_t *rk = eb_kafka;
+	bool		orderly = false;
+
+	if (rk == NULL)
 		return;
-	if (rd_kafka_type(eb_kafka) == RD_KAFKA_PRODUCER)
-	{
-		rd_kafka_purge(eb_kafka, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
-		rd_kafka_poll(eb_kafka, 0);
-	}
-	else
-		rd_kafka_consumer_close(eb_kafka);
-	rd_kafka_destroy(eb_kafka);
 	eb_kafka = NULL;
+	if (rd_kafka_type(rk) == RD_KAFKA_PRODUCER)
+	{
+		rd_kafka_purge(rk, RD_KAFKA_PURGE_F_QUEUE | RD_KAFKA_PURGE_F_INFLIGHT);
+		rd_kafka_poll(rk, 0);
+		orderly = true;
+	}
+	else if (connected && !fatal)
+		orderly = consumer_close_bounded(rk, CLOSE_BUDGET_MS);
 	connected = false;
+
+	if (!eb_run_bounded(orderly ? destroy_client : destroy_client_now, rk, DESTROY_BUDGET_MS))
+		ereport(LOG,
+				(errmsg("%s: the Kafka client did not shut down within %d ms, leaving it behind",
+						eb_log_prefix, DESTROY_BUDGET_MS),
+				 errdetail("Offsets not yet committed are redelivered and the inbox skips what was handled; unacknowledged events stay in the outbox.")));
 }
 
 bool

@@ -1,6 +1,17 @@
 /*
- * kafka_consumer.c — the dispatcher's Kafka consumer: one group member for
+ * kafka_consumer.c — the dispatcher's Kafka consumer: every partition of
  * every subscribed topic, polled on the main thread.
+ *
+ * Partitions are assigned by eventbus itself (rd_kafka_incremental_assign),
+ * not by joining a consumer group: the dispatcher is the only consumer of
+ * its group (one per database), so a group protocol would only add a join
+ * and a rebalance to every start, restart and subscription change — and,
+ * after a crash, a wait until the dead member's session times out (45 s
+ * with librdkafka's defaults) before anything is consumed again.  The
+ * group (eventbus.consumer_group) still stores the committed offsets, so
+ * Kafka tools show its position and lag.  The partitions of a topic are
+ * read from broker metadata when it is subscribed, and again every 30 s so
+ * partitions added later are consumed too.
  *
  * Offsets: librdkafka auto-commits only what we store, and we store only a
  * partition's contiguous completion point — the offset after the longest
@@ -12,8 +23,14 @@
 #include "lib/ilist.h"
 #include "utils/hsearch.h"
 #include "utils/memutils.h"
+#include "utils/timestamp.h"
 
 #include "eventbus.h"
+
+/* Metadata look-ups block the main thread: keep each one short. */
+#define METADATA_TIMEOUT_MS 500
+#define RECHECK_MS		30000	/* look for partitions added to a topic */
+#define RETRY_MS		1000	/* topic not there yet, or broker slow */
 
 typedef struct PartKey
 {
@@ -32,17 +49,26 @@ typedef struct PartTrack
 typedef struct KafkaToken
 {
 	dlist_node	node;
-	PartTrack  *part;			/* NULL once the partition was revoked */
+	PartTrack  *part;			/* NULL once the partition was unassigned */
 	int64		offset;
 	bool		done;
 } KafkaToken;
 
+/* A subscribed topic and how many of its partitions are assigned. */
+typedef struct TopicState
+{
+	char	   *name;
+	int32		nparts;			/* 0 = not found yet */
+	TimestampTz next_check;		/* next metadata look-up */
+} TopicState;
+
 static HTAB *parts = NULL;
-static List *topics = NIL;		/* currently subscribed (char *) */
+static List *topics = NIL;		/* TopicState *, in TopMemoryContext */
 static bool paused = false;
 static MemoryContext token_cxt = NULL;
+static rd_kafka_resp_err_t commit_error = RD_KAFKA_RESP_ERR_NO_ERROR;
 
-/* Forget revoked partitions: their in-flight messages no longer commit. */
+/* Forget partitions: their in-flight messages no longer commit. */
 static void
 drop_partitions(rd_kafka_topic_partition_list_t *list)
 {
@@ -71,42 +97,155 @@ drop_partitions(rd_kafka_topic_partition_list_t *list)
 	}
 }
 
-/* Rebalance (main thread, from rd_kafka_consumer_poll). */
-static void
-rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
-			 rd_kafka_topic_partition_list_t *list, void *opaque)
+/* Partitions [from, to) of a topic, at their committed offsets. */
+static rd_kafka_topic_partition_list_t *
+partition_range(const char *topic, int from, int to)
 {
-	if (err == RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS)
-	{
-		for (int i = 0; i < list->cnt; i++)
-		{
-			PartKey		key;
-			bool		found;
-			PartTrack  *t;
+	rd_kafka_topic_partition_list_t *list = rd_kafka_topic_partition_list_new(Max(to - from, 1));
 
-			memset(&key, 0, sizeof(key));
-			strlcpy(key.topic, list->elems[i].topic, sizeof(key.topic));
-			key.partition = list->elems[i].partition;
-			t = hash_search(parts, &key, HASH_ENTER, &found);
-			if (!found)
-				dlist_init(&t->inflight);
-		}
-		rd_kafka_assign(rk, list);
-		if (paused)
-			rd_kafka_pause_partitions(rk, list);
-		ereport(DEBUG1, (errmsg("eventbus consumer: %d Kafka partitions assigned", list->cnt)));
+	for (int p = from; p < to; p++)
+		rd_kafka_topic_partition_list_add(list, topic, p)->offset = RD_KAFKA_OFFSET_INVALID;
+	return list;
+}
+
+/*
+ * Start consuming partitions [from, to) of a topic: from the group's
+ * committed offset, else from the earliest retained message.
+ */
+static void
+assign_partitions(const char *topic, int from, int to)
+{
+	rd_kafka_topic_partition_list_t *list = partition_range(topic, from, to);
+	rd_kafka_error_t *error;
+
+	for (int i = 0; i < list->cnt; i++)
+	{
+		PartKey		key;
+		bool		found;
+		PartTrack  *t;
+
+		memset(&key, 0, sizeof(key));
+		strlcpy(key.topic, topic, sizeof(key.topic));
+		key.partition = list->elems[i].partition;
+		t = hash_search(parts, &key, HASH_ENTER, &found);
+		if (!found)
+			dlist_init(&t->inflight);
+	}
+	error = rd_kafka_incremental_assign(eb_kafka, list);
+	if (error != NULL)
+	{
+		ereport(WARNING,
+				(errmsg("eventbus consumer: could not assign partitions of Kafka topic %s: %s",
+						topic, rd_kafka_error_string(error))));
+		rd_kafka_error_destroy(error);
 	}
 	else
 	{
-		/* Completion points are stored as they advance; commit them now. */
-		rd_kafka_commit(rk, NULL, 0);
-		drop_partitions(list);
-		rd_kafka_assign(rk, NULL);
-		ereport(DEBUG1, (errmsg("eventbus consumer: %d Kafka partitions revoked", list->cnt)));
+		if (paused)
+			rd_kafka_pause_partitions(eb_kafka, list);
+		ereport(DEBUG1, (errmsg("eventbus consumer: Kafka topic %s partitions %d..%d assigned",
+								topic, from, to - 1)));
+	}
+	rd_kafka_topic_partition_list_destroy(list);
+}
+
+/* Stop consuming a topic (stored completion points are committed). */
+static void
+unassign_topic(TopicState *ts)
+{
+	rd_kafka_topic_partition_list_t *list;
+	rd_kafka_error_t *error;
+
+	if (ts->nparts <= 0)
+		return;
+	list = partition_range(ts->name, 0, ts->nparts);
+	error = rd_kafka_incremental_unassign(eb_kafka, list);
+	if (error != NULL)
+		rd_kafka_error_destroy(error);
+	drop_partitions(list);
+	rd_kafka_topic_partition_list_destroy(list);
+}
+
+/*
+ * Look up a topic's partitions and assign new ones.  False if the broker
+ * did not answer in time (the caller then leaves other topics for later).
+ */
+static bool
+discover_topic(TopicState *ts)
+{
+	const struct rd_kafka_metadata *md = NULL;
+	rd_kafka_topic_t *rkt;
+	rd_kafka_resp_err_t err;
+	int			cnt = -1;
+
+	ts->next_check = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), RETRY_MS);
+	rkt = rd_kafka_topic_new(eb_kafka, ts->name, NULL);
+	if (rkt == NULL)
+		return true;
+	err = rd_kafka_metadata(eb_kafka, 0, rkt, &md, METADATA_TIMEOUT_MS);
+	rd_kafka_topic_destroy(rkt);
+	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
+		return false;
+	for (int i = 0; i < md->topic_cnt; i++)
+		if (strcmp(md->topics[i].topic, ts->name) == 0 &&
+			md->topics[i].err == RD_KAFKA_RESP_ERR_NO_ERROR)
+			cnt = md->topics[i].partition_cnt;
+	rd_kafka_metadata_destroy(md);
+	if (cnt <= 0)
+		return true;			/* not created yet: look again soon */
+	if (cnt > ts->nparts)
+	{
+		assign_partitions(ts->name, ts->nparts, cnt);
+		ts->nparts = cnt;
+	}
+	ts->next_check = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), RECHECK_MS);
+	return true;
+}
+
+/* Look up the topics that are due (only while the broker is reachable). */
+static void
+discover(void)
+{
+	ListCell   *lc;
+
+	if (!kafka_connected())
+		return;
+	foreach(lc, topics)
+	{
+		TopicState *ts = lfirst(lc);
+
+		if (GetCurrentTimestamp() >= ts->next_check && !discover_topic(ts))
+			break;
 	}
 }
 
-/* Create the consumer (group eventbus.consumer_group, earliest start). */
+/*
+ * Commit results (main thread, from rd_kafka_consumer_poll).  A failure
+ * means redelivery after a restart, not loss; it is logged once per kind.
+ * Rejected commits usually mean another consumer joined our group.
+ */
+static void
+offset_commit_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
+				 rd_kafka_topic_partition_list_t *offsets, void *opaque)
+{
+	if (err == RD_KAFKA_RESP_ERR__NO_OFFSET || err == commit_error)
+		return;
+	commit_error = err;
+	if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
+		return;
+	if (err == RD_KAFKA_RESP_ERR_UNKNOWN_MEMBER_ID || err == RD_KAFKA_RESP_ERR_ILLEGAL_GENERATION)
+		ereport(WARNING,
+				(errmsg("eventbus consumer: Kafka refused to store the offsets of group \"%s\": %s",
+						eb_consumer_group, rd_kafka_err2str(err)),
+				 errdetail("Another consumer is a member of that group."),
+				 errhint("Give each database its own eventbus.consumer_group; events since the last stored offset are redelivered after a restart (the inbox skips what was handled).")));
+	else
+		ereport(LOG,
+				(errmsg("eventbus consumer: could not commit Kafka offsets: %s", rd_kafka_err2str(err)),
+				 errdetail("They are committed again later; until then a restart redelivers, and the inbox skips, what was handled.")));
+}
+
+/* Create the consumer (offsets stored in group eventbus.consumer_group). */
 bool
 kafka_consumer_start(void)
 {
@@ -126,7 +265,7 @@ kafka_consumer_start(void)
 		eb_set_broker_state(EB_TRANSPORT_KAFKA, EB_BROKER_DOWN, errstr);
 		return false;
 	}
-	rd_kafka_conf_set_rebalance_cb(conf, rebalance_cb);
+	rd_kafka_conf_set_offset_commit_cb(conf, offset_commit_cb);
 
 	if (parts == NULL)
 	{
@@ -139,49 +278,66 @@ kafka_consumer_start(void)
 	}
 	topics = NIL;
 	paused = false;
+	commit_error = RD_KAFKA_RESP_ERR_NO_ERROR;
 	return kafka_client_start(RD_KAFKA_CONSUMER, conf);
 }
 
-/* Subscribe to exactly these topics (a change means a rebalance). */
+/* The subscribed topic of that name, or NULL. */
+static TopicState *
+find_topic(const char *name)
+{
+	ListCell   *lc;
+
+	foreach(lc, topics)
+		if (strcmp(((TopicState *) lfirst(lc))->name, name) == 0)
+			return lfirst(lc);
+	return NULL;
+}
+
+/*
+ * Consume exactly these topics: unassign the ones no longer wanted; new
+ * ones are assigned as soon as their partitions are known.
+ */
 void
 kafka_consumer_set_topics(List *want)
 {
-	rd_kafka_topic_partition_list_t *list;
+	List	   *keep = NIL;
 	ListCell   *lc;
-	bool		same = list_length(want) == list_length(topics);
+	MemoryContext old;
 
 	if (eb_kafka == NULL)
 		return;
-	foreach(lc, want)
-		if (!eb_string_member(topics, lfirst(lc)))
-			same = false;
-	if (same)
-		return;
-
-	list_free_deep(topics);
-	topics = NIL;
-	{
-		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
-
-		foreach(lc, want)
-			topics = lappend(topics, pstrdup(lfirst(lc)));
-		MemoryContextSwitchTo(old);
-	}
-
-	if (topics == NIL)
-	{
-		rd_kafka_unsubscribe(eb_kafka);
-		return;
-	}
-	list = rd_kafka_topic_partition_list_new(list_length(topics));
+	old = MemoryContextSwitchTo(TopMemoryContext);
 	foreach(lc, topics)
-		rd_kafka_topic_partition_list_add(list, lfirst(lc), RD_KAFKA_PARTITION_UA);
-	if (rd_kafka_subscribe(eb_kafka, list) != RD_KAFKA_RESP_ERR_NO_ERROR)
-		ereport(WARNING, (errmsg("eventbus consumer: could not subscribe to Kafka topics")));
-	rd_kafka_topic_partition_list_destroy(list);
+	{
+		TopicState *ts = lfirst(lc);
+
+		if (eb_string_member(want, ts->name))
+			keep = lappend(keep, ts);
+		else
+		{
+			unassign_topic(ts);
+			pfree(ts->name);
+			pfree(ts);
+		}
+	}
+	list_free(topics);
+	topics = keep;
+	foreach(lc, want)
+	{
+		TopicState *ts;
+
+		if (find_topic(lfirst(lc)) != NULL)
+			continue;
+		ts = palloc0(sizeof(TopicState));
+		ts->name = pstrdup(lfirst(lc));
+		topics = lappend(topics, ts);
+	}
+	MemoryContextSwitchTo(old);
+	discover();
 }
 
-/* Poll up to max messages (and serve rebalances, errors, logs); returns count. */
+/* Poll up to max messages (and serve errors, logs, commit results); returns count. */
 int
 kafka_consumer_poll(int max)
 {
@@ -189,6 +345,7 @@ kafka_consumer_poll(int max)
 
 	if (eb_kafka == NULL)
 		return 0;
+	discover();
 	while (n < max)
 	{
 		rd_kafka_message_t *m = rd_kafka_consumer_poll(eb_kafka, 0);

@@ -248,20 +248,53 @@ nats_client_start(const char *name)
 	return true;
 }
 
-/* Close the connection; unacknowledged events stay in the outbox / stream. */
+/*
+ * Shutdown budgets (ms).  Closing a connection flushes (0.5 s at most) and
+ * joins its reconnect thread, which may sit in a connect attempt (2 s
+ * timeout); closing the library joins cnats' own threads.
+ */
+#define CLOSE_BUDGET_MS		2000
+#define LIBRARY_BUDGET_MS	1000
+
+/* What a teardown helper thread destroys (malloc'd: it may outlive us). */
+typedef struct NatsTeardown
+{
+	jsCtx	   *js;
+	natsConnection *nc;
+	natsOptions *opts;
+} NatsTeardown;
+
+static bool teardown_overran = false;
+
+/* Helper thread: plain cnats calls only. */
+static void
+teardown(void *arg)
+{
+	NatsTeardown *t = arg;
+
+	if (t->js)
+		jsCtx_Destroy(t->js);
+	if (t->nc)
+		natsConnection_Destroy(t->nc);
+	if (t->opts)
+		natsOptions_Destroy(t->opts);
+	free(t);
+}
+
+/*
+ * Close the connection in bounded time; unacknowledged events stay in the
+ * outbox / stream.  A close that overruns is left to the process exit.
+ */
 void
 nats_client_stop(void)
 {
-	sigset_t	old;
+	NatsTeardown *t = malloc(sizeof(NatsTeardown));
 
-	nats_block_signals(&old);
-	if (eb_js)
-		jsCtx_Destroy(eb_js);
-	if (eb_nats_conn)
-		natsConnection_Destroy(eb_nats_conn);
-	if (opts)
-		natsOptions_Destroy(opts);
-	nats_restore_signals(&old);
+	if (t == NULL)
+		ereport(FATAL, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory")));
+	t->js = eb_js;
+	t->nc = eb_nats_conn;
+	t->opts = opts;
 	eb_js = NULL;
 	eb_nats_conn = NULL;
 	opts = NULL;
@@ -270,6 +303,20 @@ nats_client_stop(void)
 	acks.active = false;
 	pthread_mutex_unlock(&ack_mutex);
 
+	if (t->js || t->nc || t->opts)
+	{
+		if (!eb_run_bounded(teardown, t, CLOSE_BUDGET_MS))
+		{
+			teardown_overran = true;
+			ereport(LOG,
+					(errmsg("%s: the NATS connection did not close within %d ms, leaving it behind",
+							eb_log_prefix, CLOSE_BUDGET_MS),
+					 errdetail("Unacknowledged messages are redelivered and the inbox skips what was handled; unacknowledged events stay in the outbox.")));
+		}
+	}
+	else
+		free(t);
+
 	if (streams_ready)
 	{
 		hash_destroy(streams_ready);
@@ -277,13 +324,38 @@ nats_client_stop(void)
 	}
 }
 
-/* At process exit: stop cnats' own threads. */
+/* Helper thread: close the library and wait (bounded) for its threads. */
+static void
+library_close(void *arg)
+{
+	nats_CloseAndWait(LIBRARY_BUDGET_MS);
+}
+
+/*
+ * At process exit: stop cnats' own threads, in bounded time.  Skipped when
+ * a connection close overran (the library would wait for it in vain).
+ */
 void
 nats_library_close(void)
 {
-	if (library_opened)
-		nats_CloseAndWait(2000);
+	if (library_opened && !teardown_overran)
+		(void) eb_run_bounded(library_close, NULL, LIBRARY_BUDGET_MS + 500);
 	library_opened = false;
+}
+
+/* Reconnections of the current connection so far (0 if none). */
+uint64
+nats_reconnects(void)
+{
+	natsStatistics *stats = NULL;
+	uint64_t	reconnects = 0;
+
+	if (eb_nats_conn == NULL || natsStatistics_Create(&stats) != NATS_OK)
+		return 0;
+	if (natsConnection_GetStats(eb_nats_conn, stats) == NATS_OK)
+		natsStatistics_GetCounts(stats, NULL, NULL, NULL, NULL, &reconnects);
+	natsStatistics_Destroy(stats);
+	return (uint64) reconnects;
 }
 
 /* Track the connection state (log once per change). */
@@ -460,6 +532,12 @@ nats_ensure_stream(const char *topic, char **errmsg)
 	}
 	if (hash_search(streams_ready, topic, HASH_FIND, NULL))
 		return true;
+	/* Not connected, a JetStream request would only wait for its timeout. */
+	if (!nats_connected())
+	{
+		*errmsg = psprintf("could not create the JetStream stream for subject %s: NATS not connected", topic);
+		return false;
+	}
 
 	stream_name(topic, name, sizeof(name));
 	subjects[0] = topic;

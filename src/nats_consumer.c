@@ -15,6 +15,7 @@
  */
 #include "postgres.h"
 
+#include "miscadmin.h"
 #include "utils/json.h"
 #include "utils/memutils.h"
 
@@ -31,9 +32,20 @@ typedef struct NatsSub
 	char	   *durable;
 	natsSubscription *sub;
 	int64		pending;		/* messages waiting in the stream (last known) */
+	int64		held;			/* fetched messages not yet finished */
+	bool		released;		/* no longer in subs: never ack through it */
 } NatsSub;
 
-static List *subs = NIL;		/* NatsSub * */
+/* The dispatcher's handle on one fetched message. */
+typedef struct NatsHeld
+{
+	natsMsg    *msg;
+	NatsSub    *ns;
+} NatsHeld;
+
+static List *subs = NIL;		/* NatsSub *, bound or to be bound */
+static List *wanted = NIL;		/* subjects to consume (char *) */
+static uint64 seen_reconnects = 0;
 
 /* Durable name: <consumer_group>_<subject with . as _>_<fnv1a hex>. */
 static char *
@@ -171,7 +183,18 @@ subscribe_topic(const char *topic)
 	return ns;
 }
 
-/* Release a subscription without deleting its durable. */
+static void
+free_sub(NatsSub *ns)
+{
+	pfree(ns->topic);
+	pfree(ns->durable);
+	pfree(ns);
+}
+
+/*
+ * Release a subscription without deleting its durable.  Its held messages
+ * keep the NatsSub until they are finished (unacked).
+ */
 static void
 release(NatsSub *ns)
 {
@@ -182,10 +205,11 @@ release(NatsSub *ns)
 		nats_block_signals(&old);
 		natsSubscription_Destroy(ns->sub);
 		nats_restore_signals(&old);
+		ns->sub = NULL;
 	}
-	pfree(ns->topic);
-	pfree(ns->durable);
-	pfree(ns);
+	ns->released = true;
+	if (ns->held == 0)
+		free_sub(ns);
 }
 
 /* Consume exactly these subjects (and retry binds that failed). */
@@ -198,8 +222,15 @@ nats_consumer_set_topics(List *want)
 
 	if (eb_js == NULL)
 		return;
-	/* subs outlives the dispatcher's loop memory. */
+	/* subs and wanted outlive the dispatcher's loop memory. */
 	old = MemoryContextSwitchTo(TopMemoryContext);
+	if (want != wanted)
+	{
+		list_free_deep(wanted);
+		wanted = NIL;
+		foreach(lc, want)
+			wanted = lappend(wanted, pstrdup(lfirst(lc)));
+	}
 	foreach(lc, subs)
 	{
 		NatsSub    *ns = lfirst(lc);
@@ -221,6 +252,9 @@ nats_consumer_set_topics(List *want)
 		bool		have = false;
 		ListCell   *lc2;
 
+		/* Shutting down, or no server: each bind would only wait. */
+		if (ProcDiePending || !nats_connected())
+			break;
 		foreach(lc2, subs)
 			if (strcmp(((NatsSub *) lfirst(lc2))->topic, topic) == 0)
 				have = true;
@@ -240,6 +274,7 @@ nats_consumer_forget(void)
 		release(lfirst(lc));
 	list_free(subs);
 	subs = NIL;
+	seen_reconnects = 0;
 }
 
 /* Hand one fetched message to the dispatcher (which now owns it). */
@@ -250,13 +285,18 @@ deliver(NatsSub *ns, natsMsg *msg)
 	jsMsgMetaData *meta = NULL;
 	const char **keys = NULL;
 	int			nkeys = 0;
+	NatsHeld   *held = MemoryContextAlloc(TopMemoryContext, sizeof(NatsHeld));
+
+	held->msg = msg;
+	held->ns = ns;
+	ns->held++;
 
 	memset(&in, 0, sizeof(in));
 	in.transport = EB_TRANSPORT_NATS;
 	in.topic = ns->topic;
 	in.data = natsMsg_GetData(msg);
 	in.len = natsMsg_GetDataLength(msg);
-	in.token = msg;
+	in.token = held;
 	if (natsMsg_GetMetaData(&meta, msg) == NATS_OK)
 	{
 		in.stream_seq = meta->Sequence.Stream;
@@ -291,6 +331,19 @@ nats_consumer_poll(int max)
 
 	if (eb_js == NULL || !nats_connected())
 		return 0;
+	/* Reconnected since the last poll: rebind every durable. */
+	if (nats_reconnects() != seen_reconnects)
+	{
+		List	   *topics = wanted;
+
+		ereport(LOG, (errmsg("eventbus consumer: NATS reconnected, rebinding the JetStream consumers")));
+		seen_reconnects = nats_reconnects();
+		foreach(lc, subs)
+			release(lfirst(lc));
+		list_free(subs);
+		subs = NIL;
+		nats_consumer_set_topics(topics);
+	}
 	foreach(lc, subs)
 	{
 		NatsSub    *ns = lfirst(lc);
@@ -322,15 +375,23 @@ nats_consumer_poll(int max)
 	return n;
 }
 
-/* Handlers committed: acknowledge the message. */
+/*
+ * Handlers committed: acknowledge the message — only through a live
+ * subscription (see the top of this file); else JetStream redelivers it.
+ */
 void
 nats_consumer_done(void *token)
 {
-	natsMsg    *msg = token;
+	NatsHeld   *held = token;
+	NatsSub    *ns = held->ns;
 
-	if (natsMsg_Ack(msg, NULL) != NATS_OK)
+	if (!ns->released &&
+		natsMsg_Ack(held->msg, NULL) != NATS_OK)
 		ereport(DEBUG1, (errmsg("eventbus consumer: ack failed; JetStream will redeliver (the inbox skips it)")));
-	natsMsg_Destroy(msg);
+	natsMsg_Destroy(held->msg);
+	pfree(held);
+	if (--ns->held == 0 && ns->released)
+		free_sub(ns);
 }
 
 /* Messages of the subject still in the stream for us (last known), -1 if unknown. */
