@@ -22,7 +22,7 @@
 #  3. Idle CPU for 5 s with the steady run's subscriptions active.
 #  4. The reference limit: pgbench doing the same writes without eventbus
 #     (BENCH_REF_SECONDS, 15 s; BENCH_REF_CLIENTS, 8 clients).
-#  5. Shutdown and recovery (test/integration/29_shutdown.sh on this stack,
+#  5. Shutdown and recovery (test/integration/33_shutdown.sh on this stack,
 #     BENCH_LIFECYCLE_REPEATS times, default 3): how long pg_ctl stop -m fast
 #     takes right after a subscription change, with the Kafka broker
 #     unreachable, with nats-server stopped and with a handler in
@@ -174,12 +174,12 @@ bq -c "SELECT format('reference: %s events/s (publish %s/s, consume %s/s)', d->>
 # The test prints "# figure NAME MS" lines; each repeat is stored with its
 # TAP verdict (a figure from a failed repeat is reported, and marked).
 for ((rep = 1; rep <= LIFECYCLE_REPEATS; rep++)); do
-	say "[$((SECONDS))s] shutdown and recovery, repeat $rep/$LIFECYCLE_REPEATS (test/integration/29_shutdown.sh)"
+	say "[$((SECONDS))s] shutdown and recovery, repeat $rep/$LIFECYCLE_REPEATS (test/integration/33_shutdown.sh)"
 	lc_log=$(mktemp)
-	if EVENTBUS_ENV="$EVENTBUS_STATE/env" prove -v "$REPO/test/integration/29_shutdown.sh" >"$lc_log" 2>&1; then lc_pass=true; else lc_pass=false; fi
+	if EVENTBUS_ENV="$EVENTBUS_STATE/env" prove -v "$REPO/test/integration/33_shutdown.sh" >"$lc_log" 2>&1; then lc_pass=true; else lc_pass=false; fi
 	lc_fig=$(awk '/^# figure [a-zA-Z0-9_]+ -?[0-9]+$/ { printf "%s\"%s\": %s", sep, $3, $4; sep = ", " }' "$lc_log")
 	store lifecycle "{$lc_fig${lc_fig:+, }\"repeat\": $rep, \"test_passed\": $lc_pass}"
-	$lc_pass || { echo "bench: 29_shutdown.sh failed in repeat $rep:" >&2; grep -E '^not ok|^#' "$lc_log" >&2; }
+	$lc_pass || { echo "bench: 33_shutdown.sh failed in repeat $rep:" >&2; grep -E '^not ok|^#' "$lc_log" >&2; }
 	rm -f "$lc_log"
 done
 # The test ends with a crash restart: let every eventbus process come back,
@@ -222,7 +222,7 @@ SELECT jsonb_pretty(jsonb_build_object(
   'idle_cpu_s', (SELECT doc FROM $BENCH_SCHEMA.results WHERE kind = 'idle'),
   'reference', (SELECT doc FROM $BENCH_SCHEMA.results WHERE kind = 'reference'),
   'lifecycle_ms', (SELECT jsonb_build_object(
-       'method', 'test/integration/29_shutdown.sh on this stack, librdkafka default group timings: shutdown_* = wall time of pg_ctl stop -m fast (scripts/stack.sh pg-stop) in that state; recovery_immediate_* = from pg-start returning after pg_ctl stop -m immediate to the last of 10 new events of that transport handled (handler clock_timestamp()); recovery_kill9_* = the same from a kill -9 of pool worker 0 (the postmaster restarts everything)',
+       'method', 'test/integration/33_shutdown.sh on this stack, librdkafka default group timings: shutdown_* = wall time of pg_ctl stop -m fast (scripts/stack.sh pg-stop) in that state; recovery_immediate_* = from pg-start returning after pg_ctl stop -m immediate to the last of 10 new events of that transport handled (handler clock_timestamp()); recovery_kill9_* = the same from a kill -9 of pool worker 0 (the postmaster restarts everything)',
        'median', (SELECT jsonb_object_agg(k, v) FROM (
            SELECT e.key AS k, percentile_disc(0.5) WITHIN GROUP (ORDER BY e.value::numeric) AS v
              FROM $BENCH_SCHEMA.results r, jsonb_each_text(r.doc) e
