@@ -286,6 +286,7 @@ extern bool eb_may_act_for(Oid role);
 extern void eb_require_owner(Oid role, const char *action, int64 subscription_id);
 extern void eb_handler_context_begin(EbSecContext *ctx, Oid role);
 extern void eb_handler_context_end(EbSecContext *ctx);
+extern void eb_constraints_immediate(void);
 
 /* ddl_guard.c */
 extern void eb_install_ddl_guard(void);

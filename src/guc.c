@@ -13,6 +13,7 @@
 #include "tcop/tcopprot.h"
 #include "utils/elog.h"
 #include "utils/guc.h"
+#include "utils/memutils.h"
 
 #include "eventbus.h"
 
@@ -194,6 +195,64 @@ eb_mask_credentials(const char *s)
 	return out.data;
 }
 
+/* Keep a shown value in TopMemoryContext until the next call of its hook. */
+static const char *
+keep_shown(char **slot, char *value)
+{
+	if (*slot)
+		pfree(*slot);
+	*slot = MemoryContextStrdup(TopMemoryContext, value);
+	pfree(value);
+	return *slot;
+}
+
+/*
+ * SHOW hooks: pg_read_all_settings (so pg_monitor) may read superuser-only
+ * parameters; to anyone but a superuser they show no secret: property names
+ * without values, URLs without user:password, no token.
+ */
+static const char *
+show_kafka_properties(void)
+{
+	static char *shown = NULL;
+	List	   *names;
+	List	   *values;
+	char	   *err;
+	ListCell   *ln;
+	StringInfoData out;
+
+	if (superuser())
+		return eb_kafka_properties;
+	if (!eb_kafka_properties_parse(eb_kafka_properties, &names, &values, &err))
+		return "(malformed)";
+	initStringInfo(&out);
+	foreach(ln, names)
+	{
+		const char *name = lfirst(ln);
+
+		appendStringInfo(&out, "%s%s=***", out.len > 0 ? ";" : "", name);
+	}
+	return keep_shown(&shown, out.data);
+}
+
+static const char *
+show_nats_url(void)
+{
+	static char *shown = NULL;
+
+	if (superuser())
+		return eb_nats_url;
+	return keep_shown(&shown, eb_mask_credentials(eb_nats_url ? eb_nats_url : ""));
+}
+
+static const char *
+show_nats_token(void)
+{
+	if (superuser())
+		return eb_nats_token;
+	return eb_nats_token && eb_nats_token[0] ? "***" : "";
+}
+
 /* Parameters whose values may hold credentials. */
 static const char *const secret_gucs[] = {
 	"eventbus.kafka_properties", "eventbus.nats_url", "eventbus.nats_token",
@@ -281,7 +340,7 @@ eb_define_gucs(void)
 							   "NATS server URL(s), e.g. nats://127.0.0.1:4222; empty disables NATS.",
 							   "May carry user:password@; superuser-only for that reason.",
 							   &eb_nats_url, "",
-							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, show_nats_url);
 
 	DefineCustomEnumVariable("eventbus.default_transport",
 							 "Transport eventbus_publish uses when none is given.",
@@ -304,7 +363,7 @@ eb_define_gucs(void)
 							   "Extra librdkafka properties, 'name=value' pairs separated by ';' (SASL, TLS, tuning).",
 							   "Write \\; for a ';' and \\\\ for a '\\' inside a value. Properties eventbus sets itself are refused.",
 							   &eb_kafka_properties, "",
-							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, check_kafka_properties, NULL, NULL);
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, check_kafka_properties, NULL, show_kafka_properties);
 
 	DefineCustomStringVariable("eventbus.nats_credentials_file",
 							   "NATS user credentials (.creds) file.",
@@ -314,7 +373,7 @@ eb_define_gucs(void)
 	DefineCustomStringVariable("eventbus.nats_token",
 							   "NATS authentication token.",
 							   NULL, &eb_nats_token, "",
-							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, show_nats_token);
 
 	DefineCustomIntVariable("eventbus.relay_batch_size",
 							"Maximum outbox rows the relay sends per round.",

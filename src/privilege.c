@@ -21,6 +21,7 @@
 #include "catalog/indexing.h"
 #include "catalog/pg_db_role_setting.h"
 #include "catalog/pg_extension.h"
+#include "commands/trigger.h"
 #include "miscadmin.h"
 #include "storage/proc.h"
 #include "utils/acl.h"
@@ -228,6 +229,9 @@ eb_handler_context_begin(EbSecContext *ctx, Oid role)
 	SetUserIdAndSecContext(role, ctx->save_sec | SECURITY_LOCAL_USERID_CHANGE |
 						   SECURITY_RESTRICTED_OPERATION);
 	ctx->nestlevel = NewGUCNestLevel();
+	/* A replay runs in the caller's session: drop what that session SET. */
+	if (!IsBackgroundWorker)
+		ResetAllOptions();
 	(void) set_config_option("search_path",
 							 config_search_path ? config_search_path : "\"$user\", public",
 							 PGC_SUSET, PGC_S_SESSION, GUC_ACTION_SET, true, 0, false);
@@ -244,4 +248,19 @@ eb_handler_context_end(EbSecContext *ctx)
 {
 	AtEOXact_GUC(false, ctx->nestlevel);
 	SetUserIdAndSecContext(ctx->save_uid, ctx->save_sec);
+}
+
+/*
+ * SET CONSTRAINTS ALL IMMEDIATE for the rest of the transaction: handlers are
+ * security-restricted operations, in which PostgreSQL does not allow
+ * deferred triggers to be queued.
+ */
+void
+eb_constraints_immediate(void)
+{
+	ConstraintsSetStmt *stmt = makeNode(ConstraintsSetStmt);
+
+	stmt->constraints = NIL;
+	stmt->deferred = false;
+	AfterTriggerSetState(stmt);
 }

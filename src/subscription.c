@@ -262,6 +262,14 @@ eventbus_replay_dead_letter(PG_FUNCTION_ARGS)
 				 errmsg("dead letter " INT64_FORMAT " was already replayed", id),
 				 errdetail("A dead letter is replayed successfully at most once.")));
 
+	/*
+	 * The handler runs as a security-restricted operation, where PostgreSQL
+	 * refuses to queue deferred triggers (they would fire later as another
+	 * user): check deferrable constraints immediately from here on, as the
+	 * pool does for every batch.  This also fires the caller's pending
+	 * deferred triggers now, as the caller.
+	 */
+	eb_constraints_immediate();
 	ok = eb_handler_call(handler, role, envelope, &error);
 	if (ok)
 		exec_internal("WITH d AS (UPDATE eventbus.dead_letters SET replayed_at = pg_catalog.clock_timestamp()"
