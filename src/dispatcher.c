@@ -158,12 +158,22 @@ send_to(int w, StringInfo buf)
 	MemoryContextSwitchTo(old);
 }
 
-/* The scheduler gives worker w an item. */
+/* The scheduler gives worker w an item, or (buf NULL) ends its batch. */
 static void
 sched_send(int w, uint64 tag, StringInfo buf)
 {
-	ItemRef    *ref = hash_search(items, &tag, HASH_FIND, NULL);
+	ItemRef    *ref;
 
+	if (buf == NULL)
+	{
+		StringInfoData end;
+
+		initStringInfo(&end);
+		appendStringInfoChar(&end, EB_BATCH_END);
+		send_to(w, &end);
+		return;
+	}
+	ref = hash_search(items, &tag, HASH_FIND, NULL);
 	if (ref)
 		ref->worker = w;
 	queued[w]++;

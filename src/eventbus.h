@@ -350,7 +350,11 @@ extern void eb_sched_complete(uint64 tag);
 extern int64 eb_sched_pending_items(void);
 extern int64 eb_sched_pending_bytes(void);
 
-/* Completion tag a pool worker sends when it ran everything it had. */
+/*
+ * A one-byte message ends each batch the dispatcher gives a worker; after
+ * running it the worker sends a completion with the READY tag.
+ */
+#define EB_BATCH_END		'E'
 #define EB_TAG_READY		0
 
 /* dispatcher.c / pool.c */

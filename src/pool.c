@@ -294,6 +294,9 @@ run_batch(Pending **batch, int n, bool from_parked)
 		/* A single event failing at commit: a failed attempt like any other. */
 		if (result[0] != RESULT_WAIT)
 		{
+			ereport(LOG,
+					(errmsg("commit of event %s failed", batch[0]->item.ev.event_id),
+					 errdetail("%s", commit_error->message)));
 			result[0] = RESULT_FAILED;
 			error[0] = commit_error;
 			if (batch[0]->attempts + 1 >= batch[0]->item.max_attempts &&
@@ -399,9 +402,12 @@ run_due_parked(void)
 	return next;
 }
 
-/* Read up to BATCH_MAX items without waiting; false if the dispatcher left. */
+/*
+ * Read up to BATCH_MAX items without waiting; *end is set when the batch's
+ * end marker came.  False if the dispatcher left.
+ */
 static bool
-receive_batch(Pending **batch, int *n)
+receive_batch(Pending **batch, int *n, bool *end)
 {
 	*n = 0;
 	while (*n < BATCH_MAX)
@@ -417,6 +423,11 @@ receive_batch(Pending **batch, int *n)
 			break;
 		if (res != SHM_MQ_SUCCESS)
 			return false;
+		if (len == 1 && *(char *) data == EB_BATCH_END)
+		{
+			*end = true;
+			break;
+		}
 		cxt = AllocSetContextCreate(item_cxt, "eventbus item", ALLOCSET_SMALL_SIZES);
 		old = MemoryContextSwitchTo(cxt);
 		p = palloc0(sizeof(Pending));
@@ -477,26 +488,23 @@ eventbus_worker_main(Datum main_arg)
 		Pending    *batch[BATCH_MAX];
 		int			n;
 		long		wait;
-		static bool need_ready = false;
+		static bool batch_ended = false;
 
 		(void) eb_worker_loop_top(loop_cxt);
 
-		if (!receive_batch(batch, &n))
+		if (!receive_batch(batch, &n, &batch_ended))
 			proc_exit(0);		/* dispatcher detached */
 		if (n > 0)
-		{
 			run_batch(batch, n, false);
-			need_ready = true;
-		}
-		wait = run_due_parked();
-		if (n == 0 && need_ready)
+		if (batch_ended)
 		{
-			/* Ran all it was given: ask the dispatcher for more. */
+			/* Ran the whole batch it was given: ask the dispatcher for more. */
 			EbCompletion ready = {EB_TAG_READY, 0};
 
 			send_completions(&ready, 1);
-			need_ready = false;
+			batch_ended = false;
 		}
+		wait = run_due_parked();
 
 		if (n == 0 && wait > 0)
 		{

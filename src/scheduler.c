@@ -154,7 +154,8 @@ next_key_for(int w)
 /*
  * Give ready workers their batches: keys are dealt one at a time to the ready
  * workers in turn, so work spreads; a key's pending items go together.  send
- * is called for each item in order.
+ * is called for each item in order, then with a NULL buffer for the end of
+ * each worker's batch.
  */
 void
 eb_sched_dispatch(EbSchedSend send)
@@ -191,7 +192,10 @@ eb_sched_dispatch(EbSchedSend send)
 	}
 	for (int w = 0; w < nworkers; w++)
 		if (given[w] > 0)
+		{
+			send(w, 0, NULL);	/* end of the batch: the worker says ready after it */
 			ready[w] = false;
+		}
 	next_worker = (next_worker + 1) % Max(nworkers, 1);
 }
 
