@@ -30,7 +30,7 @@ test/tools/devbroker: test/tools/devbroker.c
 test/tools/natstool: test/tools/natstool.c
 	$(CC) $(TOOL_CFLAGS) -o $@ $< $(shell pkg-config --cflags --libs libnats) -lpthread
 
-.PHONY: deps tools start stop demo test bench
+.PHONY: deps tools start stop demo test bench fuzz
 
 deps:
 	@scripts/deps.sh
@@ -52,3 +52,9 @@ test: deps
 bench: deps
 	@$(MAKE) --no-print-directory all install
 	@bench/run.sh
+
+# The long decoder fuzz run (make test runs a short one): FUZZ_INPUTS,
+# FUZZ_LATIN1_INPUTS, FUZZ_SEED.
+fuzz: deps
+	@$(MAKE) --no-print-directory all install
+	@test/fuzz/run.sh

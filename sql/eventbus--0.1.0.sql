@@ -33,6 +33,50 @@ COMMENT ON COLUMN eventbus.outbox.last_error IS 'Error of the last failed delive
 COMMENT ON SEQUENCE eventbus.outbox_id_seq IS 'Generates outbox ids (send order)';
 SELECT pg_catalog.pg_extension_config_dump('eventbus.outbox', '');
 
+CREATE TABLE eventbus.undeliverable (
+    id             bigint PRIMARY KEY,
+    event_id       uuid NOT NULL,
+    transport      text NOT NULL CHECK (transport IN ('kafka', 'nats')),
+    topic          text NOT NULL,
+    aggregate_id   text NOT NULL,
+    event_type     text NOT NULL,
+    event_version  bigint NOT NULL CHECK (event_version > 0),
+    occurred_at    timestamptz NOT NULL,
+    trace_id       text,
+    correlation_id text,
+    tenant_id      integer,
+    payload        jsonb NOT NULL,
+    headers        jsonb,
+    attempts       integer NOT NULL DEFAULT 0,
+    last_error     text,
+    error          text NOT NULL,
+    failed_at      timestamptz NOT NULL,
+    held_behind    bigint
+);
+CREATE INDEX undeliverable_key ON eventbus.undeliverable (transport, topic, aggregate_id, id);
+COMMENT ON INDEX eventbus.undeliverable_key IS 'Finds the undeliverable events of an aggregate (the relay holds its later events behind them)';
+COMMENT ON TABLE eventbus.undeliverable IS
+  'Outbox rows the broker refused for good, and the later rows of their (transport, topic, aggregate), which wait behind them; eventbus_retry_undeliverable moves them back to the outbox, eventbus_discard_undeliverable deletes them';
+COMMENT ON COLUMN eventbus.undeliverable.id IS 'The row''s outbox id (its place in the send order, kept when it moves back)';
+COMMENT ON COLUMN eventbus.undeliverable.event_id IS 'As in eventbus.outbox';
+COMMENT ON COLUMN eventbus.undeliverable.transport IS 'As in eventbus.outbox';
+COMMENT ON COLUMN eventbus.undeliverable.topic IS 'As in eventbus.outbox';
+COMMENT ON COLUMN eventbus.undeliverable.aggregate_id IS 'As in eventbus.outbox';
+COMMENT ON COLUMN eventbus.undeliverable.event_type IS 'As in eventbus.outbox';
+COMMENT ON COLUMN eventbus.undeliverable.event_version IS 'As in eventbus.outbox';
+COMMENT ON COLUMN eventbus.undeliverable.occurred_at IS 'As in eventbus.outbox';
+COMMENT ON COLUMN eventbus.undeliverable.trace_id IS 'As in eventbus.outbox';
+COMMENT ON COLUMN eventbus.undeliverable.correlation_id IS 'As in eventbus.outbox';
+COMMENT ON COLUMN eventbus.undeliverable.tenant_id IS 'As in eventbus.outbox';
+COMMENT ON COLUMN eventbus.undeliverable.payload IS 'As in eventbus.outbox';
+COMMENT ON COLUMN eventbus.undeliverable.headers IS 'As in eventbus.outbox';
+COMMENT ON COLUMN eventbus.undeliverable.attempts IS 'Delivery attempts, the failed one included';
+COMMENT ON COLUMN eventbus.undeliverable.last_error IS 'Error of the last transient delivery failure while in the outbox';
+COMMENT ON COLUMN eventbus.undeliverable.error IS 'Why it is here: the broker''s or client''s permanent error, or the event it waits behind';
+COMMENT ON COLUMN eventbus.undeliverable.failed_at IS 'When it was moved here';
+COMMENT ON COLUMN eventbus.undeliverable.held_behind IS 'NULL: this event failed; else the id of the failed event of its aggregate it waits behind';
+SELECT pg_catalog.pg_extension_config_dump('eventbus.undeliverable', '');
+
 CREATE TABLE eventbus.aggregate_versions (
     topic        text NOT NULL,
     aggregate_id text NOT NULL,
@@ -77,6 +121,45 @@ SET search_path = pg_catalog, pg_temp;
 COMMENT ON FUNCTION eventbus_publish(text, text, text, jsonb, text, bigint, text, text, integer, jsonb) IS
   'Publish an event when the calling transaction commits; returns its event_id (UUIDv7)';
 REVOKE ALL ON FUNCTION eventbus_publish(text, text, text, jsonb, text, bigint, text, text, integer, jsonb) FROM PUBLIC;
+
+CREATE FUNCTION eventbus_retry_undeliverable(id bigint DEFAULT NULL)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'eventbus_retry_undeliverable'
+LANGUAGE C VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION eventbus_retry_undeliverable(bigint) IS
+  'Move an undeliverable event and every other undeliverable event of its (transport, topic, aggregate) back to the outbox in their original order (NULL: every undeliverable event); returns how many';
+REVOKE ALL ON FUNCTION eventbus_retry_undeliverable(bigint) FROM PUBLIC;
+
+CREATE FUNCTION eventbus_discard_undeliverable(id bigint, include_later boolean DEFAULT false)
+RETURNS bigint
+AS 'MODULE_PATHNAME', 'eventbus_discard_undeliverable'
+LANGUAGE C VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION eventbus_discard_undeliverable(bigint, boolean) IS
+  'Delete an undeliverable event (with include_later also the later undeliverable events of its aggregate); events that waited only behind it go back to the outbox; returns how many were deleted';
+REVOKE ALL ON FUNCTION eventbus_discard_undeliverable(bigint, boolean) FROM PUBLIC;
+
+CREATE FUNCTION eventbus_undeliverable(
+    OUT id            bigint,
+    OUT transport     text,
+    OUT topic         text,
+    OUT aggregate_id  text,
+    OUT event_id      uuid,
+    OUT event_type    text,
+    OUT event_version bigint,
+    OUT occurred_at   timestamptz,
+    OUT attempts      integer,
+    OUT error         text,
+    OUT failed_at     timestamptz,
+    OUT held_behind   bigint)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'eventbus_undeliverable'
+LANGUAGE C VOLATILE PARALLEL UNSAFE
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION eventbus_undeliverable() IS
+  'The events in eventbus.undeliverable in send order (without payloads): why each is there and which failed event it waits behind';
+REVOKE ALL ON FUNCTION eventbus_undeliverable() FROM PUBLIC;
 
 CREATE FUNCTION eventbus_status(
     OUT component text,
@@ -158,6 +241,30 @@ COMMENT ON TABLE eventbus.quarantine IS
   'Inbound messages that are not valid envelopes, kept with their raw bytes and the reason; consumption continued past them';
 COMMENT ON SEQUENCE eventbus.quarantine_id_seq IS 'Generates quarantine ids';
 SELECT pg_catalog.pg_extension_config_dump('eventbus.quarantine', '');
+
+CREATE FUNCTION eventbus_check_message(
+    value   bytea,
+    key     bytea DEFAULT NULL,
+    headers jsonb DEFAULT NULL)
+RETURNS text
+AS 'MODULE_PATHNAME', 'eventbus_check_message'
+LANGUAGE C VOLATILE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION eventbus_check_message(bytea, bytea, jsonb) IS
+  'Why the consumer would quarantine this inbound message (value, Kafka key, headers as a JSON object), or NULL when it would accept it; runs the consumer''s own decoder';
+REVOKE ALL ON FUNCTION eventbus_check_message(bytea, bytea, jsonb) FROM PUBLIC;
+
+CREATE FUNCTION eventbus_decode_message(
+    value   bytea,
+    key     bytea DEFAULT NULL,
+    headers jsonb DEFAULT NULL)
+RETURNS eventbus.envelope
+AS 'MODULE_PATHNAME', 'eventbus_decode_message'
+LANGUAGE C VOLATILE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION eventbus_decode_message(bytea, bytea, jsonb) IS
+  'The envelope a handler would receive for this inbound message (topic empty; transport kafka when a key is given, else nats), or NULL when the consumer would quarantine it (eventbus_check_message says why)';
+REVOKE ALL ON FUNCTION eventbus_decode_message(bytea, bytea, jsonb) FROM PUBLIC;
 
 CREATE FUNCTION eventbus_subscribe(
     topic        text,

@@ -203,18 +203,6 @@ flush_unsent(void)
 	}
 }
 
-/* Header lookup over an EbInbound's headers (for the aggregate id). */
-static const char *
-inbound_header(void *arg, const char *name)
-{
-	EbInbound  *in = arg;
-
-	for (int i = 0; i < in->nheaders; i++)
-		if (pg_strcasecmp(in->header_names[i], name) == 0)
-			return in->header_values[i];
-	return NULL;
-}
-
 /* A bytea copy of bytes. */
 static bytea *
 to_bytea(const char *data, size_t len)
@@ -229,14 +217,21 @@ to_bytea(const char *data, size_t len)
 
 /*
  * Take one inbound message: decode it, then either queue it for quarantine
- * or send one work item per matching subscription to the worker its
- * aggregate hashes to.
+ * or hand one work item per matching subscription to the scheduler.
  */
 void
 dispatch_message(EbInbound *in)
 {
-	/* Only the delivery outlives this loop iteration; the rest is loop memory. */
+	/*
+	 * Only the delivery outlives this loop iteration; a quarantined message
+	 * lives in loop memory until flushed; decoding and encoding happen in a
+	 * context of this message's own (the scheduler keeps a copy of each
+	 * work item), so the dispatcher holds one message's transient copies at
+	 * a time, whatever its size.
+	 */
 	Delivery   *d = MemoryContextAllocZero(msg_cxt, sizeof(Delivery));
+	MemoryContext parent = CurrentMemoryContext;
+	MemoryContext mcxt = AllocSetContextCreate(parent, "eventbus message", ALLOCSET_DEFAULT_SIZES);
 	EbEvent		ev;
 	const char *reason;
 
@@ -244,8 +239,11 @@ dispatch_message(EbInbound *in)
 	d->token = in->token;
 	in_flight++;
 
+	/* Never throws, whatever the message: a bad one is quarantined. */
+	MemoryContextSwitchTo(mcxt);
 	reason = eb_envelope_decode(in->data, in->len, in->key, in->keylen,
-								inbound_header, in, &ev);
+								in->nheaders, in->header_names, in->header_values, &ev);
+	MemoryContextSwitchTo(parent);
 	if (reason != NULL)
 	{
 		Quarantined *q = palloc0(sizeof(Quarantined));
@@ -257,17 +255,16 @@ dispatch_message(EbInbound *in)
 		q->offset = in->offset;
 		q->stream_seq = in->stream_seq;
 		q->key = in->key ? to_bytea(in->key, in->keylen) : NULL;
-		q->headers = eb_headers_json(in->nheaders, in->header_names, in->header_values);
+		q->headers = eb_inbound_headers_json(in->nheaders, in->header_names, in->header_values);
 		q->raw = to_bytea(in->data, in->len);
-		q->reason = reason;
+		q->reason = pstrdup(reason);
 		quarantine = lappend(quarantine, q);	/* flushed in this iteration */
+		MemoryContextDelete(mcxt);
 		return;
 	}
 
+	MemoryContextSwitchTo(mcxt);
 	ev.topic = pstrdup(in->topic);
-	ev.nheaders = in->nheaders;
-	ev.header_names = in->header_names;
-	ev.header_values = in->header_values;
 	for (int i = 0; i < nsubs; i++)
 	{
 		EbWorkItem	item;
@@ -297,6 +294,8 @@ dispatch_message(EbInbound *in)
 		eb_workitem_encode(buf, &item);
 		eb_sched_submit(subs[i].id, ev.aggregate_id, item.tag, buf);
 	}
+	MemoryContextSwitchTo(parent);
+	MemoryContextDelete(mcxt);
 
 	/* No subscription (any more) for it: nothing to do. */
 	if (d->pending == 0)

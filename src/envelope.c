@@ -1,6 +1,7 @@
 /*
  * envelope.c — the wire format of DESIGN §4: validation of the identifying
- * fields, UUIDv7 event ids, and the JSON envelope and headers.
+ * fields, UUIDv7 event ids, and the JSON envelope and headers we send.
+ * Inbound messages are decoded in decode.c.
  */
 #include "postgres.h"
 
@@ -14,6 +15,7 @@
 #include "utils/jsonb.h"
 #include "utils/datetime.h"
 #include "utils/json.h"
+#include "utils/memutils.h"
 #include "utils/timestamp.h"
 
 #include "eventbus.h"
@@ -67,12 +69,16 @@ eb_require_transport_configured(int transport)
 						 transport == EB_TRANSPORT_KAFKA ? "eventbus.kafka_brokers" : "eventbus.nats_url")));
 }
 
-/* Name/value headers as a JSON object text, NULL when there are none.
- * Pairs that are not valid UTF-8 are left out (they cannot be JSON). */
+/*
+ * Name/value headers (text in the database encoding) as a JSON object text,
+ * NULL when there are none.  Pairs that are not valid text are left out
+ * (they cannot be JSON).
+ */
 char *
 eb_headers_json(int n, char **names, char **values)
 {
 	StringInfoData buf;
+	int			enc = GetDatabaseEncoding();
 
 	if (n == 0)
 		return NULL;
@@ -80,8 +86,8 @@ eb_headers_json(int n, char **names, char **values)
 	appendStringInfoChar(&buf, '{');
 	for (int i = 0; i < n; i++)
 	{
-		if (!pg_verify_mbstr(PG_UTF8, names[i], strlen(names[i]), true) ||
-			!pg_verify_mbstr(PG_UTF8, values[i], strlen(values[i]), true))
+		if (!pg_verify_mbstr(enc, names[i], strlen(names[i]), true) ||
+			!pg_verify_mbstr(enc, values[i], strlen(values[i]), true))
 			continue;
 		if (buf.len > 1)
 			appendStringInfoChar(&buf, ',');
@@ -115,6 +121,159 @@ eb_validate_topic(const char *topic)
 					 errdetail("Character %d is not allowed.", (int) (p - topic) + 1),
 					 errhint("Topic names use only A-Z, a-z, 0-9, '.', '_' and '-'.")));
 	}
+}
+
+/*
+ * The topic rules of one transport, on top of eb_validate_topic's: Kafka
+ * refuses the names "." and ".."; a NATS subject is tokens separated by '.',
+ * none of them empty (nats-server cannot capture "a..b" or ".a" in a stream).
+ * Wildcards and whitespace are already outside the allowed characters.
+ */
+void
+eb_validate_topic_for_transport(const char *topic, int transport)
+{
+	eb_validate_topic(topic);
+
+	if (transport == EB_TRANSPORT_KAFKA)
+	{
+		if (strcmp(topic, ".") == 0 || strcmp(topic, "..") == 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("invalid topic name \"%s\" for transport \"kafka\"", topic),
+					 errdetail("Kafka does not allow the topic names \".\" and \"..\".")));
+		return;
+	}
+
+	for (const char *p = topic; *p; p++)
+	{
+		if (*p == '.' && (p == topic || p[1] == '.' || p[1] == '\0'))
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("invalid topic name \"%s\" for transport \"nats\"", topic),
+					 errdetail("A NATS subject is tokens separated by '.'; the token %s character %d is empty.",
+							   p == topic ? "before" : "after", (int) (p - topic) + 1),
+					 errhint("Do not start or end the topic with '.' or repeat '.'.")));
+	}
+}
+
+/*
+ * Largest message the transport takes, in the units eb_event_wire_size
+ * counts; *limit_name names the setting it comes from.
+ *  - Kafka: the producer's message.max.bytes (librdkafka refuses a larger
+ *    message before sending it): eventbus.kafka_properties, else 1,000,000.
+ *  - NATS: the server's max_payload, which the relay learns when it
+ *    connects, else 1 MB; and never above the consuming side's limit.
+ */
+int64
+eb_transport_max_message(int transport, const char **limit_name)
+{
+	int64		limit = 0;
+
+	if (transport == EB_TRANSPORT_KAFKA)
+	{
+		/* Parsed again only when the setting changed (it is per publish). */
+		static char *parsed_spec = NULL;
+		static int64 parsed_limit = 0;
+		List	   *names;
+		List	   *values;
+		char	   *err;
+		ListCell   *ln;
+		ListCell   *lv;
+
+		*limit_name = "message.max.bytes";
+		if (parsed_spec && strcmp(parsed_spec, eb_kafka_properties ? eb_kafka_properties : "") == 0)
+			return parsed_limit;
+		limit = EB_KAFKA_DEFAULT_MAX_MESSAGE;
+		if (eb_kafka_properties_parse(eb_kafka_properties, &names, &values, &err))
+		{
+			/* The last setting wins, as in librdkafka. */
+			forboth(ln, names, lv, values)
+			{
+				char	   *end;
+				long		v;
+
+				if (strcmp(lfirst(ln), "message.max.bytes") != 0)
+					continue;
+				errno = 0;
+				v = strtol(lfirst(lv), &end, 10);
+				if (errno == 0 && *end == '\0' && v > 0)
+					limit = v;
+			}
+		}
+		if (parsed_spec)
+			pfree(parsed_spec);
+		parsed_spec = MemoryContextStrdup(TopMemoryContext,
+										  eb_kafka_properties ? eb_kafka_properties : "");
+		parsed_limit = limit;
+		return limit;
+	}
+
+	*limit_name = "the NATS server's max_payload";
+	if (eb_shared)
+	{
+		SpinLockAcquire(&eb_shared->mutex);
+		limit = eb_shared->nats_max_payload;
+		SpinLockRelease(&eb_shared->mutex);
+	}
+	return limit > 0 ? limit : EB_NATS_DEFAULT_MAX_PAYLOAD;
+}
+
+/* Bytes of a zigzag varint (Kafka record fields). */
+static Size
+zigzag_varint_size(int64 n)
+{
+	uint64		z = ((uint64) n << 1) ^ (uint64) (n >> 63);
+	Size		bytes = 1;
+
+	while (z >= 0x80)
+	{
+		z >>= 7;
+		bytes++;
+	}
+	return bytes;
+}
+
+typedef struct WireSize
+{
+	int			transport;
+	Size		bytes;
+} WireSize;
+
+static void
+count_header(void *arg, const char *name, const char *value)
+{
+	WireSize   *ws = (WireSize *) arg;
+	Size		nl = strlen(name);
+	Size		vl = strlen(value);
+
+	if (ws->transport == EB_TRANSPORT_KAFKA)
+		ws->bytes += nl + vl + zigzag_varint_size(nl) + zigzag_varint_size(vl);
+	else
+		ws->bytes += nl + 2 + vl + 2;	/* "Name: value\r\n" */
+}
+
+/*
+ * Size of the message the relay sends for ev, whose envelope (as encoded by
+ * eb_envelope_encode) is envelope_len bytes, counted as the client library
+ * checks it against the limit of eb_transport_max_message:
+ *  - Kafka (librdkafka's check before producing): 36 bytes of maximum
+ *    record overhead + key (the aggregate id) + value + serialized headers.
+ *  - NATS (cnats' and the server's check): headers block
+ *    "NATS/1.0\r\n" + "Name: value\r\n"... + "\r\n", including Nats-Msg-Id,
+ *    plus the body.
+ */
+Size
+eb_event_wire_size(const EbEvent *ev, int transport, Size envelope_len)
+{
+	WireSize	ws;
+
+	ws.transport = transport;
+	ws.bytes = 0;
+	eb_event_headers(ev, count_header, &ws);
+	if (transport == EB_TRANSPORT_KAFKA)
+		return 36 + strlen(ev->aggregate_id) + envelope_len + ws.bytes;
+	count_header(&ws, "Nats-Msg-Id", ev->event_id);
+	return 10 + ws.bytes + 2 + envelope_len;
 }
 
 /* Is c allowed in an aggregate id ([A-Za-z0-9:_./-])? */
@@ -281,9 +440,9 @@ eb_event_headers(const EbEvent *ev, EbHeaderFn fn, void *arg)
 		fn(arg, ev->header_names[i], ev->header_values[i]);
 }
 
-/* Reason an inbound aggregate id is invalid, or NULL. */
-static const char *
-aggregate_id_problem(const char *id, size_t len)
+/* Why an inbound aggregate id (len bytes, NUL bytes included) is invalid, or NULL. */
+const char *
+eb_aggregate_id_problem(const char *id, size_t len)
 {
 	if (len == 0)
 		return "aggregate_id is empty";
@@ -292,212 +451,5 @@ aggregate_id_problem(const char *id, size_t len)
 	for (size_t i = 0; i < len; i++)
 		if (!aggregate_id_char((unsigned char) id[i]))
 			return "aggregate_id contains a character outside [A-Za-z0-9:_./-]";
-	return NULL;
-}
-
-/* Canonical lower-case UUID text, or false if s is not a UUID. */
-static bool
-canonical_uuid(const char *s, int len, char out[37])
-{
-	static const int dashes[] = {8, 13, 18, 23};
-	int			d = 0;
-
-	if (len != 36)
-		return false;
-	for (int i = 0; i < 36; i++)
-	{
-		if (d < 4 && i == dashes[d])
-		{
-			if (s[i] != '-')
-				return false;
-			out[i] = '-';
-			d++;
-		}
-		else if (isxdigit((unsigned char) s[i]))
-			out[i] = tolower((unsigned char) s[i]);
-		else
-			return false;
-	}
-	out[36] = '\0';
-	return true;
-}
-
-/* Look up a top-level key of a jsonb object. */
-static bool
-get_field(Jsonb *jb, const char *key, JsonbValue *v)
-{
-	return getKeyJsonValueFromContainer(&jb->root, key, strlen(key), v) != NULL;
-}
-
-/* Optional string field: NULL when absent; *problem set when not a string. */
-static char *
-optional_string(Jsonb *jb, const char *key, const char **problem, const char *msg)
-{
-	JsonbValue	v;
-
-	if (!get_field(jb, key, &v) || v.type == jbvNull)
-		return NULL;
-	if (v.type != jbvString)
-	{
-		*problem = msg;
-		return NULL;
-	}
-	return pnstrdup(v.val.string.val, v.val.string.len);
-}
-
-/* An integral numeric within [min, max], else false. */
-static bool
-numeric_integer(JsonbValue *v, int64 min, int64 max, int64 *out)
-{
-	char	   *text;
-	char	   *end;
-	long long	n;
-
-	if (v->type != jbvNumeric)
-		return false;
-	text = DatumGetCString(DirectFunctionCall1(numeric_out, NumericGetDatum(v->val.numeric)));
-	errno = 0;
-	n = strtoll(text, &end, 10);
-	if (errno != 0 || *end != '\0' || n < min || n > max)
-		return false;
-	*out = n;
-	return true;
-}
-
-/*
- * Decode an inbound message into ev.  Returns NULL on success, else the
- * reason the message is quarantined.  Never throws for bad input: a broker
- * message must never stop consumption.
- *
- * The aggregate id comes from the envelope, else the X-Aggregate-ID header,
- * else the Kafka key (DESIGN §4).
- */
-const char *
-eb_envelope_decode(const char *data, size_t len, const char *key, size_t keylen,
-				   EbHeaderLookup lookup, void *lookup_arg, EbEvent *ev)
-{
-	JsonLexContext *lex;
-	JsonSemAction nullsem;
-	Jsonb	   *volatile jb = NULL;
-	JsonbValue	v;
-	const char *problem = NULL;
-	char		uuid[37];
-	int64		n;
-	volatile bool parsed = true;
-
-	memset(ev, 0, sizeof(EbEvent));
-
-	if (len == 0)
-		return "empty message";
-	if (len > (size_t) eb_max_payload_bytes + 65536)
-		return "message larger than eventbus.max_payload_bytes + 64 kB";
-	if (!pg_verify_mbstr(PG_UTF8, data, (int) len, true))
-		return "message is not valid UTF-8";
-
-	/* Validate the syntax without throwing, then build the jsonb. */
-	memset(&nullsem, 0, sizeof(nullsem));
-	lex = makeJsonLexContextCstringLen((char *) data, (int) len, PG_UTF8, true);
-	if (pg_parse_json(lex, &nullsem) != JSON_SUCCESS)
-		return "message is not valid JSON";
-	PG_TRY();
-	{
-		jb = DatumGetJsonbP(DirectFunctionCall1(jsonb_in,
-												CStringGetDatum(pnstrdup(data, len))));
-	}
-	PG_CATCH();
-	{
-		/* e.g. a number out of numeric's range: pure parsing, safe to swallow */
-		FlushErrorState();
-		parsed = false;
-	}
-	PG_END_TRY();
-	if (!parsed)
-		return "message JSON cannot be represented (value out of range)";
-	if (!JB_ROOT_IS_OBJECT(jb) || JB_ROOT_IS_SCALAR(jb))
-		return "message is not a JSON object";
-
-	/* event_id: a non-empty string holding a UUID */
-	if (!get_field(jb, "event_id", &v) || v.type == jbvNull)
-		return "event_id is missing";
-	if (v.type != jbvString || v.val.string.len == 0)
-		return "event_id is not a non-empty string";
-	if (!canonical_uuid(v.val.string.val, v.val.string.len, uuid))
-		return "event_id is not a UUID";
-	ev->event_id = pstrdup(uuid);
-
-	/* aggregate_id: envelope, else header, else key */
-	if (get_field(jb, "aggregate_id", &v) && v.type != jbvNull)
-	{
-		if (v.type != jbvString)
-			return "aggregate_id is not a string";
-		ev->aggregate_id = pnstrdup(v.val.string.val, v.val.string.len);
-	}
-	else if (lookup && lookup(lookup_arg, "X-Aggregate-ID") != NULL)
-		ev->aggregate_id = pstrdup(lookup(lookup_arg, "X-Aggregate-ID"));
-	else if (key != NULL && keylen > 0)
-		ev->aggregate_id = pnstrdup(key, keylen);
-	else
-		return "no aggregate id (envelope field, X-Aggregate-ID header or key)";
-	if ((problem = aggregate_id_problem(ev->aggregate_id, strlen(ev->aggregate_id))) != NULL)
-		return problem;
-
-	/* event_type: non-empty string */
-	if (!get_field(jb, "event_type", &v) || v.type == jbvNull)
-		return "event_type is missing";
-	if (v.type != jbvString || v.val.string.len == 0)
-		return "event_type is not a non-empty string";
-	ev->event_type = pnstrdup(v.val.string.val, v.val.string.len);
-
-	/* event_version: integer > 0 */
-	if (!get_field(jb, "event_version", &v) || v.type == jbvNull)
-		return "event_version is missing";
-	if (!numeric_integer(&v, 1, PG_INT64_MAX, &n))
-		return "event_version is not an integer greater than zero";
-	ev->event_version = n;
-
-	/* timestamp: optional RFC 3339; receipt time when absent */
-	ev->occurred_at = GetCurrentTimestamp();
-	if (get_field(jb, "timestamp", &v) && v.type != jbvNull)
-	{
-		char	   *ts;
-
-		if (v.type != jbvString)
-			return "timestamp is not a string";
-		ts = pnstrdup(v.val.string.val, v.val.string.len);
-		PG_TRY();
-		{
-			ev->occurred_at = DatumGetTimestampTz(DirectFunctionCall3(timestamptz_in,
-																	  CStringGetDatum(ts),
-																	  ObjectIdGetDatum(InvalidOid),
-																	  Int32GetDatum(-1)));
-		}
-		PG_CATCH();
-		{
-			FlushErrorState();
-			parsed = false;
-		}
-		PG_END_TRY();
-		if (!parsed)
-			return "timestamp is not a valid timestamp";
-	}
-
-	ev->trace_id = optional_string(jb, "trace_id", &problem, "trace_id is not a string");
-	ev->correlation_id = optional_string(jb, "correlation_id", &problem, "correlation_id is not a string");
-	if (problem)
-		return problem;
-	if (get_field(jb, "tenant_id", &v) && v.type != jbvNull)
-	{
-		if (!numeric_integer(&v, PG_INT32_MIN, PG_INT32_MAX, &n))
-			return "tenant_id is not a 32-bit integer";
-		ev->has_tenant = true;
-		ev->tenant_id = (int32) n;
-	}
-
-	/* payload: required, any JSON value */
-	if (!get_field(jb, "payload", &v))
-		return "payload is missing";
-	if (v.type == jbvBinary || v.type == jbvNull || v.type == jbvString ||
-		v.type == jbvNumeric || v.type == jbvBool)
-		ev->payload = JsonbToCString(NULL, &JsonbValueToJsonb(&v)->root, -1);
 	return NULL;
 }

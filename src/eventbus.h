@@ -18,6 +18,7 @@
 #include "nodes/pg_list.h"
 #include "storage/latch.h"
 #include "storage/spin.h"
+#include "utils/hsearch.h"
 #include "utils/elog.h"
 
 #include <signal.h>
@@ -29,6 +30,31 @@
 #define EB_DETAIL_LEN		256
 #define EB_MAX_AGGREGATE_ID 256
 #define EB_MAX_TOPIC		249
+
+/*
+ * Limits of an inbound message (decode.c), far above what a real producer
+ * sends: JSON nesting (PostgreSQL's JSON parser recurses per level), and
+ * header count and sizes (the headers travel to the pool in the work item
+ * and into the envelope's headers jsonb).
+ */
+#define EB_MAX_JSON_DEPTH	256
+#define EB_MAX_HEADERS		1000
+#define EB_MAX_HEADER_NAME	256
+#define EB_MAX_HEADER_VALUE 32768
+#define EB_MAX_HEADER_BYTES (1024 * 1024)
+
+/*
+ * User headers eventbus_publish accepts (eventbus adds up to 8 of its own).
+ * Kept well inside what the consuming side takes, so a published event is
+ * never quarantined for its headers.
+ */
+#define EB_MAX_USER_HEADERS		64
+#define EB_MAX_USER_HEADER_VALUE	1024
+#define EB_MAX_USER_HEADER_BYTES	16384
+
+/* Message size limits when nothing better is known (Kafka producer / NATS server). */
+#define EB_KAFKA_DEFAULT_MAX_MESSAGE	1000000
+#define EB_NATS_DEFAULT_MAX_PAYLOAD		(1024 * 1024)
 
 /* Connection state of one broker client, as shown by eventbus_status(). */
 typedef enum EbBrokerState
@@ -77,6 +103,7 @@ typedef struct EbShared
 	bool		extension_ready;	/* launcher saw the extension installed */
 	Latch	   *relay_latch;	/* set at commit by publishers */
 	uint32		relay_pending;	/* bit per transport with newly committed rows */
+	int64		nats_max_payload;	/* server's max_payload, 0 = not yet known */
 	EbBrokerStatus producer[EB_NTRANSPORTS];
 
 	uint64		subs_generation;	/* bumped when subscriptions change */
@@ -154,21 +181,41 @@ extern int	eb_transport_arg(FunctionCallInfo fcinfo, int argno);
 extern void eb_require_transport_configured(int transport);
 extern char *eb_headers_json(int n, char **names, char **values);
 extern void eb_validate_topic(const char *topic);
+extern void eb_validate_topic_for_transport(const char *topic, int transport);
+extern int64 eb_transport_max_message(int transport, const char **limit_name);
+extern Size eb_event_wire_size(const EbEvent *ev, int transport, Size envelope_len);
 extern void eb_validate_aggregate_id(const char *aggregate_id);
 extern void eb_uuidv7(unsigned char out[16]);
 extern void eb_format_timestamp(TimestampTz ts, char *buf, size_t len);
 extern void eb_envelope_encode(StringInfo buf, const EbEvent *ev);
-
-/* Header lookup for decoding: value of a header, or NULL. */
-typedef const char *(*EbHeaderLookup) (void *arg, const char *name);
-extern const char *eb_envelope_decode(const char *data, size_t len,
-									  const char *key, size_t keylen,
-									  EbHeaderLookup lookup, void *lookup_arg,
-									  EbEvent *ev);
+extern const char *eb_aggregate_id_problem(const char *id, size_t len);
 
 /* Callback that receives each header of an event (name, value). */
 typedef void (*EbHeaderFn) (void *arg, const char *name, const char *value);
 extern void eb_event_headers(const EbEvent *ev, EbHeaderFn fn, void *arg);
+
+/* decode.c: inbound messages; never throws (NULL or the quarantine reason) */
+extern const char *eb_envelope_decode(const char *data, size_t len,
+									  const char *key, size_t keylen,
+									  int nheaders, char **header_names,
+									  char **header_values, EbEvent *ev);
+extern char *eb_inbound_headers_json(int n, char **names, char **values);
+
+/* inbound_text.c: checks of inbound text before PostgreSQL's parsers see it */
+typedef struct EbJsonScan
+{
+	int64		tokens;			/* containers, strings, numbers, literals */
+	int64		number_growth;	/* bytes numbers gain when numeric writes them */
+	const char *number_problem; /* the first number numeric cannot hold */
+} EbJsonScan;
+
+extern char *eb_printable(const char *s, size_t len, size_t max);
+extern bool eb_needs_conversion(void);
+extern Oid	eb_utf8_to_server_proc(void);
+extern bool eb_utf8_to_server(const char *s, size_t len, char **out, size_t *outlen);
+extern char *eb_unescape_non_ascii(const char *s, size_t len, size_t *outlen);
+extern const char *eb_json_prescan(const char *s, size_t len, EbJsonScan *scan);
+extern bool eb_parse_rfc3339(const char *s, int len, TimestampTz *out);
 
 /* status.c */
 extern EbBrokerStatus *eb_broker_slots;	/* this process's broker rows */
@@ -192,8 +239,34 @@ extern int	eb_wakeup_write_fd(void);
 extern void relay_init(void);
 extern void relay_shutdown(void);
 extern long relay_step(void);
+
+/* Outcome of one delivery attempt. */
+typedef enum EbDelivery
+{
+	EB_DELIVERED = 0,
+	EB_FAILED_TRANSIENT,		/* retry with backoff */
+	EB_FAILED_PERMANENT			/* can never succeed as is: move aside */
+} EbDelivery;
+
 /* Completion of one in-flight slot; main thread only. */
-extern void eb_relay_ack(int transport, int slot, bool ok, const char *err);
+extern void eb_relay_ack(int transport, int slot, EbDelivery result, const char *err);
+
+/* relay_keys.c: the relay's per-(topic, aggregate) bookkeeping */
+extern HTAB *eb_backoff_create(void);
+extern void eb_backoff_clear(HTAB *backoff);
+extern void eb_backoff_arrays(HTAB *backoff, Datum *topics, Datum *aggregates,
+							  TimestampTz *earliest);
+extern void eb_backoff_fail(HTAB *backoff, const EbEvent *ev);
+extern void eb_backoff_forget(HTAB *backoff, const EbEvent *ev);
+extern HTAB *eb_key_set(MemoryContext cxt);
+extern bool eb_key_in_set(HTAB *set, const EbEvent *ev, bool add);
+extern int	eb_distinct_aggregates(EbEvent *events, int n, MemoryContext cxt);
+
+/* undeliverable.c: rows moved aside by the relay, and back */
+extern void eb_undeliverable_move_failed(Datum ids, Datum errors);
+extern int	eb_undeliverable_move_held(int transport, int n, Datum *ids);
+extern bool eb_undeliverable_any(int transport);
+extern uint64 eb_undeliverable_release(int transport);
 
 /*
  * Producers used by the relay.  Library threads never call PostgreSQL: they
@@ -214,7 +287,8 @@ extern void kafka_producer_poll(void);
 extern bool kafka_producer_start(void);
 extern void kafka_begin_round(void);
 extern bool kafka_produce(const EbEvent *ev, const char *value, size_t len,
-						  int slot, char **errmsg);
+						  int slot, char **errmsg, bool *permanent);
+extern bool kafka_error_permanent(rd_kafka_resp_err_t err);
 
 /* nats.c: the process's NATS connection and JetStream context */
 #include <nats/nats.h>
@@ -231,8 +305,9 @@ extern void nats_library_close(void);
 extern void nats_producer_poll(void);
 extern void nats_publish_begin(const EbEvent *events, int n);
 extern bool nats_publish(const EbEvent *ev, const char *value, size_t len,
-						 int slot, char **errmsg);
+						 int slot, char **errmsg, bool *permanent);
 extern void nats_publish_abandon(void);
+extern bool nats_error_permanent(natsStatus s, int jerr);
 
 /* workitem.c: what the dispatcher sends a pool worker, and back */
 typedef struct EbWorkItem
@@ -265,6 +340,7 @@ extern void eb_workitem_decode(const char *data, Size len, EbWorkItem *item);
 
 /* handler.c: run one handler invocation; EbOutcome, or -1 with *error set */
 extern int	eb_handler_run(const EbWorkItem *item, ErrorData **error);
+extern Datum eb_make_envelope(const EbWorkItem *item);
 extern bool eb_handler_call(Oid handler, Oid role, Datum envelope, ErrorData **error);
 extern void eb_dead_letter(const EbWorkItem *item, const ErrorData *error, int attempts);
 extern Oid	eb_envelope_type(void);

@@ -49,7 +49,7 @@ static const char *const mandatory_kafka_properties[] = {
 	"log.queue", "enable.idempotence", "partitioner", "acks",
 	"request.required.acks", "message.timeout.ms", "delivery.timeout.ms",
 	"enable.auto.commit", "enable.auto.offset.store", "auto.offset.reset",
-	"enable.partition.eof", NULL
+	"enable.partition.eof", "enable.gapless.guarantee", NULL
 };
 
 /*

@@ -132,8 +132,8 @@ handler_fmgr(Oid handler)
 }
 
 /* Build the eventbus.envelope composite a handler receives. */
-static Datum
-make_envelope(const EbWorkItem *item)
+Datum
+eb_make_envelope(const EbWorkItem *item)
 {
 	const EbEvent *ev = &item->ev;
 	TupleDesc	desc = lookup_rowtype_tupdesc(eb_envelope_type(), -1);
@@ -343,7 +343,7 @@ eb_handler_run(const EbWorkItem *item, ErrorData **error)
 
 		if (claimed == 0)
 			outcome = EB_OUTCOME_DUPLICATE;
-		else if (!eb_handler_call(item->handler, item->role, make_envelope(item), error))
+		else if (!eb_handler_call(item->handler, item->role, eb_make_envelope(item), error))
 			outcome = -1;
 
 		if (outcome == -1)
@@ -383,7 +383,7 @@ eb_dead_letter(const EbWorkItem *item, const ErrorData *error, int attempts)
 	Datum		args[5];
 
 	args[0] = Int64GetDatum(item->subscription_id);
-	args[1] = make_envelope(item);
+	args[1] = eb_make_envelope(item);
 	args[2] = CStringGetTextDatum(error->message ? error->message : "unknown error");
 	args[3] = CStringGetTextDatum(unpack_sql_state(error->sqlerrcode));
 	args[4] = Int32GetDatum(attempts);

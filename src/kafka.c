@@ -236,6 +236,38 @@ kafka_probe(void)
 	}
 }
 
+/*
+ * Errors after which the same message can never be produced as it is: the
+ * message itself (too large, invalid), or its topic (missing with
+ * auto-creation off, invalid, not authorized, refused by policy).  librdkafka
+ * reports them without retrying.  Everything else (timeouts, broker or
+ * leader unavailable, purges, fatal producer errors, cluster-wide
+ * authorization) is transient: retried with backoff.
+ */
+bool
+kafka_error_permanent(rd_kafka_resp_err_t err)
+{
+	switch (err)
+	{
+		case RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE:
+		case RD_KAFKA_RESP_ERR_INVALID_MSG:
+		case RD_KAFKA_RESP_ERR_INVALID_MSG_SIZE:
+		case RD_KAFKA_RESP_ERR_RECORD_LIST_TOO_LARGE:
+		case RD_KAFKA_RESP_ERR_INVALID_RECORD:
+		case RD_KAFKA_RESP_ERR_INVALID_TIMESTAMP:
+		case RD_KAFKA_RESP_ERR_UNSUPPORTED_FOR_MESSAGE_FORMAT:
+		case RD_KAFKA_RESP_ERR_TOPIC_EXCEPTION:
+		case RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED:
+		case RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART:
+		case RD_KAFKA_RESP_ERR_POLICY_VIOLATION:
+		case RD_KAFKA_RESP_ERR__UNKNOWN_TOPIC:
+		case RD_KAFKA_RESP_ERR__INVALID_ARG:
+			return true;
+		default:
+			return false;
+	}
+}
+
 /* Producer delivery report: hand the outcome to the relay. */
 static void
 dr_cb(rd_kafka_t *rk, const rd_kafka_message_t *msg, void *opaque)
@@ -248,14 +280,16 @@ dr_cb(rd_kafka_t *rk, const rd_kafka_message_t *msg, void *opaque)
 	if (msg->err == RD_KAFKA_RESP_ERR_NO_ERROR)
 	{
 		kafka_mark_connected();
-		eb_relay_ack(EB_TRANSPORT_KAFKA, slot, true, NULL);
+		eb_relay_ack(EB_TRANSPORT_KAFKA, slot, EB_DELIVERED, NULL);
 	}
 	else
 	{
 		if (msg->err == RD_KAFKA_RESP_ERR__MSG_TIMED_OUT ||
 			msg->err == RD_KAFKA_RESP_ERR__TRANSPORT)
 			kafka_mark_down(rd_kafka_err2str(msg->err));
-		eb_relay_ack(EB_TRANSPORT_KAFKA, slot, false, rd_kafka_err2str(msg->err));
+		eb_relay_ack(EB_TRANSPORT_KAFKA, slot,
+					 kafka_error_permanent(msg->err) ? EB_FAILED_PERMANENT : EB_FAILED_TRANSIENT,
+					 psprintf("Kafka: %s (%s)", rd_kafka_err2str(msg->err), rd_kafka_err2name(msg->err)));
 	}
 }
 
@@ -270,6 +304,9 @@ kafka_producer_start(void)
 	snprintf(timeout, sizeof(timeout), "%d", eb_ack_timeout_ms);
 	if (!set_prop(conf, "client.id", "eventbus-relay", errstr, sizeof(errstr)) ||
 		!set_prop(conf, "enable.idempotence", "true", errstr, sizeof(errstr)) ||
+		/* A batch refused for good stops the producer instead of letting
+		 * later messages of its partition through (the relay's order). */
+		!set_prop(conf, "enable.gapless.guarantee", "true", errstr, sizeof(errstr)) ||
 		!set_prop(conf, "partitioner", "fnv1a", errstr, sizeof(errstr)) ||
 		!set_prop(conf, "message.timeout.ms", timeout, errstr, sizeof(errstr)) ||
 		!set_prop(conf, "linger.ms", "5", errstr, sizeof(errstr)))
@@ -305,13 +342,18 @@ add_header(void *arg, const char *name, const char *value)
 	rd_kafka_header_add((rd_kafka_headers_t *) arg, name, -1, value, -1);
 }
 
-/* Produce one event; its delivery report arrives through rd_kafka_poll. */
+/*
+ * Produce one event; its delivery report arrives through rd_kafka_poll.  On
+ * an immediate failure, *permanent says whether retrying could help.
+ */
 bool
-kafka_produce(const EbEvent *ev, const char *value, size_t len, int slot, char **errmsg)
+kafka_produce(const EbEvent *ev, const char *value, size_t len, int slot, char **errmsg,
+			  bool *permanent)
 {
 	rd_kafka_headers_t *hdrs;
 	rd_kafka_resp_err_t err;
 
+	*permanent = false;
 	if (eb_kafka == NULL)
 	{
 		*errmsg = "Kafka producer not running";
@@ -340,7 +382,8 @@ kafka_produce(const EbEvent *ev, const char *value, size_t len, int slot, char *
 	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
 	{
 		rd_kafka_headers_destroy(hdrs);
-		*errmsg = pstrdup(rd_kafka_err2str(err));
+		*errmsg = psprintf("Kafka: %s (%s)", rd_kafka_err2str(err), rd_kafka_err2name(err));
+		*permanent = kafka_error_permanent(err);
 		return false;
 	}
 	return true;

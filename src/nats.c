@@ -27,6 +27,7 @@ jsCtx	   *eb_js = NULL;
 static natsOptions *opts = NULL;
 static HTAB *streams_ready = NULL;	/* topics known to have a stream */
 static bool library_opened = false;
+static bool last_stream_error_permanent = false;	/* of nats_ensure_stream */
 static int	reconnect_attempts = 0;	/* written by cnats threads (atomic) */
 
 /* Event id -> slot of the current round, sorted for bsearch. */
@@ -41,8 +42,11 @@ typedef enum AckResult
 	ACK_PENDING = 0,
 	ACK_OK,
 	ACK_FAILED,
+	ACK_FAILED_PERMANENT,
 	ACK_REPORTED
 } AckResult;
+
+#define ACK_ERROR_LEN 160
 
 /* Shared with cnats threads; every field guarded by ack_mutex. */
 static pthread_mutex_t ack_mutex = PTHREAD_MUTEX_INITIALIZER;
@@ -53,9 +57,32 @@ static struct
 	int			capacity;
 	IdSlot	   *index;
 	uint8	   *result;			/* AckResult per slot */
+	char		(*error)[ACK_ERROR_LEN];	/* per failed slot */
 	int			completed;
-	char		error[EB_DETAIL_LEN];
+	bool		no_responders;	/* a subject without a stream: look again */
 } acks;
+
+/*
+ * Errors after which publishing the same message can never succeed: larger
+ * than the server's max_payload or the stream's max_msg_size, a subject or
+ * stream configuration the server refuses.  Everything else (no responders,
+ * timeouts, disconnections, stream storage limits, JetStream unavailable)
+ * is transient.  Plain C: called on cnats threads too.
+ */
+bool
+nats_error_permanent(natsStatus s, int jerr)
+{
+	switch (jerr)
+	{
+		case JSStreamMessageExceedsMaximumErr:
+		case JSStreamInvalidConfig:
+		case JSStreamInvalidErr:
+			return true;
+		default:
+			break;
+	}
+	return s == NATS_MAX_PAYLOAD || s == NATS_INVALID_SUBJECT || s == NATS_INVALID_ARG;
+}
 
 /* Block every signal in this thread; threads created meanwhile inherit it. */
 void
@@ -122,12 +149,17 @@ ack_cb(jsCtx *ctx, natsMsg *msg, jsPubAck *pa, jsPubAckErr *pae, void *closure)
 				acks.result[hit->slot] = ACK_OK;
 			else
 			{
-				acks.result[hit->slot] = ACK_FAILED;
-				if (acks.error[0] == '\0')
-					snprintf(acks.error, sizeof(acks.error), "%s%s%s",
-							 natsStatus_GetText(pae ? pae->Err : NATS_ERR),
-							 pae && pae->ErrText ? ": " : "",
-							 pae && pae->ErrText ? pae->ErrText : "");
+				natsStatus	err = pae ? pae->Err : NATS_ERR;
+				int			jerr = pae ? (int) pae->ErrCode : 0;
+
+				acks.result[hit->slot] = nats_error_permanent(err, jerr) ?
+					ACK_FAILED_PERMANENT : ACK_FAILED;
+				if (err == NATS_NO_RESPONDERS)
+					acks.no_responders = true;
+				snprintf(acks.error[hit->slot], ACK_ERROR_LEN, "NATS: %s%s%s (JetStream error %d)",
+						 natsStatus_GetText(err),
+						 pae && pae->ErrText ? ": " : "",
+						 pae && pae->ErrText ? pae->ErrText : "", jerr);
 			}
 			acks.completed++;
 			wake = acks.completed == acks.n || pa == NULL;
@@ -277,39 +309,56 @@ nats_poll_state(void)
 void
 nats_producer_poll(void)
 {
+	int			n;
 	int		   *done;
-	bool	   *ok;
+	uint8	   *res;
+	char		(*errors)[ACK_ERROR_LEN];
 	int			ndone = 0;
-	char		error[EB_DETAIL_LEN];
+	bool		forget_streams;
 
 	if (eb_nats_conn == NULL)
 		return;
 	nats_poll_state();
 
-	pthread_mutex_lock(&ack_mutex);
-	if (!acks.active || acks.n == 0)
-	{
-		pthread_mutex_unlock(&ack_mutex);
+	/* Only this thread changes acks.n; allocate before taking the mutex. */
+	n = acks.n;
+	if (n == 0)
 		return;
-	}
-	done = palloc(sizeof(int) * acks.n);
-	ok = palloc(sizeof(bool) * acks.n);
-	for (int i = 0; i < acks.n; i++)
+	done = palloc(sizeof(int) * n);
+	res = palloc(n);
+	errors = palloc((Size) ACK_ERROR_LEN * n);
+
+	pthread_mutex_lock(&ack_mutex);
+	for (int i = 0; acks.active && i < n; i++)
 	{
-		if (acks.result[i] == ACK_OK || acks.result[i] == ACK_FAILED)
+		if (acks.result[i] == ACK_OK || acks.result[i] == ACK_FAILED ||
+			acks.result[i] == ACK_FAILED_PERMANENT)
 		{
 			done[ndone] = i;
-			ok[ndone++] = acks.result[i] == ACK_OK;
+			res[ndone] = acks.result[i];
+			memcpy(errors[ndone++], acks.error[i], ACK_ERROR_LEN);
 			acks.result[i] = ACK_REPORTED;
 		}
 	}
-	strlcpy(error, acks.error, sizeof(error));
+	forget_streams = acks.no_responders;
+	acks.no_responders = false;
 	pthread_mutex_unlock(&ack_mutex);
 
+	/* A stream was deleted under us: make sure of every stream again. */
+	if (forget_streams && streams_ready)
+	{
+		hash_destroy(streams_ready);
+		streams_ready = NULL;
+	}
+
 	for (int i = 0; i < ndone; i++)
-		eb_relay_ack(EB_TRANSPORT_NATS, done[i], ok[i], error);
+		eb_relay_ack(EB_TRANSPORT_NATS, done[i],
+					 res[i] == ACK_OK ? EB_DELIVERED :
+					 res[i] == ACK_FAILED_PERMANENT ? EB_FAILED_PERMANENT : EB_FAILED_TRANSIENT,
+					 res[i] == ACK_OK ? NULL : errors[i]);
 	pfree(done);
-	pfree(ok);
+	pfree(res);
+	pfree(errors);
 }
 
 bool
@@ -329,9 +378,11 @@ nats_publish_begin(const EbEvent *events, int n)
 		{
 			pfree(acks.index);
 			pfree(acks.result);
+			pfree(acks.error);
 		}
 		acks.index = MemoryContextAlloc(TopMemoryContext, sizeof(IdSlot) * n);
 		acks.result = MemoryContextAlloc(TopMemoryContext, n);
+		acks.error = MemoryContextAlloc(TopMemoryContext, (Size) ACK_ERROR_LEN * n);
 		acks.capacity = n;
 	}
 	for (int i = 0; i < n; i++)
@@ -343,7 +394,6 @@ nats_publish_begin(const EbEvent *events, int n)
 	memset(acks.result, ACK_PENDING, n);
 	acks.n = n;
 	acks.completed = 0;
-	acks.error[0] = '\0';
 	acks.active = true;
 	pthread_mutex_unlock(&ack_mutex);
 }
@@ -434,8 +484,9 @@ nats_ensure_stream(const char *topic, char **errmsg)
 
 	if (s != NATS_OK && jerr != JSStreamSubjectOverlapErr && jerr != JSStreamNameExistErr)
 	{
-		*errmsg = psprintf("could not create JetStream stream %s for subject %s: %s",
-						   name, topic, natsStatus_GetText(s));
+		*errmsg = psprintf("could not create JetStream stream %s for subject %s: %s (JetStream error %d)",
+						   name, topic, natsStatus_GetText(s), (int) jerr);
+		last_stream_error_permanent = nats_error_permanent(s, jerr);
 		return false;
 	}
 	(void) hash_search(streams_ready, topic, HASH_ENTER, &found);
@@ -449,21 +500,30 @@ add_header(void *arg, const char *name, const char *value)
 	natsMsgHeader_Add((natsMsg *) arg, name, value);
 }
 
-/* Publish one event asynchronously; its ack arrives in ack_cb. */
+/*
+ * Publish one event asynchronously; its ack arrives in ack_cb.  On an
+ * immediate failure, *permanent says whether retrying could help.
+ */
 bool
-nats_publish(const EbEvent *ev, const char *value, size_t len, int slot, char **errmsg)
+nats_publish(const EbEvent *ev, const char *value, size_t len, int slot, char **errmsg,
+			 bool *permanent)
 {
 	natsMsg    *msg = NULL;
 	natsStatus	s;
 	sigset_t	old;
 
+	*permanent = false;
 	if (eb_js == NULL)
 	{
 		*errmsg = "NATS connection not running";
 		return false;
 	}
+	last_stream_error_permanent = false;
 	if (!nats_ensure_stream(ev->topic, errmsg))
+	{
+		*permanent = last_stream_error_permanent;
 		return false;
+	}
 
 	s = natsMsg_Create(&msg, ev->topic, NULL, value, (int) len);
 	if (s == NATS_OK)
@@ -482,6 +542,7 @@ nats_publish(const EbEvent *ev, const char *value, size_t len, int slot, char **
 		if (msg)
 			natsMsg_Destroy(msg);
 		*errmsg = psprintf("NATS publish failed: %s", natsStatus_GetText(s));
+		*permanent = nats_error_permanent(s, 0);
 		return false;
 	}
 	return true;

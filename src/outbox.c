@@ -6,6 +6,10 @@
  * is held to commit, so concurrent publishers of one (topic, aggregate) are
  * serialized: versions and outbox ids follow commit order, which is what
  * lets the relay send rows in id order.
+ *
+ * Nothing that can never be delivered is accepted: the topic must be valid
+ * for its transport, and the event, encoded exactly as the relay will send
+ * it, must fit the transport's message size limit and what consumers accept.
  */
 #include "postgres.h"
 
@@ -16,6 +20,8 @@
 #include "miscadmin.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
+#include "utils/numeric.h"
+#include "utils/timestamp.h"
 #include "utils/uuid.h"
 
 #include "eventbus.h"
@@ -35,7 +41,7 @@ static SPIPlanPtr insert_plan = NULL;
 	"  event_type, event_version, occurred_at, trace_id, correlation_id," \
 	"  tenant_id, payload, headers)" \
 	" SELECT $11, $5, $1, $2, $3, COALESCE($6, v.version), pg_catalog.clock_timestamp()," \
-	"  $7, $8, $9, $4, $10 FROM v"
+	"  $7, $8, $9, $4, $10 FROM v RETURNING event_version"
 
 /* ERROR with 22004 naming the field when a required argument is NULL. */
 static void
@@ -56,11 +62,11 @@ validate_header_text(const char *field, const char *value)
 			ereport(ERROR,
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 					 errmsg("%s must not contain control characters", field)));
-	if (strlen(value) > 1024)
+	if (strlen(value) > EB_MAX_USER_HEADER_VALUE)
 		ereport(ERROR,
 				(errcode(ERRCODE_STRING_DATA_RIGHT_TRUNCATION),
 				 errmsg("%s is too long", field),
-				 errdetail("The limit is 1024 bytes.")));
+				 errdetail("The limit is %d bytes.", EB_MAX_USER_HEADER_VALUE)));
 }
 
 /* Is this header name one eventbus sets itself? */
@@ -82,20 +88,31 @@ reserved_header(const char *name)
 
 /*
  * headers must be a JSON object of scalar (string, number, boolean) values
- * whose names are HTTP-style tokens and not reserved.
+ * whose names are HTTP-style tokens and not reserved, within the count and
+ * size limits.  Fills ev's header arrays with the names and the values as
+ * the relay sends them (jsonb_each_text's text).
  */
 static void
-validate_headers(Jsonb *headers)
+validate_headers(Jsonb *headers, EbEvent *ev)
 {
 	JsonbIterator *it;
 	JsonbValue	v;
 	JsonbIteratorToken tok;
 	char	   *name = NULL;
+	int			n = 0;
+	Size		bytes = 0;
 
 	if (!JB_ROOT_IS_OBJECT(headers))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("headers must be a JSON object")));
+	if (JB_ROOT_COUNT(headers) > EB_MAX_USER_HEADERS)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("headers: too many headers"),
+				 errdetail("There are %u; the limit is %d.", JB_ROOT_COUNT(headers), EB_MAX_USER_HEADERS)));
+	ev->header_names = palloc(sizeof(char *) * Max(JB_ROOT_COUNT(headers), 1));
+	ev->header_values = palloc(sizeof(char *) * Max(JB_ROOT_COUNT(headers), 1));
 
 	it = JsonbIteratorInit(&headers->root);
 	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
@@ -107,6 +124,11 @@ validate_headers(Jsonb *headers)
 				ereport(ERROR,
 						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 						 errmsg("headers: a header name must not be empty")));
+			if (strlen(name) > EB_MAX_HEADER_NAME)
+				ereport(ERROR,
+						(errcode(ERRCODE_STRING_DATA_RIGHT_TRUNCATION),
+						 errmsg("headers: a header name is too long"),
+						 errdetail("It is %zu bytes; the limit is %d.", strlen(name), EB_MAX_HEADER_NAME)));
 			for (const char *p = name; *p; p++)
 				if ((unsigned char) *p <= 0x20 || (unsigned char) *p >= 0x7f || *p == ':')
 					ereport(ERROR,
@@ -121,14 +143,75 @@ validate_headers(Jsonb *headers)
 		}
 		else if (tok == WJB_VALUE)
 		{
+			char	   *value;
+
 			if (v.type == jbvString)
-				validate_header_text("headers", pnstrdup(v.val.string.val, v.val.string.len));
-			else if (v.type != jbvNumeric && v.type != jbvBool)
+				value = pnstrdup(v.val.string.val, v.val.string.len);
+			else if (v.type == jbvNumeric)
+				value = DatumGetCString(DirectFunctionCall1(numeric_out, NumericGetDatum(v.val.numeric)));
+			else if (v.type == jbvBool)
+				value = pstrdup(v.val.boolean ? "true" : "false");
+			else
 				ereport(ERROR,
 						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 						 errmsg("headers: value of \"%s\" must be a string, number or boolean", name)));
+			validate_header_text("headers", value);
+			bytes += strlen(name) + strlen(value);
+			ev->header_names[n] = name;
+			ev->header_values[n++] = value;
 		}
 	}
+	if (bytes > EB_MAX_USER_HEADER_BYTES)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("headers are too large"),
+				 errdetail("Names and values take %zu bytes; the limit is %d.", bytes, EB_MAX_USER_HEADER_BYTES)));
+	ev->nheaders = n;
+}
+
+/* Decimal digits of a positive version number. */
+static int
+version_digits(int64 v)
+{
+	int			d = 1;
+
+	while (v >= 10)
+	{
+		v /= 10;
+		d++;
+	}
+	return d;
+}
+
+/*
+ * ERROR unless the event, as the relay will send it, fits the transport and
+ * what the consuming side accepts.  wire and envelope are the sizes of
+ * eb_event_wire_size and eb_envelope_encode.
+ */
+static void
+check_event_size(int transport, Size wire, Size envelope)
+{
+	const char *limit_name;
+	int64		limit = eb_transport_max_message(transport, &limit_name);
+
+	if ((int64) wire > limit)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("payload is too large for transport \"%s\"", eb_transport_name(transport)),
+				 errdetail("The event would be a %zu-byte message (envelope %zu bytes, plus key and headers); "
+						   "the limit is %lld bytes (%s).",
+						   wire, envelope, (long long) limit, limit_name),
+				 errhint(transport == EB_TRANSPORT_KAFKA ?
+						 "Publish a smaller payload, or raise message.max.bytes in eventbus.kafka_properties (and the brokers' and topic's limits). The envelope is JSON text: control characters in strings take 6 bytes each." :
+						 "Publish a smaller payload, or raise max_payload of the NATS server. The envelope is JSON text: control characters in strings take 6 bytes each.")));
+	/* The consuming side quarantines envelopes over max_payload_bytes + 64 kB. */
+	if (envelope > (Size) eb_max_payload_bytes + 65536)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("payload is too large"),
+				 errdetail("The envelope would be %zu bytes; consumers accept at most eventbus.max_payload_bytes (%d) + 65536.",
+						   envelope, eb_max_payload_bytes),
+				 errhint("The envelope is JSON text: control characters in strings take 6 bytes each.")));
 }
 
 /* eventbus_publish(topic, aggregate_id, event_type, payload, ...) RETURNS uuid */
@@ -141,6 +224,9 @@ eventbus_publish(PG_FUNCTION_ARGS)
 	Jsonb	   *payload;
 	int			transport;
 	pg_uuid_t  *event_id;
+	EbEvent		ev;
+	StringInfoData envelope;
+	Size		wire;
 	Datum		values[11];
 	char		nulls[11];
 	int			rc;
@@ -156,8 +242,9 @@ eventbus_publish(PG_FUNCTION_ARGS)
 	aggregate_id = text_to_cstring(PG_GETARG_TEXT_PP(1));
 	event_type = text_to_cstring(PG_GETARG_TEXT_PP(2));
 	payload = PG_GETARG_JSONB_P(3);
+	transport = eb_transport_arg(fcinfo, 4);
 
-	eb_validate_topic(topic);
+	eb_validate_topic_for_transport(topic, transport);
 	eb_validate_aggregate_id(aggregate_id);
 	if (event_type[0] == '\0')
 		ereport(ERROR,
@@ -172,7 +259,6 @@ eventbus_publish(PG_FUNCTION_ARGS)
 				 errdetail("It is %zu bytes; eventbus.max_payload_bytes is %d.",
 						   (size_t) VARSIZE_ANY_EXHDR(payload), eb_max_payload_bytes)));
 
-	transport = eb_transport_arg(fcinfo, 4);
 	eb_require_transport_configured(transport);
 
 	if (!PG_ARGISNULL(5) && PG_GETARG_INT64(5) <= 0)
@@ -180,12 +266,38 @@ eventbus_publish(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("event_version must be greater than zero"),
 				 errdetail("Got " INT64_FORMAT ".", PG_GETARG_INT64(5))));
+
+	/* The event as the relay will read it back from the outbox. */
+	memset(&ev, 0, sizeof(ev));
+	event_id = palloc(sizeof(pg_uuid_t));
+	eb_uuidv7(event_id->data);
+	ev.event_id = DatumGetCString(DirectFunctionCall1(uuid_out, UUIDPGetDatum(event_id)));
+	ev.topic = topic;
+	ev.aggregate_id = aggregate_id;
+	ev.event_type = event_type;
+	/* An automatic version is known after the insert: count it as 1 for now. */
+	ev.event_version = PG_ARGISNULL(5) ? 1 : PG_GETARG_INT64(5);
+	ev.occurred_at = GetCurrentTimestamp();	/* same width as the stored one */
 	if (!PG_ARGISNULL(6))
-		validate_header_text("trace_id", text_to_cstring(PG_GETARG_TEXT_PP(6)));
+	{
+		ev.trace_id = text_to_cstring(PG_GETARG_TEXT_PP(6));
+		validate_header_text("trace_id", ev.trace_id);
+	}
 	if (!PG_ARGISNULL(7))
-		validate_header_text("correlation_id", text_to_cstring(PG_GETARG_TEXT_PP(7)));
+	{
+		ev.correlation_id = text_to_cstring(PG_GETARG_TEXT_PP(7));
+		validate_header_text("correlation_id", ev.correlation_id);
+	}
+	ev.has_tenant = !PG_ARGISNULL(8);
+	ev.tenant_id = ev.has_tenant ? PG_GETARG_INT32(8) : 0;
 	if (!PG_ARGISNULL(9))
-		validate_headers(PG_GETARG_JSONB_P(9));
+		validate_headers(PG_GETARG_JSONB_P(9), &ev);
+	ev.payload = JsonbToCString(NULL, &payload->root, VARSIZE(payload));
+
+	initStringInfo(&envelope);
+	eb_envelope_encode(&envelope, &ev);
+	wire = eb_event_wire_size(&ev, transport, envelope.len);
+	check_event_size(transport, wire, envelope.len);
 
 	/* Only the launcher's database is relayed: refuse rather than strand events. */
 	if (strcmp(get_database_name(MyDatabaseId), eb_database) != 0)
@@ -195,9 +307,6 @@ eventbus_publish(PG_FUNCTION_ARGS)
 				 errdetail("Events published in database \"%s\" would never be sent.",
 						   get_database_name(MyDatabaseId)),
 				 errhint("Publish from database \"%s\", or set eventbus.database and restart.", eb_database)));
-
-	event_id = palloc(sizeof(pg_uuid_t));
-	eb_uuidv7(event_id->data);
 
 	values[0] = PointerGetDatum(cstring_to_text(topic));
 	values[1] = PointerGetDatum(cstring_to_text(aggregate_id));
@@ -231,8 +340,19 @@ eventbus_publish(PG_FUNCTION_ARGS)
 		insert_plan = plan;
 	}
 	rc = SPI_execute_plan(insert_plan, values, nulls, false, 0);
-	if (rc != SPI_OK_INSERT || SPI_processed != 1)
+	if (rc != SPI_OK_INSERT_RETURNING || SPI_processed != 1)
 		elog(ERROR, "eventbus outbox insert failed: %s", SPI_result_code_string(rc));
+	if (PG_ARGISNULL(5))
+	{
+		bool		isnull;
+		int64		version = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
+														   SPI_tuptable->tupdesc, 1, &isnull));
+		int			extra = version_digits(version) - 1;
+
+		/* The version appears in the envelope and in X-Event-Version. */
+		if (extra > 0)
+			check_event_size(transport, wire + 2 * extra, envelope.len + extra);
+	}
 	SPI_finish();
 
 	eb_wake_at_commit(transport, false);

@@ -3,13 +3,29 @@
  * id order and delete each row only after the broker acknowledged it.
  *
  * Work proceeds in rounds per transport: read up to relay_batch_size rows,
- * produce them all, wait until every one is acknowledged or failed, delete
- * the acknowledged rows, then start the next round.  A round never starts
- * while the previous one still has events in flight, so a retried event is
- * never overtaken by a later event of its aggregate:
- *  - Kafka: the idempotent producer keeps a partition gap-free and ordered.
+ * produce them, wait until every one is acknowledged or failed, then record
+ * the outcomes and start the next round.  A round never starts while the
+ * previous one still has events in flight, and a failure never lets an
+ * aggregate's later event reach the broker before an earlier one:
  *  - NATS: a round holds at most one event per (topic, aggregate), so any
- *    mix of lost and stored publishes cannot reorder an aggregate.
+ *    mix of lost, refused and stored publishes cannot reorder an aggregate.
+ *  - Kafka: an aggregate's events go to one partition, in order, through the
+ *    idempotent producer with enable.gapless.guarantee: a batch the broker
+ *    refuses for good makes the producer fail (the broker's sequence check
+ *    refuses the batches after it) instead of renumbering and sending them;
+ *    the round is then finished with what is known and a new producer
+ *    started.  An event the client refuses before sending stops the rest of
+ *    its aggregate's events in that round from being produced.
+ *
+ * Outcomes, per row:
+ *  - acknowledged: the row is deleted;
+ *  - permanent failure (the broker or client can never take it as it is,
+ *    see kafka_error_permanent / nats_error_permanent): the row moves to
+ *    eventbus.undeliverable, and from then on every later row of its
+ *    (transport, topic, aggregate) follows it there when the relay reaches
+ *    it, until the row is retried or discarded (undeliverable.c);
+ *  - transient failure: the row stays, its (topic, aggregate) backs off
+ *    (0.2 s doubling to 10 s) while every other aggregate keeps flowing.
  */
 #include "postgres.h"
 
@@ -31,7 +47,8 @@ typedef enum SlotState
 {
 	SLOT_PENDING = 0,
 	SLOT_OK,
-	SLOT_FAILED
+	SLOT_FAILED,				/* transient */
+	SLOT_FAILED_PERMANENT
 } SlotState;
 
 /* One transport's relay state. */
@@ -42,40 +59,64 @@ typedef struct Round
 	bool		active;			/* events in flight */
 	int			n;
 	int			pending;
-	int64	   *ids;
+	EbEvent    *events;			/* the round's events */
 	SlotState  *state;
-	char	   *first_error;
+	char	  **errors;			/* per failed slot */
 	TimestampTz deadline;
-	TimestampTz next_try;		/* backoff after a failed round */
-	int			backoff_ms;
+	TimestampTz next_try;		/* backoff after a database error */
 	bool		more;			/* the last round found rows: look again */
 	TimestampTz next_scan;		/* periodic look without a wake-up */
+	bool		undeliverable;	/* eventbus.undeliverable may hold rows of ours */
+	TimestampTz next_release;	/* next look for rows held behind nothing */
+	TimestampTz backoff_due;	/* when a backed-off aggregate may be retried */
+	HTAB	   *backoff;		/* aggregates backing off (relay_keys.c) */
 	MemoryContext cxt;			/* reset after every round */
 } Round;
 
 static Round rounds[EB_NTRANSPORTS];
 static SPIPlanPtr select_plan = NULL;
+static SPIPlanPtr select_held_plan = NULL;
 static SPIPlanPtr delete_plan = NULL;
 static SPIPlanPtr fail_plan = NULL;
 
-#define SELECT_SQL \
+/*
+ * Rows in id order, without the aggregates backing off ($3, $4: topics and
+ * aggregate ids).  The held variant also says whether a row's aggregate has
+ * rows in eventbus.undeliverable: such a row must wait (not be sent), in the
+ * same snapshot that found it.
+ */
+#define SELECT_COLS \
 	"SELECT id, event_id::text, topic, aggregate_id, event_type, event_version," \
 	" occurred_at, trace_id, correlation_id, tenant_id, payload::text," \
 	" (SELECT pg_catalog.array_agg(key ORDER BY key) FROM pg_catalog.jsonb_each_text(headers))," \
-	" (SELECT pg_catalog.array_agg(value ORDER BY key) FROM pg_catalog.jsonb_each_text(headers))" \
-	" FROM eventbus.outbox WHERE transport OPERATOR(pg_catalog.=) $1 ORDER BY id LIMIT $2"
+	" (SELECT pg_catalog.array_agg(value ORDER BY key) FROM pg_catalog.jsonb_each_text(headers)),"
+#define SELECT_WHERE \
+	" FROM eventbus.outbox o WHERE transport OPERATOR(pg_catalog.=) $1" \
+	" AND NOT EXISTS (SELECT 1 FROM ROWS FROM (pg_catalog.unnest($3::pg_catalog.text[]), pg_catalog.unnest($4::pg_catalog.text[])) b (t, a)" \
+	"  WHERE b.t OPERATOR(pg_catalog.=) o.topic AND b.a OPERATOR(pg_catalog.=) o.aggregate_id)" \
+	" ORDER BY id LIMIT $2"
+#define SELECT_SQL SELECT_COLS " false" SELECT_WHERE
+#define SELECT_HELD_SQL SELECT_COLS \
+	" EXISTS (SELECT 1 FROM eventbus.undeliverable u WHERE u.transport OPERATOR(pg_catalog.=) o.transport" \
+	"  AND u.topic OPERATOR(pg_catalog.=) o.topic AND u.aggregate_id OPERATOR(pg_catalog.=) o.aggregate_id)" \
+	SELECT_WHERE
 #define DELETE_SQL "DELETE FROM eventbus.outbox WHERE id OPERATOR(pg_catalog.=) ANY ($1)"
 #define FAIL_SQL \
-	"UPDATE eventbus.outbox SET attempts = attempts OPERATOR(pg_catalog.+) 1, last_error = $2" \
-	" WHERE id OPERATOR(pg_catalog.=) ANY ($1)"
+	"UPDATE eventbus.outbox o SET attempts = o.attempts OPERATOR(pg_catalog.+) 1, last_error = f.error" \
+	" FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.int8[]), pg_catalog.unnest($2::pg_catalog.text[])) f (id, error)" \
+	" WHERE o.id OPERATOR(pg_catalog.=) f.id"
 
 /* Set up memory; called once by the launcher. */
 void
 relay_init(void)
 {
 	for (int t = 0; t < EB_NTRANSPORTS; t++)
+	{
 		rounds[t].cxt = AllocSetContextCreate(TopMemoryContext, "eventbus relay round",
 											  ALLOCSET_DEFAULT_SIZES);
+		rounds[t].backoff = eb_backoff_create();
+		rounds[t].undeliverable = true; /* look once */
+	}
 }
 
 /* The configuration a transport's producer depends on, as one string. */
@@ -93,9 +134,9 @@ round_reset(Round *r)
 {
 	r->active = false;
 	r->n = r->pending = 0;
-	r->ids = NULL;
+	r->events = NULL;
 	r->state = NULL;
-	r->first_error = NULL;
+	r->errors = NULL;
 	MemoryContextReset(r->cxt);
 }
 
@@ -116,6 +157,8 @@ stop_client(int t)
 		pfree(r->client_config);
 	r->client_config = NULL;
 	round_reset(r);
+	eb_backoff_clear(r->backoff);
+	r->undeliverable = true;
 }
 
 /* Close all broker connections (extension dropped, or exiting). */
@@ -136,16 +179,17 @@ relay_shutdown(void)
  * from nats.c's queue).
  */
 void
-eb_relay_ack(int transport, int slot, bool ok, const char *err)
+eb_relay_ack(int transport, int slot, EbDelivery result, const char *err)
 {
 	Round	   *r = &rounds[transport];
 
 	if (!r->active || slot < 0 || slot >= r->n || r->state[slot] != SLOT_PENDING)
 		return;
-	r->state[slot] = ok ? SLOT_OK : SLOT_FAILED;
+	r->state[slot] = result == EB_DELIVERED ? SLOT_OK :
+		result == EB_FAILED_PERMANENT ? SLOT_FAILED_PERMANENT : SLOT_FAILED;
 	r->pending--;
-	if (!ok && r->first_error == NULL)
-		r->first_error = MemoryContextStrdup(r->cxt, err ? err : "unknown error");
+	if (result != EB_DELIVERED)
+		r->errors[slot] = MemoryContextStrdup(r->cxt, err ? err : "unknown error");
 }
 
 /* Read a text[] column into a C array of strings. */
@@ -213,85 +257,127 @@ keep_plan(SPIPlanPtr *plan, const char *sql, int nargs, Oid *argtypes)
 	return *plan;
 }
 
-/* Read the next batch of a transport's outbox rows into r->cxt. */
+/*
+ * Read the next batch of a transport's outbox rows into r->cxt; held[i]
+ * says whether row i must wait behind an undeliverable row of its aggregate.
+ */
 static int
-fetch_batch(int t, Round *r, EbEvent **events)
+fetch_batch(int t, Round *r, EbEvent **events, bool **held, TimestampTz *earliest)
 {
-	Oid			argtypes[2] = {TEXTOID, INT4OID};
-	Datum		args[2];
+	Oid			argtypes[4] = {TEXTOID, INT4OID, TEXTARRAYOID, TEXTARRAYOID};
+	Datum		args[4];
 	int			n;
 	MemoryContext old;
+	SPIPlanPtr	plan;
 
 	args[0] = CStringGetTextDatum(eb_transport_name(t));
 	args[1] = Int32GetDatum(eb_relay_batch_size);
+	eb_backoff_arrays(r->backoff, &args[2], &args[3], earliest);
 
-	keep_plan(&select_plan, SELECT_SQL, 2, argtypes);
-	if (SPI_execute_plan(select_plan, args, NULL, true, 0) != SPI_OK_SELECT)
+	plan = r->undeliverable ? keep_plan(&select_held_plan, SELECT_HELD_SQL, 4, argtypes) :
+		keep_plan(&select_plan, SELECT_SQL, 4, argtypes);
+	if (SPI_execute_plan(plan, args, NULL, true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "eventbus: could not read the outbox");
 
 	n = (int) SPI_processed;
 	old = MemoryContextSwitchTo(r->cxt);
 	*events = palloc(sizeof(EbEvent) * Max(n, 1));
+	*held = palloc(sizeof(bool) * Max(n, 1));
 	for (int i = 0; i < n; i++)
+	{
+		bool		isnull;
+
 		row_to_event(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, &(*events)[i]);
+		(*held)[i] = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc,
+												14, &isnull));
+	}
 	MemoryContextSwitchTo(old);
 	return n;
 }
 
 /*
- * NATS keeps one event per (topic, aggregate) per round: see the file
- * header.  Returns the new count.
+ * Rows whose aggregate has rows in eventbus.undeliverable are not sent:
+ * move them there too (behind their aggregate's failed row), and leave
+ * them out of the round.  Returns the new count.  Runs in the transaction
+ * that read them.
  */
 static int
-distinct_aggregates(EbEvent *events, int n, MemoryContext cxt)
+set_aside_held(int t, Round *r, EbEvent *events, bool *held, int n)
 {
-	HASHCTL		ctl;
-	HTAB	   *seen;
+	Datum	   *ids = palloc(sizeof(Datum) * Max(n, 1));
+	int			nheld = 0;
 	int			kept = 0;
 
-	memset(&ctl, 0, sizeof(ctl));
-	ctl.keysize = EB_MAX_TOPIC + EB_MAX_AGGREGATE_ID + 2;
-	ctl.entrysize = ctl.keysize;
-	ctl.hcxt = cxt;
-	seen = hash_create("eventbus round keys", n, &ctl, HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
-
 	for (int i = 0; i < n; i++)
+		if (held[i])
+			ids[nheld++] = Int64GetDatum(events[i].outbox_id);
+	if (nheld > 0)
 	{
-		char		key[EB_MAX_TOPIC + EB_MAX_AGGREGATE_ID + 2];
-		bool		found;
+		int			nmoved = eb_undeliverable_move_held(t, nheld, ids);
 
-		snprintf(key, sizeof(key), "%s\x1f%s", events[i].topic, events[i].aggregate_id);
-		(void) hash_search(seen, key, HASH_ENTER, &found);
-		if (!found)
-			events[kept++] = events[i];
+		/*
+		 * A row not moved waits behind rows whose failed row was just retried
+		 * or discarded: let them go back to the outbox now.
+		 */
+		if (nmoved < nheld)
+			(void) eb_undeliverable_release(t);
+		for (int i = 0; i < n; i++)
+			if (!held[i])
+				events[kept++] = events[i];
+			else
+				eb_backoff_forget(r->backoff, &events[i]);
+		n = kept;
 	}
-	hash_destroy(seen);
-	return kept;
+	r->undeliverable = eb_undeliverable_any(t);
+	return n;
 }
 
-/* Start a round: read rows and hand them to the producer. */
-static void
+/*
+ * Start a round: read rows and hand them to the producer.  Returns the
+ * first moment a backed-off aggregate may be retried (0: none).
+ */
+static TimestampTz
 start_round(int t, Round *r)
 {
 	EbEvent    *events;
+	bool	   *held;
 	StringInfoData buf;
 	int			n;
+	int			fetched;
 	MemoryContext cxt;
+	TimestampTz earliest;
+	HTAB	   *refused = NULL; /* Kafka: aggregates with a refused event */
 
 	cxt = eb_xact_begin();
-	n = fetch_batch(t, r, &events);
+	/*
+	 * Once a second: return rows held behind nothing (a retry raced the
+	 * relay), and look whether rows appeared that the relay did not move
+	 * there itself (a restored dump).
+	 */
+	if (GetCurrentTimestamp() >= r->next_release)
+	{
+		if (r->undeliverable)
+			(void) eb_undeliverable_release(t);
+		else
+			r->undeliverable = eb_undeliverable_any(t);
+		r->next_release = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), 1000);
+	}
+	fetched = n = fetch_batch(t, r, &events, &held, &earliest);
+	if (r->undeliverable)
+		n = set_aside_held(t, r, events, held, n);
 	eb_xact_end(cxt);
 
-	r->more = n > 0;
+	/* Look again at once only if this round sends or moved something. */
+	r->more = fetched > 0 && (n > 0 || fetched >= eb_relay_batch_size);
 	if (n == 0)
-		return;
+		return earliest;
 	if (t == EB_TRANSPORT_NATS)
-		n = distinct_aggregates(events, n, r->cxt);
+		n = eb_distinct_aggregates(events, n, r->cxt);
 
-	r->ids = MemoryContextAllocZero(r->cxt, sizeof(int64) * n);
+	r->events = events;
 	r->state = MemoryContextAllocZero(r->cxt, sizeof(SlotState) * n);
+	r->errors = MemoryContextAllocZero(r->cxt, sizeof(char *) * n);
 	r->n = r->pending = n;
-	r->first_error = NULL;
 	r->active = true;
 	r->deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), eb_ack_timeout_ms);
 
@@ -304,90 +390,141 @@ start_round(int t, Round *r)
 	for (int i = 0; i < n; i++)
 	{
 		char	   *err = NULL;
+		bool		permanent = false;
 		bool		ok;
 
-		r->ids[i] = events[i].outbox_id;
+		/* Kafka: after a refusal, the aggregate's later events wait. */
+		if (refused != NULL && eb_key_in_set(refused, &events[i], false))
+		{
+			eb_relay_ack(t, i, EB_FAILED_TRANSIENT,
+						 "not sent: an earlier event of its aggregate failed in the same round");
+			continue;
+		}
 		resetStringInfo(&buf);
 		eb_envelope_encode(&buf, &events[i]);
 		if (t == EB_TRANSPORT_KAFKA)
-			ok = kafka_produce(&events[i], buf.data, buf.len, i, &err);
+			ok = kafka_produce(&events[i], buf.data, buf.len, i, &err, &permanent);
 		else
-			ok = nats_publish(&events[i], buf.data, buf.len, i, &err);
+			ok = nats_publish(&events[i], buf.data, buf.len, i, &err, &permanent);
 		if (!ok)
-			eb_relay_ack(t, i, false, err);
+		{
+			eb_relay_ack(t, i, permanent ? EB_FAILED_PERMANENT : EB_FAILED_TRANSIENT, err);
+			if (t == EB_TRANSPORT_KAFKA)
+			{
+				if (refused == NULL)
+					refused = eb_key_set(r->cxt);
+				(void) eb_key_in_set(refused, &events[i], true);
+			}
+		}
 	}
 	pfree(buf.data);
+	return earliest;
 }
 
-/* Collect ids of slots in a given state into an int8[] datum. */
-static Datum
-ids_in_state(Round *r, SlotState state, int *count)
+/* Ids (and errors) of slots in a given state, as int8[] and text[] datums. */
+static int
+slots_in_state(Round *r, SlotState state, Datum *ids, Datum *errors)
 {
 	Datum	   *d = palloc(sizeof(Datum) * Max(r->n, 1));
+	Datum	   *e = palloc(sizeof(Datum) * Max(r->n, 1));
 	int			k = 0;
 
 	for (int i = 0; i < r->n; i++)
 		if (r->state[i] == state)
-			d[k++] = Int64GetDatum(r->ids[i]);
-	*count = k;
-	return PointerGetDatum(construct_array(d, k, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+		{
+			d[k] = Int64GetDatum(r->events[i].outbox_id);
+			e[k++] = CStringGetTextDatum(r->errors[i] ? r->errors[i] : "");
+		}
+	*ids = PointerGetDatum(construct_array(d, k, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	if (errors)
+		*errors = PointerGetDatum(construct_array(e, k, TEXTOID, -1, false, TYPALIGN_INT));
+	return k;
 }
 
-/* End a round: delete acknowledged rows, note failures, set backoff. */
+/*
+ * End a round: delete acknowledged rows, move permanently failed ones to
+ * eventbus.undeliverable, note transient failures and back their
+ * aggregates off.
+ */
 static void
 finish_round(int t, Round *r)
 {
-	Oid			argtypes[2] = {INT8ARRAYOID, TEXTOID};
+	Oid			argtypes[2] = {INT8ARRAYOID, TEXTARRAYOID};
 	Datum		args[2];
 	int			nok;
 	int			nfailed;
+	int			npermanent;
+	bool		connected;
+	const char *first_error = NULL;
 	MemoryContext cxt;
 	MemoryContext old = MemoryContextSwitchTo(r->cxt);
 
 	/* Anything still pending (NATS ack timeout) failed. */
 	for (int i = 0; i < r->n; i++)
 		if (r->state[i] == SLOT_PENDING)
-			eb_relay_ack(t, i, false, "no acknowledgement within eventbus.ack_timeout");
+			eb_relay_ack(t, i, EB_FAILED_TRANSIENT,
+						 kafka_fatal() && t == EB_TRANSPORT_KAFKA ?
+						 "no acknowledgement before the producer failed" :
+						 "no acknowledgement within eventbus.ack_timeout");
 
 	cxt = eb_xact_begin();
 
-	args[0] = ids_in_state(r, SLOT_OK, &nok);
+	nok = slots_in_state(r, SLOT_OK, &args[0], NULL);
 	if (nok > 0)
 	{
 		keep_plan(&delete_plan, DELETE_SQL, 1, argtypes);
 		if (SPI_execute_plan(delete_plan, args, NULL, false, 0) != SPI_OK_DELETE)
 			elog(ERROR, "eventbus: could not delete relayed outbox rows");
 	}
-	args[0] = ids_in_state(r, SLOT_FAILED, &nfailed);
+	npermanent = slots_in_state(r, SLOT_FAILED_PERMANENT, &args[0], &args[1]);
+	if (npermanent > 0)
+	{
+		eb_undeliverable_move_failed(args[0], args[1]);
+		r->undeliverable = true;
+	}
+	nfailed = slots_in_state(r, SLOT_FAILED, &args[0], &args[1]);
 	if (nfailed > 0)
 	{
-		args[1] = CStringGetTextDatum(r->first_error ? r->first_error : "unknown error");
 		keep_plan(&fail_plan, FAIL_SQL, 2, argtypes);
 		if (SPI_execute_plan(fail_plan, args, NULL, false, 0) != SPI_OK_UPDATE)
 			elog(ERROR, "eventbus: could not record relay failures");
 	}
 
 	eb_xact_end(cxt);
-	MemoryContextSwitchTo(old);
 
 	SpinLockAcquire(&eb_shared->mutex);
 	eb_shared->producer[t].published += nok;
-	eb_shared->producer[t].failed += nfailed;
+	eb_shared->producer[t].failed += nfailed + npermanent;
 	SpinLockRelease(&eb_shared->mutex);
 
-	if (nfailed > 0)
+	if (npermanent > 0)
+		ereport(LOG,
+				(errmsg("eventbus: %d %s event(s) cannot be delivered, moved to eventbus.undeliverable",
+						npermanent, eb_transport_name(t))));
+
+	/*
+	 * A transient failure backs off its aggregate only; failures while the
+	 * connection is down need no backoff of their own (no round starts
+	 * until it is back).
+	 */
+	connected = t == EB_TRANSPORT_KAFKA ? kafka_connected() : nats_connected();
+	for (int i = 0; i < r->n; i++)
 	{
-		r->backoff_ms = Min(Max(r->backoff_ms * 2, 200), 10000);
-		r->next_try = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), r->backoff_ms);
-		eb_set_broker_state(t, t == EB_TRANSPORT_KAFKA && !kafka_connected() ?
+		if (r->state[i] == SLOT_FAILED)
+		{
+			if (first_error == NULL)
+				first_error = r->errors[i];
+			if (connected)
+				eb_backoff_fail(r->backoff, &r->events[i]);
+		}
+		else
+			eb_backoff_forget(r->backoff, &r->events[i]);
+	}
+	if (first_error)
+		eb_set_broker_state(t, t == EB_TRANSPORT_KAFKA && !connected && !kafka_fatal() ?
 							EB_BROKER_DOWN : eb_shared->producer[t].state,
-							r->first_error);
-	}
-	else
-	{
-		r->backoff_ms = 0;
-		r->next_try = 0;
-	}
+							first_error);
+	MemoryContextSwitchTo(old);
 	round_reset(r);
 }
 
@@ -400,6 +537,25 @@ ms_until(TimestampTz ts)
 
 	TimestampDifference(GetCurrentTimestamp(), ts, &secs, &usecs);
 	return secs * 1000 + usecs / 1000;
+}
+
+/*
+ * Tell publishing backends the NATS server's max_payload (they refuse
+ * larger events); learned from the server's INFO on connect.
+ */
+static void
+publish_nats_max_payload(void)
+{
+	int64		max_payload;
+
+	if (!nats_connected())
+		return;
+	max_payload = natsConnection_GetMaxPayload(eb_nats_conn);
+	if (max_payload <= 0)
+		return;
+	SpinLockAcquire(&eb_shared->mutex);
+	eb_shared->nats_max_payload = max_payload;
+	SpinLockRelease(&eb_shared->mutex);
 }
 
 /* One transport's share of a relay step; returns the wait it wants. */
@@ -438,14 +594,29 @@ step_transport(int t, bool woken)
 		kafka_producer_poll();
 		if (kafka_fatal())
 		{
-			/* The idempotent producer cannot continue: start a new one. */
+			/*
+			 * The idempotent producer cannot continue (e.g. the gap-less
+			 * guarantee after a batch refused for good): let the reports of
+			 * what was in flight arrive (bounded), record the round — its
+			 * refused events move aside, the rest is retried — and start a
+			 * new producer.
+			 */
+			if (r->active)
+			{
+				rd_kafka_flush(eb_kafka, 1000);
+				kafka_producer_poll();
+				finish_round(t, r);
+			}
 			stop_client(t);
 			return 1000;
 		}
 		kafka_probe();
 	}
 	else
+	{
 		nats_producer_poll();
+		publish_nats_max_payload();
+	}
 
 	if (r->active)
 	{
@@ -470,14 +641,16 @@ step_transport(int t, bool woken)
 	 * this transport, the last round found some, or the periodic scan (for
 	 * prepared transactions and rows from before a restart) is due.
 	 */
-	if (!woken && !r->more && GetCurrentTimestamp() < r->next_scan)
-		return Max(ms_until(r->next_scan), 1);
+	if (!woken && !r->more && GetCurrentTimestamp() < r->next_scan &&
+		(r->backoff_due == 0 || GetCurrentTimestamp() < r->backoff_due))
+		return Max(Min(ms_until(r->next_scan),
+					   r->backoff_due ? ms_until(r->backoff_due) : 1000), 1);
 	r->next_scan = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), 1000);
-	start_round(t, r);
+	r->backoff_due = start_round(t, r);
 	if (r->active)
 		return kafka ? 100 : Max(ms_until(r->deadline), 1);
 	/* Idle: the periodic scan picks up prepared transactions and strays. */
-	return 1000;
+	return r->backoff_due ? Max(Min(ms_until(r->backoff_due), 1000), 1) : 1000;
 }
 
 /*

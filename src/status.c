@@ -112,6 +112,64 @@ count_backlog(int64 backlog[EB_NTRANSPORTS])
 	SPI_finish();
 }
 
+/*
+ * One row per transport for eventbus.undeliverable: backlog = events there,
+ * failed = those that failed themselves (the rest wait behind them), since
+ * and detail = the oldest failed one.
+ */
+static void
+add_undeliverable_rows(ReturnSetInfo *rsinfo)
+{
+	EbSecContext ctx;
+	int			rc;
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	eb_as_owner_begin(&ctx);
+	rc = SPI_execute("SELECT t.transport, pg_catalog.count(u.id),"
+					 " pg_catalog.count(u.id) FILTER (WHERE u.held_behind IS NULL),"
+					 " (SELECT f.failed_at FROM eventbus.undeliverable f WHERE f.transport OPERATOR(pg_catalog.=) t.transport"
+					 "   AND f.held_behind IS NULL ORDER BY f.id LIMIT 1),"
+					 " (SELECT 'event ' OPERATOR(pg_catalog.||) f.id::pg_catalog.text OPERATOR(pg_catalog.||) ': '"
+					 "   OPERATOR(pg_catalog.||) f.error FROM eventbus.undeliverable f"
+					 "   WHERE f.transport OPERATOR(pg_catalog.=) t.transport AND f.held_behind IS NULL ORDER BY f.id LIMIT 1)"
+					 " FROM (VALUES ('kafka'), ('nats')) t (transport)"
+					 " LEFT JOIN eventbus.undeliverable u ON u.transport OPERATOR(pg_catalog.=) t.transport"
+					 " GROUP BY t.transport ORDER BY t.transport", true, 0);
+	eb_as_owner_end(&ctx);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "could not count undeliverable events");
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	t = SPI_tuptable->vals[i];
+		TupleDesc	d = SPI_tuptable->tupdesc;
+		Datum		values[STATUS_COLS];
+		bool		nulls[STATUS_COLS];
+		bool		isnull;
+		int64		total = DatumGetInt64(SPI_getbinval(t, d, 2, &isnull));
+		char	   *detail = SPI_getvalue(t, d, 5);
+
+		memset(nulls, true, sizeof(nulls));
+		values[0] = CStringGetTextDatum("undeliverable");
+		nulls[0] = false;
+		values[2] = CStringGetTextDatum(SPI_getvalue(t, d, 1));
+		nulls[2] = false;
+		values[3] = CStringGetTextDatum(total > 0 ? "holding" : "empty");
+		nulls[3] = false;
+		values[4] = SPI_getbinval(t, d, 4, &nulls[4]);
+		if (detail)
+		{
+			values[5] = CStringGetTextDatum(eb_mask_credentials(detail));
+			nulls[5] = false;
+		}
+		values[6] = Int64GetDatum(total);
+		nulls[6] = false;
+		values[8] = SPI_getbinval(t, d, 3, &nulls[8]);
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	SPI_finish();
+}
+
 /* One row per subscription: handled / dead-lettered counts and lag. */
 static void
 add_subscription_rows(ReturnSetInfo *rsinfo, EbShared *snap)
@@ -233,6 +291,9 @@ eventbus_status(PG_FUNCTION_ARGS)
 		values[8] = Int64GetDatum((int64) st->failed);
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 	}
+
+	/* Events the relay moved aside. */
+	add_undeliverable_rows(rsinfo);
 
 	/* The dispatcher and its consumers. */
 	memset(nulls, true, sizeof(nulls));

@@ -103,7 +103,7 @@ eb_workitem_decode(const char *data, Size len, EbWorkItem *item)
 	ev->trace_id = get_string(data, len, &pos);
 	ev->correlation_id = get_string(data, len, &pos);
 	ev->payload = get_string(data, len, &pos);
-	if (ev->nheaders < 0 || ev->nheaders > 10000)
+	if (ev->nheaders < 0 || ev->nheaders > EB_MAX_HEADERS)
 		elog(ERROR, "eventbus: corrupt work item");
 	ev->header_names = palloc(sizeof(char *) * Max(ev->nheaders, 1));
 	ev->header_values = palloc(sizeof(char *) * Max(ev->nheaders, 1));

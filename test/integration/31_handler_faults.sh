@@ -151,6 +151,9 @@ restart_dispatcher() {
 }
 q -c "ALTER ROLE $WORKER_ROLE IN DATABASE $PGDATABASE SET default_transaction_isolation = 'serializable'" >/dev/null
 restart_dispatcher || bail "dispatcher did not restart"
+# Let the new dispatcher's redeliveries (skipped as duplicates) pass first:
+# the two events must make a batch of their own.
+sleep 5
 SER_LOG_FROM=$(stat -c %s "$EVENTBUS_PG_LOG")
 # Both events wait in the stream before the subscription exists, so the
 # dispatcher fetches them together and they run in one batch.

@@ -9,6 +9,9 @@
  *
  *   SIGUSR1          every broker down (listeners closed, connections dropped)
  *   SIGUSR2          every broker up again (same ports)
+ *   SIGWINCH         the next Produce request (to any broker) fails with
+ *                    MSG_SIZE_TOO_LARGE for all its partitions, as a broker
+ *                    whose message size limit was lowered would answer
  *   SIGTERM, SIGINT  destroy the cluster, remove the pid file, exit 0
  *   SIGHUP           ignored (logged), so nohup/setsid detaching is harmless
  *
@@ -68,6 +71,8 @@
 #define MAX_TOPIC_LEN  249
 /* Partition count the 2.0.2 mock gives auto-created topics (not settable). */
 #define MOCK_AUTO_CREATE_PARTITIONS 4
+/* Kafka protocol ApiKey of Produce requests (not exported by rdkafka.h). */
+#define KAFKA_API_PRODUCE 0
 
 struct topic_spec {
     char *name;
@@ -422,6 +427,7 @@ main(int argc, char **argv)
     sigaddset(&waitset, SIGTERM);
     sigaddset(&waitset, SIGINT);
     sigaddset(&waitset, SIGHUP);
+    sigaddset(&waitset, SIGWINCH);
     /* A background job of a non-interactive shell starts with SIGINT
      * ignored; restore the default disposition (safe: they are blocked). */
     signal(SIGUSR1, SIG_DFL);
@@ -429,6 +435,7 @@ main(int argc, char **argv)
     signal(SIGTERM, SIG_DFL);
     signal(SIGINT, SIG_DFL);
     signal(SIGHUP, SIG_DFL);
+    signal(SIGWINCH, SIG_DFL);
 
     if (pid_file != NULL) {
         pid_t other = running_instance(pid_file);
@@ -524,6 +531,10 @@ main(int argc, char **argv)
                 logmsg("kafka already up; setting up again");
             set_all_brokers(mcluster, broker_cnt, true);
             down = false;
+        } else if (sig == SIGWINCH) {
+            rd_kafka_mock_push_request_errors(mcluster, KAFKA_API_PRODUCE, 1,
+                                              RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE);
+            logmsg("next Produce request will fail with MSG_SIZE_TOO_LARGE");
         } else if (sig == SIGHUP) {
             logmsg("SIGHUP ignored");
         } else {

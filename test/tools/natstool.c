@@ -31,6 +31,10 @@
  *       Create a file-storage stream NAME capturing SUBJECTs, or keep it if it
  *       already exists with the same subject set and file storage. Prints
  *       "created NAME" or "exists NAME".
+ *   set-max-msg-size NAME BYTES
+ *   set-max-msgs NAME COUNT
+ *       Change stream NAME's max_msg_size / max_msgs (-1 = unlimited). Prints
+ *       "updated NAME max_msg_size BYTES" / "updated NAME max_msgs COUNT".
  *   stream-info SUBJECT
  *       One JSON line about the stream capturing SUBJECT (config and state).
  *   consumers STREAM
@@ -90,6 +94,8 @@ usage(void)
             "  pub [SUBJECT] [--header 'Name: value']... [--msg-id-from-event-id] [--hex]"
             " [--subject-prefix-tab]\n"
             "  ensure-stream NAME SUBJECT...\n"
+            "  set-max-msg-size NAME BYTES\n"
+            "  set-max-msgs NAME COUNT\n"
             "  stream-info SUBJECT\n"
             "  consumers STREAM\n",
             progname);
@@ -1623,6 +1629,49 @@ cmd_ensure_stream(const char *name, const char **subjects, int nsubjects)
 }
 
 /* ------------------------------------------------------------------------ */
+/* set-max-msg-size                                                          */
+/* ------------------------------------------------------------------------ */
+
+static int
+cmd_set_limit(const char *name, const char *limit, const char *value)
+{
+    jsStreamInfo *si = NULL;
+    jsStreamInfo *updated = NULL;
+    jsErrCode     jerr = 0;
+    natsStatus    s;
+    char         *end;
+    long          v;
+
+    errno = 0;
+    v = strtol(value, &end, 10);
+    if (errno != 0 || *end != '\0' || v < -1 || v > INT32_MAX)
+    {
+        errmsg("invalid value '%s'", value);
+        return EXIT_USAGE;
+    }
+    s = js_GetStreamInfo(&si, g_js, name, NULL, &jerr);
+    if (s != NATS_OK)
+    {
+        nats_fail("looking up the stream", s, jerr);
+        return (s == NATS_NOT_FOUND || jerr == JSStreamNotFoundErr) ? EXIT_NOSTREAM : EXIT_ERR;
+    }
+    if (strcmp(limit, "max_msgs") == 0)
+        si->Config->MaxMsgs = v;
+    else
+        si->Config->MaxMsgSize = (int32_t) v;
+    s = js_UpdateStream(&updated, g_js, si->Config, NULL, &jerr);
+    jsStreamInfo_Destroy(si);
+    if (s != NATS_OK)
+    {
+        nats_fail("updating the stream", s, jerr);
+        return EXIT_ERR;
+    }
+    jsStreamInfo_Destroy(updated);
+    printf("updated %s %s %ld\n", name, limit, v);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
 /* stream-info                                                               */
 /* ------------------------------------------------------------------------ */
 
@@ -1865,6 +1914,18 @@ main(int argc, char **argv)
         }
         if ((rc = nats_setup(url, NULL)) == 0)
             rc = cmd_ensure_stream(argv[i], (const char **) &argv[i + 1], argc - i - 1);
+    }
+    else if (strcmp(cmd, "set-max-msg-size") == 0 || strcmp(cmd, "set-max-msgs") == 0)
+    {
+        if (argc - i != 2)
+        {
+            errmsg("%s needs NAME and a number", cmd);
+            usage();
+            return EXIT_USAGE;
+        }
+        if ((rc = nats_setup(url, NULL)) == 0)
+            rc = cmd_set_limit(argv[i], strcmp(cmd, "set-max-msgs") == 0 ? "max_msgs" : "max_msg_size",
+                               argv[i + 1]);
     }
     else if (strcmp(cmd, "pub") == 0)
     {
