@@ -14,6 +14,8 @@
 #  5. Head of line, with 2 pool workers: one aggregate's handler sleeps 20 s;
 #     1,000 events of 200 other aggregates published after it started are
 #     all handled before it wakes; its own later events wait and keep order.
+#  -. Inbox pruning deletes 100,000 expired rows within seconds and keeps
+#     the rest (the rate is printed).
 #  6. eventbus.dispatcher_memory bounds the dispatcher's memory in bytes:
 #     ~1 MB messages behind a slow handler; the dispatcher's memory contexts
 #     (pg_log_backend_memory_contexts) stay within a few times the limit, and
@@ -43,7 +45,7 @@ PIDS_BEFORE=$(worker_pids)
 DISP_BEFORE=$(dispatcher_pid)
 
 q >/dev/null <<SQL
-DROP TABLE IF EXISTS t31_handled, t31_parent, t31_child, t31_flags CASCADE;
+DROP TABLE IF EXISTS t31_handled, t31_parent, t31_child, t31_flags, t31_ssi_a, t31_ssi_b CASCADE;
 CREATE TABLE t31_handled (n bigserial, sub text, aggregate_id text, version bigint, event_id uuid,
                           at timestamptz DEFAULT clock_timestamp());
 CREATE TABLE t31_parent (id text PRIMARY KEY);
@@ -51,12 +53,12 @@ CREATE TABLE t31_child (id text, parent text REFERENCES t31_parent DEFERRABLE IN
 CREATE TABLE t31_flags (name text PRIMARY KEY);
 
 -- 1: the most ordinary handler there is.
-CREATE FUNCTION t31_sql(e eventbus.envelope) RETURNS void LANGUAGE sql AS \$\$
+CREATE OR REPLACE FUNCTION t31_sql(e eventbus.envelope) RETURNS void LANGUAGE sql AS \$\$
   INSERT INTO public.t31_handled (sub, aggregate_id, version, event_id)
   VALUES ('sql', e.aggregate_id, e.event_version, e.event_id)
 \$\$;
 -- 2: the child row of 'orphan' has no parent: fails only at COMMIT.
-CREATE FUNCTION t31_fk(e eventbus.envelope) RETURNS void LANGUAGE plpgsql AS \$\$
+CREATE OR REPLACE FUNCTION t31_fk(e eventbus.envelope) RETURNS void LANGUAGE plpgsql AS \$\$
 BEGIN
   IF e.aggregate_id <> 'orphan' THEN
     INSERT INTO public.t31_parent VALUES (e.aggregate_id || ':' || e.event_version) ON CONFLICT DO NOTHING;
@@ -70,7 +72,7 @@ END \$\$;
 -- which a session reads t31_ssi_b, writes t31_ssi_a and commits first.
 CREATE TABLE t31_ssi_a (x int);
 CREATE TABLE t31_ssi_b (x int);
-CREATE FUNCTION t31_ser(e eventbus.envelope) RETURNS void LANGUAGE plpgsql AS \$\$
+CREATE OR REPLACE FUNCTION t31_ser(e eventbus.envelope) RETURNS void LANGUAGE plpgsql AS \$\$
 BEGIN
   IF e.event_version = 1 THEN
     PERFORM count(*) FROM public.t31_ssi_a;
@@ -83,7 +85,7 @@ BEGIN
   END IF;
 END \$\$;
 -- 4 and 5: a handler that sleeps for one aggregate.
-CREATE FUNCTION t31_slow(e eventbus.envelope) RETURNS void LANGUAGE plpgsql AS \$\$
+CREATE OR REPLACE FUNCTION t31_slow(e eventbus.envelope) RETURNS void LANGUAGE plpgsql AS \$\$
 BEGIN
   IF e.aggregate_id = 'sleeper' THEN
     PERFORM pg_sleep((e.payload->>'sleep')::float8);
@@ -92,7 +94,7 @@ BEGIN
   VALUES (e.payload->>'sub', e.aggregate_id, e.event_version, e.event_id);
 END \$\$;
 -- 6: slow enough that messages pile up behind the pool.
-CREATE FUNCTION t31_big(e eventbus.envelope) RETURNS void LANGUAGE plpgsql AS \$\$
+CREATE OR REPLACE FUNCTION t31_big(e eventbus.envelope) RETURNS void LANGUAGE plpgsql AS \$\$
 BEGIN
   PERFORM pg_sleep(0.05);
   INSERT INTO public.t31_handled (sub, aggregate_id, version, event_id)
@@ -193,6 +195,16 @@ q -c "ALTER SYSTEM RESET eventbus.handler_timeout" -c "SELECT pg_reload_conf()" 
 
 is "$(worker_pids)" "$PIDS_BEFORE" "no pool worker restarted through the timeouts"
 is "$(dispatcher_pid)" "$DISP_BEFORE" "the dispatcher did not restart"
+
+# --- inbox pruning keeps up: 100,000 expired rows go within seconds -----------
+SUB_SQL=$(q -c "SELECT id FROM eventbus.subscriptions WHERE topic = '$T.sql'")
+q -c "INSERT INTO eventbus.inbox (subscription_id, event_id, outcome, handled_at)
+      SELECT $SUB_SQL, gen_random_uuid(), 'handled', now() - interval '8 days' FROM generate_series(1, 100000)" >/dev/null
+prune_start=$SECONDS
+wait_until 120 "[ \"\$(q -c \"SELECT count(*) FROM eventbus.inbox WHERE handled_at < now() - interval '7 days'\")\" = 0 ]"
+ok $? "inbox pruning: 100,000 expired inbox rows (past eventbus.inbox_retention) are deleted"
+diag "100,000 expired inbox rows pruned within $((SECONDS - prune_start)) s (one 10,000-row chunk per transaction, up to 200 ms a second)"
+is "$(q -c "SELECT count(*) FROM eventbus.inbox WHERE subscription_id = $SUB_SQL")" 100 "inbox pruning: the rows inside the retention are kept"
 
 # --- 5: head of line, 2 workers ---------------------------------------------
 RESTART_NEEDED=1
