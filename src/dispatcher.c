@@ -1,9 +1,9 @@
 /*
  * dispatcher.c — the eventbus dispatcher background worker: runs the Kafka
  * and NATS consumers, decodes messages (quarantining malformed ones), and
- * feeds the global keyed-worker pool through shared-memory queues, routing
- * by hash of the aggregate id so one aggregate is always handled by one
- * worker, in order.  A message is finished — Kafka completion point
+ * feeds the global keyed-worker pool through shared-memory queues; which
+ * worker runs which item is the scheduler's choice (scheduler.c): a
+ * (subscription, aggregate) runs on one worker at a time, in order.  A message is finished — Kafka completion point
  * advanced, JetStream message acked — only when every subscription's
  * handler for it committed (or dead-lettered it).
  */
@@ -11,7 +11,6 @@
 
 #include "access/xact.h"
 #include "catalog/pg_type.h"
-#include "common/hashfn.h"
 #include "executor/spi.h"
 #include "mb/pg_wchar.h"
 #include "miscadmin.h"
@@ -33,6 +32,10 @@
 #include "utils/timestamp.h"
 
 #include "eventbus.h"
+
+/* Inbox pruning: rows per transaction, and time per second spent on it. */
+#define PRUNE_CHUNK		10000
+#define PRUNE_BUDGET_MS	200
 
 /* Messages received and not yet finished, at most (backpressure). */
 #define MAX_IN_FLIGHT	10000
@@ -88,6 +91,7 @@ static shm_mq_handle **fromq;
 static BackgroundWorkerHandle **whandles;
 static List **unsent;			/* per worker: encoded items shm_mq could not take yet */
 static int *queued;				/* per worker: items sent and not completed */
+static int64 unsent_bytes = 0;	/* bytes in unsent[] */
 
 static Sub *subs = NULL;
 static int	nsubs = 0;
@@ -150,7 +154,30 @@ send_to(int w, StringInfo buf)
 	copy = makeStringInfo();
 	appendBinaryStringInfo(copy, buf->data, buf->len);
 	unsent[w] = lappend(unsent[w], copy);
+	unsent_bytes += buf->len;
 	MemoryContextSwitchTo(old);
+}
+
+/* The scheduler gives worker w an item, or (buf NULL) ends its batch. */
+static void
+sched_send(int w, uint64 tag, StringInfo buf)
+{
+	ItemRef    *ref;
+
+	if (buf == NULL)
+	{
+		StringInfoData end;
+
+		initStringInfo(&end);
+		appendStringInfoChar(&end, EB_BATCH_END);
+		send_to(w, &end);
+		return;
+	}
+	ref = hash_search(items, &tag, HASH_FIND, NULL);
+	if (ref)
+		ref->worker = w;
+	queued[w]++;
+	send_to(w, buf);
 }
 
 /* Retry unsent items in order. */
@@ -169,6 +196,7 @@ flush_unsent(void)
 			if (res == SHM_MQ_DETACHED)
 				ereport(ERROR, (errmsg("eventbus: pool worker %d is gone, restarting the pool", w)));
 			unsent[w] = list_delete_first(unsent[w]);
+			unsent_bytes -= buf->len;
 			pfree(buf->data);
 			pfree(buf);
 		}
@@ -189,14 +217,21 @@ to_bytea(const char *data, size_t len)
 
 /*
  * Take one inbound message: decode it, then either queue it for quarantine
- * or send one work item per matching subscription to the worker its
- * aggregate hashes to.
+ * or hand one work item per matching subscription to the scheduler.
  */
 void
 dispatch_message(EbInbound *in)
 {
-	/* Only the delivery outlives this loop iteration; the rest is loop memory. */
+	/*
+	 * Only the delivery outlives this loop iteration; a quarantined message
+	 * lives in loop memory until flushed; decoding and encoding happen in a
+	 * context of this message's own (the scheduler keeps a copy of each
+	 * work item), so the dispatcher holds one message's transient copies at
+	 * a time, whatever its size.
+	 */
 	Delivery   *d = MemoryContextAllocZero(msg_cxt, sizeof(Delivery));
+	MemoryContext parent = CurrentMemoryContext;
+	MemoryContext mcxt = AllocSetContextCreate(parent, "eventbus message", ALLOCSET_DEFAULT_SIZES);
 	EbEvent		ev;
 	const char *reason;
 
@@ -205,8 +240,10 @@ dispatch_message(EbInbound *in)
 	in_flight++;
 
 	/* Never throws, whatever the message: a bad one is quarantined. */
+	MemoryContextSwitchTo(mcxt);
 	reason = eb_envelope_decode(in->data, in->len, in->key, in->keylen,
 								in->nheaders, in->header_names, in->header_values, &ev);
+	MemoryContextSwitchTo(parent);
 	if (reason != NULL)
 	{
 		Quarantined *q = palloc0(sizeof(Quarantined));
@@ -220,47 +257,45 @@ dispatch_message(EbInbound *in)
 		q->key = in->key ? to_bytea(in->key, in->keylen) : NULL;
 		q->headers = eb_inbound_headers_json(in->nheaders, in->header_names, in->header_values);
 		q->raw = to_bytea(in->data, in->len);
-		q->reason = reason;
+		q->reason = pstrdup(reason);
 		quarantine = lappend(quarantine, q);	/* flushed in this iteration */
+		MemoryContextDelete(mcxt);
 		return;
 	}
 
+	MemoryContextSwitchTo(mcxt);
 	ev.topic = pstrdup(in->topic);
+	for (int i = 0; i < nsubs; i++)
 	{
-		int			w = (int) (hash_bytes((const unsigned char *) ev.aggregate_id,
-										  strlen(ev.aggregate_id)) % (uint32) nworkers);
+		EbWorkItem	item;
+		StringInfo	buf;
+		ItemRef    *ref;
+		bool		found;
 
-		for (int i = 0; i < nsubs; i++)
-		{
-			EbWorkItem	item;
-			StringInfo	buf;
-			ItemRef    *ref;
-			bool		found;
+		if (subs[i].transport != in->transport || strcmp(subs[i].topic, in->topic) != 0)
+			continue;
+		memset(&item, 0, sizeof(item));
+		item.tag = next_tag++;
+		item.subscription_id = subs[i].id;
+		item.handler = subs[i].handler;
+		item.role = subs[i].role;
+		item.max_attempts = subs[i].max_attempts;
+		item.transport = in->transport;
+		item.ev = ev;
 
-			if (subs[i].transport != in->transport || strcmp(subs[i].topic, in->topic) != 0)
-				continue;
-			memset(&item, 0, sizeof(item));
-			item.tag = next_tag++;
-			item.subscription_id = subs[i].id;
-			item.handler = subs[i].handler;
-			item.role = subs[i].role;
-			item.max_attempts = subs[i].max_attempts;
-			item.transport = in->transport;
-			item.ev = ev;
+		ref = hash_search(items, &item.tag, HASH_ENTER, &found);
+		ref->delivery = d;
+		ref->subscription_id = subs[i].id;
+		ref->worker = -1;		/* set when the scheduler sends it */
+		d->pending++;
+		subs[i].in_flight++;
 
-			ref = hash_search(items, &item.tag, HASH_ENTER, &found);
-			ref->delivery = d;
-			ref->subscription_id = subs[i].id;
-			ref->worker = w;
-			d->pending++;
-			queued[w]++;
-			subs[i].in_flight++;
-
-			buf = makeStringInfo();
-			eb_workitem_encode(buf, &item);
-			send_to(w, buf);
-		}
+		buf = makeStringInfo();
+		eb_workitem_encode(buf, &item);
+		eb_sched_submit(subs[i].id, ev.aggregate_id, item.tag, buf);
 	}
+	MemoryContextSwitchTo(parent);
+	MemoryContextDelete(mcxt);
 
 	/* No subscription (any more) for it: nothing to do. */
 	if (d->pending == 0)
@@ -337,13 +372,21 @@ drain_completions(void)
 				ereport(ERROR, (errmsg("eventbus: pool worker %d is gone, restarting the pool", w)));
 			for (Size i = 0; i < len / sizeof(EbCompletion); i++)
 			{
-				ItemRef    *ref = hash_search(items, &c[i].tag, HASH_FIND, NULL);
+				ItemRef    *ref;
 				Delivery   *d;
 
+				if (c[i].tag == EB_TAG_READY)
+				{
+					eb_sched_worker_ready(w);
+					continue;
+				}
+				eb_sched_complete(c[i].tag);
+				ref = hash_search(items, &c[i].tag, HASH_FIND, NULL);
 				if (ref == NULL)
 					continue;
 				d = ref->delivery;
-				queued[ref->worker]--;
+				if (ref->worker >= 0)
+					queued[ref->worker]--;
 				for (int s = 0; s < nsubs; s++)
 					if (subs[s].id == ref->subscription_id)
 						subs[s].in_flight--;
@@ -418,9 +461,9 @@ load_subscriptions(void)
 static char *
 consumer_config(void)
 {
-	return psprintf("%s|%s|%s|%s|%s|%s|%d", eb_kafka_brokers, eb_kafka_properties,
+	return psprintf("%s|%s|%s|%s|%s|%s|%d|%d", eb_kafka_brokers, eb_kafka_properties,
 					eb_nats_url, eb_nats_credentials_file, eb_nats_token,
-					eb_consumer_group, eb_max_payload_bytes);
+					eb_consumer_group, eb_max_payload_bytes, eb_dispatcher_memory_kb);
 }
 
 /* Start (or stop) the broker clients as configured. */
@@ -459,22 +502,37 @@ static void
 prune_inbox(void)
 {
 	static TimestampTz last = 0;
-	char		sql[256];
-	MemoryContext cxt;
+	char		sql[320];
+	TimestampTz start = GetCurrentTimestamp();
 
+	/*
+	 * Every second, delete expired rows in chunks of PRUNE_CHUNK (one
+	 * transaction each, oldest first by the handled_at index) until a chunk
+	 * comes back short or PRUNE_BUDGET_MS passed: up to ~10 chunks a second,
+	 * far above any sustained handling rate, without holding up consumption.
+	 */
 	if (eb_inbox_retention_min == 0 ||
-		GetCurrentTimestamp() < TimestampTzPlusMilliseconds(last, 60 * 1000))
+		start < TimestampTzPlusMilliseconds(last, 1000))
 		return;
-	last = GetCurrentTimestamp();
+	last = start;
 	snprintf(sql, sizeof(sql),
 			 "DELETE FROM eventbus.inbox WHERE ctid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT ctid FROM eventbus.inbox"
 			 " WHERE handled_at OPERATOR(pg_catalog.<) (pg_catalog.now() OPERATOR(pg_catalog.-)"
-			 " pg_catalog.make_interval(mins => %d)) LIMIT 10000))",
-			 eb_inbox_retention_min);
-	cxt = eb_xact_begin();
-	if (SPI_execute(sql, false, 0) != SPI_OK_DELETE)
-		elog(ERROR, "eventbus: could not prune the inbox");
-	eb_xact_end(cxt);
+			 " pg_catalog.make_interval(mins => %d)) ORDER BY handled_at LIMIT %d))",
+			 eb_inbox_retention_min, PRUNE_CHUNK);
+	for (;;)
+	{
+		MemoryContext cxt = eb_xact_begin();
+		uint64		n;
+
+		if (SPI_execute(sql, false, 0) != SPI_OK_DELETE)
+			elog(ERROR, "could not prune the inbox");
+		n = SPI_processed;
+		eb_xact_end(cxt);
+		if (n < PRUNE_CHUNK ||
+			GetCurrentTimestamp() >= TimestampTzPlusMilliseconds(start, PRUNE_BUDGET_MS))
+			break;
+	}
 }
 
 /* Publish queue depths and lag for eventbus_status(). */
@@ -528,6 +586,7 @@ start_pool(void)
 	whandles = MemoryContextAllocZero(TopMemoryContext, sizeof(BackgroundWorkerHandle *) * nworkers);
 	unsent = MemoryContextAllocZero(TopMemoryContext, sizeof(List *) * nworkers);
 	queued = MemoryContextAllocZero(TopMemoryContext, sizeof(int) * nworkers);
+	eb_sched_init(nworkers);
 
 	SpinLockAcquire(&eb_shared->mutex);
 	eb_shared->nworkers = nworkers;
@@ -640,6 +699,7 @@ eventbus_dispatcher_main(Datum main_arg)
 		long		timeout = 1000;
 		int			got = 0;
 		uint64		gen;
+		int64		budget;
 
 		if (eb_worker_loop_top(loop_cxt))
 		{
@@ -673,27 +733,33 @@ eventbus_dispatcher_main(Datum main_arg)
 		}
 
 		drain_completions();
+		eb_sched_dispatch(sched_send);
 		flush_unsent();
 
-		if (in_flight < MAX_IN_FLIGHT)
+		budget = (int64) eb_dispatcher_memory_kb * 1024 - eb_sched_pending_bytes() - unsent_bytes;
+		if (in_flight < MAX_IN_FLIGHT && budget > 0)
 		{
 			kafka_consumer_pause(false);
 			if (kafka_up)
-				got += kafka_consumer_poll(MAX_IN_FLIGHT - in_flight);
+				got += kafka_consumer_poll(MAX_IN_FLIGHT - in_flight, budget);
 			if (nats_up)
-				got += nats_consumer_poll(MAX_IN_FLIGHT - in_flight);
+				got += nats_consumer_poll(MAX_IN_FLIGHT - in_flight,
+										  (int64) eb_dispatcher_memory_kb * 1024 - eb_sched_pending_bytes() - unsent_bytes);
 		}
 		else
 		{
 			/*
-			 * Pool busy: stop fetching; nothing is dropped.  Keep serving the
-			 * consumer (rebalances); the few messages it had prefetched are
-			 * still taken.
+			 * Pool busy or memory full: stop fetching; nothing is dropped.
+			 * Keep serving the consumer (rebalances); a message it had
+			 * prefetched is still taken, one per round, so memory stays
+			 * bounded by eventbus.dispatcher_memory plus Kafka's prefetch.
 			 */
 			kafka_consumer_pause(true);
 			if (kafka_up)
-				got += kafka_consumer_poll(100);
+				got += kafka_consumer_poll(100, 1);
 		}
+		eb_sched_dispatch(sched_send);
+		flush_unsent();
 		flush_quarantine();
 		prune_inbox();
 		report_status();

@@ -146,6 +146,8 @@ extern int	eb_relay_batch_size;
 extern int	eb_ack_timeout_ms;
 extern int	eb_max_payload_bytes;
 extern int	eb_inbox_retention_min;
+extern int	eb_handler_timeout_ms;
+extern int	eb_dispatcher_memory_kb;
 extern void eb_define_gucs(void);
 extern bool eb_kafka_properties_parse(const char *spec, List **names, List **values, char **err);
 extern bool eb_kafka_property_mandatory(const char *name);
@@ -397,14 +399,14 @@ extern void dispatch_message(EbInbound *in);
 /* kafka_consumer.c */
 extern bool kafka_consumer_start(void);
 extern void kafka_consumer_set_topics(List *topics);
-extern int	kafka_consumer_poll(int max);
+extern int	kafka_consumer_poll(int max, int64 max_bytes);
 extern void kafka_consumer_done(void *token);
 extern void kafka_consumer_pause(bool pause);
 extern int64 kafka_consumer_lag(const char *topic);
 
 /* nats_consumer.c */
 extern void nats_consumer_set_topics(List *topics);
-extern int	nats_consumer_poll(int max);
+extern int	nats_consumer_poll(int max, int64 max_bytes);
 extern void nats_consumer_done(void *token);
 extern int64 nats_consumer_lag(const char *topic);
 extern void nats_consumer_forget(void);
@@ -416,6 +418,24 @@ extern void nats_consumer_forget(void);
 #define EB_OUT_QUEUE_SIZE	(64 * 1024)
 #define EB_TOC_IN(i)		((uint64) (i) * 2)
 #define EB_TOC_OUT(i)		((uint64) (i) * 2 + 1)
+
+/* scheduler.c: key-level scheduling of work items onto pool workers */
+typedef void (*EbSchedSend) (int worker, uint64 tag, StringInfo buf);
+extern void eb_sched_init(int nworkers);
+extern void eb_sched_submit(int64 subscription_id, const char *aggregate_id, uint64 tag,
+							StringInfo buf);
+extern void eb_sched_dispatch(EbSchedSend send);
+extern void eb_sched_worker_ready(int worker);
+extern void eb_sched_complete(uint64 tag);
+extern int64 eb_sched_pending_items(void);
+extern int64 eb_sched_pending_bytes(void);
+
+/*
+ * A one-byte message ends each batch the dispatcher gives a worker; after
+ * running it the worker sends a completion with the READY tag.
+ */
+#define EB_BATCH_END		'E'
+#define EB_TAG_READY		0
 
 /* dispatcher.c / pool.c */
 extern PGDLLEXPORT void eventbus_dispatcher_main(Datum main_arg);

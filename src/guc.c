@@ -30,6 +30,8 @@ int			eb_relay_batch_size = 1000;
 int			eb_ack_timeout_ms = 30000;
 int			eb_max_payload_bytes = 1000000;
 int			eb_inbox_retention_min = 7 * 24 * 60;
+int			eb_handler_timeout_ms = 60000;
+int			eb_dispatcher_memory_kb = 64 * 1024;
 
 static const struct config_enum_entry transport_options[] = {
 	{"kafka", EB_TRANSPORT_KAFKA, false},
@@ -392,6 +394,16 @@ eb_define_gucs(void)
 							"How long handled-event records are kept for duplicate detection; 0 keeps them forever.",
 							NULL, &eb_inbox_retention_min, 7 * 24 * 60, 0, 10 * 365 * 24 * 60,
 							PGC_SIGHUP, GUC_UNIT_MIN, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("eventbus.handler_timeout",
+							"Longest a handler may run for one event before it is cancelled (a failed attempt); 0 = no limit.",
+							NULL, &eb_handler_timeout_ms, 60000, 0, PG_INT32_MAX,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("eventbus.dispatcher_memory",
+							"Most message bytes the dispatcher holds before it stops fetching (Kafka's prefetch gets half of it).",
+							NULL, &eb_dispatcher_memory_kb, 64 * 1024, 1024, 4 * 1024 * 1024,
+							PGC_SIGHUP, GUC_UNIT_KB, NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("eventbus");
 }

@@ -28,6 +28,7 @@
 #include "utils/resowner.h"
 #include "utils/snapmgr.h"
 #include "utils/syscache.h"
+#include "utils/timeout.h"
 #include "utils/typcache.h"
 #include "utils/uuid.h"
 
@@ -165,6 +166,49 @@ eb_make_envelope(const EbWorkItem *item)
 }
 
 /*
+ * eventbus.handler_timeout: a handler running longer is cancelled as a query
+ * would be (57014), which makes it a failed attempt.
+ */
+static TimeoutId handler_timeout_id = MAX_TIMEOUTS;
+static volatile sig_atomic_t handler_timed_out = false;
+
+/* Timeout handler (signal context): request a query cancel. */
+static void
+handler_timeout_fired(void)
+{
+	handler_timed_out = true;
+	QueryCancelPending = true;
+	InterruptPending = true;
+	SetLatch(MyLatch);
+}
+
+/* Arm the handler timeout, if one is set. */
+static void
+handler_timeout_arm(void)
+{
+	if (eb_handler_timeout_ms <= 0)
+		return;
+	if (handler_timeout_id == MAX_TIMEOUTS)
+		handler_timeout_id = RegisterTimeout(USER_TIMEOUT, handler_timeout_fired);
+	handler_timed_out = false;
+	enable_timeout_after(handler_timeout_id, eb_handler_timeout_ms);
+}
+
+/* Disarm it; a cancel it requested after the handler returned is dropped. */
+static bool
+handler_timeout_disarm(void)
+{
+	bool		fired = handler_timed_out;
+
+	if (handler_timeout_id != MAX_TIMEOUTS)
+		disable_timeout(handler_timeout_id, false);
+	if (fired)
+		QueryCancelPending = false;
+	handler_timed_out = false;
+	return fired;
+}
+
+/*
  * Call handler(envelope) as role, in a subtransaction of the current
  * transaction.  On failure the subtransaction is rolled back, *error is set
  * (allocated in the caller's memory context) and false returned.
@@ -202,7 +246,9 @@ eb_handler_call(Oid handler, Oid role, Datum envelope, ErrorData **error)
 		InitFunctionCallInfoData(*fcinfo, flinfo, 1, InvalidOid, NULL, NULL);
 		fcinfo->args[0].value = envelope;
 		fcinfo->args[0].isnull = false;
+		handler_timeout_arm();
 		(void) FunctionCallInvoke(fcinfo);
+		(void) handler_timeout_disarm();
 		PopActiveSnapshot();
 		eb_handler_context_end(&sec);
 
@@ -212,9 +258,14 @@ eb_handler_call(Oid handler, Oid role, Datum envelope, ErrorData **error)
 	}
 	PG_CATCH();
 	{
+		bool		timed_out = handler_timeout_disarm();
+
 		MemoryContextSwitchTo(cxt);
 		*error = CopyErrorData();
 		FlushErrorState();
+		if (timed_out && (*error)->sqlerrcode == ERRCODE_QUERY_CANCELED)
+			(*error)->message = psprintf("handler %s ran longer than eventbus.handler_timeout (%d ms) and was cancelled",
+										 format_procedure(handler), eb_handler_timeout_ms);
 		/* Also restores the user id and settings of before the subtransaction. */
 		RollbackAndReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(cxt);

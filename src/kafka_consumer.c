@@ -259,7 +259,9 @@ kafka_consumer_start(void)
 		rd_kafka_conf_set(conf, "auto.commit.interval.ms", "1000", errstr, sizeof(errstr)) != RD_KAFKA_CONF_OK ||
 		rd_kafka_conf_set(conf, "enable.auto.offset.store", "false", errstr, sizeof(errstr)) != RD_KAFKA_CONF_OK ||
 		rd_kafka_conf_set(conf, "auto.offset.reset", "earliest", errstr, sizeof(errstr)) != RD_KAFKA_CONF_OK ||
-		rd_kafka_conf_set(conf, "enable.partition.eof", "false", errstr, sizeof(errstr)) != RD_KAFKA_CONF_OK)
+		rd_kafka_conf_set(conf, "enable.partition.eof", "false", errstr, sizeof(errstr)) != RD_KAFKA_CONF_OK ||
+		rd_kafka_conf_set(conf, "queued.max.messages.kbytes", psprintf("%d", Max(eb_dispatcher_memory_kb / 2, 1024)),
+						  errstr, sizeof(errstr)) != RD_KAFKA_CONF_OK)
 	{
 		rd_kafka_conf_destroy(conf);
 		eb_set_broker_state(EB_TRANSPORT_KAFKA, EB_BROKER_DOWN, errstr);
@@ -337,16 +339,20 @@ kafka_consumer_set_topics(List *want)
 	discover();
 }
 
-/* Poll up to max messages (and serve errors, logs, commit results); returns count. */
+/*
+ * Poll up to max messages or max_bytes of values (and serve errors, logs,
+ * commit results); returns count.
+ */
 int
-kafka_consumer_poll(int max)
+kafka_consumer_poll(int max, int64 max_bytes)
 {
 	int			n = 0;
+	int64		bytes = 0;
 
 	if (eb_kafka == NULL)
 		return 0;
 	discover();
-	while (n < max)
+	while (n < max && bytes < max_bytes)
 	{
 		rd_kafka_message_t *m = rd_kafka_consumer_poll(eb_kafka, 0);
 		rd_kafka_headers_t *hdrs = NULL;
@@ -369,6 +375,7 @@ kafka_consumer_poll(int max)
 			continue;
 		}
 		kafka_mark_connected();
+		bytes += (int64) m->len + (int64) m->key_len;
 
 		memset(&key, 0, sizeof(key));
 		strlcpy(key.topic, rd_kafka_topic_name(m->rkt), sizeof(key.topic));

@@ -322,9 +322,9 @@ deliver(NatsSub *ns, natsMsg *msg)
 	dispatch_message(&in);
 }
 
-/* Fetch up to max messages across the subjects, without waiting. */
+/* Fetch up to max messages (about max_bytes) across the subjects, without waiting. */
 int
-nats_consumer_poll(int max)
+nats_consumer_poll(int max, int64 max_bytes)
 {
 	int			n = 0;
 	ListCell   *lc;
@@ -352,10 +352,11 @@ nats_consumer_poll(int max)
 		natsStatus	s;
 		sigset_t	old;
 
-		if (ns->sub == NULL || n >= max)
+		if (ns->sub == NULL || n >= max || max_bytes <= 0)
 			continue;
 		jsFetchRequest_Init(&req);
 		req.Batch = Min(max - n, FETCH_MAX);
+		req.MaxBytes = Max(max_bytes, 1);
 		req.NoWait = true;
 		nats_block_signals(&old);
 		s = natsSubscription_FetchRequest(&list, ns->sub, &req);
@@ -367,6 +368,7 @@ nats_consumer_poll(int max)
 			natsMsg    *msg = list.Msgs[i];
 
 			list.Msgs[i] = NULL;
+			max_bytes -= natsMsg_GetDataLength(msg);
 			deliver(ns, msg);
 			n++;
 		}

@@ -3,7 +3,9 @@
  * its shm_mq, runs their handlers in batched transactions (a subtransaction
  * per event), and reports completions on a second queue.
  *
- * Events of one (subscription, aggregate) arrive in order on one worker.
+ * Events of one (subscription, aggregate) arrive in order on one worker
+ * (the dispatcher's scheduler binds a key to a worker while it has work
+ * there), in batches the worker asks for when it ran all it had.
  * When a handler fails, that key is parked: its event is retried after a
  * backoff and its later events wait behind it, while every other key routed
  * here keeps going.  After max_attempts the event is dead-lettered and the
@@ -121,19 +123,82 @@ park(Pending *p)
 }
 
 /*
- * Process one batch in one transaction.  batch[] holds items in arrival
- * order; an item whose key is parked (possibly by an earlier failure in this
- * same batch) joins the parked queue instead of running.
+ * Dead-letter an event whose last attempt failed at commit, in a transaction
+ * of its own; if even that fails, it stays parked and is tried again.
  */
-static void
-run_batch(Pending **batch, int n, bool from_parked)
+static bool
+run_dead_letter(Pending *p, ErrorData *error)
 {
-	EbCompletion done[BATCH_MAX];
-	int			ndone = 0;
-	int			handled = 0;
-	int			failed = 0;
-	int			dead = 0;
 	MemoryContext cxt = CurrentMemoryContext;
+	volatile bool ok = true;
+
+	PG_TRY();
+	{
+		SetCurrentStatementStartTimestamp();
+		StartTransactionCommand();
+		eb_dead_letter(&p->item, error, p->attempts + 1);
+		CommitTransactionCommand();
+	}
+	PG_CATCH();
+	{
+		ErrorData  *e;
+
+		HOLD_INTERRUPTS();
+		MemoryContextSwitchTo(cxt);
+		e = CopyErrorData();
+		FlushErrorState();
+		AbortCurrentTransaction();
+		RESUME_INTERRUPTS();
+		ereport(WARNING,
+				(errmsg("could not dead-letter event %s of subscription " INT64_FORMAT,
+						p->item.ev.event_id, p->item.subscription_id),
+				 errdetail("%s", e->message)));
+		ok = false;
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(cxt);
+	return ok;
+}
+
+/* The parts of an error the batch uses after commit, copied into cxt. */
+static ErrorData *
+keep_error(const ErrorData *e, MemoryContext cxt)
+{
+	ErrorData  *copy = MemoryContextAllocZero(cxt, sizeof(ErrorData));
+
+	copy->sqlerrcode = e->sqlerrcode;
+	copy->message = MemoryContextStrdup(cxt, e->message ? e->message : "unknown error");
+	return copy;
+}
+
+/* What became of one item of a batch. */
+typedef enum ItemResult
+{
+	RESULT_DONE,				/* handled, duplicate or dead-lettered: complete it */
+	RESULT_FAILED,				/* failed: retry after backoff (key parked) */
+	RESULT_WAIT					/* its key is parked: wait behind the head */
+} ItemResult;
+
+/*
+ * Run the runnable items of a batch in one transaction, a subtransaction
+ * each.  Fills result[], outcome[] and error[]; returns false (with
+ * *commit_error) when the commit itself failed, e.g. a deferred constraint or
+ * a serialization failure: then nothing of the batch happened.
+ */
+static bool
+run_in_transaction(Pending **batch, int n, bool from_parked, ItemResult *result,
+				   int *outcome, ErrorData **error, ErrorData **commit_error)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	HTAB	   *failed_keys;
+	HASHCTL		ctl;
+	volatile bool committed = true;
+
+	memset(&ctl, 0, sizeof(ctl));
+	ctl.keysize = KEY_LEN;
+	ctl.entrysize = KEY_LEN;
+	ctl.hcxt = cxt;
+	failed_keys = hash_create("eventbus failed keys", 16, &ctl, HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
 
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
@@ -145,45 +210,146 @@ run_batch(Pending **batch, int n, bool from_parked)
 		Pending    *p = batch[i];
 		char		key[KEY_LEN];
 		Parked	   *k;
-		ErrorData  *error = NULL;
-		int			outcome;
+
+		error[i] = NULL;
+		item_key(&p->item, key);
+		k = hash_search(parked, key, HASH_FIND, NULL);
+		/* Later events of a parked key (or one failing in this batch) wait. */
+		if ((k && !(from_parked && dlist_head_node(&k->items) == &p->node)) ||
+			hash_search(failed_keys, key, HASH_FIND, NULL))
+		{
+			result[i] = RESULT_WAIT;
+			continue;
+		}
+		outcome[i] = eb_handler_run(&p->item, &error[i]);
+		if (error[i])
+			error[i] = keep_error(error[i], cxt);	/* outlives the transaction */
+		if (outcome[i] >= 0)
+			result[i] = RESULT_DONE;
+		else if (p->attempts + 1 >= p->item.max_attempts)
+		{
+			eb_dead_letter(&p->item, error[i], p->attempts + 1);
+			outcome[i] = EB_OUTCOME_DEAD_LETTERED;
+			result[i] = RESULT_DONE;
+		}
+		else
+		{
+			result[i] = RESULT_FAILED;
+			hash_search(failed_keys, key, HASH_ENTER, NULL);
+		}
+	}
+
+	PG_TRY();
+	{
+		CommitTransactionCommand();
+	}
+	PG_CATCH();
+	{
+		/* As PostgresMain recovers from an error: nothing of the batch stays. */
+		HOLD_INTERRUPTS();
+		MemoryContextSwitchTo(cxt);
+		*commit_error = CopyErrorData();
+		FlushErrorState();
+		AbortCurrentTransaction();
+		RESUME_INTERRUPTS();
+		committed = false;
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(cxt);
+	pgstat_report_activity(STATE_IDLE, NULL);
+	return committed;
+}
+
+/*
+ * Process one batch.  batch[] holds items in arrival order; an item whose key
+ * is parked (possibly by an earlier failure in this same batch) joins the
+ * parked queue instead of running.  When the batch's commit fails, its items
+ * run again one transaction each, so only the event at fault fails (and is
+ * retried and dead-lettered like any other failure); no process restarts.
+ */
+static void
+run_batch(Pending **batch, int n, bool from_parked)
+{
+	EbCompletion done[BATCH_MAX + 1];
+	ItemResult	result[BATCH_MAX];
+	int			outcome[BATCH_MAX];
+	ErrorData  *error[BATCH_MAX];
+	ErrorData  *commit_error = NULL;
+	int			ndone = 0;
+	int			handled = 0;
+	int			failed = 0;
+	int			dead = 0;
+
+	if (!run_in_transaction(batch, n, from_parked, result, outcome, error, &commit_error))
+	{
+		if (n > 1)
+		{
+			ereport(LOG,
+					(errmsg("commit of a batch of %d events failed, running them one by one", n),
+					 errdetail("%s", commit_error->message)));
+			for (int i = 0; i < n; i++)
+				run_batch(&batch[i], 1, from_parked);
+			return;
+		}
+		/* A single event failing at commit: a failed attempt like any other. */
+		if (result[0] != RESULT_WAIT)
+		{
+			ereport(LOG,
+					(errmsg("commit of event %s failed", batch[0]->item.ev.event_id),
+					 errdetail("%s", commit_error->message)));
+			result[0] = RESULT_FAILED;
+			error[0] = commit_error;
+			if (batch[0]->attempts + 1 >= batch[0]->item.max_attempts &&
+				run_dead_letter(batch[0], commit_error))
+			{
+				result[0] = RESULT_DONE;
+				outcome[0] = EB_OUTCOME_DEAD_LETTERED;
+			}
+		}
+	}
+
+	for (int i = 0; i < n; i++)
+	{
+		Pending    *p = batch[i];
+		char		key[KEY_LEN];
+		Parked	   *k;
 
 		item_key(&p->item, key);
 		k = hash_search(parked, key, HASH_FIND, NULL);
-		/* Later events of a parked key wait behind its head. */
-		if (k && !(from_parked && dlist_head_node(&k->items) == &p->node))
+		switch (result[i])
 		{
-			if (!from_parked)
-				dlist_push_tail(&k->items, &p->node);
-			continue;
-		}
-
-		outcome = eb_handler_run(&p->item, &error);
-		if (outcome < 0)
-		{
-			p->attempts++;
-			failed++;
-			if (p->attempts >= p->item.max_attempts)
-			{
-				eb_dead_letter(&p->item, error, p->attempts);
-				outcome = EB_OUTCOME_DEAD_LETTERED;
-				dead++;
-			}
-			else
-			{
+			case RESULT_WAIT:
+				if (!from_parked)
+				{
+					if (k == NULL)
+						k = park(p);	/* behind an item that failed in this batch */
+					else
+						dlist_push_tail(&k->items, &p->node);
+				}
+				continue;
+			case RESULT_FAILED:
+				p->attempts++;
+				failed++;
 				ereport(LOG,
-						(errmsg("eventbus: handler %u failed for event %s (attempt %d of %d), retrying",
+						(errmsg("handler %u failed for event %s (attempt %d of %d), retrying",
 								p->item.handler, p->item.ev.event_id, p->attempts, p->item.max_attempts),
-						 errdetail("%s", error->message)));
+						 errdetail("%s", error[i] && error[i]->message ? error[i]->message : "unknown error")));
 				if (!k)
 					k = park(p);
+				else if (!from_parked)
+					dlist_push_tail(&k->items, &p->node);
 				k->retry_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), backoff_ms(p->attempts));
 				continue;
-			}
+			case RESULT_DONE:
+				break;
+		}
+		if (outcome[i] == EB_OUTCOME_DEAD_LETTERED)
+		{
+			failed++;
+			dead++;
 		}
 		else
 			handled++;
-
 		/* Done: leave the parked queue if it came from there. */
 		if (k)
 		{
@@ -193,14 +359,11 @@ run_batch(Pending **batch, int n, bool from_parked)
 				hash_search(parked, key, HASH_REMOVE, NULL);
 		}
 		done[ndone].tag = p->item.tag;
-		done[ndone].outcome = outcome;
+		done[ndone].outcome = outcome[i];
 		ndone++;
 		MemoryContextDelete(p->cxt);
 	}
 
-	CommitTransactionCommand();
-	MemoryContextSwitchTo(cxt);
-	pgstat_report_activity(STATE_IDLE, NULL);
 	count(handled, failed, dead);
 	/* Only after commit: the dispatcher may now commit offsets / ack. */
 	send_completions(done, ndone);
@@ -239,9 +402,12 @@ run_due_parked(void)
 	return next;
 }
 
-/* Read up to BATCH_MAX items without waiting; false if the dispatcher left. */
+/*
+ * Read up to BATCH_MAX items without waiting; *end is set when the batch's
+ * end marker came.  False if the dispatcher left.
+ */
 static bool
-receive_batch(Pending **batch, int *n)
+receive_batch(Pending **batch, int *n, bool *end)
 {
 	*n = 0;
 	while (*n < BATCH_MAX)
@@ -257,6 +423,11 @@ receive_batch(Pending **batch, int *n)
 			break;
 		if (res != SHM_MQ_SUCCESS)
 			return false;
+		if (len == 1 && *(char *) data == EB_BATCH_END)
+		{
+			*end = true;
+			break;
+		}
 		cxt = AllocSetContextCreate(item_cxt, "eventbus item", ALLOCSET_SMALL_SIZES);
 		old = MemoryContextSwitchTo(cxt);
 		p = palloc0(sizeof(Pending));
@@ -317,13 +488,22 @@ eventbus_worker_main(Datum main_arg)
 		Pending    *batch[BATCH_MAX];
 		int			n;
 		long		wait;
+		static bool batch_ended = false;
 
 		(void) eb_worker_loop_top(loop_cxt);
 
-		if (!receive_batch(batch, &n))
+		if (!receive_batch(batch, &n, &batch_ended))
 			proc_exit(0);		/* dispatcher detached */
 		if (n > 0)
 			run_batch(batch, n, false);
+		if (batch_ended)
+		{
+			/* Ran the whole batch it was given: ask the dispatcher for more. */
+			EbCompletion ready = {EB_TAG_READY, 0};
+
+			send_completions(&ready, 1);
+			batch_ended = false;
+		}
 		wait = run_due_parked();
 
 		if (n == 0 && wait > 0)
