@@ -750,7 +750,7 @@ eventbus_dispatcher_main(Datum main_arg)
 		{
 			/*
 			 * Pool busy or memory full: stop fetching; nothing is dropped.
-			 * Keep serving the consumer (rebalances); a message it had
+			 * Keep serving the consumer (errors, logs); a message it had
 			 * prefetched is still taken, one per round, so memory stays
 			 * bounded by eventbus.dispatcher_memory plus Kafka's prefetch.
 			 */
