@@ -181,6 +181,22 @@ eb_worker_loop_top(MemoryContext loop_cxt)
 	return true;
 }
 
+/* Prepare a statement once per process and keep its plan in *plan. */
+SPIPlanPtr
+eb_keep_plan(SPIPlanPtr *plan, const char *sql, int nargs, Oid *argtypes)
+{
+	if (*plan == NULL)
+	{
+		SPIPlanPtr	p = SPI_prepare(sql, nargs, argtypes);
+
+		if (p == NULL)
+			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+		SPI_keepplan(p);
+		*plan = p;
+	}
+	return *plan;
+}
+
 /* ERROR unless the library was preloaded (no shared memory otherwise). */
 void
 eb_require_preload(void)

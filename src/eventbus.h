@@ -123,6 +123,8 @@ extern bool eb_preloaded;
 extern void eb_require_preload(void);
 extern MemoryContext eb_xact_begin(void);
 extern void eb_xact_end(MemoryContext cxt);
+struct _SPI_plan;
+extern struct _SPI_plan *eb_keep_plan(struct _SPI_plan **plan, const char *sql, int nargs, Oid *argtypes);
 extern void eb_worker_connect(const char *appname);
 extern bool eb_worker_loop_top(MemoryContext loop_cxt);
 struct BackgroundWorker;

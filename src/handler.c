@@ -280,18 +280,8 @@ eb_handler_call(Oid handler, Oid role, Datum envelope, ErrorData **error)
 static int
 exec_plan(SPIPlanPtr *plan, const char *sql, int nargs, Oid *types, Datum *values)
 {
-	int			rc;
+	int			rc = SPI_execute_plan(eb_keep_plan(plan, sql, nargs, types), values, NULL, false, 0);
 
-	if (*plan == NULL)
-	{
-		SPIPlanPtr	p = SPI_prepare(sql, nargs, types);
-
-		if (p == NULL)
-			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-		SPI_keepplan(p);
-		*plan = p;
-	}
-	rc = SPI_execute_plan(*plan, values, NULL, false, 0);
 	if (rc < 0)
 		elog(ERROR, "eventbus: statement failed: %s", SPI_result_code_string(rc));
 	return (int) SPI_processed;

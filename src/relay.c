@@ -241,22 +241,6 @@ row_to_event(HeapTuple tup, TupleDesc desc, EbEvent *ev)
 	(void) nvalues;
 }
 
-/* Prepare and keep a plan once per process. */
-static SPIPlanPtr
-keep_plan(SPIPlanPtr *plan, const char *sql, int nargs, Oid *argtypes)
-{
-	if (*plan == NULL)
-	{
-		SPIPlanPtr	p = SPI_prepare(sql, nargs, argtypes);
-
-		if (p == NULL)
-			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-		SPI_keepplan(p);
-		*plan = p;
-	}
-	return *plan;
-}
-
 /*
  * Read the next batch of a transport's outbox rows into r->cxt; held[i]
  * says whether row i must wait behind an undeliverable row of its aggregate.
@@ -274,8 +258,8 @@ fetch_batch(int t, Round *r, EbEvent **events, bool **held, TimestampTz *earlies
 	args[1] = Int32GetDatum(eb_relay_batch_size);
 	eb_backoff_arrays(r->backoff, &args[2], &args[3], earliest);
 
-	plan = r->undeliverable ? keep_plan(&select_held_plan, SELECT_HELD_SQL, 4, argtypes) :
-		keep_plan(&select_plan, SELECT_SQL, 4, argtypes);
+	plan = r->undeliverable ? eb_keep_plan(&select_held_plan, SELECT_HELD_SQL, 4, argtypes) :
+		eb_keep_plan(&select_plan, SELECT_SQL, 4, argtypes);
 	if (SPI_execute_plan(plan, args, NULL, true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "eventbus: could not read the outbox");
 
@@ -472,7 +456,7 @@ finish_round(int t, Round *r)
 	nok = slots_in_state(r, SLOT_OK, &args[0], NULL);
 	if (nok > 0)
 	{
-		keep_plan(&delete_plan, DELETE_SQL, 1, argtypes);
+		eb_keep_plan(&delete_plan, DELETE_SQL, 1, argtypes);
 		if (SPI_execute_plan(delete_plan, args, NULL, false, 0) != SPI_OK_DELETE)
 			elog(ERROR, "eventbus: could not delete relayed outbox rows");
 	}
@@ -485,7 +469,7 @@ finish_round(int t, Round *r)
 	nfailed = slots_in_state(r, SLOT_FAILED, &args[0], &args[1]);
 	if (nfailed > 0)
 	{
-		keep_plan(&fail_plan, FAIL_SQL, 2, argtypes);
+		eb_keep_plan(&fail_plan, FAIL_SQL, 2, argtypes);
 		if (SPI_execute_plan(fail_plan, args, NULL, false, 0) != SPI_OK_UPDATE)
 			elog(ERROR, "eventbus: could not record relay failures");
 	}

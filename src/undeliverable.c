@@ -98,22 +98,6 @@ static SPIPlanPtr move_held_plan = NULL;
 static SPIPlanPtr release_plan = NULL;
 static SPIPlanPtr any_plan = NULL;
 
-/* Prepare and keep a plan once per process. */
-static SPIPlanPtr
-plan_once(SPIPlanPtr *plan, const char *sql, int nargs, Oid *argtypes)
-{
-	if (*plan == NULL)
-	{
-		SPIPlanPtr	p = SPI_prepare(sql, nargs, argtypes);
-
-		if (p == NULL)
-			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-		SPI_keepplan(p);
-		*plan = p;
-	}
-	return *plan;
-}
-
 /*
  * Relay: move rows that failed permanently here (ids int8[], errors text[],
  * in the relay's transaction).
@@ -124,7 +108,7 @@ eb_undeliverable_move_failed(Datum ids, Datum errors)
 	Oid			types[2] = {INT8ARRAYOID, TEXTARRAYOID};
 	Datum		args[2] = {ids, errors};
 
-	if (SPI_execute_plan(plan_once(&move_failed_plan, MOVE_FAILED_SQL, 2, types),
+	if (SPI_execute_plan(eb_keep_plan(&move_failed_plan, MOVE_FAILED_SQL, 2, types),
 						 args, NULL, false, 0) != SPI_OK_INSERT)
 		elog(ERROR, "eventbus: could not move failed events to eventbus.undeliverable");
 }
@@ -141,7 +125,7 @@ eb_undeliverable_move_held(int transport, int n, Datum *ids)
 
 	args[0] = CStringGetTextDatum(eb_transport_name(transport));
 	args[1] = PointerGetDatum(construct_array(ids, n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
-	if (SPI_execute_plan(plan_once(&move_held_plan, MOVE_HELD_SQL, 2, types),
+	if (SPI_execute_plan(eb_keep_plan(&move_held_plan, MOVE_HELD_SQL, 2, types),
 						 args, NULL, false, 0) != SPI_OK_INSERT)
 		elog(ERROR, "eventbus: could not hold events behind eventbus.undeliverable");
 	return (int) SPI_processed;
@@ -155,7 +139,7 @@ eb_undeliverable_any(int transport)
 	Datum		arg = CStringGetTextDatum(eb_transport_name(transport));
 	bool		isnull;
 
-	if (SPI_execute_plan(plan_once(&any_plan,
+	if (SPI_execute_plan(eb_keep_plan(&any_plan,
 								   "SELECT EXISTS (SELECT 1 FROM eventbus.undeliverable"
 								   " WHERE transport OPERATOR(pg_catalog.=) $1)",
 								   1, &type),
@@ -174,7 +158,7 @@ eb_undeliverable_release(int transport)
 	Oid			type = TEXTOID;
 	Datum		arg = CStringGetTextDatum(eb_transport_name(transport));
 
-	if (SPI_execute_plan(plan_once(&release_plan, RELEASE_SQL, 1, &type),
+	if (SPI_execute_plan(eb_keep_plan(&release_plan, RELEASE_SQL, 1, &type),
 						 &arg, NULL, false, 0) != SPI_OK_INSERT)
 		elog(ERROR, "eventbus: could not release held events");
 	return SPI_processed;
