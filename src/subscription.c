@@ -115,7 +115,7 @@ eventbus_subscribe(PG_FUNCTION_ARGS)
 	transport = eb_transport_arg(fcinfo, 2);
 	max_attempts = PG_ARGISNULL(3) ? 5 : PG_GETARG_INT32(3);
 
-	eb_validate_topic(topic);
+	eb_validate_topic_for_transport(topic, transport);
 	if (max_attempts < 1)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),

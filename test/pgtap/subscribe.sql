@@ -2,7 +2,7 @@
 -- eventbus_replay_dead_letter) and its tables, inside one transaction that is
 -- rolled back at the end.
 BEGIN;
-SELECT plan(52);
+SELECT plan(55);
 
 -- Shape ---------------------------------------------------------------------
 SELECT has_function('eventbus_subscribe', ARRAY['text','regprocedure','text','integer'], 'eventbus_subscribe has the contract signature');
@@ -84,6 +84,10 @@ SELECT throws_ok($$SELECT eventbus_subscribe('bad topic!', 'tap_sub_ok(eventbus.
 SELECT throws_ok(format('SELECT eventbus_subscribe(%L, %L, %L)', repeat('t', 250), 'tap_sub_ok(eventbus.envelope)', 'kafka'), '22023', NULL,
                  'topic of 250 characters: 22023');
 SELECT throws_ok($$SELECT eventbus_subscribe('tap.sub.orders', 'tap_sub_ok(eventbus.envelope)', 'rabbitmq')$$, '22023', NULL, 'unknown transport: 22023');
+-- The topic rules of the transport, as at publish: a subscription that could never see an event is refused.
+SELECT throws_ok($$SELECT eventbus_subscribe('hz..bad', 'tap_sub_ok(eventbus.envelope)', 'nats')$$, '22023', NULL, 'NATS subject with an empty token: 22023');
+SELECT throws_ok($$SELECT eventbus_subscribe('.hz', 'tap_sub_ok(eventbus.envelope)', 'nats')$$, '22023', NULL, 'NATS subject starting with a dot: 22023');
+SELECT throws_ok($$SELECT eventbus_subscribe('..', 'tap_sub_ok(eventbus.envelope)', 'kafka')$$, '22023', NULL, 'Kafka topic ..: 22023');
 SELECT throws_ok($$SELECT eventbus_subscribe('tap.sub.orders', 'tap_sub_ok(eventbus.envelope)', 'kafka', 0)$$, '22023', NULL, 'max_attempts 0: 22023');
 SELECT throws_ok($$SELECT eventbus_subscribe('tap.sub.orders', 'tap_sub_ok(eventbus.envelope)', 'kafka', -1)$$, '22023', NULL, 'max_attempts -1: 22023');
 SELECT is((SELECT count(*) FROM eventbus.subscriptions WHERE topic IN ('', 'bad topic!', 'tap.sub.orders', repeat('t', 250))), 0::bigint,
