@@ -67,20 +67,24 @@ BEGIN
   INSERT INTO public.t31_handled (sub, aggregate_id, version, event_id)
   VALUES ('fk', e.aggregate_id, e.event_version, e.event_id);
 END \$\$;
--- 3: a write skew with a concurrent session when the pool runs SERIALIZABLE:
--- v1 reads t31_ssi_a and writes t31_ssi_b, v2 (same batch) sleeps, during
--- which a session reads t31_ssi_b, writes t31_ssi_a and commits first.
+-- 3: a write skew with a concurrent session when the pool runs SERIALIZABLE.
+-- v1 sleeps 2 s, so v2 and v3 queue behind it and run together in the next
+-- batch: v2 reads t31_ssi_a and writes t31_ssi_b, v3 sleeps, during which a
+-- session reads t31_ssi_b, writes t31_ssi_a and commits first.
 CREATE TABLE t31_ssi_a (x int);
 CREATE TABLE t31_ssi_b (x int);
 CREATE OR REPLACE FUNCTION t31_ser(e eventbus.envelope) RETURNS void LANGUAGE plpgsql AS \$\$
 BEGIN
   IF e.event_version = 1 THEN
+    PERFORM pg_sleep(2);
+  END IF;
+  IF e.event_version = 2 THEN
     PERFORM count(*) FROM public.t31_ssi_a;
     INSERT INTO public.t31_ssi_b VALUES (1);
   END IF;
   INSERT INTO public.t31_handled (sub, aggregate_id, version, event_id)
   VALUES ('ser', e.aggregate_id, e.event_version, e.event_id);
-  IF e.event_version = 2 THEN
+  IF e.event_version = 3 THEN
     PERFORM pg_sleep(3);
   END IF;
 END \$\$;
@@ -157,17 +161,20 @@ restart_dispatcher || bail "dispatcher did not restart"
 # the two events must make a batch of their own.
 sleep 5
 SER_LOG_FROM=$(stat -c %s "$EVENTBUS_PG_LOG")
-# Both events wait in the stream before the subscription exists, so the
-# dispatcher fetches them together and they run in one batch.
-produce nats "$T.ser" "SELECT 'conflict', v, '{}'::jsonb FROM generate_series(1, 2) v"
 q -c "SELECT eventbus_subscribe('$T.ser', 't31_ser(eventbus.envelope)', 'nats', 2)" >/dev/null
-wait_until 30 "[ \"\$(q -c \"SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'eventbus worker' AND wait_event = 'PgSleep'\")\" = 1 ]"
-ok $? "serialization: the batch read t31_ssi_a, wrote t31_ssi_b and sleeps, SERIALIZABLE"
+sleep 2	# the JetStream durable for the new subject
+pg_sleeping() { [ "$(q -c "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'eventbus worker' AND wait_event = 'PgSleep'")" = 1 ]; }
+produce nats "$T.ser" "SELECT 'conflict', 1, '{}'::jsonb"
+wait_until 30 pg_sleeping
+ok $? "serialization: v1 runs (sleeping 2 s) while v2 and v3 are published and queue behind it"
+produce nats "$T.ser" "SELECT 'conflict', v, '{}'::jsonb FROM generate_series(2, 3) v"
+wait_until 30 "[ \"\$(q -c \"SELECT count(*) FROM t31_handled WHERE sub = 'ser'\")\" = 1 ] && pg_sleeping"
+ok $? "serialization: v2 read t31_ssi_a and wrote t31_ssi_b, v3 sleeps, in one SERIALIZABLE batch"
 q -c "BEGIN ISOLATION LEVEL SERIALIZABLE" -c "SELECT count(*) FROM t31_ssi_b" -c "INSERT INTO t31_ssi_a VALUES (1)" -c "COMMIT" >/dev/null
 ok $? "serialization: a concurrent SERIALIZABLE session read t31_ssi_b, wrote t31_ssi_a and committed first (write skew)"
-wait_count 60 2 "SELECT count(*) FROM t31_handled WHERE sub = 'ser'" 30
-is "$(q -c "SELECT string_agg(version::text, ',' ORDER BY n) || ' ' || count(DISTINCT event_id) FROM t31_handled WHERE sub = 'ser'")" "1,2 2" \
-	"serialization: both events handled, each exactly once, in order"
+wait_count 60 3 "SELECT count(*) FROM t31_handled WHERE sub = 'ser'" 30
+is "$(q -c "SELECT string_agg(version::text, ',' ORDER BY n) || ' ' || count(DISTINCT event_id) FROM t31_handled WHERE sub = 'ser'")" "1,2,3 3" \
+	"serialization: the three events handled, each exactly once, in order"
 ok "$(tail -c +$((SER_LOG_FROM + 1)) "$EVENTBUS_PG_LOG" | grep -qE 'commit of a batch of 2 events failed, running them one by one'; echo $?)" \
 	"serialization: the batch's commit failed (serialization failure) and its 2 events ran again one transaction each"
 is "$(q -c "SELECT count(*) FROM eventbus.dead_letters d JOIN eventbus.subscriptions s ON s.id = d.subscription_id WHERE s.topic = '$T.ser'")" 0 \
