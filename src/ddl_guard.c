@@ -51,22 +51,15 @@ eventbus_installed(void)
 	return OidIsValid(nsp) && OidIsValid(get_relname_relid("subscriptions", nsp));
 }
 
-/* Run one statement as the extension owner; returns SPI_processed. */
+/* Run one statement as the extension owner, in SPI of its own; returns SPI_processed. */
 static uint64
 run(const char *sql, Oid argtype, Datum arg, int expected)
 {
-	EbSecContext ctx;
 	uint64		n;
-	int			rc;
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	eb_as_owner_begin(&ctx);
-	rc = SPI_execute_with_args(sql, 1, &argtype, &arg, NULL, false, 0);
-	eb_as_owner_end(&ctx);
-	if (rc != expected)
-		elog(ERROR, "eventbus internal statement failed: %s", SPI_result_code_string(rc));
-	n = SPI_processed;
+	n = eb_exec_as_owner(sql, 1, &argtype, &arg, NULL, expected);
 	SPI_finish();
 	return n;
 }

@@ -364,6 +364,8 @@ extern void eb_pin_worker_search_path(void);
 extern Oid	eb_extension_owner(void);
 extern void eb_as_owner_begin(EbSecContext *ctx);
 extern void eb_as_owner_end(EbSecContext *ctx);
+extern uint64 eb_exec_as_owner(const char *sql, int nargs, Oid *types, Datum *values,
+							   const char *nulls, int expected);
 extern bool eb_may_act_for(Oid role);
 extern void eb_require_owner(Oid role, const char *action, int64 subscription_id);
 extern void eb_handler_context_begin(EbSecContext *ctx, Oid role);

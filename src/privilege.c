@@ -21,6 +21,7 @@
 #include "catalog/indexing.h"
 #include "catalog/pg_db_role_setting.h"
 #include "catalog/pg_extension.h"
+#include "executor/spi.h"
 #include "commands/trigger.h"
 #include "miscadmin.h"
 #include "storage/proc.h"
@@ -113,6 +114,26 @@ eb_as_owner_end(EbSecContext *ctx)
 {
 	AtEOXact_GUC(false, ctx->nestlevel);
 	SetUserIdAndSecContext(ctx->save_uid, ctx->save_sec);
+}
+
+/*
+ * Run one internal statement on eventbus's tables as the extension owner (the
+ * caller has connected SPI); ERROR unless SPI answers expected.  Returns
+ * SPI_processed.
+ */
+uint64
+eb_exec_as_owner(const char *sql, int nargs, Oid *types, Datum *values, const char *nulls,
+				 int expected)
+{
+	EbSecContext ctx;
+	int			rc;
+
+	eb_as_owner_begin(&ctx);
+	rc = SPI_execute_with_args(sql, nargs, types, values, nulls, false, 0);
+	eb_as_owner_end(&ctx);
+	if (rc != expected)
+		elog(ERROR, "eventbus internal statement failed: %s", SPI_result_code_string(rc));
+	return SPI_processed;
 }
 
 /* May the current user act for role (member of it, or superuser)? */

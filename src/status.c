@@ -87,18 +87,11 @@ eb_set_broker_state(int transport, EbBrokerState state, const char *detail)
 static void
 count_backlog(int64 backlog[EB_NTRANSPORTS])
 {
-	EbSecContext ctx;
-	int			rc;
-
 	memset(backlog, 0, sizeof(int64) * EB_NTRANSPORTS);
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	eb_as_owner_begin(&ctx);
-	rc = SPI_execute("SELECT transport, pg_catalog.count(*) FROM eventbus.outbox GROUP BY transport",
-					 true, 0);
-	eb_as_owner_end(&ctx);
-	if (rc != SPI_OK_SELECT)
-		elog(ERROR, "could not count the outbox backlog");
+	(void) eb_exec_as_owner("SELECT transport, pg_catalog.count(*) FROM eventbus.outbox GROUP BY transport",
+							0, NULL, NULL, NULL, SPI_OK_SELECT);
 	for (uint64 i = 0; i < SPI_processed; i++)
 	{
 		bool		isnull;
@@ -120,13 +113,9 @@ count_backlog(int64 backlog[EB_NTRANSPORTS])
 static void
 add_undeliverable_rows(ReturnSetInfo *rsinfo)
 {
-	EbSecContext ctx;
-	int			rc;
-
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	eb_as_owner_begin(&ctx);
-	rc = SPI_execute("SELECT t.transport, pg_catalog.count(u.id),"
+	(void) eb_exec_as_owner("SELECT t.transport, pg_catalog.count(u.id),"
 					 " pg_catalog.count(u.id) FILTER (WHERE u.held_behind IS NULL),"
 					 " (SELECT f.failed_at FROM eventbus.undeliverable f WHERE f.transport OPERATOR(pg_catalog.=) t.transport"
 					 "   AND f.held_behind IS NULL ORDER BY f.id LIMIT 1),"
@@ -135,10 +124,7 @@ add_undeliverable_rows(ReturnSetInfo *rsinfo)
 					 "   WHERE f.transport OPERATOR(pg_catalog.=) t.transport AND f.held_behind IS NULL ORDER BY f.id LIMIT 1)"
 					 " FROM (VALUES ('kafka'), ('nats')) t (transport)"
 					 " LEFT JOIN eventbus.undeliverable u ON u.transport OPERATOR(pg_catalog.=) t.transport"
-					 " GROUP BY t.transport ORDER BY t.transport", true, 0);
-	eb_as_owner_end(&ctx);
-	if (rc != SPI_OK_SELECT)
-		elog(ERROR, "could not count undeliverable events");
+					 " GROUP BY t.transport ORDER BY t.transport", 0, NULL, NULL, NULL, SPI_OK_SELECT);
 	for (uint64 i = 0; i < SPI_processed; i++)
 	{
 		HeapTuple	t = SPI_tuptable->vals[i];
@@ -176,19 +162,15 @@ add_subscription_rows(ReturnSetInfo *rsinfo, EbShared *snap)
 {
 	Datum		values[STATUS_COLS];
 	bool		nulls[STATUS_COLS];
-
-	EbSecContext ctx;
 	Oid			types[2] = {BOOLOID, OIDOID};
 	Datum		args[2];
-	int			rc;
 
 	/* A non-superuser sees the subscriptions of roles it is a member of. */
 	args[0] = BoolGetDatum(superuser());
 	args[1] = ObjectIdGetDatum(GetUserId());
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	eb_as_owner_begin(&ctx);
-	rc = SPI_execute_with_args("SELECT s.id, s.transport, s.topic OPERATOR(pg_catalog.||) ' -> '"
+	(void) eb_exec_as_owner("SELECT s.id, s.transport, s.topic OPERATOR(pg_catalog.||) ' -> '"
 							   " OPERATOR(pg_catalog.||) s.handler::pg_catalog.text, s.created_at,"
 							   " (SELECT pg_catalog.count(*) FROM eventbus.inbox i"
 							   "   WHERE i.subscription_id OPERATOR(pg_catalog.=) s.id"
@@ -198,10 +180,7 @@ add_subscription_rows(ReturnSetInfo *rsinfo, EbShared *snap)
 							   " EXISTS (SELECT 1 FROM pg_catalog.pg_roles r WHERE r.oid OPERATOR(pg_catalog.=) s.role_id)"
 							   " FROM eventbus.subscriptions s"
 							   " WHERE $1 OR pg_catalog.pg_has_role($2, s.role_id, 'MEMBER')"
-							   " ORDER BY s.id", 2, types, args, NULL, true, 0);
-	eb_as_owner_end(&ctx);
-	if (rc != SPI_OK_SELECT)
-		elog(ERROR, "could not read subscriptions");
+							   " ORDER BY s.id", 2, types, args, NULL, SPI_OK_SELECT);
 	for (uint64 i = 0; i < SPI_processed; i++)
 	{
 		HeapTuple	t = SPI_tuptable->vals[i];

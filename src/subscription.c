@@ -48,25 +48,6 @@ eb_handler_signature_ok(Oid handler)
 	return ok;
 }
 
-/*
- * Run one internal statement on eventbus's tables as the extension owner
- * (privilege.c); the caller has connected SPI.
- */
-static uint64
-exec_internal(const char *sql, int nargs, Oid *types, Datum *values, const char *nulls,
-			  int expected)
-{
-	EbSecContext ctx;
-	int			rc;
-
-	eb_as_owner_begin(&ctx);
-	rc = SPI_execute_with_args(sql, nargs, types, values, nulls, false, 0);
-	eb_as_owner_end(&ctx);
-	if (rc != expected)
-		elog(ERROR, "eventbus internal statement failed: %s", SPI_result_code_string(rc));
-	return SPI_processed;
-}
-
 /* Column col of the first result row (SPI), as a Datum; *isnull set. */
 static Datum
 result_col(int col, bool *isnull)
@@ -145,7 +126,7 @@ eventbus_subscribe(PG_FUNCTION_ARGS)
 	/* Insert, or lock the existing row; a concurrent insert makes us look again. */
 	for (int tries = 0; tries < 2 && id == 0; tries++)
 	{
-		if (exec_internal("INSERT INTO eventbus.subscriptions (topic, transport, handler, role_id, max_attempts)"
+		if (eb_exec_as_owner("INSERT INTO eventbus.subscriptions (topic, transport, handler, role_id, max_attempts)"
 						  " VALUES ($1, $2, $3::pg_catalog.regprocedure, $4, $5)"
 						  " ON CONFLICT (topic, transport, handler) DO NOTHING RETURNING id",
 						  5, types, values, NULL, SPI_OK_INSERT_RETURNING) == 1)
@@ -153,7 +134,7 @@ eventbus_subscribe(PG_FUNCTION_ARGS)
 			id = DatumGetInt64(result_col(1, &isnull));
 			break;
 		}
-		if (exec_internal(FIND_SUB_SQL, 3, types, values, NULL, SPI_OK_SELECT) == 1)
+		if (eb_exec_as_owner(FIND_SUB_SQL, 3, types, values, NULL, SPI_OK_SELECT) == 1)
 		{
 			Datum		upd[2];
 			Oid			updtypes[2] = {INT8OID, INT4OID};
@@ -162,7 +143,7 @@ eventbus_subscribe(PG_FUNCTION_ARGS)
 			eb_require_owner(DatumGetObjectId(result_col(2, &isnull)), "change", id);
 			upd[0] = Int64GetDatum(id);
 			upd[1] = values[4];
-			exec_internal("UPDATE eventbus.subscriptions SET max_attempts = $2"
+			eb_exec_as_owner("UPDATE eventbus.subscriptions SET max_attempts = $2"
 						  " WHERE id OPERATOR(pg_catalog.=) $1",
 						  2, updtypes, upd, NULL, SPI_OK_UPDATE);
 		}
@@ -194,7 +175,7 @@ eventbus_unsubscribe(PG_FUNCTION_ARGS)
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	found = exec_internal(FIND_SUB_SQL, 3, types, values, NULL, SPI_OK_SELECT) == 1;
+	found = eb_exec_as_owner(FIND_SUB_SQL, 3, types, values, NULL, SPI_OK_SELECT) == 1;
 	if (found)
 	{
 		int64		id = DatumGetInt64(result_col(1, &isnull));
@@ -202,7 +183,7 @@ eventbus_unsubscribe(PG_FUNCTION_ARGS)
 		Datum		idval = Int64GetDatum(id);
 
 		eb_require_owner(DatumGetObjectId(result_col(2, &isnull)), "remove", id);
-		exec_internal("DELETE FROM eventbus.subscriptions WHERE id OPERATOR(pg_catalog.=) $1",
+		eb_exec_as_owner("DELETE FROM eventbus.subscriptions WHERE id OPERATOR(pg_catalog.=) $1",
 					  1, &idtype, &idval, NULL, SPI_OK_DELETE);
 	}
 	SPI_finish();
@@ -242,7 +223,7 @@ eventbus_replay_dead_letter(PG_FUNCTION_ARGS)
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	if (exec_internal("SELECT s.handler::pg_catalog.oid, s.role_id, d.envelope, s.id,"
+	if (eb_exec_as_owner("SELECT s.handler::pg_catalog.oid, s.role_id, d.envelope, s.id,"
 					  " d.replayed_at IS NOT NULL"
 					  " FROM eventbus.dead_letters d JOIN eventbus.subscriptions s"
 					  " ON s.id OPERATOR(pg_catalog.=) d.subscription_id"
@@ -272,7 +253,7 @@ eventbus_replay_dead_letter(PG_FUNCTION_ARGS)
 	eb_constraints_immediate();
 	ok = eb_handler_call(handler, role, envelope, &error);
 	if (ok)
-		exec_internal("WITH d AS (UPDATE eventbus.dead_letters SET replayed_at = pg_catalog.clock_timestamp()"
+		eb_exec_as_owner("WITH d AS (UPDATE eventbus.dead_letters SET replayed_at = pg_catalog.clock_timestamp()"
 					  " WHERE id OPERATOR(pg_catalog.=) $1 RETURNING subscription_id, (envelope).event_id)"
 					  " UPDATE eventbus.inbox i SET outcome = 'handled', handled_at = pg_catalog.clock_timestamp()"
 					  " FROM d WHERE i.subscription_id OPERATOR(pg_catalog.=) d.subscription_id"
@@ -282,7 +263,7 @@ eventbus_replay_dead_letter(PG_FUNCTION_ARGS)
 	{
 		values[1] = CStringGetTextDatum(error->message ? error->message : "unknown error");
 		values[2] = CStringGetTextDatum(unpack_sql_state(error->sqlerrcode));
-		exec_internal("UPDATE eventbus.dead_letters SET attempts = attempts OPERATOR(pg_catalog.+) 1,"
+		eb_exec_as_owner("UPDATE eventbus.dead_letters SET attempts = attempts OPERATOR(pg_catalog.+) 1,"
 					  " error_message = $2, error_sqlstate = $3, failed_at = pg_catalog.clock_timestamp()"
 					  " WHERE id OPERATOR(pg_catalog.=) $1",
 					  3, types, values, NULL, SPI_OK_UPDATE);
@@ -321,7 +302,7 @@ eventbus_dead_letters(PG_FUNCTION_ARGS)
 	{
 		bool		isnull;
 
-		if (exec_internal("SELECT role_id FROM eventbus.subscriptions WHERE id OPERATOR(pg_catalog.=) $1",
+		if (eb_exec_as_owner("SELECT role_id FROM eventbus.subscriptions WHERE id OPERATOR(pg_catalog.=) $1",
 						  1, types, values, nulls, SPI_OK_SELECT) == 0)
 			ereport(ERROR,
 					(errcode(ERRCODE_UNDEFINED_OBJECT),
@@ -329,7 +310,7 @@ eventbus_dead_letters(PG_FUNCTION_ARGS)
 		eb_require_owner(DatumGetObjectId(result_col(1, &isnull)), "read dead letters of",
 						 PG_GETARG_INT64(0));
 	}
-	n = exec_internal("SELECT d.id, d.subscription_id, s.topic, s.handler, d.envelope, d.error_message,"
+	n = eb_exec_as_owner("SELECT d.id, d.subscription_id, s.topic, s.handler, d.envelope, d.error_message,"
 					  " d.error_sqlstate, d.attempts, d.failed_at, d.replayed_at"
 					  " FROM eventbus.dead_letters d JOIN eventbus.subscriptions s"
 					  " ON s.id OPERATOR(pg_catalog.=) d.subscription_id"
