@@ -8,16 +8,19 @@ REGRESS     = $(sort $(patsubst sql/%.sql,%,$(filter-out sql/eventbus--%,$(wildc
 
 PG_CONFIG  ?= pg_config
 # -Wno-unused-parameter: PG_FUNCTION_ARGS and library callbacks have fixed signatures.
+# -MMD -MP: each object's header dependencies, as the compiler saw them.
 PG_CFLAGS   = -std=gnu11 -Wall -Wextra -Werror -Wno-unused-parameter -Wno-missing-field-initializers \
-              $(shell pkg-config --cflags rdkafka libnats)
+              -fvisibility=hidden -MMD -MP $(shell pkg-config --cflags rdkafka libnats)
+# Export only what PostgreSQL looks up by name (_PG_init, the SQL functions,
+# worker entry points): PostgreSQL 15 leaves PGDLLEXPORT empty on ELF.
+PG_CPPFLAGS = -DPGDLLEXPORT='__attribute__((visibility("default")))'
 SHLIB_LINK  = $(shell pkg-config --libs rdkafka libnats) -lpthread
-EXTRA_CLEAN = test/tools/devbroker test/tools/natstool
+EXTRA_CLEAN = test/tools/devbroker test/tools/natstool $(OBJS:.o=.d)
 
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
 
-# Every object depends on the shared header (PGXS tracks no header dependencies).
-$(OBJS): src/eventbus.h
+-include $(OBJS:.o=.d)
 
 TOOL_CFLAGS = -std=gnu11 -O2 -Wall -Wextra -Werror
 

@@ -20,7 +20,10 @@
 #include "utils/jsonb.h"
 #include "utils/numeric.h"
 
+#include "envelope.h"
 #include "eventbus.h"
+#include "pool.h"
+#include "transport.h"
 
 PG_FUNCTION_INFO_V1(eventbus_check_message);
 PG_FUNCTION_INFO_V1(eventbus_decode_message);
@@ -124,7 +127,8 @@ check(FunctionCallInfo fcinfo, Datum *envelope)
 	/* What the dispatcher sends a pool worker, and what the worker builds. */
 	item.tag = 1;
 	item.max_attempts = 1;
-	item.transport = key ? EB_TRANSPORT_KAFKA : EB_TRANSPORT_NATS;
+	/* As documented: a keyed message is taken for a Kafka message. */
+	item.transport = eb_transport_from_name(key ? "kafka" : "nats");
 	item.ev.topic = "";
 	initStringInfo(&buf);
 	eb_workitem_encode(&buf, &item);

@@ -32,6 +32,7 @@
 #include "utils/syscache.h"
 
 #include "eventbus.h"
+#include "privilege.h"
 
 static object_access_hook_type prev_object_access_hook = NULL;
 static ProcessUtility_hook_type prev_process_utility_hook = NULL;

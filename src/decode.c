@@ -27,7 +27,8 @@
 #include "utils/resowner.h"
 #include "utils/timestamp.h"
 
-#include "eventbus.h"
+#include "envelope.h"
+#include "guc.h"
 
 /* Upper bound of the jsonb bytes a JSON token needs beyond its text
  * (JEntry, alignment, container and numeric headers). */

@@ -1,11 +1,12 @@
 /*
- * dispatcher.c — the eventbus dispatcher background worker: runs the Kafka
- * and NATS consumers, decodes messages (quarantining malformed ones), and
- * feeds the global keyed-worker pool through shared-memory queues; which
- * worker runs which item is the scheduler's choice (scheduler.c): a
- * (subscription, aggregate) runs on one worker at a time, in order.  A message is finished — Kafka completion point
- * advanced, JetStream message acked — only when every subscription's
- * handler for it committed (or dead-lettered it).
+ * dispatcher.c — the eventbus dispatcher background worker: runs every
+ * configured transport's consumer, decodes messages (quarantining malformed
+ * ones), and feeds the global keyed-worker pool through shared-memory
+ * queues; which worker runs which item is the scheduler's choice
+ * (scheduler.c): a (subscription, aggregate) runs on one worker at a time,
+ * in order.  A message is finished (the transport's consumer_done: Kafka
+ * completion point advanced, JetStream message acked) only when every
+ * subscription's handler for it committed or dead-lettered it.
  */
 #include "postgres.h"
 
@@ -31,7 +32,12 @@
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
+#include "envelope.h"
 #include "eventbus.h"
+#include "guc.h"
+#include "pool.h"
+#include "transport.h"
+#include "util.h"
 
 /* Inbox pruning: rows per transaction, and time per second spent on it. */
 #define PRUNE_CHUNK		10000
@@ -103,29 +109,29 @@ static uint64 next_tag = 1;
 static int	in_flight = 0;
 static List *quarantine = NIL;
 static MemoryContext msg_cxt;	/* deliveries, unsent items, quarantine */
-static bool kafka_up = false;
-static bool nats_up = false;
+static bool consumer_up[EB_NTRANSPORTS];
 
-/* Is s in a list of C strings? */
-bool
-eb_string_member(List *list, const char *s)
+static void dispatch_message(EbInbound *in);
+
+/*
+ * A pool worker detached from its queue: in-flight work cannot complete.
+ * Exit; the launcher starts a new dispatcher and pool, unfinished messages
+ * are redelivered and the inbox skips what was handled.
+ */
+static void
+pool_worker_gone(int w)
 {
-	ListCell   *lc;
-
-	foreach(lc, list)
-		if (strcmp(lfirst(lc), s) == 0)
-			return true;
-	return false;
+	ereport(LOG,
+			(errcode(ERRCODE_ADMIN_SHUTDOWN),
+			 errmsg("pool worker %d is gone, restarting the dispatcher and its pool", w)));
+	proc_exit(1);
 }
 
 /* Finish a message: commit point / ack. */
 static void
 finish(Delivery *d)
 {
-	if (d->transport == EB_TRANSPORT_KAFKA)
-		kafka_consumer_done(d->token);
-	else
-		nats_consumer_done(d->token);
+	eb_transport(d->transport)->consumer_done(d->token);
 	pfree(d);
 	in_flight--;
 }
@@ -147,7 +153,7 @@ send_to(int w, StringInfo buf)
 		if (res == SHM_MQ_SUCCESS)
 			return;
 		if (res == SHM_MQ_DETACHED)
-			ereport(ERROR, (errmsg("eventbus: pool worker %d is gone, restarting the pool", w)));
+			pool_worker_gone(w);
 	}
 	/* Would block: shm_mq needs the very same message again later. */
 	old = MemoryContextSwitchTo(msg_cxt);
@@ -194,7 +200,7 @@ flush_unsent(void)
 			if (res == SHM_MQ_WOULD_BLOCK)
 				break;
 			if (res == SHM_MQ_DETACHED)
-				ereport(ERROR, (errmsg("eventbus: pool worker %d is gone, restarting the pool", w)));
+				pool_worker_gone(w);
 			unsent[w] = list_delete_first(unsent[w]);
 			unsent_bytes -= buf->len;
 			pfree(buf->data);
@@ -216,10 +222,11 @@ to_bytea(const char *data, size_t len)
 }
 
 /*
- * Take one inbound message: decode it, then either queue it for quarantine
- * or hand one work item per matching subscription to the scheduler.
+ * Take one inbound message (the consumers' EbDeliverFn): decode it, then
+ * either queue it for quarantine or hand one work item per matching
+ * subscription to the scheduler.
  */
-void
+static void
 dispatch_message(EbInbound *in)
 {
 	/*
@@ -319,17 +326,16 @@ flush_quarantine(void)
 		Quarantined *q = lfirst(lc);
 		Datum		v[9];
 		char		n[9];
-		bool		kafka = q->transport == EB_TRANSPORT_KAFKA;
 
 		memset(n, ' ', sizeof(n));
 		v[0] = CStringGetTextDatum(eb_transport_name(q->transport));
 		v[1] = CStringGetTextDatum(q->topic);
 		v[2] = Int32GetDatum(q->partition);
-		n[2] = kafka ? ' ' : 'n';
+		n[2] = q->partition >= 0 ? ' ' : 'n';
 		v[3] = Int64GetDatum(q->offset);
-		n[3] = kafka ? ' ' : 'n';
+		n[3] = q->offset >= 0 ? ' ' : 'n';
 		v[4] = Int64GetDatum((int64) q->stream_seq);
-		n[4] = kafka ? 'n' : ' ';
+		n[4] = q->stream_seq > 0 ? ' ' : 'n';
 		v[5] = PointerGetDatum(q->key);
 		n[5] = q->key ? ' ' : 'n';
 		v[6] = q->headers ? DirectFunctionCall1(jsonb_in, CStringGetDatum(q->headers)) : (Datum) 0;
@@ -340,9 +346,10 @@ flush_quarantine(void)
 								  " kafka_offset, stream_sequence, message_key, headers, raw, reason)"
 								  " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
 								  9, types, v, n, false, 0) != SPI_OK_INSERT)
-			elog(ERROR, "eventbus: could not write to eventbus.quarantine");
+			elog(ERROR, "could not write to eventbus.quarantine");
 		ereport(LOG,
-				(errmsg("eventbus: quarantined a message from %s topic %s: %s",
+				(errcode(ERRCODE_DATA_EXCEPTION),
+				 errmsg("quarantined a message from %s topic %s: %s",
 						eb_transport_name(q->transport), q->topic, q->reason)));
 	}
 	eb_xact_end(cxt);
@@ -369,7 +376,7 @@ drain_completions(void)
 			if (res == SHM_MQ_WOULD_BLOCK)
 				break;
 			if (res == SHM_MQ_DETACHED)
-				ereport(ERROR, (errmsg("eventbus: pool worker %d is gone, restarting the pool", w)));
+				pool_worker_gone(w);
 			for (Size i = 0; i < len / sizeof(EbCompletion); i++)
 			{
 				ItemRef    *ref;
@@ -402,8 +409,7 @@ drain_completions(void)
 static void
 load_subscriptions(void)
 {
-	List	   *ktopics = NIL;
-	List	   *ntopics = NIL;
+	List	   *topics[EB_NTRANSPORTS] = {NIL};
 	Sub		   *fresh;
 	int			n;
 	MemoryContext old;
@@ -414,7 +420,7 @@ load_subscriptions(void)
 	if (SPI_execute("SELECT s.id, s.topic, s.transport, s.handler::pg_catalog.oid, s.role_id, s.max_attempts"
 					" FROM eventbus.subscriptions s WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_authid a"
 					" WHERE a.oid OPERATOR(pg_catalog.=) s.role_id) ORDER BY s.id", true, 0) != SPI_OK_SELECT)
-		elog(ERROR, "eventbus: could not read subscriptions");
+		elog(ERROR, "could not read subscriptions");
 	n = (int) SPI_processed;
 	old = MemoryContextSwitchTo(TopMemoryContext);
 	fresh = palloc0(sizeof(Sub) * Max(n, 1));
@@ -433,10 +439,9 @@ load_subscriptions(void)
 		for (int j = 0; j < nsubs; j++)
 			if (subs[j].id == fresh[i].id)
 				fresh[i].in_flight = subs[j].in_flight;
-		if (fresh[i].transport == EB_TRANSPORT_KAFKA && !eb_string_member(ktopics, fresh[i].topic))
-			ktopics = lappend(ktopics, fresh[i].topic);
-		if (fresh[i].transport == EB_TRANSPORT_NATS && !eb_string_member(ntopics, fresh[i].topic))
-			ntopics = lappend(ntopics, fresh[i].topic);
+		if (fresh[i].transport >= 0 &&
+			!eb_string_member(topics[fresh[i].transport], fresh[i].topic))
+			topics[fresh[i].transport] = lappend(topics[fresh[i].transport], fresh[i].topic);
 	}
 	MemoryContextSwitchTo(old);
 	eb_xact_end(cxt);
@@ -449,49 +454,54 @@ load_subscriptions(void)
 	nsubs = n;
 	subs_loaded_at = GetCurrentTimestamp();
 
-	if (kafka_up)
-		kafka_consumer_set_topics(ktopics);
-	if (nats_up)
-		nats_consumer_set_topics(ntopics);
-	list_free(ktopics);
-	list_free(ntopics);
+	for (int t = 0; t < EB_NTRANSPORTS; t++)
+	{
+		if (consumer_up[t])
+			eb_transport(t)->consumer_set_topics(topics[t]);
+		list_free(topics[t]);
+	}
 }
 
 /* The settings the consumers depend on, as one string. */
 static char *
 consumer_config(void)
 {
-	return psprintf("%s|%s|%s|%s|%s|%s|%d|%d", eb_kafka_brokers, eb_kafka_properties,
-					eb_nats_url, eb_nats_credentials_file, eb_nats_token,
-					eb_consumer_group, eb_max_payload_bytes, eb_dispatcher_memory_kb);
+	StringInfoData buf;
+
+	initStringInfo(&buf);
+	appendStringInfo(&buf, "%d", eb_max_payload_bytes);
+	for (int t = 0; t < EB_NTRANSPORTS; t++)
+		appendStringInfo(&buf, "|%s", eb_transport(t)->settings(false));
+	return buf.data;
 }
 
-/* Start (or stop) the broker clients as configured. */
+/* Start the consumers of configured transports; check the running ones. */
 static void
 manage_clients(void)
 {
-	if (!kafka_up && eb_transport_configured(EB_TRANSPORT_KAFKA))
+	for (int t = 0; t < EB_NTRANSPORTS; t++)
 	{
-		kafka_up = kafka_consumer_start();
-		if (kafka_up)
-			subs_loaded_at = 0;	/* subscribe it */
-	}
-	if (!nats_up && eb_transport_configured(EB_TRANSPORT_NATS))
-	{
-		nats_up = nats_client_start("eventbus consumer");
-		if (nats_up)
-			subs_loaded_at = 0;
-	}
-	if (kafka_up)
-	{
-		kafka_probe();
-		if (kafka_fatal())
+		const EbTransportRoutine *tr = eb_transport(t);
+
+		if (!consumer_up[t] && tr->configured())
 		{
-			ereport(ERROR, (errmsg("eventbus: Kafka consumer failed, restarting the dispatcher")));
+			consumer_up[t] = tr->consumer_start(dispatch_message);
+			if (consumer_up[t])
+				subs_loaded_at = 0; /* subscribe it */
+		}
+		if (consumer_up[t] && !tr->consumer_check())
+		{
+			/*
+			 * In-flight messages belong to the failed client: start over.
+			 * The launcher starts a new dispatcher; unfinished messages are
+			 * redelivered and the inbox skips what was handled.
+			 */
+			ereport(LOG,
+					(errcode(ERRCODE_CONNECTION_FAILURE),
+					 errmsg("the %s consumer failed, restarting the dispatcher", tr->name)));
+			proc_exit(1);
 		}
 	}
-	if (nats_up)
-		nats_poll_state();		/* nats_consumer_poll rebinds after a reconnect */
 }
 
 /*
@@ -547,8 +557,7 @@ report_status(void)
 
 	for (int i = 0; i < nsubs && i < EB_MAX_SUB_STATUS; i++)
 	{
-		int64		waiting = subs[i].transport == EB_TRANSPORT_KAFKA ?
-			kafka_consumer_lag(subs[i].topic) : nats_consumer_lag(subs[i].topic);
+		int64		waiting = eb_transport(subs[i].transport)->consumer_lag(subs[i].topic);
 
 		SpinLockAcquire(&eb_shared->mutex);
 		eb_shared->subs[i].id = subs[i].id;
@@ -612,25 +621,25 @@ start_pool(void)
 		if (!RegisterDynamicBackgroundWorker(&w, &whandles[i]))
 			ereport(ERROR,
 					(errcode(ERRCODE_INSUFFICIENT_RESOURCES),
-					 errmsg("eventbus: could not start pool worker %d", i),
+					 errmsg("could not start pool worker %d", i),
 					 errhint("Raise max_worker_processes (the pool needs eventbus.workers + 2).")));
 		toq[i] = shm_mq_attach(in, seg, whandles[i]);
 		fromq[i] = shm_mq_attach(out, seg, whandles[i]);
 	}
 }
 
-/* Is every pool worker still there? */
-static bool
-pool_alive(void)
+/* A pool worker that exited, or -1 if every one is still there. */
+static int
+exited_worker(void)
 {
 	for (int i = 0; i < nworkers; i++)
 	{
 		pid_t		pid;
 
 		if (GetBackgroundWorkerPid(whandles[i], &pid) == BGWH_STOPPED)
-			return false;
+			return i;
 	}
-	return true;
+	return -1;
 }
 
 /* On exit: stop the pool and the consumers (durables and offsets kept). */
@@ -640,14 +649,10 @@ dispatcher_exit(int code, Datum arg)
 	for (int i = 0; i < nworkers; i++)
 		if (whandles && whandles[i])
 			TerminateBackgroundWorker(whandles[i]);
-	if (kafka_up)
-		kafka_client_stop();
-	if (nats_up)
-	{
-		nats_consumer_forget();
-		nats_client_stop();
-	}
-	nats_library_close();
+	for (int t = 0; t < EB_NTRANSPORTS; t++)
+		if (consumer_up[t])
+			eb_transport(t)->consumer_stop();
+	eb_transports_close_libraries();
 	SpinLockAcquire(&eb_shared->mutex);
 	eb_shared->dispatcher_pid = 0;
 	eb_shared->dispatcher_latch = NULL;
@@ -669,7 +674,6 @@ eventbus_dispatcher_main(Datum main_arg)
 	eb_worker_connect("eventbus dispatcher");
 
 	eb_broker_slots = eb_shared->consumer;
-	eb_log_prefix = "eventbus consumer";
 	SpinLockAcquire(&eb_shared->mutex);
 	eb_shared->dispatcher_pid = MyProcPid;
 	eb_shared->dispatcher_since = GetCurrentTimestamp();
@@ -700,6 +704,7 @@ eventbus_dispatcher_main(Datum main_arg)
 		int			got = 0;
 		uint64		gen;
 		int64		budget;
+		int			dead;
 
 		if (eb_worker_loop_top(loop_cxt))
 		{
@@ -712,13 +717,13 @@ eventbus_dispatcher_main(Datum main_arg)
 				 * launcher starts a new dispatcher; unfinished messages are
 				 * redelivered and the inbox skips what was handled.
 				 */
-				ereport(LOG, (errmsg("eventbus: consumer settings changed, restarting the dispatcher")));
+				ereport(LOG, (errmsg("consumer settings changed, restarting the dispatcher")));
 				proc_exit(0);
 			}
 			pfree(now);
 		}
-		if (!pool_alive())
-			ereport(ERROR, (errmsg("eventbus: a pool worker exited, restarting the pool")));
+		if ((dead = exited_worker()) >= 0)
+			pool_worker_gone(dead);
 
 		manage_clients();
 
@@ -737,26 +742,27 @@ eventbus_dispatcher_main(Datum main_arg)
 		flush_unsent();
 
 		budget = (int64) eb_dispatcher_memory_kb * 1024 - eb_sched_pending_bytes() - unsent_bytes;
-		if (in_flight < MAX_IN_FLIGHT && budget > 0)
+		/*
+		 * Pool busy or memory full: stop fetching; nothing is dropped.  Keep
+		 * serving the consumers (errors, logs); a message a client had
+		 * prefetched is still taken, one per round, so memory stays bounded
+		 * by eventbus.dispatcher_memory plus the clients' prefetch.
+		 */
+		for (int t = 0; t < EB_NTRANSPORTS; t++)
 		{
-			kafka_consumer_pause(false);
-			if (kafka_up)
-				got += kafka_consumer_poll(MAX_IN_FLIGHT - in_flight, budget);
-			if (nats_up)
-				got += nats_consumer_poll(MAX_IN_FLIGHT - in_flight,
-										  (int64) eb_dispatcher_memory_kb * 1024 - eb_sched_pending_bytes() - unsent_bytes);
-		}
-		else
-		{
-			/*
-			 * Pool busy or memory full: stop fetching; nothing is dropped.
-			 * Keep serving the consumer (errors, logs); a message it had
-			 * prefetched is still taken, one per round, so memory stays
-			 * bounded by eventbus.dispatcher_memory plus Kafka's prefetch.
-			 */
-			kafka_consumer_pause(true);
-			if (kafka_up)
-				got += kafka_consumer_poll(100, 1);
+			const EbTransportRoutine *tr = eb_transport(t);
+			bool		pause = in_flight >= MAX_IN_FLIGHT || budget <= 0;
+
+			if (!consumer_up[t])
+				continue;
+			tr->consumer_pause(pause);
+			if (pause)
+				got += tr->consumer_poll(100, 1);
+			else
+			{
+				got += tr->consumer_poll(MAX_IN_FLIGHT - in_flight, budget);
+				budget = (int64) eb_dispatcher_memory_kb * 1024 - eb_sched_pending_bytes() - unsent_bytes;
+			}
 		}
 		eb_sched_dispatch(sched_send);
 		flush_unsent();
@@ -766,8 +772,16 @@ eventbus_dispatcher_main(Datum main_arg)
 
 		if (got > 0)
 			timeout = 0;
-		else if (nats_up && nsubs > 0)
-			timeout = 50;		/* JetStream pull: fetch again shortly */
+		else
+		{
+			for (int t = 0; t < EB_NTRANSPORTS; t++)
+			{
+				int			idle = consumer_up[t] ? eb_transport(t)->consumer_idle_poll_ms() : 0;
+
+				if (idle > 0)
+					timeout = Min(timeout, idle);
+			}
+		}
 
 		pgstat_report_activity(STATE_IDLE, NULL);
 		if (timeout > 0)

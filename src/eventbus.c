@@ -20,10 +20,10 @@
 #include "utils/timestamp.h"
 
 #include "eventbus.h"
+#include "guc.h"
+#include "privilege.h"
 
 PG_MODULE_MAGIC;
-
-void		_PG_init(void);
 
 EbShared   *eb_shared = NULL;
 
@@ -120,34 +120,6 @@ _PG_init(void)
 }
 
 /*
- * Start a background worker's transaction with SPI and a snapshot.  Returns
- * the caller's memory context, which eb_xact_end restores (a commit would
- * otherwise leave TopMemoryContext current, where loop allocations leak).
- */
-MemoryContext
-eb_xact_begin(void)
-{
-	MemoryContext cxt = CurrentMemoryContext;
-
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
-	PushActiveSnapshot(GetTransactionSnapshot());
-	return cxt;
-}
-
-/* Finish what eb_xact_begin started: commit, back to the caller's context. */
-void
-eb_xact_end(MemoryContext cxt)
-{
-	SPI_finish();
-	PopActiveSnapshot();
-	CommitTransactionCommand();
-	MemoryContextSwitchTo(cxt);
-}
-
-/*
  * Common start of every eventbus background worker: signal handlers (SIGHUP
  * reloads, SIGTERM terminates through die()), then a connection to
  * eventbus.database.
@@ -179,22 +151,6 @@ eb_worker_loop_top(MemoryContext loop_cxt)
 	ConfigReloadPending = false;
 	ProcessConfigFile(PGC_SIGHUP);
 	return true;
-}
-
-/* Prepare a statement once per process and keep its plan in *plan. */
-SPIPlanPtr
-eb_keep_plan(SPIPlanPtr *plan, const char *sql, int nargs, Oid *argtypes)
-{
-	if (*plan == NULL)
-	{
-		SPIPlanPtr	p = SPI_prepare(sql, nargs, argtypes);
-
-		if (p == NULL)
-			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-		SPI_keepplan(p);
-		*plan = p;
-	}
-	return *plan;
 }
 
 /* ERROR unless the library was preloaded (no shared memory otherwise). */

@@ -16,11 +16,13 @@
 #include "utils/memutils.h"
 
 #include "eventbus.h"
+#include "guc.h"
+#include "transport.h"
 
 char	   *eb_database = NULL;
 char	   *eb_kafka_brokers = NULL;
 char	   *eb_nats_url = NULL;
-int			eb_default_transport = EB_TRANSPORT_KAFKA;
+int			eb_default_transport = 0;
 int			eb_workers = 4;
 char	   *eb_consumer_group = NULL;
 char	   *eb_kafka_properties = NULL;
@@ -33,11 +35,8 @@ int			eb_inbox_retention_min = 7 * 24 * 60;
 int			eb_handler_timeout_ms = 60000;
 int			eb_dispatcher_memory_kb = 64 * 1024;
 
-static const struct config_enum_entry transport_options[] = {
-	{"kafka", EB_TRANSPORT_KAFKA, false},
-	{"nats", EB_TRANSPORT_NATS, false},
-	{NULL, 0, false}
-};
+/* Values of eventbus.default_transport: the registered transports. */
+static struct config_enum_entry transport_options[EB_NTRANSPORTS + 1];
 
 /*
  * librdkafka properties eventbus sets itself: the guarantees (idempotent,
@@ -342,9 +341,14 @@ eb_define_gucs(void)
 							   &eb_nats_url, "",
 							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, show_nats_url);
 
+	for (int t = 0; t < EB_NTRANSPORTS; t++)
+		transport_options[t] = (struct config_enum_entry)
+		{
+			eb_transport_name(t), t, false
+		};
 	DefineCustomEnumVariable("eventbus.default_transport",
 							 "Transport eventbus_publish uses when none is given.",
-							 NULL, &eb_default_transport, EB_TRANSPORT_KAFKA,
+							 NULL, &eb_default_transport, 0,
 							 transport_options,
 							 PGC_USERSET, 0, NULL, NULL, NULL);
 
@@ -406,13 +410,4 @@ eb_define_gucs(void)
 							PGC_SIGHUP, GUC_UNIT_KB, NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("eventbus");
-}
-
-/* Is the broker of this transport configured? */
-bool
-eb_transport_configured(int transport)
-{
-	const char *v = transport == EB_TRANSPORT_KAFKA ? eb_kafka_brokers : eb_nats_url;
-
-	return v != NULL && v[0] != '\0';
 }

@@ -27,12 +27,18 @@
 #include "utils/regproc.h"
 #include "utils/resowner.h"
 #include "utils/snapmgr.h"
+#include "storage/latch.h"
 #include "utils/syscache.h"
 #include "utils/timeout.h"
 #include "utils/typcache.h"
 #include "utils/uuid.h"
 
-#include "eventbus.h"
+#include "envelope.h"
+#include "guc.h"
+#include "pool.h"
+#include "privilege.h"
+#include "transport.h"
+#include "util.h"
 
 static SPIPlanPtr claim_plan = NULL;
 static SPIPlanPtr dead_plan = NULL;

@@ -18,7 +18,7 @@
 #include "utils/resowner.h"
 #include "utils/timestamp.h"
 
-#include "eventbus.h"
+#include "envelope.h"
 
 /*
  * numeric's storage limits (numeric.c): at most 16383 digits after the

@@ -1,7 +1,8 @@
 /*
- * kafka.c — the process's librdkafka client: configuration, connection
- * state and backoff probing shared by the launcher's producer and the
- * dispatcher's consumer, plus the relay's producer calls.
+ * kafka.c — the Kafka transport: the process's librdkafka client
+ * (configuration, connection state and backoff probing shared by the
+ * launcher's producer and the dispatcher's consumer), the relay's producer,
+ * the checks publishing backends make, and the transport routine.
  *
  * Every librdkafka callback (delivery reports, errors, logs with log.queue)
  * is served by a poll on the worker's main thread, and the queue event only
@@ -9,9 +10,15 @@
  */
 #include "postgres.h"
 
+#include "utils/memutils.h"
 #include "utils/timestamp.h"
 
+#include "envelope.h"
 #include "eventbus.h"
+#include "guc.h"
+#include "kafka_client.h"
+#include "transport.h"
+#include "util.h"
 
 rd_kafka_t *eb_kafka = NULL;
 
@@ -21,6 +28,10 @@ static TimestampTz next_probe = 0;
 static int	probe_backoff_ms = 0;
 static int	probe_attempts = 0;	/* failed probes since last connected */
 static uint32 round_gen = 0;
+static EbAckFn ack_fn = NULL;	/* the relay's, while the producer runs */
+
+/* librdkafka's default message.max.bytes. */
+#define KAFKA_DEFAULT_MAX_MESSAGE	1000000
 
 /* Producer slots carry the round generation so a stale report is never misread. */
 #define SLOT_BITS 20
@@ -28,7 +39,7 @@ static uint32 round_gen = 0;
 
 /* Note a lost connection (main thread). */
 void
-kafka_mark_down(const char *reason)
+eb_kafka_mark_down(const char *reason)
 {
 	connected = false;
 	next_probe = 0;
@@ -37,7 +48,7 @@ kafka_mark_down(const char *reason)
 
 /* Note a working connection (main thread). */
 void
-kafka_mark_connected(void)
+eb_kafka_mark_connected(void)
 {
 	if (connected)
 		return;
@@ -57,12 +68,13 @@ error_cb(rd_kafka_t *rk, int err, const char *reason, void *opaque)
 
 		rd_kafka_fatal_error(rk, buf, sizeof(buf));
 		ereport(WARNING,
-				(errmsg("%s: fatal Kafka client error, recreating the client", eb_log_prefix),
+				(errcode(ERRCODE_CONNECTION_FAILURE),
+				 errmsg("fatal Kafka client error, recreating the client"),
 				 errdetail("%s", buf)));
 		fatal = true;
 	}
 	else if (err == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN)
-		kafka_mark_down(reason);
+		eb_kafka_mark_down(reason);
 }
 
 /*
@@ -72,7 +84,7 @@ error_cb(rd_kafka_t *rk, int err, const char *reason, void *opaque)
 static void
 log_cb(const rd_kafka_t *rk, int level, const char *fac, const char *buf)
 {
-	ereport(DEBUG1, (errmsg_internal("%s: librdkafka %s: %s", eb_log_prefix, fac, buf)));
+	ereport(DEBUG1, (errmsg_internal("librdkafka %s: %s", fac, buf)));
 }
 
 /* Set one property; false (with the reason in errstr) if rejected. */
@@ -128,7 +140,7 @@ apply_extra_properties(rd_kafka_conf_t *conf, char *errstr, size_t errlen)
  * role's properties and callbacks; consumed here in every case).
  */
 bool
-kafka_client_start(rd_kafka_type_t type, rd_kafka_conf_t *conf)
+eb_kafka_client_start(rd_kafka_type_t type, rd_kafka_conf_t *conf)
 {
 	rd_kafka_queue_t *q;
 	char		errstr[512];
@@ -232,7 +244,7 @@ consumer_close_bounded(rd_kafka_t *rk, int budget_ms)
  * committed are redelivered, and the inbox skips what was handled).
  */
 void
-kafka_client_stop(void)
+eb_kafka_client_stop(void)
 {
 	rd_kafka_t *rk = eb_kafka;
 	bool		orderly = false;
@@ -252,19 +264,22 @@ kafka_client_stop(void)
 
 	if (!eb_run_bounded(orderly ? destroy_client : destroy_client_now, rk, DESTROY_BUDGET_MS))
 		ereport(LOG,
-				(errmsg("%s: the Kafka client did not shut down within %d ms, leaving it behind",
-						eb_log_prefix, DESTROY_BUDGET_MS),
+				(errcode(ERRCODE_CONNECTION_FAILURE),
+				 errmsg("the Kafka client did not shut down within %d ms, leaving it behind",
+						DESTROY_BUDGET_MS),
 				 errdetail("Offsets not yet committed are redelivered and the inbox skips what was handled; unacknowledged events stay in the outbox.")));
 }
 
+/* Is the client connected (and usable)? */
 bool
-kafka_connected(void)
+eb_kafka_connected(void)
 {
 	return eb_kafka != NULL && connected && !fatal;
 }
 
+/* Did the client fail for good (it must be recreated)? */
 bool
-kafka_fatal(void)
+eb_kafka_fatal(void)
 {
 	return fatal;
 }
@@ -274,7 +289,7 @@ kafka_fatal(void)
  * between attempts (0.5 s doubling to 5 s).
  */
 void
-kafka_probe(void)
+eb_kafka_probe(void)
 {
 	const struct rd_kafka_metadata *md;
 	rd_kafka_resp_err_t err;
@@ -286,13 +301,13 @@ kafka_probe(void)
 	if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
 	{
 		rd_kafka_metadata_destroy(md);
-		kafka_mark_connected();
+		eb_kafka_mark_connected();
 	}
 	else
 	{
 		char		detail[EB_DETAIL_LEN];
 
-		probe_backoff_ms = Min(Max(probe_backoff_ms * 2, 500), 5000);
+		probe_backoff_ms = eb_backoff_next(probe_backoff_ms, 500, 5000);
 		probe_attempts++;
 		next_probe = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), probe_backoff_ms);
 		snprintf(detail, sizeof(detail), "%s: %s (attempt %d, next in %d ms)",
@@ -309,8 +324,8 @@ kafka_probe(void)
  * leader unavailable, purges, fatal producer errors, cluster-wide
  * authorization) is transient: retried with backoff.
  */
-bool
-kafka_error_permanent(rd_kafka_resp_err_t err)
+static bool
+error_permanent(rd_kafka_resp_err_t err)
 {
 	switch (err)
 	{
@@ -340,27 +355,27 @@ dr_cb(rd_kafka_t *rk, const rd_kafka_message_t *msg, void *opaque)
 	intptr_t	v = (intptr_t) msg->_private;
 	int			slot = (int) (v & ((1 << SLOT_BITS) - 1));
 
-	if ((uint32) (v >> SLOT_BITS) != (round_gen & 0x7ff))
+	if ((uint32) (v >> SLOT_BITS) != (round_gen & 0x7ff) || ack_fn == NULL)
 		return;
 	if (msg->err == RD_KAFKA_RESP_ERR_NO_ERROR)
 	{
-		kafka_mark_connected();
-		eb_relay_ack(EB_TRANSPORT_KAFKA, slot, EB_DELIVERED, NULL);
+		eb_kafka_mark_connected();
+		ack_fn(EB_TRANSPORT_KAFKA, slot, EB_DELIVERED, NULL);
 	}
 	else
 	{
 		if (msg->err == RD_KAFKA_RESP_ERR__MSG_TIMED_OUT ||
 			msg->err == RD_KAFKA_RESP_ERR__TRANSPORT)
-			kafka_mark_down(rd_kafka_err2str(msg->err));
-		eb_relay_ack(EB_TRANSPORT_KAFKA, slot,
-					 kafka_error_permanent(msg->err) ? EB_FAILED_PERMANENT : EB_FAILED_TRANSIENT,
+			eb_kafka_mark_down(rd_kafka_err2str(msg->err));
+		ack_fn(EB_TRANSPORT_KAFKA, slot,
+			   error_permanent(msg->err) ? EB_FAILED_PERMANENT : EB_FAILED_TRANSIENT,
 					 psprintf("Kafka: %s (%s)", rd_kafka_err2str(msg->err), rd_kafka_err2name(msg->err)));
 	}
 }
 
 /* The relay's producer: idempotent, fnv1a partitioner, bounded by ack_timeout. */
-bool
-kafka_producer_start(void)
+static bool
+producer_start(EbAckFn ack)
 {
 	rd_kafka_conf_t *conf = rd_kafka_conf_new();
 	char		errstr[512];
@@ -381,21 +396,46 @@ kafka_producer_start(void)
 		return false;
 	}
 	rd_kafka_conf_set_dr_msg_cb(conf, dr_cb);
-	return kafka_client_start(RD_KAFKA_PRODUCER, conf);
+	ack_fn = ack;
+	return eb_kafka_client_start(RD_KAFKA_PRODUCER, conf);
 }
 
-/* Serve delivery reports, errors and logs. */
-void
-kafka_producer_poll(void)
+/* Serve delivery reports, errors and logs; probe while not connected. */
+static bool
+producer_poll(void)
 {
 	if (eb_kafka)
 		while (rd_kafka_poll(eb_kafka, 0) > 0)
 			;
+	if (fatal)
+		return false;
+	eb_kafka_probe();
+	return true;
+}
+
+/* Wait (bounded) for the reports of what is in flight. */
+static void
+producer_drain(int timeout_ms)
+{
+	if (eb_kafka)
+	{
+		rd_kafka_flush(eb_kafka, timeout_ms);
+		while (rd_kafka_poll(eb_kafka, 0) > 0)
+			;
+	}
+}
+
+/* Stop the producer; its unreported events stay in the outbox. */
+static void
+producer_stop(void)
+{
+	eb_kafka_client_stop();
+	ack_fn = NULL;
 }
 
 /* A new relay round begins: reports of earlier rounds are ignored. */
-void
-kafka_begin_round(void)
+static void
+round_begin(const EbEvent *events, int n)
 {
 	round_gen++;
 }
@@ -411,9 +451,9 @@ add_header(void *arg, const char *name, const char *value)
  * Produce one event; its delivery report arrives through rd_kafka_poll.  On
  * an immediate failure, *permanent says whether retrying could help.
  */
-bool
-kafka_produce(const EbEvent *ev, const char *value, size_t len, int slot, char **errmsg,
-			  bool *permanent)
+static bool
+produce(const EbEvent *ev, const char *value, size_t len, int slot, char **errmsg,
+		bool *permanent)
 {
 	rd_kafka_headers_t *hdrs;
 	rd_kafka_resp_err_t err;
@@ -448,8 +488,155 @@ kafka_produce(const EbEvent *ev, const char *value, size_t len, int slot, char *
 	{
 		rd_kafka_headers_destroy(hdrs);
 		*errmsg = psprintf("Kafka: %s (%s)", rd_kafka_err2str(err), rd_kafka_err2name(err));
-		*permanent = kafka_error_permanent(err);
+		*permanent = error_permanent(err);
 		return false;
 	}
 	return true;
 }
+
+/* --- configuration and the checks publishing backends make --- */
+
+/* Is eventbus.kafka_brokers set? */
+static bool
+configured(void)
+{
+	return eb_kafka_brokers != NULL && eb_kafka_brokers[0] != '\0';
+}
+
+/* The settings the producer (or the consumer) depends on. */
+static char *
+settings(bool producer)
+{
+	if (producer)
+		return psprintf("%s|%s|%d", eb_kafka_brokers, eb_kafka_properties, eb_ack_timeout_ms);
+	return psprintf("%s|%s|%s|%d", eb_kafka_brokers, eb_kafka_properties,
+					eb_consumer_group, eb_dispatcher_memory_kb);
+}
+
+/* Kafka refuses the topic names "." and "..". */
+static void
+check_topic(const char *topic)
+{
+	if (strcmp(topic, ".") == 0 || strcmp(topic, "..") == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("invalid topic name \"%s\" for transport \"kafka\"", topic),
+				 errdetail("Kafka does not allow the topic names \".\" and \"..\".")));
+}
+
+/*
+ * The producer's message.max.bytes (librdkafka refuses a larger message
+ * before sending it): eventbus.kafka_properties, else librdkafka's default.
+ */
+static int64
+max_message(const char **limit_name)
+{
+	/* Parsed again only when the setting changed (it is per publish). */
+	static char *parsed_spec = NULL;
+	static int64 parsed_limit = 0;
+	const char *spec = eb_kafka_properties ? eb_kafka_properties : "";
+	int64		limit = KAFKA_DEFAULT_MAX_MESSAGE;
+	List	   *names;
+	List	   *values;
+	char	   *err;
+	ListCell   *ln;
+	ListCell   *lv;
+
+	*limit_name = "message.max.bytes";
+	if (parsed_spec && strcmp(parsed_spec, spec) == 0)
+		return parsed_limit;
+	if (eb_kafka_properties_parse(spec, &names, &values, &err))
+	{
+		/* The last setting wins, as in librdkafka. */
+		forboth(ln, names, lv, values)
+		{
+			char	   *end;
+			long		v;
+
+			if (strcmp(lfirst(ln), "message.max.bytes") != 0)
+				continue;
+			errno = 0;
+			v = strtol(lfirst(lv), &end, 10);
+			if (errno == 0 && *end == '\0' && v > 0)
+				limit = v;
+		}
+	}
+	if (parsed_spec)
+		pfree(parsed_spec);
+	parsed_spec = MemoryContextStrdup(TopMemoryContext, spec);
+	parsed_limit = limit;
+	return limit;
+}
+
+/* Bytes of a zigzag varint (Kafka record fields). */
+static Size
+zigzag_varint_size(int64 n)
+{
+	uint64		z = ((uint64) n << 1) ^ (uint64) (n >> 63);
+	Size		bytes = 1;
+
+	while (z >= 0x80)
+	{
+		z >>= 7;
+		bytes++;
+	}
+	return bytes;
+}
+
+/* Add one header's serialized size to *arg (a Size). */
+static void
+count_header(void *arg, const char *name, const char *value)
+{
+	Size		nl = strlen(name);
+	Size		vl = strlen(value);
+
+	*(Size *) arg += nl + vl + zigzag_varint_size(nl) + zigzag_varint_size(vl);
+}
+
+/*
+ * Size of ev's record as librdkafka checks it before producing: 36 bytes of
+ * maximum record overhead + key (the aggregate id) + value + headers.
+ */
+static Size
+wire_size(const EbEvent *ev, Size envelope_len)
+{
+	Size		headers = 0;
+
+	eb_event_headers(ev, count_header, &headers);
+	return 36 + strlen(ev->aggregate_id) + envelope_len + headers;
+}
+
+const EbTransportRoutine eb_kafka_transport = {
+	.name = "kafka",
+	.setting = "eventbus.kafka_brokers",
+	.one_per_aggregate = false,
+	.reconnect_poll_ms = 200,	/* the probe has its own backoff */
+
+	.configured = configured,
+	.settings = settings,
+	.check_topic = check_topic,
+	.max_message = max_message,
+	.max_message_hint = "message.max.bytes in eventbus.kafka_properties (and the brokers' and topic's limits)",
+	.wire_size = wire_size,
+
+	.producer_start = producer_start,
+	.producer_stop = producer_stop,
+	.producer_poll = producer_poll,
+	.producer_drain = producer_drain,
+	.connected = eb_kafka_connected,
+	.round_begin = round_begin,
+	.produce = produce,
+	.round_abandon = NULL,		/* message.timeout.ms = eventbus.ack_timeout */
+
+	.consumer_start = eb_kafka_consumer_start,
+	.consumer_stop = eb_kafka_consumer_stop,
+	.consumer_check = eb_kafka_consumer_check,
+	.consumer_set_topics = eb_kafka_consumer_set_topics,
+	.consumer_poll = eb_kafka_consumer_poll,
+	.consumer_done = eb_kafka_consumer_done,
+	.consumer_pause = eb_kafka_consumer_pause,
+	.consumer_lag = eb_kafka_consumer_lag,
+	.consumer_idle_poll_ms = eb_kafka_consumer_idle_poll_ms,
+
+	.library_close = NULL,
+};

@@ -25,7 +25,12 @@
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
+#include "envelope.h"
 #include "eventbus.h"
+#include "guc.h"
+#include "kafka_client.h"
+#include "transport.h"
+#include "util.h"
 
 /* Metadata look-ups block the main thread: keep each one short. */
 #define METADATA_TIMEOUT_MS 500
@@ -67,6 +72,7 @@ static List *topics = NIL;		/* TopicState *, in TopMemoryContext */
 static bool paused = false;
 static MemoryContext token_cxt = NULL;
 static rd_kafka_resp_err_t commit_error = RD_KAFKA_RESP_ERR_NO_ERROR;
+static EbDeliverFn deliver_fn = NULL;	/* the dispatcher's */
 
 /* Forget partitions: their in-flight messages no longer commit. */
 static void
@@ -135,7 +141,8 @@ assign_partitions(const char *topic, int from, int to)
 	if (error != NULL)
 	{
 		ereport(WARNING,
-				(errmsg("eventbus consumer: could not assign partitions of Kafka topic %s: %s",
+				(errcode(ERRCODE_CONNECTION_FAILURE),
+				 errmsg("could not assign partitions of Kafka topic %s: %s",
 						topic, rd_kafka_error_string(error))));
 		rd_kafka_error_destroy(error);
 	}
@@ -143,8 +150,8 @@ assign_partitions(const char *topic, int from, int to)
 	{
 		if (paused)
 			rd_kafka_pause_partitions(eb_kafka, list);
-		ereport(DEBUG1, (errmsg("eventbus consumer: Kafka topic %s partitions %d..%d assigned",
-								topic, from, to - 1)));
+		ereport(DEBUG1, (errmsg_internal("Kafka topic %s partitions %d..%d assigned",
+										 topic, from, to - 1)));
 	}
 	rd_kafka_topic_partition_list_destroy(list);
 }
@@ -208,7 +215,7 @@ discover(void)
 {
 	ListCell   *lc;
 
-	if (!kafka_connected())
+	if (!eb_kafka_connected())
 		return;
 	foreach(lc, topics)
 	{
@@ -235,19 +242,21 @@ offset_commit_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
 		return;
 	if (err == RD_KAFKA_RESP_ERR_UNKNOWN_MEMBER_ID || err == RD_KAFKA_RESP_ERR_ILLEGAL_GENERATION)
 		ereport(WARNING,
-				(errmsg("eventbus consumer: Kafka refused to store the offsets of group \"%s\": %s",
+				(errcode(ERRCODE_LOCK_NOT_AVAILABLE),
+				 errmsg("Kafka refused to store the offsets of group \"%s\": %s",
 						eb_consumer_group, rd_kafka_err2str(err)),
 				 errdetail("Another consumer is a member of that group."),
 				 errhint("Give each database its own eventbus.consumer_group; events since the last stored offset are redelivered after a restart (the inbox skips what was handled).")));
 	else
 		ereport(LOG,
-				(errmsg("eventbus consumer: could not commit Kafka offsets: %s", rd_kafka_err2str(err)),
+				(errcode(ERRCODE_CONNECTION_FAILURE),
+				 errmsg("could not commit Kafka offsets: %s", rd_kafka_err2str(err)),
 				 errdetail("They are committed again later; until then a restart redelivers, and the inbox skips, what was handled.")));
 }
 
 /* Create the consumer (offsets stored in group eventbus.consumer_group). */
 bool
-kafka_consumer_start(void)
+eb_kafka_consumer_start(EbDeliverFn deliver)
 {
 	rd_kafka_conf_t *conf = rd_kafka_conf_new();
 	char		errstr[512];
@@ -281,7 +290,8 @@ kafka_consumer_start(void)
 	topics = NIL;
 	paused = false;
 	commit_error = RD_KAFKA_RESP_ERR_NO_ERROR;
-	return kafka_client_start(RD_KAFKA_CONSUMER, conf);
+	deliver_fn = deliver;
+	return eb_kafka_client_start(RD_KAFKA_CONSUMER, conf);
 }
 
 /* The subscribed topic of that name, or NULL. */
@@ -301,7 +311,7 @@ find_topic(const char *name)
  * ones are assigned as soon as their partitions are known.
  */
 void
-kafka_consumer_set_topics(List *want)
+eb_kafka_consumer_set_topics(List *want)
 {
 	List	   *keep = NIL;
 	ListCell   *lc;
@@ -344,7 +354,7 @@ kafka_consumer_set_topics(List *want)
  * commit results); returns count.
  */
 int
-kafka_consumer_poll(int max, int64 max_bytes)
+eb_kafka_consumer_poll(int max, int64 max_bytes)
 {
 	int			n = 0;
 	int64		bytes = 0;
@@ -368,13 +378,13 @@ kafka_consumer_poll(int max, int64 max_bytes)
 		{
 			if (m->err == RD_KAFKA_RESP_ERR__TRANSPORT ||
 				m->err == RD_KAFKA_RESP_ERR__ALL_BROKERS_DOWN)
-				kafka_mark_down(rd_kafka_message_errstr(m));
+				eb_kafka_mark_down(rd_kafka_message_errstr(m));
 			else
-				ereport(DEBUG1, (errmsg("eventbus consumer: %s", rd_kafka_message_errstr(m))));
+				ereport(DEBUG1, (errmsg_internal("Kafka consumer: %s", rd_kafka_message_errstr(m))));
 			rd_kafka_message_destroy(m);
 			continue;
 		}
-		kafka_mark_connected();
+		eb_kafka_mark_connected();
 		bytes += (int64) m->len + (int64) m->key_len;
 
 		memset(&key, 0, sizeof(key));
@@ -397,6 +407,7 @@ kafka_consumer_poll(int max, int64 max_bytes)
 		in.keylen = m->key ? m->key_len : 0;
 		in.partition = m->partition;
 		in.offset = m->offset;
+		in.stream_seq = 0;
 		in.token = tok;
 		if (rd_kafka_message_headers(m, &hdrs) == RD_KAFKA_RESP_ERR_NO_ERROR &&
 			(nh = rd_kafka_header_cnt(hdrs)) > 0)
@@ -416,7 +427,7 @@ kafka_consumer_poll(int max, int64 max_bytes)
 				in.nheaders++;
 			}
 		}
-		dispatch_message(&in);
+		deliver_fn(&in);
 		rd_kafka_message_destroy(m);
 		n++;
 	}
@@ -428,7 +439,7 @@ kafka_consumer_poll(int max, int64 max_bytes)
  * contiguous finished prefix and store it for the next auto-commit.
  */
 void
-kafka_consumer_done(void *token)
+eb_kafka_consumer_done(void *token)
 {
 	KafkaToken *tok = token;
 	PartTrack  *t = tok->part;
@@ -462,7 +473,7 @@ kafka_consumer_done(void *token)
 
 /* Stop or resume fetching (backpressure) on every assigned partition. */
 void
-kafka_consumer_pause(bool pause)
+eb_kafka_consumer_pause(bool pause)
 {
 	rd_kafka_topic_partition_list_t *list = NULL;
 
@@ -480,7 +491,7 @@ kafka_consumer_pause(bool pause)
 
 /* Messages of topic not yet fetched (from cached watermarks), -1 if unknown. */
 int64
-kafka_consumer_lag(const char *topic)
+eb_kafka_consumer_lag(const char *topic)
 {
 	rd_kafka_topic_partition_list_t *list = NULL;
 	int64		lag = 0;
@@ -505,4 +516,27 @@ kafka_consumer_lag(const char *topic)
 	}
 	rd_kafka_topic_partition_list_destroy(list);
 	return known ? lag : -1;
+}
+
+/* Stop the consumer (offsets stored so far are committed on the way). */
+void
+eb_kafka_consumer_stop(void)
+{
+	eb_kafka_client_stop();
+	deliver_fn = NULL;
+}
+
+/* Probe while not connected; false once the client failed for good. */
+bool
+eb_kafka_consumer_check(void)
+{
+	eb_kafka_probe();
+	return !eb_kafka_fatal();
+}
+
+/* librdkafka's queue event wakes the dispatcher: no idle polling. */
+int
+eb_kafka_consumer_idle_poll_ms(void)
+{
+	return 0;
 }

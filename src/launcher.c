@@ -18,6 +18,9 @@
 #include "utils/timestamp.h"
 
 #include "eventbus.h"
+#include "guc.h"
+#include "relay.h"
+#include "transport.h"
 
 /* Is the extension installed in our database? */
 static bool
@@ -112,8 +115,8 @@ launcher_exit(int code, Datum arg)
 {
 	if (dispatcher)
 		TerminateBackgroundWorker(dispatcher);
-	relay_shutdown();
-	nats_library_close();
+	eb_relay_shutdown();
+	eb_transports_close_libraries();
 	set_launcher(0, NULL, false);
 }
 
@@ -133,7 +136,7 @@ eventbus_launcher_main(Datum main_arg)
 
 	eb_broker_slots = eb_shared->producer;
 	wes = eb_wakeup_wait_set();
-	relay_init();
+	eb_relay_init();
 
 	ereport(LOG, (errmsg("eventbus launcher started for database \"%s\"", eb_database)));
 	loop_cxt = AllocSetContextCreate(TopMemoryContext, "eventbus launcher loop",
@@ -167,14 +170,14 @@ eventbus_launcher_main(Datum main_arg)
 			{
 				ereport(LOG, (errmsg("eventbus: extension not installed, waiting for CREATE EXTENSION eventbus")));
 				stop_dispatcher();
-				relay_shutdown();
+				eb_relay_shutdown();
 			}
 		}
 
 		if (ready)
 		{
 			ensure_dispatcher();
-			timeout = relay_step();
+			timeout = eb_relay_step();
 		}
 
 		pgstat_report_activity(STATE_IDLE, NULL);

@@ -1,7 +1,8 @@
 /*
- * nats.c — the process's NATS connection and JetStream context (shared by
- * the launcher's relay and the dispatcher's consumers), stream creation, and
- * the relay's asynchronous JetStream publishing.
+ * nats.c — the NATS JetStream transport: the process's NATS connection and
+ * JetStream context (shared by the launcher's relay and the dispatcher's
+ * consumers), stream creation, the relay's asynchronous publishing, the
+ * checks publishing backends make, and the transport routine.
  *
  * cnats runs its own threads.  They inherit PostgreSQL's signal handlers
  * unless created with every signal blocked, so each cnats call that may start
@@ -16,7 +17,12 @@
 #include "utils/hsearch.h"
 #include "utils/memutils.h"
 
+#include "envelope.h"
 #include "eventbus.h"
+#include "guc.h"
+#include "nats_client.h"
+#include "transport.h"
+#include "util.h"
 
 /* Keep JetStream's dedupe window long enough to cover relay retries. */
 #define DUPLICATE_WINDOW_NS ((int64) 10 * 60 * 1000000000)
@@ -27,8 +33,9 @@ jsCtx	   *eb_js = NULL;
 static natsOptions *opts = NULL;
 static HTAB *streams_ready = NULL;	/* topics known to have a stream */
 static bool library_opened = false;
-static bool last_stream_error_permanent = false;	/* of nats_ensure_stream */
+static bool last_stream_error_permanent = false;	/* of ensure_stream */
 static int	reconnect_attempts = 0;	/* written by cnats threads (atomic) */
+static EbAckFn ack_fn = NULL;	/* the relay's, while the producer runs */
 
 /* Event id -> slot of the current round, sorted for bsearch. */
 typedef struct IdSlot
@@ -69,8 +76,8 @@ static struct
  * timeouts, disconnections, stream storage limits, JetStream unavailable)
  * is transient.  Plain C: called on cnats threads too.
  */
-bool
-nats_error_permanent(natsStatus s, int jerr)
+static bool
+error_permanent(natsStatus s, int jerr)
 {
 	switch (jerr)
 	{
@@ -86,7 +93,7 @@ nats_error_permanent(natsStatus s, int jerr)
 
 /* Block every signal in this thread; threads created meanwhile inherit it. */
 void
-nats_block_signals(sigset_t *old)
+eb_nats_block_signals(sigset_t *old)
 {
 	sigset_t	all;
 
@@ -95,7 +102,7 @@ nats_block_signals(sigset_t *old)
 }
 
 void
-nats_restore_signals(const sigset_t *old)
+eb_nats_restore_signals(const sigset_t *old)
 {
 	pthread_sigmask(SIG_SETMASK, old, NULL);
 }
@@ -111,12 +118,12 @@ conn_event_cb(natsConnection *nc, void *closure)
 static int64_t
 reconnect_delay_cb(natsConnection *nc, int attempts, void *closure)
 {
-	int64_t		delay = 100;
+	int			delay = 0;
 
 	__atomic_store_n(&reconnect_attempts, attempts, __ATOMIC_RELAXED);
-	for (int i = 1; i < attempts && delay < 5000; i++)
-		delay *= 2;
-	return delay < 5000 ? delay : 5000;
+	for (int i = 0; i < attempts && delay < 5000; i++)
+		delay = eb_backoff_next(delay, 100, 5000);
+	return delay;
 }
 
 static int
@@ -152,7 +159,7 @@ ack_cb(jsCtx *ctx, natsMsg *msg, jsPubAck *pa, jsPubAckErr *pae, void *closure)
 				natsStatus	err = pae ? pae->Err : NATS_ERR;
 				int			jerr = pae ? (int) pae->ErrCode : 0;
 
-				acks.result[hit->slot] = nats_error_permanent(err, jerr) ?
+				acks.result[hit->slot] = error_permanent(err, jerr) ?
 					ACK_FAILED_PERMANENT : ACK_FAILED;
 				if (err == NATS_NO_RESPONDERS)
 					acks.no_responders = true;
@@ -184,13 +191,13 @@ set_down(const char *what, natsStatus s)
 
 /* Connect (or keep retrying in the background) to eventbus.nats_url. */
 bool
-nats_client_start(const char *name)
+eb_nats_client_start(const char *name)
 {
 	natsStatus	s;
 	jsOptions	jsopts;
 	sigset_t	old;
 
-	nats_block_signals(&old);
+	eb_nats_block_signals(&old);
 	library_opened = true;
 	s = natsOptions_Create(&opts);
 	if (s == NATS_OK)
@@ -217,7 +224,7 @@ nats_client_start(const char *name)
 		s = natsOptions_SetUserCredentialsFromFiles(opts, eb_nats_credentials_file, NULL);
 	if (s != NATS_OK)
 	{
-		nats_restore_signals(&old);
+		eb_nats_restore_signals(&old);
 		set_down("invalid NATS options", s);
 		natsOptions_Destroy(opts);
 		opts = NULL;
@@ -233,12 +240,12 @@ nats_client_start(const char *name)
 		jsopts.PublishAsync.MaxPending = 20000;
 		s = natsConnection_JetStream(&eb_js, eb_nats_conn, &jsopts) == NATS_OK ? s : NATS_ERR;
 	}
-	nats_restore_signals(&old);
+	eb_nats_restore_signals(&old);
 
 	if (s != NATS_OK && s != NATS_NOT_YET_CONNECTED)
 	{
 		set_down("connect failed", s);
-		nats_client_stop();
+		eb_nats_client_stop();
 		return false;
 	}
 	if (s == NATS_NOT_YET_CONNECTED)
@@ -286,7 +293,7 @@ teardown(void *arg)
  * outbox / stream.  A close that overruns is left to the process exit.
  */
 void
-nats_client_stop(void)
+eb_nats_client_stop(void)
 {
 	NatsTeardown *t = malloc(sizeof(NatsTeardown));
 
@@ -309,8 +316,9 @@ nats_client_stop(void)
 		{
 			teardown_overran = true;
 			ereport(LOG,
-					(errmsg("%s: the NATS connection did not close within %d ms, leaving it behind",
-							eb_log_prefix, CLOSE_BUDGET_MS),
+					(errcode(ERRCODE_CONNECTION_FAILURE),
+					 errmsg("the NATS connection did not close within %d ms, leaving it behind",
+							CLOSE_BUDGET_MS),
 					 errdetail("Unacknowledged messages are redelivered and the inbox skips what was handled; unacknowledged events stay in the outbox.")));
 		}
 	}
@@ -326,7 +334,7 @@ nats_client_stop(void)
 
 /* Helper thread: close the library and wait (bounded) for its threads. */
 static void
-library_close(void *arg)
+library_close_thread(void *arg)
 {
 	nats_CloseAndWait(LIBRARY_BUDGET_MS);
 }
@@ -335,17 +343,17 @@ library_close(void *arg)
  * At process exit: stop cnats' own threads, in bounded time.  Skipped when
  * a connection close overran (the library would wait for it in vain).
  */
-void
-nats_library_close(void)
+static void
+library_close(void)
 {
 	if (library_opened && !teardown_overran)
-		(void) eb_run_bounded(library_close, NULL, LIBRARY_BUDGET_MS + 500);
+		(void) eb_run_bounded(library_close_thread, NULL, LIBRARY_BUDGET_MS + 500);
 	library_opened = false;
 }
 
 /* Reconnections of the current connection so far (0 if none). */
 uint64
-nats_reconnects(void)
+eb_nats_reconnects(void)
 {
 	natsStatistics *stats = NULL;
 	uint64_t	reconnects = 0;
@@ -360,7 +368,7 @@ nats_reconnects(void)
 
 /* Track the connection state (log once per change). */
 void
-nats_poll_state(void)
+eb_nats_poll_state(void)
 {
 	if (eb_nats_conn == NULL)
 		return;
@@ -377,9 +385,28 @@ nats_poll_state(void)
 	}
 }
 
+/*
+ * Tell publishing backends the server's max_payload (they refuse larger
+ * events); learned from the server's INFO on connect.
+ */
+static void
+share_max_payload(void)
+{
+	int64		max_payload;
+
+	if (!eb_nats_connected())
+		return;
+	max_payload = natsConnection_GetMaxPayload(eb_nats_conn);
+	if (max_payload <= 0)
+		return;
+	SpinLockAcquire(&eb_shared->mutex);
+	eb_shared->nats_max_payload = max_payload;
+	SpinLockRelease(&eb_shared->mutex);
+}
+
 /* Track connection state and hand finished acks to the relay. */
-void
-nats_producer_poll(void)
+static bool
+producer_poll(void)
 {
 	int			n;
 	int		   *done;
@@ -389,13 +416,14 @@ nats_producer_poll(void)
 	bool		forget_streams;
 
 	if (eb_nats_conn == NULL)
-		return;
-	nats_poll_state();
+		return true;
+	eb_nats_poll_state();
+	share_max_payload();
 
 	/* Only this thread changes acks.n; allocate before taking the mutex. */
 	n = acks.n;
 	if (n == 0)
-		return;
+		return true;
 	done = palloc(sizeof(int) * n);
 	res = palloc(n);
 	errors = palloc((Size) ACK_ERROR_LEN * n);
@@ -423,25 +451,50 @@ nats_producer_poll(void)
 		streams_ready = NULL;
 	}
 
-	for (int i = 0; i < ndone; i++)
-		eb_relay_ack(EB_TRANSPORT_NATS, done[i],
-					 res[i] == ACK_OK ? EB_DELIVERED :
-					 res[i] == ACK_FAILED_PERMANENT ? EB_FAILED_PERMANENT : EB_FAILED_TRANSIENT,
-					 res[i] == ACK_OK ? NULL : errors[i]);
+	for (int i = 0; i < ndone && ack_fn != NULL; i++)
+		ack_fn(EB_TRANSPORT_NATS, done[i],
+			   res[i] == ACK_OK ? EB_DELIVERED :
+			   res[i] == ACK_FAILED_PERMANENT ? EB_FAILED_PERMANENT : EB_FAILED_TRANSIENT,
+			   res[i] == ACK_OK ? NULL : errors[i]);
 	pfree(done);
 	pfree(res);
 	pfree(errors);
+	return true;
 }
 
+/* Every ack arrives through producer_poll: nothing to wait for. */
+static void
+producer_drain(int timeout_ms)
+{
+	(void) producer_poll();
+}
+
+/* Connect the relay's producer. */
+static bool
+producer_start(EbAckFn ack)
+{
+	ack_fn = ack;
+	return eb_nats_client_start("eventbus relay");
+}
+
+/* Close the relay's connection; unacknowledged events stay in the outbox. */
+static void
+producer_stop(void)
+{
+	eb_nats_client_stop();
+	ack_fn = NULL;
+}
+
+/* Is the connection up? */
 bool
-nats_connected(void)
+eb_nats_connected(void)
 {
 	return eb_nats_conn != NULL && natsConnection_Status(eb_nats_conn) == NATS_CONN_STATUS_CONNECTED;
 }
 
 /* Prepare the ack table for a round of n events (before any publish). */
-void
-nats_publish_begin(const EbEvent *events, int n)
+static void
+round_begin(const EbEvent *events, int n)
 {
 	pthread_mutex_lock(&ack_mutex);
 	if (n > acks.capacity)
@@ -471,8 +524,8 @@ nats_publish_begin(const EbEvent *events, int n)
 }
 
 /* Give up on unacknowledged publishes of this round: they will be resent. */
-void
-nats_publish_abandon(void)
+static void
+round_abandon(void)
 {
 	natsMsgList pending;
 	sigset_t	old;
@@ -483,21 +536,19 @@ nats_publish_abandon(void)
 
 	if (eb_js == NULL)
 		return;
-	nats_block_signals(&old);
+	eb_nats_block_signals(&old);
 	if (js_PublishAsyncGetPendingList(&pending, eb_js) == NATS_OK)
 		natsMsgList_Destroy(&pending);
-	nats_restore_signals(&old);
+	eb_nats_restore_signals(&old);
 }
 
 /* Stream name for a topic: EVENTBUS_<topic with '.' as '_'>_<fnv1a hex>. */
 static void
 stream_name(const char *topic, char *buf, size_t len)
 {
-	uint32		h = 2166136261u;
+	uint32		h = eb_fnv1a(topic);
 	int			k;
 
-	for (const char *p = topic; *p; p++)
-		h = (h ^ (unsigned char) *p) * 16777619u;
 	k = snprintf(buf, len, "EVENTBUS_");
 	for (const char *p = topic; *p && k < 200; p++)
 		buf[k++] = *p == '.' ? '_' : *p;
@@ -511,7 +562,7 @@ stream_name(const char *topic, char *buf, size_t len)
  * limit added later rejects new events instead of dropping old ones.
  */
 bool
-nats_ensure_stream(const char *topic, char **errmsg)
+eb_nats_ensure_stream(const char *topic, char **errmsg)
 {
 	jsStreamConfig cfg;
 	jsStreamInfo *si = NULL;
@@ -533,7 +584,7 @@ nats_ensure_stream(const char *topic, char **errmsg)
 	if (hash_search(streams_ready, topic, HASH_FIND, NULL))
 		return true;
 	/* Not connected, a JetStream request would only wait for its timeout. */
-	if (!nats_connected())
+	if (!eb_nats_connected())
 	{
 		*errmsg = psprintf("could not create the JetStream stream for subject %s: NATS not connected", topic);
 		return false;
@@ -554,17 +605,17 @@ nats_ensure_stream(const char *topic, char **errmsg)
 	cfg.MaxMsgsPerSubject = -1;
 	cfg.Duplicates = DUPLICATE_WINDOW_NS;
 
-	nats_block_signals(&old);
+	eb_nats_block_signals(&old);
 	s = js_AddStream(&si, eb_js, &cfg, NULL, &jerr);
 	if (si)
 		jsStreamInfo_Destroy(si);
-	nats_restore_signals(&old);
+	eb_nats_restore_signals(&old);
 
 	if (s != NATS_OK && jerr != JSStreamSubjectOverlapErr && jerr != JSStreamNameExistErr)
 	{
 		*errmsg = psprintf("could not create JetStream stream %s for subject %s: %s (JetStream error %d)",
 						   name, topic, natsStatus_GetText(s), (int) jerr);
-		last_stream_error_permanent = nats_error_permanent(s, jerr);
+		last_stream_error_permanent = error_permanent(s, jerr);
 		return false;
 	}
 	(void) hash_search(streams_ready, topic, HASH_ENTER, &found);
@@ -582,9 +633,9 @@ add_header(void *arg, const char *name, const char *value)
  * Publish one event asynchronously; its ack arrives in ack_cb.  On an
  * immediate failure, *permanent says whether retrying could help.
  */
-bool
-nats_publish(const EbEvent *ev, const char *value, size_t len, int slot, char **errmsg,
-			 bool *permanent)
+static bool
+produce(const EbEvent *ev, const char *value, size_t len, int slot, char **errmsg,
+		bool *permanent)
 {
 	natsMsg    *msg = NULL;
 	natsStatus	s;
@@ -597,7 +648,7 @@ nats_publish(const EbEvent *ev, const char *value, size_t len, int slot, char **
 		return false;
 	}
 	last_stream_error_permanent = false;
-	if (!nats_ensure_stream(ev->topic, errmsg))
+	if (!eb_nats_ensure_stream(ev->topic, errmsg))
 	{
 		*permanent = last_stream_error_permanent;
 		return false;
@@ -611,17 +662,127 @@ nats_publish(const EbEvent *ev, const char *value, size_t len, int slot, char **
 	}
 	if (s == NATS_OK)
 	{
-		nats_block_signals(&old);
+		eb_nats_block_signals(&old);
 		s = js_PublishMsgAsync(eb_js, &msg, NULL);
-		nats_restore_signals(&old);
+		eb_nats_restore_signals(&old);
 	}
 	if (s != NATS_OK)
 	{
 		if (msg)
 			natsMsg_Destroy(msg);
 		*errmsg = psprintf("NATS publish failed: %s", natsStatus_GetText(s));
-		*permanent = nats_error_permanent(s, 0);
+		*permanent = error_permanent(s, 0);
 		return false;
 	}
 	return true;
 }
+
+/* --- configuration and the checks publishing backends make --- */
+
+/* Is eventbus.nats_url set? */
+static bool
+configured(void)
+{
+	return eb_nats_url != NULL && eb_nats_url[0] != '\0';
+}
+
+/* The settings the producer (or the consumer: durable names) depends on. */
+static char *
+settings(bool producer)
+{
+	return psprintf("%s|%s|%s|%s", eb_nats_url, eb_nats_credentials_file, eb_nats_token,
+					producer ? "" : eb_consumer_group);
+}
+
+/*
+ * A NATS subject is tokens separated by '.', none of them empty (nats-server
+ * cannot capture "a..b" or ".a" in a stream).  Wildcards and whitespace are
+ * already outside the characters every topic may use.
+ */
+static void
+check_topic(const char *topic)
+{
+	for (const char *p = topic; *p; p++)
+	{
+		if (*p == '.' && (p == topic || p[1] == '.' || p[1] == '\0'))
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("invalid topic name \"%s\" for transport \"nats\"", topic),
+					 errdetail("A NATS subject is tokens separated by '.'; the token %s character %d is empty.",
+							   p == topic ? "before" : "after", (int) (p - topic) + 1),
+					 errhint("Do not start or end the topic with '.' or repeat '.'.")));
+	}
+}
+
+/* The server's max_payload, which the relay learns when it connects, else 1 MB. */
+static int64
+max_message(const char **limit_name)
+{
+	int64		limit = 0;
+
+	*limit_name = "the NATS server's max_payload";
+	if (eb_shared)
+	{
+		SpinLockAcquire(&eb_shared->mutex);
+		limit = eb_shared->nats_max_payload;
+		SpinLockRelease(&eb_shared->mutex);
+	}
+	return limit > 0 ? limit : EB_NATS_DEFAULT_MAX_PAYLOAD;
+}
+
+/* Add one header line's size ("Name: value\r\n") to *arg (a Size). */
+static void
+count_header(void *arg, const char *name, const char *value)
+{
+	*(Size *) arg += strlen(name) + 2 + strlen(value) + 2;
+}
+
+/*
+ * Size of ev's message as cnats and the server check it: the headers block
+ * "NATS/1.0\r\n" + "Name: value\r\n"... + "\r\n", including Nats-Msg-Id,
+ * plus the body.
+ */
+static Size
+wire_size(const EbEvent *ev, Size envelope_len)
+{
+	Size		headers = 0;
+
+	eb_event_headers(ev, count_header, &headers);
+	count_header(&headers, "Nats-Msg-Id", ev->event_id);
+	return 10 + headers + 2 + envelope_len;
+}
+
+const EbTransportRoutine eb_nats_transport = {
+	.name = "nats",
+	.setting = "eventbus.nats_url",
+	.one_per_aggregate = true,	/* each publish is acknowledged on its own */
+	.reconnect_poll_ms = 1000,	/* connection events wake the relay */
+
+	.configured = configured,
+	.settings = settings,
+	.check_topic = check_topic,
+	.max_message = max_message,
+	.max_message_hint = "max_payload of the NATS server",
+	.wire_size = wire_size,
+
+	.producer_start = producer_start,
+	.producer_stop = producer_stop,
+	.producer_poll = producer_poll,
+	.producer_drain = producer_drain,
+	.connected = eb_nats_connected,
+	.round_begin = round_begin,
+	.produce = produce,
+	.round_abandon = round_abandon,
+
+	.consumer_start = eb_nats_consumer_start,
+	.consumer_stop = eb_nats_consumer_stop,
+	.consumer_check = eb_nats_consumer_check,
+	.consumer_set_topics = eb_nats_consumer_set_topics,
+	.consumer_poll = eb_nats_consumer_poll,
+	.consumer_done = eb_nats_consumer_done,
+	.consumer_pause = eb_nats_consumer_pause,
+	.consumer_lag = eb_nats_consumer_lag,
+	.consumer_idle_poll_ms = eb_nats_consumer_idle_poll_ms,
+
+	.library_close = library_close,
+};

@@ -19,7 +19,10 @@
 #include "utils/json.h"
 #include "utils/memutils.h"
 
-#include "eventbus.h"
+#include "guc.h"
+#include "nats_client.h"
+#include "transport.h"
+#include "util.h"
 
 /* Redelivery after this long without an ack (a crashed dispatcher's messages). */
 #define ACK_WAIT_NS		((int64) 30 * 1000000000)
@@ -46,16 +49,16 @@ typedef struct NatsHeld
 static List *subs = NIL;		/* NatsSub *, bound or to be bound */
 static List *wanted = NIL;		/* subjects to consume (char *) */
 static uint64 seen_reconnects = 0;
+static bool paused = false;
+static EbDeliverFn deliver_fn = NULL;	/* the dispatcher's */
 
 /* Durable name: <consumer_group>_<subject with . as _>_<fnv1a hex>. */
 static char *
 durable_name(const char *topic)
 {
-	uint32		h = 2166136261u;
+	uint32		h = eb_fnv1a(topic);
 	StringInfoData buf;
 
-	for (const char *p = topic; *p; p++)
-		h = (h ^ (unsigned char) *p) * 16777619u;
 	initStringInfo(&buf);
 	for (const char *p = eb_consumer_group; *p; p++)
 		appendStringInfoChar(&buf, (*p == '.' || *p == '*' || *p == '>' || *p == ' ') ? '_' : *p);
@@ -83,9 +86,9 @@ stream_for_subject(const char *subject)
 	appendStringInfoString(&body, "{\"subject\":");
 	escape_json(&body, subject);
 	appendStringInfoChar(&body, '}');
-	nats_block_signals(&old);
+	eb_nats_block_signals(&old);
 	s = natsConnection_Request(&reply, eb_nats_conn, "$JS.API.STREAM.NAMES", body.data, body.len, 5000);
-	nats_restore_signals(&old);
+	eb_nats_restore_signals(&old);
 	if (s != NATS_OK)
 		return NULL;
 	data = natsMsg_GetData(reply);
@@ -113,7 +116,7 @@ take_over_durable(const char *stream, const char *durable)
 	int64		unacked = 0;
 	sigset_t	old;
 
-	nats_block_signals(&old);
+	eb_nats_block_signals(&old);
 	if (js_GetConsumerInfo(&ci, eb_js, stream, durable, NULL, &jerr) == NATS_OK)
 	{
 		start = ci->AckFloor.Stream + 1;
@@ -121,10 +124,10 @@ take_over_durable(const char *stream, const char *durable)
 		jsConsumerInfo_Destroy(ci);
 		js_DeleteConsumer(eb_js, stream, durable, NULL, &jerr);
 	}
-	nats_restore_signals(&old);
+	eb_nats_restore_signals(&old);
 	if (unacked > 0)
 		ereport(LOG,
-				(errmsg("eventbus consumer: resuming %s at stream sequence " UINT64_FORMAT
+				(errmsg("resuming JetStream consumer %s at stream sequence " UINT64_FORMAT
 						" so that " INT64_FORMAT " unacknowledged messages come again first, in order",
 						durable, start, unacked)));
 	return start;
@@ -149,10 +152,11 @@ subscribe_topic(const char *topic)
 	ns->durable = durable_name(topic);
 	MemoryContextSwitchTo(mc);
 
-	if (!nats_ensure_stream(topic, &err) || (stream = stream_for_subject(topic)) == NULL)
+	if (!eb_nats_ensure_stream(topic, &err) || (stream = stream_for_subject(topic)) == NULL)
 	{
-		ereport(WARNING, (errmsg("eventbus consumer: no JetStream stream for %s%s%s", topic,
-								 err ? ": " : "", err ? err : "")));
+		ereport(WARNING,
+				(errcode(ERRCODE_CONNECTION_FAILURE),
+				 errmsg("no JetStream stream for %s%s%s", topic, err ? ": " : "", err ? err : "")));
 		return ns;				/* retried at the next subscription refresh */
 	}
 	start = take_over_durable(stream, ns->durable);
@@ -169,13 +173,14 @@ subscribe_topic(const char *topic)
 	so.Config.MaxDeliver = -1;
 	so.Config.FilterSubject = ns->topic;
 
-	nats_block_signals(&old);
+	eb_nats_block_signals(&old);
 	s = js_PullSubscribe(&ns->sub, eb_js, ns->topic, ns->durable, NULL, &so, &jerr);
-	nats_restore_signals(&old);
+	eb_nats_restore_signals(&old);
 	if (s != NATS_OK)
 	{
 		ereport(WARNING,
-				(errmsg("eventbus consumer: could not bind JetStream consumer %s for %s: %s",
+				(errcode(ERRCODE_CONNECTION_FAILURE),
+				 errmsg("could not bind JetStream consumer %s for %s: %s",
 						ns->durable, ns->topic, natsStatus_GetText(s)),
 				 jerr ? errdetail("JetStream error %d", (int) jerr) : 0));
 		ns->sub = NULL;
@@ -202,9 +207,9 @@ release(NatsSub *ns)
 	{
 		sigset_t	old;
 
-		nats_block_signals(&old);
+		eb_nats_block_signals(&old);
 		natsSubscription_Destroy(ns->sub);
-		nats_restore_signals(&old);
+		eb_nats_restore_signals(&old);
 		ns->sub = NULL;
 	}
 	ns->released = true;
@@ -214,7 +219,7 @@ release(NatsSub *ns)
 
 /* Consume exactly these subjects (and retry binds that failed). */
 void
-nats_consumer_set_topics(List *want)
+eb_nats_consumer_set_topics(List *want)
 {
 	List	   *keep = NIL;
 	ListCell   *lc;
@@ -253,7 +258,7 @@ nats_consumer_set_topics(List *want)
 		ListCell   *lc2;
 
 		/* Shutting down, or no server: each bind would only wait. */
-		if (ProcDiePending || !nats_connected())
+		if (ProcDiePending || !eb_nats_connected())
 			break;
 		foreach(lc2, subs)
 			if (strcmp(((NatsSub *) lfirst(lc2))->topic, topic) == 0)
@@ -265,8 +270,8 @@ nats_consumer_set_topics(List *want)
 }
 
 /* Forget all subscriptions (the connection is being closed). */
-void
-nats_consumer_forget(void)
+static void
+forget_subscriptions(void)
 {
 	ListCell   *lc;
 
@@ -294,6 +299,8 @@ deliver(NatsSub *ns, natsMsg *msg)
 	memset(&in, 0, sizeof(in));
 	in.transport = EB_TRANSPORT_NATS;
 	in.topic = ns->topic;
+	in.partition = -1;
+	in.offset = -1;
 	in.data = natsMsg_GetData(msg);
 	in.len = natsMsg_GetDataLength(msg);
 	in.token = held;
@@ -319,30 +326,30 @@ deliver(NatsSub *ns, natsMsg *msg)
 		}
 		free((void *) keys);
 	}
-	dispatch_message(&in);
+	deliver_fn(&in);
 }
 
 /* Fetch up to max messages (about max_bytes) across the subjects, without waiting. */
 int
-nats_consumer_poll(int max, int64 max_bytes)
+eb_nats_consumer_poll(int max, int64 max_bytes)
 {
 	int			n = 0;
 	ListCell   *lc;
 
-	if (eb_js == NULL || !nats_connected())
+	if (eb_js == NULL || !eb_nats_connected() || paused)
 		return 0;
 	/* Reconnected since the last poll: rebind every durable. */
-	if (nats_reconnects() != seen_reconnects)
+	if (eb_nats_reconnects() != seen_reconnects)
 	{
 		List	   *topics = wanted;
 
-		ereport(LOG, (errmsg("eventbus consumer: NATS reconnected, rebinding the JetStream consumers")));
-		seen_reconnects = nats_reconnects();
+		ereport(LOG, (errmsg("NATS reconnected, rebinding the JetStream consumers")));
+		seen_reconnects = eb_nats_reconnects();
 		foreach(lc, subs)
 			release(lfirst(lc));
 		list_free(subs);
 		subs = NIL;
-		nats_consumer_set_topics(topics);
+		eb_nats_consumer_set_topics(topics);
 	}
 	foreach(lc, subs)
 	{
@@ -358,9 +365,9 @@ nats_consumer_poll(int max, int64 max_bytes)
 		req.Batch = Min(max - n, FETCH_MAX);
 		req.MaxBytes = Max(max_bytes, 1);
 		req.NoWait = true;
-		nats_block_signals(&old);
+		eb_nats_block_signals(&old);
 		s = natsSubscription_FetchRequest(&list, ns->sub, &req);
-		nats_restore_signals(&old);
+		eb_nats_restore_signals(&old);
 		if (s != NATS_OK)
 			continue;			/* nothing waiting (timeout / not found) or a lost connection */
 		for (int i = 0; i < list.Count; i++)
@@ -382,14 +389,14 @@ nats_consumer_poll(int max, int64 max_bytes)
  * subscription (see the top of this file); else JetStream redelivers it.
  */
 void
-nats_consumer_done(void *token)
+eb_nats_consumer_done(void *token)
 {
 	NatsHeld   *held = token;
 	NatsSub    *ns = held->ns;
 
 	if (!ns->released &&
 		natsMsg_Ack(held->msg, NULL) != NATS_OK)
-		ereport(DEBUG1, (errmsg("eventbus consumer: ack failed; JetStream will redeliver (the inbox skips it)")));
+		ereport(DEBUG1, (errmsg_internal("JetStream ack failed; it will redeliver (the inbox skips it)")));
 	natsMsg_Destroy(held->msg);
 	pfree(held);
 	if (--ns->held == 0 && ns->released)
@@ -398,7 +405,7 @@ nats_consumer_done(void *token)
 
 /* Messages of the subject still in the stream for us (last known), -1 if unknown. */
 int64
-nats_consumer_lag(const char *topic)
+eb_nats_consumer_lag(const char *topic)
 {
 	ListCell   *lc;
 
@@ -410,4 +417,47 @@ nats_consumer_lag(const char *topic)
 			return ns->pending;
 	}
 	return -1;
+}
+
+/* Connect the dispatcher's consumer. */
+bool
+eb_nats_consumer_start(EbDeliverFn deliver)
+{
+	deliver_fn = deliver;
+	paused = false;
+	return eb_nats_client_start("eventbus consumer");
+}
+
+/* Release the subscriptions (durables kept) and close the connection. */
+void
+eb_nats_consumer_stop(void)
+{
+	forget_subscriptions();
+	eb_nats_client_stop();
+	deliver_fn = NULL;
+}
+
+/* Track the connection state; poll rebinds after a reconnect. */
+bool
+eb_nats_consumer_check(void)
+{
+	eb_nats_poll_state();
+	return true;
+}
+
+/*
+ * Backpressure: fetch nothing while paused (a pull consumer holds nothing
+ * in the client between fetches).
+ */
+void
+eb_nats_consumer_pause(bool pause)
+{
+	paused = pause;
+}
+
+/* JetStream pull: while subjects are consumed, fetch again shortly. */
+int
+eb_nats_consumer_idle_poll_ms(void)
+{
+	return subs != NIL ? 50 : 0;
 }

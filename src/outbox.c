@@ -24,11 +24,17 @@
 #include "utils/timestamp.h"
 #include "utils/uuid.h"
 
+#include "envelope.h"
 #include "eventbus.h"
+#include "guc.h"
+#include "transport.h"
+#include "util.h"
 
 PG_FUNCTION_INFO_V1(eventbus_publish);
 
 static SPIPlanPtr insert_plan = NULL;
+static Oid	insert_types[11] = {TEXTOID, TEXTOID, TEXTOID, JSONBOID, TEXTOID,
+	INT8OID, TEXTOID, TEXTOID, INT4OID, JSONBOID, UUIDOID};
 
 #define INSERT_SQL \
 	"WITH v AS (" \
@@ -201,9 +207,8 @@ check_event_size(int transport, Size wire, Size envelope)
 				 errdetail("The event would be a %zu-byte message (envelope %zu bytes, plus key and headers); "
 						   "the limit is %lld bytes (%s).",
 						   wire, envelope, (long long) limit, limit_name),
-				 errhint(transport == EB_TRANSPORT_KAFKA ?
-						 "Publish a smaller payload, or raise message.max.bytes in eventbus.kafka_properties (and the brokers' and topic's limits). The envelope is JSON text: control characters in strings take 6 bytes each." :
-						 "Publish a smaller payload, or raise max_payload of the NATS server. The envelope is JSON text: control characters in strings take 6 bytes each.")));
+				 errhint("Publish a smaller payload, or raise %s. The envelope is JSON text: control characters in strings take 6 bytes each.",
+						 eb_transport(transport)->max_message_hint)));
 	/* The consuming side quarantines envelopes over max_payload_bytes + 64 kB. */
 	if (envelope > (Size) eb_max_payload_bytes + 65536)
 		ereport(ERROR,
@@ -328,18 +333,8 @@ eventbus_publish(PG_FUNCTION_ARGS)
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	if (insert_plan == NULL)
-	{
-		Oid			argtypes[11] = {TEXTOID, TEXTOID, TEXTOID, JSONBOID, TEXTOID,
-		INT8OID, TEXTOID, TEXTOID, INT4OID, JSONBOID, UUIDOID};
-		SPIPlanPtr	plan = SPI_prepare(INSERT_SQL, 11, argtypes);
-
-		if (plan == NULL)
-			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-		SPI_keepplan(plan);
-		insert_plan = plan;
-	}
-	rc = SPI_execute_plan(insert_plan, values, nulls, false, 0);
+	rc = SPI_execute_plan(eb_keep_plan(&insert_plan, INSERT_SQL, 11, insert_types),
+						  values, nulls, false, 0);
 	if (rc != SPI_OK_INSERT_RETURNING || SPI_processed != 1)
 		elog(ERROR, "eventbus outbox insert failed: %s", SPI_result_code_string(rc));
 	if (PG_ARGISNULL(5))

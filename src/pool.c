@@ -30,7 +30,10 @@
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
+#include "envelope.h"
 #include "eventbus.h"
+#include "pool.h"
+#include "privilege.h"
 
 #define BATCH_MAX	64			/* events per transaction */
 #define KEY_LEN		(EB_MAX_AGGREGATE_ID + 24)

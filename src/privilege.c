@@ -35,6 +35,7 @@
 #include "utils/snapmgr.h"
 
 #include "eventbus.h"
+#include "privilege.h"
 
 #define PINNED_SEARCH_PATH "pg_catalog, pg_temp"
 

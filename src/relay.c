@@ -7,20 +7,21 @@
  * the outcomes and start the next round.  A round never starts while the
  * previous one still has events in flight, and a failure never lets an
  * aggregate's later event reach the broker before an earlier one:
- *  - NATS: a round holds at most one event per (topic, aggregate), so any
- *    mix of lost, refused and stored publishes cannot reorder an aggregate.
- *  - Kafka: an aggregate's events go to one partition, in order, through the
+ *  - a transport that acknowledges each message on its own (NATS) gets at
+ *    most one event per (topic, aggregate) per round, so any mix of lost,
+ *    refused and stored publishes cannot reorder an aggregate;
+ *  - a transport that keeps a partition in order through failures (Kafka's
  *    idempotent producer with enable.gapless.guarantee: a batch the broker
- *    refuses for good makes the producer fail (the broker's sequence check
- *    refuses the batches after it) instead of renumbering and sending them;
- *    the round is then finished with what is known and a new producer
- *    started.  An event the client refuses before sending stops the rest of
- *    its aggregate's events in that round from being produced.
+ *    refuses for good makes the producer fail instead of renumbering and
+ *    sending the batches after it) gets many; when its client fails, the
+ *    round is finished with what is known and a new client started;
+ *  - an event the client refuses before sending stops the rest of its
+ *    aggregate's events in that round from being produced.
  *
  * Outcomes, per row:
  *  - acknowledged: the row is deleted;
  *  - permanent failure (the broker or client can never take it as it is,
- *    see kafka_error_permanent / nats_error_permanent): the row moves to
+ *    as the transport classifies its errors): the row moves to
  *    eventbus.undeliverable, and from then on every later row of its
  *    (transport, topic, aggregate) follows it there when the relay reaches
  *    it, until the row is retried or discarded (undeliverable.c);
@@ -41,7 +42,12 @@
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
+#include "envelope.h"
 #include "eventbus.h"
+#include "guc.h"
+#include "relay.h"
+#include "transport.h"
+#include "util.h"
 
 typedef enum SlotState
 {
@@ -108,7 +114,7 @@ static SPIPlanPtr fail_plan = NULL;
 
 /* Set up memory; called once by the launcher. */
 void
-relay_init(void)
+eb_relay_init(void)
 {
 	for (int t = 0; t < EB_NTRANSPORTS; t++)
 	{
@@ -117,15 +123,6 @@ relay_init(void)
 		rounds[t].backoff = eb_backoff_create();
 		rounds[t].undeliverable = true; /* look once */
 	}
-}
-
-/* The configuration a transport's producer depends on, as one string. */
-static char *
-client_config(int t)
-{
-	if (t == EB_TRANSPORT_KAFKA)
-		return psprintf("%s|%s|%d", eb_kafka_brokers, eb_kafka_properties, eb_ack_timeout_ms);
-	return psprintf("%s|%s|%s", eb_nats_url, eb_nats_credentials_file, eb_nats_token);
 }
 
 /* Forget the in-flight round: its rows stay in the outbox and are resent. */
@@ -148,10 +145,7 @@ stop_client(int t)
 
 	if (!r->client_up)
 		return;
-	if (t == EB_TRANSPORT_KAFKA)
-		kafka_client_stop();
-	else
-		nats_client_stop();
+	eb_transport(t)->producer_stop();
 	r->client_up = false;
 	if (r->client_config)
 		pfree(r->client_config);
@@ -163,7 +157,7 @@ stop_client(int t)
 
 /* Close all broker connections (extension dropped, or exiting). */
 void
-relay_shutdown(void)
+eb_relay_shutdown(void)
 {
 	for (int t = 0; t < EB_NTRANSPORTS; t++)
 	{
@@ -174,12 +168,11 @@ relay_shutdown(void)
 }
 
 /*
- * Completion of one slot of the current round.  Called on the launcher's
- * main thread (Kafka delivery reports from rd_kafka_poll, NATS acks drained
- * from nats.c's queue).
+ * Completion of one slot of the current round: the producers' EbAckFn,
+ * called on the launcher's main thread from their poll.
  */
-void
-eb_relay_ack(int transport, int slot, EbDelivery result, const char *err)
+static void
+relay_ack(int transport, int slot, EbDelivery result, const char *err)
 {
 	Round	   *r = &rounds[transport];
 
@@ -261,7 +254,7 @@ fetch_batch(int t, Round *r, EbEvent **events, bool **held, TimestampTz *earlies
 	plan = r->undeliverable ? eb_keep_plan(&select_held_plan, SELECT_HELD_SQL, 4, argtypes) :
 		eb_keep_plan(&select_plan, SELECT_SQL, 4, argtypes);
 	if (SPI_execute_plan(plan, args, NULL, true, 0) != SPI_OK_SELECT)
-		elog(ERROR, "eventbus: could not read the outbox");
+		elog(ERROR, "could not read the outbox");
 
 	n = (int) SPI_processed;
 	old = MemoryContextSwitchTo(r->cxt);
@@ -323,6 +316,7 @@ set_aside_held(int t, Round *r, EbEvent *events, bool *held, int n)
 static TimestampTz
 start_round(int t, Round *r)
 {
+	const EbTransportRoutine *tr = eb_transport(t);
 	EbEvent    *events;
 	bool	   *held;
 	StringInfoData buf;
@@ -330,7 +324,7 @@ start_round(int t, Round *r)
 	int			fetched;
 	MemoryContext cxt;
 	TimestampTz earliest;
-	HTAB	   *refused = NULL; /* Kafka: aggregates with a refused event */
+	HTAB	   *refused = NULL; /* aggregates with a refused event */
 
 	cxt = eb_xact_begin();
 	/*
@@ -355,7 +349,7 @@ start_round(int t, Round *r)
 	r->more = fetched > 0 && (n > 0 || fetched >= eb_relay_batch_size);
 	if (n == 0)
 		return earliest;
-	if (t == EB_TRANSPORT_NATS)
+	if (tr->one_per_aggregate)
 		n = eb_distinct_aggregates(events, n, r->cxt);
 
 	r->events = events;
@@ -365,10 +359,7 @@ start_round(int t, Round *r)
 	r->active = true;
 	r->deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), eb_ack_timeout_ms);
 
-	if (t == EB_TRANSPORT_NATS)
-		nats_publish_begin(events, n);
-	else
-		kafka_begin_round();
+	tr->round_begin(events, n);
 
 	initStringInfo(&buf);
 	for (int i = 0; i < n; i++)
@@ -377,28 +368,22 @@ start_round(int t, Round *r)
 		bool		permanent = false;
 		bool		ok;
 
-		/* Kafka: after a refusal, the aggregate's later events wait. */
+		/* After a refusal, the aggregate's later events wait. */
 		if (refused != NULL && eb_key_in_set(refused, &events[i], false))
 		{
-			eb_relay_ack(t, i, EB_FAILED_TRANSIENT,
+			relay_ack(t, i, EB_FAILED_TRANSIENT,
 						 "not sent: an earlier event of its aggregate failed in the same round");
 			continue;
 		}
 		resetStringInfo(&buf);
 		eb_envelope_encode(&buf, &events[i]);
-		if (t == EB_TRANSPORT_KAFKA)
-			ok = kafka_produce(&events[i], buf.data, buf.len, i, &err, &permanent);
-		else
-			ok = nats_publish(&events[i], buf.data, buf.len, i, &err, &permanent);
+		ok = tr->produce(&events[i], buf.data, buf.len, i, &err, &permanent);
 		if (!ok)
 		{
-			eb_relay_ack(t, i, permanent ? EB_FAILED_PERMANENT : EB_FAILED_TRANSIENT, err);
-			if (t == EB_TRANSPORT_KAFKA)
-			{
-				if (refused == NULL)
-					refused = eb_key_set(r->cxt);
-				(void) eb_key_in_set(refused, &events[i], true);
-			}
+			relay_ack(t, i, permanent ? EB_FAILED_PERMANENT : EB_FAILED_TRANSIENT, err);
+			if (refused == NULL)
+				refused = eb_key_set(r->cxt);
+			(void) eb_key_in_set(refused, &events[i], true);
 		}
 	}
 	pfree(buf.data);
@@ -428,10 +413,10 @@ slots_in_state(Round *r, SlotState state, Datum *ids, Datum *errors)
 /*
  * End a round: delete acknowledged rows, move permanently failed ones to
  * eventbus.undeliverable, note transient failures and back their
- * aggregates off.
+ * aggregates off.  Events still pending failed for the reason given.
  */
 static void
-finish_round(int t, Round *r)
+finish_round(int t, Round *r, const char *pending_reason)
 {
 	Oid			argtypes[2] = {INT8ARRAYOID, TEXTARRAYOID};
 	Datum		args[2];
@@ -443,13 +428,9 @@ finish_round(int t, Round *r)
 	MemoryContext cxt;
 	MemoryContext old = MemoryContextSwitchTo(r->cxt);
 
-	/* Anything still pending (NATS ack timeout) failed. */
 	for (int i = 0; i < r->n; i++)
 		if (r->state[i] == SLOT_PENDING)
-			eb_relay_ack(t, i, EB_FAILED_TRANSIENT,
-						 kafka_fatal() && t == EB_TRANSPORT_KAFKA ?
-						 "no acknowledgement before the producer failed" :
-						 "no acknowledgement within eventbus.ack_timeout");
+			relay_ack(t, i, EB_FAILED_TRANSIENT, pending_reason);
 
 	cxt = eb_xact_begin();
 
@@ -458,7 +439,7 @@ finish_round(int t, Round *r)
 	{
 		eb_keep_plan(&delete_plan, DELETE_SQL, 1, argtypes);
 		if (SPI_execute_plan(delete_plan, args, NULL, false, 0) != SPI_OK_DELETE)
-			elog(ERROR, "eventbus: could not delete relayed outbox rows");
+			elog(ERROR, "could not delete relayed outbox rows");
 	}
 	npermanent = slots_in_state(r, SLOT_FAILED_PERMANENT, &args[0], &args[1]);
 	if (npermanent > 0)
@@ -471,7 +452,7 @@ finish_round(int t, Round *r)
 	{
 		eb_keep_plan(&fail_plan, FAIL_SQL, 2, argtypes);
 		if (SPI_execute_plan(fail_plan, args, NULL, false, 0) != SPI_OK_UPDATE)
-			elog(ERROR, "eventbus: could not record relay failures");
+			elog(ERROR, "could not record relay failures");
 	}
 
 	eb_xact_end(cxt);
@@ -483,7 +464,8 @@ finish_round(int t, Round *r)
 
 	if (npermanent > 0)
 		ereport(LOG,
-				(errmsg("eventbus: %d %s event(s) cannot be delivered, moved to eventbus.undeliverable",
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("%d %s event(s) cannot be delivered, moved to eventbus.undeliverable",
 						npermanent, eb_transport_name(t))));
 
 	/*
@@ -491,7 +473,7 @@ finish_round(int t, Round *r)
 	 * connection is down need no backoff of their own (no round starts
 	 * until it is back).
 	 */
-	connected = t == EB_TRANSPORT_KAFKA ? kafka_connected() : nats_connected();
+	connected = eb_transport(t)->connected();
 	for (int i = 0; i < r->n; i++)
 	{
 		if (r->state[i] == SLOT_FAILED)
@@ -505,8 +487,7 @@ finish_round(int t, Round *r)
 			eb_backoff_forget(r->backoff, &r->events[i]);
 	}
 	if (first_error)
-		eb_set_broker_state(t, t == EB_TRANSPORT_KAFKA && !connected && !kafka_fatal() ?
-							EB_BROKER_DOWN : eb_shared->producer[t].state,
+		eb_set_broker_state(t, connected ? eb_shared->producer[t].state : EB_BROKER_DOWN,
 							first_error);
 	MemoryContextSwitchTo(old);
 	round_reset(r);
@@ -524,101 +505,81 @@ ms_until(TimestampTz ts)
 }
 
 /*
- * Tell publishing backends the NATS server's max_payload (they refuse
- * larger events); learned from the server's INFO on connect.
+ * The wait while a round is in flight: acks wake the launcher, so until the
+ * round's deadline; a client that reports every event itself is polled.
  */
-static void
-publish_nats_max_payload(void)
+static long
+round_wait(const EbTransportRoutine *tr, Round *r)
 {
-	int64		max_payload;
-
-	if (!nats_connected())
-		return;
-	max_payload = natsConnection_GetMaxPayload(eb_nats_conn);
-	if (max_payload <= 0)
-		return;
-	SpinLockAcquire(&eb_shared->mutex);
-	eb_shared->nats_max_payload = max_payload;
-	SpinLockRelease(&eb_shared->mutex);
+	if (tr->round_abandon == NULL)
+		return 100;
+	return Max(ms_until(r->deadline), 1);
 }
 
 /* One transport's share of a relay step; returns the wait it wants. */
 static long
 step_transport(int t, bool woken)
 {
+	const EbTransportRoutine *tr = eb_transport(t);
 	Round	   *r = &rounds[t];
-	bool		kafka = t == EB_TRANSPORT_KAFKA;
 	char	   *config;
 
-	if (!eb_transport_configured(t))
+	if (!tr->configured())
 	{
 		stop_client(t);
 		eb_set_broker_state(t, EB_BROKER_OFF, "");
 		return 1000;
 	}
 
-	config = client_config(t);
+	config = tr->settings(true);
 	if (r->client_up && strcmp(config, r->client_config) != 0)
 	{
-		ereport(LOG, (errmsg("eventbus: %s configuration changed, reconnecting",
-							 eb_transport_name(t))));
+		ereport(LOG, (errmsg("%s configuration changed, reconnecting", tr->name)));
 		stop_client(t);
 	}
 	if (!r->client_up)
 	{
-		r->client_up = kafka ? kafka_producer_start() : nats_client_start("eventbus relay");
+		r->client_up = tr->producer_start(relay_ack);
 		if (!r->client_up)
 			return 1000;
 		r->client_config = MemoryContextStrdup(TopMemoryContext, config);
 	}
 	pfree(config);
 
-	if (kafka)
+	if (!tr->producer_poll())
 	{
-		kafka_producer_poll();
-		if (kafka_fatal())
+		/*
+		 * The client cannot continue (e.g. Kafka's gap-less guarantee after a
+		 * batch refused for good): let the reports of what was in flight
+		 * arrive (bounded), record the round — its refused events move
+		 * aside, the rest is retried — and start a new client.
+		 */
+		if (r->active)
 		{
-			/*
-			 * The idempotent producer cannot continue (e.g. the gap-less
-			 * guarantee after a batch refused for good): let the reports of
-			 * what was in flight arrive (bounded), record the round — its
-			 * refused events move aside, the rest is retried — and start a
-			 * new producer.
-			 */
-			if (r->active)
-			{
-				rd_kafka_flush(eb_kafka, 1000);
-				kafka_producer_poll();
-				finish_round(t, r);
-			}
-			stop_client(t);
-			return 1000;
+			tr->producer_drain(1000);
+			finish_round(t, r, "no acknowledgement before the producer failed");
 		}
-		kafka_probe();
-	}
-	else
-	{
-		nats_producer_poll();
-		publish_nats_max_payload();
+		stop_client(t);
+		return 1000;
 	}
 
 	if (r->active)
 	{
 		if (r->pending == 0)
-			finish_round(t, r);
-		else if (!kafka && GetCurrentTimestamp() >= r->deadline)
+			finish_round(t, r, NULL);
+		else if (tr->round_abandon && GetCurrentTimestamp() >= r->deadline)
 		{
-			nats_publish_abandon();
-			finish_round(t, r);
+			tr->round_abandon();
+			finish_round(t, r, "no acknowledgement within eventbus.ack_timeout");
 		}
 		else
-			return kafka ? 100 : Max(ms_until(r->deadline), 1);
+			return round_wait(tr, r);
 	}
 
 	if (r->next_try != 0 && GetCurrentTimestamp() < r->next_try)
 		return Max(ms_until(r->next_try), 1);
-	if (!(kafka ? kafka_connected() : nats_connected()))
-		return kafka ? 200 : 1000;
+	if (!tr->connected())
+		return tr->reconnect_poll_ms;
 
 	/*
 	 * Read the outbox only when there may be rows: a commit published to
@@ -632,7 +593,7 @@ step_transport(int t, bool woken)
 	r->next_scan = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), 1000);
 	r->backoff_due = start_round(t, r);
 	if (r->active)
-		return kafka ? 100 : Max(ms_until(r->deadline), 1);
+		return round_wait(tr, r);
 	/* Idle: the periodic scan picks up prepared transactions and strays. */
 	return r->backoff_due ? Max(Min(ms_until(r->backoff_due), 1000), 1) : 1000;
 }
@@ -643,7 +604,7 @@ step_transport(int t, bool woken)
  * events wake it sooner.
  */
 long
-relay_step(void)
+eb_relay_step(void)
 {
 	volatile long timeout = 1000;
 	uint32		pending;

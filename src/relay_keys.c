@@ -11,7 +11,9 @@
 #include "utils/hsearch.h"
 #include "utils/timestamp.h"
 
-#include "eventbus.h"
+#include "envelope.h"
+#include "relay.h"
+#include "util.h"
 
 #define KEY_LEN (EB_MAX_TOPIC + EB_MAX_AGGREGATE_ID + 2)
 #define BACKOFF_MIN_MS 200
@@ -106,7 +108,7 @@ eb_backoff_fail(HTAB *backoff, const EbEvent *ev)
 	/* Several failed events of one aggregate in a round back off once. */
 	if (found && e->next_try > GetCurrentTimestamp())
 		return;
-	e->backoff_ms = found ? Min(e->backoff_ms * 2, BACKOFF_MAX_MS) : BACKOFF_MIN_MS;
+	e->backoff_ms = eb_backoff_next(found ? e->backoff_ms : 0, BACKOFF_MIN_MS, BACKOFF_MAX_MS);
 	e->next_try = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), e->backoff_ms);
 }
 

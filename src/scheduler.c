@@ -17,7 +17,9 @@
 #include "utils/hsearch.h"
 #include "utils/memutils.h"
 
+#include "envelope.h"
 #include "eventbus.h"
+#include "pool.h"
 
 #define KEY_LEN		(EB_MAX_AGGREGATE_ID + 24)
 #define SCHED_BATCH	64			/* items per worker batch (its transaction) */

@@ -14,6 +14,9 @@
 #include "utils/timestamp.h"
 
 #include "eventbus.h"
+#include "guc.h"
+#include "privilege.h"
+#include "transport.h"
 
 PG_FUNCTION_INFO_V1(eventbus_status);
 

@@ -24,6 +24,9 @@
 #include "utils/syscache.h"
 
 #include "eventbus.h"
+#include "pool.h"
+#include "privilege.h"
+#include "transport.h"
 
 PG_FUNCTION_INFO_V1(eventbus_subscribe);
 PG_FUNCTION_INFO_V1(eventbus_unsubscribe);

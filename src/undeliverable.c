@@ -25,6 +25,10 @@
 #include "utils/builtins.h"
 
 #include "eventbus.h"
+#include "privilege.h"
+#include "relay.h"
+#include "transport.h"
+#include "util.h"
 
 PG_FUNCTION_INFO_V1(eventbus_retry_undeliverable);
 PG_FUNCTION_INFO_V1(eventbus_discard_undeliverable);

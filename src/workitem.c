@@ -5,7 +5,8 @@
  */
 #include "postgres.h"
 
-#include "eventbus.h"
+#include "envelope.h"
+#include "pool.h"
 
 /* Append a string (or NULL) with its length. */
 static void

@@ -1,0 +1,75 @@
+/*
+ * pool.h — the consuming side behind the dispatcher: work items
+ * (workitem.c), their scheduling onto pool workers (scheduler.c), the
+ * shared-memory queues between them, and running handlers (handler.c,
+ * pool.c).
+ */
+#ifndef EB_POOL_H
+#define EB_POOL_H
+
+#include "envelope.h"
+#include "utils/elog.h"
+
+/* workitem.c: what the dispatcher sends a pool worker, and back */
+typedef struct EbWorkItem
+{
+	uint64		tag;			/* dispatcher's delivery tag */
+	int64		subscription_id;
+	Oid			handler;
+	Oid			role;
+	int32		max_attempts;
+	int32		transport;
+	EbEvent		ev;
+} EbWorkItem;
+
+typedef enum EbOutcome
+{
+	EB_OUTCOME_HANDLED = 0,
+	EB_OUTCOME_DUPLICATE,		/* already in the inbox: skipped */
+	EB_OUTCOME_DEAD_LETTERED,
+	EB_OUTCOME_OWNER_DROPPED	/* subscribing role gone: not run */
+} EbOutcome;
+
+typedef struct EbCompletion
+{
+	uint64		tag;
+	int32		outcome;
+} EbCompletion;
+
+extern void eb_workitem_encode(StringInfo buf, const EbWorkItem *item);
+extern void eb_workitem_decode(const char *data, Size len, EbWorkItem *item);
+
+/* handler.c: run one handler invocation; EbOutcome, or -1 with *error set */
+extern int	eb_handler_run(const EbWorkItem *item, ErrorData **error);
+extern Datum eb_make_envelope(const EbWorkItem *item);
+extern bool eb_handler_call(Oid handler, Oid role, Datum envelope, ErrorData **error);
+extern void eb_dead_letter(const EbWorkItem *item, const ErrorData *error, int attempts);
+extern Oid	eb_envelope_type(void);
+
+/* DSM layout shared by dispatcher.c and pool.c: per worker an inbound
+ * (dispatcher -> worker) and an outbound (completions) queue. */
+#define EB_SHM_MAGIC		0x45564255	/* "EVBU" */
+#define EB_IN_QUEUE_SIZE	(1024 * 1024)
+#define EB_OUT_QUEUE_SIZE	(64 * 1024)
+#define EB_TOC_IN(i)		((uint64) (i) * 2)
+#define EB_TOC_OUT(i)		((uint64) (i) * 2 + 1)
+
+/* scheduler.c: key-level scheduling of work items onto pool workers */
+typedef void (*EbSchedSend) (int worker, uint64 tag, StringInfo buf);
+extern void eb_sched_init(int nworkers);
+extern void eb_sched_submit(int64 subscription_id, const char *aggregate_id, uint64 tag,
+							StringInfo buf);
+extern void eb_sched_dispatch(EbSchedSend send);
+extern void eb_sched_worker_ready(int worker);
+extern void eb_sched_complete(uint64 tag);
+extern int64 eb_sched_pending_items(void);
+extern int64 eb_sched_pending_bytes(void);
+
+/*
+ * A one-byte message ends each batch the dispatcher gives a worker; after
+ * running it the worker sends a completion with the READY tag.
+ */
+#define EB_BATCH_END		'E'
+#define EB_TAG_READY		0
+
+#endif							/* EB_POOL_H */

@@ -1,0 +1,88 @@
+/*
+ * util.c — small helpers shared across eventbus.  eb_fnv1a and
+ * eb_backoff_next are plain C: library threads may call them.
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "executor/spi.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+
+#include "util.h"
+
+/*
+ * Start a background worker's transaction with SPI and a snapshot.  Returns
+ * the caller's memory context, which eb_xact_end restores (a commit would
+ * otherwise leave TopMemoryContext current, where loop allocations leak).
+ */
+MemoryContext
+eb_xact_begin(void)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	PushActiveSnapshot(GetTransactionSnapshot());
+	return cxt;
+}
+
+/* Finish what eb_xact_begin started: commit, back to the caller's context. */
+void
+eb_xact_end(MemoryContext cxt)
+{
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	MemoryContextSwitchTo(cxt);
+}
+
+/* Prepare a statement once per process and keep its plan in *plan. */
+SPIPlanPtr
+eb_keep_plan(SPIPlanPtr *plan, const char *sql, int nargs, Oid *argtypes)
+{
+	if (*plan == NULL)
+	{
+		SPIPlanPtr	p = SPI_prepare(sql, nargs, argtypes);
+
+		if (p == NULL)
+			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+		SPI_keepplan(p);
+		*plan = p;
+	}
+	return *plan;
+}
+
+/* Is s in a list of C strings? */
+bool
+eb_string_member(List *list, const char *s)
+{
+	ListCell   *lc;
+
+	foreach(lc, list)
+		if (strcmp(lfirst(lc), s) == 0)
+			return true;
+	return false;
+}
+
+/* 32-bit FNV-1a of a string: short stable names for broker objects. */
+uint32
+eb_fnv1a(const char *s)
+{
+	uint32		h = 2166136261u;
+
+	for (const unsigned char *p = (const unsigned char *) s; *p; p++)
+		h = (h ^ *p) * 16777619u;
+	return h;
+}
+
+/* The next delay of an exponential backoff: double, within [min_ms, max_ms]. */
+int
+eb_backoff_next(int current_ms, int min_ms, int max_ms)
+{
+	int			next = current_ms > max_ms / 2 ? max_ms : current_ms * 2;
+
+	return next < min_ms ? min_ms : next > max_ms ? max_ms : next;
+}
