@@ -1,5 +1,5 @@
 /*
- * decode.c — the inbound envelope decoder (DESIGN §4).  It never throws for
+ * decode.c — the inbound decoder (docs/wire-format.md).  It never throws for
  * any input: a broker message must never stop consumption, so every way a
  * message can be unusable becomes a quarantine reason.
  *
@@ -516,7 +516,7 @@ copy_string(const char *s)
  * it was on every path; its working memory is freed before it returns.
  *
  * The aggregate id comes from the envelope, else the X-Aggregate-ID header,
- * else the Kafka key (DESIGN §4).  ev->headers are the headers that are
+ * else the Kafka key (docs/wire-format.md); ev->headers: the headers that are
  * text, in the database encoding; ev->topic is left to the caller.
  */
 const char *

@@ -1,5 +1,5 @@
 /*
- * envelope.c — the wire format of DESIGN §4: validation of the identifying
+ * envelope.c — wire format, docs/wire-format.md: validation of the identifying
  * fields, UUIDv7 event ids, and the JSON envelope and headers we send.
  * Inbound messages are decoded in decode.c.
  */
@@ -185,7 +185,7 @@ append_string_field(StringInfo buf, const char *name, const char *value)
 }
 
 /*
- * Encode the JSON envelope (DESIGN §4).  payload is already JSON text and is
+ * Encode the JSON envelope (docs/wire-format.md).  payload is JSON text and is
  * embedded as a value, not a string.
  */
 void
@@ -213,7 +213,7 @@ eb_envelope_encode(StringInfo buf, const EbEvent *ev)
 }
 
 /*
- * Call fn for each header of the event: the X-* headers of DESIGN §4, then
+ * Call fn for each header: the X-* headers of docs/wire-format.md, then
  * the user's own headers.
  */
 void

@@ -2,7 +2,7 @@
 # 10,000 events over 1,000 aggregates per transport, published from 4
 # concurrent connections in transactions of varying size, read back by kcat
 # and natstool: zero missing, no duplicates, versions 1..k per aggregate in
-# order, Kafka partition = fnv1a(key), envelope and headers as DESIGN §4.
+# order, Kafka partition = fnv1a(key), envelope and headers as docs/wire-format.md.
 # Rolled-back transactions and savepoints publish nothing of theirs.
 source "$(dirname "$0")/lib.sh"
 
@@ -54,9 +54,9 @@ for tr in kafka nats; do
 	is "$(field "$r" order_violations)" "0" "$tr: versions in order per aggregate"
 	is "$(field "$r" version_gaps)" "0" "$tr: versions are exactly 1..k per aggregate"
 	ok "$([ "$(field "$r" aggregates)" -ge 990 ]; echo $?)" "$tr: events spread over $(field "$r" aggregates) aggregates"
-	is "$(field "$r" envelope_violations)" "0" "$tr: envelope fields and types as DESIGN §4"
+	is "$(field "$r" envelope_violations)" "0" "$tr: envelope fields and types as docs/wire-format.md"
 	is "$(field "$r" payload_mismatches)" "0" "$tr: payload is the committed JSON value"
-	is "$(field "$r" header_violations)" "0" "$tr: headers as DESIGN §4"
+	is "$(field "$r" header_violations)" "0" "$tr: headers as docs/wire-format.md"
 	if [ $tr = kafka ]; then
 		is "$(field "$r" partition_violations)" "0" "kafka: every message on the partition fnv1a(key) picks"
 		is "$(field "$r" split_aggregates)" "0" "kafka: each aggregate on one partition"

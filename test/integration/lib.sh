@@ -295,7 +295,7 @@ produce_sql() {
 }
 
 # consumer_sql_setup — test-side SQL: t_env(...) builds a JSON envelope as
-# DESIGN §4 (what a Go producer sends).
+# docs/wire-format.md (what a Go producer sends).
 consumer_sql_setup() {
 	q >/dev/null <<'SQL'
 CREATE OR REPLACE FUNCTION t_env(eid uuid, agg text, typ text, ver bigint, payload jsonb, extra jsonb DEFAULT '{}')
