@@ -24,7 +24,11 @@ include $(PGXS)
 
 TOOL_CFLAGS = -std=gnu11 -O2 -Wall -Wextra -Werror
 
+# The test tools are built with the extension for the test stack; a package
+# build (debian/rules) sets EVENTBUS_NO_TOOLS=1, as it ships only the extension.
+ifeq ($(EVENTBUS_NO_TOOLS),)
 all: tools
+endif
 tools: test/tools/devbroker test/tools/natstool
 
 test/tools/devbroker: test/tools/devbroker.c
@@ -33,7 +37,7 @@ test/tools/devbroker: test/tools/devbroker.c
 test/tools/natstool: test/tools/natstool.c
 	$(CC) $(TOOL_CFLAGS) -o $@ $< $(shell pkg-config --cflags --libs libnats) -lpthread
 
-.PHONY: deps tools start stop demo test bench fuzz
+.PHONY: deps tools start stop demo test bench fuzz package test-ops
 
 deps:
 	@scripts/deps.sh
@@ -61,3 +65,14 @@ bench: deps
 fuzz: deps
 	@$(MAKE) --no-print-directory all install
 	@test/fuzz/run.sh
+
+# The Debian package postgresql-15-eventbus (debian/, pg_buildext), built from
+# a copy of the tree into build/package/.
+package:
+	@scripts/deps.sh --package
+	@scripts/package.sh
+
+# Operations tests (test/ops/): packaging and installation on this machine.
+test-ops:
+	@scripts/deps.sh --package
+	@prove -v $(filter-out %/lib.sh,$(sort $(wildcard test/ops/*.sh)))

@@ -6,6 +6,10 @@
 #
 # PG_CONFIG may name the pg_config to use (default: pg_config in PATH); it
 # must report PostgreSQL 15.
+#
+# --package (make package, make test-ops): also the Debian packaging tools
+# (dpkg-buildpackage, debhelper, pg_buildext) and python3; kept out of the
+# default check so that make test does not depend on them.
 set -euo pipefail
 
 PROG=deps.sh
@@ -16,6 +20,14 @@ PACKAGES=(
     libtap-parser-sourcehandler-pgtap-perl librdkafka-dev libnats-dev nats-server
     kcat pkg-config gcc make libc6-dev
 )
+PACKAGING=0
+if [[ ${1:-} == --package ]]; then
+    PACKAGING=1
+    PACKAGES+=(dpkg-dev debhelper postgresql-server-dev-all python3)
+elif [[ $# -gt 0 ]]; then
+    echo "usage: $PROG [--package]" >&2
+    exit 2
+fi
 
 MISSING=()
 miss() { MISSING+=("$1"); }
@@ -55,6 +67,14 @@ check() {
     have kcat        || miss "kcat"
     have pg_prove    || miss "pg_prove"
     have runuser     || miss "runuser (util-linux)"
+    if (( PACKAGING )); then
+        have dpkg-buildpackage || miss "dpkg-buildpackage (dpkg-dev)"
+        have dh                || miss "dh (debhelper)"
+        have pg_buildext       || miss "pg_buildext (postgresql-server-dev-all)"
+        [[ -f /usr/share/perl5/Debian/Debhelper/Sequence/pgxs_loop.pm ]] ||
+            miss "dh --with pgxs_loop (postgresql-server-dev-all)"
+        have python3           || miss "python3"
+    fi
     return 0
 }
 
