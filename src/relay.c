@@ -232,6 +232,7 @@ row_to_event(HeapTuple tup, TupleDesc desc, EbEvent *ev)
 	nvalues = text_array(d, isnull, &ev->header_values);
 	Assert(nvalues == ev->nheaders);
 	(void) nvalues;
+	eb_event_to_utf8(ev);
 }
 
 /*
