@@ -17,7 +17,7 @@ PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
 
 # Every object depends on the shared header (PGXS tracks no header dependencies).
-$(OBJS): src/eventbus.h
+$(OBJS): src/eventbus.h src/shmem.h
 
 TOOL_CFLAGS = -std=gnu11 -O2 -Wall -Wextra -Werror
 

@@ -209,12 +209,7 @@ eb_transport_max_message(int transport, const char **limit_name)
 	}
 
 	*limit_name = "the NATS server's max_payload";
-	if (eb_shared)
-	{
-		SpinLockAcquire(&eb_shared->mutex);
-		limit = eb_shared->nats_max_payload;
-		SpinLockRelease(&eb_shared->mutex);
-	}
+	limit = eb_shmem_nats_max_payload();
 	return limit > 0 ? limit : EB_NATS_DEFAULT_MAX_PAYLOAD;
 }
 

@@ -17,7 +17,6 @@
 #include "lib/stringinfo.h"
 #include "nodes/pg_list.h"
 #include "storage/latch.h"
-#include "storage/spin.h"
 #include "utils/hsearch.h"
 #include "utils/elog.h"
 
@@ -27,7 +26,8 @@
 #define EB_TRANSPORT_NATS	1
 #define EB_NTRANSPORTS		2
 
-#define EB_DETAIL_LEN		256
+#include "shmem.h"
+
 #define EB_MAX_AGGREGATE_ID 256
 #define EB_MAX_TOPIC		249
 
@@ -56,69 +56,7 @@
 #define EB_KAFKA_DEFAULT_MAX_MESSAGE	1000000
 #define EB_NATS_DEFAULT_MAX_PAYLOAD		(1024 * 1024)
 
-/* Connection state of one broker client, as shown by eventbus_status(). */
-typedef enum EbBrokerState
-{
-	EB_BROKER_OFF = 0,			/* not configured */
-	EB_BROKER_CONNECTING,		/* configured, first connection not yet made */
-	EB_BROKER_CONNECTED,
-	EB_BROKER_DOWN				/* was configured, unreachable: retrying */
-} EbBrokerState;
-
-typedef struct EbBrokerStatus
-{
-	EbBrokerState state;
-	TimestampTz since;			/* when state last changed */
-	uint64		published;		/* events acknowledged by the broker */
-	uint64		failed;			/* delivery attempts that failed */
-	char		detail[EB_DETAIL_LEN];	/* last error or endpoint */
-} EbBrokerStatus;
-
-#define EB_MAX_WORKERS		64
-#define EB_MAX_SUB_STATUS	128
-
-/* One pool worker, as shown by eventbus_status(). */
-typedef struct EbWorkerStatus
-{
-	pid_t		pid;
-	TimestampTz since;
-	uint64		processed;		/* events handled (or skipped as already handled) */
-	uint64		failed;			/* handler failures (each attempt) */
-	uint64		dead_lettered;
-	int			queued;			/* items sent to it and not yet completed */
-} EbWorkerStatus;
-
-/* Lag of one subscription, written by the dispatcher. */
-typedef struct EbSubStatus
-{
-	int64		id;
-	int64		lag;			/* in flight + waiting in the broker, when known */
-} EbSubStatus;
-
-typedef struct EbShared
-{
-	slock_t		mutex;			/* protects everything below */
-	pid_t		launcher_pid;
-	TimestampTz launcher_since;
-	bool		extension_ready;	/* launcher saw the extension installed */
-	Latch	   *relay_latch;	/* set at commit by publishers */
-	uint32		relay_pending;	/* bit per transport with newly committed rows */
-	int64		nats_max_payload;	/* server's max_payload, 0 = not yet known */
-	EbBrokerStatus producer[EB_NTRANSPORTS];
-
-	uint64		subs_generation;	/* bumped when subscriptions change */
-	pid_t		dispatcher_pid;
-	TimestampTz dispatcher_since;
-	Latch	   *dispatcher_latch;	/* set at commit by (un)subscribers */
-	EbBrokerStatus consumer[EB_NTRANSPORTS];
-	int			nworkers;
-	EbWorkerStatus workers[EB_MAX_WORKERS];
-	int			nsubs;
-	EbSubStatus subs[EB_MAX_SUB_STATUS];
-} EbShared;
-
 /* eventbus.c */
-extern EbShared *eb_shared;
 extern bool eb_preloaded;
 extern void eb_require_preload(void);
 extern MemoryContext eb_xact_begin(void);
@@ -218,13 +156,6 @@ extern bool eb_utf8_to_server(const char *s, size_t len, char **out, size_t *out
 extern char *eb_unescape_non_ascii(const char *s, size_t len, size_t *outlen);
 extern const char *eb_json_prescan(const char *s, size_t len, EbJsonScan *scan);
 extern bool eb_parse_rfc3339(const char *s, int len, TimestampTz *out);
-
-/* status.c */
-extern EbBrokerStatus *eb_broker_slots;	/* this process's broker rows */
-extern const char *eb_log_prefix;	/* "eventbus" or "eventbus consumer" */
-extern void eb_set_broker_state(int transport, EbBrokerState state,
-								const char *detail);
-extern const char *eb_broker_state_name(EbBrokerState state);
 
 /* launcher.c */
 extern PGDLLEXPORT void eventbus_launcher_main(Datum main_arg);

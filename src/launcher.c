@@ -39,12 +39,7 @@ extension_installed(void)
 static void
 set_launcher(pid_t pid, Latch *latch, bool ready)
 {
-	SpinLockAcquire(&eb_shared->mutex);
-	eb_shared->launcher_pid = pid;
-	eb_shared->launcher_since = GetCurrentTimestamp();
-	eb_shared->relay_latch = latch;
-	eb_shared->extension_ready = ready;
-	SpinLockRelease(&eb_shared->mutex);
+	eb_shmem_set_launcher(pid, latch, ready);
 }
 
 static BackgroundWorkerHandle *dispatcher = NULL;
@@ -158,9 +153,7 @@ eventbus_launcher_main(Datum main_arg)
 		if (now_ready != ready)
 		{
 			ready = now_ready;
-			SpinLockAcquire(&eb_shared->mutex);
-			eb_shared->extension_ready = ready;
-			SpinLockRelease(&eb_shared->mutex);
+			eb_shmem_set_extension_ready(ready);
 			if (ready)
 				ereport(LOG, (errmsg("eventbus: extension found, starting relay")));
 			else

@@ -81,13 +81,7 @@ backoff_ms(int attempts)
 static void
 count(int processed, int failed, int dead)
 {
-	EbWorkerStatus *w = &eb_shared->workers[my_index];
-
-	SpinLockAcquire(&eb_shared->mutex);
-	w->processed += processed;
-	w->failed += failed;
-	w->dead_lettered += dead;
-	SpinLockRelease(&eb_shared->mutex);
+	eb_shmem_worker_counts(my_index, processed, failed, dead);
 }
 
 /* Send completions to the dispatcher (blocking: it always drains). */
@@ -471,10 +465,7 @@ eventbus_worker_main(Datum main_arg)
 		outq = shm_mq_attach(out, seg, NULL);
 	}
 
-	SpinLockAcquire(&eb_shared->mutex);
-	eb_shared->workers[my_index].pid = MyProcPid;
-	eb_shared->workers[my_index].since = GetCurrentTimestamp();
-	SpinLockRelease(&eb_shared->mutex);
+	eb_shmem_worker_started(my_index, MyProcPid);
 
 	memset(&ctl, 0, sizeof(ctl));
 	ctl.keysize = KEY_LEN;

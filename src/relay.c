@@ -476,10 +476,7 @@ finish_round(int t, Round *r)
 
 	eb_xact_end(cxt);
 
-	SpinLockAcquire(&eb_shared->mutex);
-	eb_shared->producer[t].published += nok;
-	eb_shared->producer[t].failed += nfailed + npermanent;
-	SpinLockRelease(&eb_shared->mutex);
+	eb_shmem_add_published(t, nok, nfailed + npermanent);
 
 	if (npermanent > 0)
 		ereport(LOG,
@@ -537,9 +534,7 @@ publish_nats_max_payload(void)
 	max_payload = natsConnection_GetMaxPayload(eb_nats_conn);
 	if (max_payload <= 0)
 		return;
-	SpinLockAcquire(&eb_shared->mutex);
-	eb_shared->nats_max_payload = max_payload;
-	SpinLockRelease(&eb_shared->mutex);
+	eb_shmem_set_nats_max_payload(max_payload);
 }
 
 /* One transport's share of a relay step; returns the wait it wants. */
@@ -648,10 +643,7 @@ relay_step(void)
 	volatile long timeout = 1000;
 	uint32		pending;
 
-	SpinLockAcquire(&eb_shared->mutex);
-	pending = eb_shared->relay_pending;
-	eb_shared->relay_pending = 0;
-	SpinLockRelease(&eb_shared->mutex);
+	pending = eb_shmem_take_relay_pending();
 
 	for (int t = 0; t < EB_NTRANSPORTS; t++)
 	{
