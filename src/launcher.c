@@ -82,7 +82,8 @@ ensure_dispatcher(void)
 		dispatcher = NULL;
 		dispatcher_next_start = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), 5000);
 		ereport(WARNING,
-				(errmsg("eventbus: could not start the dispatcher"),
+				(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
+				 errmsg("could not start the dispatcher"),
 				 errhint("Raise max_worker_processes (eventbus needs eventbus.workers + 2).")));
 	}
 }
@@ -155,10 +156,10 @@ eventbus_launcher_main(Datum main_arg)
 			ready = now_ready;
 			eb_shmem_set_extension_ready(ready);
 			if (ready)
-				ereport(LOG, (errmsg("eventbus: extension found, starting relay")));
+				ereport(LOG, (errmsg("extension found, starting relay")));
 			else
 			{
-				ereport(LOG, (errmsg("eventbus: extension not installed, waiting for CREATE EXTENSION eventbus")));
+				ereport(LOG, (errmsg("extension not installed, waiting for CREATE EXTENSION eventbus")));
 				stop_dispatcher();
 				relay_shutdown();
 			}

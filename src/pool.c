@@ -144,7 +144,8 @@ run_dead_letter(Pending *p, ErrorData *error)
 		AbortCurrentTransaction();
 		RESUME_INTERRUPTS();
 		ereport(WARNING,
-				(errmsg("could not dead-letter event %s of subscription " INT64_FORMAT,
+				(errcode(e->sqlerrcode),
+				 errmsg("could not dead-letter event %s of subscription " INT64_FORMAT,
 						p->item.ev.event_id, p->item.subscription_id),
 				 errdetail("%s", e->message)));
 		ok = false;
@@ -279,7 +280,8 @@ run_batch(Pending **batch, int n, bool from_parked)
 		if (n > 1)
 		{
 			ereport(LOG,
-					(errmsg("commit of a batch of %d events failed, running them one by one", n),
+					(errcode(commit_error->sqlerrcode),
+					 errmsg("commit of a batch of %d events failed, running them one by one", n),
 					 errdetail("%s", commit_error->message)));
 			for (int i = 0; i < n; i++)
 				run_batch(&batch[i], 1, from_parked);
@@ -289,7 +291,8 @@ run_batch(Pending **batch, int n, bool from_parked)
 		if (result[0] != RESULT_WAIT)
 		{
 			ereport(LOG,
-					(errmsg("commit of event %s failed", batch[0]->item.ev.event_id),
+					(errcode(commit_error->sqlerrcode),
+					 errmsg("commit of event %s failed", batch[0]->item.ev.event_id),
 					 errdetail("%s", commit_error->message)));
 			result[0] = RESULT_FAILED;
 			error[0] = commit_error;
@@ -325,7 +328,8 @@ run_batch(Pending **batch, int n, bool from_parked)
 				p->attempts++;
 				failed++;
 				ereport(LOG,
-						(errmsg("handler %u failed for event %s (attempt %d of %d), retrying",
+						(errcode(error[i] ? error[i]->sqlerrcode : ERRCODE_INTERNAL_ERROR),
+						 errmsg("handler %u failed for event %s (attempt %d of %d), retrying",
 								p->item.handler, p->item.ev.event_id, p->attempts, p->item.max_attempts),
 						 errdetail("%s", error[i] && error[i]->message ? error[i]->message : "unknown error")));
 				if (!k)
@@ -454,7 +458,13 @@ eventbus_worker_main(Datum main_arg)
 	dsm_pin_mapping(seg);		/* for the life of the process, not a resource owner */
 	toc = shm_toc_attach(EB_SHM_MAGIC, dsm_segment_address(seg));
 	if (toc == NULL)
-		elog(ERROR, "eventbus: bad pool segment");
+	{
+		/* Not ours: exit, and the dispatcher starts a new pool. */
+		ereport(LOG,
+				(errcode(ERRCODE_DATA_CORRUPTED),
+				 errmsg("pool segment of the dispatcher has an unexpected layout, exiting")));
+		proc_exit(1);
+	}
 	{
 		shm_mq	   *in = shm_toc_lookup(toc, EB_TOC_IN(my_index), false);
 		shm_mq	   *out = shm_toc_lookup(toc, EB_TOC_OUT(my_index), false);

@@ -396,12 +396,13 @@ eb_set_broker_state(int transport, EbBrokerState state, const char *detail)
 		return;
 	if (state == EB_BROKER_DOWN)
 		ereport(LOG,
-				(errmsg("%s: %s is unreachable, retrying with backoff",
-						eb_log_prefix, eb_transport_name(transport)),
+				(errcode(ERRCODE_CONNECTION_FAILURE),
+				 errmsg("%s is unreachable, retrying with backoff",
+						eb_transport_name(transport)),
 				 detail ? errdetail("%s", detail) : 0));
 	else
 		ereport(LOG,
-				(errmsg("%s: %s %s", eb_log_prefix, eb_transport_name(transport),
+				(errmsg("%s %s", eb_transport_name(transport),
 						eb_broker_state_name(state)),
 				 detail ? errdetail("%s", detail) : 0));
 }
