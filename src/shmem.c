@@ -113,6 +113,8 @@ eb_shmem_snapshot(EbShared *out)
 	memcpy(out, eb_shared, sizeof(EbShared));
 	LWLockRelease(eb_shared->lock);
 
+	/* The counters memcpy saw may be mid-update: read each one properly. */
+
 	out->lock = NULL;
 	pg_atomic_init_u32(&out->relay_pending, pg_atomic_read_u32(&eb_shared->relay_pending));
 	copy_atomic(&out->subs_generation, &eb_shared->subs_generation);
