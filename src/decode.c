@@ -479,7 +479,8 @@ decode_guarded(MemoryContext work, const char *data, size_t len,
 		if (ERRCODE_TO_CATEGORY(edata->sqlerrcode) == ERRCODE_OPERATOR_INTERVENTION)
 			ReThrowError(edata);
 		ereport(WARNING,
-				(errmsg("eventbus: the inbound message decoder caught an error: %s", edata->message),
+				(errcode(edata->sqlerrcode),
+				 errmsg("the inbound message decoder caught an error: %s", edata->message),
 				 errdetail("The message is quarantined.")));
 		reason = psprintf("internal error while decoding: %s", edata->message);
 		FreeErrorData(edata);

@@ -19,7 +19,6 @@
 #include "utils/timestamp.h"
 
 #include "envelope.h"
-#include "eventbus.h"
 
 /*
  * Name/value headers (text in the database encoding) as a JSON object text,

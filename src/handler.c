@@ -289,7 +289,7 @@ exec_plan(SPIPlanPtr *plan, const char *sql, int nargs, Oid *types, Datum *value
 	int			rc = SPI_execute_plan(eb_keep_plan(plan, sql, nargs, types), values, NULL, false, 0);
 
 	if (rc < 0)
-		elog(ERROR, "eventbus: statement failed: %s", SPI_result_code_string(rc));
+		elog(ERROR, "statement failed: %s", SPI_result_code_string(rc));
 	return (int) SPI_processed;
 }
 
@@ -315,7 +315,8 @@ eb_handler_run(const EbWorkItem *item, ErrorData **error)
 	if (!SearchSysCacheExists1(AUTHOID, ObjectIdGetDatum(item->role)))
 	{
 		ereport(LOG,
-				(errmsg("not running event %s for subscription " INT64_FORMAT ": its owning role was dropped",
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("not running event %s for subscription " INT64_FORMAT ": its owning role was dropped",
 						item->ev.event_id, item->subscription_id)));
 		return EB_OUTCOME_OWNER_DROPPED;
 	}
@@ -409,7 +410,8 @@ eb_dead_letter(const EbWorkItem *item, const ErrorData *error, int attempts)
 		MemoryContextSwitchTo(cxt);
 		CurrentResourceOwner = owner;
 		ereport(WARNING,
-				(errmsg("eventbus: could not dead-letter event %s of subscription " INT64_FORMAT,
+				(errcode(e->sqlerrcode),
+				 errmsg("could not dead-letter event %s of subscription " INT64_FORMAT,
 						item->ev.event_id, item->subscription_id),
 				 errdetail("%s", e->message)));
 	}

@@ -34,6 +34,7 @@
 #include "eventbus.h"
 #include "pool.h"
 #include "privilege.h"
+#include "util.h"
 
 #define BATCH_MAX	64			/* events per transaction */
 #define KEY_LEN		(EB_MAX_AGGREGATE_ID + 24)
@@ -69,28 +70,11 @@ item_key(const EbWorkItem *item, char *key)
 	snprintf(key, KEY_LEN, INT64_FORMAT ":%s", item->subscription_id, item->ev.aggregate_id);
 }
 
-/* Backoff before retry n (1-based): 100 ms doubling, at most 5 s. */
-static int
-backoff_ms(int attempts)
-{
-	int			ms = 100;
-
-	for (int i = 1; i < attempts && ms < 5000; i++)
-		ms *= 2;
-	return Min(ms, 5000);
-}
-
 /* Update this worker's counters in shared memory. */
 static void
 count(int processed, int failed, int dead)
 {
-	EbWorkerStatus *w = &eb_shared->workers[my_index];
-
-	SpinLockAcquire(&eb_shared->mutex);
-	w->processed += processed;
-	w->failed += failed;
-	w->dead_lettered += dead;
-	SpinLockRelease(&eb_shared->mutex);
+	eb_shmem_worker_counts(my_index, processed, failed, dead);
 }
 
 /* Send completions to the dispatcher (blocking: it always drains). */
@@ -153,7 +137,8 @@ run_dead_letter(Pending *p, ErrorData *error)
 		AbortCurrentTransaction();
 		RESUME_INTERRUPTS();
 		ereport(WARNING,
-				(errmsg("could not dead-letter event %s of subscription " INT64_FORMAT,
+				(errcode(e->sqlerrcode),
+				 errmsg("could not dead-letter event %s of subscription " INT64_FORMAT,
 						p->item.ev.event_id, p->item.subscription_id),
 				 errdetail("%s", e->message)));
 		ok = false;
@@ -288,7 +273,8 @@ run_batch(Pending **batch, int n, bool from_parked)
 		if (n > 1)
 		{
 			ereport(LOG,
-					(errmsg("commit of a batch of %d events failed, running them one by one", n),
+					(errcode(commit_error->sqlerrcode),
+					 errmsg("commit of a batch of %d events failed, running them one by one", n),
 					 errdetail("%s", commit_error->message)));
 			for (int i = 0; i < n; i++)
 				run_batch(&batch[i], 1, from_parked);
@@ -298,7 +284,8 @@ run_batch(Pending **batch, int n, bool from_parked)
 		if (result[0] != RESULT_WAIT)
 		{
 			ereport(LOG,
-					(errmsg("commit of event %s failed", batch[0]->item.ev.event_id),
+					(errcode(commit_error->sqlerrcode),
+					 errmsg("commit of event %s failed", batch[0]->item.ev.event_id),
 					 errdetail("%s", commit_error->message)));
 			result[0] = RESULT_FAILED;
 			error[0] = commit_error;
@@ -334,14 +321,15 @@ run_batch(Pending **batch, int n, bool from_parked)
 				p->attempts++;
 				failed++;
 				ereport(LOG,
-						(errmsg("handler %u failed for event %s (attempt %d of %d), retrying",
+						(errcode(error[i] ? error[i]->sqlerrcode : ERRCODE_INTERNAL_ERROR),
+						 errmsg("handler %u failed for event %s (attempt %d of %d), retrying",
 								p->item.handler, p->item.ev.event_id, p->attempts, p->item.max_attempts),
 						 errdetail("%s", error[i] && error[i]->message ? error[i]->message : "unknown error")));
 				if (!k)
 					k = park(p);
 				else if (!from_parked)
 					dlist_push_tail(&k->items, &p->node);
-				k->retry_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), backoff_ms(p->attempts));
+				k->retry_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), eb_backoff_delay(p->attempts, 100, 5000));
 				continue;
 			case RESULT_DONE:
 				break;
@@ -463,7 +451,13 @@ eventbus_worker_main(Datum main_arg)
 	dsm_pin_mapping(seg);		/* for the life of the process, not a resource owner */
 	toc = shm_toc_attach(EB_SHM_MAGIC, dsm_segment_address(seg));
 	if (toc == NULL)
-		elog(ERROR, "eventbus: bad pool segment");
+	{
+		/* Not ours: exit, and the dispatcher starts a new pool. */
+		ereport(LOG,
+				(errcode(ERRCODE_DATA_CORRUPTED),
+				 errmsg("pool segment of the dispatcher has an unexpected layout, exiting")));
+		proc_exit(1);
+	}
 	{
 		shm_mq	   *in = shm_toc_lookup(toc, EB_TOC_IN(my_index), false);
 		shm_mq	   *out = shm_toc_lookup(toc, EB_TOC_OUT(my_index), false);
@@ -474,10 +468,7 @@ eventbus_worker_main(Datum main_arg)
 		outq = shm_mq_attach(out, seg, NULL);
 	}
 
-	SpinLockAcquire(&eb_shared->mutex);
-	eb_shared->workers[my_index].pid = MyProcPid;
-	eb_shared->workers[my_index].since = GetCurrentTimestamp();
-	SpinLockRelease(&eb_shared->mutex);
+	eb_shmem_worker_started(my_index, MyProcPid);
 
 	memset(&ctl, 0, sizeof(ctl));
 	ctl.keysize = KEY_LEN;
