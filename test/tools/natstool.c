@@ -460,10 +460,16 @@ cmd_pub(const char *subject, header *hdrs, int nhdrs, bool msgid, bool hex)
 		if (s == NATS_OK)
 			s = js_PublishMsgAsync(js, &m, &po);
 		natsMsg_Destroy(m);		/* NULL once cnats owns it */
-		if (s != NATS_OK)
-			rc = fail("publishing", s, 0);
-		else
+		if (s == NATS_OK)
 			sent++;
+		else
+		{
+			char		what[300];
+
+			snprintf(what, sizeof(what), "publishing stdin line %llu to %s",
+					 (unsigned long long) sent + 1, subject);
+			rc = fail(what, s, 0);
+		}
 	}
 	free(line);
 
