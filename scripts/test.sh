@@ -41,7 +41,7 @@ count_tap() {
 	passed=$((passed + total - fails)); failed=$((failed + fails))
 }
 
-echo "== pg_regress (sql/, expected/)"
+echo "== pg_regress (test/regress, make installcheck)"
 if make -C "$REPO" --no-print-directory installcheck >"$LOGDIR/regress.log" 2>&1; then rc=0; else rc=1; fi
 cat "$LOGDIR/regress.log" | grep -E '^(test | |ok|not ok|=|All|[0-9]+ of)' || true
 n_ok=$(grep -cE '^(ok|test ).* ok' "$LOGDIR/regress.log" || true)
@@ -49,7 +49,7 @@ n_bad=$(grep -cE 'FAILED|failed \(' "$LOGDIR/regress.log" || true)
 passed=$((passed + n_ok)); failed=$((failed + n_bad))
 if [ $rc -ne 0 ]; then
 	suites_failed+=(pg_regress)
-	[ -f "$REPO/regression.diffs" ] && head -100 "$REPO/regression.diffs"
+	[ -f "$REPO/test/regress/regression.diffs" ] && head -100 "$REPO/test/regress/regression.diffs"
 	[ "$n_bad" -eq 0 ] && failed=$((failed + 1))
 fi
 
