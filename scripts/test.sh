@@ -61,6 +61,13 @@ echo "== integration (test/integration, real PostgreSQL, Kafka dev broker, nats-
 if prove -v "$REPO"/test/integration/[0-9]*.sh 2>&1 | tee "$LOGDIR/integration.log"; then :; else suites_failed+=(integration); fi
 count_tap "$LOGDIR/integration.log"
 
+# Operations (packaging: builds and installs the Debian package, so the
+# build tools are installed first when missing).
+echo "== operations (test/ops)"
+if "$REPO"/scripts/deps.sh --package >"$LOGDIR/ops-deps.log" 2>&1 &&
+	prove -v $(ls "$REPO"/test/ops/*.sh | grep -v '/lib.sh$') 2>&1 | tee "$LOGDIR/ops.log"; then :; else suites_failed+=(operations); fi
+[ -f "$LOGDIR/ops.log" ] && count_tap "$LOGDIR/ops.log"
+
 echo
 echo "== summary"
 if [ ${#suites_failed[@]} -eq 0 ]; then
