@@ -10,6 +10,11 @@
  * backoff and its later events wait behind it, while every other key routed
  * here keeps going.  After max_attempts the event is dead-lettered and the
  * key moves on.
+ *
+ * A batch first runs optimistically: one transaction, the inbox claimed for
+ * all its events in one statement, handlers called without a subtransaction
+ * each.  Only when something fails does it run again the careful way, a
+ * subtransaction per event, so that one failing event costs only itself.
  */
 #include "postgres.h"
 
@@ -167,14 +172,114 @@ typedef enum ItemResult
 	RESULT_WAIT					/* its key is parked: wait behind the head */
 } ItemResult;
 
+/* How the optimistic run of a batch ended. */
+typedef enum FastResult
+{
+	FAST_COMMITTED,				/* all of it happened */
+	FAST_HANDLER_FAILED,		/* a handler failed: nothing happened */
+	FAST_COMMIT_FAILED,			/* the commit failed: nothing happened */
+	FAST_OTHER_FAILED			/* the inbox claim failed: nothing happened */
+} FastResult;
+
+/*
+ * Run a batch optimistically: one transaction, one inbox statement for all
+ * its events, each handler called without a subtransaction of its own.
+ * Items of parked keys wait; items whose owner was dropped are completed
+ * without running.  Fills result[] and outcome[] when it committed; else
+ * nothing of it happened, and for a failed handler *failed_at and *error
+ * say which and why (the careful run then counts that attempt instead of
+ * running it again).
+ */
+static FastResult
+run_optimistic(Pending **batch, int n, ItemResult *result, int *outcome,
+			   int *failed_at, ErrorData **error, ErrorData **commit_error)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	EbWorkItem *items[BATCH_MAX];
+	bool		skip[BATCH_MAX];
+	bool		claimed[BATCH_MAX];
+	volatile int current = -1;
+	volatile FastResult fr = FAST_OTHER_FAILED;
+
+	*failed_at = -1;
+	for (int i = 0; i < n; i++)
+	{
+		char		key[KEY_LEN];
+
+		items[i] = &batch[i]->item;
+		item_key(items[i], key);
+		skip[i] = hash_search(parked, key, HASH_FIND, NULL) != NULL;
+		if (skip[i])
+			result[i] = RESULT_WAIT;
+	}
+
+	PG_TRY();
+	{
+		SetCurrentStatementStartTimestamp();
+		StartTransactionCommand();
+		eb_constraints_immediate();
+		pgstat_report_activity(STATE_RUNNING, "eventbus: running handlers");
+		for (int i = 0; i < n; i++)
+			if (!skip[i] && !eb_handler_owner_present(items[i]))
+			{
+				skip[i] = true;
+				result[i] = RESULT_DONE;
+				outcome[i] = EB_OUTCOME_OWNER_DROPPED;
+			}
+		eb_inbox_claim_batch(items, skip, n, claimed);
+		for (int i = 0; i < n; i++)
+		{
+			if (skip[i])
+				continue;
+			result[i] = RESULT_DONE;
+			outcome[i] = EB_OUTCOME_DUPLICATE;
+			if (!claimed[i])
+				continue;
+			current = i;
+			eb_handler_invoke(items[i]->handler, items[i]->role, eb_make_envelope(items[i]));
+			current = -1;
+			outcome[i] = EB_OUTCOME_HANDLED;
+		}
+		fr = FAST_COMMIT_FAILED;
+		CommitTransactionCommand();
+		fr = FAST_COMMITTED;
+	}
+	PG_CATCH();
+	{
+		/* As PostgresMain recovers from an error: nothing of the batch stays. */
+		HOLD_INTERRUPTS();
+		MemoryContextSwitchTo(cxt);
+		if (current >= 0)
+		{
+			*failed_at = current;
+			*error = eb_handler_error(items[current]->handler);
+			fr = FAST_HANDLER_FAILED;
+		}
+		else
+		{
+			*commit_error = CopyErrorData();
+			FlushErrorState();
+		}
+		AbortCurrentTransaction();
+		RESUME_INTERRUPTS();
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(cxt);
+	pgstat_report_activity(STATE_IDLE, NULL);
+	return fr;
+}
+
 /*
  * Run the runnable items of a batch in one transaction, a subtransaction
- * each.  Fills result[], outcome[] and error[]; returns false (with
- * *commit_error) when the commit itself failed, e.g. a deferred constraint or
- * a serialization failure: then nothing of the batch happened.
+ * each.  Item failed_at (if not -1) failed already with failed_error in an
+ * optimistic run: that counts as its attempt, it does not run again.  Fills
+ * result[], outcome[] and error[]; returns false (with *commit_error) when
+ * the commit itself failed, e.g. a deferred constraint or a serialization
+ * failure: then nothing of the batch happened.
  */
 static bool
-run_in_transaction(Pending **batch, int n, bool from_parked, ItemResult *result,
+run_in_transaction(Pending **batch, int n, bool from_parked, int failed_at,
+				   ErrorData *failed_error, ItemResult *result,
 				   int *outcome, ErrorData **error, ErrorData **commit_error)
 {
 	MemoryContext cxt = CurrentMemoryContext;
@@ -209,7 +314,13 @@ run_in_transaction(Pending **batch, int n, bool from_parked, ItemResult *result,
 			result[i] = RESULT_WAIT;
 			continue;
 		}
-		outcome[i] = eb_handler_run(&p->item, &error[i]);
+		if (i == failed_at)
+		{
+			outcome[i] = -1;
+			error[i] = failed_error;
+		}
+		else
+			outcome[i] = eb_handler_run(&p->item, &error[i]);
 		if (error[i])
 			error[i] = keep_error(error[i], cxt);	/* outlives the transaction */
 		if (outcome[i] >= 0)
@@ -267,8 +378,26 @@ run_batch(Pending **batch, int n, bool from_parked)
 	int			handled = 0;
 	int			failed = 0;
 	int			dead = 0;
+	int			failed_at = -1;
+	ErrorData  *failed_error = NULL;
+	FastResult	fr = FAST_OTHER_FAILED;
 
-	if (!run_in_transaction(batch, n, from_parked, result, outcome, error, &commit_error))
+	/* Retries of parked keys go the careful way at once. */
+	if (!from_parked)
+		fr = run_optimistic(batch, n, result, outcome, &failed_at, &failed_error, &commit_error);
+	if (fr == FAST_COMMIT_FAILED && n > 1)
+	{
+		ereport(LOG,
+				(errcode(commit_error->sqlerrcode),
+				 errmsg("commit of a batch of %d events failed, running them one by one", n),
+				 errdetail("%s", commit_error->message)));
+		for (int i = 0; i < n; i++)
+			run_batch(&batch[i], 1, from_parked);
+		return;
+	}
+	if (fr != FAST_COMMITTED &&
+		!run_in_transaction(batch, n, from_parked, failed_at, failed_error,
+							result, outcome, error, &commit_error))
 	{
 		if (n > 1)
 		{
