@@ -18,7 +18,7 @@ PGBIN=/usr/lib/postgresql/$PGMAJOR/bin
 PACKAGES=(
     "postgresql-$PGMAJOR" "postgresql-server-dev-$PGMAJOR" "postgresql-$PGMAJOR-pgtap"
     libtap-parser-sourcehandler-pgtap-perl librdkafka-dev libnats-dev nats-server
-    kcat pkg-config gcc make libc6-dev
+    kcat pkg-config gcc make libc6-dev python3-yaml
 )
 PACKAGING=0
 if [[ ${1:-} == --package ]]; then
@@ -67,6 +67,7 @@ check() {
     have kcat        || miss "kcat"
     have pg_prove    || miss "pg_prove"
     have runuser     || miss "runuser (util-linux)"
+    /usr/bin/python3 -c 'import yaml' 2>/dev/null || miss "Python's yaml module (python3-yaml)"
     if (( PACKAGING )); then
         have dpkg-buildpackage || miss "dpkg-buildpackage (dpkg-dev)"
         have dh                || miss "dh (debhelper)"

@@ -245,6 +245,7 @@ dispatch_message(EbInbound *in)
 	d->transport = in->transport;
 	d->token = in->token;
 	in_flight++;
+	eb_shmem_count_consumed(in->transport, 1);
 
 	/* Never throws, whatever the message: a bad one is quarantined. */
 	MemoryContextSwitchTo(mcxt);
@@ -355,7 +356,12 @@ flush_quarantine(void)
 	eb_xact_end(cxt);
 
 	foreach(lc, quarantine)
-		finish(((Quarantined *) lfirst(lc))->delivery);
+	{
+		Quarantined *q = lfirst(lc);
+
+		eb_shmem_count_quarantined(q->transport, 1);
+		finish(q->delivery);
+	}
 	list_free(quarantine);
 	quarantine = NIL;
 }

@@ -155,6 +155,85 @@ static bool xact_callback_registered = false;
 static uint32 wake_relay_at_commit = 0;	/* bit per transport published to */
 static bool wake_dispatcher_at_commit = false;
 
+/*
+ * Events published per (sub)transaction level, innermost last, so that a
+ * rolled-back savepoint takes its events out of the count (eventbus.metrics
+ * counts what committed).
+ */
+typedef struct PublishedAtLevel
+{
+	int			level;
+	uint64		n[EB_NTRANSPORTS];
+} PublishedAtLevel;
+
+static List *published = NIL;	/* PublishedAtLevel *, in TopMemoryContext */
+
+/* Push a level's counts (the list lives as long as the process). */
+static void
+published_push(PublishedAtLevel *entry)
+{
+	MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+	published = lappend(published, entry);
+	MemoryContextSwitchTo(old);
+}
+
+/* Forget the counts of levels at or above level (0: all). */
+static void
+published_drop(int level)
+{
+	while (published != NIL &&
+		   ((PublishedAtLevel *) llast(published))->level >= level)
+	{
+		pfree(llast(published));
+		published = list_delete_last(published);
+	}
+}
+
+/* A subtransaction ended: its counts go to its parent, or away. */
+static void
+eb_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
+					SubTransactionId parentSubid, void *arg)
+{
+	int			level = GetCurrentTransactionNestLevel();
+	PublishedAtLevel *top;
+
+	if (published == NIL || ((PublishedAtLevel *) llast(published))->level < level)
+		return;
+	if (event == SUBXACT_EVENT_ABORT_SUB)
+		published_drop(level);
+	else if (event == SUBXACT_EVENT_COMMIT_SUB)
+	{
+		top = llast(published);
+		published = list_delete_last(published);
+		if (published != NIL && ((PublishedAtLevel *) llast(published))->level == level - 1)
+		{
+			PublishedAtLevel *parent = llast(published);
+
+			for (int t = 0; t < EB_NTRANSPORTS; t++)
+				parent->n[t] += top->n[t];
+			pfree(top);
+		}
+		else
+		{
+			top->level = level - 1;
+			published_push(top);
+		}
+	}
+}
+
+/* At commit: add what the transaction published to the shared counters. */
+static void
+published_commit(void)
+{
+	ListCell   *lc;
+
+	foreach(lc, published)
+		for (int t = 0; t < EB_NTRANSPORTS; t++)
+			eb_shmem_count_published(t, ((PublishedAtLevel *) lfirst(lc))->n[t]);
+	published_drop(0);
+}
+
 /* At commit, wake whoever this transaction's work concerns. */
 static void
 eb_xact_callback(XactEvent event, void *arg)
@@ -171,13 +250,18 @@ eb_xact_callback(XactEvent event, void *arg)
 			}
 			if (wake_dispatcher_at_commit)
 				eb_wake_dispatcher();
+			published_commit();
 			wake_relay_at_commit = 0;
 			wake_dispatcher_at_commit = false;
 			break;
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PARALLEL_ABORT:
 		case XACT_EVENT_PREPARE:
-			/* A prepared transaction is found by the periodic scans. */
+			/*
+			 * A prepared transaction is found by the periodic scans; its
+			 * events are not counted as published.
+			 */
+			published_drop(0);
 			wake_relay_at_commit = 0;
 			wake_dispatcher_at_commit = false;
 			break;
@@ -196,9 +280,28 @@ eb_wake_at_commit(int relay_transport, bool dispatcher)
 	if (!xact_callback_registered)
 	{
 		RegisterXactCallback(eb_xact_callback, NULL);
+		RegisterSubXactCallback(eb_subxact_callback, NULL);
 		xact_callback_registered = true;
 	}
 	if (relay_transport >= 0)
 		wake_relay_at_commit |= 1u << relay_transport;
 	wake_dispatcher_at_commit |= dispatcher;
+}
+
+/* An event was published to transport: count it and wake the relay at commit. */
+void
+eb_published_at_commit(int transport)
+{
+	int			level = GetCurrentTransactionNestLevel();
+	PublishedAtLevel *top;
+
+	eb_wake_at_commit(transport, false);
+	if (published == NIL || ((PublishedAtLevel *) llast(published))->level != level)
+	{
+		top = MemoryContextAllocZero(TopMemoryContext, sizeof(PublishedAtLevel));
+		top->level = level;
+		published_push(top);
+	}
+	top = llast(published);
+	top->n[transport]++;
 }

@@ -21,6 +21,9 @@
 #include "datatype/timestamp.h"
 #include "storage/latch.h"
 
+/* The version of this library (its newest SQL script). */
+#define EB_LIBRARY_VERSION	"0.2.0"
+
 /* Transports are numbered 0 .. EB_NTRANSPORTS - 1 (transport.h). */
 #define EB_NTRANSPORTS		2
 
@@ -37,6 +40,7 @@ extern void eb_bgworker_init(struct BackgroundWorker *w, const char *function,
 extern void eb_wake_relay(void);
 extern void eb_wake_dispatcher(void);
 extern void eb_wake_at_commit(int relay_transport, bool dispatcher);
+extern void eb_published_at_commit(int transport);
 
 /* wakeup.c: the pipe library threads write to, to wake the main thread */
 struct WaitEventSet;
@@ -66,6 +70,7 @@ extern PGDLLEXPORT Datum eventbus_discard_undeliverable(PG_FUNCTION_ARGS);
 extern PGDLLEXPORT Datum eventbus_undeliverable(PG_FUNCTION_ARGS);
 extern PGDLLEXPORT Datum eventbus_check_message(PG_FUNCTION_ARGS);
 extern PGDLLEXPORT Datum eventbus_decode_message(PG_FUNCTION_ARGS);
+extern PGDLLEXPORT Datum eventbus_metrics(PG_FUNCTION_ARGS);
 extern PGDLLEXPORT void eventbus_launcher_main(Datum main_arg);
 extern PGDLLEXPORT void eventbus_dispatcher_main(Datum main_arg);
 extern PGDLLEXPORT void eventbus_worker_main(Datum main_arg);

@@ -16,6 +16,7 @@
 #include "executor/spi.h"
 #include "funcapi.h"
 #include "miscadmin.h"
+#include "pgstat.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
 #include "utils/hsearch.h"
@@ -373,6 +374,18 @@ eb_inbox_claim_batch(EbWorkItem *const *items, const bool *skip, int n, bool *cl
 	SPI_finish();
 }
 
+/* Show in pg_stat_activity which subscription and event this worker runs. */
+void
+eb_handler_report_activity(const EbWorkItem *item)
+{
+	char		activity[EB_MAX_TOPIC + EB_MAX_AGGREGATE_ID + 160];
+
+	snprintf(activity, sizeof(activity),
+			 "eventbus: subscription " INT64_FORMAT ", event %s (topic %s, aggregate %s)",
+			 item->subscription_id, item->ev.event_id, item->ev.topic, item->ev.aggregate_id);
+	pgstat_report_activity(STATE_RUNNING, activity);
+}
+
 /*
  * Is the role a work item runs as still there?  A role dropped from another
  * database leaves its subscriptions behind; the dispatcher stops routing to
@@ -427,8 +440,12 @@ eb_handler_run(const EbWorkItem *item, ErrorData **error)
 
 		if (claimed == 0)
 			outcome = EB_OUTCOME_DUPLICATE;
-		else if (!eb_handler_call(item->handler, item->role, eb_make_envelope(item), error))
-			outcome = -1;
+		else
+		{
+			eb_handler_report_activity(item);
+			if (!eb_handler_call(item->handler, item->role, eb_make_envelope(item), error))
+				outcome = -1;
+		}
 
 		if (outcome == -1)
 			RollbackAndReleaseCurrentSubTransaction();

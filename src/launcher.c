@@ -6,7 +6,7 @@
 #include "postgres.h"
 
 #include "access/xact.h"
-#include "commands/extension.h"
+#include "executor/spi.h"
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
@@ -23,20 +23,43 @@
 #include "transport.h"
 #include "util.h"
 
-/* Is the extension installed in our database? */
-static bool
-extension_installed(void)
-{
-	bool		found;
-	MemoryContext cxt = CurrentMemoryContext;
+/*
+ * The versions of the extension's SQL this library runs with.  A newer one
+ * means ALTER EXTENSION ran before PostgreSQL was restarted with the new
+ * library: the old code must not run against it.
+ */
+static const char *const supported_versions[] = {"0.1.0", "0.2.0", NULL};
 
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	found = OidIsValid(get_extension_oid("eventbus", true));
-	CommitTransactionCommand();
-	MemoryContextSwitchTo(cxt);
+typedef enum ExtensionState
+{
+	EXT_ABSENT,
+	EXT_READY,
+	EXT_NEWER					/* SQL newer than this library */
+} ExtensionState;
+
+/* Is the extension installed in our database, and in a version we support? */
+static ExtensionState
+extension_state(char **version)
+{
+	ExtensionState state = EXT_ABSENT;
+	MemoryContext cxt = eb_xact_begin();
+
+	*version = NULL;
+	if (SPI_execute("SELECT extversion FROM pg_catalog.pg_extension"
+					" WHERE extname OPERATOR(pg_catalog.=) 'eventbus'", true, 1) == SPI_OK_SELECT &&
+		SPI_processed == 1)
+	{
+		char	   *v = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+
+		state = EXT_NEWER;
+		for (int i = 0; supported_versions[i]; i++)
+			if (v && strcmp(v, supported_versions[i]) == 0)
+				state = EXT_READY;
+		*version = MemoryContextStrdup(cxt, v ? v : "");
+	}
+	eb_xact_end(cxt);
 	pgstat_report_stat(false);
-	return found;
+	return state;
 }
 
 /* Publish (or clear) the launcher's presence in shared memory. */
@@ -123,6 +146,8 @@ eventbus_launcher_main(Datum main_arg)
 {
 	WaitEventSet *wes;
 	bool		ready = false;
+	ExtensionState last = EXT_ABSENT;
+	char	   *version = NULL;
 	MemoryContext loop_cxt;
 	TimestampTz checked_at = 0;
 
@@ -143,27 +168,35 @@ eventbus_launcher_main(Datum main_arg)
 	{
 		WaitEvent	event;
 		long		timeout = 1000;
-		bool		now_ready;
+		ExtensionState ext;
 
 		(void) eb_worker_loop_top(loop_cxt);
 
 		/* A catalog look-up once a second, not on every commit's wake-up. */
 		if (!ready || GetCurrentTimestamp() >= TimestampTzPlusMilliseconds(checked_at, 1000))
 		{
-			now_ready = extension_installed();
+			ext = extension_state(&version);
 			checked_at = GetCurrentTimestamp();
 		}
 		else
-			now_ready = ready;
-		if (now_ready != ready)
+			ext = last;
+		if (ext != last)
 		{
-			ready = now_ready;
+			last = ext;
+			ready = ext == EXT_READY;
 			eb_shmem_set_extension_ready(ready);
 			if (ready)
 				ereport(LOG, (errmsg("extension found, starting relay")));
 			else
 			{
-				ereport(LOG, (errmsg("extension not installed, waiting for CREATE EXTENSION eventbus")));
+				if (ext == EXT_NEWER)
+					ereport(LOG,
+							(errcode(ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE),
+							 errmsg("extension eventbus is at version %s, which this eventbus library (%s) does not run; relay and consumers stopped",
+									version, EB_LIBRARY_VERSION),
+							 errhint("Restart PostgreSQL to load the library installed with that version.")));
+				else
+					ereport(LOG, (errmsg("extension not installed, waiting for CREATE EXTENSION eventbus")));
 				stop_dispatcher();
 				eb_relay_shutdown();
 			}

@@ -352,7 +352,7 @@ eventbus_publish(PG_FUNCTION_ARGS)
 	}
 	SPI_finish();
 
-	eb_wake_at_commit(transport, false);
+	eb_published_at_commit(transport);
 
 	PG_RETURN_UUID_P(event_id);
 }

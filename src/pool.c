@@ -75,13 +75,6 @@ item_key(const EbWorkItem *item, char *key)
 	snprintf(key, KEY_LEN, INT64_FORMAT ":%s", item->subscription_id, item->ev.aggregate_id);
 }
 
-/* Update this worker's counters in shared memory. */
-static void
-count(int processed, int failed, int dead)
-{
-	eb_shmem_worker_counts(my_index, processed, failed, dead);
-}
-
 /* Send completions to the dispatcher (blocking: it always drains). */
 static void
 send_completions(EbCompletion *done, int n)
@@ -236,6 +229,7 @@ run_optimistic(Pending **batch, int n, ItemResult *result, int *outcome,
 			if (!claimed[i])
 				continue;
 			current = i;
+			eb_handler_report_activity(items[i]);
 			eb_handler_invoke(items[i]->handler, items[i]->role, eb_make_envelope(items[i]));
 			current = -1;
 			outcome[i] = EB_OUTCOME_HANDLED;
@@ -375,7 +369,9 @@ run_batch(Pending **batch, int n, bool from_parked)
 	ErrorData  *error[BATCH_MAX];
 	ErrorData  *commit_error = NULL;
 	int			ndone = 0;
+	TimestampTz started = GetCurrentTimestamp();
 	int			handled = 0;
+	int			duplicates = 0;
 	int			failed = 0;
 	int			dead = 0;
 	int			failed_at = -1;
@@ -468,7 +464,9 @@ run_batch(Pending **batch, int n, bool from_parked)
 			failed++;
 			dead++;
 		}
-		else
+		else if (outcome[i] == EB_OUTCOME_DUPLICATE)
+			duplicates++;
+		else if (outcome[i] == EB_OUTCOME_HANDLED)
 			handled++;
 		/* Done: leave the parked queue if it came from there. */
 		if (k)
@@ -484,7 +482,8 @@ run_batch(Pending **batch, int n, bool from_parked)
 		MemoryContextDelete(p->cxt);
 	}
 
-	count(handled, failed, dead);
+	eb_shmem_worker_counts(my_index, handled, duplicates, failed, dead,
+						   (uint64) Max(GetCurrentTimestamp() - started, 0));
 	/* Only after commit: the dispatcher may now commit offsets / ack. */
 	send_completions(done, ndone);
 }

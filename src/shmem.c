@@ -54,9 +54,11 @@ init_worker(EbWorkerStatus *w)
 	w->pid = 0;
 	w->since = 0;
 	w->queued = 0;
-	pg_atomic_init_u64(&w->processed, 0);
+	pg_atomic_init_u64(&w->handled, 0);
+	pg_atomic_init_u64(&w->duplicates, 0);
 	pg_atomic_init_u64(&w->failed, 0);
 	pg_atomic_init_u64(&w->dead_lettered, 0);
+	pg_atomic_init_u64(&w->busy_us, 0);
 }
 
 /* Create or attach our shared memory. */
@@ -80,6 +82,9 @@ eb_shmem_startup(void)
 		{
 			init_broker(&eb_shared->producer[t]);
 			init_broker(&eb_shared->consumer[t]);
+			pg_atomic_init_u64(&eb_shared->counters[t].published, 0);
+			pg_atomic_init_u64(&eb_shared->counters[t].consumed, 0);
+			pg_atomic_init_u64(&eb_shared->counters[t].quarantined, 0);
 		}
 		for (int w = 0; w < EB_MAX_WORKERS; w++)
 			init_worker(&eb_shared->workers[w]);
@@ -125,12 +130,17 @@ eb_shmem_snapshot(EbShared *out)
 		copy_atomic(&out->producer[t].failed, &eb_shared->producer[t].failed);
 		copy_atomic(&out->consumer[t].published, &eb_shared->consumer[t].published);
 		copy_atomic(&out->consumer[t].failed, &eb_shared->consumer[t].failed);
+		copy_atomic(&out->counters[t].published, &eb_shared->counters[t].published);
+		copy_atomic(&out->counters[t].consumed, &eb_shared->counters[t].consumed);
+		copy_atomic(&out->counters[t].quarantined, &eb_shared->counters[t].quarantined);
 	}
 	for (int w = 0; w < EB_MAX_WORKERS; w++)
 	{
-		copy_atomic(&out->workers[w].processed, &eb_shared->workers[w].processed);
+		copy_atomic(&out->workers[w].handled, &eb_shared->workers[w].handled);
+		copy_atomic(&out->workers[w].duplicates, &eb_shared->workers[w].duplicates);
 		copy_atomic(&out->workers[w].failed, &eb_shared->workers[w].failed);
 		copy_atomic(&out->workers[w].dead_lettered, &eb_shared->workers[w].dead_lettered);
+		copy_atomic(&out->workers[w].busy_us, &eb_shared->workers[w].busy_us);
 	}
 }
 
@@ -284,12 +294,10 @@ eb_shmem_reset_workers(int nworkers)
 	{
 		EbWorkerStatus *ws = &eb_shared->workers[w];
 
+		/* The counters go on: they count from server start. */
 		ws->pid = 0;
 		ws->since = 0;
 		ws->queued = 0;
-		pg_atomic_write_u64(&ws->processed, 0);
-		pg_atomic_write_u64(&ws->failed, 0);
-		pg_atomic_write_u64(&ws->dead_lettered, 0);
 	}
 	LWLockRelease(eb_shared->lock);
 }
@@ -331,21 +339,47 @@ eb_shmem_worker_started(int worker, pid_t pid)
 	LWLockRelease(eb_shared->lock);
 }
 
-/* A pool worker's counts after a batch. */
+/* Add a batch's outcomes to a worker slot's counters. */
 void
-eb_shmem_worker_counts(int worker, uint64 processed, uint64 failed, uint64 dead_lettered)
+eb_shmem_worker_counts(int worker, uint64 handled, uint64 duplicates, uint64 failed,
+					   uint64 dead_lettered, uint64 busy_us)
 {
 	EbWorkerStatus *w;
 
 	if (worker < 0 || worker >= EB_MAX_WORKERS)
 		return;
 	w = &eb_shared->workers[worker];
-	if (processed > 0)
-		pg_atomic_fetch_add_u64(&w->processed, (int64) processed);
+	if (handled > 0)
+		pg_atomic_fetch_add_u64(&w->handled, (int64) handled);
+	if (duplicates > 0)
+		pg_atomic_fetch_add_u64(&w->duplicates, (int64) duplicates);
 	if (failed > 0)
 		pg_atomic_fetch_add_u64(&w->failed, (int64) failed);
 	if (dead_lettered > 0)
 		pg_atomic_fetch_add_u64(&w->dead_lettered, (int64) dead_lettered);
+	pg_atomic_fetch_add_u64(&w->busy_us, (int64) busy_us);
+}
+
+/* Events a transaction committed to the outbox. */
+void
+eb_shmem_count_published(int transport, uint64 n)
+{
+	if (eb_shared && n > 0)
+		pg_atomic_fetch_add_u64(&eb_shared->counters[transport].published, (int64) n);
+}
+
+/* Messages the dispatcher received. */
+void
+eb_shmem_count_consumed(int transport, uint64 n)
+{
+	pg_atomic_fetch_add_u64(&eb_shared->counters[transport].consumed, (int64) n);
+}
+
+/* Messages written to eventbus.quarantine. */
+void
+eb_shmem_count_quarantined(int transport, uint64 n)
+{
+	pg_atomic_fetch_add_u64(&eb_shared->counters[transport].quarantined, (int64) n);
 }
 
 /* Name of a broker state. */

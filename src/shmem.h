@@ -39,7 +39,10 @@ typedef struct EbBrokerStatus
 	pg_atomic_uint64 failed;	/* delivery attempts that failed */
 } EbBrokerStatus;
 
-/* One pool worker, as shown by eventbus_status(). */
+/*
+ * One pool worker slot, as shown by eventbus_status() and eventbus.metrics.
+ * Its counters run from server start, across pool restarts.
+ */
 typedef struct EbWorkerStatus
 {
 	/* under the lock */
@@ -47,10 +50,20 @@ typedef struct EbWorkerStatus
 	TimestampTz since;
 	int			queued;			/* items sent to it and not yet completed */
 	/* atomic */
-	pg_atomic_uint64 processed; /* events handled (or skipped as already handled) */
+	pg_atomic_uint64 handled;	/* handler committed */
+	pg_atomic_uint64 duplicates;	/* skipped: already in the inbox */
 	pg_atomic_uint64 failed;	/* handler failures (each attempt) */
 	pg_atomic_uint64 dead_lettered;
+	pg_atomic_uint64 busy_us;	/* time spent running batches */
 } EbWorkerStatus;
+
+/* Per transport, from server start (eventbus.metrics). */
+typedef struct EbTransportCounters
+{
+	pg_atomic_uint64 published; /* events committed to the outbox */
+	pg_atomic_uint64 consumed;	/* messages the dispatcher received */
+	pg_atomic_uint64 quarantined;	/* of those, written to eventbus.quarantine */
+} EbTransportCounters;
 
 /* Lag of one subscription, written by the dispatcher. */
 typedef struct EbSubStatus
@@ -66,6 +79,7 @@ typedef struct EbShared
 	/* atomic */
 	pg_atomic_uint32 relay_pending; /* bit per transport with newly committed rows */
 	pg_atomic_uint64 subs_generation;	/* bumped when subscriptions change */
+	EbTransportCounters counters[EB_NTRANSPORTS];
 
 	/* under the lock */
 	pid_t		launcher_pid;
@@ -113,8 +127,11 @@ extern void eb_shmem_reset_workers(int nworkers);
 extern void eb_shmem_set_queued(const int *queued, int nworkers, int nsubs);
 extern void eb_shmem_set_lag(int i, int64 subscription_id, int64 lag);
 extern void eb_shmem_worker_started(int worker, pid_t pid);
-extern void eb_shmem_worker_counts(int worker, uint64 processed, uint64 failed,
-								   uint64 dead_lettered);
+extern void eb_shmem_worker_counts(int worker, uint64 handled, uint64 duplicates,
+								   uint64 failed, uint64 dead_lettered, uint64 busy_us);
+extern void eb_shmem_count_published(int transport, uint64 n);
+extern void eb_shmem_count_consumed(int transport, uint64 n);
+extern void eb_shmem_count_quarantined(int transport, uint64 n);
 
 /* Broker connection state (this process's rows: launcher producer, dispatcher consumer). */
 extern EbBrokerStatus *eb_broker_slots;

@@ -261,7 +261,8 @@ eventbus_status(PG_FUNCTION_ARGS)
 		values[5] = CStringGetTextDatum(psprintf("dead-lettered " UINT64_FORMAT,
 												   pg_atomic_read_u64(&ws->dead_lettered)));
 		values[6] = Int64GetDatum(ws->queued);
-		values[7] = Int64GetDatum((int64) pg_atomic_read_u64(&ws->processed));
+		values[7] = Int64GetDatum((int64) (pg_atomic_read_u64(&ws->handled) +
+										   pg_atomic_read_u64(&ws->duplicates)));
 		values[8] = Int64GetDatum((int64) pg_atomic_read_u64(&ws->failed));
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 	}
