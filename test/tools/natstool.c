@@ -11,7 +11,9 @@
  *       Print every message of the stream capturing SUBJECT whose subject matches
  *       SUBJECT (equality, or NATS wildcard match if SUBJECT contains * or >), in
  *       stream order, one JSON object per line:
- *         {"stream":"S","seq":N,"subject":"...","headers":{"Name":"value",...},"data":"..."}
+ *         {"stream":"S","seq":N,"subject":"...","time":"...","headers":{"Name":"value",...},"data":"..."}
+ *       "time" is when the server stored the message (RFC 3339, UTC, as the
+ *       server reports it: nanoseconds).
  *       "data" is the body as a JSON string when it is valid UTF-8, otherwise the
  *       object has "data_hex" (lower-case hex) instead. Header names are sorted; a
  *       header with several values is printed as an array of strings. Messages are
@@ -939,13 +941,19 @@ json_find_b64(const char *p, const char *end, const char *key, const char **s, s
 /* One dump output line. hdr_json is the already rendered "headers":{...}. */
 static void
 emit_line(buf_t *line, const char *stream, uint64_t seq, const char *subj,
-          const char *hdr_json, size_t hdr_len, const void *data, size_t dlen)
+          const char *time, const char *hdr_json, size_t hdr_len,
+          const void *data, size_t dlen)
 {
     line->len = 0;
     buf_puts(line, "{\"stream\":");
     json_cstr(line, stream);
     buf_printf(line, ",\"seq\":%llu,\"subject\":", (unsigned long long) seq);
     json_cstr(line, subj);
+    if (time != NULL)
+    {
+        buf_puts(line, ",\"time\":");
+        json_cstr(line, time);
+    }
     buf_putc(line, ',');
     buf_put(line, hdr_json, hdr_len);
     if (dlen == 0 || utf8_valid(data, dlen))
@@ -1007,9 +1015,18 @@ dump_getmsg(const char *stream, const char *subject, uint64_t first, uint64_t la
         subj = natsMsg_GetSubject(m);
         if (subj != NULL && subject_matches(subject, subj))
         {
+            int64_t   ns = natsMsg_GetTime(m);
+            time_t    secs = (time_t) (ns / 1000000000);
+            struct tm tm;
+            char      when[64];
+
+            gmtime_r(&secs, &tm);
+            snprintf(when, sizeof when, "%04d-%02d-%02dT%02d:%02d:%02d.%09lldZ",
+                     tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour,
+                     tm.tm_min, tm.tm_sec, (long long) (ns % 1000000000));
             hdr.len = 0;
             append_headers(&hdr, m);
-            emit_line(&line, stream, natsMsg_GetSequence(m), subj, hdr.p, hdr.len,
+            emit_line(&line, stream, natsMsg_GetSequence(m), subj, when, hdr.p, hdr.len,
                       natsMsg_GetData(m), (size_t) natsMsg_GetDataLength(m));
             printed++;
         }
@@ -1074,7 +1091,7 @@ dump_pipelined(const char *stream, const char *subject, uint64_t first, uint64_t
         const char *body, *end, *p;
         const char *hs = NULL, *ds = NULL;
         size_t      hn = 0, dn = 0;
-        char       *subj = NULL;
+        char       *subj = NULL, *when = NULL;
         long        hl = 0, dl = 0;
         uint64_t    seq;
 
@@ -1176,9 +1193,12 @@ dump_pipelined(const char *stream, const char *subject, uint64_t first, uint64_t
         {
             const char *sv = json_find_key(p, end, "subject");
             const char *qv = json_find_key(p, end, "seq");
+            const char *tv = json_find_key(p, end, "time");
 
             if (sv != NULL)
                 subj = json_parse_string(&sv, end);
+            if (tv != NULL && *tv == '"')
+                when = json_parse_string(&tv, end);
             if (qv != NULL)
                 seq = strtoull(qv, NULL, 10);
         }
@@ -1186,6 +1206,7 @@ dump_pipelined(const char *stream, const char *subject, uint64_t first, uint64_t
         {
             errmsg("reply for message %llu of stream %s has no subject",
                    (unsigned long long) seq, stream);
+            free(when);
             natsMsg_Destroy(m);
             goto out;
         }
@@ -1205,15 +1226,17 @@ dump_pipelined(const char *stream, const char *subject, uint64_t first, uint64_t
                 errmsg("bad base64 in reply for message %llu of stream %s",
                        (unsigned long long) seq, stream);
                 free(subj);
+                free(when);
                 natsMsg_Destroy(m);
                 goto out;
             }
             hdr.len = 0;
             append_raw_headers(&hdr, (const char *) dec, (size_t) hl);
-            emit_line(&line, stream, seq, subj, hdr.p, hdr.len, dec + hl, (size_t) dl);
+            emit_line(&line, stream, seq, subj, when, hdr.p, hdr.len, dec + hl, (size_t) dl);
             printed++;
         }
         free(subj);
+        free(when);
         natsMsg_Destroy(m);
     }
     rc = 0;
