@@ -15,7 +15,6 @@
 #                           partitions first (else the dev broker auto-creates 4)
 #   BENCH_BROKER_TIMES      1 = read every event's broker time back after the
 #                           run (kcat / natstool), for the latency stages
-#   BENCH_KEEP_SUBSCRIPTIONS 1 = leave the previous run's topics subscribed
 #   BENCH_MEM_EVERY         seconds between memory samples (0.5)
 #
 # Nothing in here sleeps inside a measured window: a run's window is
@@ -245,21 +244,22 @@ bench_broker_times() {
 # ---------------------------------------------------------------------------
 
 # bench_subscribe TOPIC... — in one transaction: unsubscribe the previous
-# run's topics (unless BENCH_KEEP_SUBSCRIPTIONS=1), subscribe the handler to
-# these (one Kafka rebalance).
+# run's topics, subscribe the handler to
+# these (one Kafka rebalance).  BENCH_SUBSCRIBED_AT = the clock right after
+# that transaction committed (same session).
 bench_subscribe() {
 	local prev="" t
-	if [ "${BENCH_KEEP_SUBSCRIPTIONS:-}" != 1 ]; then
-		for t in "${BENCH_PREV_TOPICS[@]}"; do prev="$prev,'$t'"; done
-	fi
-	bq >/dev/null <<SQL
+	for t in "${BENCH_PREV_TOPICS[@]}"; do prev="$prev,'$t'"; done
+	BENCH_SUBSCRIBED_AT=$(bq <<SQL
 BEGIN;
-SELECT eventbus_unsubscribe(topic, handler, transport) FROM eventbus.subscriptions
- WHERE topic IN (''$prev) AND handler = '$BENCH_SCHEMA.handle(eventbus.envelope)'::regprocedure;
-SELECT eventbus_subscribe(topic, '$BENCH_SCHEMA.handle(eventbus.envelope)'::regprocedure, transport)
-  FROM (SELECT DISTINCT topic, transport FROM $BENCH_SCHEMA.plan WHERE topic IN ($(printf "'%s'," "$@" | sed 's/,$//'))) s;
+SELECT count(eventbus_unsubscribe(topic, handler, transport)) FROM eventbus.subscriptions
+ WHERE topic IN (''$prev) AND handler = '$BENCH_SCHEMA.handle(eventbus.envelope)'::regprocedure \g /dev/null
+SELECT count(eventbus_subscribe(topic, '$BENCH_SCHEMA.handle(eventbus.envelope)'::regprocedure, transport))
+  FROM (SELECT DISTINCT topic, transport FROM $BENCH_SCHEMA.plan WHERE topic IN ($(printf "'%s'," "$@" | sed 's/,$//'))) s \g /dev/null
 COMMIT;
+SELECT clock_timestamp();
 SQL
+)
 	BENCH_PREV_TOPICS=("$@")
 }
 
@@ -353,7 +353,7 @@ bench_run() {
 	sampler=$!
 	if [ "$mode" = consume ]; then
 		bench_subscribe "${topics[@]}"
-		sub_at=$(bq -c "SELECT clock_timestamp()")
+		sub_at=$BENCH_SUBSCRIBED_AT
 	else
 		bench_publishers "$key" "$conns" "$mode" "$a" "$b"
 		for c in "${BENCH_PUB_PIDS[@]}"; do wait "$c" || bench_log "$key: a publishing connection failed"; done
@@ -501,6 +501,17 @@ bench_idle_prepare() {
 	                                      100, 1, string_to_array('$2', ','))")
 	[ "${#topics[@]}" -gt 0 ] || { bench_log "$1: no plan"; return 1; }
 	bench_warmup "$1" "${topics[@]}"
+}
+
+# bench_rewarm KEY AGGREGATE — one more event per topic of KEY's plan
+# (aggregate AGGREGATE), wait until each is handled: the consumers of those
+# topics are active again (after a dispatcher restart).
+bench_rewarm() {
+	local n
+	n=$(bq -c "SELECT count(eventbus_publish(topic, '$2', 'Warmup', '{}', transport))
+	             FROM (SELECT DISTINCT topic, transport FROM $BENCH_SCHEMA.plan WHERE run_key = '$1') s")
+	bench_wait 90 "SELECT count(DISTINCT topic) = $n FROM $BENCH_SCHEMA.handled
+	                WHERE aggregate_id = '$2' AND topic IN (SELECT topic FROM $BENCH_SCHEMA.plan WHERE run_key = '$1')"
 }
 
 # bench_idle SECONDS — CPU per component while nothing is published (the
