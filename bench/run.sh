@@ -225,7 +225,8 @@ store idle "$idle"
 # against a real broker: the idle target is judged on this one.
 if [[ ,$trs_csv, == *,kafka,* ]]; then
 	say "[$((SECONDS))s] idle again with fetch.wait.max.ms=500 (librdkafka's default; the dispatcher restarts)"
-	real_props="$dev_props;fetch.wait.max.ms=500"
+	real_props=$(sed 's/fetch\.wait\.max\.ms=[0-9]*;*//g; s/;*$//' <<< "$dev_props")
+	real_props="${real_props:+$real_props;}fetch.wait.max.ms=500"
 	if set_kafka_properties "$real_props" && bench_rewarm idle rewarm; then
 		sleep 2
 		idle=$(bench_idle "$IDLE_SECONDS")
