@@ -27,17 +27,17 @@
 #     BENCH_CONSUME_REPEATS (3) times per transport, interleaved; the median.
 #  4. Idle: BENCH_IDLE_SECONDS (10) with 5 fresh subscriptions per transport
 #     active and nothing published: CPU of the eventbus processes, the
-#     brokers.
-#  5. References (pgbench, BENCH_REF_SECONDS each (10), BENCH_REF_CLIENTS
-#     clients (eventbus.workers), each client on its own aggregates): the
-#     benchmark's handler alone with 1 and with 50 events per transaction
-#     (consume-side target: ≥ 0.85 × the 50 figure), and all the writes of
-#     an event (business row, version, outbox row and its deletion, inbox
-#     row, handler) with 50 events per transaction (end-to-end target:
-#     ≥ 0.6 ×).
-#  6. Shutdown and recovery (test/integration/33_shutdown.sh on this stack,
+#     brokers; once with the stack's fetch.wait.max.ms, once with 500 ms.
+#  References (pgbench, BENCH_REF_SECONDS each (10), BENCH_REF_CLIENTS
+#     clients (eventbus.workers), each client on its own aggregates), each
+#     right after the runs it is compared with: all the writes of an event
+#     (business row, version, outbox row and its deletion, inbox row,
+#     handler) with 50 events per transaction after 2 (end-to-end target:
+#     ≥ 0.6 ×); the benchmark's handler alone with 1 and with 50 events per
+#     transaction after 3 (consume-side target: ≥ 0.85 × the 50 figure).
+#  5. Shutdown and recovery (test/integration/33_shutdown.sh on this stack,
 #     BENCH_LIFECYCLE_REPEATS times, default 3; 0 skips it).
-#  7. Stop: PostgreSQL first, then count what is left of the eventbus
+#  6. Stop: PostgreSQL first, then count what is left of the eventbus
 #     processes (and their threads); then the brokers, and count again.
 #
 # Measured in every run of 1–3: per eventbus process (launcher, dispatcher,
@@ -171,6 +171,12 @@ for tr in $TRANSPORTS; do
 		done
 	done
 done
+# The reference right after the runs it is compared with (the machine's
+# load drifts): pgbench doing all the same writes, 50 events per transaction.
+REF_CLIENTS=${BENCH_REF_CLIENTS:-$(bq -c "SHOW eventbus.workers")}
+say "[$((SECONDS))s] reference: pgbench, all the writes of an event, 50 events per transaction, $REF_CLIENTS clients, $REF_SECONDS s"
+ref=$(bench_ref_end_to_end "$REF_SECONDS" "$REF_CLIENTS" 50); store ref_end_to_end_50 "$ref"
+bq -c "SELECT format('reference all writes 50/tx: %s events/s', '$ref'::jsonb->>'events_per_s')" >&2
 
 # ---------------------------------------------------------------------------
 # 3. Consume side: the events are in the broker before anyone subscribes
@@ -185,6 +191,11 @@ for ((rep = 1; rep <= CONSUME_REPEATS; rep++)); do
 		brief "$doc"
 	done
 done
+say "[$((SECONDS))s] references: pgbench, the handler alone, 1 and 50 events per transaction, $REF_CLIENTS clients, $REF_SECONDS s each"
+ref=$(bench_ref_consume "$REF_SECONDS" "$REF_CLIENTS" 1); store ref_consume_1 "$ref"
+ref=$(bench_ref_consume "$REF_SECONDS" "$REF_CLIENTS" 50); store ref_consume_50 "$ref"
+bq -c "SELECT string_agg(format('reference %s: %s events/s', kind, doc->>'events_per_s'), '; ' ORDER BY n)
+         FROM $BENCH_SCHEMA.results WHERE kind LIKE 'ref\_consume%'" >&2
 
 # ---------------------------------------------------------------------------
 # 4. Idle
@@ -241,19 +252,7 @@ if [[ ,$trs_csv, == *,kafka,* ]]; then
 fi
 
 # ---------------------------------------------------------------------------
-# 5. References
-# ---------------------------------------------------------------------------
-bq -c "SELECT count(*) FILTER (WHERE eventbus_unsubscribe(topic, handler, transport)) FROM eventbus.subscriptions" >/dev/null
-REF_CLIENTS=${BENCH_REF_CLIENTS:-$(bq -c "SHOW eventbus.workers")}
-say "[$((SECONDS))s] references: pgbench, $REF_CLIENTS clients, $REF_SECONDS s each: handler alone at 1 and 50 events per transaction, all writes at 50"
-ref=$(bench_ref_consume "$REF_SECONDS" "$REF_CLIENTS" 1); store ref_consume_1 "$ref"
-ref=$(bench_ref_consume "$REF_SECONDS" "$REF_CLIENTS" 50); store ref_consume_50 "$ref"
-ref=$(bench_ref_end_to_end "$REF_SECONDS" "$REF_CLIENTS" 50); store ref_end_to_end_50 "$ref"
-bq -c "SELECT string_agg(format('reference %s: %s events/s', kind, doc->>'events_per_s'), '; ' ORDER BY n)
-         FROM $BENCH_SCHEMA.results WHERE kind LIKE 'ref\_%'" >&2
-
-# ---------------------------------------------------------------------------
-# 6. Shutdown and recovery
+# 5. Shutdown and recovery
 # ---------------------------------------------------------------------------
 # The test prints "# figure NAME MS" lines; each repeat is stored with its
 # TAP verdict (a figure from a failed repeat is reported, and marked).
@@ -328,7 +327,7 @@ SELECT 'failed repeats: ' || count(*) FROM r WHERE NOT (doc->>'test_passed')::bo
 lifecycletable=$(bq -c "$lifecycle_sql")
 
 # ---------------------------------------------------------------------------
-# 7. Stop, and count what is left
+# 6. Stop, and count what is left
 # ---------------------------------------------------------------------------
 # Every eventbus process seen, with its start time (so a recycled pid is not
 # counted), and the threads the launcher / dispatcher had before the stop.
