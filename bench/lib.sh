@@ -180,7 +180,7 @@ bench_mem_sample() {
 	local out=$1 k v rss pss pc pd
 	shift
 	while [ $# -ge 2 ]; do
-		rss= pss= pc= pd=
+		rss='' pss='' pc='' pd=''
 		{ while read -r k v _; do
 			case $k in Rss:) rss=$v ;; Pss:) pss=$v ;; Private_Clean:) pc=$v ;; Private_Dirty:) pd=$v ;; esac
 		done < "/proc/$2/smaps_rollup"; } 2>/dev/null
