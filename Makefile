@@ -4,7 +4,11 @@ EXTENSION   = eventbus
 MODULE_big  = eventbus
 OBJS        = $(patsubst %.c,%.o,$(sort $(wildcard src/*.c)))
 DATA        = $(sort $(wildcard sql/eventbus--*.sql))
-REGRESS     = $(sort $(patsubst sql/%.sql,%,$(filter-out sql/eventbus--%,$(wildcard sql/*.sql))))
+# pg_regress suite (make installcheck): test/regress/sql/NAME.sql against
+# test/regress/expected/NAME.out; results and diffs stay under test/regress/.
+REGRESS     = $(sort $(basename $(notdir $(wildcard test/regress/sql/*.sql))))
+REGRESS_OPTS = --inputdir=test/regress --outputdir=test/regress
+REGRESS_PREP = regress-preflight
 
 PG_CONFIG  ?= pg_config
 # -Wno-unused-parameter: PG_FUNCTION_ARGS and library callbacks have fixed signatures.
@@ -15,7 +19,8 @@ PG_CFLAGS   = -std=gnu11 -Wall -Wextra -Werror -Wno-unused-parameter -Wno-missin
 # worker entry points): PostgreSQL 15 leaves PGDLLEXPORT empty on ELF.
 PG_CPPFLAGS = -DPGDLLEXPORT='__attribute__((visibility("default")))'
 SHLIB_LINK  = $(shell pkg-config --libs rdkafka libnats) -lpthread
-EXTRA_CLEAN = test/tools/devbroker test/tools/natstool $(OBJS:.o=.d)
+EXTRA_CLEAN = test/tools/devbroker test/tools/natstool $(OBJS:.o=.d) \
+              test/regress/results test/regress/regression.diffs test/regress/regression.out
 
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
@@ -37,7 +42,18 @@ test/tools/devbroker: test/tools/devbroker.c
 test/tools/natstool: test/tools/natstool.c
 	$(CC) $(TOOL_CFLAGS) -o $@ $< $(shell pkg-config --cflags --libs libnats) -lpthread
 
-.PHONY: deps tools start stop demo test bench fuzz package test-ops
+# The suite needs a server that preloads eventbus (GUCs, the 55000 checks)
+# and a test database the launcher does not serve (the "not served" errors):
+# say so up front instead of in a diff.
+regress-preflight:
+	@preload=$$('$(bindir)/psql' -X -A -t -d postgres -c 'SHOW shared_preload_libraries') || exit 1; \
+	case ",$$(echo "$$preload" | tr -d ' ')," in *,eventbus,*) ;; \
+	*) echo "make installcheck: the server must have shared_preload_libraries = 'eventbus' (it has '$$preload')"; exit 1 ;; esac; \
+	served=$$('$(bindir)/psql' -X -A -t -d postgres -c 'SHOW eventbus.database') || exit 1; \
+	if [ "$$served" = '$(CONTRIB_TESTDB)' ]; then \
+		echo "make installcheck: eventbus.database must not be $(CONTRIB_TESTDB), the database pg_regress recreates"; exit 1; fi
+
+.PHONY: deps tools start stop demo test bench fuzz package test-ops regress-preflight
 
 deps:
 	@scripts/deps.sh

@@ -41,7 +41,7 @@ count_tap() {
 	passed=$((passed + total - fails)); failed=$((failed + fails))
 }
 
-echo "== pg_regress (sql/, expected/)"
+echo "== pg_regress (test/regress, make installcheck)"
 if make -C "$REPO" --no-print-directory installcheck >"$LOGDIR/regress.log" 2>&1; then rc=0; else rc=1; fi
 cat "$LOGDIR/regress.log" | grep -E '^(test | |ok|not ok|=|All|[0-9]+ of)' || true
 n_ok=$(grep -cE '^(ok|test ).* ok' "$LOGDIR/regress.log" || true)
@@ -49,7 +49,7 @@ n_bad=$(grep -cE 'FAILED|failed \(' "$LOGDIR/regress.log" || true)
 passed=$((passed + n_ok)); failed=$((failed + n_bad))
 if [ $rc -ne 0 ]; then
 	suites_failed+=(pg_regress)
-	[ -f "$REPO/regression.diffs" ] && head -100 "$REPO/regression.diffs"
+	[ -f "$REPO/test/regress/regression.diffs" ] && head -100 "$REPO/test/regress/regression.diffs"
 	[ "$n_bad" -eq 0 ] && failed=$((failed + 1))
 fi
 
@@ -60,6 +60,13 @@ count_tap "$LOGDIR/pgtap.log"
 echo "== integration (test/integration, real PostgreSQL, Kafka dev broker, nats-server)"
 if prove -v "$REPO"/test/integration/[0-9]*.sh 2>&1 | tee "$LOGDIR/integration.log"; then :; else suites_failed+=(integration); fi
 count_tap "$LOGDIR/integration.log"
+
+# Operations (packaging: builds and installs the Debian package, so the
+# build tools are installed first when missing).
+echo "== operations (test/ops)"
+if "$REPO"/scripts/deps.sh --package >"$LOGDIR/ops-deps.log" 2>&1 &&
+	prove -v $(ls "$REPO"/test/ops/*.sh | grep -v '/lib.sh$') 2>&1 | tee "$LOGDIR/ops.log"; then :; else suites_failed+=(operations); fi
+[ -f "$LOGDIR/ops.log" ] && count_tap "$LOGDIR/ops.log"
 
 echo
 echo "== summary"

@@ -271,7 +271,7 @@ eb_inbound_headers_json(int n, char **names, char **values)
 	if (n == 0)
 		return NULL;
 	if (eb_needs_conversion())
-		(void) eb_utf8_to_server_proc();
+		(void) eb_utf8_to_server_conversion();
 	count = text_headers(n, names, values, &tn, &tv);
 	return eb_headers_json(count, tn, tv);
 }
@@ -479,7 +479,8 @@ decode_guarded(MemoryContext work, const char *data, size_t len,
 		if (ERRCODE_TO_CATEGORY(edata->sqlerrcode) == ERRCODE_OPERATOR_INTERVENTION)
 			ReThrowError(edata);
 		ereport(WARNING,
-				(errmsg("eventbus: the inbound message decoder caught an error: %s", edata->message),
+				(errcode(edata->sqlerrcode),
+				 errmsg("the inbound message decoder caught an error: %s", edata->message),
 				 errdetail("The message is quarantined.")));
 		reason = psprintf("internal error while decoding: %s", edata->message);
 		FreeErrorData(edata);
@@ -530,7 +531,7 @@ eb_envelope_decode(const char *data, size_t len, const char *key, size_t keylen,
 	memset(ev, 0, sizeof(EbEvent));
 	memset(&tmp, 0, sizeof(EbEvent));
 	if (eb_needs_conversion())
-		(void) eb_utf8_to_server_proc();	/* outside the safety net */
+		(void) eb_utf8_to_server_conversion();	/* outside the safety net */
 	work = AllocSetContextCreate(CurrentMemoryContext, "eventbus decode", ALLOCSET_DEFAULT_SIZES);
 	reason = decode_guarded(work, data, len, key, keylen,
 							nheaders, header_names, header_values, &tmp);

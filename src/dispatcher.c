@@ -549,20 +549,13 @@ prune_inbox(void)
 static void
 report_status(void)
 {
-	SpinLockAcquire(&eb_shared->mutex);
-	for (int w = 0; w < nworkers; w++)
-		eb_shared->workers[w].queued = queued[w];
-	eb_shared->nsubs = Min(nsubs, EB_MAX_SUB_STATUS);
-	SpinLockRelease(&eb_shared->mutex);
+	eb_shmem_set_queued(queued, nworkers, nsubs);
 
 	for (int i = 0; i < nsubs && i < EB_MAX_SUB_STATUS; i++)
 	{
 		int64		waiting = eb_transport(subs[i].transport)->consumer_lag(subs[i].topic);
 
-		SpinLockAcquire(&eb_shared->mutex);
-		eb_shared->subs[i].id = subs[i].id;
-		eb_shared->subs[i].lag = subs[i].in_flight + Max(waiting, 0);
-		SpinLockRelease(&eb_shared->mutex);
+		eb_shmem_set_lag(i, subs[i].id, subs[i].in_flight + Max(waiting, 0));
 	}
 }
 
@@ -597,10 +590,7 @@ start_pool(void)
 	queued = MemoryContextAllocZero(TopMemoryContext, sizeof(int) * nworkers);
 	eb_sched_init(nworkers);
 
-	SpinLockAcquire(&eb_shared->mutex);
-	eb_shared->nworkers = nworkers;
-	memset(eb_shared->workers, 0, sizeof(eb_shared->workers));
-	SpinLockRelease(&eb_shared->mutex);
+	eb_shmem_reset_workers(nworkers);
 
 	for (int i = 0; i < nworkers; i++)
 	{
@@ -653,13 +643,7 @@ dispatcher_exit(int code, Datum arg)
 		if (consumer_up[t])
 			eb_transport(t)->consumer_stop();
 	eb_transports_close_libraries();
-	SpinLockAcquire(&eb_shared->mutex);
-	eb_shared->dispatcher_pid = 0;
-	eb_shared->dispatcher_latch = NULL;
-	eb_shared->nsubs = 0;
-	for (int t = 0; t < EB_NTRANSPORTS; t++)
-		eb_shared->consumer[t].state = EB_BROKER_OFF;
-	SpinLockRelease(&eb_shared->mutex);
+	eb_shmem_clear_dispatcher();
 }
 
 /* Main entry point of the dispatcher worker. */
@@ -674,12 +658,8 @@ eventbus_dispatcher_main(Datum main_arg)
 	eb_worker_connect("eventbus dispatcher");
 
 	eb_broker_slots = eb_shared->consumer;
-	SpinLockAcquire(&eb_shared->mutex);
-	eb_shared->dispatcher_pid = MyProcPid;
-	eb_shared->dispatcher_since = GetCurrentTimestamp();
-	eb_shared->dispatcher_latch = MyLatch;
-	subs_generation = eb_shared->subs_generation;
-	SpinLockRelease(&eb_shared->mutex);
+	subs_generation = eb_shmem_subs_generation();
+	eb_shmem_set_dispatcher(MyProcPid, MyLatch);
 	before_shmem_exit(dispatcher_exit, (Datum) 0);
 
 	memset(&ctl, 0, sizeof(ctl));
@@ -727,9 +707,7 @@ eventbus_dispatcher_main(Datum main_arg)
 
 		manage_clients();
 
-		SpinLockAcquire(&eb_shared->mutex);
-		gen = eb_shared->subs_generation;
-		SpinLockRelease(&eb_shared->mutex);
+		gen = eb_shmem_subs_generation();
 		if (gen != subs_generation ||
 			GetCurrentTimestamp() >= TimestampTzPlusMilliseconds(subs_loaded_at, 5000))
 		{

@@ -19,7 +19,6 @@
 #include "utils/timestamp.h"
 
 #include "envelope.h"
-#include "eventbus.h"
 
 /*
  * Name/value headers (text in the database encoding) as a JSON object text,
@@ -251,4 +250,33 @@ eb_aggregate_id_problem(const char *id, size_t len)
 		if (!aggregate_id_char((unsigned char) id[i]))
 			return "aggregate_id contains a character outside [A-Za-z0-9:_./-]";
 	return NULL;
+}
+
+/* A string of the database encoding in UTF-8 (the same pointer if ASCII). */
+static char *
+to_utf8(char *s)
+{
+	return s ? pg_server_to_any(s, strlen(s), PG_UTF8) : NULL;
+}
+
+/*
+ * Convert an event's text (read from the database) to UTF-8, the encoding
+ * of the wire format, in place; nothing to do in a UTF-8 database.  The
+ * identifying fields are ASCII by their validation; a character UTF-8
+ * cannot hold (SQL_ASCII bytes that are not UTF-8) is an ERROR.
+ */
+void
+eb_event_to_utf8(EbEvent *ev)
+{
+	if (GetDatabaseEncoding() == PG_UTF8)
+		return;
+	ev->event_type = to_utf8(ev->event_type);
+	ev->trace_id = to_utf8(ev->trace_id);
+	ev->correlation_id = to_utf8(ev->correlation_id);
+	ev->payload = to_utf8(ev->payload);
+	for (int i = 0; i < ev->nheaders; i++)
+	{
+		ev->header_names[i] = to_utf8(ev->header_names[i]);
+		ev->header_values[i] = to_utf8(ev->header_values[i]);
+	}
 }

@@ -59,6 +59,7 @@ extern void eb_validate_aggregate_id(const char *aggregate_id);
 extern void eb_uuidv7(unsigned char out[16]);
 extern void eb_format_timestamp(TimestampTz ts, char *buf, size_t len);
 extern void eb_envelope_encode(StringInfo buf, const EbEvent *ev);
+extern void eb_event_to_utf8(EbEvent *ev);
 extern const char *eb_aggregate_id_problem(const char *id, size_t len);
 
 /* Callback that receives each header of an event (name, value). */
@@ -82,7 +83,7 @@ typedef struct EbJsonScan
 
 extern char *eb_printable(const char *s, size_t len, size_t max);
 extern bool eb_needs_conversion(void);
-extern Oid	eb_utf8_to_server_proc(void);
+extern struct FmgrInfo *eb_utf8_to_server_conversion(void);
 extern bool eb_utf8_to_server(const char *s, size_t len, char **out, size_t *outlen);
 extern char *eb_unescape_non_ascii(const char *s, size_t len, size_t *outlen);
 extern const char *eb_json_prescan(const char *s, size_t len, EbJsonScan *scan);

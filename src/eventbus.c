@@ -1,6 +1,6 @@
 /*
- * eventbus.c — module lifecycle: _PG_init, shared memory, launcher
- * registration, and the helpers every SQL entry point needs.
+ * eventbus.c — module lifecycle: _PG_init, launcher registration, and the
+ * helpers every SQL entry point needs.
  */
 #include "postgres.h"
 
@@ -14,9 +14,6 @@
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "postmaster/bgworker.h"
-#include "storage/ipc.h"
-#include "storage/lwlock.h"
-#include "storage/shmem.h"
 #include "utils/timestamp.h"
 
 #include "eventbus.h"
@@ -25,41 +22,9 @@
 
 PG_MODULE_MAGIC;
 
-EbShared   *eb_shared = NULL;
 
 /* True only when loaded through shared_preload_libraries. */
 bool		eb_preloaded = false;
-
-static shmem_request_hook_type prev_shmem_request_hook = NULL;
-static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
-
-/* Reserve our shared memory. */
-static void
-eb_shmem_request(void)
-{
-	if (prev_shmem_request_hook)
-		prev_shmem_request_hook();
-	RequestAddinShmemSpace(MAXALIGN(sizeof(EbShared)));
-}
-
-/* Create or attach our shared memory. */
-static void
-eb_shmem_startup(void)
-{
-	bool		found;
-
-	if (prev_shmem_startup_hook)
-		prev_shmem_startup_hook();
-
-	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
-	eb_shared = ShmemInitStruct("eventbus", sizeof(EbShared), &found);
-	if (!found)
-	{
-		memset(eb_shared, 0, sizeof(EbShared));
-		SpinLockInit(&eb_shared->mutex);
-	}
-	LWLockRelease(AddinShmemInitLock);
-}
 
 /*
  * Fill in a background worker of this library: database connection,
@@ -111,10 +76,7 @@ _PG_init(void)
 	eb_install_log_redaction();
 	eb_install_ddl_guard();
 
-	prev_shmem_request_hook = shmem_request_hook;
-	shmem_request_hook = eb_shmem_request;
-	prev_shmem_startup_hook = shmem_startup_hook;
-	shmem_startup_hook = eb_shmem_startup;
+	eb_shmem_install_hooks();
 
 	eb_register_launcher();
 }
@@ -165,40 +127,28 @@ eb_require_preload(void)
 				 errhint("Add 'eventbus' to shared_preload_libraries in postgresql.conf and restart PostgreSQL.")));
 }
 
-/* Set the latch stored in *slot (under the mutex), if any. */
-static void
-wake(Latch **slot)
-{
-	Latch	   *latch;
-
-	if (eb_shared == NULL)
-		return;
-	SpinLockAcquire(&eb_shared->mutex);
-	latch = *slot;
-	SpinLockRelease(&eb_shared->mutex);
-	if (latch)
-		SetLatch(latch);
-}
-
 /* Wake the relay. */
 void
 eb_wake_relay(void)
 {
-	if (eb_shared)
-		wake(&eb_shared->relay_latch);
+	Latch	   *latch = eb_shmem_relay_latch();
+
+	if (latch)
+		SetLatch(latch);
 }
 
 /* Wake the dispatcher (subscriptions changed). */
 void
 eb_wake_dispatcher(void)
 {
-	if (eb_shared)
-	{
-		SpinLockAcquire(&eb_shared->mutex);
-		eb_shared->subs_generation++;
-		SpinLockRelease(&eb_shared->mutex);
-		wake(&eb_shared->dispatcher_latch);
-	}
+	Latch	   *latch;
+
+	if (eb_shared == NULL)
+		return;
+	eb_shmem_bump_subs_generation();
+	latch = eb_shmem_dispatcher_latch();
+	if (latch)
+		SetLatch(latch);
 }
 
 static bool xact_callback_registered = false;
@@ -216,9 +166,7 @@ eb_xact_callback(XactEvent event, void *arg)
 			if (wake_relay_at_commit && eb_shared)
 			{
 				/* Tell the relay which transports have new rows. */
-				SpinLockAcquire(&eb_shared->mutex);
-				eb_shared->relay_pending |= wake_relay_at_commit;
-				SpinLockRelease(&eb_shared->mutex);
+				eb_shmem_mark_relay_pending(wake_relay_at_commit);
 				eb_wake_relay();
 			}
 			if (wake_dispatcher_at_commit)

@@ -1,7 +1,7 @@
 /*
  * eventbus.h — module lifecycle and shared state: what every eventbus
- * process shares (eventbus.c, launcher.c, status.c, wakeup.c, bounded.c).
- * Each layer has its own header: guc.h, envelope.h, transport.h (and the
+ * process shares (eventbus.c, launcher.c, wakeup.c, bounded.c; shared memory in shmem.h).
+ * Each layer has its own header: shmem.h, guc.h, envelope.h, transport.h (and the
  * transports' own kafka_client.h / nats_client.h), relay.h, pool.h,
  * privilege.h, util.h.
  *
@@ -20,76 +20,13 @@
 
 #include "datatype/timestamp.h"
 #include "storage/latch.h"
-#include "storage/spin.h"
 
 /* Transports are numbered 0 .. EB_NTRANSPORTS - 1 (transport.h). */
 #define EB_NTRANSPORTS		2
 
-#define EB_DETAIL_LEN		256
-
-/* Connection state of one broker client, as shown by eventbus_status(). */
-typedef enum EbBrokerState
-{
-	EB_BROKER_OFF = 0,			/* not configured */
-	EB_BROKER_CONNECTING,		/* configured, first connection not yet made */
-	EB_BROKER_CONNECTED,
-	EB_BROKER_DOWN				/* was configured, unreachable: retrying */
-} EbBrokerState;
-
-typedef struct EbBrokerStatus
-{
-	EbBrokerState state;
-	TimestampTz since;			/* when state last changed */
-	uint64		published;		/* events acknowledged by the broker */
-	uint64		failed;			/* delivery attempts that failed */
-	char		detail[EB_DETAIL_LEN];	/* last error or endpoint */
-} EbBrokerStatus;
-
-#define EB_MAX_WORKERS		64
-#define EB_MAX_SUB_STATUS	128
-
-/* One pool worker, as shown by eventbus_status(). */
-typedef struct EbWorkerStatus
-{
-	pid_t		pid;
-	TimestampTz since;
-	uint64		processed;		/* events handled (or skipped as already handled) */
-	uint64		failed;			/* handler failures (each attempt) */
-	uint64		dead_lettered;
-	int			queued;			/* items sent to it and not yet completed */
-} EbWorkerStatus;
-
-/* Lag of one subscription, written by the dispatcher. */
-typedef struct EbSubStatus
-{
-	int64		id;
-	int64		lag;			/* in flight + waiting in the broker, when known */
-} EbSubStatus;
-
-typedef struct EbShared
-{
-	slock_t		mutex;			/* protects everything below */
-	pid_t		launcher_pid;
-	TimestampTz launcher_since;
-	bool		extension_ready;	/* launcher saw the extension installed */
-	Latch	   *relay_latch;	/* set at commit by publishers */
-	uint32		relay_pending;	/* bit per transport with newly committed rows */
-	int64		nats_max_payload;	/* server's max_payload, 0 = not yet known */
-	EbBrokerStatus producer[EB_NTRANSPORTS];
-
-	uint64		subs_generation;	/* bumped when subscriptions change */
-	pid_t		dispatcher_pid;
-	TimestampTz dispatcher_since;
-	Latch	   *dispatcher_latch;	/* set at commit by (un)subscribers */
-	EbBrokerStatus consumer[EB_NTRANSPORTS];
-	int			nworkers;
-	EbWorkerStatus workers[EB_MAX_WORKERS];
-	int			nsubs;
-	EbSubStatus subs[EB_MAX_SUB_STATUS];
-} EbShared;
+#include "shmem.h"
 
 /* eventbus.c */
-extern EbShared *eb_shared;
 extern bool eb_preloaded;
 extern void eb_require_preload(void);
 extern void eb_worker_connect(const char *appname);
@@ -100,13 +37,6 @@ extern void eb_bgworker_init(struct BackgroundWorker *w, const char *function,
 extern void eb_wake_relay(void);
 extern void eb_wake_dispatcher(void);
 extern void eb_wake_at_commit(int relay_transport, bool dispatcher);
-
-/* status.c */
-extern EbBrokerStatus *eb_broker_slots;	/* this process's broker rows */
-extern const char *eb_log_prefix;	/* "eventbus" or "eventbus consumer" */
-extern void eb_set_broker_state(int transport, EbBrokerState state,
-								const char *detail);
-extern const char *eb_broker_state_name(EbBrokerState state);
 
 /* wakeup.c: the pipe library threads write to, to wake the main thread */
 struct WaitEventSet;

@@ -41,11 +41,17 @@
 #include "util.h"
 
 static SPIPlanPtr claim_plan = NULL;
+static SPIPlanPtr claim_batch_plan = NULL;
 static SPIPlanPtr dead_plan = NULL;
 
 #define CLAIM_SQL \
 	"INSERT INTO eventbus.inbox (subscription_id, event_id, outcome)" \
 	" VALUES ($1, $2, 'handled') ON CONFLICT DO NOTHING"
+#define CLAIM_BATCH_SQL \
+	"INSERT INTO eventbus.inbox (subscription_id, event_id, outcome)" \
+	" SELECT x.s, x.e, 'handled' FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.int8[])," \
+	"  pg_catalog.unnest($2::pg_catalog.uuid[])) x (s, e)" \
+	" ON CONFLICT DO NOTHING RETURNING subscription_id, event_id::pg_catalog.text"
 #define DEAD_SQL \
 	"WITH d AS (INSERT INTO eventbus.dead_letters" \
 	"  (subscription_id, envelope, error_message, error_sqlstate, attempts)" \
@@ -215,6 +221,61 @@ handler_timeout_disarm(void)
 }
 
 /*
+ * Call handler(envelope) as role, in the subscriber's isolated context.
+ * Throws on failure: the caller's (sub)transaction abort restores the user,
+ * the settings and the snapshot; then eb_handler_error takes the error.
+ */
+void
+eb_handler_invoke(Oid handler, Oid role, Datum envelope)
+{
+	EbSecContext sec;
+	FmgrInfo   *flinfo;
+	LOCAL_FCINFO(fcinfo, 1);
+
+	if (!SearchSysCacheExists1(AUTHOID, ObjectIdGetDatum(role)))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_OBJECT),
+				 errmsg("the role that subscribed handler %s no longer exists", format_procedure(handler))));
+	if (pg_proc_aclcheck(handler, role, ACL_EXECUTE) != ACLCHECK_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("permission denied for function %s", format_procedure(handler)),
+				 errdetail("The subscribing role %s lacks EXECUTE on the handler.",
+						   GetUserNameFromId(role, false))));
+
+	flinfo = handler_fmgr(handler);
+	eb_handler_context_begin(&sec, role);
+	PushActiveSnapshot(GetTransactionSnapshot());
+	/* Called directly: a void function may return NULL (SQL functions do). */
+	InitFunctionCallInfoData(*fcinfo, flinfo, 1, InvalidOid, NULL, NULL);
+	fcinfo->args[0].value = envelope;
+	fcinfo->args[0].isnull = false;
+	handler_timeout_arm();
+	(void) FunctionCallInvoke(fcinfo);
+	(void) handler_timeout_disarm();
+	PopActiveSnapshot();
+	eb_handler_context_end(&sec);
+}
+
+/*
+ * The error eb_handler_invoke threw, copied into the current memory context
+ * and flushed, before the caller rolls back; a cancel by
+ * eventbus.handler_timeout says so.
+ */
+ErrorData *
+eb_handler_error(Oid handler)
+{
+	bool		timed_out = handler_timeout_disarm();
+	ErrorData  *e = CopyErrorData();
+
+	FlushErrorState();
+	if (timed_out && e->sqlerrcode == ERRCODE_QUERY_CANCELED)
+		e->message = psprintf("handler %s ran longer than eventbus.handler_timeout (%d ms) and was cancelled",
+							  format_procedure(handler), eb_handler_timeout_ms);
+	return e;
+}
+
+/*
  * Call handler(envelope) as role, in a subtransaction of the current
  * transaction.  On failure the subtransaction is rolled back, *error is set
  * (allocated in the caller's memory context) and false returned.
@@ -230,48 +291,15 @@ eb_handler_call(Oid handler, Oid role, Datum envelope, ErrorData **error)
 	MemoryContextSwitchTo(cxt);
 	PG_TRY();
 	{
-		EbSecContext sec;
-		FmgrInfo   *flinfo;
-		LOCAL_FCINFO(fcinfo, 1);
-
-		if (!SearchSysCacheExists1(AUTHOID, ObjectIdGetDatum(role)))
-			ereport(ERROR,
-					(errcode(ERRCODE_UNDEFINED_OBJECT),
-					 errmsg("the role that subscribed handler %s no longer exists", format_procedure(handler))));
-		if (pg_proc_aclcheck(handler, role, ACL_EXECUTE) != ACLCHECK_OK)
-			ereport(ERROR,
-					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-					 errmsg("permission denied for function %s", format_procedure(handler)),
-					 errdetail("The subscribing role %s lacks EXECUTE on the handler.",
-							   GetUserNameFromId(role, false))));
-
-		flinfo = handler_fmgr(handler);
-		eb_handler_context_begin(&sec, role);
-		PushActiveSnapshot(GetTransactionSnapshot());
-		/* Called directly: a void function may return NULL (SQL functions do). */
-		InitFunctionCallInfoData(*fcinfo, flinfo, 1, InvalidOid, NULL, NULL);
-		fcinfo->args[0].value = envelope;
-		fcinfo->args[0].isnull = false;
-		handler_timeout_arm();
-		(void) FunctionCallInvoke(fcinfo);
-		(void) handler_timeout_disarm();
-		PopActiveSnapshot();
-		eb_handler_context_end(&sec);
-
+		eb_handler_invoke(handler, role, envelope);
 		ReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(cxt);
 		CurrentResourceOwner = owner;
 	}
 	PG_CATCH();
 	{
-		bool		timed_out = handler_timeout_disarm();
-
 		MemoryContextSwitchTo(cxt);
-		*error = CopyErrorData();
-		FlushErrorState();
-		if (timed_out && (*error)->sqlerrcode == ERRCODE_QUERY_CANCELED)
-			(*error)->message = psprintf("handler %s ran longer than eventbus.handler_timeout (%d ms) and was cancelled",
-										 format_procedure(handler), eb_handler_timeout_ms);
+		*error = eb_handler_error(handler);
 		/* Also restores the user id and settings of before the subtransaction. */
 		RollbackAndReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(cxt);
@@ -289,8 +317,78 @@ exec_plan(SPIPlanPtr *plan, const char *sql, int nargs, Oid *types, Datum *value
 	int			rc = SPI_execute_plan(eb_keep_plan(plan, sql, nargs, types), values, NULL, false, 0);
 
 	if (rc < 0)
-		elog(ERROR, "eventbus: statement failed: %s", SPI_result_code_string(rc));
+		elog(ERROR, "statement failed: %s", SPI_result_code_string(rc));
 	return (int) SPI_processed;
+}
+
+/*
+ * Claim the events of n work items in the inbox with one statement, in the
+ * current transaction: claimed[i] is set for each item whose (subscription,
+ * event) was not there (the first of equal items).  Items with skip[i] set
+ * are left out.  Throws on failure (the caller rolls back).
+ */
+void
+eb_inbox_claim_batch(EbWorkItem *const *items, const bool *skip, int n, bool *claimed)
+{
+	Oid			types[2] = {INT8ARRAYOID, UUIDARRAYOID};
+	Datum		args[2];
+	Datum	   *subs = palloc(sizeof(Datum) * Max(n, 1));
+	Datum	   *events = palloc(sizeof(Datum) * Max(n, 1));
+	int			k = 0;
+
+	for (int i = 0; i < n; i++)
+	{
+		claimed[i] = false;
+		if (skip[i])
+			continue;
+		subs[k] = Int64GetDatum(items[i]->subscription_id);
+		events[k++] = DirectFunctionCall1(uuid_in, CStringGetDatum(items[i]->ev.event_id));
+	}
+	if (k == 0)
+		return;
+	args[0] = PointerGetDatum(construct_array(subs, k, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	args[1] = PointerGetDatum(construct_array(events, k, UUIDOID, UUID_LEN, false, TYPALIGN_CHAR));
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	PushActiveSnapshot(GetTransactionSnapshot());
+	(void) exec_plan(&claim_batch_plan, CLAIM_BATCH_SQL, 2, types, args);
+	PopActiveSnapshot();
+
+	/* Each returned (subscription, event) was claimed by its first item. */
+	for (uint64 r = 0; r < SPI_processed; r++)
+	{
+		bool		isnull;
+		int64		sub = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[r], SPI_tuptable->tupdesc, 1, &isnull));
+		char	   *event = SPI_getvalue(SPI_tuptable->vals[r], SPI_tuptable->tupdesc, 2);
+
+		for (int i = 0; i < n; i++)
+			if (!skip[i] && !claimed[i] && items[i]->subscription_id == sub &&
+				pg_strcasecmp(items[i]->ev.event_id, event) == 0)
+			{
+				claimed[i] = true;
+				break;
+			}
+	}
+	SPI_finish();
+}
+
+/*
+ * Is the role a work item runs as still there?  A role dropped from another
+ * database leaves its subscriptions behind; the dispatcher stops routing to
+ * them within seconds.  Never run a handler under a dangling role, and do
+ * not retry what cannot succeed: logged, and the caller completes the item.
+ */
+bool
+eb_handler_owner_present(const EbWorkItem *item)
+{
+	if (SearchSysCacheExists1(AUTHOID, ObjectIdGetDatum(item->role)))
+		return true;
+	ereport(LOG,
+			(errcode(ERRCODE_UNDEFINED_OBJECT),
+			 errmsg("not running event %s for subscription " INT64_FORMAT ": its owning role was dropped",
+					item->ev.event_id, item->subscription_id)));
+	return false;
 }
 
 /*
@@ -307,18 +405,8 @@ eb_handler_run(const EbWorkItem *item, ErrorData **error)
 	Datum		args[2];
 	volatile int outcome = EB_OUTCOME_HANDLED;
 
-	/*
-	 * A role dropped from another database leaves its subscriptions behind;
-	 * the dispatcher stops routing to them within seconds.  Never run a
-	 * handler under a dangling role, and do not retry what cannot succeed.
-	 */
-	if (!SearchSysCacheExists1(AUTHOID, ObjectIdGetDatum(item->role)))
-	{
-		ereport(LOG,
-				(errmsg("not running event %s for subscription " INT64_FORMAT ": its owning role was dropped",
-						item->ev.event_id, item->subscription_id)));
+	if (!eb_handler_owner_present(item))
 		return EB_OUTCOME_OWNER_DROPPED;
-	}
 
 	args[0] = Int64GetDatum(item->subscription_id);
 	args[1] = DirectFunctionCall1(uuid_in, CStringGetDatum(item->ev.event_id));
@@ -409,7 +497,8 @@ eb_dead_letter(const EbWorkItem *item, const ErrorData *error, int attempts)
 		MemoryContextSwitchTo(cxt);
 		CurrentResourceOwner = owner;
 		ereport(WARNING,
-				(errmsg("eventbus: could not dead-letter event %s of subscription " INT64_FORMAT,
+				(errcode(e->sqlerrcode),
+				 errmsg("could not dead-letter event %s of subscription " INT64_FORMAT,
 						item->ev.event_id, item->subscription_id),
 				 errdetail("%s", e->message)));
 	}

@@ -60,27 +60,34 @@ eb_needs_conversion(void)
 }
 
 /*
- * The conversion function from UTF-8 to the database encoding (InvalidOid:
- * none), looked up once per process.  The lookup reads the catalog, so it
- * needs a transaction; the dispatcher decodes outside one and gets a short
- * one here, the first time only.  Called before decoding, never inside the
+ * The conversion function from UTF-8 to the database encoding (NULL: none),
+ * looked up and resolved once per process.  Both read the catalog, so they
+ * need a transaction; the dispatcher decodes outside one and gets a short
+ * one here, the first time only (calling the function through the kept
+ * FmgrInfo reads no catalog).  Called before decoding, never inside the
  * safety net.
  */
-Oid
-eb_utf8_to_server_proc(void)
+FmgrInfo *
+eb_utf8_to_server_conversion(void)
 {
 	static bool looked_up = false;
-	static Oid	proc = InvalidOid;
+	static FmgrInfo *flinfo = NULL;
 
 	if (!looked_up)
 	{
 		MemoryContext cxt = CurrentMemoryContext;
 		ResourceOwner owner = CurrentResourceOwner;
 		bool		own = !IsTransactionState();
+		Oid			proc;
 
 		if (own)
 			StartTransactionCommand();
 		proc = FindDefaultConversionProc(PG_UTF8, GetDatabaseEncoding());
+		if (OidIsValid(proc))
+		{
+			flinfo = MemoryContextAllocZero(TopMemoryContext, sizeof(FmgrInfo));
+			fmgr_info_cxt(proc, flinfo, TopMemoryContext);
+		}
 		if (own)
 		{
 			CommitTransactionCommand();
@@ -89,7 +96,7 @@ eb_utf8_to_server_proc(void)
 		MemoryContextSwitchTo(cxt);
 		looked_up = true;
 	}
-	return proc;
+	return flinfo;
 }
 
 /*
@@ -101,7 +108,7 @@ bool
 eb_utf8_to_server(const char *s, size_t len, char **out, size_t *outlen)
 {
 	int			enc = GetDatabaseEncoding();
-	Oid			proc;
+	FmgrInfo   *conversion;
 	StringInfoData buf;
 	size_t		pos = 0;
 
@@ -111,8 +118,8 @@ eb_utf8_to_server(const char *s, size_t len, char **out, size_t *outlen)
 		*outlen = len;
 		return true;
 	}
-	proc = eb_utf8_to_server_proc();
-	if (!OidIsValid(proc))
+	conversion = eb_utf8_to_server_conversion();
+	if (conversion == NULL)
 		return false;
 	initStringInfo(&buf);
 	while (pos < len)
@@ -121,10 +128,11 @@ eb_utf8_to_server(const char *s, size_t len, char **out, size_t *outlen)
 		int			done;
 
 		enlargeStringInfo(&buf, chunk * MAX_CONVERSION_GROWTH + 1);
-		done = pg_do_encoding_conversion_buf(proc, PG_UTF8, enc,
-											 (unsigned char *) s + pos, chunk,
-											 (unsigned char *) buf.data + buf.len,
-											 buf.maxlen - buf.len, true);
+		/* As pg_do_encoding_conversion_buf, through the kept FmgrInfo. */
+		done = DatumGetInt32(FunctionCall6(conversion, Int32GetDatum(PG_UTF8), Int32GetDatum(enc),
+										   CStringGetDatum(s + pos),
+										   CStringGetDatum(buf.data + buf.len),
+										   Int32GetDatum(chunk), BoolGetDatum(true)));
 
 		/*
 		 * It stops before a character it cannot convert, or one cut by the

@@ -21,6 +21,7 @@
 #include "guc.h"
 #include "relay.h"
 #include "transport.h"
+#include "util.h"
 
 /* Is the extension installed in our database? */
 static bool
@@ -42,12 +43,7 @@ extension_installed(void)
 static void
 set_launcher(pid_t pid, Latch *latch, bool ready)
 {
-	SpinLockAcquire(&eb_shared->mutex);
-	eb_shared->launcher_pid = pid;
-	eb_shared->launcher_since = GetCurrentTimestamp();
-	eb_shared->relay_latch = latch;
-	eb_shared->extension_ready = ready;
-	SpinLockRelease(&eb_shared->mutex);
+	eb_shmem_set_launcher(pid, latch, ready);
 }
 
 static BackgroundWorkerHandle *dispatcher = NULL;
@@ -73,7 +69,7 @@ ensure_dispatcher(void)
 		/* It stopped on its own: wait before the next start (1 s doubling to 30 s; reset after a minute of health). */
 		if (GetCurrentTimestamp() > TimestampTzPlusMilliseconds(dispatcher_started, 60 * 1000))
 			dispatcher_backoff_ms = 0;
-		dispatcher_backoff_ms = Min(Max(dispatcher_backoff_ms * 2, 1000), 30000);
+		dispatcher_backoff_ms = eb_backoff_next(dispatcher_backoff_ms, 1000, 30000);
 		dispatcher_next_start = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), dispatcher_backoff_ms);
 	}
 	if (GetCurrentTimestamp() < dispatcher_next_start)
@@ -90,7 +86,8 @@ ensure_dispatcher(void)
 		dispatcher = NULL;
 		dispatcher_next_start = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), 5000);
 		ereport(WARNING,
-				(errmsg("eventbus: could not start the dispatcher"),
+				(errcode(ERRCODE_CONFIGURATION_LIMIT_EXCEEDED),
+				 errmsg("could not start the dispatcher"),
 				 errhint("Raise max_worker_processes (eventbus needs eventbus.workers + 2).")));
 	}
 }
@@ -161,14 +158,12 @@ eventbus_launcher_main(Datum main_arg)
 		if (now_ready != ready)
 		{
 			ready = now_ready;
-			SpinLockAcquire(&eb_shared->mutex);
-			eb_shared->extension_ready = ready;
-			SpinLockRelease(&eb_shared->mutex);
+			eb_shmem_set_extension_ready(ready);
 			if (ready)
-				ereport(LOG, (errmsg("eventbus: extension found, starting relay")));
+				ereport(LOG, (errmsg("extension found, starting relay")));
 			else
 			{
-				ereport(LOG, (errmsg("eventbus: extension not installed, waiting for CREATE EXTENSION eventbus")));
+				ereport(LOG, (errmsg("extension not installed, waiting for CREATE EXTENSION eventbus")));
 				stop_dispatcher();
 				eb_relay_shutdown();
 			}

@@ -118,12 +118,8 @@ conn_event_cb(natsConnection *nc, void *closure)
 static int64_t
 reconnect_delay_cb(natsConnection *nc, int attempts, void *closure)
 {
-	int			delay = 0;
-
 	__atomic_store_n(&reconnect_attempts, attempts, __ATOMIC_RELAXED);
-	for (int i = 0; i < attempts && delay < 5000; i++)
-		delay = eb_backoff_next(delay, 100, 5000);
-	return delay;
+	return eb_backoff_delay(attempts, 100, 5000);
 }
 
 static int
@@ -399,9 +395,7 @@ share_max_payload(void)
 	max_payload = natsConnection_GetMaxPayload(eb_nats_conn);
 	if (max_payload <= 0)
 		return;
-	SpinLockAcquire(&eb_shared->mutex);
-	eb_shared->nats_max_payload = max_payload;
-	SpinLockRelease(&eb_shared->mutex);
+	eb_shmem_set_max_message(EB_TRANSPORT_NATS, max_payload);
 }
 
 /* Track connection state and hand finished acks to the relay. */
@@ -718,15 +712,9 @@ check_topic(const char *topic)
 static int64
 max_message(const char **limit_name)
 {
-	int64		limit = 0;
+	int64		limit = eb_shmem_max_message(EB_TRANSPORT_NATS);
 
 	*limit_name = "the NATS server's max_payload";
-	if (eb_shared)
-	{
-		SpinLockAcquire(&eb_shared->mutex);
-		limit = eb_shared->nats_max_payload;
-		SpinLockRelease(&eb_shared->mutex);
-	}
 	return limit > 0 ? limit : EB_NATS_DEFAULT_MAX_PAYLOAD;
 }
 

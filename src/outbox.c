@@ -299,6 +299,8 @@ eventbus_publish(PG_FUNCTION_ARGS)
 		validate_headers(PG_GETARG_JSONB_P(9), &ev);
 	ev.payload = JsonbToCString(NULL, &payload->root, VARSIZE(payload));
 
+	/* Measured as the relay will send it: in UTF-8. */
+	eb_event_to_utf8(&ev);
 	initStringInfo(&envelope);
 	eb_envelope_encode(&envelope, &ev);
 	wire = eb_event_wire_size(&ev, transport, envelope.len);

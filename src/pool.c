@@ -10,6 +10,11 @@
  * backoff and its later events wait behind it, while every other key routed
  * here keeps going.  After max_attempts the event is dead-lettered and the
  * key moves on.
+ *
+ * A batch first runs optimistically: one transaction, the inbox claimed for
+ * all its events in one statement, handlers called without a subtransaction
+ * each.  Only when something fails does it run again the careful way, a
+ * subtransaction per event, so that one failing event costs only itself.
  */
 #include "postgres.h"
 
@@ -34,6 +39,7 @@
 #include "eventbus.h"
 #include "pool.h"
 #include "privilege.h"
+#include "util.h"
 
 #define BATCH_MAX	64			/* events per transaction */
 #define KEY_LEN		(EB_MAX_AGGREGATE_ID + 24)
@@ -69,28 +75,11 @@ item_key(const EbWorkItem *item, char *key)
 	snprintf(key, KEY_LEN, INT64_FORMAT ":%s", item->subscription_id, item->ev.aggregate_id);
 }
 
-/* Backoff before retry n (1-based): 100 ms doubling, at most 5 s. */
-static int
-backoff_ms(int attempts)
-{
-	int			ms = 100;
-
-	for (int i = 1; i < attempts && ms < 5000; i++)
-		ms *= 2;
-	return Min(ms, 5000);
-}
-
 /* Update this worker's counters in shared memory. */
 static void
 count(int processed, int failed, int dead)
 {
-	EbWorkerStatus *w = &eb_shared->workers[my_index];
-
-	SpinLockAcquire(&eb_shared->mutex);
-	w->processed += processed;
-	w->failed += failed;
-	w->dead_lettered += dead;
-	SpinLockRelease(&eb_shared->mutex);
+	eb_shmem_worker_counts(my_index, processed, failed, dead);
 }
 
 /* Send completions to the dispatcher (blocking: it always drains). */
@@ -153,7 +142,8 @@ run_dead_letter(Pending *p, ErrorData *error)
 		AbortCurrentTransaction();
 		RESUME_INTERRUPTS();
 		ereport(WARNING,
-				(errmsg("could not dead-letter event %s of subscription " INT64_FORMAT,
+				(errcode(e->sqlerrcode),
+				 errmsg("could not dead-letter event %s of subscription " INT64_FORMAT,
 						p->item.ev.event_id, p->item.subscription_id),
 				 errdetail("%s", e->message)));
 		ok = false;
@@ -182,14 +172,114 @@ typedef enum ItemResult
 	RESULT_WAIT					/* its key is parked: wait behind the head */
 } ItemResult;
 
+/* How the optimistic run of a batch ended. */
+typedef enum FastResult
+{
+	FAST_COMMITTED,				/* all of it happened */
+	FAST_HANDLER_FAILED,		/* a handler failed: nothing happened */
+	FAST_COMMIT_FAILED,			/* the commit failed: nothing happened */
+	FAST_OTHER_FAILED			/* the inbox claim failed: nothing happened */
+} FastResult;
+
+/*
+ * Run a batch optimistically: one transaction, one inbox statement for all
+ * its events, each handler called without a subtransaction of its own.
+ * Items of parked keys wait; items whose owner was dropped are completed
+ * without running.  Fills result[] and outcome[] when it committed; else
+ * nothing of it happened, and for a failed handler *failed_at and *error
+ * say which and why (the careful run then counts that attempt instead of
+ * running it again).
+ */
+static FastResult
+run_optimistic(Pending **batch, int n, ItemResult *result, int *outcome,
+			   int *failed_at, ErrorData **error, ErrorData **commit_error)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	EbWorkItem *items[BATCH_MAX];
+	bool		skip[BATCH_MAX];
+	bool		claimed[BATCH_MAX];
+	volatile int current = -1;
+	volatile FastResult fr = FAST_OTHER_FAILED;
+
+	*failed_at = -1;
+	for (int i = 0; i < n; i++)
+	{
+		char		key[KEY_LEN];
+
+		items[i] = &batch[i]->item;
+		item_key(items[i], key);
+		skip[i] = hash_search(parked, key, HASH_FIND, NULL) != NULL;
+		if (skip[i])
+			result[i] = RESULT_WAIT;
+	}
+
+	PG_TRY();
+	{
+		SetCurrentStatementStartTimestamp();
+		StartTransactionCommand();
+		eb_constraints_immediate();
+		pgstat_report_activity(STATE_RUNNING, "eventbus: running handlers");
+		for (int i = 0; i < n; i++)
+			if (!skip[i] && !eb_handler_owner_present(items[i]))
+			{
+				skip[i] = true;
+				result[i] = RESULT_DONE;
+				outcome[i] = EB_OUTCOME_OWNER_DROPPED;
+			}
+		eb_inbox_claim_batch(items, skip, n, claimed);
+		for (int i = 0; i < n; i++)
+		{
+			if (skip[i])
+				continue;
+			result[i] = RESULT_DONE;
+			outcome[i] = EB_OUTCOME_DUPLICATE;
+			if (!claimed[i])
+				continue;
+			current = i;
+			eb_handler_invoke(items[i]->handler, items[i]->role, eb_make_envelope(items[i]));
+			current = -1;
+			outcome[i] = EB_OUTCOME_HANDLED;
+		}
+		fr = FAST_COMMIT_FAILED;
+		CommitTransactionCommand();
+		fr = FAST_COMMITTED;
+	}
+	PG_CATCH();
+	{
+		/* As PostgresMain recovers from an error: nothing of the batch stays. */
+		HOLD_INTERRUPTS();
+		MemoryContextSwitchTo(cxt);
+		if (current >= 0)
+		{
+			*failed_at = current;
+			*error = eb_handler_error(items[current]->handler);
+			fr = FAST_HANDLER_FAILED;
+		}
+		else
+		{
+			*commit_error = CopyErrorData();
+			FlushErrorState();
+		}
+		AbortCurrentTransaction();
+		RESUME_INTERRUPTS();
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(cxt);
+	pgstat_report_activity(STATE_IDLE, NULL);
+	return fr;
+}
+
 /*
  * Run the runnable items of a batch in one transaction, a subtransaction
- * each.  Fills result[], outcome[] and error[]; returns false (with
- * *commit_error) when the commit itself failed, e.g. a deferred constraint or
- * a serialization failure: then nothing of the batch happened.
+ * each.  Item failed_at (if not -1) failed already with failed_error in an
+ * optimistic run: that counts as its attempt, it does not run again.  Fills
+ * result[], outcome[] and error[]; returns false (with *commit_error) when
+ * the commit itself failed, e.g. a deferred constraint or a serialization
+ * failure: then nothing of the batch happened.
  */
 static bool
-run_in_transaction(Pending **batch, int n, bool from_parked, ItemResult *result,
+run_in_transaction(Pending **batch, int n, bool from_parked, int failed_at,
+				   ErrorData *failed_error, ItemResult *result,
 				   int *outcome, ErrorData **error, ErrorData **commit_error)
 {
 	MemoryContext cxt = CurrentMemoryContext;
@@ -224,7 +314,13 @@ run_in_transaction(Pending **batch, int n, bool from_parked, ItemResult *result,
 			result[i] = RESULT_WAIT;
 			continue;
 		}
-		outcome[i] = eb_handler_run(&p->item, &error[i]);
+		if (i == failed_at)
+		{
+			outcome[i] = -1;
+			error[i] = failed_error;
+		}
+		else
+			outcome[i] = eb_handler_run(&p->item, &error[i]);
 		if (error[i])
 			error[i] = keep_error(error[i], cxt);	/* outlives the transaction */
 		if (outcome[i] >= 0)
@@ -282,13 +378,32 @@ run_batch(Pending **batch, int n, bool from_parked)
 	int			handled = 0;
 	int			failed = 0;
 	int			dead = 0;
+	int			failed_at = -1;
+	ErrorData  *failed_error = NULL;
+	FastResult	fr = FAST_OTHER_FAILED;
 
-	if (!run_in_transaction(batch, n, from_parked, result, outcome, error, &commit_error))
+	/* Retries of parked keys go the careful way at once. */
+	if (!from_parked)
+		fr = run_optimistic(batch, n, result, outcome, &failed_at, &failed_error, &commit_error);
+	if (fr == FAST_COMMIT_FAILED && n > 1)
+	{
+		ereport(LOG,
+				(errcode(commit_error->sqlerrcode),
+				 errmsg("commit of a batch of %d events failed, running them one by one", n),
+				 errdetail("%s", commit_error->message)));
+		for (int i = 0; i < n; i++)
+			run_batch(&batch[i], 1, from_parked);
+		return;
+	}
+	if (fr != FAST_COMMITTED &&
+		!run_in_transaction(batch, n, from_parked, failed_at, failed_error,
+							result, outcome, error, &commit_error))
 	{
 		if (n > 1)
 		{
 			ereport(LOG,
-					(errmsg("commit of a batch of %d events failed, running them one by one", n),
+					(errcode(commit_error->sqlerrcode),
+					 errmsg("commit of a batch of %d events failed, running them one by one", n),
 					 errdetail("%s", commit_error->message)));
 			for (int i = 0; i < n; i++)
 				run_batch(&batch[i], 1, from_parked);
@@ -298,7 +413,8 @@ run_batch(Pending **batch, int n, bool from_parked)
 		if (result[0] != RESULT_WAIT)
 		{
 			ereport(LOG,
-					(errmsg("commit of event %s failed", batch[0]->item.ev.event_id),
+					(errcode(commit_error->sqlerrcode),
+					 errmsg("commit of event %s failed", batch[0]->item.ev.event_id),
 					 errdetail("%s", commit_error->message)));
 			result[0] = RESULT_FAILED;
 			error[0] = commit_error;
@@ -334,14 +450,15 @@ run_batch(Pending **batch, int n, bool from_parked)
 				p->attempts++;
 				failed++;
 				ereport(LOG,
-						(errmsg("handler %u failed for event %s (attempt %d of %d), retrying",
+						(errcode(error[i] ? error[i]->sqlerrcode : ERRCODE_INTERNAL_ERROR),
+						 errmsg("handler %u failed for event %s (attempt %d of %d), retrying",
 								p->item.handler, p->item.ev.event_id, p->attempts, p->item.max_attempts),
 						 errdetail("%s", error[i] && error[i]->message ? error[i]->message : "unknown error")));
 				if (!k)
 					k = park(p);
 				else if (!from_parked)
 					dlist_push_tail(&k->items, &p->node);
-				k->retry_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), backoff_ms(p->attempts));
+				k->retry_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), eb_backoff_delay(p->attempts, 100, 5000));
 				continue;
 			case RESULT_DONE:
 				break;
@@ -406,14 +523,16 @@ run_due_parked(void)
 }
 
 /*
- * Read up to BATCH_MAX items without waiting; *end is set when the batch's
- * end marker came.  False if the dispatcher left.
+ * Add what the dispatcher sent to batch[] (*n items so far), without
+ * waiting, until the batch's end marker (*end set) or BATCH_MAX items.  The
+ * batch runs only once it is complete: a worker that woke at its first item
+ * would otherwise run the batch in pieces, as the items arrive.  False if
+ * the dispatcher left.
  */
 static bool
 receive_batch(Pending **batch, int *n, bool *end)
 {
-	*n = 0;
-	while (*n < BATCH_MAX)
+	while (*n < BATCH_MAX && !*end)
 	{
 		Size		len;
 		void	   *data;
@@ -463,7 +582,13 @@ eventbus_worker_main(Datum main_arg)
 	dsm_pin_mapping(seg);		/* for the life of the process, not a resource owner */
 	toc = shm_toc_attach(EB_SHM_MAGIC, dsm_segment_address(seg));
 	if (toc == NULL)
-		elog(ERROR, "eventbus: bad pool segment");
+	{
+		/* Not ours: exit, and the dispatcher starts a new pool. */
+		ereport(LOG,
+				(errcode(ERRCODE_DATA_CORRUPTED),
+				 errmsg("pool segment of the dispatcher has an unexpected layout, exiting")));
+		proc_exit(1);
+	}
 	{
 		shm_mq	   *in = shm_toc_lookup(toc, EB_TOC_IN(my_index), false);
 		shm_mq	   *out = shm_toc_lookup(toc, EB_TOC_OUT(my_index), false);
@@ -474,10 +599,7 @@ eventbus_worker_main(Datum main_arg)
 		outq = shm_mq_attach(out, seg, NULL);
 	}
 
-	SpinLockAcquire(&eb_shared->mutex);
-	eb_shared->workers[my_index].pid = MyProcPid;
-	eb_shared->workers[my_index].since = GetCurrentTimestamp();
-	SpinLockRelease(&eb_shared->mutex);
+	eb_shmem_worker_started(my_index, MyProcPid);
 
 	memset(&ctl, 0, sizeof(ctl));
 	ctl.keysize = KEY_LEN;
@@ -488,17 +610,22 @@ eventbus_worker_main(Datum main_arg)
 
 	for (;;)
 	{
-		Pending    *batch[BATCH_MAX];
-		int			n;
-		long		wait;
+		static Pending *batch[BATCH_MAX];
+		static int	n = 0;
 		static bool batch_ended = false;
+		bool		ran = false;
+		long		wait;
 
 		(void) eb_worker_loop_top(loop_cxt);
 
 		if (!receive_batch(batch, &n, &batch_ended))
 			proc_exit(0);		/* dispatcher detached */
-		if (n > 0)
+		if ((batch_ended || n == BATCH_MAX) && n > 0)
+		{
 			run_batch(batch, n, false);
+			n = 0;
+			ran = true;
+		}
 		if (batch_ended)
 		{
 			/* Ran the whole batch it was given: ask the dispatcher for more. */
@@ -506,10 +633,11 @@ eventbus_worker_main(Datum main_arg)
 
 			send_completions(&ready, 1);
 			batch_ended = false;
+			ran = true;
 		}
 		wait = run_due_parked();
 
-		if (n == 0 && wait > 0)
+		if (!ran && wait > 0)
 		{
 			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 							 wait, PG_WAIT_EXTENSION);

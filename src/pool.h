@@ -43,6 +43,10 @@ extern void eb_workitem_decode(const char *data, Size len, EbWorkItem *item);
 extern int	eb_handler_run(const EbWorkItem *item, ErrorData **error);
 extern Datum eb_make_envelope(const EbWorkItem *item);
 extern bool eb_handler_call(Oid handler, Oid role, Datum envelope, ErrorData **error);
+extern void eb_handler_invoke(Oid handler, Oid role, Datum envelope);
+extern ErrorData *eb_handler_error(Oid handler);
+extern void eb_inbox_claim_batch(EbWorkItem *const *items, const bool *skip, int n, bool *claimed);
+extern bool eb_handler_owner_present(const EbWorkItem *item);
 extern void eb_dead_letter(const EbWorkItem *item, const ErrorData *error, int attempts);
 extern Oid	eb_envelope_type(void);
 

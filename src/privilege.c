@@ -34,7 +34,6 @@
 #include "utils/rel.h"
 #include "utils/snapmgr.h"
 
-#include "eventbus.h"
 #include "privilege.h"
 
 #define PINNED_SEARCH_PATH "pg_catalog, pg_temp"

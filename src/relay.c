@@ -232,6 +232,7 @@ row_to_event(HeapTuple tup, TupleDesc desc, EbEvent *ev)
 	nvalues = text_array(d, isnull, &ev->header_values);
 	Assert(nvalues == ev->nheaders);
 	(void) nvalues;
+	eb_event_to_utf8(ev);
 }
 
 /*
@@ -457,10 +458,7 @@ finish_round(int t, Round *r, const char *pending_reason)
 
 	eb_xact_end(cxt);
 
-	SpinLockAcquire(&eb_shared->mutex);
-	eb_shared->producer[t].published += nok;
-	eb_shared->producer[t].failed += nfailed + npermanent;
-	SpinLockRelease(&eb_shared->mutex);
+	eb_shmem_add_published(t, nok, nfailed + npermanent);
 
 	if (npermanent > 0)
 		ereport(LOG,
@@ -609,10 +607,7 @@ eb_relay_step(void)
 	volatile long timeout = 1000;
 	uint32		pending;
 
-	SpinLockAcquire(&eb_shared->mutex);
-	pending = eb_shared->relay_pending;
-	eb_shared->relay_pending = 0;
-	SpinLockRelease(&eb_shared->mutex);
+	pending = eb_shmem_take_relay_pending();
 
 	for (int t = 0; t < EB_NTRANSPORTS; t++)
 	{

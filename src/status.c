@@ -22,70 +22,6 @@ PG_FUNCTION_INFO_V1(eventbus_status);
 
 #define STATUS_COLS 9
 
-/* Name of a broker state. */
-const char *
-eb_broker_state_name(EbBrokerState state)
-{
-	switch (state)
-	{
-		case EB_BROKER_OFF:
-			return "off";
-		case EB_BROKER_CONNECTING:
-			return "connecting";
-		case EB_BROKER_CONNECTED:
-			return "connected";
-		case EB_BROKER_DOWN:
-			return "down";
-	}
-	return "unknown";
-}
-
-/* Broker rows this process reports into (launcher: producer, dispatcher: consumer). */
-EbBrokerStatus *eb_broker_slots = NULL;
-const char *eb_log_prefix = "eventbus";
-
-/*
- * Record a broker client's connection state; log once per change, never per
- * attempt, so an outage does not flood the server log.
- */
-void
-eb_set_broker_state(int transport, EbBrokerState state, const char *detail)
-{
-	EbBrokerStatus *st;
-	bool		changed;
-
-	if (eb_broker_slots == NULL)
-		return;
-	st = &eb_broker_slots[transport];
-	/* Status and log show URLs without their user:password. */
-	if (detail)
-		detail = eb_mask_credentials(detail);
-
-	SpinLockAcquire(&eb_shared->mutex);
-	changed = st->state != state;
-	if (changed)
-	{
-		st->state = state;
-		st->since = GetCurrentTimestamp();
-	}
-	if (detail)
-		strlcpy(st->detail, detail, sizeof(st->detail));
-	SpinLockRelease(&eb_shared->mutex);
-
-	if (!changed)
-		return;
-	if (state == EB_BROKER_DOWN)
-		ereport(LOG,
-				(errmsg("%s: %s is unreachable, retrying with backoff",
-						eb_log_prefix, eb_transport_name(transport)),
-				 detail ? errdetail("%s", detail) : 0));
-	else
-		ereport(LOG,
-				(errmsg("%s: %s %s", eb_log_prefix, eb_transport_name(transport),
-						eb_broker_state_name(state)),
-				 detail ? errdetail("%s", detail) : 0));
-}
-
 /* Outbox rows waiting per transport. */
 static void
 count_backlog(int64 backlog[EB_NTRANSPORTS])
@@ -229,9 +165,7 @@ eventbus_status(PG_FUNCTION_ARGS)
 	eb_require_preload();
 	InitMaterializedSRF(fcinfo, 0);
 
-	SpinLockAcquire(&eb_shared->mutex);
-	memcpy(&snap, eb_shared, sizeof(EbShared));
-	SpinLockRelease(&eb_shared->mutex);
+	eb_shmem_snapshot(&snap);
 
 	count_backlog(backlog);
 
@@ -269,8 +203,8 @@ eventbus_status(PG_FUNCTION_ARGS)
 		values[5] = CStringGetTextDatum(st->detail);
 		nulls[5] = st->detail[0] == '\0';
 		values[6] = Int64GetDatum(backlog[t]);
-		values[7] = Int64GetDatum((int64) st->published);
-		values[8] = Int64GetDatum((int64) st->failed);
+		values[7] = Int64GetDatum((int64) pg_atomic_read_u64(&st->published));
+		values[8] = Int64GetDatum((int64) pg_atomic_read_u64(&st->failed));
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 	}
 
@@ -324,10 +258,11 @@ eventbus_status(PG_FUNCTION_ARGS)
 		values[3] = CStringGetTextDatum(ws->pid ? "running" : "starting");
 		values[4] = TimestampTzGetDatum(ws->since);
 		nulls[4] = ws->since == 0;
-		values[5] = CStringGetTextDatum(psprintf("dead-lettered " UINT64_FORMAT, ws->dead_lettered));
+		values[5] = CStringGetTextDatum(psprintf("dead-lettered " UINT64_FORMAT,
+												   pg_atomic_read_u64(&ws->dead_lettered)));
 		values[6] = Int64GetDatum(ws->queued);
-		values[7] = Int64GetDatum((int64) ws->processed);
-		values[8] = Int64GetDatum((int64) ws->failed);
+		values[7] = Int64GetDatum((int64) pg_atomic_read_u64(&ws->processed));
+		values[8] = Int64GetDatum((int64) pg_atomic_read_u64(&ws->failed));
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 	}
 

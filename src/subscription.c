@@ -271,7 +271,8 @@ eventbus_replay_dead_letter(PG_FUNCTION_ARGS)
 					  " WHERE id OPERATOR(pg_catalog.=) $1",
 					  3, types, values, NULL, SPI_OK_UPDATE);
 		ereport(WARNING,
-				(errmsg("replay of dead letter " INT64_FORMAT " failed: %s", id, error->message),
+				(errcode(error->sqlerrcode),
+				 errmsg("replay of dead letter " INT64_FORMAT " failed: %s", id, error->message),
 				 errdetail("SQLSTATE %s", unpack_sql_state(error->sqlerrcode))));
 	}
 	SPI_finish();

@@ -114,7 +114,7 @@ eb_undeliverable_move_failed(Datum ids, Datum errors)
 
 	if (SPI_execute_plan(eb_keep_plan(&move_failed_plan, MOVE_FAILED_SQL, 2, types),
 						 args, NULL, false, 0) != SPI_OK_INSERT)
-		elog(ERROR, "eventbus: could not move failed events to eventbus.undeliverable");
+		elog(ERROR, "could not move failed events to eventbus.undeliverable");
 }
 
 /*
@@ -131,7 +131,7 @@ eb_undeliverable_move_held(int transport, int n, Datum *ids)
 	args[1] = PointerGetDatum(construct_array(ids, n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
 	if (SPI_execute_plan(eb_keep_plan(&move_held_plan, MOVE_HELD_SQL, 2, types),
 						 args, NULL, false, 0) != SPI_OK_INSERT)
-		elog(ERROR, "eventbus: could not hold events behind eventbus.undeliverable");
+		elog(ERROR, "could not hold events behind eventbus.undeliverable");
 	return (int) SPI_processed;
 }
 
@@ -148,7 +148,7 @@ eb_undeliverable_any(int transport)
 								   " WHERE transport OPERATOR(pg_catalog.=) $1)",
 								   1, &type),
 						 &arg, NULL, true, 0) != SPI_OK_SELECT || SPI_processed != 1)
-		elog(ERROR, "eventbus: could not read eventbus.undeliverable");
+		elog(ERROR, "could not read eventbus.undeliverable");
 	return DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
 }
 
@@ -164,7 +164,7 @@ eb_undeliverable_release(int transport)
 
 	if (SPI_execute_plan(eb_keep_plan(&release_plan, RELEASE_SQL, 1, &type),
 						 &arg, NULL, false, 0) != SPI_OK_INSERT)
-		elog(ERROR, "eventbus: could not release held events");
+		elog(ERROR, "could not release held events");
 	return SPI_processed;
 }
 
@@ -205,7 +205,7 @@ eventbus_retry_undeliverable(PG_FUNCTION_ARGS)
 	rc = SPI_execute_with_args(RETRY_SQL, 1, &type, &arg, &null, false, 0);
 	eb_as_owner_end(&ctx);
 	if (rc != SPI_OK_INSERT_RETURNING)
-		elog(ERROR, "eventbus: could not retry undeliverable events: %s", SPI_result_code_string(rc));
+		elog(ERROR, "could not retry undeliverable events: %s", SPI_result_code_string(rc));
 	moved = SPI_processed;
 	wake_for_result_transports();
 	SPI_finish();
@@ -259,7 +259,7 @@ eventbus_discard_undeliverable(PG_FUNCTION_ARGS)
 	SPI_finish();
 
 	if (rc != SPI_OK_DELETE_RETURNING)
-		elog(ERROR, "eventbus: could not discard undeliverable events: %s", SPI_result_code_string(rc));
+		elog(ERROR, "could not discard undeliverable events: %s", SPI_result_code_string(rc));
 	if (deleted == 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_OBJECT),
@@ -288,7 +288,7 @@ eventbus_undeliverable(PG_FUNCTION_ARGS)
 					 " FROM eventbus.undeliverable ORDER BY id", true, 0);
 	eb_as_owner_end(&ctx);
 	if (rc != SPI_OK_SELECT)
-		elog(ERROR, "eventbus: could not read eventbus.undeliverable");
+		elog(ERROR, "could not read eventbus.undeliverable");
 	for (uint64 i = 0; i < SPI_processed; i++)
 	{
 		Datum		row[12];

@@ -86,3 +86,14 @@ eb_backoff_next(int current_ms, int min_ms, int max_ms)
 
 	return next < min_ms ? min_ms : next > max_ms ? max_ms : next;
 }
+
+/* The delay before retry n (1-based): min_ms doubling, at most max_ms. */
+int
+eb_backoff_delay(int attempts, int min_ms, int max_ms)
+{
+	int			ms = 0;
+
+	for (int i = 0; i < attempts && ms < max_ms; i++)
+		ms = eb_backoff_next(ms, min_ms, max_ms);
+	return ms;
+}

@@ -16,5 +16,6 @@ extern struct _SPI_plan *eb_keep_plan(struct _SPI_plan **plan, const char *sql, 
 extern bool eb_string_member(List *list, const char *s);
 extern uint32 eb_fnv1a(const char *s);
 extern int	eb_backoff_next(int current_ms, int min_ms, int max_ms);
+extern int	eb_backoff_delay(int attempts, int min_ms, int max_ms);
 
 #endif							/* EB_UTIL_H */

@@ -29,7 +29,7 @@ eb_wakeup_init(void)
 		fcntl(wakeup_pipe[1], F_SETFD, FD_CLOEXEC) != 0)
 		ereport(ERROR,
 				(errcode_for_file_access(),
-				 errmsg("eventbus: could not create wakeup pipe: %m")));
+				 errmsg("could not create wakeup pipe: %m")));
 }
 
 /*

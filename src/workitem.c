@@ -1,9 +1,16 @@
 /*
  * workitem.c — the messages between the dispatcher and a pool worker on
- * their shm_mq: a flat encoding of EbWorkItem (fixed fields, then
- * length-prefixed strings, -1 for NULL).
+ * their shm_mq: EbWorkItem in pqformat's network byte order (fixed fields,
+ * then each string as an int32 byte count, -1 for NULL, and its bytes).
+ *
+ * Strings travel as raw bytes with explicit lengths: no encoding
+ * conversion, any byte but NUL (they are C strings on both sides).  The
+ * reading side is pqformat's bounds-checked cursor, so a short or corrupt
+ * message ERRORs instead of reading past its end.
  */
 #include "postgres.h"
+
+#include "libpq/pqformat.h"
 
 #include "envelope.h"
 #include "pool.h"
@@ -12,54 +19,55 @@
 static void
 put_string(StringInfo buf, const char *s)
 {
-	int32		len = s ? (int32) strlen(s) : -1;
+	size_t		len;
 
-	appendBinaryStringInfo(buf, (const char *) &len, sizeof(len));
-	if (s)
-		appendBinaryStringInfo(buf, s, len);
+	if (s == NULL)
+	{
+		pq_sendint32(buf, (uint32) -1);
+		return;
+	}
+	len = strlen(s);
+	if (len > (size_t) PG_INT32_MAX)
+		elog(ERROR, "work item string of %zu bytes is too long", len);
+	pq_sendint32(buf, (uint32) len);
+	pq_sendbytes(buf, s, (int) len);
 }
 
-/* Read a string written by put_string; advances *pos. */
+/* Read a string written by put_string (palloc'd, NUL-terminated). */
 static char *
-get_string(const char *data, Size len, Size *pos)
+get_string(StringInfo msg)
 {
-	int32		n;
-	char	   *s;
+	int32		n = (int32) pq_getmsgint(msg, 4);
+	const char *bytes;
 
-	if (*pos + sizeof(n) > len)
-		elog(ERROR, "eventbus: truncated work item");
-	memcpy(&n, data + *pos, sizeof(n));
-	*pos += sizeof(n);
-	if (n < 0)
+	if (n == -1)
 		return NULL;
-	if (*pos + n > len)
-		elog(ERROR, "eventbus: truncated work item");
-	s = pnstrdup(data + *pos, n);
-	*pos += n;
-	return s;
+	/* pq_getmsgbytes rejects a negative or too large count. */
+	bytes = pq_getmsgbytes(msg, n);
+	if (memchr(bytes, '\0', n) != NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_CORRUPTED),
+				 errmsg("corrupt work item: string contains a NUL byte")));
+	return pnstrdup(bytes, n);
 }
-
-#define PUT(buf, field) appendBinaryStringInfo((buf), (const char *) &(field), sizeof(field))
-#define GET(data, pos, field) (memcpy(&(field), (data) + (pos), sizeof(field)), (pos) += sizeof(field))
 
 /* Serialize a work item. */
 void
 eb_workitem_encode(StringInfo buf, const EbWorkItem *item)
 {
 	const EbEvent *ev = &item->ev;
-	int32		tenant = ev->has_tenant ? 1 : 0;
 
-	PUT(buf, item->tag);
-	PUT(buf, item->subscription_id);
-	PUT(buf, item->handler);
-	PUT(buf, item->role);
-	PUT(buf, item->max_attempts);
-	PUT(buf, item->transport);
-	PUT(buf, ev->event_version);
-	PUT(buf, ev->occurred_at);
-	PUT(buf, tenant);
-	PUT(buf, ev->tenant_id);
-	PUT(buf, ev->nheaders);
+	pq_sendint64(buf, item->tag);
+	pq_sendint64(buf, (uint64) item->subscription_id);
+	pq_sendint32(buf, item->handler);
+	pq_sendint32(buf, item->role);
+	pq_sendint32(buf, (uint32) item->max_attempts);
+	pq_sendint32(buf, (uint32) item->transport);
+	pq_sendint64(buf, (uint64) ev->event_version);
+	pq_sendint64(buf, (uint64) ev->occurred_at);
+	pq_sendbyte(buf, ev->has_tenant ? 1 : 0);
+	pq_sendint32(buf, (uint32) ev->tenant_id);
+	pq_sendint32(buf, (uint32) ev->nheaders);
 	put_string(buf, ev->event_id);
 	put_string(buf, ev->topic);
 	put_string(buf, ev->aggregate_id);
@@ -74,43 +82,70 @@ eb_workitem_encode(StringInfo buf, const EbWorkItem *item)
 	}
 }
 
+/* Names the work item in the CONTEXT of an error while decoding it. */
+static void
+decode_error_context(void *arg)
+{
+	errcontext("decoding a work item of %d bytes", *(int *) arg);
+}
+
 /* Deserialize a work item (strings palloc'd in the current context). */
 void
 eb_workitem_decode(const char *data, Size len, EbWorkItem *item)
 {
 	EbEvent    *ev = &item->ev;
-	Size		pos = 0;
-	int32		tenant;
+	StringInfoData msg;
+	ErrorContextCallback errcb;
+	int			tenant;
+
+	if (len > (Size) PG_INT32_MAX)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("work item of %zu bytes is too large", len)));
+
+	/* A read-only cursor over the received bytes; pq_getmsg* never write. */
+	msg.data = unconstify(char *, data);
+	msg.len = (int) len;
+	msg.maxlen = (int) len;
+	msg.cursor = 0;
+
+	errcb.callback = decode_error_context;
+	errcb.arg = &msg.len;
+	errcb.previous = error_context_stack;
+	error_context_stack = &errcb;
 
 	memset(item, 0, sizeof(EbWorkItem));
-	if (len < sizeof(uint64) * 2 + sizeof(int64) * 2 + sizeof(Oid) * 2 + sizeof(int32) * 5)
-		elog(ERROR, "eventbus: truncated work item");
-	GET(data, pos, item->tag);
-	GET(data, pos, item->subscription_id);
-	GET(data, pos, item->handler);
-	GET(data, pos, item->role);
-	GET(data, pos, item->max_attempts);
-	GET(data, pos, item->transport);
-	GET(data, pos, ev->event_version);
-	GET(data, pos, ev->occurred_at);
-	GET(data, pos, tenant);
-	GET(data, pos, ev->tenant_id);
-	GET(data, pos, ev->nheaders);
+	item->tag = (uint64) pq_getmsgint64(&msg);
+	item->subscription_id = pq_getmsgint64(&msg);
+	item->handler = (Oid) pq_getmsgint(&msg, 4);
+	item->role = (Oid) pq_getmsgint(&msg, 4);
+	item->max_attempts = (int32) pq_getmsgint(&msg, 4);
+	item->transport = (int32) pq_getmsgint(&msg, 4);
+	ev->event_version = pq_getmsgint64(&msg);
+	ev->occurred_at = (TimestampTz) pq_getmsgint64(&msg);
+	tenant = pq_getmsgbyte(&msg);
+	ev->tenant_id = (int32) pq_getmsgint(&msg, 4);
+	ev->nheaders = (int32) pq_getmsgint(&msg, 4);
 	ev->has_tenant = tenant != 0;
-	ev->event_id = get_string(data, len, &pos);
-	ev->topic = get_string(data, len, &pos);
-	ev->aggregate_id = get_string(data, len, &pos);
-	ev->event_type = get_string(data, len, &pos);
-	ev->trace_id = get_string(data, len, &pos);
-	ev->correlation_id = get_string(data, len, &pos);
-	ev->payload = get_string(data, len, &pos);
 	if (ev->nheaders < 0 || ev->nheaders > EB_MAX_HEADERS)
-		elog(ERROR, "eventbus: corrupt work item");
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_CORRUPTED),
+				 errmsg("corrupt work item: %d headers", ev->nheaders)));
+	ev->event_id = get_string(&msg);
+	ev->topic = get_string(&msg);
+	ev->aggregate_id = get_string(&msg);
+	ev->event_type = get_string(&msg);
+	ev->trace_id = get_string(&msg);
+	ev->correlation_id = get_string(&msg);
+	ev->payload = get_string(&msg);
 	ev->header_names = palloc(sizeof(char *) * Max(ev->nheaders, 1));
 	ev->header_values = palloc(sizeof(char *) * Max(ev->nheaders, 1));
 	for (int i = 0; i < ev->nheaders; i++)
 	{
-		ev->header_names[i] = get_string(data, len, &pos);
-		ev->header_values[i] = get_string(data, len, &pos);
+		ev->header_names[i] = get_string(&msg);
+		ev->header_values[i] = get_string(&msg);
 	}
+	pq_getmsgend(&msg);
+
+	error_context_stack = errcb.previous;
 }

@@ -7,7 +7,7 @@ source "$(dirname "$0")/lib.sh"
 "$STACK" nats-stop >/dev/null
 "$STACK" kafka-down >/dev/null
 # log_lines TRANSPORT — state-change lines of the (new) launcher about it.
-log_lines() { grep -c "\[$new\] eventbus launcher LOG:  eventbus: $1 " "$EVENTBUS_PG_LOG" || true; }
+log_lines() { grep -cE "\[$new\] eventbus launcher LOG:  $1 (is unreachable|connected|connecting)" "$EVENTBUS_PG_LOG" || true; }
 
 # Restart the launcher so it starts with both brokers down.
 old=$(launcher_pid)

@@ -273,7 +273,7 @@ kafka_produce_file() {
 }
 # nats_stream NAME SUBJECT... — make sure a stream captures the subjects.
 nats_stream() { "$NATSTOOL" --url "$EVENTBUS_NATS_URL" ensure-stream "$@" >/dev/null; }
-# nats_produce [SUBJECT] [natstool pub options] — one message per stdin line.
+# nats_produce SUBJECT [natstool pub options] — one message per stdin line.
 nats_produce() { "$NATSTOOL" --url "$EVENTBUS_NATS_URL" pub "$@" >/dev/null; }
 # nats_stream_of SUBJECT — name of the stream capturing SUBJECT.
 nats_stream_of() {
