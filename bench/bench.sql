@@ -61,7 +61,8 @@ CREATE TABLE @S@.handled (
     version      bigint NOT NULL,
     order_id     bigint,
     occurred_at  timestamptz NOT NULL,            -- envelope: clock_timestamp() in eventbus_publish
-    handled_at   timestamptz NOT NULL DEFAULT clock_timestamp()  -- end of the handler
+    started_at   timestamptz NOT NULL,            -- clock_timestamp() when the handler started
+    handled_at   timestamptz NOT NULL DEFAULT clock_timestamp()  -- the handler's last statement
 );
 CREATE INDEX ON @S@.handled (topic);
 CREATE INDEX ON @S@.handled (event_id);
@@ -87,9 +88,12 @@ CREATE TABLE @S@.violations (
 -- The handler.  Order check: a first delivery of an event must carry the
 -- version after the last one seen for its aggregate.  A repeated delivery
 -- (same event_id seen before) is a duplicate, counted from handled, and
--- NOT an order violation.  Never raises.
+-- NOT an order violation.  Never raises.  The handled row is written last,
+-- so its handled_at is the end of the handler's work and started_at (taken
+-- on entry) its start.  The pgbench references call this same function.
 CREATE FUNCTION @S@.handle(e eventbus.envelope) RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
+  started timestamptz := clock_timestamp();
   prev bigint;
   dup boolean := false;
 BEGIN
@@ -101,8 +105,6 @@ BEGIN
       INSERT INTO @S@.violations VALUES (e.topic, e.aggregate_id, e.event_id, e.event_version, coalesce(prev, 0) + 1);
     END IF;
   END IF;
-  INSERT INTO @S@.handled (event_id, transport, topic, aggregate_id, version, order_id, occurred_at)
-  VALUES (e.event_id, e.transport, e.topic, e.aggregate_id, e.event_version, (e.payload->>'id')::bigint, e.occurred_at);
   IF NOT dup THEN
     INSERT INTO @S@.projection AS p VALUES (e.topic, e.aggregate_id, e.event_version, 1,
                                            coalesce((e.payload->>'amount')::numeric, 0), clock_timestamp())
@@ -110,6 +112,8 @@ BEGIN
       SET version = greatest(p.version, EXCLUDED.version), lines = p.lines + 1,
           total = p.total + EXCLUDED.total, updated_at = EXCLUDED.updated_at;
   END IF;
+  INSERT INTO @S@.handled (event_id, transport, topic, aggregate_id, version, order_id, occurred_at, started_at)
+  VALUES (e.event_id, e.transport, e.topic, e.aggregate_id, e.event_version, (e.payload->>'id')::bigint, e.occurred_at, started);
 END $$;
 
 -- make_plan(run_key, prefix, label, run, events, conns, transports):
@@ -140,13 +144,32 @@ BEGIN
   RETURN QUERY SELECT DISTINCT topic FROM @S@.plan WHERE run_key = p_key ORDER BY 1;
 END $$;
 
+-- CPU time (utime + stime, clock ticks) of the calling backend, from
+-- /proc/self/stat (Linux; the harness runs as superuser): the publishing
+-- connections record theirs, since their processes are gone when the shell
+-- looks.  NULL where it cannot be read.
+CREATE FUNCTION @S@.self_cpu_ticks() RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE s text;
+BEGIN
+  s := substring(pg_read_file('/proc/self/stat') FROM '\) (.*)$');
+  RETURN split_part(s, ' ', 12)::bigint + split_part(s, ' ', 13)::bigint;
+EXCEPTION WHEN OTHERS THEN
+  RETURN NULL;
+END $$;
+
+CREATE TABLE @S@.publisher_cpu (
+    run_key  text NOT NULL,
+    conn     int NOT NULL,
+    ticks    bigint                -- CPU ticks of load() / steady(), start to end
+);
+
 -- load(run_key, conn, min_rows, max_rows): this connection's rows of the
 -- plan, as fast as it can, in transactions of min..max rows.  Rows of one
 -- transaction are inserted sorted by (topic, aggregate), so concurrent
 -- publishers lock aggregate versions in one global order (no deadlock).
 CREATE PROCEDURE @S@.load(p_key text, p_conn int, p_min int, p_max int)
 LANGUAGE plpgsql AS $$
-DECLARE n int; pos int := 0; sz int;
+DECLARE n int; pos int := 0; sz int; t0 bigint := @S@.self_cpu_ticks();
 BEGIN
   SELECT count(*) INTO n FROM @S@.plan WHERE run_key = p_key AND conn = p_conn;
   WHILE pos < n LOOP
@@ -158,6 +181,8 @@ BEGIN
     COMMIT;
     pos := pos + sz;
   END LOOP;
+  INSERT INTO @S@.publisher_cpu VALUES (p_key, p_conn, @S@.self_cpu_ticks() - t0);
+  COMMIT;
 END $$;
 
 -- steady(run_key, conn, batch, interval_s): this connection's rows in
@@ -167,6 +192,7 @@ END $$;
 CREATE PROCEDURE @S@.steady(p_key text, p_conn int, p_batch int, p_interval float8)
 LANGUAGE plpgsql AS $$
 DECLARE n int; pos int := 0; k int := 0; t0 timestamptz := clock_timestamp(); wait float8;
+        c0 bigint := @S@.self_cpu_ticks();
 BEGIN
   SELECT count(*) INTO n FROM @S@.plan WHERE run_key = p_key AND conn = p_conn;
   WHILE pos < n LOOP
@@ -180,7 +206,23 @@ BEGIN
     pos := pos + p_batch;
     k := k + 1;
   END LOOP;
+  INSERT INTO @S@.publisher_cpu VALUES (p_key, p_conn, @S@.self_cpu_ticks() - c0);
+  COMMIT;
 END $$;
+
+-- When each event reached its broker, read back after a run by an
+-- independent client (bench/lib.sh bench_broker_times): Kafka = the
+-- message timestamp (CreateTime: the dev broker, like the librdkafka mock
+-- it is, keeps the producer's timestamp, set when the relay hands the
+-- message to librdkafka, millisecond resolution); NATS = the time JetStream
+-- stored the message.
+CREATE TABLE @S@.broker_times (
+    run_key   text NOT NULL,
+    event_id  uuid NOT NULL,
+    broker_at timestamptz,         -- NATS
+    broker_ms bigint               -- Kafka: ms since the epoch
+);
+CREATE INDEX ON @S@.broker_times (run_key, event_id);
 
 -- Progress samples, one row every `every` seconds while a run is measured:
 -- where the events are (outbox, broker / dispatcher, pool queues, handled).
@@ -232,11 +274,26 @@ END $$;
 CREATE FUNCTION @S@.commit_ts_on() RETURNS boolean LANGUAGE sql STABLE AS
 $$ SELECT current_setting('track_commit_timestamp') = 'on' $$;
 
+-- dist(percentiles at 0.5/0.95/0.99, max) as {"p50", "p95", "p99", "max"} in
+-- ms with 2 decimals; NULL when there is nothing to measure.
+CREATE FUNCTION @S@.dist(a float8[], mx float8) RETURNS jsonb LANGUAGE sql IMMUTABLE AS $$
+  SELECT CASE WHEN a IS NOT NULL THEN jsonb_build_object(
+           'p50', round(a[1]::numeric, 2), 'p95', round(a[2]::numeric, 2),
+           'p99', round(a[3]::numeric, 2), 'max', round(mx::numeric, 2)) END
+$$;
+
 -- level_stats(run_key): every figure of one run, counted from the tables.
--- Latency is per event, from its first handling.  With commit timestamps it
--- is split in three: the publishing transaction (occurred_at → business row
--- commit), relay + broker + dispatch (→ end of the handler call) and the
--- pool's batch (end of the handler call → its transaction's commit).
+-- Latency is per event, from its first handling.  With commit timestamps:
+-- latency = handler transaction commit - publishing transaction commit
+-- (the business row's, which is eventbus_publish's transaction), split into
+-- stages (stages_ms, per transport):
+--   publish_tx        occurred_at (clock in eventbus_publish) -> publish commit (not part of the latency)
+--   relay             publish commit -> broker time (broker_times, when read back)
+--   broker_to_handler broker time -> handler start (consumer, dispatcher, pool queue)
+--   to_handler        publish commit -> handler start (= relay + broker_to_handler; always there)
+--   handler           handler start -> handler end (its last statement)
+--   commit            handler end -> handler transaction commit (the rest of the pool's batch)
+-- Without commit timestamps, latency = handler end - occurred_at.
 CREATE FUNCTION @S@.level_stats(p_key text) RETURNS jsonb LANGUAGE plpgsql AS $$
 DECLARE
   topics text[] := ARRAY(SELECT DISTINCT topic FROM @S@.plan WHERE run_key = p_key);
@@ -245,46 +302,60 @@ DECLARE
 BEGIN
   CREATE TEMP TABLE IF NOT EXISTS lv_orders (id bigint, aggregate_id text, created_at timestamptz, committed_at timestamptz);
   CREATE TEMP TABLE IF NOT EXISTS lv_handled (event_id uuid, transport text, topic text, aggregate_id text, order_id bigint,
-                                             occurred_at timestamptz, handled_at timestamptz, done_at timestamptz);
-  TRUNCATE lv_orders, lv_handled;
+                                             occurred_at timestamptz, started_at timestamptz, handled_at timestamptz,
+                                             done_at timestamptz);
+  CREATE TEMP TABLE IF NOT EXISTS lv_broker (event_id uuid, broker_at timestamptz);
+  TRUNCATE lv_orders, lv_handled, lv_broker;
   INSERT INTO lv_orders
   SELECT id, aggregate_id, created_at, CASE WHEN cts THEN pg_xact_commit_timestamp(xmin) END
     FROM @S@.orders WHERE run_key = p_key;
   INSERT INTO lv_handled
-  SELECT event_id, transport, topic, aggregate_id, order_id, occurred_at, handled_at,
+  SELECT event_id, transport, topic, aggregate_id, order_id, occurred_at, started_at, handled_at,
          CASE WHEN cts THEN pg_xact_commit_timestamp(xmin) ELSE handled_at END
     FROM @S@.handled WHERE topic = ANY (topics) AND aggregate_id <> 'warmup';
+  INSERT INTO lv_broker
+  SELECT event_id, min(coalesce(broker_at, to_timestamp(broker_ms / 1000.0)))
+    FROM @S@.broker_times WHERE run_key = p_key GROUP BY event_id;
   ANALYZE lv_orders;
   ANALYZE lv_handled;
+  ANALYZE lv_broker;
 
   WITH o AS (SELECT count(*) AS published, min(created_at) AS first_publish, max(committed_at) AS last_publish_commit
                FROM lv_orders),
-       h AS (SELECT count(*) AS calls, count(DISTINCT event_id) AS distinct_events, max(done_at) AS last_handler_commit
+       h AS (SELECT count(*) AS calls, count(DISTINCT event_id) AS distinct_events, max(done_at) AS last_handler_commit,
+                    min(started_at) AS first_handler_start
                FROM lv_handled),
        d AS (SELECT count(*) AS delivered FROM lv_orders o WHERE EXISTS (SELECT 1 FROM lv_handled h WHERE h.order_id = o.id)),
        u AS (SELECT count(*) AS unexpected FROM lv_handled h WHERE NOT EXISTS (SELECT 1 FROM lv_orders o WHERE o.id = h.order_id)),
        first AS (SELECT DISTINCT ON (event_id) * FROM lv_handled ORDER BY event_id, done_at),
        lat AS (SELECT f.transport,
-                      extract(epoch FROM f.done_at - f.occurred_at) * 1000 AS ms,
-                      extract(epoch FROM o.committed_at - f.occurred_at) * 1000 AS pub_ms,
-                      extract(epoch FROM f.handled_at - o.committed_at) * 1000 AS mid_ms,
-                      extract(epoch FROM f.done_at - f.handled_at) * 1000 AS batch_ms
-                 FROM first f LEFT JOIN lv_orders o ON o.id = f.order_id),
-       l AS (SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms) AS p50,
-                    percentile_cont(0.95) WITHIN GROUP (ORDER BY ms) AS p95,
-                    percentile_cont(0.99) WITHIN GROUP (ORDER BY ms) AS p99,
-                    max(ms) AS max,
-                    percentile_cont(0.5) WITHIN GROUP (ORDER BY pub_ms) AS pub50,
-                    percentile_cont(0.5) WITHIN GROUP (ORDER BY mid_ms) AS mid50,
-                    percentile_cont(0.5) WITHIN GROUP (ORDER BY batch_ms) AS batch50,
-                    percentile_cont(0.95) WITHIN GROUP (ORDER BY pub_ms) AS pub95,
-                    percentile_cont(0.95) WITHIN GROUP (ORDER BY mid_ms) AS mid95,
-                    percentile_cont(0.95) WITHIN GROUP (ORDER BY batch_ms) AS batch95 FROM lat),
-       lt AS (SELECT jsonb_object_agg(transport, jsonb_build_object(
-                       'p50', round(p50::numeric, 1), 'p95', round(p95::numeric, 1), 'p99', round(p99::numeric, 1))) AS by_tr
-                FROM (SELECT transport, percentile_cont(0.5) WITHIN GROUP (ORDER BY ms) AS p50,
-                             percentile_cont(0.95) WITHIN GROUP (ORDER BY ms) AS p95,
-                             percentile_cont(0.99) WITHIN GROUP (ORDER BY ms) AS p99
+                      extract(epoch FROM CASE WHEN cts THEN f.done_at - o.committed_at ELSE f.done_at - f.occurred_at END) * 1000 AS total,
+                      extract(epoch FROM f.done_at - f.occurred_at) * 1000 AS from_occurred,
+                      extract(epoch FROM o.committed_at - f.occurred_at) * 1000 AS publish_tx,
+                      extract(epoch FROM b.broker_at - o.committed_at) * 1000 AS relay,
+                      extract(epoch FROM f.started_at - b.broker_at) * 1000 AS broker_to_handler,
+                      extract(epoch FROM f.started_at - o.committed_at) * 1000 AS to_handler,
+                      extract(epoch FROM f.handled_at - f.started_at) * 1000 AS handler,
+                      extract(epoch FROM f.done_at - f.handled_at) * 1000 AS commit,
+                      b.broker_at IS NOT NULL AS has_broker
+                 FROM first f LEFT JOIN lv_orders o ON o.id = f.order_id
+                      LEFT JOIN lv_broker b ON b.event_id = f.event_id),
+       l AS (SELECT @S@.dist(percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY total), max(total)) AS total,
+                    @S@.dist(percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY from_occurred), max(from_occurred)) AS occ,
+                    count(*) FILTER (WHERE has_broker) AS with_broker, count(*) AS firsts
+               FROM lat),
+       lt AS (SELECT jsonb_object_agg(transport, total) AS by_tr, jsonb_object_agg(transport, stages) AS stages
+                FROM (SELECT transport,
+                             @S@.dist(percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY total), max(total)) AS total,
+                             jsonb_strip_nulls(jsonb_build_object(
+                               'events', count(*),
+                               'events_with_broker_time', count(*) FILTER (WHERE has_broker),
+                               'publish_tx', @S@.dist(percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY publish_tx), max(publish_tx)),
+                               'relay', @S@.dist(percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY relay), max(relay)),
+                               'broker_to_handler', @S@.dist(percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY broker_to_handler), max(broker_to_handler)),
+                               'to_handler', @S@.dist(percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY to_handler), max(to_handler)),
+                               'handler', @S@.dist(percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY handler), max(handler)),
+                               'commit', @S@.dist(percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY commit), max(commit)))) AS stages
                         FROM lat GROUP BY transport) x),
        v AS (SELECT count(*) AS violations FROM @S@.violations WHERE topic = ANY (topics) AND aggregate_id <> 'warmup'),
        p AS (SELECT count(*) FILTER (WHERE version = 10) AS complete, count(*) AS aggs
@@ -304,22 +375,24 @@ BEGIN
            'aggregates_seen', p.aggs,
            'first_publish', o.first_publish,
            'last_publish_commit', o.last_publish_commit,
+           'first_handler_start', h.first_handler_start,
            'last_handler_commit', h.last_handler_commit,
            'publish_s', round(extract(epoch FROM o.last_publish_commit - o.first_publish)::numeric, 3),
            'end_to_end_s', round(extract(epoch FROM h.last_handler_commit - o.first_publish)::numeric, 3),
+           'handling_s', round(extract(epoch FROM h.last_handler_commit - h.first_handler_start)::numeric, 3),
            'publish_events_per_s', round(o.published / nullif(extract(epoch FROM o.last_publish_commit - o.first_publish), 0)),
            'events_per_s', round(d.delivered / nullif(extract(epoch FROM h.last_handler_commit - o.first_publish), 0)),
-           'latency_ms', jsonb_build_object('p50', round(l.p50::numeric, 1), 'p95', round(l.p95::numeric, 1),
-                                            'p99', round(l.p99::numeric, 1), 'max', round(l.max::numeric, 1)),
+           'handling_events_per_s', round(d.delivered / nullif(extract(epoch FROM h.last_handler_commit - h.first_handler_start), 0)),
+           'latency_ms', l.total,
+           'latency_from_occurred_ms', l.occ,
            'latency_by_transport_ms', lt.by_tr,
-           'latency_split_ms', CASE WHEN cts THEN jsonb_build_object(
-               'publish_tx_p50', round(l.pub50::numeric, 1), 'relay_broker_dispatch_handler_p50', round(l.mid50::numeric, 1),
-               'pool_batch_commit_p50', round(l.batch50::numeric, 1),
-               'publish_tx_p95', round(l.pub95::numeric, 1), 'relay_broker_dispatch_handler_p95', round(l.mid95::numeric, 1),
-               'pool_batch_commit_p95', round(l.batch95::numeric, 1)) END,
+           'stages_ms', CASE WHEN cts THEN lt.stages END,
+           'broker_times_matched', l.with_broker,
+           'first_deliveries', l.firsts,
            'time_source', CASE WHEN cts THEN 'commit_timestamp' ELSE 'handler_clock' END,
            'max_outbox_backlog', s.outbox, 'max_pool_queued', s.pool_queued, 'max_subscription_lag', s.lag,
-           'samples', s.n)
+           'samples', s.n,
+           'publisher_cpu_ticks', (SELECT sum(ticks) FROM @S@.publisher_cpu WHERE run_key = p_key))
     INTO r
     FROM o, h, d, u, l, lt, v, p, s;
   RETURN r;
@@ -329,53 +402,301 @@ END $$;
 -- what the shell measured from /proc).
 CREATE TABLE @S@.results (
     n      int GENERATED ALWAYS AS IDENTITY,
-    kind   text NOT NULL,          -- 'level' | 'steady' | 'reference'
+    kind   text NOT NULL,          -- 'level' | 'steady' | 'consume' | 'idle' | 'reference' | 'lifecycle'
     doc    jsonb NOT NULL
 );
 
--- level_summary(): one row per (transport, level) — the run with the median
--- events/s among its repeats (all its figures from that same run), plus
--- every repeat's events/s, and loss / duplicates / order violations summed
--- over all repeats — and the steady run as it is.
-CREATE FUNCTION @S@.level_summary() RETURNS TABLE (n int, kind text, doc jsonb) LANGUAGE sql AS $$
+-- run_summary(kind, metric): one row per (transports, level) of the runs of
+-- that kind — the run with the median metric among its repeats (all its
+-- figures from that same run), plus every repeat's metric, and loss /
+-- duplicates / order violations summed over all repeats.
+CREATE FUNCTION @S@.run_summary(p_kind text, p_metric text) RETURNS TABLE (n int, kind text, doc jsonb) LANGUAGE sql AS $$
   WITH runs AS (
     SELECT r.n, r.doc, r.doc->>'transports' AS tr, (r.doc->>'level')::int AS lvl,
-           (r.doc->>'events_per_s')::numeric AS eps
-      FROM @S@.results r WHERE r.kind = 'level'),
+           (r.doc->>p_metric)::numeric AS m
+      FROM @S@.results r WHERE r.kind = p_kind),
   ranked AS (
-    SELECT runs.*, row_number() OVER (PARTITION BY tr, lvl ORDER BY eps, runs.n) AS rn,
+    SELECT runs.*, row_number() OVER (PARTITION BY tr, lvl ORDER BY m, runs.n) AS rn,
            count(*) OVER (PARTITION BY tr, lvl) AS cnt
       FROM runs),
   agg AS (
-    SELECT tr, lvl, min(runs.n) AS n, count(*) AS repeats, min(eps) AS eps_min, max(eps) AS eps_max,
-           jsonb_agg(eps ORDER BY runs.n) AS eps_all,
+    SELECT tr, lvl, min(runs.n) AS n, count(*) AS repeats, min(m) AS m_min, max(m) AS m_max,
+           jsonb_agg(m ORDER BY runs.n) AS m_all,
            sum((doc->>'published')::bigint) AS published, sum((doc->>'delivered')::bigint) AS delivered,
            sum((doc->>'duplicates')::bigint) AS dups, sum((doc->>'order_violations')::bigint) AS viol,
-           sum((doc->>'unexpected')::bigint) AS unexpected,
-           max((doc#>>'{rss_peak_mib,launcher}')::numeric) AS rss_l,
-           max((doc#>>'{rss_peak_mib,dispatcher}')::numeric) AS rss_d,
-           max((doc#>>'{rss_peak_mib,worker_max}')::numeric) AS rss_w
+           sum((doc->>'unexpected')::bigint) AS unexpected
       FROM runs GROUP BY tr, lvl)
-  SELECT a.n::int, 'level', m.doc || jsonb_build_object(
-           'repeats', a.repeats, 'figures_from', 'the repeat with the median events/s',
-           'events_per_s_min', a.eps_min, 'events_per_s_max', a.eps_max, 'events_per_s_all', a.eps_all,
+  SELECT a.n::int, p_kind, m.doc || jsonb_build_object(
+           'repeats', a.repeats, 'figures_from', 'the repeat with the median ' || p_metric,
+           p_metric || '_min', a.m_min, p_metric || '_max', a.m_max, p_metric || '_all', a.m_all,
            'all_repeats', jsonb_build_object(
                'published', a.published, 'delivered', a.delivered,
                'delivered_pct', round(100.0 * a.delivered / nullif(a.published, 0), 2),
-               'duplicates', a.dups, 'order_violations', a.viol, 'unexpected', a.unexpected),
-           'rss_peak_mib_max_over_repeats', jsonb_build_object('launcher', a.rss_l, 'dispatcher', a.rss_d, 'worker_max', a.rss_w))
+               'duplicates', a.dups, 'order_violations', a.viol, 'unexpected', a.unexpected))
     FROM agg a JOIN ranked m ON m.tr = a.tr AND m.lvl = a.lvl AND m.rn = (m.cnt + 1) / 2
-  UNION ALL
-  SELECT r.n, r.kind, r.doc FROM @S@.results r WHERE r.kind = 'steady'
 $$;
 
--- The reference limit (bench/lib.sh bench_reference runs pgbench on these):
--- the same rows eventbus and the handler write, without eventbus.  Publish:
--- business row + version bump + outbox row per event; relay: delete sent
--- outbox rows; consume: inbox row + projection upsert + handled row per event.
+CREATE FUNCTION @S@.level_summary() RETURNS TABLE (n int, kind text, doc jsonb) LANGUAGE sql AS $$
+  SELECT * FROM @S@.run_summary('level', 'events_per_s')
+$$;
+
+-- cpu_per_event(run doc): CPU µs per delivered event per process group.
+CREATE FUNCTION @S@.cpu_per_event(d jsonb) RETURNS jsonb LANGUAGE sql IMMUTABLE AS $$
+  SELECT jsonb_strip_nulls(jsonb_build_object(
+           'publishers', round(1e6 * (c->>'publishers')::numeric / e),
+           'relay', round(1e6 * (c->>'launcher')::numeric / e),
+           'dispatcher', round(1e6 * (c->>'dispatcher')::numeric / e),
+           'pool', round(1e6 * (c->>'workers')::numeric / e),
+           'eventbus', round(1e6 * ((c->>'launcher')::numeric + (c->>'dispatcher')::numeric + (c->>'workers')::numeric) / e),
+           'nats_server', round(1e6 * (c->>'nats_server')::numeric / e),
+           'devbroker', round(1e6 * (c->>'devbroker')::numeric / e),
+           'other_postgres', round(1e6 * (c->>'other_postgres')::numeric / e),
+           'machine_busy', round(1e6 * (c->>'machine_busy')::numeric / e)))
+    FROM (SELECT d->'cpu_s' AS c, nullif((d->>'delivered')::numeric, 0) AS e) x
+$$;
+
+-- memory_summary(): per eventbus process (launcher, dispatcher, worker N),
+-- the largest USS / PSS / RSS sampled in any run of this harness run, and
+-- the run it was seen in.
+CREATE FUNCTION @S@.memory_summary() RETURNS jsonb LANGUAGE sql AS $$
+  SELECT jsonb_object_agg(proc, jsonb_build_object('uss_mib', uss, 'pss_mib', pss, 'rss_mib', rss, 'uss_run', run))
+    FROM (SELECT DISTINCT ON (m.key) m.key AS proc, (m.value->>'uss_mib')::numeric AS uss,
+                 max((m.value->>'pss_mib')::numeric) OVER (PARTITION BY m.key) AS pss,
+                 max((m.value->>'rss_mib')::numeric) OVER (PARTITION BY m.key) AS rss,
+                 r.doc->>'run_key' AS run
+            FROM @S@.results r, jsonb_each(r.doc->'memory_max') m
+           WHERE r.kind IN ('level', 'steady', 'consume')
+           ORDER BY m.key, (m.value->>'uss_mib')::numeric DESC) x
+$$;
+
+-- The references (bench/lib.sh bench_ref_* run pgbench on these and on the
+-- handler above): the same rows eventbus writes, without eventbus.  Publish:
+-- business row + version bump + outbox row per event; relay: delete the sent
+-- outbox rows; consume: inbox row + the handler (projection row, handled
+-- record) per event.  ref_seq_N numbers the events of pgbench client N.
 CREATE TABLE @S@.ref_orders (LIKE @S@.orders INCLUDING ALL);
 CREATE TABLE @S@.ref_versions (LIKE eventbus.aggregate_versions INCLUDING ALL);
 CREATE TABLE @S@.ref_outbox (LIKE eventbus.outbox INCLUDING ALL);
 CREATE TABLE @S@.ref_inbox (LIKE eventbus.inbox INCLUDING ALL);
-CREATE TABLE @S@.ref_projection (LIKE @S@.projection INCLUDING ALL);
-CREATE TABLE @S@.ref_handled (LIKE @S@.handled INCLUDING ALL);
+
+-- report(meta): the harness run's report as one JSON document (what
+-- bench/run.sh writes to bench/results/latest.json): meta (machine, config,
+-- method, lifecycle...) plus every figure and each target next to its figure.
+CREATE FUNCTION @S@.report(p_meta jsonb) RETURNS jsonb LANGUAGE plpgsql AS $$
+DECLARE
+  c1 numeric := (SELECT (doc->>'events_per_s')::numeric FROM @S@.results WHERE kind = 'ref_consume_1' ORDER BY n DESC LIMIT 1);
+  c50 numeric := (SELECT (doc->>'events_per_s')::numeric FROM @S@.results WHERE kind = 'ref_consume_50' ORDER BY n DESC LIMIT 1);
+  e50 numeric := (SELECT (doc->>'events_per_s')::numeric FROM @S@.results WHERE kind = 'ref_end_to_end_50' ORDER BY n DESC LIMIT 1);
+  top_level int := (SELECT max((doc->>'level')::int) FROM @S@.results WHERE kind = 'level');
+  levels jsonb; consume jsonb; steady jsonb; mem jsonb; idle jsonb; idle_lp jsonb; integrity jsonb; cpu jsonb; targets jsonb;
+BEGIN
+  SELECT jsonb_agg(doc || jsonb_build_object('ratio_to_reference', round((doc->>'events_per_s')::numeric / nullif(e50, 0), 2),
+                                             'cpu_us_per_event', @S@.cpu_per_event(doc)) ORDER BY n)
+    INTO levels FROM @S@.run_summary('level', 'events_per_s');
+  SELECT jsonb_agg(doc || jsonb_build_object(
+                     'ratio_to_pgbench_50_per_tx', round((doc->>'handling_events_per_s')::numeric / nullif(c50, 0), 2),
+                     'ratio_to_pgbench_1_per_tx', round((doc->>'handling_events_per_s')::numeric / nullif(c1, 0), 2),
+                     'cpu_us_per_event', @S@.cpu_per_event(doc)) ORDER BY n)
+    INTO consume FROM @S@.run_summary('consume', 'handling_events_per_s');
+  SELECT jsonb_object_agg(doc->>'transports', doc || jsonb_build_object('cpu_us_per_event', @S@.cpu_per_event(doc)))
+    INTO steady FROM @S@.results WHERE kind = 'steady';
+  mem := @S@.memory_summary();
+  SELECT doc INTO idle FROM @S@.results WHERE kind = 'idle' ORDER BY n DESC LIMIT 1;
+  SELECT doc INTO idle_lp FROM @S@.results WHERE kind = 'idle_long_poll' ORDER BY n DESC LIMIT 1;
+  SELECT jsonb_object_agg(tr, jsonb_build_object(
+           'runs', runs, 'published', pub, 'delivered', del,
+           'delivered_pct', round(100.0 * del / nullif(pub, 0), 3), 'duplicates', dups,
+           'order_violations', viol, 'unexpected', unexp,
+           'met', pub > 0 AND del = pub AND dups = 0 AND viol = 0 AND unexp = 0))
+    INTO integrity
+    FROM (SELECT doc->>'transports' AS tr, count(*) AS runs, sum((doc->>'published')::bigint) AS pub,
+                 sum((doc->>'delivered')::bigint) AS del, sum((doc->>'duplicates')::bigint) AS dups,
+                 sum((doc->>'order_violations')::bigint) AS viol, sum((doc->>'unexpected')::bigint) AS unexp
+            FROM @S@.results WHERE kind IN ('level', 'steady', 'consume') GROUP BY 1) x;
+  SELECT jsonb_agg(jsonb_build_object('run', r.k, 'transports', r.d->>'transports', 'delivered', r.d->'delivered')
+                   || @S@.cpu_per_event(r.d) ORDER BY r.o)
+    INTO cpu
+    FROM (SELECT 0 AS o, 'steady ' || (doc->>'rate') || '/s' AS k, doc AS d FROM @S@.results WHERE kind = 'steady'
+          UNION ALL SELECT 1, 'level ' || (doc->>'level'), doc FROM @S@.run_summary('level', 'events_per_s')
+          UNION ALL SELECT 2, 'consume ' || (doc->>'level'), doc FROM @S@.run_summary('consume', 'handling_events_per_s')) r;
+  levels := coalesce(levels, '[]');
+  consume := coalesce(consume, '[]');
+  steady := coalesce(steady, '{}');
+  cpu := coalesce(cpu, '[]');
+  targets := jsonb_build_object(
+    'latency', (SELECT jsonb_object_agg(k, jsonb_build_object(
+                   'p50_ms', v#>'{latency_ms,p50}', 'p99_ms', v#>'{latency_ms,p99}', 'p50_target_ms', 10, 'p99_target_ms', 25,
+                   'met', (v#>>'{latency_ms,p50}')::numeric <= 10 AND (v#>>'{latency_ms,p99}')::numeric <= 25))
+                  FROM jsonb_each(steady) e (k, v)),
+    'consume', (SELECT jsonb_object_agg(c->>'transports', jsonb_build_object(
+                   'events_per_s', c->'handling_events_per_s', 'pgbench_handler_50_per_tx', c50, 'pgbench_handler_1_per_tx', c1,
+                   'ratio_to_50_per_tx', c->'ratio_to_pgbench_50_per_tx', 'ratio_to_1_per_tx', c->'ratio_to_pgbench_1_per_tx',
+                   'target_ratio', 0.85, 'met', (c->>'ratio_to_pgbench_50_per_tx')::numeric >= 0.85))
+                  FROM jsonb_array_elements(consume) c),
+    'end_to_end', (SELECT jsonb_object_agg(l->>'transports', jsonb_build_object(
+                   'level', top_level, 'events_per_s', l->'events_per_s', 'pgbench_all_writes_50_per_tx', e50,
+                   'ratio', l->'ratio_to_reference', 'target_ratio', 0.6, 'met', (l->>'ratio_to_reference')::numeric >= 0.6))
+                  FROM jsonb_array_elements(levels) l WHERE (l->>'level')::int = top_level),
+    'memory', (SELECT jsonb_build_object('largest_uss_mib', max((v->>'uss_mib')::numeric), 'largest_pss_mib', max((v->>'pss_mib')::numeric),
+                                         'target_uss_mib', 32, 'met', max((v->>'uss_mib')::numeric) <= 32)
+                 FROM jsonb_each(mem) e (k, v)),
+    'idle', jsonb_build_object('eventbus_pct_core', coalesce(idle_lp, idle)->'eventbus_pct_core', 'target_pct_core', 1,
+                               'measured_with', coalesce(idle_lp, idle)->'kafka_properties',
+                               'dev_stack_eventbus_pct_core', idle->'eventbus_pct_core',
+                               'met', (coalesce(idle_lp, idle)->>'eventbus_pct_core')::numeric < 1),
+    'integrity', integrity);
+  RETURN p_meta || jsonb_build_object(
+    'targets', targets,
+    'latency', steady,
+    'levels', levels,
+    'runs', (SELECT jsonb_agg(doc ORDER BY n) FROM @S@.results WHERE kind = 'level'),
+    'consume', consume,
+    'consume_runs', (SELECT jsonb_agg(doc ORDER BY n) FROM @S@.results WHERE kind = 'consume'),
+    'references', jsonb_build_object(
+        'handler_1_per_tx', (SELECT doc FROM @S@.results WHERE kind = 'ref_consume_1' ORDER BY n DESC LIMIT 1),
+        'handler_50_per_tx', (SELECT doc FROM @S@.results WHERE kind = 'ref_consume_50' ORDER BY n DESC LIMIT 1),
+        'all_writes_50_per_tx', (SELECT doc FROM @S@.results WHERE kind = 'ref_end_to_end_50' ORDER BY n DESC LIMIT 1)),
+    'memory_max', mem,
+    'idle', idle,
+    'idle_long_poll', idle_lp,
+    'cpu_us_per_event', cpu);
+END $$;
+
+-- report_text(report): the tables `make bench` prints, from the report
+-- document (so the printout and latest.json cannot disagree).
+CREATE FUNCTION @S@.report_text(r jsonb) RETURNS SETOF text LANGUAGE plpgsql AS $$
+DECLARE
+  trs text[] := ARRAY(SELECT DISTINCT k FROM (SELECT jsonb_object_keys(r->'latency') AS k
+                                               UNION SELECT l->>'transports' FROM jsonb_array_elements(coalesce(r->'levels', '[]')) l
+                                               UNION SELECT c->>'transports' FROM jsonb_array_elements(coalesce(r->'consume', '[]')) c) x
+                      WHERE k IS NOT NULL ORDER BY 1);
+  t jsonb := r->'targets';
+  tr text; line text; x jsonb; k text; v jsonb;
+BEGIN
+  -- Targets
+  RETURN NEXT format('%-48s', 'TARGETS') || (SELECT string_agg(format('%-27s', tt), '') FROM unnest(trs) tt) || 'target';
+  line := format('%-48s', 'latency p50 / p99 ms (' || coalesce(r#>>'{config,steady_rate}', '?') || '/s, commit->commit)');
+  FOREACH tr IN ARRAY trs LOOP
+    x := t#>ARRAY['latency', tr];
+    line := line || format('%-27s', CASE WHEN x IS NULL THEN '-' ELSE
+              format('%s / %s %s', x->>'p50_ms', x->>'p99_ms', CASE WHEN (x->>'met')::boolean THEN 'ok' ELSE 'MISSED' END) END);
+  END LOOP;
+  RETURN NEXT line || '<= 10 / <= 25';
+  line := format('%-48s', 'consume events/s (' || coalesce(r#>>'{config,consume_events}', '?') || ' in the broker)');
+  FOREACH tr IN ARRAY trs LOOP
+    x := t#>ARRAY['consume', tr];
+    line := line || format('%-27s', CASE WHEN x IS NULL THEN '-' ELSE
+              format('%s = %sx %s', to_char((x->>'events_per_s')::numeric, 'FM999,999,990'), x->>'ratio_to_50_per_tx',
+                     CASE WHEN (x->>'met')::boolean THEN 'ok' ELSE 'MISSED' END) END);
+  END LOOP;
+  RETURN NEXT line || format('>= 0.85 x pgbench handler 50/tx (%s/s; 1/tx: %s/s)',
+                             to_char((r#>>'{references,handler_50_per_tx,events_per_s}')::numeric, 'FM999,999,990'),
+                             to_char((r#>>'{references,handler_1_per_tx,events_per_s}')::numeric, 'FM999,999,990'));
+  line := format('%-48s', 'end to end events/s (level ' || coalesce((SELECT max((l->>'level')::int) FROM jsonb_array_elements(r->'levels') l)::text, '?') || ')');
+  FOREACH tr IN ARRAY trs LOOP
+    x := t#>ARRAY['end_to_end', tr];
+    line := line || format('%-27s', CASE WHEN x IS NULL THEN '-' ELSE
+              format('%s = %sx %s', to_char((x->>'events_per_s')::numeric, 'FM999,999,990'), x->>'ratio',
+                     CASE WHEN (x->>'met')::boolean THEN 'ok' ELSE 'MISSED' END) END);
+  END LOOP;
+  RETURN NEXT line || format('>= 0.6 x pgbench all writes 50/tx (%s/s)',
+                             to_char((r#>>'{references,all_writes_50_per_tx,events_per_s}')::numeric, 'FM999,999,990'));
+  line := format('%-48s', 'delivered / duplicates / order, all runs');
+  FOREACH tr IN ARRAY trs LOOP
+    x := t#>ARRAY['integrity', tr];
+    line := line || format('%-27s', CASE WHEN x IS NULL THEN '-' ELSE
+              format('%s%% / %s / %s %s', x->>'delivered_pct', x->>'duplicates', x->>'order_violations',
+                     CASE WHEN (x->>'met')::boolean THEN 'ok' ELSE 'MISSED' END) END);
+  END LOOP;
+  RETURN NEXT line || '100 % / 0 / 0';
+  RETURN NEXT format('%-48s%s', 'largest USS / PSS MiB of an eventbus process',
+                     format('%s / %s %s (per process below)', t#>>'{memory,largest_uss_mib}', t#>>'{memory,largest_pss_mib}',
+                            CASE WHEN (t#>>'{memory,met}')::boolean THEN 'ok' ELSE 'MISSED' END))
+                 || repeat(' ', greatest(2, 27 * coalesce(array_length(trs, 1), 0) - 37)) || 'USS <= 32 each';
+  IF jsonb_typeof(r->'idle_long_poll') = 'object' THEN
+  RETURN NEXT format('%-48s%s', 'idle CPU, % of one core (fetch.wait.max.ms=500)',
+                     format('eventbus %s %% %s (nats-server %s %%, devbroker %s %%; subscriptions %s)',
+                            r#>>'{idle_long_poll,eventbus_pct_core}',
+                            CASE WHEN (t#>>'{idle,met}')::boolean THEN 'ok' ELSE 'MISSED' END,
+                            r#>>'{idle_long_poll,nats_server_pct_core}', r#>>'{idle_long_poll,devbroker_pct_core}',
+                            r#>>'{idle_long_poll,subscriptions}'))
+                 || '  target < 1 %';
+  END IF;
+  RETURN NEXT format('%-48s%s', 'idle CPU, % of one core (dev stack settings)',
+                     format('eventbus %s %%%s (nats-server %s %%, devbroker %s %%; subscriptions %s)', r#>>'{idle,eventbus_pct_core}',
+                            CASE WHEN jsonb_typeof(r->'idle_long_poll') = 'object' THEN ''
+                                 WHEN (t#>>'{idle,met}')::boolean THEN ' ok' ELSE ' MISSED' END,
+                            r#>>'{idle,nats_server_pct_core}', r#>>'{idle,devbroker_pct_core}', r#>>'{idle,subscriptions}'))
+                 || CASE WHEN jsonb_typeof(r->'idle_long_poll') = 'object' THEN '  (the dev broker answers empty fetches after fetch.wait.max.ms)'
+                         ELSE '  target < 1 %' END;
+  RETURN NEXT '';
+
+  -- Latency stages
+  RETURN NEXT format('LATENCY at %s events/s for %s s, each transport alone; per event, ms, p50 / p99 (max):',
+                     r#>>'{config,steady_rate}', r#>>'{config,steady_duration_s}');
+  RETURN NEXT format('%-10s %6s | %-22s | %-18s %-18s %-18s %-18s | %-18s %-14s %s', 'transport', 'events', 'commit -> commit',
+                     'relay', 'broker -> handler', 'handler', 'commit', 'occurred -> commit', 'publish tx', 'broker times');
+  FOR k, v IN SELECT * FROM jsonb_each(r->'latency') ORDER BY 1 LOOP
+    x := v#>ARRAY['stages_ms', k];
+    RETURN NEXT format('%-10s %6s | %-22s | %-18s %-18s %-18s %-18s | %-18s %-14s %s/%s', k, v->>'delivered',
+                       format('%s / %s (%s)', v#>>'{latency_ms,p50}', v#>>'{latency_ms,p99}', v#>>'{latency_ms,max}'),
+                       format('%s / %s', x#>>'{relay,p50}', x#>>'{relay,p99}'),
+                       format('%s / %s', x#>>'{broker_to_handler,p50}', x#>>'{broker_to_handler,p99}'),
+                       format('%s / %s', x#>>'{handler,p50}', x#>>'{handler,p99}'),
+                       format('%s / %s', x#>>'{commit,p50}', x#>>'{commit,p99}'),
+                       format('%s / %s', v#>>'{latency_from_occurred_ms,p50}', v#>>'{latency_from_occurred_ms,p99}'),
+                       format('%s / %s', x#>>'{publish_tx,p50}', x#>>'{publish_tx,p99}'),
+                       v->>'broker_times_matched', v->>'first_deliveries');
+  END LOOP;
+  RETURN NEXT '';
+
+  -- End to end
+  RETURN NEXT 'END TO END (trigger publish -> handler commit), median of the repeats:';
+  RETURN NEXT format('%-6s %-10s %10s %9s %4s %5s %9s %13s %6s %9s %7s %7s %7s %7s', 'level', 'transport', 'events',
+                     'delivered', 'dup', 'order', 'events/s', '(min-max)', 'x ref', 'publish/s', 'p50 ms', 'p95 ms', 'p99 ms', 'max ms');
+  FOR x IN SELECT l FROM jsonb_array_elements(coalesce(r->'levels', '[]')) l LOOP
+    RETURN NEXT format('%-6s %-10s %10s %8s%% %4s %5s %9s %13s %6s %9s %7s %7s %7s %7s',
+                       x->>'level', x->>'transports', (x->>'repeats') || 'x' || (x->>'published'),
+                       x#>>'{all_repeats,delivered_pct}', x#>>'{all_repeats,duplicates}', x#>>'{all_repeats,order_violations}',
+                       x->>'events_per_s', '(' || (x->>'events_per_s_min') || '-' || (x->>'events_per_s_max') || ')',
+                       x->>'ratio_to_reference', x->>'publish_events_per_s',
+                       x#>>'{latency_ms,p50}', x#>>'{latency_ms,p95}', x#>>'{latency_ms,p99}', x#>>'{latency_ms,max}');
+  END LOOP;
+  RETURN NEXT '';
+
+  -- Consume
+  RETURN NEXT 'CONSUME SIDE (events in the broker before subscribing; first handler start -> last handler commit), median of the repeats:';
+  RETURN NEXT format('%-10s %10s %5s %9s %4s %5s %9s %13s %8s %8s %9s', 'transport', 'events', 'parts', 'delivered', 'dup', 'order',
+                     'events/s', '(min-max)', 'x 50/tx', 'x 1/tx', 'startup s');
+  FOR x IN SELECT c FROM jsonb_array_elements(coalesce(r->'consume', '[]')) c LOOP
+    RETURN NEXT format('%-10s %10s %5s %8s%% %4s %5s %9s %13s %8s %8s %9s', x->>'transports', (x->>'repeats') || 'x' || (x->>'published'),
+                       CASE WHEN x->>'transports' = 'kafka' THEN x->>'kafka_partitions' ELSE '-' END,
+                       x#>>'{all_repeats,delivered_pct}', x#>>'{all_repeats,duplicates}', x#>>'{all_repeats,order_violations}',
+                       x->>'handling_events_per_s',
+                       '(' || (x->>'handling_events_per_s_min') || '-' || (x->>'handling_events_per_s_max') || ')',
+                       x->>'ratio_to_pgbench_50_per_tx', x->>'ratio_to_pgbench_1_per_tx', x->>'startup_s');
+  END LOOP;
+  RETURN NEXT format('references (pgbench, %s clients, %s s each): handler alone 1/tx %s events/s, 50/tx %s events/s; all writes 50/tx %s events/s',
+                     r#>>'{references,handler_50_per_tx,clients}', r#>>'{references,handler_50_per_tx,seconds}',
+                     r#>>'{references,handler_1_per_tx,events_per_s}', r#>>'{references,handler_50_per_tx,events_per_s}',
+                     r#>>'{references,all_writes_50_per_tx,events_per_s}');
+  RETURN NEXT '';
+
+  -- CPU per event
+  RETURN NEXT 'CPU PER EVENT, us (CPU time of the group during the run / delivered events; eventbus = relay + dispatcher + pool):';
+  RETURN NEXT format('%-16s %-10s %10s %7s %10s %6s %9s %12s %10s %9s %9s', 'run', 'transport', 'publishers', 'relay',
+                     'dispatcher', 'pool', 'eventbus', 'nats-server', 'devbroker', 'other pg', 'machine');
+  FOR x IN SELECT c FROM jsonb_array_elements(coalesce(r->'cpu_us_per_event', '[]')) c LOOP
+    RETURN NEXT format('%-16s %-10s %10s %7s %10s %6s %9s %12s %10s %9s %9s', x->>'run', x->>'transports',
+                       coalesce(x->>'publishers', '-'), x->>'relay', x->>'dispatcher', x->>'pool', x->>'eventbus',
+                       x->>'nats_server', x->>'devbroker', x->>'other_postgres', x->>'machine_busy');
+  END LOOP;
+  RETURN NEXT '';
+
+  -- Memory
+  RETURN NEXT 'MEMORY per eventbus process, MiB, largest sample over all runs (smaps_rollup; USS = Private_Clean + Private_Dirty):';
+  RETURN NEXT format('%-12s %8s %8s %8s  %s', 'process', 'USS', 'PSS', 'RSS', 'run of the largest USS');
+  FOR k, v IN SELECT * FROM jsonb_each(coalesce(r->'memory_max', '{}')) ORDER BY 1 LOOP
+    RETURN NEXT format('%-12s %8s %8s %8s  %s', k, v->>'uss_mib', v->>'pss_mib', v->>'rss_mib', v->>'uss_run');
+  END LOOP;
+END $$;

@@ -1,19 +1,26 @@
 # shellcheck shell=bash
 # bench/lib.sh — the benchmark harness (sourced): one measured run of the
-# bench.sql workload, its figures as JSON.  Used by bench/run.sh (`make
-# bench`) and by test/integration/30_bench_smoke.sh (its smallest level, in
-# `make test`), so the smoke test exercises exactly the code that produces
-# the published figures.
+# bench.sql workload, its figures as JSON, and the pgbench references.  Used
+# by bench/run.sh (`make bench`) and by test/integration/30_bench_smoke.sh
+# (its smallest sizes, in `make test`), so the smoke test exercises exactly
+# the code that produces the published figures.
 #
 # Needs the stack's environment (PGHOST, PGPORT, ..., EVENTBUS_PGDATA,
-# EVENTBUS_STATE) and:
+# EVENTBUS_STATE, EVENTBUS_KAFKA_BROKERS, EVENTBUS_NATS_URL) and:
 #   BENCH_SCHEMA   schema holding the workload (bench_setup creates it)
 #   BENCH_PREFIX   first part of every topic name (e.g. bench, t30)
 #   BENCH_RUN      run id, last part of every topic name
+# Switches read by bench_run (empty = off):
+#   BENCH_KAFKA_PARTITIONS  create the run's Kafka topics with this many
+#                           partitions first (else the dev broker auto-creates 4)
+#   BENCH_BROKER_TIMES      1 = read every event's broker time back after the
+#                           run (kcat / natstool), for the latency stages
+#   BENCH_MEM_EVERY         seconds between memory samples (0.5)
 #
 # Nothing in here sleeps inside a measured window: a run's window is
-# min(orders.created_at) → max(handler commit timestamp), both read from the
-# database after the run; the shell only polls to learn that it is over.
+# read from database timestamps after the run (min(orders.created_at) or
+# the first handler start → max(handler commit timestamp)); the shell only
+# polls to learn that it is over.
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 BENCH_PREV_TOPICS=()    # topics subscribed by the previous run (dropped at the next subscribe)
@@ -46,8 +53,9 @@ bench_wait() {
 	done
 }
 
+
 # ---------------------------------------------------------------------------
-# /proc: CPU time and peak RSS of the stack's processes
+# /proc: CPU time and memory of the stack's processes
 # ---------------------------------------------------------------------------
 
 CLK_TCK=$(getconf CLK_TCK)
@@ -58,11 +66,20 @@ bench_eventbus_pids() {
 	               WHERE backend_type IN ('eventbus launcher', 'eventbus dispatcher', 'eventbus worker') ORDER BY 2, 1"
 }
 
+# bench_eventbus_procs — "name pid" lines: launcher, dispatcher, worker_0..N
+# (names from eventbus_status(), so a pool worker keeps its number).
+bench_eventbus_procs() {
+	bq -F ' ' -c "SELECT DISTINCT replace(component, ' ', '_'), pid FROM eventbus_status()
+	               WHERE transport IS NULL AND pid IS NOT NULL
+	                 AND (component IN ('launcher', 'dispatcher') OR component LIKE 'worker %') ORDER BY 1"
+}
+
 bench_postmaster_pid() { head -1 "$EVENTBUS_PGDATA/postmaster.pid" 2>/dev/null; }
 
 # stat_fields PID — the fields of /proc/PID/stat after "(comm)" into the
 # array STAT (STAT[0] = state, STAT[1] = ppid, STAT[11] = utime, STAT[12] =
-# stime, STAT[13] = cutime, STAT[14] = cstime); status 1 if gone.
+# stime, STAT[13] = cutime, STAT[14] = cstime); status 1 if gone.  utime and
+# stime of a process include all its threads, live and exited.
 stat_fields() {
 	local s
 	[ -n "$1" ] && read -r s 2>/dev/null < "/proc/$1/stat" || return 1
@@ -85,10 +102,11 @@ machine_ticks() {
 }
 
 # bench_proc_snapshot — sets SNAP_* (CPU ticks per component, wall ns).
-# Components: launcher, dispatcher, workers (sum), other postgres processes
-# (backends: the publishing connections, the sampler, autovacuum; checkpointer,
-# walwriter... — live ones plus the reaped ones through the postmaster's
-# cutime), nats-server, devbroker, the whole machine.
+# Components: launcher (the relay), dispatcher, workers (the pool, sum),
+# other postgres processes (backends: the publishing connections, the
+# sampler, autovacuum; checkpointer, walwriter... — live ones plus the
+# reaped ones through the postmaster's cutime), nats-server, devbroker, the
+# whole machine.
 bench_proc_snapshot() {
 	local pid role pm p eb=" "
 	SNAP_WALL=$(date +%s%N)
@@ -129,52 +147,96 @@ bench_snap_save() {
 	done
 }
 
-# bench_cpu_json — CPU seconds per component between BEFORE_* and SNAP_*
-# (the shell's window around a run, a little wider than the measured one).
-# unattributed = the machine's busy time minus the stack's processes: the
-# harness's psql clients, and whatever else runs on the machine.
+# bench_cpu_json [PUBLISHER_TICKS] — CPU seconds per component between
+# BEFORE_* and SNAP_* (the shell's window around a run, a little wider than
+# the measured one).  publishers = the publishing connections' backends
+# (measured by themselves, bench.sql self_cpu_ticks; absent when not given),
+# other_postgres = the rest of the postgres processes; unattributed = the
+# machine's busy time minus the stack's processes: the harness's psql
+# clients, and whatever else runs on the machine.
 bench_cpu_json() {
-	local wall ncpu
+	local wall ncpu pub=${1:-}
 	wall=$(( (SNAP_WALL - BEFORE_WALL) / 1000000 ))
 	ncpu=$(nproc)
-	awk -v hz="$CLK_TCK" -v wall="$wall" -v ncpu="$ncpu" \
+	awk -v hz="$CLK_TCK" -v wall="$wall" -v ncpu="$ncpu" -v pub="$pub" \
 	    -v l=$((SNAP_LAUNCHER - BEFORE_LAUNCHER)) -v d=$((SNAP_DISPATCHER - BEFORE_DISPATCHER)) \
 	    -v w=$((SNAP_WORKERS - BEFORE_WORKERS)) -v pg=$((SNAP_PG - BEFORE_PG)) \
 	    -v n=$((SNAP_NATS - BEFORE_NATS)) -v k=$((SNAP_KAFKA - BEFORE_KAFKA)) \
 	    -v busy=$((SNAP_BUSY - BEFORE_BUSY)) -v tot=$((SNAP_TOTAL - BEFORE_TOTAL)) 'BEGIN {
-		printf "{\"window_s\": %.2f, \"launcher\": %.2f, \"dispatcher\": %.2f, \"workers\": %.2f, \"other_postgres\": %.2f, \"nats_server\": %.2f, \"devbroker\": %.2f, \"machine_busy\": %.2f, \"machine_capacity\": %.2f, \"unattributed\": %.2f}",
-		       wall / 1000, l / hz, d / hz, w / hz, pg / hz, n / hz, k / hz, busy / hz, tot / hz, (busy - l - d - w - pg - n - k) / hz }'
+		printf "{\"window_s\": %.2f, \"launcher\": %.2f, \"dispatcher\": %.2f, \"workers\": %.2f, ", wall / 1000, l / hz, d / hz, w / hz
+		if (pub != "")
+			printf "\"publishers\": %.2f, \"other_postgres\": %.2f, ", pub / hz, (pg - pub) / hz
+		else
+			printf "\"other_postgres\": %.2f, ", pg / hz
+		printf "\"nats_server\": %.2f, \"devbroker\": %.2f, \"machine_busy\": %.2f, \"machine_capacity\": %.2f, \"unattributed\": %.2f}",
+		       n / hz, k / hz, busy / hz, tot / hz, (busy - l - d - w - pg - n - k) / hz }'
 }
 
-# bench_reset_hwm — restart the peak-RSS counters (VmHWM) of the eventbus
-# processes (writing 5 to clear_refs; needs root or the postgres user).
-bench_reset_hwm() {
-	local pid role
-	while read -r pid role; do
-		[ -n "$pid" ] && { echo 5 > "/proc/$pid/clear_refs"; } 2>/dev/null
-	done < <(bench_eventbus_pids)
-	return 0
+# bench_mem_sample FILE NAME PID [NAME PID]... — append one line per live
+# process: "NAME PID RSS PSS USS" (kB) from /proc/PID/smaps_rollup, where
+# USS = Private_Clean + Private_Dirty (memory no other process maps) and PSS
+# shares each shared page among the processes mapping it.
+bench_mem_sample() {
+	local out=$1 k v rss pss pc pd
+	shift
+	while [ $# -ge 2 ]; do
+		rss='' pss='' pc='' pd=''
+		{ while read -r k v _; do
+			case $k in Rss:) rss=$v ;; Pss:) pss=$v ;; Private_Clean:) pc=$v ;; Private_Dirty:) pd=$v ;; esac
+		done < "/proc/$2/smaps_rollup"; } 2>/dev/null
+		[ -n "$pd" ] && [ -n "$pc" ] && echo "$1 $2 ${rss:-0} ${pss:-0} $((pc + pd))" >> "$out"
+		shift 2
+	done
 }
 
-# bench_rss_json — peak RSS (VmHWM, MiB) of launcher, dispatcher, workers
-# (largest and sum) since the last reset; their private (RssAnon) part and
-# thread counts at the end of the run.  VmHWM includes the shared memory
-# (shared_buffers) pages a process touched.
-bench_rss_json() {
-	local pid role hwm anon thr l=0 d=0 wmax=0 wsum=0 la=0 da=0 wa=0 lt=0 dt=0
-	while read -r pid role; do
-		[ -n "$pid" ] || continue
-		read -r hwm anon thr < <(awk '/^VmHWM:/ {h = $2} /^RssAnon:/ {a = $2} /^Threads:/ {t = $2}
-		                               END {print h + 0, a + 0, t + 0}' "/proc/$pid/status" 2>/dev/null)
-		case $role in
-			launcher) l=$hwm la=$anon lt=$thr ;;
-			dispatcher) d=$hwm da=$anon dt=$thr ;;
-			worker) wsum=$((wsum + hwm)); [ "$hwm" -gt "$wmax" ] && wmax=$hwm; [ "$anon" -gt "$wa" ] && wa=$anon ;;
-		esac
-	done < <(bench_eventbus_pids)
-	awk -v l="$l" -v d="$d" -v wm="$wmax" -v ws="$wsum" -v la="$la" -v da="$da" -v wa="$wa" -v lt="$lt" -v dt="$dt" 'BEGIN {
-		printf "{\"launcher\": %.1f, \"dispatcher\": %.1f, \"worker_max\": %.1f, \"workers_sum\": %.1f, \"launcher_anon_end\": %.1f, \"dispatcher_anon_end\": %.1f, \"worker_anon_end_max\": %.1f, \"launcher_threads\": %d, \"dispatcher_threads\": %d}",
-		       l / 1024, d / 1024, wm / 1024, ws / 1024, la / 1024, da / 1024, wa / 1024, lt, dt }'
+# bench_mem_start — sample the eventbus processes every BENCH_MEM_EVERY s
+# (0.5) in the background until bench_mem_stop.
+bench_mem_start() {
+	local procs every=${BENCH_MEM_EVERY:-0.5}
+	BENCH_MEM_FILE=$(mktemp "${TMPDIR:-/tmp}/eventbus-bench-mem.XXXXXX")
+	procs=$(bench_eventbus_procs | tr '\n' ' ')
+	BENCH_MEM_PROCS=$procs
+	# shellcheck disable=SC2086  # "name pid" pairs
+	( while :; do bench_mem_sample "$BENCH_MEM_FILE" $procs; sleep "$every"; done ) &
+	BENCH_MEM_PID=$!
+}
+
+# bench_mem_stop — stop the sampler, take a last sample, print JSON: per
+# process the largest USS / PSS / RSS (MiB) seen and the sample count.
+bench_mem_stop() {
+	[ -n "${BENCH_MEM_PID:-}" ] && { kill "$BENCH_MEM_PID" 2>/dev/null; wait "$BENCH_MEM_PID" 2>/dev/null; }
+	BENCH_MEM_PID=
+	# shellcheck disable=SC2086
+	bench_mem_sample "$BENCH_MEM_FILE" $BENCH_MEM_PROCS
+	awk '{ n[$1]++; pid[$1] = $2
+	       if ($3 > rss[$1]) rss[$1] = $3; if ($4 > pss[$1]) pss[$1] = $4; if ($5 > uss[$1]) uss[$1] = $5 }
+	     END { printf "{"; sep = ""
+	           for (p in n) { printf "%s\"%s\": {\"uss_mib\": %.1f, \"pss_mib\": %.1f, \"rss_mib\": %.1f, \"pid\": %d, \"samples\": %d}",
+	                                 sep, p, uss[p] / 1024, pss[p] / 1024, rss[p] / 1024, pid[p], n[p]; sep = ", " }
+	           printf "}" }' "$BENCH_MEM_FILE"
+	rm -f "$BENCH_MEM_FILE"
+}
+
+# ---------------------------------------------------------------------------
+# Broker times (for the latency stages)
+# ---------------------------------------------------------------------------
+
+# bench_broker_times KEY TRANSPORT TOPIC... — read every message of the
+# topics back with an independent client and store (event id, broker time)
+# in broker_times: Kafka = message timestamp (kcat %T, ms; the dev broker
+# keeps the producer's CreateTime), NATS = stream time (natstool dump).
+bench_broker_times() {
+	local key=$1 tr=$2 t
+	shift 2
+	for t in "$@"; do
+		if [ "$tr" = kafka ]; then
+			kcat -C -b "$EVENTBUS_KAFKA_BROKERS" -t "$t" -o beginning -e -q -f '%T %h\n' 2>/dev/null |
+				sed -n "s/^\([0-9]*\) .*X-Event-ID=\([0-9a-f-]*\).*/$key\t\2\t\t\1/p"
+		else
+			"$BENCH_DIR/../test/tools/natstool" --url "$EVENTBUS_NATS_URL" dump "$t" 2>/dev/null |
+				sed -n "s/.*\"time\":\"\([^\"]*\)\".*\"X-Event-ID\":\"\([0-9a-f-]*\)\".*/$key\t\2\t\1\t/p"
+		fi
+	done | bq -c "\\copy $BENCH_SCHEMA.broker_times (run_key, event_id, broker_at, broker_ms) FROM STDIN WITH (NULL '')"
 }
 
 # ---------------------------------------------------------------------------
@@ -182,56 +244,105 @@ bench_rss_json() {
 # ---------------------------------------------------------------------------
 
 # bench_subscribe TOPIC... — in one transaction: unsubscribe the previous
-# run's topics, subscribe the handler to these (one Kafka rebalance).
+# run's topics, subscribe the handler to
+# these (one Kafka rebalance).  BENCH_SUBSCRIBED_AT = the clock right after
+# that transaction committed (same session).
 bench_subscribe() {
 	local prev="" t
 	for t in "${BENCH_PREV_TOPICS[@]}"; do prev="$prev,'$t'"; done
-	bq >/dev/null <<SQL
+	BENCH_SUBSCRIBED_AT=$(bq <<SQL
 BEGIN;
-SELECT eventbus_unsubscribe(topic, handler, transport) FROM eventbus.subscriptions
- WHERE topic IN (''$prev) AND handler = '$BENCH_SCHEMA.handle(eventbus.envelope)'::regprocedure;
-SELECT eventbus_subscribe(topic, '$BENCH_SCHEMA.handle(eventbus.envelope)'::regprocedure, transport)
-  FROM (SELECT DISTINCT topic, transport FROM $BENCH_SCHEMA.plan WHERE topic IN ($(printf "'%s'," "$@" | sed 's/,$//'))) s;
+SELECT count(eventbus_unsubscribe(topic, handler, transport)) FROM eventbus.subscriptions
+ WHERE topic IN (''$prev) AND handler = '$BENCH_SCHEMA.handle(eventbus.envelope)'::regprocedure \g /dev/null
+SELECT count(eventbus_subscribe(topic, '$BENCH_SCHEMA.handle(eventbus.envelope)'::regprocedure, transport))
+  FROM (SELECT DISTINCT topic, transport FROM $BENCH_SCHEMA.plan WHERE topic IN ($(printf "'%s'," "$@" | sed 's/,$//'))) s \g /dev/null
 COMMIT;
+SELECT clock_timestamp();
 SQL
+)
 	BENCH_PREV_TOPICS=("$@")
+}
+
+# bench_warmup KEY TOPIC... — one event per topic of the run (creates the
+# Kafka topic / JetStream stream), relayed, then the subscriptions; wait
+# until the handler has seen every warm-up event, so that a measured window
+# starts with active consumers (no group join inside it).
+bench_warmup() {
+	local key=$1
+	shift
+	bq -c "SELECT count(eventbus_publish(topic, 'warmup', 'Warmup', '{}', transport))
+	         FROM (SELECT DISTINCT topic, transport FROM $BENCH_SCHEMA.plan WHERE run_key = '$key') s" >/dev/null
+	bench_wait 60 "SELECT NOT EXISTS (SELECT 1 FROM eventbus.outbox WHERE topic IN (SELECT topic FROM $BENCH_SCHEMA.plan WHERE run_key = '$key'))" ||
+		{ bench_log "$key: warm-up events not relayed within 60 s"; return 1; }
+	bench_subscribe "$@"
+	bench_wait 90 "SELECT count(DISTINCT topic) = $# FROM $BENCH_SCHEMA.handled
+	                WHERE aggregate_id = 'warmup' AND topic IN (SELECT topic FROM $BENCH_SCHEMA.plan WHERE run_key = '$key')" ||
+		{ bench_log "$key: subscriptions not active within 90 s (warm-up events not handled)"; return 1; }
+}
+
+# bench_publishers KEY CONNS MODE A B — start CONNS publishing connections
+# (background psql, pids in BENCH_PUB_PIDS).
+bench_publishers() {
+	local key=$1 conns=$2 mode=$3 a=$4 b=$5 c
+	BENCH_PUB_PIDS=()
+	for ((c = 0; c < conns; c++)); do
+		if [ "$mode" = steady ]; then
+			PGAPPNAME=bench_publisher bq -c "CALL $BENCH_SCHEMA.steady('$key', $c, $a, $b)" >/dev/null &
+		else
+			PGAPPNAME=bench_publisher bq -c "CALL $BENCH_SCHEMA.load('$key', $c, $a, $b)" >/dev/null &
+		fi
+		BENCH_PUB_PIDS+=($!)
+	done
 }
 
 # bench_run KEY LABEL EVENTS CONNS TRANSPORTS MODE [MIN MAX | BATCH INTERVAL]
 #   KEY         run key (unique in this harness run)
-#   LABEL       second part of the topic names (the level, or "steady")
+#   LABEL       second part of the topic names (the level, "steady", "consume")
 #   EVENTS      events (EVENTS/10 aggregates, versions 1..10, 5 topics per transport)
 #   CONNS       concurrent publishing connections
 #   TRANSPORTS  "kafka", "nats" or "kafka,nats" (aggregates alternate)
-#   MODE        load:   as fast as possible, MIN..MAX rows per transaction
-#               steady: BATCH rows per transaction every INTERVAL seconds per connection
+#   MODE        load:    subscribe (warm-up), then publish as fast as possible,
+#                        MIN..MAX rows per transaction, measured from the first publish
+#               steady:  subscribe (warm-up), then BATCH rows per transaction
+#                        every INTERVAL seconds per connection
+#               consume: publish everything first (MIN..MAX rows per
+#                        transaction) with no subscription, wait until the relay
+#                        has sent it all, then subscribe: the events are in the
+#                        broker when consumption starts (measured from the
+#                        first handler start; subscribe → first handler start
+#                        is reported as startup_s)
 # Sets BENCH_DOC to the run's figures, one JSON object (level_stats + cpu +
-# rss); returns 1 if the warm-up failed (subscriptions never became active).
+# memory); returns 1 if the run could not be set up.
 # Not to be run in a subshell: it remembers the subscribed topics and the
 # eventbus pids for the next run and for the leftover count.
 bench_run() {
 	local key=$1 label=$2 events=$3 conns=$4 trs=$5 mode=$6 a=$7 b=$8
-	local topics=() nt c pids=() sampler cpu rss timeout pid role
+	local topics=() nt c sampler cpu mem timeout pid role t tr parts=() sub_at="" pubticks="" extra
 	BENCH_DOC=
 	mapfile -t topics < <(bq -c "SELECT $BENCH_SCHEMA.make_plan('$key', '$BENCH_PREFIX', '$label', '$BENCH_RUN',
 	                                      $events, $conns, string_to_array('$trs', ','))")
 	nt=${#topics[@]}
 	[ "$nt" -gt 0 ] || { bench_log "$key: no plan"; return 1; }
 
-	# Warm-up: one event per topic (creates the Kafka topic / JetStream
-	# stream), relayed, then the subscriptions; wait until the handler has
-	# seen every warm-up event, so the measured window starts with active
-	# consumers (no group join inside it).
-	bq -c "SELECT count(eventbus_publish(topic, 'warmup', 'Warmup', '{}', transport))
-	         FROM (SELECT DISTINCT topic, transport FROM $BENCH_SCHEMA.plan WHERE run_key = '$key') s" >/dev/null
-	bench_wait 60 "SELECT NOT EXISTS (SELECT 1 FROM eventbus.outbox WHERE topic IN (SELECT topic FROM $BENCH_SCHEMA.plan WHERE run_key = '$key'))" ||
-		{ bench_log "$key: warm-up events not relayed within 60 s"; return 1; }
-	bench_subscribe "${topics[@]}"
-	bench_wait 90 "SELECT count(DISTINCT topic) = $nt FROM $BENCH_SCHEMA.handled
-	                WHERE aggregate_id = 'warmup' AND topic IN (SELECT topic FROM $BENCH_SCHEMA.plan WHERE run_key = '$key')" ||
-		{ bench_log "$key: subscriptions not active within 90 s (warm-up events not handled)"; return 1; }
+	# Kafka topics with a chosen partition count must exist before the
+	# first message (which would auto-create them with 4).
+	if [ -n "${BENCH_KAFKA_PARTITIONS:-}" ] && [[ ,$trs, == *,kafka,* ]]; then
+		for t in "${topics[@]}"; do [[ $t == *.kafka.* ]] && parts+=("$t:$BENCH_KAFKA_PARTITIONS"); done
+		"$BENCH_DIR/../scripts/stack.sh" kafka-topics "${parts[@]}" >/dev/null ||
+			{ bench_log "$key: could not create the Kafka topics"; return 1; }
+	fi
 
-	bench_reset_hwm
+	if [ "$mode" = consume ]; then
+		# Everything into the broker first, nobody subscribed.
+		bench_publishers "$key" "$conns" load "$a" "$b"
+		for c in "${BENCH_PUB_PIDS[@]}"; do wait "$c" || { bench_log "$key: a publishing connection failed"; return 1; }; done
+		bench_wait 300 "SELECT NOT EXISTS (SELECT 1 FROM eventbus.outbox WHERE topic IN (SELECT topic FROM $BENCH_SCHEMA.plan WHERE run_key = '$key'))" ||
+			{ bench_log "$key: events not relayed within 300 s"; return 1; }
+	else
+		bench_warmup "$key" "${topics[@]}" || return 1
+	fi
+
+	bench_mem_start
 	bench_proc_snapshot; bench_snap_save BEFORE
 	if [ "$mode" = steady ]; then
 		timeout=$(awk -v e="$events" -v c="$conns" -v a="$a" -v b="$b" 'BEGIN { printf "%d", e / (c * a) * b + 180 }')
@@ -240,27 +351,40 @@ bench_run() {
 	fi
 	bq -c "CALL $BENCH_SCHEMA.sample('$key', $events, $timeout, 30, ${BENCH_SAMPLE_EVERY:-0.5})" >/dev/null &
 	sampler=$!
-	for ((c = 0; c < conns; c++)); do
-		if [ "$mode" = steady ]; then
-			PGAPPNAME=bench_publisher bq -c "CALL $BENCH_SCHEMA.steady('$key', $c, $a, $b)" >/dev/null &
-		else
-			PGAPPNAME=bench_publisher bq -c "CALL $BENCH_SCHEMA.load('$key', $c, $a, $b)" >/dev/null &
-		fi
-		pids+=($!)
-	done
-	for c in "${pids[@]}"; do wait "$c" || bench_log "$key: a publishing connection failed"; done
+	if [ "$mode" = consume ]; then
+		bench_subscribe "${topics[@]}"
+		sub_at=$BENCH_SUBSCRIBED_AT
+	else
+		bench_publishers "$key" "$conns" "$mode" "$a" "$b"
+		for c in "${BENCH_PUB_PIDS[@]}"; do wait "$c" || bench_log "$key: a publishing connection failed"; done
+		pubticks=$(bq -c "SELECT sum(ticks) FROM $BENCH_SCHEMA.publisher_cpu WHERE run_key = '$key'")
+	fi
 	wait "$sampler" || bench_log "$key: the sampler failed"
 	bench_proc_snapshot
-	cpu=$(bench_cpu_json)
-	rss=$(bench_rss_json)
+	cpu=$(bench_cpu_json "$pubticks")
+	mem=$(bench_mem_stop)
 	while read -r pid role; do
 		[[ -z $pid || " $BENCH_EB_PIDS " == *" $pid "* ]] || BENCH_EB_PIDS="$BENCH_EB_PIDS $pid"
 	done < <(bench_eventbus_pids)
-	BENCH_DOC=$(bq -c "SELECT $BENCH_SCHEMA.level_stats('$key')
-	                      || jsonb_build_object('label', '$label', 'transports', '$trs', 'connections', $conns, 'mode', '$mode',
+	if [ "${BENCH_BROKER_TIMES:-}" = 1 ]; then
+		for tr in ${trs//,/ }; do
+			parts=()
+			for t in "${topics[@]}"; do [[ $t == *.$tr.* ]] && parts+=("$t"); done
+			bench_broker_times "$key" "$tr" "${parts[@]}" || bench_log "$key: could not read the $tr broker times"
+		done
+	fi
+	extra=""
+	[ -n "$sub_at" ] && extra=", 'subscribed_at', '$sub_at'::timestamptz"
+	BENCH_DOC=$(bq -c "WITH s AS (SELECT $BENCH_SCHEMA.level_stats('$key') AS d)
+	                   SELECT d || jsonb_build_object('label', '$label', 'transports', '$trs', 'connections', $conns, 'mode', '$mode',
 	                                            'rows_per_tx', '$([ "$mode" = steady ] && echo "$a" || echo "$a-$b")',
 	                                            'topics', $nt, 'aggregates', $events / 10,
-	                                            'cpu_s', '$cpu'::jsonb, 'rss_peak_mib', '$rss'::jsonb)")
+	                                            'kafka_partitions', $( [ -n "${BENCH_KAFKA_PARTITIONS:-}" ] && echo "$BENCH_KAFKA_PARTITIONS" || echo 4),
+	                                            'cpu_s', '$cpu'::jsonb, 'memory_max', '$mem'::jsonb $extra)
+	                          || CASE WHEN '$sub_at' <> '' THEN jsonb_build_object('startup_s',
+	                                 round(extract(epoch FROM (d->>'first_handler_start')::timestamptz - '${sub_at:-epoch}'::timestamptz)::numeric, 3))
+	                             ELSE '{}' END
+	                     FROM s")
 	[ -n "$BENCH_DOC" ]
 }
 
@@ -271,65 +395,140 @@ bench_field() {
 }
 
 # ---------------------------------------------------------------------------
-# The reference limit: pgbench doing the same writes without eventbus
+# The references: pgbench doing the same writes without eventbus
+# ---------------------------------------------------------------------------
+# Each pgbench client owns its aggregates (as each pool worker owns its
+# keys), 1,000 aggregates over 5 topics in all, so nothing waits on another
+# client's locks and versions arrive in order.  The consume side calls the
+# benchmark's own handler with an envelope built in SQL (one statement per
+# event, as a consumer service would send it).
+
+# bench_ref_prepare LABEL CLIENTS — per-client event counters, restarted.
+bench_ref_prepare() {
+	local c sql=""
+	for ((c = 0; c < $2; c++)); do
+		sql="$sql CREATE SEQUENCE IF NOT EXISTS $BENCH_SCHEMA.ref_seq_$c; ALTER SEQUENCE $BENCH_SCHEMA.ref_seq_$c RESTART;"
+	done
+	PGOPTIONS="-c client_min_messages=warning" bq -c "$sql" >/dev/null
+}
+
+# bench_ref_event_sql LABEL CLIENTS EVENT_ID_SQL FROM_SQL — one statement:
+# the next event of this client (aggregate, version in order) handed to the
+# handler.  EVENT_ID_SQL names the event id (FROM_SQL may supply it).
+bench_ref_event_sql() {
+	local label=$1 clients=$2 idsql=$3 from=$4 per
+	per=$(( (1000 + clients - 1) / clients ))
+	cat <<SQL
+SELECT $BENCH_SCHEMA.handle(ROW($idsql, x.topic, 'ord-' || x.a, 'OrderLineAdded', x.v, clock_timestamp(), NULL, NULL, NULL, jsonb_build_object('id', x.n, 'run_key', 'ref', 'transport', 'kafka', 'topic', x.topic, 'aggregate_id', 'ord-' || x.a, 'sku', 'sku-' || (x.n % 97), 'qty', 1 + x.n % 3, 'amount', 9.99 + x.n % 50, 'created_at', clock_timestamp()), NULL, 'kafka')::eventbus.envelope) FROM (SELECT n, a, (n - 1) / $per + 1 AS v, 'ref.$label.' || (a % 5 + 1) AS topic FROM (SELECT n, :client_id + $clients * ((n - 1) % $per) AS a FROM (SELECT nextval('$BENCH_SCHEMA.ref_seq_' || :client_id) AS n) s0) s1) x$from;
+SQL
+}
+
+# bench_pgbench SECONDS CLIENTS SCRIPT EVENTS_PER_SCRIPT — run it, print
+# "tps events_per_s" (0 0 and pgbench's output on stderr if it failed).
+bench_pgbench() {
+	local secs=$1 clients=$2 script=$3 per=$4 out rc tps threads=2
+	[ "$clients" -lt 2 ] && threads=1
+	out=$("${PGBENCH:-pgbench}" -n -M prepared -c "$clients" -j "$threads" -T "$secs" -f "$script" 2>&1)
+	rc=$?
+	tps=$(echo "$out" | sed -n 's/^tps = \([0-9.]*\) .*/\1/p' | head -1)
+	if [ "$rc" -ne 0 ] || [ -z "$tps" ]; then
+		bench_log "pgbench failed:"; echo "$out" >&2
+		echo "0 0"
+		return 1
+	fi
+	awk -v t="$tps" -v p="$per" 'BEGIN { printf "%.1f %d\n", t, t * p }'
+}
+
+# bench_ref_consume SECONDS CLIENTS PER_TX — the handler alone: PER_TX
+# events per transaction (1 = each statement its own transaction).  Prints
+# JSON.
+bench_ref_consume() {
+	local secs=$1 clients=$2 per=$3 dir label="c$3" i tps eps
+	dir=$(mktemp -d "${TMPDIR:-/tmp}/eventbus-bench-ref.XXXXXX")
+	bench_ref_prepare "$label" "$clients"
+	{
+		[ "$per" -gt 1 ] && echo 'BEGIN;'
+		for ((i = 0; i < per; i++)); do bench_ref_event_sql "$label" "$clients" "gen_random_uuid()" ""; done
+		[ "$per" -gt 1 ] && echo 'COMMIT;'
+	} > "$dir/consume.sql"
+	read -r tps eps < <(bench_pgbench "$secs" "$clients" "$dir/consume.sql" "$per")
+	rm -rf "$dir"
+	printf '{"what": "handler alone", "tool": "pgbench", "seconds": %s, "clients": %s, "events_per_tx": %s, "tps": %s, "events_per_s": %s}\n' \
+		"$secs" "$clients" "$per" "${tps:-0}" "${eps:-0}"
+}
+
+# bench_ref_end_to_end SECONDS CLIENTS PER_TX — every write eventbus and the
+# handler make, without eventbus, PER_TX events per transaction: publish
+# (business row + version bump + outbox row per event), relay (delete PER_TX
+# sent outbox rows), consume (inbox row + handler per event).  Prints JSON.
+bench_ref_end_to_end() {
+	local secs=$1 clients=$2 per=$3 dir label="e$3" i tps eps s=$BENCH_SCHEMA naggs
+	naggs=$(( (1000 + clients - 1) / clients ))
+	dir=$(mktemp -d "${TMPDIR:-/tmp}/eventbus-bench-ref.XXXXXX")
+	bench_ref_prepare "$label" "$clients"
+	{
+		echo 'BEGIN;'
+		for ((i = 0; i < per; i++)); do
+			cat <<SQL
+\\set a :client_id + $clients * random(0, $((naggs - 1)))
+WITH o AS (INSERT INTO $s.ref_orders (run_key, transport, topic, aggregate_id, sku, qty, amount) VALUES ('ref', 'kafka', 'ref.$label.' || (:a % 5 + 1), 'ord-' || :a, 'sku-' || (:a % 97), 1 + :a % 3, 9.99 + :a % 50) RETURNING *), v AS (INSERT INTO $s.ref_versions AS v (topic, aggregate_id, version) VALUES ('ref.$label.' || (:a % 5 + 1), 'ord-' || :a, 1) ON CONFLICT (topic, aggregate_id) DO UPDATE SET version = v.version + 1 RETURNING version) INSERT INTO $s.ref_outbox (event_id, transport, topic, aggregate_id, event_type, event_version, occurred_at, payload) SELECT gen_random_uuid(), o.transport, o.topic, o.aggregate_id, 'OrderLineAdded', v.version, clock_timestamp(), to_jsonb(o) FROM o, v;
+SQL
+		done
+		echo 'COMMIT;'
+		echo "DELETE FROM $s.ref_outbox WHERE id IN (SELECT id FROM $s.ref_outbox ORDER BY id LIMIT $per FOR UPDATE SKIP LOCKED);"
+		echo 'BEGIN;'
+		for ((i = 0; i < per; i++)); do
+			echo -n "WITH i AS (INSERT INTO $s.ref_inbox (subscription_id, event_id, outcome) VALUES (1, gen_random_uuid(), 'handled') ON CONFLICT DO NOTHING RETURNING event_id) "
+			bench_ref_event_sql "$label" "$clients" "i.event_id" ", i"
+		done
+		echo 'COMMIT;'
+	} > "$dir/e2e.sql"
+	read -r tps eps < <(bench_pgbench "$secs" "$clients" "$dir/e2e.sql" "$per")
+	rm -rf "$dir"
+	printf '{"what": "all writes: business row, version, outbox row and its deletion, inbox row, handler", "tool": "pgbench", "seconds": %s, "clients": %s, "events_per_tx": %s, "scripts_per_s": %s, "events_per_s": %s}\n' \
+		"$secs" "$clients" "$per" "${tps:-0}" "${eps:-0}"
+}
+
+# ---------------------------------------------------------------------------
+# Idle
 # ---------------------------------------------------------------------------
 
-# bench_reference SECONDS CLIENTS — run pgbench on the ref_* tables and print
-# JSON: events/s this database sustains for the same rows, written in
-# transactions like eventbus's: publish 3 events per transaction (business
-# row, version bump, outbox row each), relay deletes of up to 100 sent rows,
-# consume 64 events per transaction (the pool's batch: inbox row, projection
-# upsert, handled row each).  Script weights keep published ≈ consumed;
-# events/s = min(published, consumed) / duration.  Each client works on its
-# own aggregates (as each pool worker owns its keys), so nothing deadlocks.
-bench_reference() {
-	local secs=$1 clients=$2 dir out s i pub_tps con_tps rel_tps ev
-	dir=$(mktemp -d "${TMPDIR:-/tmp}/eventbus-bench-ref.XXXXXX")
-	s=$BENCH_SCHEMA
-	{
-		echo '\set base :client_id * 100000'
-		echo 'BEGIN;'
-		for ((i = 0; i < 3; i++)); do
-			cat <<SQL
-\set a :base + random(1, 1000)
-WITH o AS (INSERT INTO $s.ref_orders (run_key, transport, topic, aggregate_id, sku, qty, amount) VALUES ('ref', 'kafka', 'ref.1', 'ord-' || :a, 'sku-' || (:a % 97), 1 + :a % 3, 9.99 + :a % 50) RETURNING *), v AS (INSERT INTO $s.ref_versions AS v (topic, aggregate_id, version) VALUES ('ref.1', 'ord-' || :a, 1) ON CONFLICT (topic, aggregate_id) DO UPDATE SET version = v.version + 1 RETURNING version) INSERT INTO $s.ref_outbox (event_id, transport, topic, aggregate_id, event_type, event_version, occurred_at, payload) SELECT gen_random_uuid(), o.transport, o.topic, o.aggregate_id, 'OrderLineAdded', v.version, clock_timestamp(), to_jsonb(o) FROM o, v;
-SQL
-		done
-		echo 'COMMIT;'
-	} > "$dir/publish.sql"
-	echo "DELETE FROM $s.ref_outbox WHERE id IN (SELECT id FROM $s.ref_outbox ORDER BY id LIMIT 100 FOR UPDATE SKIP LOCKED) RETURNING *;" > "$dir/relay.sql"
-	{
-		echo '\set base :client_id * 100000'
-		echo 'BEGIN;'
-		for ((i = 0; i < 64; i++)); do
-			cat <<SQL
-\set a :base + random(1, 1000)
-WITH i AS (INSERT INTO $s.ref_inbox (subscription_id, event_id, outcome) VALUES (1, gen_random_uuid(), 'handled') RETURNING event_id), p AS (INSERT INTO $s.ref_projection AS p VALUES ('ref.1', 'ord-' || :a, 1, 1, 9.99, clock_timestamp()) ON CONFLICT (topic, aggregate_id) DO UPDATE SET version = p.version + 1, lines = p.lines + 1, total = p.total + EXCLUDED.total, updated_at = EXCLUDED.updated_at RETURNING version) INSERT INTO $s.ref_handled (event_id, transport, topic, aggregate_id, version, order_id, occurred_at) SELECT i.event_id, 'kafka', 'ref.1', 'ord-' || :a, p.version, :a, clock_timestamp() FROM i, p;
-SQL
-		done
-		echo 'COMMIT;'
-	} > "$dir/consume.sql"
-	out=$("${PGBENCH:-pgbench}" -n -M prepared -c "$clients" -j 2 -T "$secs" \
-	      -f "$dir/publish.sql@64" -f "$dir/relay.sql@2" -f "$dir/consume.sql@3" 2>&1)
-	rm -rf "$dir"
-	read -r pub_tps rel_tps con_tps < <(echo "$out" | awk '
-		/^SQL script [0-9]+:/ { split($3, a, ":"); n = a[1] + 0 }
-		/ transactions \(.*tps = / { t = $0; sub(/.*tps = /, "", t); sub(/\).*/, "", t); tps[n] = t }
-		END { print tps[1] + 0, tps[2] + 0, tps[3] + 0 }')
-	ev=$(awk -v p="$pub_tps" -v c="$con_tps" 'BEGIN { a = 3 * p; b = 64 * c; printf "%d", (a < b ? a : b) }')
-	if [ "${ev:-0}" -le 0 ]; then
-		bench_log "pgbench reference failed:"; echo "$out" >&2
-	fi
-	printf '{"tool": "pgbench", "seconds": %s, "clients": %s, "publish_tps": %s, "relay_tps": %s, "consume_tps": %s, "published_events_per_s": %s, "consumed_events_per_s": %s, "events_per_s": %s}\n' \
-		"$secs" "$clients" "$pub_tps" "$rel_tps" "$con_tps" \
-		"$(awk -v p="$pub_tps" 'BEGIN { printf "%d", 3 * p }')" "$(awk -v c="$con_tps" 'BEGIN { printf "%d", 64 * c }')" "${ev:-0}"
+# bench_idle_prepare KEY TRANSPORTS — fresh topics (5 per transport)
+# subscribed and warmed up, nothing else published: the idle state.
+bench_idle_prepare() {
+	local topics=()
+	mapfile -t topics < <(bq -c "SELECT $BENCH_SCHEMA.make_plan('$1', '$BENCH_PREFIX', 'idle', '$BENCH_RUN',
+	                                      100, 1, string_to_array('$2', ','))")
+	[ "${#topics[@]}" -gt 0 ] || { bench_log "$1: no plan"; return 1; }
+	bench_warmup "$1" "${topics[@]}"
+}
+
+# bench_rewarm KEY AGGREGATE — one more event per topic of KEY's plan
+# (aggregate AGGREGATE), wait until each is handled: the consumers of those
+# topics are active again (after a dispatcher restart).
+bench_rewarm() {
+	local n
+	n=$(bq -c "SELECT count(eventbus_publish(topic, '$2', 'Warmup', '{}', transport))
+	             FROM (SELECT DISTINCT topic, transport FROM $BENCH_SCHEMA.plan WHERE run_key = '$1') s")
+	bench_wait 90 "SELECT count(DISTINCT topic) = $n FROM $BENCH_SCHEMA.handled
+	                WHERE aggregate_id = '$2' AND topic IN (SELECT topic FROM $BENCH_SCHEMA.plan WHERE run_key = '$1')"
 }
 
 # bench_idle SECONDS — CPU per component while nothing is published (the
-# subscriptions of the last run stay active): the cost of idle polling.
+# subscriptions stay active): the cost of idle polling; eventbus_pct_core =
+# launcher + dispatcher + workers as % of one core.
 bench_idle() {
+	local cpu subs
+	subs=$(bq -c "SELECT jsonb_object_agg(transport, n) FROM (SELECT transport, count(*) AS n FROM eventbus.subscriptions GROUP BY 1) s")
 	bench_proc_snapshot; bench_snap_save BEFORE
 	sleep "$1"
 	bench_proc_snapshot
-	bench_cpu_json
+	cpu=$(bench_cpu_json)
+	bq -c "SELECT d || jsonb_build_object(
+	                 'subscriptions', coalesce('${subs:-null}'::jsonb, '{}'),
+	                 'eventbus_pct_core', round(100 * ((d->>'launcher')::numeric + (d->>'dispatcher')::numeric + (d->>'workers')::numeric)
+	                                            / nullif((d->>'window_s')::numeric, 0), 2),
+	                 'nats_server_pct_core', round(100 * (d->>'nats_server')::numeric / nullif((d->>'window_s')::numeric, 0), 2),
+	                 'devbroker_pct_core', round(100 * (d->>'devbroker')::numeric / nullif((d->>'window_s')::numeric, 0), 2))
+	         FROM (SELECT '$cpu'::jsonb AS d) s"
 }

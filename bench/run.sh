@@ -1,65 +1,77 @@
 #!/usr/bin/env bash
-# bench/run.sh — `make bench` (not part of `make test`; its smallest level is,
-# as test/integration/30_bench_smoke.sh).
+# bench/run.sh — `make bench` (not part of `make test`; its smallest sizes
+# are, as test/integration/30_bench_smoke.sh).
 #
-# On a fresh stack of its own (default state /tmp/eventbus-bench; destroyed
-# and recreated at the start, stopped at the end), with
-# track_commit_timestamp = on:
+# On a fresh stack of its own (default state ${TMPDIR:-/tmp}/eventbus-bench-
+# <8 hex digits of the md5 of the repository path>; destroyed and recreated
+# at the start, stopped at the end), with track_commit_timestamp = on.  The
+# workload (bench/bench.sql): an AFTER INSERT trigger on a business table
+# calls eventbus_publish; events/10 aggregates with versions 1..10 over 5
+# topics per transport; a plpgsql handler (eventbus_subscribe) writes a
+# projection row and a handled record and checks the order.
 #
-#  1. Pressure levels (BENCH_LEVELS, default 500 2000 5000 10000 events) for
-#     each transport (BENCH_TRANSPORTS): events/10 aggregates with versions
-#     1..10, over 5 topics, published by an AFTER INSERT trigger on a
-#     business table from BENCH_CONNECTIONS (4) connections, 1–5 rows per
-#     transaction, as fast as they go; handled by a plpgsql handler
-#     (eventbus_subscribe) that writes a projection row and a handled record
-#     and checks the order.  Subscriptions are made and warmed up (one event
-#     per topic handled) before the measured window.  Each level runs
-#     BENCH_REPEATS (3) times, interleaved; the table shows the repeat with
-#     the median events/s, the range, and loss / duplicates / order summed
-#     over all repeats.
-#  2. A steady-rate run: BENCH_RATE events/s (1000) for BENCH_DURATION s (30),
-#     both transports mixed, 2 connections, 5 rows per transaction.
-#  3. Idle CPU for 5 s with the steady run's subscriptions active.
-#  4. The reference limit: pgbench doing the same writes without eventbus
-#     (BENCH_REF_SECONDS, 15 s; BENCH_REF_CLIENTS, 8 clients).
+#  1. Latency: BENCH_RATE events/s (1000) for BENCH_DURATION s (20), each
+#     transport on its own, 2 connections, 5 rows per transaction.  Per
+#     event: publishing transaction's commit → handler transaction's commit
+#     (commit timestamps), split into stages with the broker's own time of
+#     each message read back afterwards (kcat / natstool) and the handler's
+#     clock at its start and end.
+#  2. End to end, pressure levels (BENCH_LEVELS, default 500 2000 5000
+#     10000 events) per transport, from BENCH_CONNECTIONS (4) connections,
+#     1–5 rows per transaction, as fast as they go; subscriptions warmed up
+#     before.  Each level BENCH_REPEATS (3) times, interleaved; the median.
+#  3. Consume side: BENCH_CONSUME_EVENTS (10000) events over events/10
+#     aggregates on 5 topics (Kafka: BENCH_CONSUME_PARTITIONS partitions
+#     each, 8) published with no subscription and relayed; then subscribed:
+#     events/s from the first handler start to the last handler commit.
+#     BENCH_CONSUME_REPEATS (3) times per transport, interleaved; the median.
+#  4. Idle: BENCH_IDLE_SECONDS (10) with 5 fresh subscriptions per transport
+#     active and nothing published: CPU of the eventbus processes, the
+#     brokers; once with the stack's fetch.wait.max.ms, once with 500 ms.
+#  References (pgbench, BENCH_REF_SECONDS each (10), BENCH_REF_CLIENTS
+#     clients (eventbus.workers), each client on its own aggregates), each
+#     right after the runs it is compared with: all the writes of an event
+#     (business row, version, outbox row and its deletion, inbox row,
+#     handler) with 50 events per transaction after 2 (end-to-end target:
+#     ≥ 0.6 ×); the benchmark's handler alone with 1 and with 50 events per
+#     transaction after 3 (consume-side target: ≥ 0.85 × the 50 figure).
 #  5. Shutdown and recovery (test/integration/33_shutdown.sh on this stack,
-#     BENCH_LIFECYCLE_REPEATS times, default 3): how long pg_ctl stop -m fast
-#     takes right after a subscription change, with the Kafka broker
-#     unreachable, with nats-server stopped and with a handler in
-#     pg_sleep(60); and how long after an immediate stop (from the start) and
-#     a kill -9 of a pool worker (from the kill) each transport handles new
-#     events again.  BENCH_LIFECYCLE_REPEATS=0 skips it.
+#     BENCH_LIFECYCLE_REPEATS times, default 3; 0 skips it).
 #  6. Stop: PostgreSQL first, then count what is left of the eventbus
 #     processes (and their threads); then the brokers, and count again.
 #
-# Figures (all from the database: bench/bench.sql level_stats):
-#  delivered %  business rows whose event reached the handler
-#  dup          handler calls minus distinct events
-#  order        first deliveries whose version was not last seen + 1
-#  events/s     delivered / (first publish → last handler commit), where first
-#               publish = min(orders.created_at) and last handler commit =
-#               max(pg_xact_commit_timestamp(xmin)) of the handled rows
-#  latency      per event: handler commit timestamp − envelope occurred_at
-#               (clock_timestamp() in eventbus_publish)
-#  RSS          VmHWM of launcher / dispatcher / largest worker during the run
-#               (counter reset before each run; the table: largest over repeats)
+# Measured in every run of 1–3: per eventbus process (launcher, dispatcher,
+# each pool worker) the largest USS (Private_Clean + Private_Dirty) and PSS
+# of /proc/PID/smaps_rollup, sampled every BENCH_MEM_EVERY s (0.5); CPU
+# seconds per process group from /proc (publishing backends measure their
+# own), reported as µs per delivered event.
+#
+# Targets (issue "Performance"): latency p50 ≤ 10 ms and p99 ≤ 25 ms on each
+# transport; consume ≥ 0.85 × pgbench handler at 50/tx; end to end ≥ 0.6 ×
+# pgbench all writes at 50/tx; USS ≤ 32 MiB per process; idle < 1 % of a
+# core; 100 % delivered, 0 duplicates, 0 order violations.
 #
 # BENCH_KAFKA_PROPERTIES appends librdkafka properties for an experiment;
 # BENCH_STATE, BENCH_OUT move the stack and the JSON.
 # Output: tables on stdout, bench/results/latest.json (BENCH_OUT).
 set -uo pipefail
 
-REPO=$(cd "$(dirname "$0")/.." && pwd)
+REPO=$(cd "$(dirname "$0")/.." && pwd -P)
 STACK=$REPO/scripts/stack.sh
-export EVENTBUS_STATE=${BENCH_STATE:-${TMPDIR:-/tmp}/eventbus-bench}
+# A state directory per checkout, so that benchmarks of two worktrees on one
+# machine never share (or destroy) each other's stack.
+export EVENTBUS_STATE=${BENCH_STATE:-${TMPDIR:-/tmp}/eventbus-bench-$(printf '%s' "$REPO" | md5sum | cut -c1-8)}
 LEVELS=${BENCH_LEVELS:-500 2000 5000 10000}
 TRANSPORTS=${BENCH_TRANSPORTS:-kafka nats}
 CONNS=${BENCH_CONNECTIONS:-4}
 REPEATS=${BENCH_REPEATS:-3}
 RATE=${BENCH_RATE:-1000}
-DURATION=${BENCH_DURATION:-30}
-REF_SECONDS=${BENCH_REF_SECONDS:-15}
-REF_CLIENTS=${BENCH_REF_CLIENTS:-8}
+DURATION=${BENCH_DURATION:-20}
+CONSUME_EVENTS=${BENCH_CONSUME_EVENTS:-10000}
+CONSUME_PARTITIONS=${BENCH_CONSUME_PARTITIONS:-8}
+CONSUME_REPEATS=${BENCH_CONSUME_REPEATS:-3}
+IDLE_SECONDS=${BENCH_IDLE_SECONDS:-10}
+REF_SECONDS=${BENCH_REF_SECONDS:-10}
 LIFECYCLE_REPEATS=${BENCH_LIFECYCLE_REPEATS:-3}
 OUT=${BENCH_OUT:-$REPO/bench/results/latest.json}
 export PGBENCH=${PGBENCH:-$("${PG_CONFIG:-pg_config}" --bindir)/pgbench}
@@ -122,14 +134,29 @@ store() { bq -c "INSERT INTO $BENCH_SCHEMA.results (kind, doc) VALUES ('$1', '${
 
 # brief JSON — one progress line.
 brief() {
-	bq -c "SELECT format('%s: %s/%s delivered, %s duplicates, %s order violations, %s events/s, p50 %s ms, p99 %s ms',
+	bq -c "SELECT format('%s: %s/%s delivered, %s duplicates, %s order violations, %s events/s%s',
 	                     d->>'run_key', d->>'delivered', d->>'published', d->>'duplicates', d->>'order_violations',
-	                     d->>'events_per_s', d#>>'{latency_ms,p50}', d#>>'{latency_ms,p99}')
+	                     CASE WHEN d->>'mode' = 'consume' THEN d->>'handling_events_per_s' ELSE d->>'events_per_s' END,
+	                     CASE WHEN d->>'mode' = 'consume' THEN format(' (first handler start -> last handler commit; startup %s s)', d->>'startup_s')
+	                          ELSE format(', latency p50 %s ms, p99 %s ms', d#>>'{latency_ms,p50}', d#>>'{latency_ms,p99}') END)
 	         FROM (SELECT '${1//\'/\'\'}'::jsonb AS d) s" >&2
 }
 
 # ---------------------------------------------------------------------------
-# 1. Pressure levels
+# 1. Latency at a steady rate, each transport on its own
+# ---------------------------------------------------------------------------
+steady_events=$((RATE * DURATION / 10 * 10))
+interval=$(awk -v r="$RATE" 'BEGIN { printf "%.6f", 5 * 2 / r }')
+for tr in $TRANSPORTS; do
+	say "[$((SECONDS))s] latency: $RATE events/s for $DURATION s on $tr, 2 connections, 5 rows per transaction every $interval s each"
+	BENCH_BROKER_TIMES=1 bench_run "steady.$tr" "steady" "$steady_events" 2 "$tr" steady 5 "$interval" || die "steady run on $tr failed"
+	doc=$(bq -c "SELECT '${BENCH_DOC//\'/\'\'}'::jsonb || jsonb_build_object('rate', $RATE, 'duration_s', $DURATION)")
+	store steady "$doc"
+	brief "$doc"
+done
+
+# ---------------------------------------------------------------------------
+# 2. End to end: pressure levels
 # ---------------------------------------------------------------------------
 # Each level REPEATS times, the levels interleaved (so slow drift on the
 # machine spreads over all of them); the table shows the median repeat.
@@ -138,35 +165,91 @@ for tr in $TRANSPORTS; do
 		for level in $LEVELS; do
 			say "[$((SECONDS))s] level $level, $tr, repeat $rep/$REPEATS: subscribe, warm up, publish $level events from $CONNS connections"
 			bench_run "$tr.$level.$rep" "$level-$rep" "$level" "$CONNS" "$tr" load 1 5 || die "$tr $level failed"
-			doc=$(bq -c "SELECT '${BENCH_DOC//\'/\'\'}'::jsonb || jsonb_build_object('label', '$level', 'level', $level, 'repeat', $rep)")
+			doc=$(bq -c "SELECT '${BENCH_DOC//\'/\'\'}'::jsonb || jsonb_build_object('level', $level, 'repeat', $rep)")
 			store level "$doc"
 			brief "$doc"
 		done
 	done
 done
+# The reference right after the runs it is compared with (the machine's
+# load drifts): pgbench doing all the same writes, 50 events per transaction.
+REF_CLIENTS=${BENCH_REF_CLIENTS:-$(bq -c "SHOW eventbus.workers")}
+say "[$((SECONDS))s] reference: pgbench, all the writes of an event, 50 events per transaction, $REF_CLIENTS clients, $REF_SECONDS s"
+ref=$(bench_ref_end_to_end "$REF_SECONDS" "$REF_CLIENTS" 50); store ref_end_to_end_50 "$ref"
+bq -c "SELECT format('reference all writes 50/tx: %s events/s', '$ref'::jsonb->>'events_per_s')" >&2
 
 # ---------------------------------------------------------------------------
-# 2. Steady rate, 3. idle
+# 3. Consume side: the events are in the broker before anyone subscribes
 # ---------------------------------------------------------------------------
-steady_events=$((RATE * DURATION / 10 * 10))
-interval=$(awk -v r="$RATE" 'BEGIN { printf "%.6f", 5 * 2 / r }')
-say "[$((SECONDS))s] steady: $RATE events/s for $DURATION s, kafka + nats mixed, 2 connections, 5 rows per transaction every $interval s each"
-bench_run steady steady "$steady_events" 2 kafka,nats steady 5 "$interval" || die "steady run failed"
-doc=$BENCH_DOC
-store steady "$doc"
-brief "$doc"
-say "idle: 5 s with the steady run's $(bq -c "SELECT count(*) FROM eventbus.subscriptions") subscriptions active"
-store idle "$(bench_idle 5)"
+for ((rep = 1; rep <= CONSUME_REPEATS; rep++)); do
+	for tr in $TRANSPORTS; do
+		say "[$((SECONDS))s] consume, $tr, repeat $rep/$CONSUME_REPEATS: publish $CONSUME_EVENTS events (no subscription), relay, then subscribe"
+		BENCH_KAFKA_PARTITIONS=$CONSUME_PARTITIONS bench_run "consume.$tr.$rep" "consume-$rep" "$CONSUME_EVENTS" "$CONNS" "$tr" consume 50 50 ||
+			die "consume run on $tr failed"
+		doc=$(bq -c "SELECT '${BENCH_DOC//\'/\'\'}'::jsonb || jsonb_build_object('level', $CONSUME_EVENTS, 'repeat', $rep)")
+		store consume "$doc"
+		brief "$doc"
+	done
+done
+say "[$((SECONDS))s] references: pgbench, the handler alone, 1 and 50 events per transaction, $REF_CLIENTS clients, $REF_SECONDS s each"
+ref=$(bench_ref_consume "$REF_SECONDS" "$REF_CLIENTS" 1); store ref_consume_1 "$ref"
+ref=$(bench_ref_consume "$REF_SECONDS" "$REF_CLIENTS" 50); store ref_consume_50 "$ref"
+bq -c "SELECT string_agg(format('reference %s: %s events/s', kind, doc->>'events_per_s'), '; ' ORDER BY n)
+         FROM $BENCH_SCHEMA.results WHERE kind LIKE 'ref\_consume%'" >&2
 
 # ---------------------------------------------------------------------------
-# 4. Reference
+# 4. Idle
 # ---------------------------------------------------------------------------
-bq -c "SELECT count(*) FILTER (WHERE eventbus_unsubscribe(topic, handler, transport)) FROM eventbus.subscriptions" >/dev/null
-say "[$((SECONDS))s] reference: pgbench, the same writes without eventbus, $REF_CLIENTS clients, $REF_SECONDS s"
-ref=$(bench_reference "$REF_SECONDS" "$REF_CLIENTS")
-store reference "$ref"
-bq -c "SELECT format('reference: %s events/s (publish %s/s, consume %s/s)', d->>'events_per_s', d->>'published_events_per_s', d->>'consumed_events_per_s')
-         FROM (SELECT '$ref'::jsonb AS d) s" >&2
+trs_csv=$(echo "$TRANSPORTS" | tr ' ' ',')
+say "[$((SECONDS))s] idle: fresh topics (5 per transport) subscribed, then $IDLE_SECONDS s with nothing published"
+bench_idle_prepare idle "$trs_csv" || die "idle subscriptions not active"
+sleep 2   # let the warm-up's commits and acknowledgements settle
+idle=$(bench_idle "$IDLE_SECONDS")
+idle_brief() {
+	bq -c "SELECT format('idle (%s): eventbus %s %% of a core (launcher %s s, dispatcher %s s, workers %s s in %s s), nats-server %s %%, devbroker %s %%',
+	                     d->>'kafka_properties', d->>'eventbus_pct_core', d->>'launcher', d->>'dispatcher', d->>'workers', d->>'window_s',
+	                     d->>'nats_server_pct_core', d->>'devbroker_pct_core') FROM (SELECT '$1'::jsonb AS d) s" >&2
+}
+# set_kafka_properties VALUE — as eventbus.kafka_properties (empty: back to
+# the stack's eventbus.conf), reload, and wait for the restarted dispatcher.
+set_kafka_properties() {
+	local old_pid
+	old_pid=$(bq -c "SELECT pid FROM eventbus_status() WHERE component = 'dispatcher' AND transport IS NULL")
+	if [ -n "$1" ]; then
+		bq -c "ALTER SYSTEM SET eventbus.kafka_properties = '${1//\'/\'\'}'" >/dev/null
+	else
+		bq -c "ALTER SYSTEM RESET eventbus.kafka_properties" >/dev/null
+	fi
+	bq -c "SELECT pg_reload_conf()" >/dev/null
+	bench_wait 60 "SELECT count(*) = 1 FROM eventbus_status() WHERE component = 'dispatcher' AND transport IS NULL
+	                AND state = 'running' AND pid IS DISTINCT FROM ${old_pid:-0}" &&
+	bench_wait 60 "SELECT count(*) = 4 FROM eventbus_status() WHERE transport IS NOT NULL AND state = 'connected'"
+}
+dev_props=$(bq -c "SHOW eventbus.kafka_properties")
+idle=$(bq -c "SELECT '$idle'::jsonb || jsonb_build_object('kafka_properties', '${dev_props//\'/\'\'}')")
+idle_brief "$idle"
+store idle "$idle"
+# The dev broker holds an empty fetch for fetch.wait.max.ms (10 ms on this
+# stack), so an idle Kafka consumer sends ~100 fetches a second to each
+# broker it reads from; a real broker holds a long poll until data arrives.
+# Again with librdkafka's default wait (500 ms), what an idle consumer costs
+# against a real broker: the idle target is judged on this one.
+if [[ ,$trs_csv, == *,kafka,* ]]; then
+	say "[$((SECONDS))s] idle again with fetch.wait.max.ms=500 (librdkafka's default; the dispatcher restarts)"
+	real_props=$(sed 's/fetch\.wait\.max\.ms=[0-9]*;*//g; s/;*$//' <<< "$dev_props")
+	real_props="${real_props:+$real_props;}fetch.wait.max.ms=500"
+	if set_kafka_properties "$real_props" && bench_rewarm idle rewarm; then
+		sleep 2
+		idle=$(bench_idle "$IDLE_SECONDS")
+		idle=$(bq -c "SELECT '$idle'::jsonb || jsonb_build_object('kafka_properties', '${real_props//\'/\'\'}')")
+		idle_brief "$idle"
+		store idle_long_poll "$idle"
+	else
+		say "could not measure idle with fetch.wait.max.ms=500 (dispatcher not back or consumers not active)"
+	fi
+	if [ -n "${BENCH_KAFKA_PROPERTIES:-}" ]; then set_kafka_properties "$dev_props"; else set_kafka_properties ""; fi ||
+		die "the dispatcher did not come back after restoring eventbus.kafka_properties"
+fi
 
 # ---------------------------------------------------------------------------
 # 5. Shutdown and recovery
@@ -194,34 +277,28 @@ fi
 # Report (before the stop: the database formats it)
 # ---------------------------------------------------------------------------
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
+kprops=$(bq -c "SHOW eventbus.kafka_properties")
+workers=$(bq -c "SHOW eventbus.workers")
 machine=$(printf '{"cores": %s, "cpu": "%s", "memory_gib": %s, "os": "%s", "kernel": "%s", "versions": "%s", "engine": "%s", "cpu_busy_before": "%s", "load_average_before": "%s", "load_average_after": "%s"}' \
 	"$(nproc)" "$cpu_model" "$mem_gib" "$os" "$(uname -r)" "$versions" "$engine" "$busy_before" "$load_before" "$load_after")
-config=$(printf '{"levels": "%s", "repeats": %s, "transports": "%s", "connections": %s, "rows_per_transaction": "1-5", "aggregates": "events / 10, versions 1..10", "topics_per_transport": 5, "steady_rate": %s, "steady_duration_s": %s, "pool_workers": %s, "kafka_properties": "%s", "reference_seconds": %s, "reference_clients": %s, "kafka_broker": "dev broker (librdkafka mock cluster, in memory)", "nats_server": "file store"}' \
-	"$LEVELS" "$REPEATS" "$TRANSPORTS" "$CONNS" "$RATE" "$DURATION" "$(bq -c "SHOW eventbus.workers")" "$(bq -c "SHOW eventbus.kafka_properties")" "$REF_SECONDS" "$REF_CLIENTS")
-
-report_sql="
-WITH ref AS (SELECT (doc->>'events_per_s')::numeric AS eps FROM $BENCH_SCHEMA.results WHERE kind = 'reference'),
-     r AS (SELECT n, kind, doc || jsonb_build_object('ratio_to_reference',
-                   round((doc->>'events_per_s')::numeric / nullif((SELECT eps FROM ref), 0), 2)) AS doc
-             FROM $BENCH_SCHEMA.level_summary())
-SELECT jsonb_pretty(jsonb_build_object(
-  'started_at', '$started',
-  'machine', '$machine'::jsonb,
-  'config', '$config'::jsonb,
-  'method', jsonb_build_object(
-     'window', 'first publish = min(created_at) of the business rows (taken just before the trigger calls eventbus_publish); last handler commit = max commit timestamp of the handled rows; events/s = delivered / window',
-     'latency', 'per event: commit timestamp of the handler transaction (track_commit_timestamp) minus envelope occurred_at (clock_timestamp() in eventbus_publish)',
-     'duplicates', 'handler calls minus distinct events',
-     'order_violations', 'first deliveries whose version is not the last seen version + 1, checked in the handler transaction (a repeated delivery counts as a duplicate only)',
-     'levels', 'each level runs BENCH_REPEATS times (interleaved); levels[] holds, per transport and level, the repeat with the median events/s plus every repeat''s events/s and the loss / duplicate / order counts summed over all repeats (all_repeats); runs[] holds every repeat',
-     'rss', 'VmHWM (MiB) since the start of the run, includes touched shared memory',
-     'cpu_s', 'CPU seconds per process group over the shell window around the run (slightly wider than the measured window); machine_busy includes everything on the machine'),
-  'levels', (SELECT jsonb_agg(doc ORDER BY n) FROM r WHERE kind = 'level'),
-  'runs', (SELECT jsonb_agg(doc ORDER BY n) FROM $BENCH_SCHEMA.results WHERE kind = 'level'),
-  'steady', (SELECT doc FROM r WHERE kind = 'steady'),
-  'idle_cpu_s', (SELECT doc FROM $BENCH_SCHEMA.results WHERE kind = 'idle'),
-  'reference', (SELECT doc FROM $BENCH_SCHEMA.results WHERE kind = 'reference'),
-  'lifecycle_ms', (SELECT jsonb_build_object(
+config=$(printf '{"levels": "%s", "repeats": %s, "transports": "%s", "connections": %s, "rows_per_transaction": "1-5", "aggregates": "events / 10, versions 1..10", "topics_per_transport": 5, "steady_rate": %s, "steady_duration_s": %s, "steady_connections": 2, "steady_rows_per_transaction": 5, "consume_events": %s, "consume_kafka_partitions": %s, "consume_repeats": %s, "idle_seconds": %s, "pool_workers": %s, "kafka_properties": "%s", "reference_seconds": %s, "reference_clients": %s, "memory_sample_every_s": %s, "kafka_broker": "dev broker (librdkafka mock cluster, in memory)", "nats_server": "file store"}' \
+	"$LEVELS" "$REPEATS" "$TRANSPORTS" "$CONNS" "$RATE" "$DURATION" "$CONSUME_EVENTS" "$CONSUME_PARTITIONS" "$CONSUME_REPEATS" "$IDLE_SECONDS" \
+	"$workers" "$kprops" "$REF_SECONDS" "$REF_CLIENTS" "${BENCH_MEM_EVERY:-0.5}")
+method='{
+  "latency": "per event (first handling): commit timestamp of the handler transaction minus commit timestamp of the publishing transaction (its business row, which is the transaction that called eventbus_publish); track_commit_timestamp = on",
+  "latency_from_occurred_ms": "the earlier figure: handler commit minus envelope occurred_at (clock_timestamp() inside eventbus_publish, before the publishing transaction commits)",
+  "stages_ms": "relay = publish commit -> broker time; broker_to_handler = broker time -> handler start (consumer fetch, dispatcher, pool queue); to_handler = publish commit -> handler start; handler = handler start -> its last statement (clock_timestamp() in the handler); commit = that -> handler transaction commit (rest of the pool batch and the commit); publish_tx = occurred_at -> publish commit (not part of the latency). Broker time: Kafka = message timestamp read back with kcat (the dev broker keeps the producer CreateTime, set when the relay hands the message to librdkafka, ms resolution: the producer linger and the produce request fall into broker_to_handler); NATS = the time JetStream stored the message, read back with natstool",
+  "end_to_end": "events/s = delivered / (first publish = min(created_at) of the business rows -> last handler commit timestamp); ratio_to_reference = that / pgbench all writes at 50 events per transaction",
+  "consume": "the events are published with no subscription and relayed before the subscription is made; events/s = delivered / (first handler start -> last handler commit); startup_s = subscription committed -> first handler start; ratios to pgbench running the same handler function with 1 and 50 events per transaction",
+  "references": "pgbench -M prepared, each client on its own aggregates (1,000 over 5 topics), one statement per event; handler alone = SELECT handle(envelope built in SQL); all writes = business row + version upsert + outbox row per event, DELETE of as many outbox rows, inbox row + handler per event, in three transactions per 50 events",
+  "duplicates": "handler calls minus distinct events",
+  "order_violations": "first deliveries whose version is not the last seen version + 1, checked in the handler transaction (a repeated delivery counts as a duplicate only)",
+  "levels": "each level runs BENCH_REPEATS times (interleaved); levels[] holds, per transport and level, the repeat with the median events/s plus every repeat events/s and the loss / duplicate / order counts summed over all repeats (all_repeats); runs[] holds every repeat. consume[] likewise over consume_runs[]",
+  "memory": "per eventbus process (launcher, dispatcher, worker N) from /proc/PID/smaps_rollup, sampled every memory_sample_every_s during each run: USS = Private_Clean + Private_Dirty, PSS, RSS; memory_max = the largest sample over all runs",
+  "cpu": "CPU seconds (utime + stime, all threads) per process group over the shell window around a run; publishers = the publishing backends, measured by themselves (/proc/self/stat at the start and end of their procedure); cpu_us_per_event = CPU seconds * 1e6 / delivered events; machine = whole machine busy time (other jobs included)",
+  "idle": "fresh topics (5 per transport) subscribed and warmed up, then idle_seconds with nothing published: CPU of launcher + dispatcher + workers as % of one core; nats-server and devbroker separately"
+}'
+lifecycle=$(bq -c "SELECT coalesce((SELECT jsonb_build_object(
        'method', 'test/integration/33_shutdown.sh on this stack, librdkafka default group timings: shutdown_* = wall time of pg_ctl stop -m fast (scripts/stack.sh pg-stop) in that state; recovery_immediate_* = from pg-start returning after pg_ctl stop -m immediate to the last of 10 new events of that transport handled (handler clock_timestamp()); recovery_kill9_* = the same from a kill -9 of pool worker 0 (the postmaster restarts everything)',
        'median', (SELECT jsonb_object_agg(k, v) FROM (
            SELECT e.key AS k, percentile_disc(0.5) WITHIN GROUP (ORDER BY e.value::numeric) AS v
@@ -232,66 +309,12 @@ SELECT jsonb_pretty(jsonb_build_object(
              FROM $BENCH_SCHEMA.results r, jsonb_each_text(r.doc) e
             WHERE r.kind = 'lifecycle' AND e.key LIKE '%\_ms' GROUP BY e.key) m),
        'repeats', (SELECT jsonb_agg(doc ORDER BY n) FROM $BENCH_SCHEMA.results WHERE kind = 'lifecycle'))
-     WHERE EXISTS (SELECT 1 FROM $BENCH_SCHEMA.results WHERE kind = 'lifecycle'))))"
-json=$(bq -c "$report_sql") || die "could not build the JSON report"
-
-table_sql="
-WITH ref AS (SELECT (doc->>'events_per_s')::numeric AS eps FROM $BENCH_SCHEMA.results WHERE kind = 'reference'),
-     r AS (SELECT n, doc AS d, coalesce(doc->'all_repeats', doc) AS a,
-                  coalesce(doc->'rss_peak_mib_max_over_repeats', doc->'rss_peak_mib') AS m
-             FROM $BENCH_SCHEMA.level_summary())
-SELECT line FROM (
-  SELECT 0 AS n, format('%-6s %-10s %10s %9s %4s %5s %9s %11s %6s %9s %7s %7s %7s %7s  %s',
-         'level', 'transport', 'events', 'delivered', 'dup', 'order', 'events/s', '(min-max)', 'of ref',
-         'publish/s', 'p50 ms', 'p95 ms', 'p99 ms', 'max ms', 'peak RSS MiB L/D/W') AS line
-  UNION ALL
-  SELECT n, format('%-6s %-10s %10s %8s%% %4s %5s %9s %11s %5s%% %9s %7s %7s %7s %7s  %s',
-         d->>'label', replace(d->>'transports', ',', '+'),
-         CASE WHEN d ? 'repeats' THEN (d->>'repeats') || 'x' || (d->>'published') ELSE d->>'published' END,
-         a->>'delivered_pct', a->>'duplicates', a->>'order_violations', d->>'events_per_s',
-         CASE WHEN d ? 'repeats' THEN '(' || (d->>'events_per_s_min') || '-' || (d->>'events_per_s_max') || ')' ELSE '' END,
-         CASE WHEN d->>'mode' = 'steady' THEN '-' ELSE round(100 * (d->>'events_per_s')::numeric / nullif((SELECT eps FROM ref), 0))::text END,
-         d->>'publish_events_per_s', d#>>'{latency_ms,p50}', d#>>'{latency_ms,p95}', d#>>'{latency_ms,p99}',
-         d#>>'{latency_ms,max}',
-         concat_ws('/', round((m->>'launcher')::numeric), round((m->>'dispatcher')::numeric), round((m->>'worker_max')::numeric)))
-    FROM r) x ORDER BY n"
-
-cpu_sql="
-SELECT line FROM (
-  SELECT 0 AS n, format('%-6s %-10s %6s | %8s %10s %7s %8s %8s %7s %6s | %9s | %7s %6s %7s',
-         'level', 'transport', 'wall s', 'launcher', 'dispatcher', 'workers', 'other pg', 'brokers', 'others', 'busy',
-         'eb us/evt', 'outbox', 'pool q', 'lag') AS line
-  UNION ALL
-  SELECT n, format('%-6s %-10s %6s | %8s %10s %7s %8s %8s %7s %6s | %9s | %7s %6s %7s',
-         d->>'label', replace(d->>'transports', ',', '+'), d#>>'{cpu_s,window_s}', d#>>'{cpu_s,launcher}',
-         d#>>'{cpu_s,dispatcher}', d#>>'{cpu_s,workers}', d#>>'{cpu_s,other_postgres}',
-         round((d#>>'{cpu_s,nats_server}')::numeric + (d#>>'{cpu_s,devbroker}')::numeric, 2),
-         d#>>'{cpu_s,unattributed}',
-         round(100 * (d#>>'{cpu_s,machine_busy}')::numeric / nullif((d#>>'{cpu_s,machine_capacity}')::numeric, 0)) || '%',
-         round(1e6 * ((d#>>'{cpu_s,launcher}')::numeric + (d#>>'{cpu_s,dispatcher}')::numeric + (d#>>'{cpu_s,workers}')::numeric)
-               / nullif((d->>'delivered')::numeric, 0)),
-         d->>'max_outbox_backlog', d->>'max_pool_queued', d->>'max_subscription_lag')
-    FROM $BENCH_SCHEMA.level_summary() r (n, kind, d)
-  UNION ALL
-  SELECT 1000, format('%-6s %-10s %6s | %8s %10s %7s %8s %8s %7s %6s |',
-         'idle', '', d->>'window_s', d->>'launcher', d->>'dispatcher', d->>'workers', d->>'other_postgres',
-         round((d->>'nats_server')::numeric + (d->>'devbroker')::numeric, 2), d->>'unattributed',
-         round(100 * (d->>'machine_busy')::numeric / nullif((d->>'machine_capacity')::numeric, 0)) || '%')
-    FROM (SELECT doc AS d FROM $BENCH_SCHEMA.results WHERE kind = 'idle') i) x ORDER BY n"
-split_sql="
-SELECT line FROM (
-  SELECT 0 AS n, format('%-6s %-10s | %9s %9s %9s | %9s %9s %9s | %s',
-         'level', 'transport', 'pub tx', 'relay..', 'batch', 'pub tx', 'relay..', 'batch', 'p50 / p95 / p99 ms per transport') AS line
-  UNION ALL
-  SELECT n, format('%-6s %-10s | %9s %9s %9s | %9s %9s %9s | %s',
-         d->>'label', replace(d->>'transports', ',', '+'),
-         d#>>'{latency_split_ms,publish_tx_p50}', d#>>'{latency_split_ms,relay_broker_dispatch_handler_p50}',
-         d#>>'{latency_split_ms,pool_batch_commit_p50}',
-         d#>>'{latency_split_ms,publish_tx_p95}', d#>>'{latency_split_ms,relay_broker_dispatch_handler_p95}',
-         d#>>'{latency_split_ms,pool_batch_commit_p95}',
-         (SELECT string_agg(format('%s %s / %s / %s', k, v->>'p50', v->>'p95', v->>'p99'), ', ' ORDER BY k)
-            FROM jsonb_each(d->'latency_by_transport_ms') e (k, v)))
-    FROM $BENCH_SCHEMA.level_summary() r (n, kind, d)) x ORDER BY n"
+     WHERE EXISTS (SELECT 1 FROM $BENCH_SCHEMA.results WHERE kind = 'lifecycle')), 'null'::jsonb)")
+meta=$(printf '{"started_at": "%s", "machine": %s, "config": %s, "method": %s, "lifecycle_ms": %s}' \
+	"$started" "$machine" "$config" "$method" "${lifecycle:-null}")
+report=$(bq -c "SELECT $BENCH_SCHEMA.report('${meta//\'/\'\'}'::jsonb)") || die "could not build the report"
+json=$(bq -c "SELECT jsonb_pretty('${report//\'/\'\'}'::jsonb)")
+text=$(bq -c "SELECT line FROM $BENCH_SCHEMA.report_text('${report//\'/\'\'}'::jsonb) line") || die "could not format the report"
 lifecycle_sql="
 WITH r AS (SELECT doc FROM $BENCH_SCHEMA.results WHERE kind = 'lifecycle'),
      f AS (SELECT e.key AS k, percentile_disc(0.5) WITHIN GROUP (ORDER BY e.value::numeric) AS med, max(e.value::numeric) AS mx, count(*) AS n
@@ -301,13 +324,7 @@ UNION ALL
 SELECT * FROM (SELECT format('%-46s %9s %9s', k, med, mx) FROM f ORDER BY k) x
 UNION ALL
 SELECT 'failed repeats: ' || count(*) FROM r WHERE NOT (doc->>'test_passed')::boolean HAVING count(*) > 0"
-table=$(bq -c "$table_sql")
 lifecycletable=$(bq -c "$lifecycle_sql")
-splittable=$(bq -c "$split_sql")
-cputable=$(bq -c "$cpu_sql")
-refline=$(bq -c "SELECT format('reference (pgbench, same writes without eventbus, %s clients, %s s): %s events/s (publish side %s/s, consume side %s/s)',
-                                 doc->>'clients', doc->>'seconds', doc->>'events_per_s', doc->>'published_events_per_s', doc->>'consumed_events_per_s')
-                  FROM $BENCH_SCHEMA.results WHERE kind = 'reference'")
 
 # ---------------------------------------------------------------------------
 # 6. Stop, and count what is left
@@ -369,30 +386,18 @@ mv "$OUT.tmp" "$OUT"
 # ---------------------------------------------------------------------------
 # Print
 # ---------------------------------------------------------------------------
-cat <<EOF
+cat <<TXT
 
 eventbus bench — $started, $(nproc) cores ($cpu_model), $mem_gib GiB, $os
 $versions; $engine
-CPU busy before the run $busy_before (3 s), load average before $load_before, after $load_after; Kafka = dev broker (librdkafka mock cluster), NATS = nats-server file store
-levels: events/10 aggregates x versions 1..10, 5 topics, $CONNS connections, 1-5 rows per transaction, AFTER INSERT trigger -> eventbus_publish;
-        plpgsql handler writes projection + handled record and checks order; window = first publish -> last handler commit (commit timestamps)
+CPU busy before the run $busy_before (3 s), load average before $load_before, after $load_after; Kafka = dev broker (librdkafka mock cluster,
+kafka properties '$kprops'), NATS = nats-server file store; pool workers: $workers
 
-$table
+$text
 
-$refline
-
-Latency split (ms; p50 then p95): pub tx = occurred_at -> publishing transaction's commit; relay.. = that commit ->
-end of the handler call (relay, broker, consumer, dispatcher, pool queue, handler); batch = end of the handler call ->
-commit of the pool worker's batch transaction:
-$splittable
-
-Shutdown (pg_ctl stop -m fast in each state) and recovery after a crash (new events handled again), ms:
+SHUTDOWN (pg_ctl stop -m fast in each state) and recovery after a crash (new events handled again), ms:
 $lifecycletable
-
-CPU seconds per process group during each run (from /proc; brokers = nats-server + devbroker; others = the rest of
-the machine: the harness (psql clients, the shell reading /proc) and any other job; busy = whole machine; eb us/evt = launcher+dispatcher+workers CPU per delivered event; outbox / pool q / lag = largest sampled backlog):
-$cputable
 
 after stop: $eb_left of ${#start_of[@]} eventbus processes left ($eb_threads_left threads; $threads_before before the stop), $pg_left postgres processes; after the full stack stop: $all_left processes
 results: $OUT
-EOF
+TXT

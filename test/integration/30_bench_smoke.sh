@@ -1,14 +1,23 @@
 #!/usr/bin/env bash
-# The benchmark's smallest level, through the benchmark's own harness
+# The benchmark's smallest sizes, through the benchmark's own harness
 # (bench/lib.sh + bench/bench.sql, exactly what `make bench` runs), so the
-# harness stays honest: 500 events over 50 aggregates (versions 1..10) and 5
-# topics, published by an AFTER INSERT trigger from 4 connections, handled by
-# the subscribed plpgsql handler, on each transport.  Asserted, counted from
-# the database: every event delivered, no duplicate, no order violation, no
-# stray handler call, every aggregate at version 10; the run's window comes
-# from database timestamps.  Then the checker itself: hand-made handler
-# calls with a gap, a late event and a repeat must come out as 1 duplicate,
-# 2 order violations and 75% delivered.  Never a timing threshold.
+# harness stays honest.  On each transport:
+#  - level 500: 500 events over 50 aggregates (versions 1..10) and 5 topics,
+#    published by an AFTER INSERT trigger from 4 connections, handled by the
+#    subscribed plpgsql handler; every message's broker time read back with
+#    kcat / natstool for the latency stages;
+#  - consume 500: the same events published with no subscription (Kafka
+#    topics created with 8 partitions), relayed, then subscribed.
+# Asserted, counted from the database: every event delivered, no duplicate,
+# no order violation, no stray handler call, every aggregate at version 10;
+# every event's broker time found; a memory sample of every eventbus
+# process; the publishing backends' CPU measured; the run's window from
+# database timestamps.  Then the pgbench references for 1 s each (their
+# events reach the handler in order: no violation), an idle second, the
+# report and its printed tables built from all that; then the checker
+# itself: hand-made handler calls with a gap, a late event and a repeat must
+# come out as 1 duplicate, 2 order violations and 75% delivered.  Never a
+# timing threshold.
 # shellcheck source=test/integration/lib.sh
 source "$(dirname "$0")/lib.sh"
 
@@ -26,22 +35,72 @@ bench_setup
 ok $? "bench schema $BENCH_SCHEMA created from bench/bench.sql"
 
 f() { bench_field "$BENCH_DOC" "$@"; }
+cts=$(q -c "SELECT current_setting('track_commit_timestamp') = 'on'")
+nprocs=$(($(q -c "SHOW eventbus.workers") + 2))
+
+# check_run TR WHAT — the integrity of BENCH_DOC's run.
+check_run() {
+	is "$(f published)" 500 "$1 $2: 500 events published by the trigger"
+	is "$(f delivered_pct)" 100.00 "$1 $2: delivered 100% (every business row's event reached the handler)"
+	is "$(f duplicates)" 0 "$1 $2: 0 duplicates (handler calls = distinct events)"
+	is "$(f order_violations)" 0 "$1 $2: 0 order violations (checked in the handler's transaction)"
+	is "$(f unexpected)" 0 "$1 $2: no handler call for an event that was not published"
+	is "$(f aggregates_complete)" 50 "$1 $2: all 50 aggregates reached version 10 in the projection"
+	is "$(q -c "SELECT count(*) FROM jsonb_each('$(f memory_max)'::jsonb) e
+	             WHERE (e.value->>'uss_mib')::numeric > 0 AND (e.value->>'samples')::int > 0")" \
+		"$nprocs" "$1 $2: USS sampled for each of the $nprocs eventbus processes ($(f memory_max))"
+}
 
 for tr in kafka nats; do
-	bench_run "$tr.500" 500 500 4 "$tr" load 1 5
+	BENCH_BROKER_TIMES=1 bench_run "$tr.500" 500 500 4 "$tr" load 1 5
 	ok $? "$tr: level 500 ran (subscribed, warmed up, published, handled)"
-	is "$(f published)" 500 "$tr: 500 events published by the trigger"
-	is "$(f delivered_pct)" 100.00 "$tr: delivered 100% (every business row's event reached the handler)"
-	is "$(f duplicates)" 0 "$tr: 0 duplicates (handler calls = distinct events)"
-	is "$(f order_violations)" 0 "$tr: 0 order violations (checked in the handler's transaction)"
-	is "$(f unexpected)" 0 "$tr: no handler call for an event that was not published"
-	is "$(f aggregates_complete)" 50 "$tr: all 50 aggregates reached version 10 in the projection"
+	check_run "$tr" "level 500"
 	is "$(f time_source)" "$(q -c "SELECT CASE WHEN current_setting('track_commit_timestamp') = 'on' THEN 'commit_timestamp' ELSE 'handler_clock' END")" \
 		"$tr: handler times from $(f time_source)"
 	ok "$([ -n "$(f first_publish)" ] && [ -n "$(f last_handler_commit)" ] && [ -n "$(f events_per_s)" ] && echo 0 || echo 1)" \
 		"$tr: window from database timestamps ($(f first_publish) -> $(f last_handler_commit))"
-	diag "$tr: $(f events_per_s) events/s, latency p50 $(f latency_ms p50) ms, p99 $(f latency_ms p99) ms (informational)"
+	is "$(f broker_times_matched)/$(f first_deliveries)" "500/500" "$tr: every event's broker time read back and matched by event id"
+	if [ "$cts" = t ]; then
+		is "$(f stages_ms "$tr" events_with_broker_time)" 500 "$tr: latency stages over all 500 events"
+	else
+		ok 0 "$tr: latency stages need track_commit_timestamp (off here) # SKIP"
+	fi
+	ok "$([ -n "$(f cpu_s publishers)" ] && echo 0 || echo 1)" "$tr: the publishing backends measured their CPU ($(f cpu_s publishers) s)"
+	diag "$tr: $(f events_per_s) events/s, latency p50 $(f latency_ms p50) ms, p99 $(f latency_ms p99) ms; stages $(f stages_ms "$tr") (informational)"
+	q -c "INSERT INTO $BENCH_SCHEMA.results (kind, doc) VALUES ('level', '$BENCH_DOC'::jsonb || jsonb_build_object('level', 500, 'repeat', 1))" >/dev/null
 done
+
+for tr in kafka nats; do
+	BENCH_KAFKA_PARTITIONS=8 bench_run "consume.$tr" consume 500 4 "$tr" consume 50 50
+	ok $? "$tr: consume 500 ran (published with no subscription, relayed, subscribed, handled)"
+	check_run "$tr" "consume 500"
+	ok "$([ -n "$(f startup_s)" ] && [ -n "$(f handling_events_per_s)" ] && echo 0 || echo 1)" \
+		"$tr: consume window from the first handler start ($(f first_handler_start), startup $(f startup_s) s)"
+	diag "$tr: consume $(f handling_events_per_s) events/s (informational)"
+	q -c "INSERT INTO $BENCH_SCHEMA.results (kind, doc) VALUES ('consume', '$BENCH_DOC'::jsonb || jsonb_build_object('level', 500, 'repeat', 1))" >/dev/null
+done
+is "$(kcat -L -b "$EVENTBUS_KAFKA_BROKERS" -t "t30.consume.kafka.1.$run" 2>/dev/null | grep -c '^ *partition ')" 8 \
+	"kafka: the consume topics were created with 8 partitions"
+
+r1=$(bench_ref_consume 1 2 1)
+r50=$(bench_ref_consume 1 2 50)
+re2e=$(bench_ref_end_to_end 1 2 50)
+ok "$(for r in "$r1" "$r50" "$re2e"; do [ "$(bench_field "$r" events_per_s)" -gt 0 ] || echo x; done | grep -q x && echo 1 || echo 0)" \
+	"pgbench references ran: handler 1/tx $(bench_field "$r1" events_per_s), 50/tx $(bench_field "$r50" events_per_s), all writes 50/tx $(bench_field "$re2e" events_per_s) events/s (informational)"
+is "$(q -c "SELECT count(*) FROM $BENCH_SCHEMA.violations WHERE topic LIKE 'ref.%'")/$(q -c "SELECT count(*) > 0 FROM $BENCH_SCHEMA.handled WHERE topic LIKE 'ref.e50.%'")" \
+	"0/t" "pgbench references: their events reached the handler in order (0 violations), the end-to-end one included"
+is "$(q -c "SELECT count(*) FROM $BENCH_SCHEMA.ref_inbox")" "$(q -c "SELECT count(*) FROM $BENCH_SCHEMA.handled WHERE topic LIKE 'ref.e50.%'")" \
+	"pgbench all writes: one inbox row per handled event"
+q -c "INSERT INTO $BENCH_SCHEMA.results (kind, doc) VALUES ('ref_consume_1', '$r1'), ('ref_consume_50', '$r50'), ('ref_end_to_end_50', '$re2e')" >/dev/null
+
+idle=$(bench_idle 1)
+ok "$([ -n "$(bench_field "$idle" eventbus_pct_core)" ] && echo 0 || echo 1)" "idle: $(bench_field "$idle" eventbus_pct_core) % of a core (informational)"
+q -c "INSERT INTO $BENCH_SCHEMA.results (kind, doc) VALUES ('idle', '$idle')" >/dev/null
+report=$(q -c "SELECT $BENCH_SCHEMA.report('{\"config\": {\"steady_rate\": 0}}')")
+is "$(bench_field "$report" targets integrity kafka met)/$(bench_field "$report" targets integrity nats met)" "true/true" \
+	"report: integrity over all runs met on both transports"
+text=$(q -c "SELECT line FROM $BENCH_SCHEMA.report_text('${report//\'/\'\'}'::jsonb) line")
+is "$(grep -c '^TARGETS\|^END TO END\|^CONSUME SIDE\|^CPU PER EVENT\|^MEMORY' <<< "$text")" 5 "report: the printed tables are built"
 
 # The checker itself: handler calls made by hand for a planned run "check"
 # (4 business rows of one aggregate, inserted with the trigger off so nothing

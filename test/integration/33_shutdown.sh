@@ -27,7 +27,7 @@ HANG_LIMIT=30
 consumer_setup
 CONSUMER_CLEANUP="unsubscribe_like 't29.%.$run'"
 # Production group timings (librdkafka defaults) for this test.
-q -c "ALTER SYSTEM SET eventbus.kafka_properties = 'fetch.wait.max.ms=50'" >/dev/null
+q -c "ALTER SYSTEM SET eventbus.kafka_properties = 'fetch.wait.max.ms=10'" >/dev/null
 q -c "SELECT pg_reload_conf()" >/dev/null
 CONSUMER_CHANGED_KAFKA_PROPS=1
 

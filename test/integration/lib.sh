@@ -199,7 +199,7 @@ wait_outbox_empty() { wait_until "$1" outbox_empty; }
 
 # Short Kafka group timings: the dev broker's rebalances take about
 # session.timeout.ms, and a subscription change is a rebalance.
-CONSUMER_FAST_KAFKA='session.timeout.ms=6000;heartbeat.interval.ms=500;fetch.wait.max.ms=50'   # as scripts/stack.sh sets it
+CONSUMER_FAST_KAFKA='session.timeout.ms=6000;heartbeat.interval.ms=500;fetch.wait.max.ms=10'   # as scripts/stack.sh sets it
 CONSUMER_OLD_KAFKA_PROPS=''
 CONSUMER_CHANGED_KAFKA_PROPS=0
 CONSUMER_CLEANUP=''

@@ -12,12 +12,18 @@
  *   SIGWINCH         the next Produce request (to any broker) fails with
  *                    MSG_SIZE_TOO_LARGE for all its partitions, as a broker
  *                    whose message size limit was lowered would answer
+ *   SIGURG           create the topics listed in the --topic-requests file
+ *                    (one NAME[:PARTS] per line; the mock answers no
+ *                    CreateTopics request, and auto-created topics always get
+ *                    4 partitions), log one line per topic and then
+ *                    "topic requests done: N created, M failed"
  *   SIGTERM, SIGINT  destroy the cluster, remove the pid file, exit 0
  *   SIGHUP           ignored (logged), so nohup/setsid detaching is harmless
  *
  * Usage:
  *   devbroker --bootstrap-file PATH [--brokers N] [--partitions P]
  *             [--topic NAME[:PARTS]]... [--pid-file PATH]
+ *             [--topic-requests PATH]
  *
  * Once the cluster accepts connections, the pid file (if any) is written and
  * then the bootstrap list ("127.0.0.1:P1,127.0.0.1:P2,...", no trailing
@@ -133,6 +139,7 @@ usage(int status)
     fprintf(out,
             "Usage: %s --bootstrap-file PATH [--brokers N] [--partitions P]\n"
             "          [--topic NAME[:PARTS]]... [--pid-file PATH]\n"
+            "          [--topic-requests PATH]\n"
             "\n"
             "Hosts a librdkafka mock Kafka cluster on 127.0.0.1 (random ports).\n"
             "  --bootstrap-file PATH  write the bootstrap list here once ready\n"
@@ -142,7 +149,10 @@ usage(int status)
             "                         get %d, a librdkafka 2.0.2 limitation)\n"
             "  --topic NAME[:PARTS]   pre-create a topic (replication factor 1)\n"
             "  --pid-file PATH        write the pid here; removed on exit\n"
-            "Signals: USR1 = all brokers down, USR2 = all up, TERM/INT = exit.\n",
+            "  --topic-requests PATH  on SIGURG, create the topics listed\n"
+            "                         there (NAME[:PARTS] per line)\n"
+            "Signals: USR1 = all brokers down, USR2 = all up, URG = create\n"
+            "the requested topics, TERM/INT = exit.\n",
             progname, MOCK_AUTO_CREATE_PARTITIONS);
     exit(status);
 }
@@ -186,28 +196,48 @@ valid_topic_name(const char *name)
     return true;
 }
 
-static void
-parse_topic_arg(const char *arg, struct topic_spec *spec)
+/*
+ * Parse NAME[:PARTS] into spec (name strdup'ed); on error, false with the
+ * reason in err.
+ */
+static bool
+parse_topic_spec(const char *arg, struct topic_spec *spec, char *err,
+                 size_t errlen)
 {
     const char *colon = strrchr(arg, ':');
     size_t      namelen = colon ? (size_t) (colon - arg) : strlen(arg);
 
     spec->name = strndup(arg, namelen);
     if (spec->name == NULL) {
-        logmsg("out of memory");
-        exit(1);
+        snprintf(err, errlen, "out of memory");
+        return false;
     }
     spec->partitions = 0;
     if (!valid_topic_name(spec->name)) {
-        fprintf(stderr, "%s: invalid topic name in --topic '%s' "
-                "(1-%d chars of [A-Za-z0-9._-])\n", progname, arg,
-                MAX_TOPIC_LEN);
-        exit(2);
+        snprintf(err, errlen, "invalid topic name in '%s' (1-%d chars of "
+                 "[A-Za-z0-9._-])", arg, MAX_TOPIC_LEN);
+        free(spec->name);
+        spec->name = NULL;
+        return false;
     }
     if (colon != NULL &&
         !parse_int(colon + 1, 1, MAX_PARTITIONS, &spec->partitions)) {
-        fprintf(stderr, "%s: invalid partition count in --topic '%s' "
-                "(1-%d)\n", progname, arg, MAX_PARTITIONS);
+        snprintf(err, errlen, "invalid partition count in '%s' (1-%d)", arg,
+                 MAX_PARTITIONS);
+        free(spec->name);
+        spec->name = NULL;
+        return false;
+    }
+    return true;
+}
+
+static void
+parse_topic_arg(const char *arg, struct topic_spec *spec)
+{
+    char err[512];
+
+    if (!parse_topic_spec(arg, spec, err, sizeof(err))) {
+        fprintf(stderr, "%s: --topic: %s\n", progname, err);
         exit(2);
     }
 }
@@ -320,6 +350,74 @@ set_all_brokers(rd_kafka_mock_cluster_t *mcluster, int broker_cnt, bool up)
            broker_cnt - failures, broker_cnt, up ? "up" : "down");
 }
 
+/*
+ * SIGURG: create every topic listed in path (NAME[:PARTS] per line, blank
+ * lines ignored), then remove the file.  A topic that exists already is
+ * reported and left as it is (the mock cannot change a partition count).
+ */
+static void
+create_requested_topics(rd_kafka_mock_cluster_t *mcluster, const char *path,
+                        int default_partitions)
+{
+    FILE *f;
+    char  line[MAX_TOPIC_LEN + 32];
+    int   created = 0, failed = 0, lineno = 0;
+
+    if (path == NULL) {
+        logmsg("SIGURG ignored: no --topic-requests file configured");
+        return;
+    }
+    f = fopen(path, "r");
+    if (f == NULL) {
+        logmsg("topic requests: cannot open %s: %s", path, strerror(errno));
+        logmsg("topic requests done: 0 created, 1 failed");
+        return;
+    }
+    while (fgets(line, sizeof(line), f) != NULL) {
+        struct topic_spec   spec;
+        char                err[512];
+        size_t              len = strcspn(line, "\r\n");
+        rd_kafka_resp_err_t kerr;
+        int                 parts;
+
+        lineno++;
+        if (line[len] == '\0' && !feof(f)) {
+            int c;
+
+            /* Too long for a topic name: skip the rest of the line. */
+            while ((c = fgetc(f)) != EOF && c != '\n')
+                ;
+            logmsg("topic requests: line %d is too long", lineno);
+            failed++;
+            continue;
+        }
+        line[len] = '\0';
+        if (len == 0)
+            continue;
+        if (!parse_topic_spec(line, &spec, err, sizeof(err))) {
+            logmsg("topic requests: line %d: %s", lineno, err);
+            failed++;
+            continue;
+        }
+        parts = spec.partitions > 0 ? spec.partitions : default_partitions;
+        kerr = rd_kafka_mock_topic_create(mcluster, spec.name, parts, 1);
+        if (kerr == RD_KAFKA_RESP_ERR_NO_ERROR) {
+            logmsg("created topic %s (%d partitions, replication factor 1)",
+                   spec.name, parts);
+            created++;
+        } else {
+            logmsg("cannot create topic %s: %s", spec.name,
+                   rd_kafka_err2str(kerr));
+            failed++;
+        }
+        free(spec.name);
+    }
+    fclose(f);
+    if (unlink(path) != 0 && errno != ENOENT)
+        logmsg("cannot remove %s: %s", path, strerror(errno));
+    logmsg("topic requests done: %d created, %d failed", created, failed);
+}
+
 int
 main(int argc, char **argv)
 {
@@ -329,11 +427,13 @@ main(int argc, char **argv)
         {"partitions", required_argument, NULL, 'p'},
         {"topic", required_argument, NULL, 't'},
         {"pid-file", required_argument, NULL, 'P'},
+        {"topic-requests", required_argument, NULL, 'R'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
     const char              *bootstrap_file = NULL;
     const char              *pid_file = NULL;
+    const char              *topic_requests = NULL;
     int                      broker_cnt = 3;
     int                      default_partitions = 4;
     struct topic_spec       *topics = NULL;
@@ -355,7 +455,7 @@ main(int argc, char **argv)
         progname = slash ? slash + 1 : argv[0];
     }
 
-    while ((opt = getopt_long(argc, argv, "b:n:p:t:P:h", long_options,
+    while ((opt = getopt_long(argc, argv, "b:n:p:t:P:R:h", long_options,
                               NULL)) != -1) {
         switch (opt) {
             case 'b':
@@ -386,6 +486,9 @@ main(int argc, char **argv)
                 break;
             case 'P':
                 pid_file = optarg;
+                break;
+            case 'R':
+                topic_requests = optarg;
                 break;
             case 'h':
                 usage(0);
@@ -428,6 +531,7 @@ main(int argc, char **argv)
     sigaddset(&waitset, SIGINT);
     sigaddset(&waitset, SIGHUP);
     sigaddset(&waitset, SIGWINCH);
+    sigaddset(&waitset, SIGURG);
     /* A background job of a non-interactive shell starts with SIGINT
      * ignored; restore the default disposition (safe: they are blocked). */
     signal(SIGUSR1, SIG_DFL);
@@ -436,6 +540,7 @@ main(int argc, char **argv)
     signal(SIGINT, SIG_DFL);
     signal(SIGHUP, SIG_DFL);
     signal(SIGWINCH, SIG_DFL);
+    signal(SIGURG, SIG_DFL);
 
     if (pid_file != NULL) {
         pid_t other = running_instance(pid_file);
@@ -535,6 +640,9 @@ main(int argc, char **argv)
             rd_kafka_mock_push_request_errors(mcluster, KAFKA_API_PRODUCE, 1,
                                               RD_KAFKA_RESP_ERR_MSG_SIZE_TOO_LARGE);
             logmsg("next Produce request will fail with MSG_SIZE_TOO_LARGE");
+        } else if (sig == SIGURG) {
+            create_requested_topics(mcluster, topic_requests,
+                                    default_partitions);
         } else if (sig == SIGHUP) {
             logmsg("SIGHUP ignored");
         } else {

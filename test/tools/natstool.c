@@ -9,7 +9,9 @@
  *   dump SUBJECT
  *       Every stored message whose subject matches SUBJECT (wildcards allowed),
  *       in stream order, one JSON object per line:
- *         {"stream":"S","seq":N,"subject":"...","headers":{"Name":"value",...},"data":"..."}
+ *         {"stream":"S","seq":N,"subject":"...","time":"...","headers":{"Name":"value",...},"data":"..."}
+ *       "time" is when the server stored the message (RFC 3339, UTC,
+ *       nanoseconds).
  *       Header names sorted; a header with several values is an array.  A body
  *       that is not valid UTF-8 is given as "data_hex" instead of "data".
  *       Read through an ordered (ephemeral, unacknowledged) consumer.
@@ -43,6 +45,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define EXIT_ERR		1
 #define EXIT_NOSTREAM	2
@@ -192,6 +195,19 @@ find_stream(const char *subject, char **name)
 	return 0;
 }
 
+/* ,"time":"..." for a JetStream timestamp (ns since the epoch, UTC). */
+static void
+put_time(int64_t ns)
+{
+	time_t		secs = (time_t) (ns / 1000000000);
+	struct tm	tm;
+
+	gmtime_r(&secs, &tm);
+	printf(",\"time\":\"%04d-%02d-%02dT%02d:%02d:%02d.%09lldZ\"",
+		   tm.tm_year + 1900, tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min,
+		   tm.tm_sec, (long long) (ns % 1000000000));
+}
+
 /* "headers":{...} from the keys natsMsgHeader_Keys gave (sorted here). */
 static void
 put_headers(natsMsg *m, const char **keys, int nkeys)
@@ -292,6 +308,7 @@ cmd_dump(const char *subject)
 		put_json_str(stream);
 		printf(",\"seq\":%llu,\"subject\":", (unsigned long long) meta->Sequence.Stream);
 		put_json_str(natsMsg_GetSubject(m));
+		put_time(meta->Timestamp);
 		putchar(',');
 		put_headers(m, keys, nkeys);
 		free(keys);
