@@ -147,6 +147,12 @@ eb_kafka_client_start(rd_kafka_type_t type, rd_kafka_conf_t *conf)
 
 	if (!set_prop(conf, "bootstrap.servers", eb_kafka_brokers, errstr, sizeof(errstr)) ||
 		!set_prop(conf, "log.queue", "true", errstr, sizeof(errstr)) ||
+		/*
+		 * Small requests go out at once: with several in flight on one
+		 * connection, Nagle's algorithm holds the next one until the
+		 * previous is acknowledged (up to the peer's delayed ACK, ~40 ms).
+		 */
+		!set_prop(conf, "socket.nagle.disable", "true", errstr, sizeof(errstr)) ||
 		!apply_extra_properties(conf, errstr, sizeof(errstr)))
 	{
 		rd_kafka_conf_destroy(conf);
@@ -389,7 +395,8 @@ producer_start(EbAckFn ack)
 		!set_prop(conf, "enable.gapless.guarantee", "true", errstr, sizeof(errstr)) ||
 		!set_prop(conf, "partitioner", "fnv1a", errstr, sizeof(errstr)) ||
 		!set_prop(conf, "message.timeout.ms", timeout, errstr, sizeof(errstr)) ||
-		!set_prop(conf, "linger.ms", "5", errstr, sizeof(errstr)))
+		/* Send at once: a round's events are produced back to back anyway. */
+		!set_prop(conf, "linger.ms", "1", errstr, sizeof(errstr)))
 	{
 		rd_kafka_conf_destroy(conf);
 		eb_set_broker_state(EB_TRANSPORT_KAFKA, EB_BROKER_DOWN, errstr);

@@ -14,6 +14,7 @@
 #include "storage/ipc.h"
 #include "storage/latch.h"
 #include "tcop/tcopprot.h"
+#include "utils/guc.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
@@ -152,6 +153,15 @@ eventbus_launcher_main(Datum main_arg)
 	TimestampTz checked_at = 0;
 
 	eb_worker_connect("eventbus launcher");
+
+	/*
+	 * The relay's own writes (deleting acknowledged rows, noting failures)
+	 * need not wait for the WAL flush: one lost in a crash only makes the
+	 * relay send those events again, which the at-least-once delivery to
+	 * the broker already allows (and the inbox and JetStream's duplicate
+	 * window absorb).  The publishers' and the pool's commits stay durable.
+	 */
+	SetConfigOption("synchronous_commit", "off", PGC_SUSET, PGC_S_OVERRIDE);
 
 	set_launcher(MyProcPid, MyLatch, false);
 	before_shmem_exit(launcher_exit, (Datum) 0);
