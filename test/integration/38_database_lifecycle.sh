@@ -21,6 +21,7 @@ cleanup() {
 	q -c "ALTER SYSTEM RESET eventbus.database" >/dev/null
 	restart_pg
 	for d in $DB $DB2; do qdb postgres -c "DROP DATABASE IF EXISTS $d WITH (FORCE)" >/dev/null; done
+	qdb postgres -c "DROP ROLE IF EXISTS t38_intruder" >/dev/null
 	wait_until 60 both_connected || diag "brokers not connected again after the test"
 }
 
@@ -68,6 +69,19 @@ diag "connected $((SECONDS - t0)) s after CREATE DATABASE"
 is "$(fatals "$off" $DB)" 0 "database created: no FATAL on the way"
 wait_until 30 '[ "$(qdb $DB -c "SELECT state FROM eventbus_status() WHERE component = '"'dispatcher'"' AND transport IS NULL")" = running ]'
 ok $? "database created: the dispatcher runs"
+
+# Statements that PostgreSQL refuses do not disturb eventbus: DROP / RENAME
+# by a role that does not own the database, DROP in a transaction block.
+qdb postgres -c "DROP ROLE IF EXISTS t38_intruder" -c "CREATE ROLE t38_intruder CREATEDB" >/dev/null
+lp=$(launcher_pid)
+off=$(stat -c %s "$LOG")
+r1=$(qdb postgres -c "SET ROLE t38_intruder" -c "DROP DATABASE $DB")
+r2=$(qdb postgres -c "SET ROLE t38_intruder" -c "ALTER DATABASE $DB RENAME TO $DB2")
+r3=$(qdb postgres -c "BEGIN" -c "DROP DATABASE $DB")
+case "$r1|$r2|$r3" in *"must be owner"*"must be owner"*"cannot run inside a transaction block"*) r=0 ;; *) r=1; diag "$r1|$r2|$r3" ;; esac
+ok $r "DROP / RENAME by a non-owner and DROP in a transaction block fail as PostgreSQL says"
+is "$(launcher_pid)|$(since "$off" | grep -c 'disconnects from it')" "$lp|0" \
+	"... and the launcher stayed connected (same pid, no disconnect)"
 
 # 3. Plain DROP DATABASE, while the launcher, dispatcher and pool are connected.
 off=$(stat -c %s "$LOG")
