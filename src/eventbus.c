@@ -75,6 +75,7 @@ _PG_init(void)
 	eb_capture_config_search_path();
 	eb_install_log_redaction();
 	eb_install_ddl_guard();
+	eb_install_database_guard();
 
 	eb_shmem_install_hooks();
 

@@ -42,6 +42,11 @@ extern void eb_wake_dispatcher(void);
 extern void eb_wake_at_commit(int relay_transport, bool dispatcher);
 extern void eb_published_at_commit(int transport);
 
+/* launcher_db.c: the launcher's connection to eventbus.database, DROP / RENAME DATABASE of it */
+extern void eb_launcher_connect(void);
+extern bool eb_launcher_must_release(void);
+extern void eb_install_database_guard(void);
+
 /* wakeup.c: the pipe library threads write to, to wake the main thread */
 struct WaitEventSet;
 extern void eb_wakeup_init(void);

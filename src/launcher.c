@@ -1,7 +1,8 @@
 /*
  * launcher.c — the eventbus launcher background worker: connect to
- * eventbus.database, wait until the extension exists, run the outbox relay,
- * reload on SIGHUP, stop cleanly on SIGTERM.
+ * eventbus.database (launcher_db.c: also when it is missing or dropped),
+ * wait until the extension exists, run the outbox relay, reload on SIGHUP,
+ * stop cleanly on SIGTERM.
  */
 #include "postgres.h"
 
@@ -152,7 +153,7 @@ eventbus_launcher_main(Datum main_arg)
 	MemoryContext loop_cxt;
 	TimestampTz checked_at = 0;
 
-	eb_worker_connect("eventbus launcher");
+	eb_launcher_connect();
 
 	/*
 	 * The relay's own writes (deleting acknowledged rows, noting failures)
@@ -181,6 +182,16 @@ eventbus_launcher_main(Datum main_arg)
 		ExtensionState ext;
 
 		(void) eb_worker_loop_top(loop_cxt);
+
+		/* DROP DATABASE or RENAME of our database waits for us to leave. */
+		if (eb_launcher_must_release())
+		{
+			ereport(LOG,
+					(errcode(ERRCODE_ADMIN_SHUTDOWN),
+					 errmsg("eventbus.database \"%s\" is being dropped or renamed, the launcher disconnects from it",
+							eb_database)));
+			proc_exit(1);
+		}
 
 		/* A catalog look-up once a second, not on every commit's wake-up. */
 		if (!ready || GetCurrentTimestamp() >= TimestampTzPlusMilliseconds(checked_at, 1000))

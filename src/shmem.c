@@ -78,6 +78,8 @@ eb_shmem_startup(void)
 		eb_shared->lock = &(GetNamedLWLockTranche(EB_LWLOCK_TRANCHE))->lock;
 		pg_atomic_init_u32(&eb_shared->relay_pending, 0);
 		pg_atomic_init_u64(&eb_shared->subs_generation, 0);
+		pg_atomic_init_u32(&eb_shared->launcher_check_database, 0);
+		pg_atomic_init_u32(&eb_shared->database_release_pid, 0);
 		for (int t = 0; t < EB_NTRANSPORTS; t++)
 		{
 			init_broker(&eb_shared->producer[t]);
@@ -124,6 +126,10 @@ eb_shmem_snapshot(EbShared *out)
 	out->lock = NULL;
 	pg_atomic_init_u32(&out->relay_pending, pg_atomic_read_u32(&eb_shared->relay_pending));
 	copy_atomic(&out->subs_generation, &eb_shared->subs_generation);
+	pg_atomic_init_u32(&out->launcher_check_database,
+					   pg_atomic_read_u32(&eb_shared->launcher_check_database));
+	pg_atomic_init_u32(&out->database_release_pid,
+					   pg_atomic_read_u32(&eb_shared->database_release_pid));
 	for (int t = 0; t < EB_NTRANSPORTS; t++)
 	{
 		copy_atomic(&out->producer[t].published, &eb_shared->producer[t].published);
@@ -164,6 +170,55 @@ eb_shmem_set_extension_ready(bool ready)
 	LWLockAcquire(eb_shared->lock, LW_EXCLUSIVE);
 	eb_shared->extension_ready = ready;
 	LWLockRelease(eb_shared->lock);
+}
+
+/* The launcher waits for eventbus.database, and why (NULL: it does not). */
+void
+eb_shmem_set_launcher_waiting(const char *why)
+{
+	LWLockAcquire(eb_shared->lock, LW_EXCLUSIVE);
+	strlcpy(eb_shared->launcher_waiting, why ? why : "", sizeof(eb_shared->launcher_waiting));
+	LWLockRelease(eb_shared->lock);
+}
+
+/*
+ * Whether the next launcher checks that eventbus.database exists before it
+ * connects (its last connection failed, or it left for DROP DATABASE); set
+ * from an exit callback, so an atomic (no lock on the way out).
+ */
+void
+eb_shmem_set_check_database(bool check)
+{
+	pg_atomic_write_u32(&eb_shared->launcher_check_database, check ? 1 : 0);
+}
+
+bool
+eb_shmem_check_database(void)
+{
+	return pg_atomic_read_u32(&eb_shared->launcher_check_database) != 0;
+}
+
+/* A backend is about to drop or rename eventbus.database: eventbus stays out. */
+void
+eb_shmem_set_database_release(pid_t pid)
+{
+	pg_atomic_write_u32(&eb_shared->database_release_pid, (uint32) pid);
+}
+
+/* That backend's transaction ended (only its own mark is cleared). */
+void
+eb_shmem_end_database_release(pid_t pid)
+{
+	uint32		expected = (uint32) pid;
+
+	(void) pg_atomic_compare_exchange_u32(&eb_shared->database_release_pid, &expected, 0);
+}
+
+/* The backend dropping or renaming eventbus.database, or 0. */
+pid_t
+eb_shmem_database_release(void)
+{
+	return eb_shared ? (pid_t) pg_atomic_read_u32(&eb_shared->database_release_pid) : 0;
 }
 
 /* A latch pointer read under the lock (its owner clears it on exit). */

@@ -79,12 +79,15 @@ typedef struct EbShared
 	/* atomic */
 	pg_atomic_uint32 relay_pending; /* bit per transport with newly committed rows */
 	pg_atomic_uint64 subs_generation;	/* bumped when subscriptions change */
+	pg_atomic_uint32 launcher_check_database;	/* launcher: check that eventbus.database exists before connecting */
+	pg_atomic_uint32 database_release_pid;	/* backend dropping or renaming eventbus.database */
 	EbTransportCounters counters[EB_NTRANSPORTS];
 
 	/* under the lock */
 	pid_t		launcher_pid;
 	TimestampTz launcher_since;
 	bool		extension_ready;	/* launcher saw the extension installed */
+	char		launcher_waiting[EB_DETAIL_LEN];	/* why it waits for the database, "" if connected */
 	Latch	   *relay_latch;	/* set at commit by publishers */
 	int64		max_message[EB_NTRANSPORTS];	/* learned from the broker, 0 = not known */
 	EbBrokerStatus producer[EB_NTRANSPORTS];
@@ -110,6 +113,12 @@ extern void eb_shmem_snapshot(EbShared *out);
 /* launcher and relay */
 extern void eb_shmem_set_launcher(pid_t pid, Latch *latch, bool ready);
 extern void eb_shmem_set_extension_ready(bool ready);
+extern void eb_shmem_set_launcher_waiting(const char *why);
+extern void eb_shmem_set_check_database(bool check);
+extern bool eb_shmem_check_database(void);
+extern void eb_shmem_set_database_release(pid_t pid);
+extern void eb_shmem_end_database_release(pid_t pid);
+extern pid_t eb_shmem_database_release(void);
 extern Latch *eb_shmem_relay_latch(void);
 extern void eb_shmem_mark_relay_pending(uint32 transports);
 extern uint32 eb_shmem_take_relay_pending(void);

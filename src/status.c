@@ -181,9 +181,15 @@ eventbus_status(PG_FUNCTION_ARGS)
 		nulls[4] = false;
 	}
 	values[3] = CStringGetTextDatum(snap.launcher_pid == 0 ? "stopped" :
+									snap.launcher_waiting[0] ? "waiting for database" :
 									snap.extension_ready ? "running" :
 									"waiting for extension");
 	nulls[3] = false;
+	if (snap.launcher_pid != 0 && snap.launcher_waiting[0])
+	{
+		values[5] = CStringGetTextDatum(snap.launcher_waiting);
+		nulls[5] = false;
+	}
 	tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 
 	/* Its producers: one row per transport. */
