@@ -1,8 +1,19 @@
 /*
  * nats_consumer.c — the dispatcher's JetStream consumers: one durable pull
- * consumer per subscribed subject, fetched without waiting from the main
- * thread.  A message is acked only after its handlers' transaction
- * committed.
+ * consumer per subscribed subject.  The main thread keeps a pull request
+ * open on each (batch, max_bytes, expiry) for as much as the dispatcher can
+ * take; the server answers as messages arrive, into the inbox
+ * (nats_inbox.c), which wakes the dispatcher.  Nothing polls while idle: a
+ * request only ends when used up or expired, and is then renewed.  A
+ * message is acked only after its handlers' transaction committed.
+ *
+ * Memory: the bytes queued in the inbox plus what the open requests may
+ * still bring stay within the budget the dispatcher passes to poll (its
+ * eventbus.dispatcher_memory minus what it holds).  A message larger than
+ * a request's max_bytes ends the request with nothing (409); the consumer
+ * then asks for more once that much is free, and a message larger than
+ * eventbus.dispatcher_memory itself is fetched alone, when nothing else is
+ * held.
  *
  * Order across restarts: JetStream redelivers a message that was delivered
  * but never acked only after AckWait, while new fetches would already return
@@ -18,6 +29,7 @@
 #include "miscadmin.h"
 #include "utils/json.h"
 #include "utils/memutils.h"
+#include "utils/timestamp.h"
 
 #include "guc.h"
 #include "nats_client.h"
@@ -27,29 +39,41 @@
 /* Redelivery after this long without an ack (a crashed dispatcher's messages). */
 #define ACK_WAIT_NS		((int64) 30 * 1000000000)
 #define MAX_ACK_PENDING 20000
-#define FETCH_MAX		256
+#define FETCH_MAX		256		/* messages per pull request */
+#define REQUEST_EXPIRES_MS 10000	/* an idle request is renewed this often */
+#define GRANT_MIN		(256 * 1024)	/* max_bytes of a request, at least */
+#define GRANT_FLOOR		(16 * 1024) /* smallest partial grant worth sending */
+#define RETRY_MS		1000	/* after an unexpected status */
+#define TAKE_CHUNK		64
 
 typedef struct NatsSub
 {
 	char	   *topic;
 	char	   *durable;
-	natsSubscription *sub;
+	char	   *next_subject;	/* where its pull requests go */
+	EbNatsFeed *feed;			/* NULL: not bound */
 	int64		pending;		/* messages waiting in the stream (last known) */
-	int64		held;			/* fetched messages not yet finished */
-	bool		released;		/* no longer in subs: never ack through it */
+	int64		held;			/* delivered messages not yet finished */
+	int64		largest;		/* largest message seen (server's count) */
+	int64		last_grant;		/* max_bytes of its last request */
+	int64		need;			/* a request got nothing: ask for this much */
+	int			last_status;	/* last unexpected status logged */
+	TimestampTz retry_at;		/* no request before (after a status) */
+	bool		released;		/* no longer in subs: never ack for it */
 } NatsSub;
 
-/* The dispatcher's handle on one fetched message. */
+/* The dispatcher's handle on one delivered message: what acks it. */
 typedef struct NatsHeld
 {
-	natsMsg    *msg;
 	NatsSub    *ns;
+	char		reply[FLEXIBLE_ARRAY_MEMBER];	/* the ack subject */
 } NatsHeld;
 
 static List *subs = NIL;		/* NatsSub *, bound or to be bound */
 static List *wanted = NIL;		/* subjects to consume (char *) */
 static uint64 seen_reconnects = 0;
 static bool paused = false;
+static int	next_turn = 0;		/* fairness: the sub served first */
 static EbDeliverFn deliver_fn = NULL;	/* the dispatcher's */
 
 /* Durable name: <consumer_group>_<subject with . as _>_<fnv1a hex>. */
@@ -138,7 +162,8 @@ static NatsSub *
 subscribe_topic(const char *topic)
 {
 	NatsSub    *ns;
-	jsSubOptions so;
+	jsConsumerConfig cfg;
+	jsConsumerInfo *ci = NULL;
 	jsErrCode	jerr = 0;
 	natsStatus	s;
 	char	   *err = NULL;
@@ -161,20 +186,22 @@ subscribe_topic(const char *topic)
 	}
 	start = take_over_durable(stream, ns->durable);
 
-	jsSubOptions_Init(&so);
-	so.Stream = stream;
-	so.Config.Durable = ns->durable;
-	so.Config.AckPolicy = js_AckExplicit;
+	/* A pull consumer: no deliver subject; the inbox receives its answers. */
+	jsConsumerConfig_Init(&cfg);
+	cfg.Durable = ns->durable;
+	cfg.AckPolicy = js_AckExplicit;
 	/* New durable: the start policy (everything retained); else resume. */
-	so.Config.DeliverPolicy = start > 0 ? js_DeliverByStartSequence : js_DeliverAll;
-	so.Config.OptStartSeq = start;
-	so.Config.AckWait = ACK_WAIT_NS;
-	so.Config.MaxAckPending = MAX_ACK_PENDING;
-	so.Config.MaxDeliver = -1;
-	so.Config.FilterSubject = ns->topic;
+	cfg.DeliverPolicy = start > 0 ? js_DeliverByStartSequence : js_DeliverAll;
+	cfg.OptStartSeq = start;
+	cfg.AckWait = ACK_WAIT_NS;
+	cfg.MaxAckPending = MAX_ACK_PENDING;
+	cfg.MaxDeliver = -1;
+	cfg.FilterSubject = ns->topic;
 
 	eb_nats_block_signals(&old);
-	s = js_PullSubscribe(&ns->sub, eb_js, ns->topic, ns->durable, NULL, &so, &jerr);
+	s = js_AddConsumer(&ci, eb_js, stream, &cfg, NULL, &jerr);
+	if (ci)
+		jsConsumerInfo_Destroy(ci);
 	eb_nats_restore_signals(&old);
 	if (s != NATS_OK)
 	{
@@ -183,8 +210,14 @@ subscribe_topic(const char *topic)
 				 errmsg("could not bind JetStream consumer %s for %s: %s",
 						ns->durable, ns->topic, natsStatus_GetText(s)),
 				 jerr ? errdetail("JetStream error %d", (int) jerr) : 0));
-		ns->sub = NULL;
+		pfree(stream);
+		return ns;
 	}
+	ns->next_subject = MemoryContextStrdup(TopMemoryContext,
+										   psprintf("$JS.API.CONSUMER.MSG.NEXT.%s.%s", stream, ns->durable));
+	pfree(stream);
+	/* NULL: retried at the next subscription refresh. */
+	ns->feed = eb_nats_feed_create(ns->topic);
 	return ns;
 }
 
@@ -193,24 +226,23 @@ free_sub(NatsSub *ns)
 {
 	pfree(ns->topic);
 	pfree(ns->durable);
+	if (ns->next_subject)
+		pfree(ns->next_subject);
 	pfree(ns);
 }
 
 /*
- * Release a subscription without deleting its durable.  Its held messages
- * keep the NatsSub until they are finished (unacked).
+ * Release a subscription without deleting its durable: what its inbox feed
+ * had queued is dropped, unacked.  Its delivered messages keep the NatsSub
+ * until they are finished (unacked).
  */
 static void
 release(NatsSub *ns)
 {
-	if (ns->sub)
+	if (ns->feed)
 	{
-		sigset_t	old;
-
-		eb_nats_block_signals(&old);
-		natsSubscription_Destroy(ns->sub);
-		eb_nats_restore_signals(&old);
-		ns->sub = NULL;
+		eb_nats_feed_destroy(ns->feed);
+		ns->feed = NULL;
 	}
 	ns->released = true;
 	if (ns->held == 0)
@@ -240,7 +272,7 @@ eb_nats_consumer_set_topics(List *want)
 	{
 		NatsSub    *ns = lfirst(lc);
 
-		if (eb_string_member(want, ns->topic) && ns->sub != NULL)
+		if (eb_string_member(want, ns->topic) && ns->feed != NULL)
 			keep = lappend(keep, ns);
 		else
 			release(ns);
@@ -282,7 +314,10 @@ forget_subscriptions(void)
 	seen_reconnects = 0;
 }
 
-/* Hand one fetched message to the dispatcher (which now owns it). */
+/*
+ * Hand one arrived message to the dispatcher, which copies what it keeps:
+ * only the ack subject stays with us until the message is finished.
+ */
 static void
 deliver(NatsSub *ns, natsMsg *msg)
 {
@@ -290,10 +325,12 @@ deliver(NatsSub *ns, natsMsg *msg)
 	jsMsgMetaData *meta = NULL;
 	const char **keys = NULL;
 	int			nkeys = 0;
-	NatsHeld   *held = MemoryContextAlloc(TopMemoryContext, sizeof(NatsHeld));
+	const char *reply = natsMsg_GetReply(msg);
+	size_t		rlen = reply ? strlen(reply) : 0;
+	NatsHeld   *held = MemoryContextAlloc(TopMemoryContext, offsetof(NatsHeld, reply) + rlen + 1);
 
-	held->msg = msg;
 	held->ns = ns;
+	memcpy(held->reply, reply ? reply : "", rlen + 1);
 	ns->held++;
 
 	memset(&in, 0, sizeof(in));
@@ -329,14 +366,152 @@ deliver(NatsSub *ns, natsMsg *msg)
 	deliver_fn(&in);
 }
 
-/* Fetch up to max messages (about max_bytes) across the subjects, without waiting. */
+/* Bind the consumer of ns's subject again (it failed in the client or the server). */
+static void
+rebind(NatsSub *ns, const char *why)
+{
+	ereport(LOG,
+			(errcode(ERRCODE_CONNECTION_FAILURE),
+			 errmsg("rebinding JetStream consumer %s: %s", ns->durable, why)));
+	subs = list_delete_ptr(subs, ns);
+	release(ns);
+	/* Binds what is wanted and missing: this one, again at its ack floor + 1. */
+	eb_nats_consumer_set_topics(wanted);
+}
+
+/*
+ * Hand queued messages to the dispatcher: up to max, the first one of the
+ * round whatever its size and the others while fewer than max_bytes went.
+ * Subjects take turns.  Sets *bytes to what was handed over.
+ */
+static int
+deliver_queued(int max, int64 max_bytes, int64 *bytes)
+{
+	int			n = 0;
+	int			nsubs = list_length(subs);
+
+	*bytes = 0;
+	for (int k = 0; k < nsubs && n < max && *bytes < max_bytes; k++)
+	{
+		NatsSub    *ns = list_nth(subs, (next_turn + k) % nsubs);
+		natsMsg    *msgs[TAKE_CHUNK];
+		int64		sizes[TAKE_CHUNK];
+		int			got;
+
+		if (ns->feed == NULL)
+			continue;
+		do
+		{
+			got = eb_nats_feed_take(ns->feed, msgs, sizes, Min(max - n, TAKE_CHUNK), max_bytes - *bytes);
+			for (int i = 0; i < got; i++)
+			{
+				ns->largest = Max(ns->largest, sizes[i]);
+				ns->need = 0;
+				*bytes += sizes[i];
+				n++;
+				deliver(ns, msgs[i]);
+				natsMsg_Destroy(msgs[i]);
+			}
+		} while (got == TAKE_CHUNK && n < max && *bytes < max_bytes);
+	}
+	return n;
+}
+
+/*
+ * Keep a pull request open on every bound subject, with the credit still
+ * free: the dispatcher's budget (max messages, max_bytes) minus what is
+ * queued and what the open requests may still bring.  Subjects take turns;
+ * one whose request would not fit holds the others back until it does, so
+ * a large message is not starved by small ones.
+ */
+static void
+grant_credit(int max, int64 max_bytes)
+{
+	int			nsubs = list_length(subs);
+	EbNatsFeedState *st;
+	int64		avail_msgs = max;
+	int64		avail_bytes = max_bytes;
+	bool		nothing_held = true;
+	int64		dispatcher_memory = (int64) eb_dispatcher_memory_kb * 1024;
+	TimestampTz now = GetCurrentTimestamp();
+	int			blocked = -1;
+
+	if (nsubs == 0)
+		return;
+	st = palloc0(sizeof(EbNatsFeedState) * nsubs);
+	for (int i = 0; i < nsubs; i++)
+	{
+		NatsSub    *ns = list_nth(subs, i);
+
+		if (ns->feed == NULL)
+			continue;
+		eb_nats_feed_state(ns->feed, &st[i]);
+		avail_msgs -= st[i].queued + st[i].credit_msgs;
+		avail_bytes -= st[i].queued_bytes + st[i].credit_bytes;
+		if (st[i].queued > 0 || st[i].open > 0)
+			nothing_held = false;
+		if (st[i].too_big)
+			ns->need = Max(ns->need, Max(ns->last_grant, GRANT_FLOOR) * 2);
+		if (st[i].error_status != 0)
+		{
+			if (st[i].error_status != ns->last_status)
+				ereport(LOG,
+						(errcode(ERRCODE_CONNECTION_FAILURE),
+						 errmsg("JetStream answered a pull request of consumer %s with status %d, retrying",
+								ns->durable, st[i].error_status)));
+			ns->last_status = st[i].error_status;
+			ns->retry_at = TimestampTzPlusMilliseconds(now, RETRY_MS);
+		}
+	}
+
+	for (int k = 0; k < nsubs && avail_msgs > 0; k++)
+	{
+		int			i = (next_turn + k) % nsubs;
+		NatsSub    *ns = list_nth(subs, i);
+		int64		want = Max(GRANT_MIN, Max(ns->need, 2 * ns->largest));
+		int			batch = (int) Min(FETCH_MAX, avail_msgs);
+		int64		grant;
+
+		if (ns->feed == NULL || st[i].open > 0 || now < ns->retry_at)
+			continue;
+		if (want <= avail_bytes)
+			grant = want;
+		else if (ns->need == 0 && avail_bytes >= Max(GRANT_FLOOR, ns->largest))
+			grant = avail_bytes;	/* what is free: messages seen so far fit */
+		else if (ns->need > dispatcher_memory && nothing_held && max_bytes >= dispatcher_memory)
+		{
+			/* Larger than the whole budget: that one message, alone. */
+			grant = 0;
+			batch = 1;
+		}
+		else
+		{
+			blocked = i;		/* wait for credit to come back, first in line */
+			break;
+		}
+		if (!eb_nats_feed_request(ns->feed, ns->next_subject, batch, grant, REQUEST_EXPIRES_MS))
+			continue;			/* not connected: retried at the next poll */
+		ns->last_grant = grant;
+		avail_msgs -= batch;
+		avail_bytes -= grant;
+		nothing_held = false;
+	}
+	next_turn = blocked >= 0 ? blocked : (next_turn + 1) % nsubs;
+	pfree(st);
+}
+
+/*
+ * Hand what arrived to the dispatcher (up to max messages, about max_bytes)
+ * and renew the pull requests with the credit left.  Never waits.
+ */
 int
 eb_nats_consumer_poll(int max, int64 max_bytes)
 {
-	int			n = 0;
+	int			n;
+	int64		bytes;
 	ListCell   *lc;
 
-	if (eb_js == NULL || !eb_nats_connected() || paused)
+	if (eb_js == NULL || !eb_nats_connected())
 		return 0;
 	/* Reconnected since the last poll: rebind every durable. */
 	if (eb_nats_reconnects() != seen_reconnects)
@@ -351,41 +526,31 @@ eb_nats_consumer_poll(int max, int64 max_bytes)
 		subs = NIL;
 		eb_nats_consumer_set_topics(topics);
 	}
+	/* A message lost in the client, or the consumer gone in the server. */
 	foreach(lc, subs)
 	{
 		NatsSub    *ns = lfirst(lc);
-		jsFetchRequest req;
-		natsMsgList list = {0};
-		natsStatus	s;
-		sigset_t	old;
+		EbNatsFeedState st;
 
-		if (ns->sub == NULL || n >= max || max_bytes <= 0)
+		if (ns->feed == NULL)
 			continue;
-		jsFetchRequest_Init(&req);
-		req.Batch = Min(max - n, FETCH_MAX);
-		req.MaxBytes = Max(max_bytes, 1);
-		req.NoWait = true;
-		eb_nats_block_signals(&old);
-		s = natsSubscription_FetchRequest(&list, ns->sub, &req);
-		eb_nats_restore_signals(&old);
-		if (s != NATS_OK)
-			continue;			/* nothing waiting (timeout / not found) or a lost connection */
-		for (int i = 0; i < list.Count; i++)
+		eb_nats_feed_state(ns->feed, &st);
+		if (st.broken || st.gone)
 		{
-			natsMsg    *msg = list.Msgs[i];
-
-			list.Msgs[i] = NULL;
-			max_bytes -= natsMsg_GetDataLength(msg);
-			deliver(ns, msg);
-			n++;
+			rebind(ns, st.broken ? "a message could not be queued (out of memory)" :
+				   "the consumer no longer exists in the server");
+			break;				/* subs changed; the others at the next poll */
 		}
-		natsMsgList_Destroy(&list);
 	}
+
+	n = deliver_queued(max, max_bytes, &bytes);
+	if (!paused)
+		grant_credit(max - n, max_bytes - bytes);
 	return n;
 }
 
 /*
- * Handlers committed: acknowledge the message — only through a live
+ * Handlers committed: acknowledge the message — only for a live
  * subscription (see the top of this file); else JetStream redelivers it.
  */
 void
@@ -394,10 +559,9 @@ eb_nats_consumer_done(void *token)
 	NatsHeld   *held = token;
 	NatsSub    *ns = held->ns;
 
-	if (!ns->released &&
-		natsMsg_Ack(held->msg, NULL) != NATS_OK)
+	if (!ns->released && eb_nats_conn != NULL && held->reply[0] != '\0' &&
+		natsConnection_PublishString(eb_nats_conn, held->reply, "+ACK") != NATS_OK)
 		ereport(DEBUG1, (errmsg_internal("JetStream ack failed; it will redeliver (the inbox skips it)")));
-	natsMsg_Destroy(held->msg);
 	pfree(held);
 	if (--ns->held == 0 && ns->released)
 		free_sub(ns);
@@ -425,7 +589,7 @@ eb_nats_consumer_start(EbDeliverFn deliver)
 {
 	deliver_fn = deliver;
 	paused = false;
-	return eb_nats_client_start("eventbus consumer");
+	return eb_nats_client_start("eventbus consumer", true);
 }
 
 /* Release the subscriptions (durables kept) and close the connection. */
@@ -446,8 +610,8 @@ eb_nats_consumer_check(void)
 }
 
 /*
- * Backpressure: fetch nothing while paused (a pull consumer holds nothing
- * in the client between fetches).
+ * Backpressure: no new pull request while paused; the open ones bring at
+ * most the credit they were granted, and poll still hands over what came.
  */
 void
 eb_nats_consumer_pause(bool pause)
@@ -455,9 +619,9 @@ eb_nats_consumer_pause(bool pause)
 	paused = pause;
 }
 
-/* JetStream pull: while subjects are consumed, fetch again shortly. */
+/* Arrivals and request ends wake the dispatcher: no polling when idle. */
 int
 eb_nats_consumer_idle_poll_ms(void)
 {
-	return subs != NIL ? 50 : 0;
+	return 0;
 }
