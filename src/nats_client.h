@@ -58,6 +58,7 @@ extern void eb_nats_feed_destroy(EbNatsFeed *f);
 extern bool eb_nats_feed_request(EbNatsFeed *f, const char *next_subject, int batch,
 								 int64 max_bytes, int expires_ms);
 extern void eb_nats_feed_state(EbNatsFeed *f, EbNatsFeedState *st);
+extern bool eb_nats_feed_broken(EbNatsFeed *f);
 extern int	eb_nats_feed_take(EbNatsFeed *f, natsMsg **msgs, int64 *sizes, int max, int64 max_bytes);
 
 /* nats_consumer.c */

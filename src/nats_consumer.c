@@ -418,27 +418,22 @@ deliver_queued(int max, int64 max_bytes, int64 *bytes)
 }
 
 /*
- * Keep a pull request open on every bound subject, with the credit still
- * free: the dispatcher's budget (max messages, max_bytes) minus what is
- * queued and what the open requests may still bring.  Subjects take turns;
- * one whose request would not fit holds the others back until it does, so
- * a large message is not starved by small ones.
+ * Read every feed's state (once per poll: reading forgets ended requests),
+ * learn from how requests ended, and return what is held: queued messages
+ * and what open requests may still bring.  A feed that lost a message in
+ * the client, or whose consumer is gone from the server, is returned in
+ * *rebind_me.
  */
 static void
-grant_credit(int max, int64 max_bytes)
+read_states(EbNatsFeedState *st, int nsubs, int64 *held_msgs, int64 *held_bytes,
+			bool *nothing_held, NatsSub **rebind_me)
 {
-	int			nsubs = list_length(subs);
-	EbNatsFeedState *st;
-	int64		avail_msgs = max;
-	int64		avail_bytes = max_bytes;
-	bool		nothing_held = true;
-	int64		dispatcher_memory = (int64) eb_dispatcher_memory_kb * 1024;
 	TimestampTz now = GetCurrentTimestamp();
-	int			blocked = -1;
 
-	if (nsubs == 0)
-		return;
-	st = palloc0(sizeof(EbNatsFeedState) * nsubs);
+	*held_msgs = 0;
+	*held_bytes = 0;
+	*nothing_held = true;
+	*rebind_me = NULL;
 	for (int i = 0; i < nsubs; i++)
 	{
 		NatsSub    *ns = list_nth(subs, i);
@@ -446,10 +441,12 @@ grant_credit(int max, int64 max_bytes)
 		if (ns->feed == NULL)
 			continue;
 		eb_nats_feed_state(ns->feed, &st[i]);
-		avail_msgs -= st[i].queued + st[i].credit_msgs;
-		avail_bytes -= st[i].queued_bytes + st[i].credit_bytes;
+		*held_msgs += st[i].queued + st[i].credit_msgs;
+		*held_bytes += st[i].queued_bytes + st[i].credit_bytes;
 		if (st[i].queued > 0 || st[i].open > 0)
-			nothing_held = false;
+			*nothing_held = false;
+		if ((st[i].broken || st[i].gone) && *rebind_me == NULL)
+			*rebind_me = ns;
 		if (st[i].too_big)
 			ns->need = Max(ns->need, Max(ns->last_grant, GRANT_FLOOR) * 2);
 		if (st[i].error_status != 0)
@@ -463,12 +460,30 @@ grant_credit(int max, int64 max_bytes)
 			ns->retry_at = TimestampTzPlusMilliseconds(now, RETRY_MS);
 		}
 	}
+}
+
+/*
+ * Keep a pull request open on every bound subject, with the credit still
+ * free (avail_msgs, avail_bytes: the dispatcher's budget minus what is
+ * held).  Subjects take turns; one whose request would not fit holds the
+ * others back until it does, so a large message is not starved by small
+ * ones.  A message larger than eventbus.dispatcher_memory itself is asked
+ * for alone, when nothing else is held.
+ */
+static void
+grant_credit(EbNatsFeedState *st, int nsubs, int64 avail_msgs, int64 avail_bytes,
+			 int64 max_bytes, bool nothing_held)
+{
+	int64		dispatcher_memory = (int64) eb_dispatcher_memory_kb * 1024;
+	TimestampTz now = GetCurrentTimestamp();
+	int			blocked = -1;
 
 	for (int k = 0; k < nsubs && avail_msgs > 0; k++)
 	{
 		int			i = (next_turn + k) % nsubs;
 		NatsSub    *ns = list_nth(subs, i);
 		int64		want = Max(GRANT_MIN, Max(ns->need, 2 * ns->largest));
+		int64		least = Max(GRANT_FLOOR, Max(ns->need, ns->largest));
 		int			batch = (int) Min(FETCH_MAX, avail_msgs);
 		int64		grant;
 
@@ -476,12 +491,11 @@ grant_credit(int max, int64 max_bytes)
 			continue;
 		if (want <= avail_bytes)
 			grant = want;
-		else if (ns->need == 0 && avail_bytes >= Max(GRANT_FLOOR, ns->largest))
-			grant = avail_bytes;	/* what is free: messages seen so far fit */
-		else if (ns->need > dispatcher_memory && nothing_held && max_bytes >= dispatcher_memory)
+		else if (least <= avail_bytes)
+			grant = avail_bytes;	/* what is free: enough for it to progress */
+		else if (least > dispatcher_memory && nothing_held && max_bytes >= dispatcher_memory)
 		{
-			/* Larger than the whole budget: that one message, alone. */
-			grant = 0;
+			grant = 0;			/* one message of any size, alone */
 			batch = 1;
 		}
 		else
@@ -497,18 +511,24 @@ grant_credit(int max, int64 max_bytes)
 		nothing_held = false;
 	}
 	next_turn = blocked >= 0 ? blocked : (next_turn + 1) % nsubs;
-	pfree(st);
 }
 
 /*
  * Hand what arrived to the dispatcher (up to max messages, about max_bytes)
- * and renew the pull requests with the credit left.  Never waits.
+ * and renew the pull requests with the credit left.  Never waits (but for
+ * a rebind).
  */
 int
 eb_nats_consumer_poll(int max, int64 max_bytes)
 {
 	int			n;
+	int			nsubs;
 	int64		bytes;
+	int64		held_msgs;
+	int64		held_bytes;
+	bool		nothing_held;
+	NatsSub    *rebind_me;
+	EbNatsFeedState *st;
 	ListCell   *lc;
 
 	if (eb_js == NULL || !eb_nats_connected())
@@ -526,26 +546,22 @@ eb_nats_consumer_poll(int max, int64 max_bytes)
 		subs = NIL;
 		eb_nats_consumer_set_topics(topics);
 	}
-	/* A message lost in the client, or the consumer gone in the server. */
-	foreach(lc, subs)
-	{
-		NatsSub    *ns = lfirst(lc);
-		EbNatsFeedState st;
-
-		if (ns->feed == NULL)
-			continue;
-		eb_nats_feed_state(ns->feed, &st);
-		if (st.broken || st.gone)
-		{
-			rebind(ns, st.broken ? "a message could not be queued (out of memory)" :
-				   "the consumer no longer exists in the server");
-			break;				/* subs changed; the others at the next poll */
-		}
-	}
 
 	n = deliver_queued(max, max_bytes, &bytes);
-	if (!paused)
-		grant_credit(max - n, max_bytes - bytes);
+
+	nsubs = list_length(subs);
+	if (nsubs == 0)
+		return n;
+	st = palloc0(sizeof(EbNatsFeedState) * nsubs);
+	read_states(st, nsubs, &held_msgs, &held_bytes, &nothing_held, &rebind_me);
+	if (rebind_me != NULL)
+		rebind(rebind_me, eb_nats_feed_broken(rebind_me->feed) ?
+			   "a message could not be queued (out of memory)" :
+			   "the consumer no longer exists in the server");
+	else if (!paused)
+		grant_credit(st, nsubs, max - n - held_msgs, max_bytes - bytes - held_bytes,
+					 max_bytes - bytes, nothing_held);
+	pfree(st);
 	return n;
 }
 

@@ -31,6 +31,13 @@
 #include "eventbus.h"
 #include "nats_client.h"
 
+/*
+ * A request with less than this left is used up: no JetStream message is
+ * that small (its ack subject alone is longer), and the server ends a
+ * request silently when its bytes are used up exactly.
+ */
+#define MIN_MESSAGE		64
+
 /* A pull request in flight, as far as the client can tell. */
 typedef struct InboxRequest
 {
@@ -102,10 +109,14 @@ message_size(natsMsg *msg, int topic_len)
 		size += 12;
 		for (int i = 0; i < nkeys; i++)
 		{
-			const char *v = NULL;
+			const char **values = NULL;
+			int			nvalues = 0;
 
-			(void) natsMsgHeader_Get(msg, keys[i], &v);
-			size += strlen(keys[i]) + 4 + (v ? strlen(v) : 0);
+			if (natsMsgHeader_Values(msg, keys[i], &values, &nvalues) != NATS_OK)
+				continue;
+			for (int j = 0; j < nvalues; j++)
+				size += strlen(keys[i]) + 4 + strlen(values[j]);
+			free((void *) values);
 		}
 		free((void *) keys);
 	}
@@ -152,7 +163,7 @@ oldest_open(EbNatsFeed *f)
 		InboxRequest *r = &f->req[i];
 
 		if (r->id != 0 && r->status == 0 && r->msgs_left > 0 &&
-			(!r->bytes_limited || r->bytes_left > 0) &&
+			(!r->bytes_limited || r->bytes_left >= MIN_MESSAGE) &&
 			(best == NULL || r->id < best->id))
 			best = r;
 	}
@@ -405,7 +416,7 @@ eb_nats_feed_state(EbNatsFeed *f, EbNatsFeedState *st)
 		if (r->id == 0)
 			continue;
 		if (r->status != 0 || r->msgs_left <= 0 ||
-			(r->bytes_limited && r->bytes_left <= 0) || now >= r->deadline_ms)
+			(r->bytes_limited && r->bytes_left < MIN_MESSAGE) || now >= r->deadline_ms)
 		{
 			if (r->too_big && r->received == 0)
 				st->too_big = true;
@@ -426,6 +437,18 @@ eb_nats_feed_state(EbNatsFeed *f, EbNatsFeedState *st)
 	pthread_mutex_unlock(&inbox_mutex);
 }
 
+/* Did the feed lose a message in the client? */
+bool
+eb_nats_feed_broken(EbNatsFeed *f)
+{
+	bool		broken;
+
+	pthread_mutex_lock(&inbox_mutex);
+	broken = f->broken;
+	pthread_mutex_unlock(&inbox_mutex);
+	return broken;
+}
+
 /*
  * Take up to max queued messages, the first one whatever its size and the
  * others while fewer than max_bytes were taken; the caller owns them.
@@ -439,7 +462,8 @@ eb_nats_feed_take(EbNatsFeed *f, natsMsg **msgs, int64 *sizes, int max, int64 ma
 	InboxNode  *done = NULL;
 
 	pthread_mutex_lock(&inbox_mutex);
-	while (f->head != NULL && n < max && taken < max_bytes)
+	/* After a lost message, later ones must not overtake it: none. */
+	while (!f->broken && f->head != NULL && n < max && taken < max_bytes)
 	{
 		InboxNode  *node = f->head;
 
