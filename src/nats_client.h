@@ -36,6 +36,7 @@ extern bool eb_nats_ensure_stream(const char *topic, char **errmsg);
  */
 #define EB_NATS_FEED_REQUESTS		2	/* requests in flight per feed, at most */
 #define EB_NATS_REQUEST_GRACE_MS	2000	/* after expiry, before forgetting one */
+#define EB_NATS_STATUS_DESC			64	/* status descriptions kept, bytes */
 
 typedef struct EbNatsFeed EbNatsFeed;
 
@@ -51,6 +52,7 @@ typedef struct EbNatsFeedState
 	bool		broken;			/* a message was lost in the client: rebind */
 	bool		gone;			/* the consumer no longer exists: rebind */
 	int			error_status;	/* a request ended with this unexpected status */
+	char		error_desc[EB_NATS_STATUS_DESC];
 } EbNatsFeedState;
 
 extern EbNatsFeed *eb_nats_feed_create(const char *topic);

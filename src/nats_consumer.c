@@ -407,6 +407,7 @@ deliver_queued(int max, int64 max_bytes, int64 *bytes)
 			{
 				ns->largest = Max(ns->largest, sizes[i]);
 				ns->need = 0;
+				ns->last_status = 0;
 				*bytes += sizes[i];
 				n++;
 				deliver(ns, msgs[i]);
@@ -451,11 +452,15 @@ read_states(EbNatsFeedState *st, int nsubs, int64 *held_msgs, int64 *held_bytes,
 			ns->need = Max(ns->need, Max(ns->last_grant, GRANT_FLOOR) * 2);
 		if (st[i].error_status != 0)
 		{
+			/* A server stopping or a new leader ends requests: say so quietly. */
+			bool		routine = strcmp(st[i].error_desc, "Server Shutdown") == 0 ||
+				strcmp(st[i].error_desc, "Leadership Change") == 0;
+
 			if (st[i].error_status != ns->last_status)
-				ereport(LOG,
+				ereport(routine ? DEBUG1 : LOG,
 						(errcode(ERRCODE_CONNECTION_FAILURE),
-						 errmsg("JetStream answered a pull request of consumer %s with status %d, retrying",
-								ns->durable, st[i].error_status)));
+						 errmsg("JetStream ended a pull request of consumer %s with status %d \"%s\", asking again in %d ms",
+								ns->durable, st[i].error_status, st[i].error_desc, RETRY_MS)));
 			ns->last_status = st[i].error_status;
 			ns->retry_at = TimestampTzPlusMilliseconds(now, RETRY_MS);
 		}

@@ -49,6 +49,7 @@ typedef struct InboxRequest
 	int			status;			/* the status that ended it, 0 while open */
 	bool		too_big;		/* 409: the next message exceeds what is left */
 	bool		gone;			/* the consumer no longer exists */
+	char		desc[EB_NATS_STATUS_DESC];	/* the status's description */
 	int64		deadline_ms;	/* forget it after this (a lost status) */
 } InboxRequest;
 
@@ -202,6 +203,7 @@ inbox_cb(natsConnection *nc, natsSubscription *sub, natsMsg *msg, void *closure)
 		if (code != 100 && r != NULL && r->status == 0)
 		{
 			r->status = code;
+			snprintf(r->desc, sizeof(r->desc), "%s", desc ? desc : "");
 			r->too_big = code == 409 && desc != NULL && strstr(desc, "MaxBytes") != NULL;
 			/* No responders, or deleted under us: bind it again. */
 			r->gone = code == 503 || (code == 409 && desc != NULL && strstr(desc, "Deleted") != NULL);
@@ -423,7 +425,10 @@ eb_nats_feed_state(EbNatsFeed *f, EbNatsFeedState *st)
 			if (r->gone)
 				st->gone = true;
 			else if (r->status != 0 && r->status != 404 && r->status != 408 && !r->too_big)
+			{
 				st->error_status = r->status;
+				memcpy(st->error_desc, r->desc, sizeof(st->error_desc));
+			}
 			r->id = 0;
 			continue;
 		}

@@ -39,6 +39,10 @@
  *       One JSON line about the stream capturing SUBJECT (config and state).
  *   consumers STREAM
  *       Durable consumer names of STREAM, sorted, one per line.
+ *   listen SUBJECT SECONDS
+ *       Subscribe to SUBJECT (wildcards allowed) for SECONDS and print the
+ *       subject of every message published on it meanwhile, one per line: e.g.
+ *       '$JS.API.CONSUMER.MSG.NEXT.>' shows the pull requests clients send.
  *
  * Exit status: 0 success; 1 error (connection, JetStream API, publish not acked,
  * malformed input, ...); 2 no such stream (no stream captures SUBJECT, or STREAM
@@ -97,7 +101,8 @@ usage(void)
             "  set-max-msg-size NAME BYTES\n"
             "  set-max-msgs NAME COUNT\n"
             "  stream-info SUBJECT\n"
-            "  consumers STREAM\n",
+            "  consumers STREAM\n"
+            "  listen SUBJECT SECONDS\n",
             progname);
 }
 
@@ -1781,6 +1786,55 @@ cmd_consumers(const char *stream)
     return 0;
 }
 
+static int
+cmd_listen(const char *subject, const char *seconds)
+{
+    natsSubscription *sub = NULL;
+    natsStatus        s;
+    char             *endp;
+    long              secs = strtol(seconds, &endp, 10);
+    int64_t           deadline;
+
+    if (*endp != '\0' || secs <= 0)
+    {
+        errmsg("invalid SECONDS %s", seconds);
+        return EXIT_USAGE;
+    }
+    s = natsConnection_SubscribeSync(&sub, g_nc, subject);
+    if (s == NATS_OK)
+        s = natsSubscription_SetPendingLimits(sub, -1, -1);
+    if (s == NATS_OK)
+        s = natsConnection_Flush(g_nc);
+    if (s != NATS_OK)
+    {
+        nats_fail("subscribing", s, 0);
+        natsSubscription_Destroy(sub);
+        return EXIT_ERR;
+    }
+    deadline = nats_Now() + secs * 1000;
+    for (;;)
+    {
+        natsMsg *msg = NULL;
+        int64_t  left = deadline - nats_Now();
+
+        if (left <= 0)
+            break;
+        s = natsSubscription_NextMsg(&msg, sub, left);
+        if (s == NATS_TIMEOUT)
+            break;
+        if (s != NATS_OK)
+        {
+            nats_fail("receiving", s, 0);
+            natsSubscription_Destroy(sub);
+            return EXIT_ERR;
+        }
+        printf("%s\n", natsMsg_GetSubject(msg));
+        natsMsg_Destroy(msg);
+    }
+    natsSubscription_Destroy(sub);
+    return 0;
+}
+
 /* ------------------------------------------------------------------------ */
 /* main                                                                      */
 /* ------------------------------------------------------------------------ */
@@ -1926,6 +1980,17 @@ main(int argc, char **argv)
         if ((rc = nats_setup(url, NULL)) == 0)
             rc = cmd_set_limit(argv[i], strcmp(cmd, "set-max-msgs") == 0 ? "max_msgs" : "max_msg_size",
                                argv[i + 1]);
+    }
+    else if (strcmp(cmd, "listen") == 0)
+    {
+        if (argc - i != 2 || argv[i][0] == '\0')
+        {
+            errmsg("listen needs SUBJECT and SECONDS");
+            usage();
+            return EXIT_USAGE;
+        }
+        if ((rc = nats_setup(url, NULL)) == 0)
+            rc = cmd_listen(argv[i], argv[i + 1]);
     }
     else if (strcmp(cmd, "pub") == 0)
     {
