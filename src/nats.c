@@ -8,7 +8,8 @@
  * unless created with every signal blocked, so each cnats call that may start
  * a thread runs inside block_signals()/restore_signals().  Callbacks on
  * those threads touch only the ack table below (under a pthread mutex) and
- * the wakeup pipe; the main thread drains the table into the relay.
+ * the wakeup pipe; the main thread drains the table into the relay.  (The
+ * consumer's delivery callback is in nats_inbox.c, under the same rules.)
  */
 #include "postgres.h"
 
