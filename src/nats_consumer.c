@@ -41,8 +41,8 @@
 #define MAX_ACK_PENDING 20000
 #define FETCH_MAX		256		/* messages per pull request */
 #define REQUEST_EXPIRES_MS 10000	/* an idle request is renewed this often */
-#define GRANT_MIN		(256 * 1024)	/* max_bytes of a request, at least */
-#define GRANT_FLOOR		(16 * 1024) /* smallest partial grant worth sending */
+#define GRANT_MIN		(256 * 1024)	/* max_bytes of a request, at least... */
+#define GRANT_FLOOR		(16 * 1024) /* ...unless many subjects share the budget */
 #define RETRY_MS		1000	/* after an unexpected status */
 #define TAKE_CHUNK		64
 
@@ -74,6 +74,9 @@ static List *wanted = NIL;		/* subjects to consume (char *) */
 static uint64 seen_reconnects = 0;
 static bool paused = false;
 static int	next_turn = 0;		/* fairness: the sub served first */
+static List *acks_due = NIL;	/* NatsHeld * finished, ack not sent yet */
+
+static void flush_acks(void);
 static EbDeliverFn deliver_fn = NULL;	/* the dispatcher's */
 
 /* Durable name: <consumer_group>_<subject with . as _>_<fnv1a hex>. */
@@ -470,26 +473,37 @@ read_states(EbNatsFeedState *st, int nsubs, int64 *held_msgs, int64 *held_bytes,
 /*
  * Keep a pull request open on every bound subject, with the credit still
  * free (avail_msgs, avail_bytes: the dispatcher's budget minus what is
- * held).  Subjects take turns; one whose request would not fit holds the
- * others back until it does, so a large message is not starved by small
- * ones.  A message larger than eventbus.dispatcher_memory itself is asked
- * for alone, when nothing else is held.
+ * held).  An idle subject's request holds only its share of the budget
+ * (max messages and eventbus.dispatcher_memory over the subjects), so that
+ * every subject has one open.  Subjects take turns; one whose request would
+ * not fit holds the others back until it does, so a large message is not
+ * starved by small ones.  A message larger than eventbus.dispatcher_memory
+ * itself is asked for alone, when nothing else is held.
  */
 static void
-grant_credit(EbNatsFeedState *st, int nsubs, int64 avail_msgs, int64 avail_bytes,
+grant_credit(EbNatsFeedState *st, int nsubs, int max, int64 avail_msgs, int64 avail_bytes,
 			 int64 max_bytes, bool nothing_held)
 {
 	int64		dispatcher_memory = (int64) eb_dispatcher_memory_kb * 1024;
 	TimestampTz now = GetCurrentTimestamp();
 	int			blocked = -1;
+	int			nbound = 0;
+	int64		share_msgs;
+	int64		share_bytes;
+
+	for (int i = 0; i < nsubs; i++)
+		if (((NatsSub *) list_nth(subs, i))->feed != NULL)
+			nbound++;
+	share_msgs = Max(1, Min(FETCH_MAX, max / Max(nbound, 1)));
+	share_bytes = Max(GRANT_FLOOR, Min(GRANT_MIN, dispatcher_memory / Max(nbound, 1)));
 
 	for (int k = 0; k < nsubs && avail_msgs > 0; k++)
 	{
 		int			i = (next_turn + k) % nsubs;
 		NatsSub    *ns = list_nth(subs, i);
-		int64		want = Max(GRANT_MIN, Max(ns->need, 2 * ns->largest));
+		int64		want = Max(share_bytes, Max(ns->need, 2 * ns->largest));
 		int64		least = Max(GRANT_FLOOR, Max(ns->need, ns->largest));
-		int			batch = (int) Min(FETCH_MAX, avail_msgs);
+		int			batch = (int) Min(share_msgs, avail_msgs);
 		int64		grant;
 
 		if (ns->feed == NULL || st[i].open > 0 || now < ns->retry_at)
@@ -536,6 +550,7 @@ eb_nats_consumer_poll(int max, int64 max_bytes)
 	EbNatsFeedState *st;
 	ListCell   *lc;
 
+	flush_acks();
 	if (eb_js == NULL || !eb_nats_connected())
 		return 0;
 	/* Reconnected since the last poll: rebind every durable. */
@@ -564,28 +579,47 @@ eb_nats_consumer_poll(int max, int64 max_bytes)
 			   "a message could not be queued (out of memory)" :
 			   "the consumer no longer exists in the server");
 	else if (!paused)
-		grant_credit(st, nsubs, max - n - held_msgs, max_bytes - bytes - held_bytes,
+		grant_credit(st, nsubs, max, max - n - held_msgs, max_bytes - bytes - held_bytes,
 					 max_bytes - bytes, nothing_held);
 	pfree(st);
 	return n;
 }
 
 /*
- * Handlers committed: acknowledge the message — only for a live
- * subscription (see the top of this file); else JetStream redelivers it.
+ * Send the acks of finished messages — only for a live subscription (see
+ * the top of this file); else JetStream redelivers them.  Called from poll:
+ * the dispatcher hands out the work a finished message freed before it
+ * polls, so publishing acks (and waking cnats' flusher) never delays that.
  */
+static void
+flush_acks(void)
+{
+	ListCell   *lc;
+
+	foreach(lc, acks_due)
+	{
+		NatsHeld   *held = lfirst(lc);
+		NatsSub    *ns = held->ns;
+
+		if (!ns->released && eb_nats_conn != NULL && held->reply[0] != '\0' &&
+			natsConnection_PublishString(eb_nats_conn, held->reply, "+ACK") != NATS_OK)
+			ereport(DEBUG1, (errmsg_internal("JetStream ack failed; it will redeliver (the inbox skips it)")));
+		pfree(held);
+		if (--ns->held == 0 && ns->released)
+			free_sub(ns);
+	}
+	list_free(acks_due);
+	acks_due = NIL;
+}
+
+/* Handlers committed: the message's ack goes out at the next poll. */
 void
 eb_nats_consumer_done(void *token)
 {
-	NatsHeld   *held = token;
-	NatsSub    *ns = held->ns;
+	MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
 
-	if (!ns->released && eb_nats_conn != NULL && held->reply[0] != '\0' &&
-		natsConnection_PublishString(eb_nats_conn, held->reply, "+ACK") != NATS_OK)
-		ereport(DEBUG1, (errmsg_internal("JetStream ack failed; it will redeliver (the inbox skips it)")));
-	pfree(held);
-	if (--ns->held == 0 && ns->released)
-		free_sub(ns);
+	acks_due = lappend(acks_due, token);
+	MemoryContextSwitchTo(old);
 }
 
 /* Messages of the subject still in the stream for us (last known), -1 if unknown. */
@@ -617,6 +651,7 @@ eb_nats_consumer_start(EbDeliverFn deliver)
 void
 eb_nats_consumer_stop(void)
 {
+	flush_acks();
 	forget_subscriptions();
 	eb_nats_client_stop();
 	deliver_fn = NULL;

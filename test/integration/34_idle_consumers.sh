@@ -16,7 +16,7 @@ WINDOW=11
 topic() { echo "t34.nats.$run.$1"; }
 
 consumer_setup
-CONSUMER_CLEANUP="unsubscribe_like 't34.%.$run'"
+CONSUMER_CLEANUP="unsubscribe_like 't34.nats.$run.%'"
 
 q >/dev/null <<SQL
 CREATE TABLE IF NOT EXISTS t34_handled (topic text, event_id uuid);
