@@ -406,14 +406,16 @@ run_due_parked(void)
 }
 
 /*
- * Read up to BATCH_MAX items without waiting; *end is set when the batch's
- * end marker came.  False if the dispatcher left.
+ * Add what the dispatcher sent to batch[] (*n items so far), without
+ * waiting, until the batch's end marker (*end set) or BATCH_MAX items.  The
+ * batch runs only once it is complete: a worker that woke at its first item
+ * would otherwise run the batch in pieces, as the items arrive.  False if
+ * the dispatcher left.
  */
 static bool
 receive_batch(Pending **batch, int *n, bool *end)
 {
-	*n = 0;
-	while (*n < BATCH_MAX)
+	while (*n < BATCH_MAX && !*end)
 	{
 		Size		len;
 		void	   *data;
@@ -488,17 +490,22 @@ eventbus_worker_main(Datum main_arg)
 
 	for (;;)
 	{
-		Pending    *batch[BATCH_MAX];
-		int			n;
-		long		wait;
+		static Pending *batch[BATCH_MAX];
+		static int	n = 0;
 		static bool batch_ended = false;
+		bool		ran = false;
+		long		wait;
 
 		(void) eb_worker_loop_top(loop_cxt);
 
 		if (!receive_batch(batch, &n, &batch_ended))
 			proc_exit(0);		/* dispatcher detached */
-		if (n > 0)
+		if ((batch_ended || n == BATCH_MAX) && n > 0)
+		{
 			run_batch(batch, n, false);
+			n = 0;
+			ran = true;
+		}
 		if (batch_ended)
 		{
 			/* Ran the whole batch it was given: ask the dispatcher for more. */
@@ -506,10 +513,11 @@ eventbus_worker_main(Datum main_arg)
 
 			send_completions(&ready, 1);
 			batch_ended = false;
+			ran = true;
 		}
 		wait = run_due_parked();
 
-		if (n == 0 && wait > 0)
+		if (!ran && wait > 0)
 		{
 			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 							 wait, PG_WAIT_EXTENSION);
