@@ -8,7 +8,8 @@
  * unless created with every signal blocked, so each cnats call that may start
  * a thread runs inside block_signals()/restore_signals().  Callbacks on
  * those threads touch only the ack table below (under a pthread mutex) and
- * the wakeup pipe; the main thread drains the table into the relay.
+ * the wakeup pipe; the main thread drains the table into the relay.  (The
+ * consumer's delivery callback is in nats_inbox.c, under the same rules.)
  */
 #include "postgres.h"
 
@@ -185,9 +186,13 @@ set_down(const char *what, natsStatus s)
 	eb_set_broker_state(EB_TRANSPORT_NATS, EB_BROKER_DOWN, detail);
 }
 
-/* Connect (or keep retrying in the background) to eventbus.nats_url. */
+/*
+ * Connect (or keep retrying in the background) to eventbus.nats_url.  A
+ * consumer's subscriptions (one per subject) share cnats' delivery thread
+ * pool instead of a thread each.
+ */
 bool
-eb_nats_client_start(const char *name)
+eb_nats_client_start(const char *name, bool consumer)
 {
 	natsStatus	s;
 	jsOptions	jsopts;
@@ -200,6 +205,8 @@ eb_nats_client_start(const char *name)
 		s = natsOptions_SetURL(opts, eb_nats_url);
 	if (s == NATS_OK)
 		s = natsOptions_SetName(opts, name);
+	if (s == NATS_OK && consumer)
+		s = natsOptions_UseGlobalMessageDelivery(opts, true);
 	if (s == NATS_OK)
 		s = natsOptions_SetRetryOnFailedConnect(opts, true, conn_event_cb, NULL);
 	if (s == NATS_OK)
@@ -468,7 +475,7 @@ static bool
 producer_start(EbAckFn ack)
 {
 	ack_fn = ack;
-	return eb_nats_client_start("eventbus relay");
+	return eb_nats_client_start("eventbus relay", false);
 }
 
 /* Close the relay's connection; unacknowledged events stay in the outbox. */

@@ -1,7 +1,8 @@
 /*
  * nats_client.h — the NATS JetStream transport's own declarations, shared
  * by nats.c (connection, streams, producer, publish-time checks, the
- * routine) and nats_consumer.c.  Only these files include cnats.
+ * routine), nats_consumer.c (the dispatcher's consumers) and nats_inbox.c
+ * (where their messages arrive).  Only these files include cnats.
  */
 #ifndef EB_NATS_CLIENT_H
 #define EB_NATS_CLIENT_H
@@ -20,7 +21,7 @@ extern natsConnection *eb_nats_conn;
 extern jsCtx *eb_js;
 
 /* nats.c */
-extern bool eb_nats_client_start(const char *name);
+extern bool eb_nats_client_start(const char *name, bool consumer);
 extern void eb_nats_client_stop(void);
 extern bool eb_nats_connected(void);
 extern void eb_nats_poll_state(void);
@@ -28,6 +29,39 @@ extern void eb_nats_block_signals(sigset_t *old);
 extern void eb_nats_restore_signals(const sigset_t *old);
 extern uint64 eb_nats_reconnects(void);
 extern bool eb_nats_ensure_stream(const char *topic, char **errmsg);
+
+/*
+ * nats_inbox.c: where pull requests are answered.  A feed is one consumer's
+ * queue of arrived messages and its requests in flight.
+ */
+#define EB_NATS_FEED_REQUESTS		2	/* requests in flight per feed, at most */
+#define EB_NATS_REQUEST_GRACE_MS	2000	/* after expiry, before forgetting one */
+#define EB_NATS_STATUS_DESC			64	/* status descriptions kept, bytes */
+
+typedef struct EbNatsFeed EbNatsFeed;
+
+/* What a feed holds and may still receive (eb_nats_feed_state). */
+typedef struct EbNatsFeedState
+{
+	int			open;			/* requests in flight */
+	int			credit_msgs;	/* messages they may still bring */
+	int64		credit_bytes;	/* bytes they may still bring */
+	int			queued;			/* arrived, not taken yet */
+	int64		queued_bytes;
+	bool		too_big;		/* a request got nothing: the next message exceeds its max_bytes */
+	bool		broken;			/* a message was lost in the client: rebind */
+	bool		gone;			/* the consumer no longer exists: rebind */
+	int			error_status;	/* a request ended with this unexpected status */
+	char		error_desc[EB_NATS_STATUS_DESC];
+} EbNatsFeedState;
+
+extern EbNatsFeed *eb_nats_feed_create(const char *topic);
+extern void eb_nats_feed_destroy(EbNatsFeed *f);
+extern bool eb_nats_feed_request(EbNatsFeed *f, const char *next_subject, int batch,
+								 int64 max_bytes, int expires_ms);
+extern void eb_nats_feed_state(EbNatsFeed *f, EbNatsFeedState *st);
+extern bool eb_nats_feed_broken(EbNatsFeed *f);
+extern int	eb_nats_feed_take(EbNatsFeed *f, natsMsg **msgs, int64 *sizes, int max, int64 max_bytes);
 
 /* nats_consumer.c */
 extern bool eb_nats_consumer_start(EbDeliverFn deliver);

@@ -1,8 +1,19 @@
 /*
  * nats_consumer.c — the dispatcher's JetStream consumers: one durable pull
- * consumer per subscribed subject, fetched without waiting from the main
- * thread.  A message is acked only after its handlers' transaction
- * committed.
+ * consumer per subscribed subject.  The main thread keeps a pull request
+ * open on each (batch, max_bytes, expiry) for as much as the dispatcher can
+ * take; the server answers as messages arrive, into the inbox
+ * (nats_inbox.c), which wakes the dispatcher.  Nothing polls while idle: a
+ * request only ends when used up or expired, and is then renewed.  A
+ * message is acked only after its handlers' transaction committed.
+ *
+ * Memory: the bytes queued in the inbox plus what the open requests may
+ * still bring stay within the budget the dispatcher passes to poll (its
+ * eventbus.dispatcher_memory minus what it holds).  A message larger than
+ * a request's max_bytes ends the request with nothing (409); the consumer
+ * then asks for more once that much is free, and a message larger than
+ * eventbus.dispatcher_memory itself is fetched alone, when nothing else is
+ * held.
  *
  * Order across restarts: JetStream redelivers a message that was delivered
  * but never acked only after AckWait, while new fetches would already return
@@ -18,6 +29,7 @@
 #include "miscadmin.h"
 #include "utils/json.h"
 #include "utils/memutils.h"
+#include "utils/timestamp.h"
 
 #include "guc.h"
 #include "nats_client.h"
@@ -27,29 +39,44 @@
 /* Redelivery after this long without an ack (a crashed dispatcher's messages). */
 #define ACK_WAIT_NS		((int64) 30 * 1000000000)
 #define MAX_ACK_PENDING 20000
-#define FETCH_MAX		256
+#define FETCH_MAX		256		/* messages per pull request */
+#define REQUEST_EXPIRES_MS 10000	/* an idle request is renewed this often */
+#define GRANT_MIN		(256 * 1024)	/* max_bytes of a request, at least... */
+#define GRANT_FLOOR		(16 * 1024) /* ...unless many subjects share the budget */
+#define RETRY_MS		1000	/* after an unexpected status */
+#define TAKE_CHUNK		64
 
 typedef struct NatsSub
 {
 	char	   *topic;
 	char	   *durable;
-	natsSubscription *sub;
+	char	   *next_subject;	/* where its pull requests go */
+	EbNatsFeed *feed;			/* NULL: not bound */
 	int64		pending;		/* messages waiting in the stream (last known) */
-	int64		held;			/* fetched messages not yet finished */
-	bool		released;		/* no longer in subs: never ack through it */
+	int64		held;			/* delivered messages not yet finished */
+	int64		largest;		/* largest message seen (server's count) */
+	int64		last_grant;		/* max_bytes of its last request */
+	int64		need;			/* a request got nothing: ask for this much */
+	int			last_status;	/* last unexpected status logged */
+	TimestampTz retry_at;		/* no request before (after a status) */
+	bool		released;		/* no longer in subs: never ack for it */
 } NatsSub;
 
-/* The dispatcher's handle on one fetched message. */
+/* The dispatcher's handle on one delivered message: what acks it. */
 typedef struct NatsHeld
 {
-	natsMsg    *msg;
 	NatsSub    *ns;
+	char		reply[FLEXIBLE_ARRAY_MEMBER];	/* the ack subject */
 } NatsHeld;
 
 static List *subs = NIL;		/* NatsSub *, bound or to be bound */
 static List *wanted = NIL;		/* subjects to consume (char *) */
 static uint64 seen_reconnects = 0;
 static bool paused = false;
+static int	next_turn = 0;		/* fairness: the sub served first */
+static List *acks_due = NIL;	/* NatsHeld * finished, ack not sent yet */
+
+static void flush_acks(void);
 static EbDeliverFn deliver_fn = NULL;	/* the dispatcher's */
 
 /* Durable name: <consumer_group>_<subject with . as _>_<fnv1a hex>. */
@@ -138,7 +165,8 @@ static NatsSub *
 subscribe_topic(const char *topic)
 {
 	NatsSub    *ns;
-	jsSubOptions so;
+	jsConsumerConfig cfg;
+	jsConsumerInfo *ci = NULL;
 	jsErrCode	jerr = 0;
 	natsStatus	s;
 	char	   *err = NULL;
@@ -161,20 +189,22 @@ subscribe_topic(const char *topic)
 	}
 	start = take_over_durable(stream, ns->durable);
 
-	jsSubOptions_Init(&so);
-	so.Stream = stream;
-	so.Config.Durable = ns->durable;
-	so.Config.AckPolicy = js_AckExplicit;
+	/* A pull consumer: no deliver subject; the inbox receives its answers. */
+	jsConsumerConfig_Init(&cfg);
+	cfg.Durable = ns->durable;
+	cfg.AckPolicy = js_AckExplicit;
 	/* New durable: the start policy (everything retained); else resume. */
-	so.Config.DeliverPolicy = start > 0 ? js_DeliverByStartSequence : js_DeliverAll;
-	so.Config.OptStartSeq = start;
-	so.Config.AckWait = ACK_WAIT_NS;
-	so.Config.MaxAckPending = MAX_ACK_PENDING;
-	so.Config.MaxDeliver = -1;
-	so.Config.FilterSubject = ns->topic;
+	cfg.DeliverPolicy = start > 0 ? js_DeliverByStartSequence : js_DeliverAll;
+	cfg.OptStartSeq = start;
+	cfg.AckWait = ACK_WAIT_NS;
+	cfg.MaxAckPending = MAX_ACK_PENDING;
+	cfg.MaxDeliver = -1;
+	cfg.FilterSubject = ns->topic;
 
 	eb_nats_block_signals(&old);
-	s = js_PullSubscribe(&ns->sub, eb_js, ns->topic, ns->durable, NULL, &so, &jerr);
+	s = js_AddConsumer(&ci, eb_js, stream, &cfg, NULL, &jerr);
+	if (ci)
+		jsConsumerInfo_Destroy(ci);
 	eb_nats_restore_signals(&old);
 	if (s != NATS_OK)
 	{
@@ -183,8 +213,14 @@ subscribe_topic(const char *topic)
 				 errmsg("could not bind JetStream consumer %s for %s: %s",
 						ns->durable, ns->topic, natsStatus_GetText(s)),
 				 jerr ? errdetail("JetStream error %d", (int) jerr) : 0));
-		ns->sub = NULL;
+		pfree(stream);
+		return ns;
 	}
+	ns->next_subject = MemoryContextStrdup(TopMemoryContext,
+										   psprintf("$JS.API.CONSUMER.MSG.NEXT.%s.%s", stream, ns->durable));
+	pfree(stream);
+	/* NULL: retried at the next subscription refresh. */
+	ns->feed = eb_nats_feed_create(ns->topic);
 	return ns;
 }
 
@@ -193,24 +229,23 @@ free_sub(NatsSub *ns)
 {
 	pfree(ns->topic);
 	pfree(ns->durable);
+	if (ns->next_subject)
+		pfree(ns->next_subject);
 	pfree(ns);
 }
 
 /*
- * Release a subscription without deleting its durable.  Its held messages
- * keep the NatsSub until they are finished (unacked).
+ * Release a subscription without deleting its durable: what its inbox feed
+ * had queued is dropped, unacked.  Its delivered messages keep the NatsSub
+ * until they are finished (unacked).
  */
 static void
 release(NatsSub *ns)
 {
-	if (ns->sub)
+	if (ns->feed)
 	{
-		sigset_t	old;
-
-		eb_nats_block_signals(&old);
-		natsSubscription_Destroy(ns->sub);
-		eb_nats_restore_signals(&old);
-		ns->sub = NULL;
+		eb_nats_feed_destroy(ns->feed);
+		ns->feed = NULL;
 	}
 	ns->released = true;
 	if (ns->held == 0)
@@ -240,7 +275,7 @@ eb_nats_consumer_set_topics(List *want)
 	{
 		NatsSub    *ns = lfirst(lc);
 
-		if (eb_string_member(want, ns->topic) && ns->sub != NULL)
+		if (eb_string_member(want, ns->topic) && ns->feed != NULL)
 			keep = lappend(keep, ns);
 		else
 			release(ns);
@@ -282,7 +317,10 @@ forget_subscriptions(void)
 	seen_reconnects = 0;
 }
 
-/* Hand one fetched message to the dispatcher (which now owns it). */
+/*
+ * Hand one arrived message to the dispatcher, which copies what it keeps:
+ * only the ack subject stays with us until the message is finished.
+ */
 static void
 deliver(NatsSub *ns, natsMsg *msg)
 {
@@ -290,10 +328,12 @@ deliver(NatsSub *ns, natsMsg *msg)
 	jsMsgMetaData *meta = NULL;
 	const char **keys = NULL;
 	int			nkeys = 0;
-	NatsHeld   *held = MemoryContextAlloc(TopMemoryContext, sizeof(NatsHeld));
+	const char *reply = natsMsg_GetReply(msg);
+	size_t		rlen = reply ? strlen(reply) : 0;
+	NatsHeld   *held = MemoryContextAlloc(TopMemoryContext, offsetof(NatsHeld, reply) + rlen + 1);
 
-	held->msg = msg;
 	held->ns = ns;
+	memcpy(held->reply, reply ? reply : "", rlen + 1);
 	ns->held++;
 
 	memset(&in, 0, sizeof(in));
@@ -329,14 +369,189 @@ deliver(NatsSub *ns, natsMsg *msg)
 	deliver_fn(&in);
 }
 
-/* Fetch up to max messages (about max_bytes) across the subjects, without waiting. */
+/* Bind the consumer of ns's subject again (it failed in the client or the server). */
+static void
+rebind(NatsSub *ns, const char *why)
+{
+	ereport(LOG,
+			(errcode(ERRCODE_CONNECTION_FAILURE),
+			 errmsg("rebinding JetStream consumer %s: %s", ns->durable, why)));
+	subs = list_delete_ptr(subs, ns);
+	release(ns);
+	/* Binds what is wanted and missing: this one, again at its ack floor + 1. */
+	eb_nats_consumer_set_topics(wanted);
+}
+
+/*
+ * Hand queued messages to the dispatcher: up to max, the first one of the
+ * round whatever its size and the others while fewer than max_bytes went.
+ * Subjects take turns.  Sets *bytes to what was handed over.
+ */
+static int
+deliver_queued(int max, int64 max_bytes, int64 *bytes)
+{
+	int			n = 0;
+	int			nsubs = list_length(subs);
+
+	*bytes = 0;
+	for (int k = 0; k < nsubs && n < max && *bytes < max_bytes; k++)
+	{
+		NatsSub    *ns = list_nth(subs, (next_turn + k) % nsubs);
+		natsMsg    *msgs[TAKE_CHUNK];
+		int64		sizes[TAKE_CHUNK];
+		int			got;
+
+		if (ns->feed == NULL)
+			continue;
+		do
+		{
+			got = eb_nats_feed_take(ns->feed, msgs, sizes, Min(max - n, TAKE_CHUNK), max_bytes - *bytes);
+			for (int i = 0; i < got; i++)
+			{
+				ns->largest = Max(ns->largest, sizes[i]);
+				ns->need = 0;
+				ns->last_status = 0;
+				*bytes += sizes[i];
+				n++;
+				deliver(ns, msgs[i]);
+				natsMsg_Destroy(msgs[i]);
+			}
+		} while (got == TAKE_CHUNK && n < max && *bytes < max_bytes);
+	}
+	return n;
+}
+
+/*
+ * Read every feed's state (once per poll: reading forgets ended requests),
+ * learn from how requests ended, and return what is held: queued messages
+ * and what open requests may still bring.  A feed that lost a message in
+ * the client, or whose consumer is gone from the server, is returned in
+ * *rebind_me.
+ */
+static void
+read_states(EbNatsFeedState *st, int nsubs, int64 *held_msgs, int64 *held_bytes,
+			bool *nothing_held, NatsSub **rebind_me)
+{
+	TimestampTz now = GetCurrentTimestamp();
+
+	*held_msgs = 0;
+	*held_bytes = 0;
+	*nothing_held = true;
+	*rebind_me = NULL;
+	for (int i = 0; i < nsubs; i++)
+	{
+		NatsSub    *ns = list_nth(subs, i);
+
+		if (ns->feed == NULL)
+			continue;
+		eb_nats_feed_state(ns->feed, &st[i]);
+		*held_msgs += st[i].queued + st[i].credit_msgs;
+		*held_bytes += st[i].queued_bytes + st[i].credit_bytes;
+		if (st[i].queued > 0 || st[i].open > 0)
+			*nothing_held = false;
+		if ((st[i].broken || st[i].gone) && *rebind_me == NULL)
+			*rebind_me = ns;
+		if (st[i].too_big)
+			ns->need = Max(ns->need, Max(ns->last_grant, GRANT_FLOOR) * 2);
+		if (st[i].error_status != 0)
+		{
+			/* A server stopping or a new leader ends requests: say so quietly. */
+			bool		routine = strcmp(st[i].error_desc, "Server Shutdown") == 0 ||
+				strcmp(st[i].error_desc, "Leadership Change") == 0;
+
+			if (st[i].error_status != ns->last_status)
+				ereport(routine ? DEBUG1 : LOG,
+						(errcode(ERRCODE_CONNECTION_FAILURE),
+						 errmsg("JetStream ended a pull request of consumer %s with status %d \"%s\", asking again in %d ms",
+								ns->durable, st[i].error_status, st[i].error_desc, RETRY_MS)));
+			ns->last_status = st[i].error_status;
+			ns->retry_at = TimestampTzPlusMilliseconds(now, RETRY_MS);
+		}
+	}
+}
+
+/*
+ * Keep a pull request open on every bound subject, with the credit still
+ * free (avail_msgs, avail_bytes: the dispatcher's budget minus what is
+ * held).  An idle subject's request holds only its share of the budget
+ * (max messages and eventbus.dispatcher_memory over the subjects), so that
+ * every subject has one open.  Subjects take turns; one whose request would
+ * not fit holds the others back until it does, so a large message is not
+ * starved by small ones.  A message larger than eventbus.dispatcher_memory
+ * itself is asked for alone, when nothing else is held.
+ */
+static void
+grant_credit(EbNatsFeedState *st, int nsubs, int max, int64 avail_msgs, int64 avail_bytes,
+			 int64 max_bytes, bool nothing_held)
+{
+	int64		dispatcher_memory = (int64) eb_dispatcher_memory_kb * 1024;
+	TimestampTz now = GetCurrentTimestamp();
+	int			blocked = -1;
+	int			nbound = 0;
+	int64		share_msgs;
+	int64		share_bytes;
+
+	for (int i = 0; i < nsubs; i++)
+		if (((NatsSub *) list_nth(subs, i))->feed != NULL)
+			nbound++;
+	share_msgs = Max(1, Min(FETCH_MAX, max / Max(nbound, 1)));
+	share_bytes = Max(GRANT_FLOOR, Min(GRANT_MIN, dispatcher_memory / Max(nbound, 1)));
+
+	for (int k = 0; k < nsubs && avail_msgs > 0; k++)
+	{
+		int			i = (next_turn + k) % nsubs;
+		NatsSub    *ns = list_nth(subs, i);
+		int64		want = Max(share_bytes, Max(ns->need, 2 * ns->largest));
+		int64		least = Max(GRANT_FLOOR, Max(ns->need, ns->largest));
+		int			batch = (int) Min(share_msgs, avail_msgs);
+		int64		grant;
+
+		if (ns->feed == NULL || st[i].open > 0 || now < ns->retry_at)
+			continue;
+		if (want <= avail_bytes)
+			grant = want;
+		else if (least <= avail_bytes)
+			grant = avail_bytes;	/* what is free: enough for it to progress */
+		else if (least > dispatcher_memory && nothing_held && max_bytes >= dispatcher_memory)
+		{
+			grant = 0;			/* one message of any size, alone */
+			batch = 1;
+		}
+		else
+		{
+			blocked = i;		/* wait for credit to come back, first in line */
+			break;
+		}
+		if (!eb_nats_feed_request(ns->feed, ns->next_subject, batch, grant, REQUEST_EXPIRES_MS))
+			continue;			/* not connected: retried at the next poll */
+		ns->last_grant = grant;
+		avail_msgs -= batch;
+		avail_bytes -= grant;
+		nothing_held = false;
+	}
+	next_turn = blocked >= 0 ? blocked : (next_turn + 1) % nsubs;
+}
+
+/*
+ * Hand what arrived to the dispatcher (up to max messages, about max_bytes)
+ * and renew the pull requests with the credit left.  Never waits (but for
+ * a rebind).
+ */
 int
 eb_nats_consumer_poll(int max, int64 max_bytes)
 {
-	int			n = 0;
+	int			n;
+	int			nsubs;
+	int64		bytes;
+	int64		held_msgs;
+	int64		held_bytes;
+	bool		nothing_held;
+	NatsSub    *rebind_me;
+	EbNatsFeedState *st;
 	ListCell   *lc;
 
-	if (eb_js == NULL || !eb_nats_connected() || paused)
+	flush_acks();
+	if (eb_js == NULL || !eb_nats_connected())
 		return 0;
 	/* Reconnected since the last poll: rebind every durable. */
 	if (eb_nats_reconnects() != seen_reconnects)
@@ -351,56 +566,60 @@ eb_nats_consumer_poll(int max, int64 max_bytes)
 		subs = NIL;
 		eb_nats_consumer_set_topics(topics);
 	}
-	foreach(lc, subs)
-	{
-		NatsSub    *ns = lfirst(lc);
-		jsFetchRequest req;
-		natsMsgList list = {0};
-		natsStatus	s;
-		sigset_t	old;
 
-		if (ns->sub == NULL || n >= max || max_bytes <= 0)
-			continue;
-		jsFetchRequest_Init(&req);
-		req.Batch = Min(max - n, FETCH_MAX);
-		req.MaxBytes = Max(max_bytes, 1);
-		req.NoWait = true;
-		eb_nats_block_signals(&old);
-		s = natsSubscription_FetchRequest(&list, ns->sub, &req);
-		eb_nats_restore_signals(&old);
-		if (s != NATS_OK)
-			continue;			/* nothing waiting (timeout / not found) or a lost connection */
-		for (int i = 0; i < list.Count; i++)
-		{
-			natsMsg    *msg = list.Msgs[i];
+	n = deliver_queued(max, max_bytes, &bytes);
 
-			list.Msgs[i] = NULL;
-			max_bytes -= natsMsg_GetDataLength(msg);
-			deliver(ns, msg);
-			n++;
-		}
-		natsMsgList_Destroy(&list);
-	}
+	nsubs = list_length(subs);
+	if (nsubs == 0)
+		return n;
+	st = palloc0(sizeof(EbNatsFeedState) * nsubs);
+	read_states(st, nsubs, &held_msgs, &held_bytes, &nothing_held, &rebind_me);
+	if (rebind_me != NULL)
+		rebind(rebind_me, eb_nats_feed_broken(rebind_me->feed) ?
+			   "a message could not be queued (out of memory)" :
+			   "the consumer no longer exists in the server");
+	else if (!paused)
+		grant_credit(st, nsubs, max, max - n - held_msgs, max_bytes - bytes - held_bytes,
+					 max_bytes - bytes, nothing_held);
+	pfree(st);
 	return n;
 }
 
 /*
- * Handlers committed: acknowledge the message — only through a live
- * subscription (see the top of this file); else JetStream redelivers it.
+ * Send the acks of finished messages — only for a live subscription (see
+ * the top of this file); else JetStream redelivers them.  Called from poll:
+ * the dispatcher hands out the work a finished message freed before it
+ * polls, so publishing acks (and waking cnats' flusher) never delays that.
  */
+static void
+flush_acks(void)
+{
+	ListCell   *lc;
+
+	foreach(lc, acks_due)
+	{
+		NatsHeld   *held = lfirst(lc);
+		NatsSub    *ns = held->ns;
+
+		if (!ns->released && eb_nats_conn != NULL && held->reply[0] != '\0' &&
+			natsConnection_PublishString(eb_nats_conn, held->reply, "+ACK") != NATS_OK)
+			ereport(DEBUG1, (errmsg_internal("JetStream ack failed; it will redeliver (the inbox skips it)")));
+		pfree(held);
+		if (--ns->held == 0 && ns->released)
+			free_sub(ns);
+	}
+	list_free(acks_due);
+	acks_due = NIL;
+}
+
+/* Handlers committed: the message's ack goes out at the next poll. */
 void
 eb_nats_consumer_done(void *token)
 {
-	NatsHeld   *held = token;
-	NatsSub    *ns = held->ns;
+	MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
 
-	if (!ns->released &&
-		natsMsg_Ack(held->msg, NULL) != NATS_OK)
-		ereport(DEBUG1, (errmsg_internal("JetStream ack failed; it will redeliver (the inbox skips it)")));
-	natsMsg_Destroy(held->msg);
-	pfree(held);
-	if (--ns->held == 0 && ns->released)
-		free_sub(ns);
+	acks_due = lappend(acks_due, token);
+	MemoryContextSwitchTo(old);
 }
 
 /* Messages of the subject still in the stream for us (last known), -1 if unknown. */
@@ -425,13 +644,14 @@ eb_nats_consumer_start(EbDeliverFn deliver)
 {
 	deliver_fn = deliver;
 	paused = false;
-	return eb_nats_client_start("eventbus consumer");
+	return eb_nats_client_start("eventbus consumer", true);
 }
 
 /* Release the subscriptions (durables kept) and close the connection. */
 void
 eb_nats_consumer_stop(void)
 {
+	flush_acks();
 	forget_subscriptions();
 	eb_nats_client_stop();
 	deliver_fn = NULL;
@@ -446,8 +666,8 @@ eb_nats_consumer_check(void)
 }
 
 /*
- * Backpressure: fetch nothing while paused (a pull consumer holds nothing
- * in the client between fetches).
+ * Backpressure: no new pull request while paused; the open ones bring at
+ * most the credit they were granted, and poll still hands over what came.
  */
 void
 eb_nats_consumer_pause(bool pause)
@@ -455,9 +675,9 @@ eb_nats_consumer_pause(bool pause)
 	paused = pause;
 }
 
-/* JetStream pull: while subjects are consumed, fetch again shortly. */
+/* Arrivals and request ends wake the dispatcher: no polling when idle. */
 int
 eb_nats_consumer_idle_poll_ms(void)
 {
-	return subs != NIL ? 50 : 0;
+	return 0;
 }

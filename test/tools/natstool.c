@@ -86,7 +86,8 @@ usage(const char *msg)
 		  "  ensure-stream NAME SUBJECT...\n"
 		  "  set-max-msg-size NAME BYTES | set-max-msgs NAME COUNT\n"
 		  "  stream-info SUBJECT\n"
-		  "  consumers STREAM\n", stderr);
+		  "  consumers STREAM\n"
+		  "  listen SUBJECT SECONDS\n", stderr);
 	return EXIT_USAGE;
 }
 
@@ -667,6 +668,51 @@ cmd_consumers(const char *stream)
 	return 0;
 }
 
+/* Print the subject of every message on SUBJECT (wildcards allowed) for SECONDS. */
+static int
+cmd_listen(const char *subject, const char *seconds)
+{
+	natsSubscription *sub = NULL;
+	natsStatus	s;
+	char	   *end;
+	long		secs = strtol(seconds, &end, 10);
+	int64_t		deadline;
+
+	if (*end != '\0' || secs <= 0)
+		return usage("listen: SECONDS must be a positive number");
+	s = natsConnection_SubscribeSync(&sub, nc, subject);
+	if (s == NATS_OK)
+		s = natsSubscription_SetPendingLimits(sub, -1, -1);
+	if (s == NATS_OK)
+		s = natsConnection_Flush(nc);
+	if (s != NATS_OK)
+	{
+		natsSubscription_Destroy(sub);
+		return fail("subscribing", s, 0);
+	}
+	deadline = nats_Now() + secs * 1000;
+	for (;;)
+	{
+		natsMsg    *msg = NULL;
+		int64_t		left = deadline - nats_Now();
+
+		if (left <= 0)
+			break;
+		s = natsSubscription_NextMsg(&msg, sub, left);
+		if (s == NATS_TIMEOUT)
+			break;
+		if (s != NATS_OK)
+		{
+			natsSubscription_Destroy(sub);
+			return fail("receiving", s, 0);
+		}
+		printf("%s\n", natsMsg_GetSubject(msg));
+		natsMsg_Destroy(msg);
+	}
+	natsSubscription_Destroy(sub);
+	return 0;
+}
+
 int
 main(int argc, char **argv)
 {
@@ -713,7 +759,8 @@ main(int argc, char **argv)
 	else if ((strcmp(cmd, "dump") == 0 || strcmp(cmd, "stream-info") == 0 ||
 			  strcmp(cmd, "consumers") == 0) ? nargs != 1 :
 			 strcmp(cmd, "ensure-stream") == 0 ? nargs < 2 :
-			 (strcmp(cmd, "set-max-msg-size") == 0 || strcmp(cmd, "set-max-msgs") == 0) ?
+			 (strcmp(cmd, "set-max-msg-size") == 0 || strcmp(cmd, "set-max-msgs") == 0 ||
+			  strcmp(cmd, "listen") == 0) ?
 			 nargs != 2 : true)
 		return usage("unknown command or wrong number of arguments");
 
@@ -745,6 +792,8 @@ main(int argc, char **argv)
 		rc = cmd_stream_info(argv[0]);
 	else if (strcmp(cmd, "consumers") == 0)
 		rc = cmd_consumers(argv[0]);
+	else if (strcmp(cmd, "listen") == 0)
+		rc = cmd_listen(argv[0], argv[1]);
 	else
 		rc = cmd_set_limit(argv[0], strcmp(cmd, "set-max-msgs") == 0, argv[1]);
 
