@@ -269,7 +269,8 @@ eb_kafka_consumer_start(EbDeliverFn deliver)
 		rd_kafka_conf_set(conf, "enable.auto.offset.store", "false", errstr, sizeof(errstr)) != RD_KAFKA_CONF_OK ||
 		rd_kafka_conf_set(conf, "auto.offset.reset", "earliest", errstr, sizeof(errstr)) != RD_KAFKA_CONF_OK ||
 		rd_kafka_conf_set(conf, "enable.partition.eof", "false", errstr, sizeof(errstr)) != RD_KAFKA_CONF_OK ||
-		rd_kafka_conf_set(conf, "queued.max.messages.kbytes", psprintf("%d", Max(eb_dispatcher_memory_kb / 2, 1024)),
+		/* librdkafka's prefetch: an eighth of eventbus.dispatcher_memory. */
+		rd_kafka_conf_set(conf, "queued.max.messages.kbytes", psprintf("%d", Max(eb_dispatcher_memory_kb / 8, 1024)),
 						  errstr, sizeof(errstr)) != RD_KAFKA_CONF_OK)
 	{
 		rd_kafka_conf_destroy(conf);
