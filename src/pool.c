@@ -353,6 +353,23 @@ run_in_transaction(Pending **batch, int n, bool from_parked, int failed_at,
 	return committed;
 }
 
+static void run_batch(Pending **batch, int n, bool from_parked);
+
+/*
+ * A batch's commit failed (a deferred constraint, a serialization failure):
+ * run its events one transaction each, so only the event at fault fails.
+ */
+static void
+run_one_by_one(Pending **batch, int n, bool from_parked, const ErrorData *commit_error)
+{
+	ereport(LOG,
+			(errcode(commit_error->sqlerrcode),
+			 errmsg("commit of a batch of %d events failed, running them one by one", n),
+			 errdetail("%s", commit_error->message)));
+	for (int i = 0; i < n; i++)
+		run_batch(&batch[i], 1, from_parked);
+}
+
 /*
  * Process one batch.  batch[] holds items in arrival order; an item whose key
  * is parked (possibly by an earlier failure in this same batch) joins the
@@ -383,12 +400,7 @@ run_batch(Pending **batch, int n, bool from_parked)
 		fr = run_optimistic(batch, n, result, outcome, &failed_at, &failed_error, &commit_error);
 	if (fr == FAST_COMMIT_FAILED && n > 1)
 	{
-		ereport(LOG,
-				(errcode(commit_error->sqlerrcode),
-				 errmsg("commit of a batch of %d events failed, running them one by one", n),
-				 errdetail("%s", commit_error->message)));
-		for (int i = 0; i < n; i++)
-			run_batch(&batch[i], 1, from_parked);
+		run_one_by_one(batch, n, from_parked, commit_error);
 		return;
 	}
 	if (fr != FAST_COMMITTED &&
@@ -397,12 +409,7 @@ run_batch(Pending **batch, int n, bool from_parked)
 	{
 		if (n > 1)
 		{
-			ereport(LOG,
-					(errcode(commit_error->sqlerrcode),
-					 errmsg("commit of a batch of %d events failed, running them one by one", n),
-					 errdetail("%s", commit_error->message)));
-			for (int i = 0; i < n; i++)
-				run_batch(&batch[i], 1, from_parked);
+			run_one_by_one(batch, n, from_parked, commit_error);
 			return;
 		}
 		/* A single event failing at commit: a failed attempt like any other. */
