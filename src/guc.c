@@ -34,9 +34,16 @@ int			eb_max_payload_bytes = 1000000;
 int			eb_inbox_retention_min = 7 * 24 * 60;
 int			eb_handler_timeout_ms = 60000;
 int			eb_dispatcher_memory_kb = 64 * 1024;
+int			eb_consumer_mode = EB_CONSUMER_SINGLE;
 
 /* Values of eventbus.default_transport: the registered transports. */
 static struct config_enum_entry transport_options[EB_NTRANSPORTS + 1];
+
+static const struct config_enum_entry consumer_mode_options[] = {
+	{"single", EB_CONSUMER_SINGLE, false},
+	{"shared", EB_CONSUMER_SHARED, false},
+	{NULL, 0, false}
+};
 
 /*
  * librdkafka properties eventbus sets itself: the guarantees (idempotent,
@@ -362,6 +369,13 @@ eb_define_gucs(void)
 							   "Kafka group.id and JetStream durable-name prefix.",
 							   NULL, &eb_consumer_group, "eventbus",
 							   PGC_SIGHUP, 0, NULL, NULL, NULL);
+
+	DefineCustomEnumVariable("eventbus.consumer_mode",
+							 "Whether this database is the only consumer of eventbus.consumer_group (single) or shares it with other instances (shared).",
+							 "single: eventbus takes every partition and durable itself (fastest restart). shared: Kafka partitions are split by the group protocol and each JetStream topic is consumed by one instance at a time, with fail-over.",
+							 &eb_consumer_mode, EB_CONSUMER_SINGLE,
+							 consumer_mode_options,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
 
 	DefineCustomStringVariable("eventbus.kafka_properties",
 							   "Extra librdkafka properties, 'name=value' pairs separated by ';' (SASL, TLS, tuning).",

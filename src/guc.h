@@ -21,6 +21,11 @@ extern int	eb_max_payload_bytes;
 extern int	eb_inbox_retention_min;
 extern int	eb_handler_timeout_ms;
 extern int	eb_dispatcher_memory_kb;
+extern int	eb_consumer_mode;
+
+/* eventbus.consumer_mode */
+#define EB_CONSUMER_SINGLE	0	/* the only consumer of its group */
+#define EB_CONSUMER_SHARED	1	/* several instances share the group */
 
 extern void eb_define_gucs(void);
 extern bool eb_kafka_properties_parse(const char *spec, List **names, List **values, char **err);

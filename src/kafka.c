@@ -516,8 +516,8 @@ settings(bool producer)
 {
 	if (producer)
 		return psprintf("%s|%s|%d", eb_kafka_brokers, eb_kafka_properties, eb_ack_timeout_ms);
-	return psprintf("%s|%s|%s|%d", eb_kafka_brokers, eb_kafka_properties,
-					eb_consumer_group, eb_dispatcher_memory_kb);
+	return psprintf("%s|%s|%s|%d|%d", eb_kafka_brokers, eb_kafka_properties,
+					eb_consumer_group, eb_dispatcher_memory_kb, eb_consumer_mode);
 }
 
 /* Kafka refuses the topic names "." and "..". */

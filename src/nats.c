@@ -691,8 +691,8 @@ configured(void)
 static char *
 settings(bool producer)
 {
-	return psprintf("%s|%s|%s|%s", eb_nats_url, eb_nats_credentials_file, eb_nats_token,
-					producer ? "" : eb_consumer_group);
+	return psprintf("%s|%s|%s|%s|%d", eb_nats_url, eb_nats_credentials_file, eb_nats_token,
+					producer ? "" : eb_consumer_group, producer ? 0 : eb_consumer_mode);
 }
 
 /*
