@@ -64,6 +64,7 @@ typedef struct Delivery
 	int			transport;
 	void	   *token;			/* consumer's handle */
 	int			pending;		/* work items not yet completed */
+	bool		abandoned;		/* an item was dropped: not handled here */
 } Delivery;
 
 /* A work item in flight: its tag maps back to message and subscription. */
@@ -127,13 +128,32 @@ pool_worker_gone(int w)
 	proc_exit(1);
 }
 
-/* Finish a message: commit point / ack. */
+/* Finish a message: commit point / ack, or give it back (abandoned). */
 static void
 finish(Delivery *d)
 {
-	eb_transport(d->transport)->consumer_done(d->token);
+	const EbTransportRoutine *tr = eb_transport(d->transport);
+
+	if (d->abandoned)
+		tr->consumer_abandon(d->token);
+	else
+		tr->consumer_done(d->token);
 	pfree(d);
 	in_flight--;
+}
+
+/* An item of a message is finished (completed or dropped). */
+static void
+item_finished(uint64 tag, ItemRef *ref)
+{
+	Delivery   *d = ref->delivery;
+
+	for (int s = 0; s < nsubs; s++)
+		if (subs[s].id == ref->subscription_id)
+			subs[s].in_flight--;
+	hash_search(items, &tag, HASH_REMOVE, NULL);
+	if (--d->pending == 0)
+		finish(d);
 }
 
 /*
@@ -164,8 +184,12 @@ send_to(int w, StringInfo buf)
 	MemoryContextSwitchTo(old);
 }
 
-/* The scheduler gives worker w an item, or (buf NULL) ends its batch. */
-static void
+/*
+ * The scheduler gives worker w an item, or (buf NULL) ends its batch.  An
+ * item whose message this instance gave up (shared consumption) is dropped:
+ * another instance handles it.
+ */
+static bool
 sched_send(int w, uint64 tag, StringInfo buf)
 {
 	ItemRef    *ref;
@@ -177,13 +201,24 @@ sched_send(int w, uint64 tag, StringInfo buf)
 		initStringInfo(&end);
 		appendStringInfoChar(&end, EB_BATCH_END);
 		send_to(w, &end);
-		return;
+		return true;
 	}
 	ref = hash_search(items, &tag, HASH_FIND, NULL);
 	if (ref)
+	{
+		const EbTransportRoutine *tr = eb_transport(ref->delivery->transport);
+
+		if (tr->consumer_live && !tr->consumer_live(ref->delivery->token))
+		{
+			ref->delivery->abandoned = true;
+			item_finished(tag, ref);
+			return false;
+		}
 		ref->worker = w;
+	}
 	queued[w]++;
 	send_to(w, buf);
+	return true;
 }
 
 /* Retry unsent items in order. */
@@ -386,7 +421,6 @@ drain_completions(void)
 			for (Size i = 0; i < len / sizeof(EbCompletion); i++)
 			{
 				ItemRef    *ref;
-				Delivery   *d;
 
 				if (c[i].tag == EB_TAG_READY)
 				{
@@ -397,15 +431,9 @@ drain_completions(void)
 				ref = hash_search(items, &c[i].tag, HASH_FIND, NULL);
 				if (ref == NULL)
 					continue;
-				d = ref->delivery;
 				if (ref->worker >= 0)
 					queued[ref->worker]--;
-				for (int s = 0; s < nsubs; s++)
-					if (subs[s].id == ref->subscription_id)
-						subs[s].in_flight--;
-				hash_search(items, &c[i].tag, HASH_REMOVE, NULL);
-				if (--d->pending == 0)
-					finish(d);
+				item_finished(c[i].tag, ref);
 			}
 		}
 	}

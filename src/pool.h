@@ -60,7 +60,8 @@ extern Oid	eb_envelope_type(void);
 #define EB_TOC_OUT(i)		((uint64) (i) * 2 + 1)
 
 /* scheduler.c: key-level scheduling of work items onto pool workers */
-typedef void (*EbSchedSend) (int worker, uint64 tag, StringInfo buf);
+/* Hand an item to a worker (buf NULL: end of its batch); false: dropped. */
+typedef bool (*EbSchedSend) (int worker, uint64 tag, StringInfo buf);
 extern void eb_sched_init(int nworkers);
 extern void eb_sched_submit(int64 subscription_id, const char *aggregate_id, uint64 tag,
 							StringInfo buf);

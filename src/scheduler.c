@@ -157,7 +157,8 @@ next_key_for(int w)
  * Give ready workers their batches: keys are dealt one at a time to the ready
  * workers in turn, so work spreads; a key's pending items go together.  send
  * is called for each item in order, then with a NULL buffer for the end of
- * each worker's batch.
+ * each worker's batch.  An item send drops (its message was given up) is
+ * forgotten here.
  */
 void
 eb_sched_dispatch(EbSchedSend send)
@@ -180,13 +181,28 @@ eb_sched_dispatch(EbSchedSend send)
 			{
 				SchedItem  *it = dlist_container(SchedItem, node, dlist_pop_head_node(&ks->pending));
 
-				send(w, it->tag, &it->buf);
-				ks->inflight++;
-				given[w]++;
+				if (send(w, it->tag, &it->buf))
+				{
+					ks->inflight++;
+					given[w]++;
+				}
+				else
+					hash_search(tags, &it->tag, HASH_REMOVE, NULL);
 				pending_items--;
 				pending_bytes -= it->buf.len;
 				pfree(it->buf.data);
 				pfree(it);
+			}
+			if (ks->inflight == 0)
+			{
+				/* Everything was dropped: the key stays free. */
+				ks->worker = -1;
+				if (dlist_is_empty(&ks->pending))
+				{
+					hash_search(keys, ks->key, HASH_REMOVE, NULL);
+					progress = true;
+					continue;
+				}
 			}
 			enqueue_key(ks);	/* the rest waits for w's next batch */
 			progress = true;

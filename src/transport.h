@@ -115,6 +115,19 @@ typedef struct EbTransportRoutine
 	int			(*consumer_poll) (int max, int64 max_bytes);
 	/* Every handler of a delivered message finished: commit point / ack. */
 	void		(*consumer_done) (void *token);
+
+	/*
+	 * Shared consumption (eventbus.consumer_mode = shared): false once this
+	 * instance gave up the message's partition or topic (a rebalance, a
+	 * lost lease), so another instance gets it.  The dispatcher checks it
+	 * before it hands each work item to a worker, and abandons the item
+	 * instead: it is not handled here.  A message with an abandoned item
+	 * ends with consumer_abandon (not consumer_done), once its items that
+	 * were already running finished: it must not be committed or acked as
+	 * handled.  Both NULL when every message is always handled here.
+	 */
+	bool		(*consumer_live) (void *token);
+	void		(*consumer_abandon) (void *token);
 	/* Backpressure: while paused, poll takes only what is already fetched. */
 	void		(*consumer_pause) (bool pause);
 	/* Messages of topic waiting in the broker, -1 if unknown. */
