@@ -177,8 +177,8 @@ send_to(int w, StringInfo buf)
 	}
 	/* Would block: shm_mq needs the very same message again later. */
 	old = MemoryContextSwitchTo(msg_cxt);
-	copy = makeStringInfo();
-	appendBinaryStringInfo(copy, buf->data, buf->len);
+	copy = palloc(sizeof(StringInfoData));
+	eb_stringinfo_copy_exact(copy, buf);
 	unsent[w] = lappend(unsent[w], copy);
 	unsent_bytes += buf->len;
 	MemoryContextSwitchTo(old);

@@ -20,6 +20,7 @@
 #include "envelope.h"
 #include "eventbus.h"
 #include "pool.h"
+#include "util.h"
 
 #define KEY_LEN		(EB_MAX_AGGREGATE_ID + 24)
 #define SCHED_BATCH	64			/* items per worker batch (its transaction) */
@@ -127,8 +128,7 @@ eb_sched_submit(int64 subscription_id, const char *aggregate_id, uint64 tag, Str
 	old = MemoryContextSwitchTo(sched_cxt);
 	it = palloc(sizeof(SchedItem));
 	it->tag = tag;
-	initStringInfo(&it->buf);
-	appendBinaryStringInfo(&it->buf, buf->data, buf->len);
+	eb_stringinfo_copy_exact(&it->buf, buf);
 	MemoryContextSwitchTo(old);
 	dlist_push_tail(&ks->pending, &it->node);
 	pending_items++;

@@ -97,3 +97,18 @@ eb_backoff_delay(int attempts, int min_ms, int max_ms)
 		ms = eb_backoff_next(ms, min_ms, max_ms);
 	return ms;
 }
+
+/*
+ * Copy src into dst allocated at its exact size (initStringInfo would take
+ * at least 1 kB): thousands of small work items wait in the dispatcher.
+ */
+void
+eb_stringinfo_copy_exact(StringInfo dst, const StringInfoData *src)
+{
+	dst->data = palloc(src->len + 1);
+	memcpy(dst->data, src->data, src->len);
+	dst->data[src->len] = '\0';
+	dst->len = src->len;
+	dst->maxlen = src->len + 1;
+	dst->cursor = 0;
+}

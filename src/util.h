@@ -1,10 +1,11 @@
 /*
  * util.h — small helpers shared across eventbus (util.c): background-worker
- * transactions, kept plans, string lists, hashing, backoff.
+ * transactions, kept plans, string lists, hashing, backoff, buffers.
  */
 #ifndef EB_UTIL_H
 #define EB_UTIL_H
 
+#include "lib/stringinfo.h"
 #include "nodes/pg_list.h"
 
 struct _SPI_plan;
@@ -17,5 +18,6 @@ extern bool eb_string_member(List *list, const char *s);
 extern uint32 eb_fnv1a(const char *s);
 extern int	eb_backoff_next(int current_ms, int min_ms, int max_ms);
 extern int	eb_backoff_delay(int attempts, int min_ms, int max_ms);
+extern void eb_stringinfo_copy_exact(StringInfo dst, const StringInfoData *src);
 
 #endif							/* EB_UTIL_H */
