@@ -198,7 +198,7 @@ eventbus_launcher_main(Datum main_arg)
 		{
 			ereport(LOG,
 					(errcode(ERRCODE_ADMIN_SHUTDOWN),
-					 errmsg("eventbus.database \"%s\" is being dropped or renamed, the launcher disconnects from it",
+					 errmsg("eventbus.database \"%s\" is being dropped, renamed, moved or copied, the launcher disconnects from it",
 							eb_database)));
 			proc_exit(1);
 		}

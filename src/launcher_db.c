@@ -10,8 +10,9 @@
  * missing, and waits; when the database exists it exits, and the one after
  * it connects.
  *
- * DROP DATABASE and ALTER DATABASE RENAME fail while other sessions are
- * connected.  For eventbus.database, a ProcessUtility hook in the backend
+ * DROP DATABASE, ALTER DATABASE RENAME / SET TABLESPACE and CREATE
+ * DATABASE ... TEMPLATE fail while other sessions are connected to the
+ * database.  For eventbus.database, a ProcessUtility hook in the backend
  * running the statement first marks the database as released in shared
  * memory, which makes the launcher exit (stopping the dispatcher and with it
  * the pool), and waits, bounded, for eventbus's processes to leave; the mark
@@ -21,6 +22,7 @@
 
 #include "access/xact.h"
 #include "commands/dbcommands.h"
+#include "commands/defrem.h"
 #include "miscadmin.h"
 #include "nodes/parsenodes.h"
 #include "pgstat.h"
@@ -139,7 +141,7 @@ wait_for_database(void)
 					 errhint("Create the database, or set eventbus.database to an existing database and restart PostgreSQL.")));
 			logged = true;
 		}
-		snprintf(now, sizeof(now), exists ? "database \"%s\" is being dropped or renamed" :
+		snprintf(now, sizeof(now), exists ? "database \"%s\" is being dropped, renamed, moved or copied" :
 				 "database \"%s\" does not exist", eb_database);
 		if (strcmp(now, why) != 0)
 		{
@@ -185,7 +187,8 @@ eb_launcher_must_release(void)
 }
 
 /* ---------------------------------------------------------------------
- * In the backend running DROP DATABASE / ALTER DATABASE RENAME
+ * In the backend running DROP DATABASE, ALTER DATABASE RENAME / SET
+ * TABLESPACE or CREATE DATABASE ... TEMPLATE
  * --------------------------------------------------------------------- */
 
 static ProcessUtility_hook_type prev_process_utility_hook = NULL;
@@ -264,9 +267,28 @@ release_database(Oid dboid)
 	}
 }
 
+/* The value of a statement's option (a name), or NULL if not given. */
+static const char *
+statement_option(List *options, const char *option)
+{
+	ListCell   *lc;
+
+	foreach(lc, options)
+	{
+		DefElem    *def = lfirst_node(DefElem, lc);
+
+		if (strcmp(def->defname, option) == 0 && def->arg != NULL &&
+			(IsA(def->arg, String) || IsA(def->arg, TypeName)))
+			return defGetString(def);
+	}
+	return NULL;
+}
+
 /*
- * The database a DROP DATABASE or ALTER DATABASE RENAME that PostgreSQL
- * would let run is about to drop or rename, if it is eventbus.database;
+ * The database a statement that needs it free of sessions — DROP DATABASE,
+ * ALTER DATABASE RENAME or SET TABLESPACE, CREATE DATABASE ... TEMPLATE —
+ * and that PostgreSQL would let run is about to use, if it is
+ * eventbus.database;
  * InvalidOid otherwise (eventbus is not disturbed by a statement that fails
  * its own checks, nor by one from a role that may not run it).
  */
@@ -289,6 +311,21 @@ released_database(Node *stmt, bool isTopLevel)
 			return InvalidOid;
 		name = ((RenameStmt *) stmt)->subname;
 	}
+	else if (IsA(stmt, CreatedbStmt))
+	{
+		/* CREATE DATABASE ... TEMPLATE eventbus.database copies it. */
+		if (!isTopLevel || IsTransactionBlock() || !have_createdb_privilege())
+			return InvalidOid;
+		name = statement_option(((CreatedbStmt *) stmt)->options, "template");
+	}
+	else if (IsA(stmt, AlterDatabaseStmt))
+	{
+		/* Only SET TABLESPACE moves the files (and needs no sessions). */
+		if (!isTopLevel || IsTransactionBlock() ||
+			statement_option(((AlterDatabaseStmt *) stmt)->options, "tablespace") == NULL)
+			return InvalidOid;
+		name = ((AlterDatabaseStmt *) stmt)->dbname;
+	}
 	else
 		return InvalidOid;
 
@@ -301,7 +338,7 @@ released_database(Node *stmt, bool isTopLevel)
 	return dboid;
 }
 
-/* ProcessUtility_hook: let DROP / RENAME of eventbus.database through. */
+/* ProcessUtility_hook: let statements that need eventbus.database free through. */
 static void
 eb_database_utility(PlannedStmt *pstmt, const char *queryString, bool readOnlyTree,
 					ProcessUtilityContext context, ParamListInfo params,

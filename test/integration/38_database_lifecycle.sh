@@ -2,14 +2,17 @@
 # The lifecycle of eventbus.database: when it does not exist (never created,
 # dropped, renamed) the launcher says so in one log line and waits, instead
 # of failing and being restarted every 5 s; when a database of that name
-# appears, it connects.  Plain DROP DATABASE and ALTER DATABASE RENAME of
-# eventbus.database are not blocked by eventbus's own connections.  Counted
+# appears, it connects.  Plain DROP DATABASE, ALTER DATABASE RENAME and SET
+# TABLESPACE, and CREATE DATABASE ... TEMPLATE of eventbus.database are not
+# blocked by eventbus's own connections.  Counted
 # from the server log: PostgreSQL's "database ... does not exist" FATALs,
 # eventbus's own lines, and the launcher's exits (each one a restart).
 source "$(dirname "$0")/lib.sh"
 
 DB=eb_t38_life
 DB2=eb_t38_renamed
+DB3=eb_t38_copy
+TSDIR=$("$STACK" state-dir)/t38_tablespace
 LOG=$EVENTBUS_PG_LOG
 
 restart_pg() {
@@ -20,7 +23,9 @@ restart_pg() {
 cleanup() {
 	q -c "ALTER SYSTEM RESET eventbus.database" >/dev/null
 	restart_pg
-	for d in $DB $DB2; do qdb postgres -c "DROP DATABASE IF EXISTS $d WITH (FORCE)" >/dev/null; done
+	for d in $DB $DB2 $DB3; do qdb postgres -c "DROP DATABASE IF EXISTS $d WITH (FORCE)" >/dev/null; done
+	qdb postgres -c "DROP TABLESPACE IF EXISTS t38_ts" >/dev/null
+	rm -rf "$TSDIR"
 	qdb postgres -c "DROP ROLE IF EXISTS t38_intruder" >/dev/null
 	wait_until 60 both_connected || diag "brokers not connected again after the test"
 }
@@ -41,7 +46,9 @@ connected_in() {
 # observe SECONDS_FROM START — sleep until that many seconds after START.
 observe() { local left=$(($2 + $1 - SECONDS)); [ $left -gt 0 ] && sleep $left; }
 
-for d in $DB $DB2; do qdb postgres -c "DROP DATABASE IF EXISTS $d WITH (FORCE)" >/dev/null; done
+for d in $DB $DB2 $DB3; do qdb postgres -c "DROP DATABASE IF EXISTS $d WITH (FORCE)" >/dev/null; done
+qdb postgres -c "DROP TABLESPACE IF EXISTS t38_ts" >/dev/null
+rm -rf "$TSDIR"
 trap cleanup EXIT
 
 # 1. eventbus.database names a database that does not exist.  The stack's
@@ -123,5 +130,31 @@ wait_until 30 "connected_in $DB2"
 ok $? "eventbus.database set to the new name and PostgreSQL restarted: the launcher connects to it"
 is "$(qdb $DB2 -c "SELECT n FROM kept")" 38 "the renamed database kept its data"
 is "$(fatals "$OFF" $DB2)" 0 "no FATAL for the renamed database"
+
+# 6. Copying and moving it need it free of sessions too: CREATE DATABASE ...
+#    TEMPLATE and ALTER DATABASE ... SET TABLESPACE run while eventbus is
+#    connected, and the launcher connects again afterwards.
+wait_until 30 '[ "$(qdb $DB2 -c "SELECT state FROM eventbus_status() WHERE component = '"'dispatcher'"' AND transport IS NULL")" = running ]' ||
+	diag "the dispatcher does not run before the copy"
+off=$(stat -c %s "$LOG")
+err=$(qdb postgres -c "CREATE DATABASE $DB3 TEMPLATE $DB2")
+is "$err" "" "CREATE DATABASE ... TEMPLATE eventbus.database succeeds while eventbus runs"
+is "$(qdb $DB3 -c "SELECT n FROM kept" 2>&1)" 38 "... and the copy holds the data"
+wait_until 30 "connected_in $DB2"
+ok $? "after the copy the launcher connects to eventbus.database again"
+is "$(since "$off" | grep -c 'is being dropped, renamed, moved or copied, the launcher disconnects from it')" 1 \
+	"after the copy: one eventbus line saying why it disconnected"
+qdb postgres -c "DROP DATABASE $DB3" >/dev/null
+
+mkdir -p "$TSDIR" && chown postgres: "$TSDIR" || bail "could not create $TSDIR"
+qdb postgres -c "CREATE TABLESPACE t38_ts LOCATION '$TSDIR'" >/dev/null || bail "CREATE TABLESPACE"
+off=$(stat -c %s "$LOG")
+err=$(qdb postgres -c "ALTER DATABASE $DB2 SET TABLESPACE t38_ts")
+is "$err" "" "ALTER DATABASE ... SET TABLESPACE of eventbus.database succeeds while eventbus runs"
+is "$(qdb $DB2 -c "SELECT t.spcname FROM pg_database d JOIN pg_tablespace t ON t.oid = d.dattablespace WHERE d.datname = current_database()")" t38_ts \
+	"... and the database moved"
+wait_until 30 "connected_in $DB2"
+ok $? "after the move the launcher connects to eventbus.database again"
+is "$(qdb $DB2 -c "SELECT n FROM kept")|$(fatals "$off" $DB2)" "38|0" "after the move: data kept, no FATAL"
 
 done_testing
