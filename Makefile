@@ -19,7 +19,7 @@ PG_CFLAGS   = -std=gnu11 -Wall -Wextra -Werror -Wno-unused-parameter -Wno-missin
 # worker entry points): PostgreSQL 15 leaves PGDLLEXPORT empty on ELF.
 PG_CPPFLAGS = -DPGDLLEXPORT='__attribute__((visibility("default")))'
 SHLIB_LINK  = $(shell pkg-config --libs rdkafka libnats) -lpthread
-EXTRA_CLEAN = test/tools/devbroker test/tools/natstool $(OBJS:.o=.d) \
+EXTRA_CLEAN = test/tools/devbroker test/tools/natstool test/tools/kafkaraw $(OBJS:.o=.d) \
               test/regress/results test/regress/regression.diffs test/regress/regression.out
 
 PGXS := $(shell $(PG_CONFIG) --pgxs)
@@ -34,9 +34,12 @@ TOOL_CFLAGS = -std=gnu11 -O2 -Wall -Wextra -Werror
 ifeq ($(EVENTBUS_NO_TOOLS),)
 all: tools
 endif
-tools: test/tools/devbroker test/tools/natstool
+tools: test/tools/devbroker test/tools/natstool test/tools/kafkaraw
 
 test/tools/devbroker: test/tools/devbroker.c
+	$(CC) $(TOOL_CFLAGS) -o $@ $< $(shell pkg-config --cflags --libs rdkafka) -lpthread
+
+test/tools/kafkaraw: test/tools/kafkaraw.c
 	$(CC) $(TOOL_CFLAGS) -o $@ $< $(shell pkg-config --cflags --libs rdkafka) -lpthread
 
 test/tools/natstool: test/tools/natstool.c

@@ -227,6 +227,27 @@ discover(void)
 }
 
 /*
+ * A Kafka header value (bytes) as a C string.  A NUL byte would cut it
+ * short, silently turning "abc\0x" into a different, maybe valid, value
+ * (an X-Aggregate-ID); 0xFF bytes in its place keep it whole and make it
+ * invalid UTF-8, which is what it is: not text.  So such a header is left
+ * out of envelope.headers, and refused as an aggregate id (quarantine).
+ */
+static char *
+header_value(const void *val, size_t size)
+{
+	char	   *s = palloc(size + 1);
+
+	if (size > 0)
+		memcpy(s, val, size);
+	s[size] = '\0';
+	for (size_t i = 0; i < size; i++)
+		if (s[i] == '\0')
+			s[i] = (char) 0xFF;
+	return s;
+}
+
+/*
  * Commit results (main thread, from rd_kafka_consumer_poll).  A failure
  * means redelivery after a restart, not loss; it is logged once per kind.
  * Rejected commits usually mean another consumer joined our group.
@@ -424,7 +445,7 @@ eb_kafka_consumer_poll(int max, int64 max_bytes)
 				if (rd_kafka_header_get_all(hdrs, i, &name, &val, &size) != RD_KAFKA_RESP_ERR_NO_ERROR)
 					break;
 				in.header_names[in.nheaders] = pstrdup(name);
-				in.header_values[in.nheaders] = val ? pnstrdup(val, size) : pstrdup("");
+				in.header_values[in.nheaders] = header_value(val, size);
 				in.nheaders++;
 			}
 		}

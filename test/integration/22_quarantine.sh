@@ -211,4 +211,25 @@ for tr in kafka nats; do
 		"$tr: nothing dead-lettered"
 done
 
+# Kafka header values are bytes: one holding a NUL byte is not text.  It must
+# not be cut at the NUL (which would silently turn X-Aggregate-ID "nul\0evil"
+# into the valid aggregate "nul"): as X-Aggregate-ID it quarantines the
+# message; any other such header is left out of envelope.headers.
+T="t22.kafka.$run"
+printf '{"event_id":"%s","event_type":"T22Nul","event_version":1,"timestamp":"%s","payload":{}}' "$(uuid)" "$TS" >"$W/nul_agg.bin"
+nul_agg_at=${POS[kafka]}
+"$KAFKARAW" "$EVENTBUS_KAFKA_BROKERS" "$TK" 0 "$W/nul_agg.bin" "X-Aggregate-ID=6e756c006576696c" || bail "kafkaraw failed"
+POS[kafka]=$((POS[kafka] + 1))
+nul_ok_id=$(uuid)
+printf '{"event_id":"%s","aggregate_id":"nul-ok","event_type":"T22Nul","event_version":1,"timestamp":"%s","payload":{}}' "$nul_ok_id" "$TS" >"$W/nul_ok.bin"
+"$KAFKARAW" "$EVENTBUS_KAFKA_BROKERS" "$TK" 0 "$W/nul_ok.bin" "X-Bin=6162006364" "X-Text=746578742d6f6b" || bail "kafkaraw failed"
+wait_until 30 "[ \"\$(q -c \"SELECT count(*) FROM t22_handled WHERE event_id = '$nul_ok_id'\")\" = 1 ]"
+ok $? "kafka: a message with a NUL byte in a header value is handled (its aggregate id from the envelope)"
+is "$(q -c "SELECT count(*) || '|' || coalesce(bool_and(reason LIKE '%aggregate%'), false) FROM eventbus.quarantine WHERE topic = '$T' AND kafka_offset = $nul_agg_at")" "1|true" \
+	"kafka: X-Aggregate-ID with a NUL byte quarantines the message (reason: $(q -c "SELECT left(reason, 100) FROM eventbus.quarantine WHERE topic = '$T' AND kafka_offset = $nul_agg_at"))"
+is "$(q -c "SELECT count(*) FROM t22_handled WHERE topic = '$T' AND aggregate_id = 'nul'")" 0 \
+	"kafka: ... and it was not handled as aggregate 'nul' (the value cut at the NUL)"
+is "$(q -c "SELECT coalesce(env->'headers'->>'X-Bin', '(absent)') || '|' || (env->'headers'->>'X-Text') FROM t22_handled WHERE event_id = '$nul_ok_id'")" "(absent)|text-ok" \
+	"kafka: a header value with a NUL byte is left out of envelope.headers (not cut), the text one is kept"
+
 done_testing

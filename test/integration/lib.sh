@@ -14,6 +14,7 @@ source "$EVENTBUS_ENV"
 REPO="$EVENTBUS_REPO"
 STACK="$REPO/scripts/stack.sh"
 NATSTOOL="$REPO/test/tools/natstool"
+KAFKARAW="$REPO/test/tools/kafkaraw"
 TAP_N=0
 TAP_FAILED=0
 
