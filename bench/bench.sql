@@ -62,7 +62,8 @@ CREATE TABLE @S@.handled (
     order_id     bigint,
     occurred_at  timestamptz NOT NULL,            -- envelope: clock_timestamp() in eventbus_publish
     started_at   timestamptz NOT NULL,            -- clock_timestamp() when the handler started
-    handled_at   timestamptz NOT NULL DEFAULT clock_timestamp()  -- the handler's last statement
+    handled_at   timestamptz NOT NULL DEFAULT clock_timestamp(),  -- the handler's last statement
+    received_at  timestamptz                      -- envelope: when the dispatcher took the message
 );
 CREATE INDEX ON @S@.handled (topic);
 CREATE INDEX ON @S@.handled (event_id);
@@ -112,8 +113,9 @@ BEGIN
       SET version = greatest(p.version, EXCLUDED.version), lines = p.lines + 1,
           total = p.total + EXCLUDED.total, updated_at = EXCLUDED.updated_at;
   END IF;
-  INSERT INTO @S@.handled (event_id, transport, topic, aggregate_id, version, order_id, occurred_at, started_at)
-  VALUES (e.event_id, e.transport, e.topic, e.aggregate_id, e.event_version, (e.payload->>'id')::bigint, e.occurred_at, started);
+  INSERT INTO @S@.handled (event_id, transport, topic, aggregate_id, version, order_id, occurred_at, started_at, received_at)
+  VALUES (e.event_id, e.transport, e.topic, e.aggregate_id, e.event_version, (e.payload->>'id')::bigint, e.occurred_at, started,
+          e.received_at);
 END $$;
 
 -- make_plan(run_key, prefix, label, run, events, conns, transports):
@@ -289,7 +291,10 @@ $$;
 -- stages (stages_ms, per transport):
 --   publish_tx        occurred_at (clock in eventbus_publish) -> publish commit (not part of the latency)
 --   relay             publish commit -> broker time (broker_times, when read back)
---   broker_to_handler broker time -> handler start (consumer, dispatcher, pool queue)
+--   broker_to_handler broker time -> handler start (consumer, dispatcher, pool queue), split into
+--     broker_to_dispatcher  broker time -> the dispatcher took the message (envelope.received_at):
+--                           the consumer's fetch and the client library's queue
+--     dispatcher_to_handler received_at -> handler start: decoding, the scheduler, the pool queue
 --   to_handler        publish commit -> handler start (= relay + broker_to_handler; always there)
 --   handler           handler start -> handler end (its last statement)
 --   commit            handler end -> handler transaction commit (the rest of the pool's batch)
@@ -303,7 +308,7 @@ BEGIN
   CREATE TEMP TABLE IF NOT EXISTS lv_orders (id bigint, aggregate_id text, created_at timestamptz, committed_at timestamptz);
   CREATE TEMP TABLE IF NOT EXISTS lv_handled (event_id uuid, transport text, topic text, aggregate_id text, order_id bigint,
                                              occurred_at timestamptz, started_at timestamptz, handled_at timestamptz,
-                                             done_at timestamptz);
+                                             done_at timestamptz, received_at timestamptz);
   CREATE TEMP TABLE IF NOT EXISTS lv_broker (event_id uuid, broker_at timestamptz);
   TRUNCATE lv_orders, lv_handled, lv_broker;
   INSERT INTO lv_orders
@@ -311,7 +316,7 @@ BEGIN
     FROM @S@.orders WHERE run_key = p_key;
   INSERT INTO lv_handled
   SELECT event_id, transport, topic, aggregate_id, order_id, occurred_at, started_at, handled_at,
-         CASE WHEN cts THEN pg_xact_commit_timestamp(xmin) ELSE handled_at END
+         CASE WHEN cts THEN pg_xact_commit_timestamp(xmin) ELSE handled_at END, received_at
     FROM @S@.handled WHERE topic = ANY (topics) AND aggregate_id <> 'warmup';
   INSERT INTO lv_broker
   SELECT event_id, min(coalesce(broker_at, to_timestamp(broker_ms / 1000.0)))
@@ -334,6 +339,8 @@ BEGIN
                       extract(epoch FROM o.committed_at - f.occurred_at) * 1000 AS publish_tx,
                       extract(epoch FROM b.broker_at - o.committed_at) * 1000 AS relay,
                       extract(epoch FROM f.started_at - b.broker_at) * 1000 AS broker_to_handler,
+                      extract(epoch FROM f.received_at - b.broker_at) * 1000 AS broker_to_dispatcher,
+                      extract(epoch FROM f.started_at - f.received_at) * 1000 AS dispatcher_to_handler,
                       extract(epoch FROM f.started_at - o.committed_at) * 1000 AS to_handler,
                       extract(epoch FROM f.handled_at - f.started_at) * 1000 AS handler,
                       extract(epoch FROM f.done_at - f.handled_at) * 1000 AS commit,
@@ -353,6 +360,8 @@ BEGIN
                                'publish_tx', @S@.dist(percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY publish_tx), max(publish_tx)),
                                'relay', @S@.dist(percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY relay), max(relay)),
                                'broker_to_handler', @S@.dist(percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY broker_to_handler), max(broker_to_handler)),
+                               'broker_to_dispatcher', @S@.dist(percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY broker_to_dispatcher), max(broker_to_dispatcher)),
+                               'dispatcher_to_handler', @S@.dist(percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY dispatcher_to_handler), max(dispatcher_to_handler)),
                                'to_handler', @S@.dist(percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY to_handler), max(to_handler)),
                                'handler', @S@.dist(percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY handler), max(handler)),
                                'commit', @S@.dist(percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY commit), max(commit)))) AS stages
@@ -634,14 +643,15 @@ BEGIN
   -- Latency stages
   RETURN NEXT format('LATENCY at %s events/s for %s s, each transport alone; per event, ms, p50 / p99 (max):',
                      r#>>'{config,steady_rate}', r#>>'{config,steady_duration_s}');
-  RETURN NEXT format('%-10s %6s | %-22s | %-18s %-18s %-18s %-18s | %-18s %-14s %s', 'transport', 'events', 'commit -> commit',
-                     'relay', 'broker -> handler', 'handler', 'commit', 'occurred -> commit', 'publish tx', 'broker times');
+  RETURN NEXT format('%-10s %6s | %-22s | %-18s %-18s %-18s %-18s %-18s | %-18s %-14s %s', 'transport', 'events', 'commit -> commit',
+                     'relay', 'broker -> dispatcher', 'dispatcher -> handler', 'handler', 'commit', 'occurred -> commit', 'publish tx', 'broker times');
   FOR k, v IN SELECT * FROM jsonb_each(r->'latency') ORDER BY 1 LOOP
     x := v#>ARRAY['stages_ms', k];
-    RETURN NEXT format('%-10s %6s | %-22s | %-18s %-18s %-18s %-18s | %-18s %-14s %s/%s', k, v->>'delivered',
+    RETURN NEXT format('%-10s %6s | %-22s | %-18s %-18s %-18s %-18s %-18s | %-18s %-14s %s/%s', k, v->>'delivered',
                        format('%s / %s (%s)', v#>>'{latency_ms,p50}', v#>>'{latency_ms,p99}', v#>>'{latency_ms,max}'),
                        format('%s / %s', x#>>'{relay,p50}', x#>>'{relay,p99}'),
-                       format('%s / %s', x#>>'{broker_to_handler,p50}', x#>>'{broker_to_handler,p99}'),
+                       format('%s / %s', x#>>'{broker_to_dispatcher,p50}', x#>>'{broker_to_dispatcher,p99}'),
+                       format('%s / %s', x#>>'{dispatcher_to_handler,p50}', x#>>'{dispatcher_to_handler,p99}'),
                        format('%s / %s', x#>>'{handler,p50}', x#>>'{handler,p99}'),
                        format('%s / %s', x#>>'{commit,p50}', x#>>'{commit,p99}'),
                        format('%s / %s', v#>>'{latency_from_occurred_ms,p50}', v#>>'{latency_from_occurred_ms,p99}'),

@@ -419,7 +419,7 @@ bench_ref_event_sql() {
 	local label=$1 clients=$2 idsql=$3 from=$4 per
 	per=$(( (1000 + clients - 1) / clients ))
 	cat <<SQL
-SELECT $BENCH_SCHEMA.handle(ROW($idsql, x.topic, 'ord-' || x.a, 'OrderLineAdded', x.v, clock_timestamp(), NULL, NULL, NULL, jsonb_build_object('id', x.n, 'run_key', 'ref', 'transport', 'kafka', 'topic', x.topic, 'aggregate_id', 'ord-' || x.a, 'sku', 'sku-' || (x.n % 97), 'qty', 1 + x.n % 3, 'amount', 9.99 + x.n % 50, 'created_at', clock_timestamp()), NULL, 'kafka')::eventbus.envelope) FROM (SELECT n, a, (n - 1) / $per + 1 AS v, 'ref.$label.' || (a % 5 + 1) AS topic FROM (SELECT n, :client_id + $clients * ((n - 1) % $per) AS a FROM (SELECT nextval('$BENCH_SCHEMA.ref_seq_' || :client_id) AS n) s0) s1) x$from;
+SELECT $BENCH_SCHEMA.handle(ROW($idsql, x.topic, 'ord-' || x.a, 'OrderLineAdded', x.v, clock_timestamp(), NULL, NULL, NULL, jsonb_build_object('id', x.n, 'run_key', 'ref', 'transport', 'kafka', 'topic', x.topic, 'aggregate_id', 'ord-' || x.a, 'sku', 'sku-' || (x.n % 97), 'qty', 1 + x.n % 3, 'amount', 9.99 + x.n % 50, 'created_at', clock_timestamp()), NULL, 'kafka', NULL)::eventbus.envelope) FROM (SELECT n, a, (n - 1) / $per + 1 AS v, 'ref.$label.' || (a % 5 + 1) AS topic FROM (SELECT n, :client_id + $clients * ((n - 1) % $per) AS a FROM (SELECT nextval('$BENCH_SCHEMA.ref_seq_' || :client_id) AS n) s0) s1) x$from;
 SQL
 }
 

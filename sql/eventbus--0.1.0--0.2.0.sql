@@ -1,4 +1,4 @@
--- eventbus 0.1.0 -> 0.2.0: metrics for monitoring systems.
+-- eventbus 0.1.0 -> 0.2.0: metrics for monitoring systems; envelope.received_at.
 \echo Use "ALTER EXTENSION eventbus UPDATE TO '0.2.0'" to load this file. \quit
 
 CREATE FUNCTION eventbus_metrics(
@@ -23,3 +23,7 @@ CREATE VIEW eventbus.metrics AS
 COMMENT ON VIEW eventbus.metrics IS
   'eventbus counters and gauges for monitoring (readable by pg_monitor): name, kind (counter or gauge), labels (transport, subscription_id, worker) and value; docs/monitoring.md lists them';
 GRANT SELECT ON eventbus.metrics TO pg_monitor;
+
+-- Stored envelopes (dead letters) read NULL for the new attribute.
+ALTER TYPE eventbus.envelope ADD ATTRIBUTE received_at timestamptz;
+COMMENT ON TYPE eventbus.envelope IS 'An event as a handler receives it (received_at: when eventbus took the message from the broker client; NULL where no message was received)';

@@ -99,9 +99,10 @@ CREATE TYPE eventbus.envelope AS (
     tenant_id      integer,
     payload        jsonb,
     headers        jsonb,
-    transport      text
+    transport      text,
+    received_at    timestamptz
 );
-COMMENT ON TYPE eventbus.envelope IS 'An event as a handler receives it';
+COMMENT ON TYPE eventbus.envelope IS 'An event as a handler receives it (received_at: when eventbus took the message from the broker client; NULL where no message was received)';
 
 CREATE FUNCTION eventbus_publish(
     topic          text,

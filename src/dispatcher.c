@@ -276,6 +276,7 @@ dispatch_message(EbInbound *in)
 	MemoryContext mcxt = AllocSetContextCreate(parent, "eventbus message", ALLOCSET_DEFAULT_SIZES);
 	EbEvent		ev;
 	const char *reason;
+	TimestampTz received_at = GetCurrentTimestamp();
 
 	d->transport = in->transport;
 	d->token = in->token;
@@ -324,6 +325,7 @@ dispatch_message(EbInbound *in)
 		item.role = subs[i].role;
 		item.max_attempts = subs[i].max_attempts;
 		item.transport = in->transport;
+		item.received_at = received_at;
 		item.ev = ev;
 
 		ref = hash_search(items, &item.tag, HASH_ENTER, &found);

@@ -150,8 +150,8 @@ eb_make_envelope(const EbWorkItem *item)
 {
 	const EbEvent *ev = &item->ev;
 	TupleDesc	desc = lookup_rowtype_tupdesc(eb_envelope_type(), -1);
-	Datum		values[12];
-	bool		nulls[12];
+	Datum		values[13];
+	bool		nulls[13];
 	char	   *hdrs = eb_headers_json(ev->nheaders, ev->header_names, ev->header_values);
 	HeapTuple	tuple;
 
@@ -172,6 +172,8 @@ eb_make_envelope(const EbWorkItem *item)
 	nulls[10] = hdrs == NULL;
 	values[10] = hdrs ? DirectFunctionCall1(jsonb_in, CStringGetDatum(hdrs)) : (Datum) 0;
 	values[11] = CStringGetTextDatum(eb_transport_name(item->transport));
+	nulls[12] = item->received_at == 0;
+	values[12] = TimestampTzGetDatum(item->received_at);
 
 	tuple = heap_form_tuple(desc, values, nulls);
 	ReleaseTupleDesc(desc);

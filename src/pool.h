@@ -19,6 +19,7 @@ typedef struct EbWorkItem
 	Oid			role;
 	int32		max_attempts;
 	int32		transport;
+	TimestampTz received_at;	/* the dispatcher took the message; 0: unknown */
 	EbEvent		ev;
 } EbWorkItem;
 

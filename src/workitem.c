@@ -63,6 +63,7 @@ eb_workitem_encode(StringInfo buf, const EbWorkItem *item)
 	pq_sendint32(buf, item->role);
 	pq_sendint32(buf, (uint32) item->max_attempts);
 	pq_sendint32(buf, (uint32) item->transport);
+	pq_sendint64(buf, (uint64) item->received_at);
 	pq_sendint64(buf, (uint64) ev->event_version);
 	pq_sendint64(buf, (uint64) ev->occurred_at);
 	pq_sendbyte(buf, ev->has_tenant ? 1 : 0);
@@ -121,6 +122,7 @@ eb_workitem_decode(const char *data, Size len, EbWorkItem *item)
 	item->role = (Oid) pq_getmsgint(&msg, 4);
 	item->max_attempts = (int32) pq_getmsgint(&msg, 4);
 	item->transport = (int32) pq_getmsgint(&msg, 4);
+	item->received_at = (TimestampTz) pq_getmsgint64(&msg);
 	ev->event_version = pq_getmsgint64(&msg);
 	ev->occurred_at = (TimestampTz) pq_getmsgint64(&msg);
 	tenant = pq_getmsgbyte(&msg);

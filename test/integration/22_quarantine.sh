@@ -15,6 +15,7 @@ source "$(dirname "$0")/lib.sh"
 run=$(date +%s)$RANDOM
 TK="t22.kafka.$run"; TN="t22.nats.$run"
 TS='2026-01-02T03:04:05.123456Z'
+T0=$(q -c "SELECT now()")
 W=$(mktemp -d)
 
 consumer_setup
@@ -207,6 +208,9 @@ for tr in kafka nats; do
 		"T22Ok,1,trace-22,corr-22,42,$tr,$T,t,{\"ok\": true}" "$tr: optional envelope fields, topic, transport and occurred_at reach the handler"
 	is "$(q -c "SELECT env->'headers'->>'X-Custom' FROM t22_valid v JOIN t22_handled h USING (event_id) WHERE v.transport = '$tr' AND v.label = 'full'")" \
 		"yes" "$tr: message headers reach the handler in envelope.headers"
+	is "$(q -c "SELECT count(*) FROM t22_handled WHERE topic = '$T' AND ((env->>'received_at')::timestamptz IS NULL
+	                    OR (env->>'received_at')::timestamptz NOT BETWEEN '$T0'::timestamptz AND now())")" "0" \
+		"$tr: envelope.received_at is when the dispatcher took each message (after the test started, before now)"
 	is "$(q -c "SELECT count(*) FROM eventbus.dead_letters d JOIN eventbus.subscriptions s ON s.id = d.subscription_id WHERE s.topic = '$T'")" "0" \
 		"$tr: nothing dead-lettered"
 done
