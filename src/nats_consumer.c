@@ -909,9 +909,9 @@ finish_release(NatsSub *ns)
 	}
 	if (still_out > 0)
 		ereport(LOG,
-				(errmsg("JetStream consumer %s: %d messages were still being handled at the release; given back",
+				(errmsg("JetStream consumer %s: %d messages delivered here were not finished at the release; given back",
 						ns->durable, still_out),
-				 errdetail("One that commits here after all is handled in this database and in the next holder's.")));
+				 errdetail("A handler of one of them that commits here after all runs in this database and in the next holder's.")));
 	if (eb_nats_lease_release(ns->lease_key, ns->lease_rev))
 		ereport(LOG,
 				(errmsg("released the JetStream lease of consumer %s (subject %s), %d messages given back",

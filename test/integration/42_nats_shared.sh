@@ -11,6 +11,11 @@
 #  3. B's dispatcher is killed (kill -9 of that process only): B's restarted
 #     dispatcher takes its own lease back at once (A, standing by again,
 #     does not get it), and handles what comes next.
+#  4. B unsubscribes (a release while running): A takes the lease over and
+#     handles what comes next; none handled in both.
+#  5. A stops (immediate) mid-burst with B standing by again: B takes over
+#     once the lease went stale; none lost, each database in order; events
+#     handled in both (what A had in flight) are counted and printed.
 source "$(dirname "$0")/lib.sh"
 
 run=$(date +%s)$RANDOM
@@ -89,7 +94,7 @@ q >/dev/null <<SQL
 DROP TABLE IF EXISTS t42_sent;
 CREATE TABLE t42_sent (batch int, aggregate_id text, version bigint, event_id uuid);
 INSERT INTO t42_sent SELECT b, 'agg-' || a, (b - 1) * 10 + v, gen_random_uuid()
-  FROM generate_series(1, 3) b, generate_series(1, $NAGGS) a, generate_series(1, 10) v;
+  FROM generate_series(1, 5) b, generate_series(1, $NAGGS) a, generate_series(1, 10) v;
 SQL
 send() {   # send BATCH — 400 events, versions in order per aggregate
 	produce_sql nats "$TOPIC" "SELECT aggregate_id, t_env(event_id, aggregate_id, 'T42Happened', version, '{}')
@@ -170,5 +175,40 @@ gather
 is "$(lost 3)" 0 "none lost"
 is "$(in_both)" 0 "none handled in both databases"
 is "$(disorder)" 0 "in order in each database"
+
+# --- 4. B unsubscribes: A takes over -----------------------------------------
+a_log2=$(wc -l <"$EVENTBUS_PG_LOG")
+qb -c "SELECT eventbus_unsubscribe('$TOPIC', 't42_record(eventbus.envelope)', 'nats')" >/dev/null
+wait_until 20 "tail -n +$a_log2 '$EVENTBUS_PG_LOG' | grep -q 'holding the JetStream lease of consumer ${durable}_.*: released cleanly'"
+ok $? "B unsubscribed: A took the lease, released cleanly"
+send 4 || bail "could not publish"
+wait_until 30 '[ "$(handled_total)" -ge 1600 ]'
+ok $? "all 1600 events handled"
+gather
+is "$(lost 4)" 0 "none lost"
+is "$(in_both)" 0 "none handled in both databases"
+
+# --- 5. A stops (immediate) mid-burst: B takes over when the lease is stale --
+b_log2=$(wc -l <"$B_LOG")
+qb -c "SELECT eventbus_subscribe('$TOPIC', 't42_record(eventbus.envelope)', 'nats')" >/dev/null
+b_before=$(count_b)
+a_before=$(count_a)
+send 5 &
+sender=$!
+wait_until 30 "[ \"\$(count_a)\" -ge $((a_before + 50)) ]"
+"$STACK" pg-stop immediate >/dev/null 2>&1
+ok $? "A stopped (immediate) mid-burst"
+t0=$(date +%s.%N)
+wait $sender
+wait_until 40 "tail -n +$b_log2 '$B_LOG' | grep -q 'holding the JetStream lease of consumer ${durable}_.*: its holder stopped refreshing it'"
+ok $? "B took the stale lease over"
+diag "A's immediate stop to B holding the lease: $(echo "$(date +%s.%N) - $t0" | bc) s"
+"$STACK" pg-start >/dev/null 2>&1 || bail "A did not start again"
+wait_until 40 '[ "$(handled_total)" -ge 2000 ]'
+ok $? "all 2000 events handled"
+gather
+is "$(lost 5)" 0 "none lost"
+is "$(disorder)" 0 "in order in each database"
+diag "handled in both databases after the immediate stop: $(in_both) (bounded by what A had in flight)"
 
 done_testing
