@@ -23,6 +23,9 @@
  * finished comes again, in stream order, and the inbox skips what was
  * already handled.  The durable's name and position survive; it is never
  * deleted on shutdown.
+ *
+ * In shared mode (eventbus.consumer_mode = shared, nats_shared.c) a
+ * subscription binds and fetches only while this instance holds its lease.
  */
 #include "postgres.h"
 
@@ -34,6 +37,7 @@
 
 #include "guc.h"
 #include "nats_client.h"
+#include "nats_consumer.h"
 #include "transport.h"
 #include "util.h"
 
@@ -45,90 +49,17 @@
 #define GRANT_MIN		(256 * 1024)	/* max_bytes of a request, at least... */
 #define GRANT_FLOOR		(16 * 1024) /* ...unless many subjects share the budget */
 #define RETRY_MS		1000	/* after an unexpected status */
-#define TAKE_CHUNK		64
 
-/*
- * Shared mode (eventbus.consumer_mode = shared, see nats_lease.c).  Pull
- * requests expire sooner, so that a release waits at most that long for
- * the server to end them (nothing can be delivered to us after that).
- */
-#define SHARED_EXPIRES_MS	1500
-#define LEASE_TTL_MS		10000	/* a lease unchanged this long is stale */
-#define LEASE_REFRESH_MS	(LEASE_TTL_MS / 3)
-#define LEASE_FENCE_MS		(LEASE_TTL_MS / 2)	/* stop handing out after this */
-#define LEASE_RETRY_MS		1000	/* after no answer */
-#define LEASE_SPREAD_MS		300 /* per lease held, before taking a free one */
-#define RELEASE_WAIT_MS		5000	/* for running handlers, at a release */
-#define STOP_WAIT_MS		(SHARED_EXPIRES_MS + 500)	/* for requests, at exit */
-
-typedef enum SubState
-{
-	SUB_HELD,					/* ours: bound and fetching (single: always) */
-	SUB_STANDBY,				/* another instance's, or not taken yet */
-	SUB_RELEASING				/* giving it back: waiting for what is out */
-} SubState;
-
-typedef struct NatsSub
-{
-	char	   *topic;
-	char	   *durable;
-	char	   *next_subject;	/* where its pull requests go */
-	EbNatsFeed *feed;			/* NULL: not bound */
-	int64		pending;		/* messages waiting in the stream (last known) */
-	int64		held;			/* delivered messages not yet finished */
-	int64		largest;		/* largest message seen (server's count) */
-	int64		last_grant;		/* max_bytes of its last request */
-	int64		need;			/* a request got nothing: ask for this much */
-	int			last_status;	/* last unexpected status logged */
-	TimestampTz retry_at;		/* no request before (after a status) */
-	bool		released;		/* no longer in subs: never ack for it */
-	dlist_head	out;			/* NatsHeld delivered, not finished */
-
-	/* shared mode */
-	SubState	state;
-	char		lease_key[EB_NATS_LEASE_KEY];
-	uint64		lease_rev;		/* HELD: our last write */
-	bool		takeover;		/* HELD, not bound yet: bind at the ack floor */
-	TimestampTz refresh_at;		/* HELD: next refresh */
-	TimestampTz refreshed;		/* HELD: when the last good refresh was sent */
-	TimestampTz check_at;		/* STANDBY: next look at the lease */
-	TimestampTz free_since;		/* STANDBY: first seen free */
-	uint64		seen_rev;		/* STANDBY: holder's revision, first seen at */
-	TimestampTz seen_at;
-	int			open_requests;	/* pull requests open at the last poll */
-	TimestampTz release_by;		/* RELEASING: deadline */
-	List	   *naks;			/* RELEASING: NatsNak * to give back */
-} NatsSub;
-
-/* The dispatcher's handle on one delivered message: what acks it. */
-typedef struct NatsHeld
-{
-	NatsSub    *ns;
-	dlist_node	node;			/* in ns->out */
-	uint64		seq;			/* stream sequence, 0 if unknown */
-	char		reply[FLEXIBLE_ARRAY_MEMBER];	/* the ack subject */
-} NatsHeld;
-
-/* A message to give back (NAK) at a release, in stream order. */
-typedef struct NatsNak
-{
-	uint64		seq;
-	char	   *reply;
-} NatsNak;
-
-static List *subs = NIL;		/* NatsSub *, bound or to be bound */
+List	   *eb_nats_subs = NIL;		/* NatsSub *, bound or to be bound */
 static List *wanted = NIL;		/* subjects to consume (char *) */
 static uint64 seen_reconnects = 0;
 static bool paused = false;
 static int	next_turn = 0;		/* fairness: the sub served first */
 static List *acks_due = NIL;	/* NatsHeld * finished, ack not sent yet */
 
-static bool shared_mode = false;	/* eventbus.consumer_mode = shared */
+bool		eb_nats_shared_mode = false;	/* eventbus.consumer_mode = shared */
 
 static void flush_acks(void);
-static void shared_set_topics(List *want);
-static void shared_tick(void);
-static void shared_stop(void);
 static EbDeliverFn deliver_fn = NULL;	/* the dispatcher's */
 
 /* Does ns fetch (bound, and the lease ours in shared mode)? */
@@ -220,8 +151,8 @@ take_over_durable(const char *stream, const char *durable)
 }
 
 /* A subscription of one subject, not bound yet. */
-static NatsSub *
-new_sub(const char *topic, SubState state)
+NatsSub *
+eb_nats_new_sub(const char *topic, SubState state)
 {
 	MemoryContext mc = MemoryContextSwitchTo(TopMemoryContext);
 	NatsSub    *ns = palloc0(sizeof(NatsSub));
@@ -241,8 +172,8 @@ new_sub(const char *topic, SubState state)
  * of this file); else use it as it is (a lease released cleanly: nothing
  * of it is in flight anywhere).  ns->feed stays NULL on failure.
  */
-static void
-bind_sub(NatsSub *ns, bool takeover)
+void
+eb_nats_bind_sub(NatsSub *ns, bool takeover)
 {
 	jsConsumerConfig cfg;
 	jsConsumerInfo *ci = NULL;
@@ -318,14 +249,14 @@ bind_sub(NatsSub *ns, bool takeover)
 static NatsSub *
 subscribe_topic(const char *topic)
 {
-	NatsSub    *ns = new_sub(topic, SUB_HELD);
+	NatsSub    *ns = eb_nats_new_sub(topic, SUB_HELD);
 
-	bind_sub(ns, true);
+	eb_nats_bind_sub(ns, true);
 	return ns;
 }
 
-static void
-free_sub(NatsSub *ns)
+void
+eb_nats_free_sub(NatsSub *ns)
 {
 	pfree(ns->topic);
 	pfree(ns->durable);
@@ -339,8 +270,8 @@ free_sub(NatsSub *ns)
  * had queued is dropped, unacked.  Its delivered messages keep the NatsSub
  * until they are finished (unacked).
  */
-static void
-release(NatsSub *ns)
+void
+eb_nats_release_sub(NatsSub *ns)
 {
 	if (ns->feed)
 	{
@@ -349,7 +280,7 @@ release(NatsSub *ns)
 	}
 	ns->released = true;
 	if (ns->held == 0)
-		free_sub(ns);
+		eb_nats_free_sub(ns);
 }
 
 /* Consume exactly these subjects (and retry binds that failed). */
@@ -362,7 +293,7 @@ eb_nats_consumer_set_topics(List *want)
 
 	if (eb_js == NULL)
 		return;
-	/* subs and wanted outlive the dispatcher's loop memory. */
+	/* eb_nats_subs and wanted outlive the dispatcher's loop memory. */
 	old = MemoryContextSwitchTo(TopMemoryContext);
 	if (want != wanted)
 	{
@@ -371,25 +302,25 @@ eb_nats_consumer_set_topics(List *want)
 		foreach(lc, want)
 			wanted = lappend(wanted, pstrdup(lfirst(lc)));
 	}
-	if (shared_mode)
+	if (eb_nats_shared_mode)
 	{
-		shared_set_topics(want);
+		eb_nats_shared_set_topics(want);
 		MemoryContextSwitchTo(old);
 		return;
 	}
-	foreach(lc, subs)
+	foreach(lc, eb_nats_subs)
 	{
 		NatsSub    *ns = lfirst(lc);
 
 		if (eb_string_member(want, ns->topic) && ns->feed != NULL)
 			keep = lappend(keep, ns);
 		else
-			release(ns);
+			eb_nats_release_sub(ns);
 	}
-	list_free(subs);
-	subs = NIL;
+	list_free(eb_nats_subs);
+	eb_nats_subs = NIL;
 	foreach(lc, keep)
-		subs = lappend(subs, lfirst(lc));
+		eb_nats_subs = lappend(eb_nats_subs, lfirst(lc));
 	list_free(keep);
 
 	foreach(lc, want)
@@ -401,11 +332,11 @@ eb_nats_consumer_set_topics(List *want)
 		/* Shutting down, or no server: each bind would only wait. */
 		if (ProcDiePending || !eb_nats_connected())
 			break;
-		foreach(lc2, subs)
+		foreach(lc2, eb_nats_subs)
 			if (strcmp(((NatsSub *) lfirst(lc2))->topic, topic) == 0)
 				have = true;
 		if (!have)
-			subs = lappend(subs, subscribe_topic(topic));
+			eb_nats_subs = lappend(eb_nats_subs, subscribe_topic(topic));
 	}
 	MemoryContextSwitchTo(old);
 }
@@ -416,10 +347,10 @@ forget_subscriptions(void)
 {
 	ListCell   *lc;
 
-	foreach(lc, subs)
-		release(lfirst(lc));
-	list_free(subs);
-	subs = NIL;
+	foreach(lc, eb_nats_subs)
+		eb_nats_release_sub(lfirst(lc));
+	list_free(eb_nats_subs);
+	eb_nats_subs = NIL;
 	seen_reconnects = 0;
 }
 
@@ -485,8 +416,8 @@ rebind(NatsSub *ns, const char *why)
 	ereport(LOG,
 			(errcode(ERRCODE_CONNECTION_FAILURE),
 			 errmsg("rebinding JetStream consumer %s: %s", ns->durable, why)));
-	subs = list_delete_ptr(subs, ns);
-	release(ns);
+	eb_nats_subs = list_delete_ptr(eb_nats_subs, ns);
+	eb_nats_release_sub(ns);
 	/* Binds what is wanted and missing: this one, again at its ack floor + 1. */
 	eb_nats_consumer_set_topics(wanted);
 }
@@ -500,12 +431,12 @@ static int
 deliver_queued(int max, int64 max_bytes, int64 *bytes)
 {
 	int			n = 0;
-	int			nsubs = list_length(subs);
+	int			nsubs = list_length(eb_nats_subs);
 
 	*bytes = 0;
 	for (int k = 0; k < nsubs && n < max && *bytes < max_bytes; k++)
 	{
-		NatsSub    *ns = list_nth(subs, (next_turn + k) % nsubs);
+		NatsSub    *ns = list_nth(eb_nats_subs, (next_turn + k) % nsubs);
 		natsMsg    *msgs[TAKE_CHUNK];
 		int64		sizes[TAKE_CHUNK];
 		int			got;
@@ -549,7 +480,7 @@ read_states(EbNatsFeedState *st, int nsubs, int64 *held_msgs, int64 *held_bytes,
 	*rebind_me = NULL;
 	for (int i = 0; i < nsubs; i++)
 	{
-		NatsSub    *ns = list_nth(subs, i);
+		NatsSub    *ns = list_nth(eb_nats_subs, i);
 
 		if (ns->feed == NULL)
 			continue;
@@ -604,7 +535,7 @@ grant_credit(EbNatsFeedState *st, int nsubs, int max, int64 avail_msgs, int64 av
 	int64		share_bytes;
 
 	for (int i = 0; i < nsubs; i++)
-		if (fetching(list_nth(subs, i)))
+		if (fetching(list_nth(eb_nats_subs, i)))
 			nbound++;
 	share_msgs = Max(1, Min(FETCH_MAX, max / Max(nbound, 1)));
 	share_bytes = Max(GRANT_FLOOR, Min(GRANT_MIN, dispatcher_memory / Max(nbound, 1)));
@@ -612,7 +543,7 @@ grant_credit(EbNatsFeedState *st, int nsubs, int max, int64 avail_msgs, int64 av
 	for (int k = 0; k < nsubs && avail_msgs > 0; k++)
 	{
 		int			i = (next_turn + k) % nsubs;
-		NatsSub    *ns = list_nth(subs, i);
+		NatsSub    *ns = list_nth(eb_nats_subs, i);
 		int64		want = Max(share_bytes, Max(ns->need, 2 * ns->largest));
 		int64		least = Max(GRANT_FLOOR, Max(ns->need, ns->largest));
 		int			batch = (int) Min(share_msgs, avail_msgs);
@@ -635,7 +566,7 @@ grant_credit(EbNatsFeedState *st, int nsubs, int max, int64 avail_msgs, int64 av
 			break;
 		}
 		if (!eb_nats_feed_request(ns->feed, ns->next_subject, batch, grant,
-								  shared_mode ? SHARED_EXPIRES_MS : REQUEST_EXPIRES_MS))
+								  eb_nats_shared_mode ? SHARED_EXPIRES_MS : REQUEST_EXPIRES_MS))
 			continue;			/* not connected: retried at the next poll */
 		ns->last_grant = grant;
 		avail_msgs -= batch;
@@ -664,8 +595,8 @@ eb_nats_consumer_poll(int max, int64 max_bytes)
 	ListCell   *lc;
 
 	flush_acks();
-	if (shared_mode)
-		shared_tick();
+	if (eb_nats_shared_mode)
+		eb_nats_shared_tick();
 	if (eb_js == NULL || !eb_nats_connected())
 		return 0;
 	/* Reconnected since the last poll: rebind every durable. */
@@ -675,16 +606,16 @@ eb_nats_consumer_poll(int max, int64 max_bytes)
 
 		ereport(LOG, (errmsg("NATS reconnected, rebinding the JetStream consumers")));
 		seen_reconnects = eb_nats_reconnects();
-		foreach(lc, subs)
-			release(lfirst(lc));
-		list_free(subs);
-		subs = NIL;
+		foreach(lc, eb_nats_subs)
+			eb_nats_release_sub(lfirst(lc));
+		list_free(eb_nats_subs);
+		eb_nats_subs = NIL;
 		eb_nats_consumer_set_topics(topics);
 	}
 
 	n = deliver_queued(max, max_bytes, &bytes);
 
-	nsubs = list_length(subs);
+	nsubs = list_length(eb_nats_subs);
 	if (nsubs == 0)
 		return n;
 	st = palloc0(sizeof(EbNatsFeedState) * nsubs);
@@ -722,7 +653,7 @@ flush_acks(void)
 		dlist_delete(&held->node);
 		pfree(held);
 		if (--ns->held == 0 && ns->released)
-			free_sub(ns);
+			eb_nats_free_sub(ns);
 	}
 	list_free(acks_due);
 	acks_due = NIL;
@@ -738,490 +669,13 @@ eb_nats_consumer_done(void *token)
 	MemoryContextSwitchTo(old);
 }
 
-/* --- shared mode: one instance at a time consumes a durable --- */
-
-/*
- * May the message still be handled here?  Not once its subscription was
- * given up: released, being released, or its lease lost (a later lease of
- * the same subject is a new NatsSub, so this one's messages stay given up).
- */
-bool
-eb_nats_consumer_live(void *token)
-{
-	NatsHeld   *held = token;
-
-	if (!shared_mode)
-		return true;			/* single: every message is handled here */
-	return !held->ns->released && held->ns->state == SUB_HELD;
-}
-
-/*
- * A message that was not handled here.  During a clean release it is given
- * back (NAK) with the others, in stream order, so the next holder gets it
- * first; after a lost lease it is left to the new holder.
- */
-void
-eb_nats_consumer_abandon(void *token)
-{
-	NatsHeld   *held = token;
-	NatsSub    *ns = held->ns;
-
-	dlist_delete(&held->node);
-	if (!ns->released && ns->state == SUB_RELEASING && held->reply[0] != '\0')
-	{
-		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
-		NatsNak    *nak = palloc(sizeof(NatsNak));
-
-		nak->seq = held->seq;
-		nak->reply = pstrdup(held->reply);
-		ns->naks = lappend(ns->naks, nak);
-		MemoryContextSwitchTo(old);
-	}
-	pfree(held);
-	if (--ns->held == 0 && ns->released)
-		free_sub(ns);
-}
-
-static int
-nak_cmp(const ListCell *a, const ListCell *b)
-{
-	uint64		x = ((NatsNak *) lfirst(a))->seq;
-	uint64		y = ((NatsNak *) lfirst(b))->seq;
-
-	return x < y ? -1 : x > y ? 1 : 0;
-}
-
-/* Leases this instance holds. */
-static int
-leases_held(void)
-{
-	int			n = 0;
-	ListCell   *lc;
-
-	foreach(lc, subs)
-		if (((NatsSub *) lfirst(lc))->state == SUB_HELD)
-			n++;
-	return n;
-}
-
-/* The subscription in subs (other than a releasing one) with that lease key. */
-static NatsSub *
-sub_of_key(const char *key)
-{
-	ListCell   *lc;
-
-	foreach(lc, subs)
-	{
-		NatsSub    *ns = lfirst(lc);
-
-		if (ns->state != SUB_RELEASING && strcmp(ns->lease_key, key) == 0)
-			return ns;
-	}
-	return NULL;
-}
-
-/* Replace ns in subs by a stand-by of the same subject; release ns. */
-static void
-give_up(NatsSub *ns)
-{
-	ListCell   *lc;
-
-	foreach(lc, subs)
-	{
-		if (lfirst(lc) == ns)
-		{
-			lfirst(lc) = new_sub(ns->topic, SUB_STANDBY);
-			break;
-		}
-	}
-	release(ns);
-}
-
-/*
- * Give a lease back: its queued and abandoned messages (and, at a
- * deadline, those still out) are NAKed in stream order, so the next holder
- * gets them first and in order; then the lease is marked released, and
- * the next holder binds the durable as it is (no take-over).
- */
-static void
-finish_release(NatsSub *ns)
-{
-	natsMsg    *msgs[TAKE_CHUNK];
-	int64		sizes[TAKE_CHUNK];
-	int			got;
-	int			still_out = 0;
-	dlist_mutable_iter it;
-	ListCell   *lc;
-	MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
-
-	if (ns->feed)
-	{
-		while ((got = eb_nats_feed_take(ns->feed, msgs, sizes, TAKE_CHUNK, PG_INT64_MAX)) > 0)
-		{
-			for (int i = 0; i < got; i++)
-			{
-				jsMsgMetaData *meta = NULL;
-				const char *reply = natsMsg_GetReply(msgs[i]);
-
-				if (reply != NULL && natsMsg_GetMetaData(&meta, msgs[i]) == NATS_OK)
-				{
-					NatsNak    *nak = palloc(sizeof(NatsNak));
-
-					nak->seq = meta->Sequence.Stream;
-					nak->reply = pstrdup(reply);
-					ns->naks = lappend(ns->naks, nak);
-					jsMsgMetaData_Destroy(meta);
-				}
-				natsMsg_Destroy(msgs[i]);
-			}
-		}
-	}
-	/* Out past the deadline: their handlers' outcome is not known here. */
-	dlist_foreach_modify(it, &ns->out)
-	{
-		NatsHeld   *held = dlist_container(NatsHeld, node, it.cur);
-		NatsNak    *nak = palloc(sizeof(NatsNak));
-
-		nak->seq = held->seq;
-		nak->reply = pstrdup(held->reply);
-		ns->naks = lappend(ns->naks, nak);
-		still_out++;
-	}
-	MemoryContextSwitchTo(old);
-
-	list_sort(ns->naks, nak_cmp);
-	foreach(lc, ns->naks)
-	{
-		NatsNak    *nak = lfirst(lc);
-
-		if (eb_nats_conn != NULL)
-			(void) natsConnection_PublishString(eb_nats_conn, nak->reply, "-NAK");
-		pfree(nak->reply);
-		pfree(nak);
-	}
-	if (eb_nats_conn != NULL)
-	{
-		sigset_t	sigs;
-
-		eb_nats_block_signals(&sigs);
-		(void) natsConnection_FlushTimeout(eb_nats_conn, 1000);
-		eb_nats_restore_signals(&sigs);
-	}
-	if (still_out > 0)
-		ereport(LOG,
-				(errmsg("JetStream consumer %s: %d messages delivered here were not finished at the release; given back",
-						ns->durable, still_out),
-				 errdetail("A handler of one of them that commits here after all runs in this database and in the next holder's.")));
-	if (eb_nats_lease_release(ns->lease_key, ns->lease_rev))
-		ereport(LOG,
-				(errmsg("released the JetStream lease of consumer %s (subject %s), %d messages given back",
-						ns->durable, ns->topic, list_length(ns->naks))));
-	else
-		ereport(LOG,
-				(errcode(ERRCODE_CONNECTION_FAILURE),
-				 errmsg("could not release the JetStream lease of consumer %s; another instance takes it when it goes stale",
-						ns->durable)));
-	list_free(ns->naks);
-	ns->naks = NIL;
-	subs = list_delete_ptr(subs, ns);
-	release(ns);
-}
-
-/* Stop fetching ns's subject and give its lease back once what is out came back. */
-static void
-start_release(NatsSub *ns)
-{
-	ns->state = SUB_RELEASING;
-	ns->release_by = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), RELEASE_WAIT_MS);
-}
-
-/* We hold ns's lease at revision rev, written at sent: bind and fetch. */
-static void
-lease_acquired(NatsSub *ns, uint64 rev, TimestampTz sent, bool takeover, const char *how)
-{
-	ns->state = SUB_HELD;
-	ns->lease_rev = rev;
-	ns->refreshed = sent;
-	ns->refresh_at = TimestampTzPlusMilliseconds(sent, LEASE_REFRESH_MS);
-	ns->takeover = takeover;
-	ereport(LOG,
-			(errmsg("holding the JetStream lease of consumer %s (subject %s): %s",
-					ns->durable, ns->topic, how)));
-	bind_sub(ns, takeover);
-}
-
-/* A stand-by's look at its lease: take it if free, ours, or stale. */
-static void
-try_acquire(NatsSub *ns, TimestampTz now)
-{
-	uint64		rev;
-	uint64		newrev;
-	EbNatsLeaseState st = eb_nats_lease_read(ns->lease_key, &rev);
-
-	switch (st)
-	{
-		case EB_LEASE_UNKNOWN:
-			ns->check_at = TimestampTzPlusMilliseconds(now, LEASE_RETRY_MS);
-			return;
-		case EB_LEASE_FREE:
-			/* Leave free subjects to instances holding fewer for a moment. */
-			if (ns->free_since == 0)
-				ns->free_since = now;
-			ns->check_at = TimestampTzPlusMilliseconds(ns->free_since, LEASE_SPREAD_MS * leases_held());
-			if (now < ns->check_at)
-				return;
-			newrev = eb_nats_lease_write(ns->lease_key, rev);
-			if (newrev != 0)
-				lease_acquired(ns, newrev, now, rev == 0,
-							   rev == 0 ? "first holder" : "released cleanly by its last holder");
-			else
-				ns->check_at = TimestampTzPlusMilliseconds(now, 200);
-			return;
-		case EB_LEASE_MINE_BEFORE:
-			/* Ours before (a dispatcher of ours that died, or a reconnect). */
-			newrev = eb_nats_lease_write(ns->lease_key, rev);
-			if (newrev != 0)
-				lease_acquired(ns, newrev, now, true, "taken back from a previous dispatcher of this instance");
-			else
-				ns->check_at = TimestampTzPlusMilliseconds(now, 200);
-			return;
-		case EB_LEASE_OTHER:
-			ns->free_since = 0;
-			if (rev != ns->seen_rev)
-			{
-				ns->seen_rev = rev;
-				ns->seen_at = now;
-			}
-			else if (now >= TimestampTzPlusMilliseconds(ns->seen_at, LEASE_TTL_MS))
-			{
-				newrev = eb_nats_lease_write(ns->lease_key, rev);
-				if (newrev != 0)
-				{
-					lease_acquired(ns, newrev, now, true, "its holder stopped refreshing it");
-					return;
-				}
-			}
-			ns->check_at = TimestampTzPlusMilliseconds(ns->seen_at, LEASE_TTL_MS + 100);
-			return;
-	}
-}
-
-/* Refresh a lease we hold; give the subject up if it is not ours any more. */
-static void
-refresh(NatsSub *ns, TimestampTz now)
-{
-	uint64		rev;
-	uint64		newrev = eb_nats_lease_write(ns->lease_key, ns->lease_rev);
-
-	if (newrev != 0)
-	{
-		ns->lease_rev = newrev;
-		ns->refreshed = now;
-		ns->refresh_at = TimestampTzPlusMilliseconds(now, LEASE_REFRESH_MS);
-		return;
-	}
-	switch (eb_nats_lease_read(ns->lease_key, &rev))
-	{
-		case EB_LEASE_UNKNOWN:
-		case EB_LEASE_MINE_BEFORE:	/* our write landed, its answer did not */
-			if (rev != 0)
-				ns->lease_rev = rev;
-			ns->refresh_at = TimestampTzPlusMilliseconds(now, rev != 0 ? 0 : LEASE_RETRY_MS);
-			return;
-		default:
-			ereport(LOG,
-					(errmsg("lost the JetStream lease of consumer %s (subject %s) to another instance",
-							ns->durable, ns->topic)));
-			give_up(ns);
-			return;
-	}
-}
-
-/* A lease was written (nats_lease.c's notification): look at it soon. */
-static void
-lease_changed(const char *key, bool is_free, void *arg)
-{
-	NatsSub    *ns = sub_of_key(key);
-
-	if (ns != NULL && ns->state == SUB_STANDBY)
-		ns->check_at = 0;
-}
-
-/*
- * Shared mode, every poll: fence, refresh, take, release leases.  A lease
- * not refreshed for LEASE_FENCE_MS (no server) is given up here before any
- * stand-by can find it stale.
- */
-static void
-shared_tick(void)
-{
-	TimestampTz now = GetCurrentTimestamp();
-	static TimestampTz open_at = 0;
-	List	   *snapshot;
-	ListCell   *lc;
-
-	snapshot = list_copy(subs);
-	foreach(lc, snapshot)
-	{
-		NatsSub    *ns = lfirst(lc);
-
-		if (ns->state == SUB_HELD && now >= TimestampTzPlusMilliseconds(ns->refreshed, LEASE_FENCE_MS))
-		{
-			ereport(LOG,
-					(errcode(ERRCODE_CONNECTION_FAILURE),
-					 errmsg("could not refresh the JetStream lease of consumer %s for %d ms, giving subject %s up",
-							ns->durable, LEASE_FENCE_MS, ns->topic)));
-			give_up(ns);
-		}
-	}
-	list_free(snapshot);
-
-	if (eb_js == NULL || !eb_nats_connected())
-		return;
-	if (!eb_nats_lease_ready())
-	{
-		if (now < open_at)
-			return;
-		open_at = TimestampTzPlusMilliseconds(now, LEASE_RETRY_MS);
-		if (!eb_nats_lease_open())
-			return;
-	}
-	if (eb_nats_lease_changes(lease_changed, NULL))
-		foreach(lc, subs)
-			((NatsSub *) lfirst(lc))->check_at = 0;
-
-	snapshot = list_copy(subs);
-	foreach(lc, snapshot)
-	{
-		NatsSub    *ns = lfirst(lc);
-
-		if (ProcDiePending)
-			break;
-		switch (ns->state)
-		{
-			case SUB_HELD:
-				if (now >= ns->refresh_at)
-					refresh(ns, now);
-				else if (ns->feed == NULL)
-					bind_sub(ns, ns->takeover);
-				break;
-			case SUB_STANDBY:
-				if (now >= ns->check_at)
-					try_acquire(ns, now);
-				break;
-			case SUB_RELEASING:
-				if ((ns->held == 0 && ns->open_requests == 0) || now >= ns->release_by)
-					finish_release(ns);
-				break;
-		}
-	}
-	list_free(snapshot);
-}
-
-/*
- * Shared mode: consume exactly these subjects — the ones not wanted any
- * more are released, new ones stand by until their lease is ours.  No
- * request to the server here: shared_tick does that.
- */
-static void
-shared_set_topics(List *want)
-{
-	List	   *keep = NIL;
-	ListCell   *lc;
-
-	foreach(lc, subs)
-	{
-		NatsSub    *ns = lfirst(lc);
-		bool		is_wanted = eb_string_member(want, ns->topic);
-
-		if (ns->state == SUB_RELEASING || (is_wanted && ns->state != SUB_RELEASING))
-			keep = lappend(keep, ns);
-		else if (ns->state == SUB_HELD)
-		{
-			start_release(ns);
-			keep = lappend(keep, ns);
-		}
-		else
-			release(ns);
-	}
-	list_free(subs);
-	subs = keep;
-
-	foreach(lc, want)
-	{
-		const char *topic = lfirst(lc);
-		bool		have = false;
-		ListCell   *lc2;
-
-		foreach(lc2, subs)
-		{
-			NatsSub    *ns = lfirst(lc2);
-
-			if (ns->state != SUB_RELEASING && strcmp(ns->topic, topic) == 0)
-				have = true;
-		}
-		if (!have)
-			subs = lappend(subs, new_sub(topic, SUB_STANDBY));
-	}
-}
-
-/*
- * Shared mode, at exit: give every lease back.  The server ends our pull
- * requests within SHARED_EXPIRES_MS; whatever they brought and whatever is
- * out unfinished is NAKed in stream order, then the leases are released.
- */
-static void
-shared_stop(void)
-{
-	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), STOP_WAIT_MS);
-	List	   *snapshot;
-	ListCell   *lc;
-
-	foreach(lc, subs)
-	{
-		NatsSub    *ns = lfirst(lc);
-
-		if (ns->state == SUB_HELD)
-			ns->state = SUB_RELEASING;
-	}
-	for (;;)
-	{
-		bool		open = false;
-
-		foreach(lc, subs)
-		{
-			NatsSub    *ns = lfirst(lc);
-			EbNatsFeedState st;
-
-			if (ns->state != SUB_RELEASING || ns->feed == NULL)
-				continue;
-			eb_nats_feed_state(ns->feed, &st);
-			if (st.open > 0)
-				open = true;
-		}
-		if (!open || !eb_nats_connected() || GetCurrentTimestamp() >= deadline)
-			break;
-		pg_usleep(20 * 1000);
-	}
-	snapshot = list_copy(subs);
-	foreach(lc, snapshot)
-	{
-		NatsSub    *ns = lfirst(lc);
-
-		if (ns->state == SUB_RELEASING && ns->lease_rev != 0)
-			finish_release(ns);
-	}
-	list_free(snapshot);
-	eb_nats_lease_close();
-}
-
 /* Messages of the subject still in the stream for us (last known), -1 if unknown. */
 int64
 eb_nats_consumer_lag(const char *topic)
 {
 	ListCell   *lc;
 
-	foreach(lc, subs)
+	foreach(lc, eb_nats_subs)
 	{
 		NatsSub    *ns = lfirst(lc);
 
@@ -1237,7 +691,7 @@ eb_nats_consumer_start(EbDeliverFn deliver)
 {
 	deliver_fn = deliver;
 	paused = false;
-	shared_mode = eb_consumer_mode == EB_CONSUMER_SHARED;
+	eb_nats_shared_mode = eb_consumer_mode == EB_CONSUMER_SHARED;
 	return eb_nats_client_start("eventbus consumer", true);
 }
 
@@ -1246,8 +700,8 @@ void
 eb_nats_consumer_stop(void)
 {
 	flush_acks();
-	if (shared_mode)
-		shared_stop();
+	if (eb_nats_shared_mode)
+		eb_nats_shared_stop();
 	forget_subscriptions();
 	eb_nats_client_stop();
 	deliver_fn = NULL;
