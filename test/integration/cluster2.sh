@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # cluster2.sh — a second PostgreSQL cluster on the test stack, for tests of
 # several instances sharing one consumer group (scale-out, fail-over).
 # Source it AFTER lib.sh (it needs $EVENTBUS_STATE, $EVENTBUS_PGDATA, $REPO):
@@ -138,9 +139,10 @@ _c2_trap() {
 	prev=$(trap -p EXIT)
 	if [[ $prev == *c2_cleanup* ]]; then return 0; fi
 	if [ -n "$prev" ]; then
-		eval "set -- $prev"   # trap -- 'CMD' EXIT
+		local -a w
+		eval "w=($prev)"   # trap -- 'CMD' EXIT
 		# shellcheck disable=SC2064  # expand the previous command now
-		trap "c2_cleanup; $3" EXIT
+		trap "c2_cleanup; ${w[2]}" EXIT
 	else
 		trap c2_cleanup EXIT
 	fi
