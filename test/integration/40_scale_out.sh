@@ -45,6 +45,7 @@ PER_VERSION=$((2 * NAGGS))
 TOTAL=$((PER_VERSION * NVERS))
 W=$(mktemp -d "${TMPDIR:-/tmp}/t40.XXXXXX")
 BURST_PID=
+CTS_SET=0
 
 # ---------------------------------------------------------------------------
 # c1 (the stack's cluster) control; c2 is cluster2.sh's
@@ -61,8 +62,9 @@ t40_cleanup() {
 	c1_running || "$STACK" pg-start >/dev/null 2>&1
 	wait_until 60 c1_running
 	unsubscribe_like 't40.%'
-	# track_commit_timestamp: back to the default at the next restart.
-	q -c "ALTER SYSTEM RESET eventbus.consumer_mode" -c "ALTER SYSTEM RESET track_commit_timestamp" -c "SELECT pg_reload_conf()"
+	q -c "ALTER SYSTEM RESET eventbus.consumer_mode" -c "SELECT pg_reload_conf()"
+	# track_commit_timestamp, if this test set it: the default again at the next restart.
+	[ "$CTS_SET" = 1 ] && q -c "ALTER SYSTEM RESET track_commit_timestamp"
 	rm -rf -- "$W"
 }
 
@@ -83,6 +85,7 @@ c2_init 'track_commit_timestamp = on'
 # The cross-database order check needs commit times in c1 too (a restart).
 if [ "$(q -c "SHOW track_commit_timestamp")" != on ]; then
 	q -c "ALTER SYSTEM SET track_commit_timestamp = on" >/dev/null
+	CTS_SET=1
 	c1_stop fast; c1_start || bail "c1 did not come back after the restart for track_commit_timestamp"
 fi
 q -c "ALTER SYSTEM SET eventbus.consumer_mode = 'shared'" -c "SELECT pg_reload_conf()" >/dev/null
@@ -142,14 +145,16 @@ for v in $(seq 1 $NVERS); do
 done
 is "$(cat "$W"/v* | wc -l)" "$TOTAL" "chunk files hold the $TOTAL envelopes"
 
-# burst VFROM VTO [GATED_FROM PAUSE] — produce versions VFROM..VTO, chunk by
-# chunk (each chunk on both transports, PAUSE s apart); versions from
-# GATED_FROM on wait until the file $W/gate exists (at most 120 s).
+# burst VFROM VTO GATED_FROM PAUSE [PAUSE_GATED] — produce versions VFROM..VTO,
+# chunk by chunk (each chunk on both transports, PAUSE s apart); versions
+# from GATED_FROM on wait until the file $W/gate exists (at most 120 s), and
+# are PAUSE_GATED s apart (default PAUSE).
 burst() {
-	local vfrom=$1 vto=$2 gated=${3:-999} pause=${4:-0.3} v f
+	local vfrom=$1 vto=$2 gated=$3 pause=$4 v f
 	rm -f "$W/gate"
 	for v in $(seq "$vfrom" "$vto"); do
 		if [ "$v" -ge "$gated" ]; then
+			pause=${5:-$4}
 			local i=0
 			while [ ! -e "$W/gate" ]; do
 				i=$((i + 1)); [ $i -gt 1200 ] && { echo "gate never opened"; return 1; }
@@ -200,7 +205,7 @@ diag "phase a: shares of versions 1-4: $(shares 1 4); $(since "$t0") s from the 
 # ---------------------------------------------------------------------------
 c2_stop fast
 ok $? "phase b: c2 stopped (fast) between bursts"
-burst_start 5 7 7 0.5
+burst_start 5 7 7 0.6 0.2
 sleep 1
 tj=$(now)
 c2_start
@@ -226,7 +231,7 @@ ok $? "phase b: c1 started again (joins)"
 # ---------------------------------------------------------------------------
 # Phase c: immediate stop of c2 mid-burst
 # ---------------------------------------------------------------------------
-burst_start 8 10 10 0.5
+burst_start 8 10 10 0.6 0.2
 both_handle() { [ "$(cnt1 "WHERE version >= 8")" -gt 0 ] && [ "$(cnt2 "WHERE version >= 8")" -gt 0 ]; }
 wait_until 45 both_handle
 ok $? "phase c: both clusters handle events of the burst (c1 rejoined)"
