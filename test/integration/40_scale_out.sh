@@ -83,10 +83,16 @@ CONSUMER_CLEANUP="t40_cleanup"
 c2_init 'track_commit_timestamp = on'
 
 # The cross-database order check needs commit times in c1 too (a restart).
-if [ "$(q -c "SHOW track_commit_timestamp")" != on ]; then
+# (pending_restart: a RESET not yet in effect would turn it off at c1's
+# restart in phase b.)
+if [ "$(q -c "SELECT setting || ' ' || pending_restart FROM pg_settings WHERE name = 'track_commit_timestamp'")" != "on false" ]; then
 	q -c "ALTER SYSTEM SET track_commit_timestamp = on" >/dev/null
 	CTS_SET=1
-	c1_stop fast; c1_start || bail "c1 did not come back after the restart for track_commit_timestamp"
+	if [ "$(q -c "SHOW track_commit_timestamp")" != on ]; then
+		c1_stop fast; c1_start || bail "c1 did not come back after the restart for track_commit_timestamp"
+	else
+		q -c "SELECT pg_reload_conf()" >/dev/null
+	fi
 fi
 q -c "ALTER SYSTEM SET eventbus.consumer_mode = 'shared'" -c "SELECT pg_reload_conf()" >/dev/null
 c2_start || bail "cluster 2 did not start (log: $C2_LOG)"
@@ -178,8 +184,8 @@ burst_wait() {
 }
 
 # Counts in one database: cnt1/cnt2 'WHERE ...' on t40_handled.
-cnt1() { q -c "SELECT count(*) FROM t40_handled $1" 2>/dev/null; }
-cnt2() { q2 -c "SELECT count(*) FROM t40_handled $1" 2>/dev/null; }
+cnt1() { q -c "SELECT count(*) FROM t40_handled ${1:-}" 2>/dev/null; }
+cnt2() { q2 -c "SELECT count(*) FROM t40_handled ${1:-}" 2>/dev/null; }
 shares() {   # shares VFROM VTO — per database and transport
 	local w="WHERE version BETWEEN $1 AND $2"
 	echo "c1 kafka $(cnt1 "$w AND transport = 'kafka'") nats $(cnt1 "$w AND transport = 'nats'")," \
@@ -252,13 +258,10 @@ sleep 2   # late redeliveries, if any, show up as duplicates
 # ---------------------------------------------------------------------------
 c2_start -c shared_preload_libraries=
 ok $? "c2 started without eventbus to read its records"
-q >/dev/null <<'SQL'
-DROP TABLE IF EXISTS t40_all;
-CREATE TABLE t40_all (db text, n bigint, transport text, aggregate_id text, version bigint, event_id uuid,
-                      started timestamptz, finished timestamptz);
-INSERT INTO t40_all SELECT 'c1', n, transport, aggregate_id, version, event_id, started, pg_xact_commit_timestamp(xmin)
-  FROM t40_handled;
-SQL
+q -c "DROP TABLE IF EXISTS t40_all" -c "CREATE TABLE t40_all (db text, n bigint, transport text, aggregate_id text, version bigint,
+                                                               event_id uuid, started timestamptz, finished timestamptz)" >/dev/null
+is "$(q -c "INSERT INTO t40_all SELECT 'c1', n, transport, aggregate_id, version, event_id, started, pg_xact_commit_timestamp(xmin)
+             FROM t40_handled" -c "SELECT count(*) FROM t40_all")" "$(cnt1)" "c1's records collected"
 q2 -c "\\copy (SELECT 'c2', n, transport, aggregate_id, version, event_id, started, pg_xact_commit_timestamp(xmin) FROM t40_handled) TO STDOUT" |
 	q -c "\\copy t40_all FROM STDIN" >/dev/null
 is "$(q -c "SELECT count(*) FROM t40_all WHERE db = 'c2'")" "$(q2 -c "SELECT count(*) FROM t40_handled")" "c2's records copied"
