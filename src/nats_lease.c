@@ -62,6 +62,7 @@ static kvStore *kv = NULL;
 static natsSubscription *notify_sub = NULL;
 static char instance[96];		/* the part of a value before '/' */
 static char me[128];			/* our whole value */
+static bool open_failed = false;	/* the last open failed (and said so) */
 
 /*
  * The lease key of a durable: KeyValue keys take [A-Za-z0-9_=/.-], durable
@@ -159,14 +160,17 @@ eb_nats_lease_open(void)
 	eb_nats_restore_signals(&old);
 	if (s != NATS_OK)
 	{
-		ereport(LOG,
+		/* Said once until it opens: the caller retries every second. */
+		ereport(open_failed ? DEBUG1 : LOG,
 				(errcode(ERRCODE_CONNECTION_FAILURE),
 				 errmsg("could not open the JetStream lease bucket %s: %s", LEASE_BUCKET,
 						nats_GetLastError(NULL) ? nats_GetLastError(NULL) : natsStatus_GetText(s)),
 				 errdetail("In eventbus.consumer_mode = shared no JetStream subject is consumed until it opens; retrying.")));
 		eb_nats_lease_close();
+		open_failed = true;
 		return false;
 	}
+	open_failed = false;
 	pthread_mutex_lock(&changed_mutex);
 	changed.n = 0;
 	changed.overflow = true;	/* look at every key once */
