@@ -592,9 +592,11 @@ report_status(void)
 
 	for (int i = 0; i < nsubs && i < EB_MAX_SUB_STATUS; i++)
 	{
-		int64		waiting = eb_transport(subs[i].transport)->consumer_lag(subs[i].topic);
+		const EbTransportRoutine *tr = eb_transport(subs[i].transport);
+		int64		waiting = tr->consumer_lag(subs[i].topic);
+		int			share = tr->consumer_share ? tr->consumer_share(subs[i].topic) : -1;
 
-		eb_shmem_set_lag(i, subs[i].id, subs[i].in_flight + Max(waiting, 0));
+		eb_shmem_set_lag(i, subs[i].id, subs[i].in_flight + Max(waiting, 0), share);
 	}
 }
 

@@ -134,8 +134,13 @@ eventbus_metrics(PG_FUNCTION_ARGS)
 
 	/* Per-subscription lag, as the dispatcher last measured it. */
 	for (int i = 0; i < snap.nsubs && snap.dispatcher_pid; i++)
+	{
 		put(rsinfo, "subscription_lag", "gauge", -1, snap.subs[i].id, -1,
 			(double) snap.subs[i].lag);
+		if (snap.subs[i].share >= 0)
+			put(rsinfo, "subscription_share", "gauge", -1, snap.subs[i].id, -1,
+				(double) snap.subs[i].share);
+	}
 
 	return (Datum) 0;
 }

@@ -777,6 +777,7 @@ const EbTransportRoutine eb_nats_transport = {
 	.consumer_done = eb_nats_consumer_done,
 	.consumer_live = eb_nats_consumer_live,
 	.consumer_abandon = eb_nats_consumer_abandon,
+	.consumer_share = eb_nats_consumer_share,
 	.consumer_pause = eb_nats_consumer_pause,
 	.consumer_lag = eb_nats_consumer_lag,
 	.consumer_idle_poll_ms = eb_nats_consumer_idle_poll_ms,

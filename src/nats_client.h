@@ -75,6 +75,7 @@ extern int64 eb_nats_consumer_lag(const char *topic);
 extern int	eb_nats_consumer_idle_poll_ms(void);
 extern bool eb_nats_consumer_live(void *token);
 extern void eb_nats_consumer_abandon(void *token);
+extern int	eb_nats_consumer_share(const char *topic);
 
 /* nats_lease.c: one instance at a time consumes a shared durable */
 #define EB_NATS_LEASE_KEY			256 /* key length limit, with its NUL */

@@ -72,6 +72,24 @@ nak_cmp(const ListCell *a, const ListCell *b)
 	return x < y ? -1 : x > y ? 1 : 0;
 }
 
+/* consumer_share: 1 while this instance holds topic's lease, else 0; -1 in single mode. */
+int
+eb_nats_consumer_share(const char *topic)
+{
+	ListCell   *lc;
+
+	if (!eb_nats_shared_mode)
+		return -1;
+	foreach(lc, eb_nats_subs)
+	{
+		NatsSub    *ns = lfirst(lc);
+
+		if (ns->state == SUB_HELD && strcmp(ns->topic, topic) == 0)
+			return 1;
+	}
+	return 0;
+}
+
 /* Leases this instance holds. */
 static int
 leases_held(void)

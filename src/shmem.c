@@ -368,15 +368,16 @@ eb_shmem_set_queued(const int *queued, int nworkers, int nsubs)
 	LWLockRelease(eb_shared->lock);
 }
 
-/* Lag row i: a subscription's events in flight plus those waiting in the broker. */
+/* Lag row i: a subscription's events in flight plus those waiting in the broker, and its share. */
 void
-eb_shmem_set_lag(int i, int64 subscription_id, int64 lag)
+eb_shmem_set_lag(int i, int64 subscription_id, int64 lag, int32 share)
 {
 	if (i < 0 || i >= EB_MAX_SUB_STATUS)
 		return;
 	LWLockAcquire(eb_shared->lock, LW_EXCLUSIVE);
 	eb_shared->subs[i].id = subscription_id;
 	eb_shared->subs[i].lag = lag;
+	eb_shared->subs[i].share = share;
 	LWLockRelease(eb_shared->lock);
 }
 

@@ -70,6 +70,7 @@ typedef struct EbSubStatus
 {
 	int64		id;
 	int64		lag;			/* in flight + waiting in the broker, when known */
+	int32		share;			/* consumer_share of its topic: -1 all, 0 stand-by */
 } EbSubStatus;
 
 typedef struct EbShared
@@ -134,7 +135,7 @@ extern void eb_shmem_bump_subs_generation(void);
 extern uint64 eb_shmem_subs_generation(void);
 extern void eb_shmem_reset_workers(int nworkers);
 extern void eb_shmem_set_queued(const int *queued, int nworkers, int nsubs);
-extern void eb_shmem_set_lag(int i, int64 subscription_id, int64 lag);
+extern void eb_shmem_set_lag(int i, int64 subscription_id, int64 lag, int32 share);
 extern void eb_shmem_worker_started(int worker, pid_t pid);
 extern void eb_shmem_worker_counts(int worker, uint64 handled, uint64 duplicates,
 								   uint64 failed, uint64 dead_lettered, uint64 busy_us);

@@ -95,6 +95,19 @@ add_undeliverable_rows(ReturnSetInfo *rsinfo)
 	SPI_finish();
 }
 
+/*
+ * The share of its topic this instance consumes (-1: all; 0: another
+ * instance consumes it, shared mode), as the dispatcher last reported.
+ */
+static int
+subscription_share(EbShared *snap, int64 id)
+{
+	for (int k = 0; k < snap->nsubs; k++)
+		if (snap->subs[k].id == id)
+			return snap->subs[k].share;
+	return -1;
+}
+
 /* One row per subscription: handled / dead-lettered counts and lag. */
 static void
 add_subscription_rows(ReturnSetInfo *rsinfo, EbShared *snap)
@@ -132,7 +145,8 @@ add_subscription_rows(ReturnSetInfo *rsinfo, EbShared *snap)
 		nulls[1] = true;
 		values[2] = CStringGetTextDatum(SPI_getvalue(t, d, 2));
 		values[3] = CStringGetTextDatum(!DatumGetBool(SPI_getbinval(t, d, 7, &isnull)) ? "owner dropped" :
-										snap->dispatcher_pid ? "active" : "inactive");
+										!snap->dispatcher_pid ? "inactive" :
+										subscription_share(snap, id) == 0 ? "standby" : "active");
 		values[4] = SPI_getbinval(t, d, 4, &isnull);
 		values[5] = CStringGetTextDatum(SPI_getvalue(t, d, 3));
 		nulls[6] = true;

@@ -132,6 +132,14 @@ typedef struct EbTransportRoutine
 	void		(*consumer_pause) (bool pause);
 	/* Messages of topic waiting in the broker, -1 if unknown. */
 	int64		(*consumer_lag) (const char *topic);
+
+	/*
+	 * Shared consumption: how much of topic this instance consumes now (Kafka:
+	 * partitions assigned; JetStream: 1 while it holds the lease, else 0).
+	 * -1 when it consumes the whole topic by itself (single mode).  NULL =
+	 * always -1.
+	 */
+	int			(*consumer_share) (const char *topic);
 	/* Wait (ms) before polling again when idle, 0 if the broker wakes us. */
 	int			(*consumer_idle_poll_ms) (void);
 

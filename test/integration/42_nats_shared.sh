@@ -91,6 +91,13 @@ send 1 || bail "could not publish"
 wait_count 30 400 "SELECT count(DISTINCT event_id) FROM t42_handled"
 ok $? "A handled the first 400 events ($COUNT)"
 is "$(count_b)" 0 "B, standing by, handled none of them"
+# What operators see: eventbus_status() and the subscription_share gauge.
+sub_state() { "$1" -c "SELECT s.state || '|' || coalesce((SELECT m.value::int::text FROM eventbus.metrics m
+                                   WHERE m.name = 'subscription_share' AND m.subscription_id = substr(s.component, 14)::bigint), '-')
+                     FROM eventbus_status() s WHERE s.component LIKE 'subscription %' AND s.detail LIKE '$TOPIC -> %'"; }
+wait_until 10 '[ "$(sub_state q2)" = "standby|0" ]'
+is "$(sub_state q)/$(sub_state q2)" "active|1/standby|0" \
+	"status and metrics: A's subscription active with share 1, B's standby with share 0"
 
 # --- 2. A stops (fast) mid-burst: B takes over ------------------------------
 send 2 &
