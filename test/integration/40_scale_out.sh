@@ -45,7 +45,7 @@ PER_VERSION=$((2 * NAGGS))
 TOTAL=$((PER_VERSION * NVERS))
 W=$(mktemp -d "${TMPDIR:-/tmp}/t40.XXXXXX")
 BURST_PID=
-CTS_SET=0
+CTS_SET=0; CTS_BEFORE=
 
 # ---------------------------------------------------------------------------
 # c1 (the stack's cluster) control; c2 is cluster2.sh's
@@ -62,9 +62,13 @@ t40_cleanup() {
 	c1_running || "$STACK" pg-start >/dev/null 2>&1
 	wait_until 60 c1_running
 	unsubscribe_like 't40.%'
-	q -c "ALTER SYSTEM RESET eventbus.consumer_mode" -c "SELECT pg_reload_conf()"
-	# track_commit_timestamp, if this test set it: the default again at the next restart.
-	[ "$CTS_SET" = 1 ] && q -c "ALTER SYSTEM RESET track_commit_timestamp"
+	q -c "ALTER SYSTEM RESET eventbus.consumer_mode"
+	# track_commit_timestamp in auto.conf as it was (effective at the next restart).
+	if [ "$CTS_SET" = 1 ]; then
+		if [ -z "$CTS_BEFORE" ]; then q -c "ALTER SYSTEM RESET track_commit_timestamp"
+		else q -c "ALTER SYSTEM SET track_commit_timestamp = '$CTS_BEFORE'"; fi
+	fi
+	q -c "SELECT pg_reload_conf()"
 	rm -rf -- "$W"
 }
 
@@ -79,20 +83,21 @@ since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
 # ---------------------------------------------------------------------------
 consumer_sql_setup
 consumer_setup
+# shellcheck disable=SC2034  # read by lib.sh's consumer_teardown
 CONSUMER_CLEANUP="t40_cleanup"
 c2_init 'track_commit_timestamp = on'
 
-# The cross-database order check needs commit times in c1 too (a restart).
-# (pending_restart: a RESET not yet in effect would turn it off at c1's
-# restart in phase b.)
-if [ "$(q -c "SELECT setting || ' ' || pending_restart FROM pg_settings WHERE name = 'track_commit_timestamp'")" != "on false" ]; then
+# The cross-database order check needs commit times in c1 too.  Its
+# postgresql.auto.conf must say on (c1 restarts in phase b), and the running
+# server too (a restart if not).  What auto.conf said before is restored at
+# exit (effective at c1's next restart).
+CTS_BEFORE=$(q -c "SELECT setting FROM pg_file_settings WHERE name = 'track_commit_timestamp' AND sourcefile LIKE '%/postgresql.auto.conf' ORDER BY seqno DESC LIMIT 1")
+if [ "$CTS_BEFORE" != on ]; then
 	q -c "ALTER SYSTEM SET track_commit_timestamp = on" >/dev/null
 	CTS_SET=1
-	if [ "$(q -c "SHOW track_commit_timestamp")" != on ]; then
-		c1_stop fast; c1_start || bail "c1 did not come back after the restart for track_commit_timestamp"
-	else
-		q -c "SELECT pg_reload_conf()" >/dev/null
-	fi
+fi
+if [ "$(q -c "SHOW track_commit_timestamp")" != on ]; then
+	c1_stop fast; c1_start || bail "c1 did not come back after the restart for track_commit_timestamp"
 fi
 q -c "ALTER SYSTEM SET eventbus.consumer_mode = 'shared'" -c "SELECT pg_reload_conf()" >/dev/null
 c2_start || bail "cluster 2 did not start (log: $C2_LOG)"
@@ -195,8 +200,16 @@ shares() {   # shares VFROM VTO — per database and transport
 # ---------------------------------------------------------------------------
 # Phase a: both running
 # ---------------------------------------------------------------------------
+# Versions 3-4 wait until both clusters handle Kafka events (the group's
+# first assignments take seconds on the dev broker), so that both running
+# really means both consuming.
 t0=$(now)
-burst_start 1 4 999 0.3
+burst_start 1 4 3 0.5 0.2
+both_kafka() { [ "$(cnt1 "WHERE transport = 'kafka'")" -gt 0 ] && [ "$(cnt2 "WHERE transport = 'kafka'")" -gt 0 ]; }
+wait_until 45 both_kafka
+ok $? "phase a: both clusters handle Kafka events within 45 s ($(shares 1 4) so far)"
+diag "phase a: both consuming Kafka $(since "$t0") s after the first produce"
+touch "$W/gate"
 burst_wait
 ok $? "phase a: versions 1-4 produced ($((4 * PER_VERSION)) events)"
 # Complete when every aggregate's version 4 was handled somewhere (per
