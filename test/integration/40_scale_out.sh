@@ -82,6 +82,7 @@ since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
 # Set-up
 # ---------------------------------------------------------------------------
 consumer_sql_setup
+load_wire_functions   # t_fnv1a_partition
 consumer_setup
 # shellcheck disable=SC2034  # read by lib.sh's consumer_teardown
 CONSUMER_CLEANUP="t40_cleanup"
@@ -141,7 +142,8 @@ is "$(q -c "SELECT count(*) FROM eventbus.subscriptions WHERE topic IN ('$KT', '
 q >/dev/null <<SQL
 DROP TABLE IF EXISTS t40_sent;
 CREATE TABLE t40_sent AS
-  SELECT tr AS transport, left(tr, 1) || '-' || a AS aggregate_id, v::bigint AS version, gen_random_uuid() AS event_id
+  SELECT tr AS transport, left(tr, 1) || '-' || a AS aggregate_id, v::bigint AS version, gen_random_uuid() AS event_id,
+         CASE tr WHEN 'kafka' THEN t_fnv1a_partition(left(tr, 1) || '-' || a, 8) END AS part
     FROM unnest(ARRAY['kafka', 'nats']) tr, generate_series(1, $NAGGS) a, generate_series(1, $NVERS) v;
 SQL
 is "$(q -c "SELECT count(*) || ' ' || count(DISTINCT aggregate_id) FROM t40_sent")" "$TOTAL $((2 * NAGGS))" \
@@ -156,16 +158,16 @@ for v in $(seq 1 $NVERS); do
 done
 is "$(cat "$W"/v* | wc -l)" "$TOTAL" "chunk files hold the $TOTAL envelopes"
 
-# burst VFROM VTO GATED_FROM PAUSE [PAUSE_GATED] — produce versions VFROM..VTO,
-# chunk by chunk (each chunk on both transports, PAUSE s apart); versions
-# from GATED_FROM on wait until the file $W/gate exists (at most 120 s), and
-# are PAUSE_GATED s apart (default PAUSE).
+# burst VFROM VTO GATED_FROM SLOW FAST — produce versions VFROM..VTO, chunk
+# by chunk (each chunk on both transports), SLOW s apart until the file
+# $W/fast exists (the awaited join has happened: no need to stretch the
+# burst any more), FAST s apart after; versions from GATED_FROM on wait
+# until the file $W/gate exists (at most 120 s).
 burst() {
-	local vfrom=$1 vto=$2 gated=$3 pause=$4 v f
-	rm -f "$W/gate"
+	local vfrom=$1 vto=$2 gated=$3 slow=$4 fast=$5 v f
+	rm -f "$W/gate" "$W/fast"
 	for v in $(seq "$vfrom" "$vto"); do
 		if [ "$v" -ge "$gated" ]; then
-			pause=${5:-$4}
 			local i=0
 			while [ ! -e "$W/gate" ]; do
 				i=$((i + 1)); [ $i -gt 1200 ] && { echo "gate never opened"; return 1; }
@@ -173,9 +175,9 @@ burst() {
 			done
 		fi
 		for f in "$W/v$(printf %02d "$v").kafka."*; do
-			kafka_produce "$KT" -X message.timeout.ms=30000 < "$f" || return 1
+			kafka_produce "$KT" -X partitioner=fnv1a -X message.timeout.ms=30000 < "$f" || return 1
 			nats_produce "$NT" --msg-id-from-event-id < "${f/.kafka./.nats.}" || return 1
-			sleep "$pause"
+			if [ -e "$W/fast" ]; then sleep "$fast"; else sleep "$slow"; fi
 		done
 	done
 	echo "burst $vfrom-$vto produced"
@@ -204,12 +206,12 @@ shares() {   # shares VFROM VTO — per database and transport
 # first assignments take seconds on the dev broker), so that both running
 # really means both consuming.
 t0=$(now)
-burst_start 1 4 3 0.5 0.2
+burst_start 1 4 3 1 0.2
 both_kafka() { [ "$(cnt1 "WHERE transport = 'kafka'")" -gt 0 ] && [ "$(cnt2 "WHERE transport = 'kafka'")" -gt 0 ]; }
 wait_until 45 both_kafka
 ok $? "phase a: both clusters handle Kafka events within 45 s ($(shares 1 4) so far)"
 diag "phase a: both consuming Kafka $(since "$t0") s after the first produce"
-touch "$W/gate"
+touch "$W/fast" "$W/gate"
 burst_wait
 ok $? "phase a: versions 1-4 produced ($((4 * PER_VERSION)) events)"
 # Complete when every aggregate's version 4 was handled somewhere (per
@@ -224,14 +226,15 @@ diag "phase a: shares of versions 1-4: $(shares 1 4); $(since "$t0") s from the 
 # ---------------------------------------------------------------------------
 c2_stop fast
 ok $? "phase b: c2 stopped (fast) between bursts"
-burst_start 5 7 7 0.6 0.2
+burst_start 5 7 7 1 0.2
 sleep 1
 tj=$(now)
 c2_start
 ok $? "phase b: c2 started mid-burst (joins)"
 c2_handles() { [ "$(cnt2 "WHERE version BETWEEN 5 AND 7")" -gt 0 ]; }
-wait_until 45 c2_handles
-ok $? "phase b: c2 handles events of the burst within 45 s of its start (joined the group / took a share)"
+wait_until 45 c2_handles; rc=$?
+touch "$W/fast"
+ok $rc "phase b: c2 handles events of the burst within 45 s of its start (joined the group / took a share)"
 diag "phase b: c2's first event $(q2 -c "SELECT round((extract(epoch FROM min(started)) - $tj)::numeric, 2) FROM t40_handled WHERE version BETWEEN 5 AND 7") s after its start; shares so far: $(shares 5 7)"
 tl=$(now)
 c1_stop fast
@@ -250,10 +253,12 @@ ok $? "phase b: c1 started again (joins)"
 # ---------------------------------------------------------------------------
 # Phase c: immediate stop of c2 mid-burst
 # ---------------------------------------------------------------------------
-burst_start 8 10 10 0.6 0.2
+burst_start 8 10 10 1 0.2
 both_handle() { [ "$(cnt1 "WHERE version >= 8")" -gt 0 ] && [ "$(cnt2 "WHERE version >= 8")" -gt 0 ]; }
-wait_until 45 both_handle
-ok $? "phase c: both clusters handle events of the burst (c1 rejoined)"
+wait_until 45 both_handle; rc=$?
+touch "$W/fast"
+ok $rc "phase c: both clusters handle events of the burst (c1 rejoined)"
+sleep 2   # both consuming for a while: c2's share at the stop is what it handled last
 diag "phase c: shares before the immediate stop: $(shares 8 10)"
 ts=$(now)
 c2_stop immediate
@@ -280,7 +285,13 @@ q2 -c "\\copy (SELECT 'c2', n, transport, aggregate_id, version, event_id, start
 is "$(q -c "SELECT count(*) FROM t40_all WHERE db = 'c2'")" "$(q2 -c "SELECT count(*) FROM t40_handled")" "c2's records copied"
 c2_stop fast
 is "$(q -c "SELECT count(*) FROM t40_all WHERE finished IS NULL")" 0 "every record has its commit time"
-q -c "CREATE INDEX ON t40_all (aggregate_id, version)" >/dev/null
+q -c "CREATE INDEX ON t40_all (aggregate_id, version)" -c "CREATE INDEX ON t40_all (event_id)" >/dev/null
+# The partition of each Kafka message as the test computes it (fnv1a, as
+# kcat was told to partition): read back from the broker.
+q -c "DROP TABLE IF EXISTS t40_wire; CREATE TABLE t40_wire (key text, part int)" >/dev/null
+kcat -C -b "$EVENTBUS_KAFKA_BROKERS" -t "$KT" -o beginning -e -q -f '%k\t%p\n' 2>/dev/null | q -c "\\copy t40_wire FROM STDIN" >/dev/null
+is "$(q -c "SELECT count(*) || ' ' || count(*) FILTER (WHERE part = t_fnv1a_partition(key, 8)) FROM t40_wire")" "$((NAGGS * NVERS)) $((NAGGS * NVERS))" \
+	"the Kafka topic holds the $((NAGGS * NVERS)) events, each in the partition the test computes"
 
 # ---------------------------------------------------------------------------
 # Counts
@@ -330,13 +341,31 @@ for p in a b c; do
 	        FROM (SELECT db, transport, count(*) c FROM t40_all WHERE version BETWEEN $(ph $p) GROUP BY 1, 2) x")"
 done
 
-# Take-over after the immediate stop (printed): for each transport, from the
-# stop to c1's first event of an aggregate c2 had handled in phase c.
+# Which Kafka partitions each cluster consumed in phase a (printed).
+for db in c1 c2; do
+	diag "phase a: $db consumed Kafka partitions $(q -c "SELECT string_agg(DISTINCT s.part::text, ',') FROM t40_all h JOIN t40_sent s USING (event_id)
+	        WHERE h.db = '$db' AND h.transport = 'kafka' AND h.version BETWEEN 1 AND 4")"
+done
+
+# Take-over after the immediate stop (printed).  c2's share at the stop: the
+# Kafka partitions, and the JetStream subject, whose last event handled
+# before the stop was handled by c2; the take-over time is from the stop to
+# c1's first event of that share.
+q >/dev/null <<SQL
+DROP TABLE IF EXISTS t40_unit;
+CREATE TABLE t40_unit AS   -- unit: a Kafka partition, or the JetStream subject
+  SELECT h.*, coalesce('partition ' || s.part, 'subject') AS unit FROM t40_all h JOIN t40_sent s USING (event_id);
+DROP TABLE IF EXISTS t40_c2_share;
+CREATE TABLE t40_c2_share AS
+  SELECT transport, unit FROM (SELECT DISTINCT ON (unit) transport, unit, db FROM t40_unit
+                                WHERE version >= 8 AND started < to_timestamp($ts) ORDER BY unit, started DESC) x
+   WHERE db = 'c2';
+SQL
 for tr in kafka nats; do
-	diag "phase c, $tr: c1's first event of an aggregate c2 had been handling: $(q -c "
-	  SELECT coalesce(round((extract(epoch FROM min(started)) - $ts)::numeric, 2)::text || ' s after the immediate stop', 'none (c2 had no $tr share)')
-	    FROM t40_all WHERE db = 'c1' AND transport = '$tr' AND started > to_timestamp($ts)
-	     AND aggregate_id IN (SELECT aggregate_id FROM t40_all WHERE db = 'c2' AND transport = '$tr' AND version >= 8)")"
+	diag "phase c, $tr: c2's share at the immediate stop: $(q -c "SELECT coalesce(string_agg(unit, ', ' ORDER BY unit), 'none') FROM t40_c2_share WHERE transport = '$tr'");" \
+	     "c1's first event of it $(q -c "SELECT coalesce(round((extract(epoch FROM min(started)) - $ts)::numeric, 2)::text || ' s after the stop', '-')
+	        FROM t40_unit WHERE db = 'c1' AND started > to_timestamp($ts) AND unit IN (SELECT unit FROM t40_c2_share WHERE transport = '$tr')");" \
+	     "handled in both: $(q -c "SELECT count(*) FROM (SELECT event_id FROM t40_unit WHERE transport = '$tr' AND version >= 8 GROUP BY 1 HAVING count(DISTINCT db) > 1) x")"
 done
 diag "phase c: last event handled $(q -c "SELECT round((extract(epoch FROM max(started)) - $ts)::numeric, 2) FROM t40_all WHERE db = 'c1'") s after the immediate stop"
 
