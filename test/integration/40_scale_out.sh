@@ -118,16 +118,22 @@ is "$(kafka_partitions "$KT")" 8 "Kafka topic $KT has 8 partitions"
 nats_stream "T40_$run" "$NT"
 ok $? "JetStream stream for $NT"
 
-# The same handler and subscriptions in both databases.
-setup_sql=$(cat <<'SQL'
+# The same handler and subscriptions in both databases.  The handler records
+# the event and its start time; for one aggregate in 100 it then sleeps
+# SLOW_S, so that hand-overs find events running (a hand-over that does not
+# wait for them shows as events handled in both databases, or as order
+# violations across them).
+SLOW_S=0.4
+setup_sql=$(cat <<SQL
 DROP TABLE IF EXISTS t40_handled;
 -- No unique constraint: duplicates must be countable.
 CREATE TABLE t40_handled (n bigserial, transport text, aggregate_id text, version bigint, event_id uuid,
                           started timestamptz NOT NULL DEFAULT clock_timestamp());
-CREATE OR REPLACE FUNCTION t40_handler(e eventbus.envelope) RETURNS void LANGUAGE sql AS $$
+CREATE OR REPLACE FUNCTION t40_handler(e eventbus.envelope) RETURNS void LANGUAGE sql AS \$\$
   INSERT INTO public.t40_handled (transport, aggregate_id, version, event_id)
-  VALUES (e.transport, e.aggregate_id, e.event_version, e.event_id)
-$$;
+  VALUES (e.transport, e.aggregate_id, e.event_version, e.event_id);
+  SELECT pg_sleep(CASE WHEN e.payload ->> 'slow' = 'true' THEN $SLOW_S ELSE 0 END);
+\$\$;
 SQL
 )
 q -c "$setup_sql" >/dev/null && q2 -c "$setup_sql" >/dev/null
@@ -143,16 +149,16 @@ q >/dev/null <<SQL
 DROP TABLE IF EXISTS t40_sent;
 CREATE TABLE t40_sent AS
   SELECT tr AS transport, left(tr, 1) || '-' || a AS aggregate_id, v::bigint AS version, gen_random_uuid() AS event_id,
-         CASE tr WHEN 'kafka' THEN t_fnv1a_partition(left(tr, 1) || '-' || a, 8) END AS part
+         CASE tr WHEN 'kafka' THEN t_fnv1a_partition(left(tr, 1) || '-' || a, 8) END AS part, a % 100 = 0 AS slow
     FROM unnest(ARRAY['kafka', 'nats']) tr, generate_series(1, $NAGGS) a, generate_series(1, $NVERS) v;
 SQL
 is "$(q -c "SELECT count(*) || ' ' || count(DISTINCT aggregate_id) FROM t40_sent")" "$TOTAL $((2 * NAGGS))" \
 	"test data: $TOTAL events over $((2 * NAGGS)) aggregates, versions 1..$NVERS each"
 for v in $(seq 1 $NVERS); do
-	psql -X -A -t -q -v ON_ERROR_STOP=1 -F $'\t' -c "SELECT aggregate_id, t_env(event_id, aggregate_id, 'T40Happened', version, '{}')
+	psql -X -A -t -q -v ON_ERROR_STOP=1 -F $'\t' -c "SELECT aggregate_id, t_env(event_id, aggregate_id, 'T40Happened', version, jsonb_build_object('slow', slow))
 	      FROM t40_sent WHERE transport = 'kafka' AND version = $v ORDER BY aggregate_id" |
 		split -l $CHUNK -d -a 2 - "$W/v$(printf %02d "$v").kafka."
-	psql -X -A -t -q -v ON_ERROR_STOP=1 -c "SELECT t_env(event_id, aggregate_id, 'T40Happened', version, '{}')
+	psql -X -A -t -q -v ON_ERROR_STOP=1 -c "SELECT t_env(event_id, aggregate_id, 'T40Happened', version, jsonb_build_object('slow', slow))
 	      FROM t40_sent WHERE transport = 'nats' AND version = $v ORDER BY aggregate_id" |
 		split -l $CHUNK -d -a 2 - "$W/v$(printf %02d "$v").nats."
 done
