@@ -17,12 +17,14 @@
 #   a  v1-4   both running: both handle a share of the Kafka topic; the
 #             JetStream subject is consumed by one instance at a time (by
 #             design), shares printed.
-#   b  v5-7   c2 stopped (fast) before; started (joins) mid-burst; once it
-#             handles events, c1 stops (fast, leaves) mid-burst; v7 is only
-#             produced after c1 has stopped, and c2 handles all of it; then c1
-#             starts again (joins).
-#   c  v8-10  both running; c2 stopped IMMEDIATELY mid-burst once both handle
-#             events; v10 produced after that; c1 handles all of it.
+#   b  v5-7   c2 stopped (fast) before; once c1 alone consumes all 8
+#             partitions, c2 starts (joins) mid-burst, taking partitions from
+#             c1 while c1 runs their events; once c2 handles events, c1 stops
+#             (fast, leaves) mid-burst; v7 is only produced after c1 has
+#             stopped, and c2 handles all of it.
+#   c  v8-10  once c2 alone consumes all 8 partitions (and the subject), c1
+#             starts (joins) mid-burst; once both handle events, c2 is stopped
+#             IMMEDIATELY; v10 produced after that; c1 handles all of it.
 # Then c2 is started without the library (to read its table, not to consume)
 # and its records are copied next to c1's.  Counted from the two databases'
 # own records, separately: lost (in neither), handled twice in one database,
@@ -119,7 +121,8 @@ nats_stream "T40_$run" "$NT"
 ok $? "JetStream stream for $NT"
 
 # The same handler and subscriptions in both databases.  The handler records
-# the event and its start time; for one aggregate in 100 it then sleeps
+# the event, its Kafka partition (the payload says which: the test computes
+# it, and the producer is told to use it) and its start time; for one aggregate in 100 it then sleeps
 # SLOW_S, so that hand-overs find events running (a hand-over that does not
 # wait for them shows as events handled in both databases, or as order
 # violations across them).
@@ -128,10 +131,10 @@ setup_sql=$(cat <<SQL
 DROP TABLE IF EXISTS t40_handled;
 -- No unique constraint: duplicates must be countable.
 CREATE TABLE t40_handled (n bigserial, transport text, aggregate_id text, version bigint, event_id uuid,
-                          started timestamptz NOT NULL DEFAULT clock_timestamp());
+                          part int, started timestamptz NOT NULL DEFAULT clock_timestamp());
 CREATE OR REPLACE FUNCTION t40_handler(e eventbus.envelope) RETURNS void LANGUAGE sql AS \$\$
-  INSERT INTO public.t40_handled (transport, aggregate_id, version, event_id)
-  VALUES (e.transport, e.aggregate_id, e.event_version, e.event_id);
+  INSERT INTO public.t40_handled (transport, aggregate_id, version, event_id, part)
+  VALUES (e.transport, e.aggregate_id, e.event_version, e.event_id, (e.payload ->> 'part')::int);
   SELECT pg_sleep(CASE WHEN e.payload ->> 'slow' = 'true' THEN $SLOW_S ELSE 0 END);
 \$\$;
 SQL
@@ -155,10 +158,10 @@ SQL
 is "$(q -c "SELECT count(*) || ' ' || count(DISTINCT aggregate_id) FROM t40_sent")" "$TOTAL $((2 * NAGGS))" \
 	"test data: $TOTAL events over $((2 * NAGGS)) aggregates, versions 1..$NVERS each"
 for v in $(seq 1 $NVERS); do
-	psql -X -A -t -q -v ON_ERROR_STOP=1 -F $'\t' -c "SELECT aggregate_id, t_env(event_id, aggregate_id, 'T40Happened', version, jsonb_build_object('slow', slow))
+	psql -X -A -t -q -v ON_ERROR_STOP=1 -F $'\t' -c "SELECT aggregate_id, t_env(event_id, aggregate_id, 'T40Happened', version, jsonb_build_object('slow', slow, 'part', part))
 	      FROM t40_sent WHERE transport = 'kafka' AND version = $v ORDER BY aggregate_id" |
 		split -l $CHUNK -d -a 2 - "$W/v$(printf %02d "$v").kafka."
-	psql -X -A -t -q -v ON_ERROR_STOP=1 -c "SELECT t_env(event_id, aggregate_id, 'T40Happened', version, jsonb_build_object('slow', slow))
+	psql -X -A -t -q -v ON_ERROR_STOP=1 -c "SELECT t_env(event_id, aggregate_id, 'T40Happened', version, jsonb_build_object('slow', slow, 'part', part))
 	      FROM t40_sent WHERE transport = 'nats' AND version = $v ORDER BY aggregate_id" |
 		split -l $CHUNK -d -a 2 - "$W/v$(printf %02d "$v").nats."
 done
@@ -228,12 +231,21 @@ ok $? "phase a: the last version of every aggregate handled within 60 s ($(share
 diag "phase a: shares of versions 1-4: $(shares 1 4); $(since "$t0") s from the first produce"
 
 # ---------------------------------------------------------------------------
-# Phase b: c2 leaves (idle), joins mid-burst; c1 leaves mid-burst
+# Phase b: c2 leaves (idle); once c1 consumes all 8 partitions, c2 joins
+# mid-burst (partitions move from c1, with events running there); once c2
+# handles events, c1 leaves mid-burst
 # ---------------------------------------------------------------------------
+# parts DB VMIN — Kafka partitions whose events of versions >= VMIN DB handled.
+parts() {
+	if [ "$1" = c1 ]; then cnt1 "WHERE transport = 'kafka' AND version >= $2 HAVING count(DISTINCT part) = 8"
+	else cnt2 "WHERE transport = 'kafka' AND version >= $2 HAVING count(DISTINCT part) = 8"; fi
+}
+all_parts() { [[ $(parts "$1" "$2") =~ ^[0-9]+$ ]]; }
 c2_stop fast
 ok $? "phase b: c2 stopped (fast) between bursts"
-burst_start 5 7 7 1 0.2
-sleep 1
+burst_start 5 7 7 1.2 0.2
+wait_until 45 all_parts c1 5
+ok $? "phase b: c1 alone consumes all 8 partitions"
 tj=$(now)
 c2_start
 ok $? "phase b: c2 started mid-burst (joins)"
@@ -253,13 +265,16 @@ b_done() { [ "$(cnt2 "WHERE version = 7")" -ge $PER_VERSION ]; }
 wait_until 60 b_done
 ok $? "phase b: c2 alone handled all of version 7 within 60 s (got $(cnt2 "WHERE version = 7") of $PER_VERSION)"
 diag "phase b: c2 handled version 7 completely $(q2 -c "SELECT round((extract(epoch FROM max(started)) - $tl)::numeric, 2) FROM t40_handled WHERE version = 7") s after c1's stop began"
-c1_start
-ok $? "phase b: c1 started again (joins)"
 
 # ---------------------------------------------------------------------------
-# Phase c: immediate stop of c2 mid-burst
+# Phase c: c2 consumes all 8 partitions and the subject; c1 joins mid-burst;
+# once both handle events, c2 stops IMMEDIATELY mid-burst
 # ---------------------------------------------------------------------------
-burst_start 8 10 10 1 0.2
+burst_start 8 10 10 1.2 0.2
+wait_until 45 all_parts c2 8
+ok $? "phase c: c2 alone consumes all 8 partitions"
+c1_start
+ok $? "phase c: c1 started mid-burst (joins)"
 both_handle() { [ "$(cnt1 "WHERE version >= 8")" -gt 0 ] && [ "$(cnt2 "WHERE version >= 8")" -gt 0 ]; }
 wait_until 45 both_handle; rc=$?
 touch "$W/fast"
@@ -317,6 +332,11 @@ for p in a b c; do
 	both=$(q -c "SELECT count(*) FROM (SELECT event_id FROM t40_all WHERE version BETWEEN $r
 	                                    GROUP BY event_id HAVING count(DISTINCT db) > 1) x")
 	if [ $p = c ]; then
+		# c1's clean join in phase c must not cause any: only c2's work in
+		# flight at its immediate stop may be handled again (by c1, after it).
+		is "$(q -c "SELECT count(*) FROM (SELECT event_id FROM t40_all WHERE version BETWEEN $r
+		                                    GROUP BY event_id HAVING count(DISTINCT db) > 1 AND max(started) < to_timestamp($ts)) x")" 0 \
+			"phase c: 0 handled in both databases before the immediate stop (c1's join)"
 		diag "phase c: $both events handled in BOTH databases (c2's work in flight at its immediate stop)"
 		diag "phase c: of them per transport: $(q -c "SELECT coalesce(string_agg(transport || ' ' || c, ', '), 'none') FROM (SELECT transport, count(*) c FROM
 		        (SELECT transport, event_id FROM t40_all WHERE version BETWEEN $r GROUP BY 1, 2 HAVING count(DISTINCT db) > 1) x GROUP BY 1) y")"
