@@ -28,8 +28,9 @@
 # Then c2 is started without the library (to read its table, not to consume)
 # and its records are copied next to c1's.  Counted from the two databases'
 # own records, separately: lost (in neither), handled twice in one database,
-# handled in both databases (must be 0 for a and b; printed for c, bounded by
-# what c2 had in flight), order within each database (per aggregate, versions
+# handled in both databases (must be 0 for a and b, and in c before the
+# immediate stop; printed for c, bounded by what c2 had fetched and not
+# committed/acknowledged when it was stopped), order within each database (per aggregate, versions
 # increase in handler start order), and order across the databases: for each
 # aggregate, no version handled in one database started before a lower
 # version handled in the other database had committed (commit times from
