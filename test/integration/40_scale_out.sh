@@ -17,17 +17,20 @@
 #   a  v1-4   both running: both handle a share of the Kafka topic; the
 #             JetStream subject is consumed by one instance at a time (by
 #             design), shares printed.
-#   b  v5-7   c2 stopped (fast) before; started (joins) mid-burst; once it
-#             handles events, c1 stops (fast, leaves) mid-burst; v7 is only
-#             produced after c1 has stopped, and c2 handles all of it; then c1
-#             starts again (joins).
-#   c  v8-10  both running; c2 stopped IMMEDIATELY mid-burst once both handle
-#             events; v10 produced after that; c1 handles all of it.
+#   b  v5-7   c2 stopped (fast) before; once c1 alone consumes all 8
+#             partitions, c2 starts (joins) mid-burst, taking partitions from
+#             c1 while c1 runs their events; once c2 handles events, c1 stops
+#             (fast, leaves) mid-burst; v7 is only produced after c1 has
+#             stopped, and c2 handles all of it.
+#   c  v8-10  once c2 alone consumes all 8 partitions (and the subject), c1
+#             starts (joins) mid-burst; once both handle events, c2 is stopped
+#             IMMEDIATELY; v10 produced after that; c1 handles all of it.
 # Then c2 is started without the library (to read its table, not to consume)
 # and its records are copied next to c1's.  Counted from the two databases'
 # own records, separately: lost (in neither), handled twice in one database,
-# handled in both databases (must be 0 for a and b; printed for c, bounded by
-# what c2 had in flight), order within each database (per aggregate, versions
+# handled in both databases (must be 0 for a and b, and in c before the
+# immediate stop; printed for c, bounded by what c2 had fetched and not
+# committed/acknowledged when it was stopped), order within each database (per aggregate, versions
 # increase in handler start order), and order across the databases: for each
 # aggregate, no version handled in one database started before a lower
 # version handled in the other database had committed (commit times from
@@ -45,7 +48,7 @@ PER_VERSION=$((2 * NAGGS))
 TOTAL=$((PER_VERSION * NVERS))
 W=$(mktemp -d "${TMPDIR:-/tmp}/t40.XXXXXX")
 BURST_PID=
-CTS_SET=0
+CTS_SET=0; CTS_BEFORE=
 
 # ---------------------------------------------------------------------------
 # c1 (the stack's cluster) control; c2 is cluster2.sh's
@@ -62,9 +65,13 @@ t40_cleanup() {
 	c1_running || "$STACK" pg-start >/dev/null 2>&1
 	wait_until 60 c1_running
 	unsubscribe_like 't40.%'
-	q -c "ALTER SYSTEM RESET eventbus.consumer_mode" -c "SELECT pg_reload_conf()"
-	# track_commit_timestamp, if this test set it: the default again at the next restart.
-	[ "$CTS_SET" = 1 ] && q -c "ALTER SYSTEM RESET track_commit_timestamp"
+	q -c "ALTER SYSTEM RESET eventbus.consumer_mode"
+	# track_commit_timestamp in auto.conf as it was (effective at the next restart).
+	if [ "$CTS_SET" = 1 ]; then
+		if [ -z "$CTS_BEFORE" ]; then q -c "ALTER SYSTEM RESET track_commit_timestamp"
+		else q -c "ALTER SYSTEM SET track_commit_timestamp = '$CTS_BEFORE'"; fi
+	fi
+	q -c "SELECT pg_reload_conf()"
 	rm -rf -- "$W"
 }
 
@@ -78,21 +85,23 @@ since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
 # Set-up
 # ---------------------------------------------------------------------------
 consumer_sql_setup
+load_wire_functions   # t_fnv1a_partition
 consumer_setup
+# shellcheck disable=SC2034  # read by lib.sh's consumer_teardown
 CONSUMER_CLEANUP="t40_cleanup"
 c2_init 'track_commit_timestamp = on'
 
-# The cross-database order check needs commit times in c1 too (a restart).
-# (pending_restart: a RESET not yet in effect would turn it off at c1's
-# restart in phase b.)
-if [ "$(q -c "SELECT setting || ' ' || pending_restart FROM pg_settings WHERE name = 'track_commit_timestamp'")" != "on false" ]; then
+# The cross-database order check needs commit times in c1 too.  Its
+# postgresql.auto.conf must say on (c1 restarts in phase b), and the running
+# server too (a restart if not).  What auto.conf said before is restored at
+# exit (effective at c1's next restart).
+CTS_BEFORE=$(q -c "SELECT setting FROM pg_file_settings WHERE name = 'track_commit_timestamp' AND sourcefile LIKE '%/postgresql.auto.conf' ORDER BY seqno DESC LIMIT 1")
+if [ "$CTS_BEFORE" != on ]; then
 	q -c "ALTER SYSTEM SET track_commit_timestamp = on" >/dev/null
 	CTS_SET=1
-	if [ "$(q -c "SHOW track_commit_timestamp")" != on ]; then
-		c1_stop fast; c1_start || bail "c1 did not come back after the restart for track_commit_timestamp"
-	else
-		q -c "SELECT pg_reload_conf()" >/dev/null
-	fi
+fi
+if [ "$(q -c "SHOW track_commit_timestamp")" != on ]; then
+	c1_stop fast; c1_start || bail "c1 did not come back after the restart for track_commit_timestamp"
 fi
 q -c "ALTER SYSTEM SET eventbus.consumer_mode = 'shared'" -c "SELECT pg_reload_conf()" >/dev/null
 c2_start || bail "cluster 2 did not start (log: $C2_LOG)"
@@ -112,16 +121,23 @@ is "$(kafka_partitions "$KT")" 8 "Kafka topic $KT has 8 partitions"
 nats_stream "T40_$run" "$NT"
 ok $? "JetStream stream for $NT"
 
-# The same handler and subscriptions in both databases.
-setup_sql=$(cat <<'SQL'
+# The same handler and subscriptions in both databases.  The handler records
+# the event, its Kafka partition (the payload says which: the test computes
+# it, and the producer is told to use it) and its start time; for one aggregate in 100 it then sleeps
+# SLOW_S, so that hand-overs find events running (a hand-over that does not
+# wait for them shows as events handled in both databases, or as order
+# violations across them).
+SLOW_S=0.4
+setup_sql=$(cat <<SQL
 DROP TABLE IF EXISTS t40_handled;
 -- No unique constraint: duplicates must be countable.
 CREATE TABLE t40_handled (n bigserial, transport text, aggregate_id text, version bigint, event_id uuid,
-                          started timestamptz NOT NULL DEFAULT clock_timestamp());
-CREATE OR REPLACE FUNCTION t40_handler(e eventbus.envelope) RETURNS void LANGUAGE sql AS $$
-  INSERT INTO public.t40_handled (transport, aggregate_id, version, event_id)
-  VALUES (e.transport, e.aggregate_id, e.event_version, e.event_id)
-$$;
+                          part int, started timestamptz NOT NULL DEFAULT clock_timestamp());
+CREATE OR REPLACE FUNCTION t40_handler(e eventbus.envelope) RETURNS void LANGUAGE sql AS \$\$
+  INSERT INTO public.t40_handled (transport, aggregate_id, version, event_id, part)
+  VALUES (e.transport, e.aggregate_id, e.event_version, e.event_id, (e.payload ->> 'part')::int);
+  SELECT pg_sleep(CASE WHEN e.payload ->> 'slow' = 'true' THEN $SLOW_S ELSE 0 END);
+\$\$;
 SQL
 )
 q -c "$setup_sql" >/dev/null && q2 -c "$setup_sql" >/dev/null
@@ -136,31 +152,32 @@ is "$(q -c "SELECT count(*) FROM eventbus.subscriptions WHERE topic IN ('$KT', '
 q >/dev/null <<SQL
 DROP TABLE IF EXISTS t40_sent;
 CREATE TABLE t40_sent AS
-  SELECT tr AS transport, left(tr, 1) || '-' || a AS aggregate_id, v::bigint AS version, gen_random_uuid() AS event_id
+  SELECT tr AS transport, left(tr, 1) || '-' || a AS aggregate_id, v::bigint AS version, gen_random_uuid() AS event_id,
+         CASE tr WHEN 'kafka' THEN t_fnv1a_partition(left(tr, 1) || '-' || a, 8) END AS part, a % 100 = 0 AS slow
     FROM unnest(ARRAY['kafka', 'nats']) tr, generate_series(1, $NAGGS) a, generate_series(1, $NVERS) v;
 SQL
 is "$(q -c "SELECT count(*) || ' ' || count(DISTINCT aggregate_id) FROM t40_sent")" "$TOTAL $((2 * NAGGS))" \
 	"test data: $TOTAL events over $((2 * NAGGS)) aggregates, versions 1..$NVERS each"
 for v in $(seq 1 $NVERS); do
-	psql -X -A -t -q -v ON_ERROR_STOP=1 -F $'\t' -c "SELECT aggregate_id, t_env(event_id, aggregate_id, 'T40Happened', version, '{}')
+	psql -X -A -t -q -v ON_ERROR_STOP=1 -F $'\t' -c "SELECT aggregate_id, t_env(event_id, aggregate_id, 'T40Happened', version, jsonb_build_object('slow', slow, 'part', part))
 	      FROM t40_sent WHERE transport = 'kafka' AND version = $v ORDER BY aggregate_id" |
 		split -l $CHUNK -d -a 2 - "$W/v$(printf %02d "$v").kafka."
-	psql -X -A -t -q -v ON_ERROR_STOP=1 -c "SELECT t_env(event_id, aggregate_id, 'T40Happened', version, '{}')
+	psql -X -A -t -q -v ON_ERROR_STOP=1 -c "SELECT t_env(event_id, aggregate_id, 'T40Happened', version, jsonb_build_object('slow', slow, 'part', part))
 	      FROM t40_sent WHERE transport = 'nats' AND version = $v ORDER BY aggregate_id" |
 		split -l $CHUNK -d -a 2 - "$W/v$(printf %02d "$v").nats."
 done
 is "$(cat "$W"/v* | wc -l)" "$TOTAL" "chunk files hold the $TOTAL envelopes"
 
-# burst VFROM VTO GATED_FROM PAUSE [PAUSE_GATED] — produce versions VFROM..VTO,
-# chunk by chunk (each chunk on both transports, PAUSE s apart); versions
-# from GATED_FROM on wait until the file $W/gate exists (at most 120 s), and
-# are PAUSE_GATED s apart (default PAUSE).
+# burst VFROM VTO GATED_FROM SLOW FAST — produce versions VFROM..VTO, chunk
+# by chunk (each chunk on both transports), SLOW s apart until the file
+# $W/fast exists (the awaited join has happened: no need to stretch the
+# burst any more), FAST s apart after; versions from GATED_FROM on wait
+# until the file $W/gate exists (at most 120 s).
 burst() {
-	local vfrom=$1 vto=$2 gated=$3 pause=$4 v f
-	rm -f "$W/gate"
+	local vfrom=$1 vto=$2 gated=$3 slow=$4 fast=$5 v f
+	rm -f "$W/gate" "$W/fast"
 	for v in $(seq "$vfrom" "$vto"); do
 		if [ "$v" -ge "$gated" ]; then
-			pause=${5:-$4}
 			local i=0
 			while [ ! -e "$W/gate" ]; do
 				i=$((i + 1)); [ $i -gt 1200 ] && { echo "gate never opened"; return 1; }
@@ -168,9 +185,9 @@ burst() {
 			done
 		fi
 		for f in "$W/v$(printf %02d "$v").kafka."*; do
-			kafka_produce "$KT" -X message.timeout.ms=30000 < "$f" || return 1
+			kafka_produce "$KT" -X partitioner=fnv1a -X message.timeout.ms=30000 < "$f" || return 1
 			nats_produce "$NT" --msg-id-from-event-id < "${f/.kafka./.nats.}" || return 1
-			sleep "$pause"
+			if [ -e "$W/fast" ]; then sleep "$fast"; else sleep "$slow"; fi
 		done
 	done
 	echo "burst $vfrom-$vto produced"
@@ -195,8 +212,16 @@ shares() {   # shares VFROM VTO — per database and transport
 # ---------------------------------------------------------------------------
 # Phase a: both running
 # ---------------------------------------------------------------------------
+# Versions 3-4 wait until both clusters handle Kafka events (the group's
+# first assignments take seconds on the dev broker), so that both running
+# really means both consuming.
 t0=$(now)
-burst_start 1 4 999 0.3
+burst_start 1 4 3 1 0.2
+both_kafka() { [ "$(cnt1 "WHERE transport = 'kafka'")" -gt 0 ] && [ "$(cnt2 "WHERE transport = 'kafka'")" -gt 0 ]; }
+wait_until 45 both_kafka
+ok $? "phase a: both clusters handle Kafka events within 45 s ($(shares 1 4) so far)"
+diag "phase a: both consuming Kafka $(since "$t0") s after the first produce"
+touch "$W/fast" "$W/gate"
 burst_wait
 ok $? "phase a: versions 1-4 produced ($((4 * PER_VERSION)) events)"
 # Complete when every aggregate's version 4 was handled somewhere (per
@@ -207,18 +232,28 @@ ok $? "phase a: the last version of every aggregate handled within 60 s ($(share
 diag "phase a: shares of versions 1-4: $(shares 1 4); $(since "$t0") s from the first produce"
 
 # ---------------------------------------------------------------------------
-# Phase b: c2 leaves (idle), joins mid-burst; c1 leaves mid-burst
+# Phase b: c2 leaves (idle); once c1 consumes all 8 partitions, c2 joins
+# mid-burst (partitions move from c1, with events running there); once c2
+# handles events, c1 leaves mid-burst
 # ---------------------------------------------------------------------------
+# parts DB VMIN — Kafka partitions whose events of versions >= VMIN DB handled.
+parts() {
+	if [ "$1" = c1 ]; then cnt1 "WHERE transport = 'kafka' AND version >= $2 HAVING count(DISTINCT part) = 8"
+	else cnt2 "WHERE transport = 'kafka' AND version >= $2 HAVING count(DISTINCT part) = 8"; fi
+}
+all_parts() { [[ $(parts "$1" "$2") =~ ^[0-9]+$ ]]; }
 c2_stop fast
 ok $? "phase b: c2 stopped (fast) between bursts"
-burst_start 5 7 7 0.6 0.2
-sleep 1
+burst_start 5 7 7 1.2 0.2
+wait_until 45 all_parts c1 5
+ok $? "phase b: c1 alone consumes all 8 partitions"
 tj=$(now)
 c2_start
 ok $? "phase b: c2 started mid-burst (joins)"
 c2_handles() { [ "$(cnt2 "WHERE version BETWEEN 5 AND 7")" -gt 0 ]; }
-wait_until 45 c2_handles
-ok $? "phase b: c2 handles events of the burst within 45 s of its start (joined the group / took a share)"
+wait_until 45 c2_handles; rc=$?
+touch "$W/fast"
+ok $rc "phase b: c2 handles events of the burst within 45 s of its start (joined the group / took a share)"
 diag "phase b: c2's first event $(q2 -c "SELECT round((extract(epoch FROM min(started)) - $tj)::numeric, 2) FROM t40_handled WHERE version BETWEEN 5 AND 7") s after its start; shares so far: $(shares 5 7)"
 tl=$(now)
 c1_stop fast
@@ -231,16 +266,21 @@ b_done() { [ "$(cnt2 "WHERE version = 7")" -ge $PER_VERSION ]; }
 wait_until 60 b_done
 ok $? "phase b: c2 alone handled all of version 7 within 60 s (got $(cnt2 "WHERE version = 7") of $PER_VERSION)"
 diag "phase b: c2 handled version 7 completely $(q2 -c "SELECT round((extract(epoch FROM max(started)) - $tl)::numeric, 2) FROM t40_handled WHERE version = 7") s after c1's stop began"
-c1_start
-ok $? "phase b: c1 started again (joins)"
 
 # ---------------------------------------------------------------------------
-# Phase c: immediate stop of c2 mid-burst
+# Phase c: c2 consumes all 8 partitions and the subject; c1 joins mid-burst;
+# once both handle events, c2 stops IMMEDIATELY mid-burst
 # ---------------------------------------------------------------------------
-burst_start 8 10 10 0.6 0.2
+burst_start 8 10 10 1.2 0.2
+wait_until 45 all_parts c2 8
+ok $? "phase c: c2 alone consumes all 8 partitions"
+c1_start
+ok $? "phase c: c1 started mid-burst (joins)"
 both_handle() { [ "$(cnt1 "WHERE version >= 8")" -gt 0 ] && [ "$(cnt2 "WHERE version >= 8")" -gt 0 ]; }
-wait_until 45 both_handle
-ok $? "phase c: both clusters handle events of the burst (c1 rejoined)"
+wait_until 45 both_handle; rc=$?
+touch "$W/fast"
+ok $rc "phase c: both clusters handle events of the burst (c1 rejoined)"
+sleep 2   # both consuming for a while: c2's share at the stop is what it handled last
 diag "phase c: shares before the immediate stop: $(shares 8 10)"
 ts=$(now)
 c2_stop immediate
@@ -267,7 +307,13 @@ q2 -c "\\copy (SELECT 'c2', n, transport, aggregate_id, version, event_id, start
 is "$(q -c "SELECT count(*) FROM t40_all WHERE db = 'c2'")" "$(q2 -c "SELECT count(*) FROM t40_handled")" "c2's records copied"
 c2_stop fast
 is "$(q -c "SELECT count(*) FROM t40_all WHERE finished IS NULL")" 0 "every record has its commit time"
-q -c "CREATE INDEX ON t40_all (aggregate_id, version)" >/dev/null
+q -c "CREATE INDEX ON t40_all (aggregate_id, version)" -c "CREATE INDEX ON t40_all (event_id)" >/dev/null
+# The partition of each Kafka message as the test computes it (fnv1a, as
+# kcat was told to partition): read back from the broker.
+q -c "DROP TABLE IF EXISTS t40_wire; CREATE TABLE t40_wire (key text, part int)" >/dev/null
+kcat -C -b "$EVENTBUS_KAFKA_BROKERS" -t "$KT" -o beginning -e -q -f '%k\t%p\n' 2>/dev/null | q -c "\\copy t40_wire FROM STDIN" >/dev/null
+is "$(q -c "SELECT count(*) || ' ' || count(*) FILTER (WHERE part = t_fnv1a_partition(key, 8)) FROM t40_wire")" "$((NAGGS * NVERS)) $((NAGGS * NVERS))" \
+	"the Kafka topic holds the $((NAGGS * NVERS)) events, each in the partition the test computes"
 
 # ---------------------------------------------------------------------------
 # Counts
@@ -287,6 +333,11 @@ for p in a b c; do
 	both=$(q -c "SELECT count(*) FROM (SELECT event_id FROM t40_all WHERE version BETWEEN $r
 	                                    GROUP BY event_id HAVING count(DISTINCT db) > 1) x")
 	if [ $p = c ]; then
+		# c1's clean join in phase c must not cause any: only c2's work in
+		# flight at its immediate stop may be handled again (by c1, after it).
+		is "$(q -c "SELECT count(*) FROM (SELECT event_id FROM t40_all WHERE version BETWEEN $r
+		                                    GROUP BY event_id HAVING count(DISTINCT db) > 1 AND max(started) < to_timestamp($ts)) x")" 0 \
+			"phase c: 0 handled in both databases before the immediate stop (c1's join)"
 		diag "phase c: $both events handled in BOTH databases (c2's work in flight at its immediate stop)"
 		diag "phase c: of them per transport: $(q -c "SELECT coalesce(string_agg(transport || ' ' || c, ', '), 'none') FROM (SELECT transport, count(*) c FROM
 		        (SELECT transport, event_id FROM t40_all WHERE version BETWEEN $r GROUP BY 1, 2 HAVING count(DISTINCT db) > 1) x GROUP BY 1) y")"
@@ -317,13 +368,31 @@ for p in a b c; do
 	        FROM (SELECT db, transport, count(*) c FROM t40_all WHERE version BETWEEN $(ph $p) GROUP BY 1, 2) x")"
 done
 
-# Take-over after the immediate stop (printed): for each transport, from the
-# stop to c1's first event of an aggregate c2 had handled in phase c.
+# Which Kafka partitions each cluster consumed in phase a (printed).
+for db in c1 c2; do
+	diag "phase a: $db consumed Kafka partitions $(q -c "SELECT string_agg(DISTINCT s.part::text, ',') FROM t40_all h JOIN t40_sent s USING (event_id)
+	        WHERE h.db = '$db' AND h.transport = 'kafka' AND h.version BETWEEN 1 AND 4")"
+done
+
+# Take-over after the immediate stop (printed).  c2's share at the stop: the
+# Kafka partitions, and the JetStream subject, whose last event handled
+# before the stop was handled by c2; the take-over time is from the stop to
+# c1's first event of that share.
+q >/dev/null <<SQL
+DROP TABLE IF EXISTS t40_unit;
+CREATE TABLE t40_unit AS   -- unit: a Kafka partition, or the JetStream subject
+  SELECT h.*, coalesce('partition ' || s.part, 'subject') AS unit FROM t40_all h JOIN t40_sent s USING (event_id);
+DROP TABLE IF EXISTS t40_c2_share;
+CREATE TABLE t40_c2_share AS
+  SELECT transport, unit FROM (SELECT DISTINCT ON (unit) transport, unit, db FROM t40_unit
+                                WHERE version >= 8 AND started < to_timestamp($ts) ORDER BY unit, started DESC) x
+   WHERE db = 'c2';
+SQL
 for tr in kafka nats; do
-	diag "phase c, $tr: c1's first event of an aggregate c2 had been handling: $(q -c "
-	  SELECT coalesce(round((extract(epoch FROM min(started)) - $ts)::numeric, 2)::text || ' s after the immediate stop', 'none (c2 had no $tr share)')
-	    FROM t40_all WHERE db = 'c1' AND transport = '$tr' AND started > to_timestamp($ts)
-	     AND aggregate_id IN (SELECT aggregate_id FROM t40_all WHERE db = 'c2' AND transport = '$tr' AND version >= 8)")"
+	diag "phase c, $tr: c2's share at the immediate stop: $(q -c "SELECT coalesce(string_agg(unit, ', ' ORDER BY unit), 'none') FROM t40_c2_share WHERE transport = '$tr'");" \
+	     "c1's first event of it $(q -c "SELECT coalesce(round((extract(epoch FROM min(started)) - $ts)::numeric, 2)::text || ' s after the stop', '-')
+	        FROM t40_unit WHERE db = 'c1' AND started > to_timestamp($ts) AND unit IN (SELECT unit FROM t40_c2_share WHERE transport = '$tr')");" \
+	     "handled in both: $(q -c "SELECT count(*) FROM (SELECT event_id FROM t40_unit WHERE transport = '$tr' AND version >= 8 GROUP BY 1 HAVING count(DISTINCT db) > 1) x")"
 done
 diag "phase c: last event handled $(q -c "SELECT round((extract(epoch FROM max(started)) - $ts)::numeric, 2) FROM t40_all WHERE db = 'c1'") s after the immediate stop"
 
