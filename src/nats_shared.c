@@ -72,14 +72,12 @@ nak_cmp(const ListCell *a, const ListCell *b)
 	return x < y ? -1 : x > y ? 1 : 0;
 }
 
-/* consumer_share: 1 while this instance holds topic's lease, else 0; -1 in single mode. */
+/* consumer_share: 1 while topic's durable is bound here (shared: its lease held), else 0. */
 int
 eb_nats_consumer_share(const char *topic)
 {
 	ListCell   *lc;
 
-	if (!eb_nats_shared_mode)
-		return -1;
 	foreach(lc, eb_nats_subs)
 	{
 		NatsSub    *ns = lfirst(lc);

@@ -70,7 +70,7 @@ typedef struct EbSubStatus
 {
 	int64		id;
 	int64		lag;			/* in flight + waiting in the broker, when known */
-	int32		share;			/* consumer_share of its topic: -1 all, 0 stand-by */
+	int32		share;			/* consumer_share of its topic, -1 unknown */
 } EbSubStatus;
 
 typedef struct EbShared

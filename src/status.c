@@ -96,8 +96,8 @@ add_undeliverable_rows(ReturnSetInfo *rsinfo)
 }
 
 /*
- * The share of its topic this instance consumes (-1: all; 0: another
- * instance consumes it, shared mode), as the dispatcher last reported.
+ * The share of its topic this instance consumes (0 in shared mode: other
+ * instances consume it; -1: unknown), as the dispatcher last reported.
  */
 static int
 subscription_share(EbShared *snap, int64 id)
@@ -146,6 +146,7 @@ add_subscription_rows(ReturnSetInfo *rsinfo, EbShared *snap)
 		values[2] = CStringGetTextDatum(SPI_getvalue(t, d, 2));
 		values[3] = CStringGetTextDatum(!DatumGetBool(SPI_getbinval(t, d, 7, &isnull)) ? "owner dropped" :
 										!snap->dispatcher_pid ? "inactive" :
+										eb_consumer_mode == EB_CONSUMER_SHARED &&
 										subscription_share(snap, id) == 0 ? "standby" : "active");
 		values[4] = SPI_getbinval(t, d, 4, &isnull);
 		values[5] = CStringGetTextDatum(SPI_getvalue(t, d, 3));

@@ -134,10 +134,10 @@ typedef struct EbTransportRoutine
 	int64		(*consumer_lag) (const char *topic);
 
 	/*
-	 * Shared consumption: how much of topic this instance consumes now (Kafka:
-	 * partitions assigned; JetStream: 1 while it holds the lease, else 0).
-	 * -1 when it consumes the whole topic by itself (single mode).  NULL =
-	 * always -1.
+	 * How much of topic this instance consumes now: Kafka, partitions
+	 * assigned; JetStream, 1 while its durable is bound here (in shared
+	 * mode: while this instance holds the lease), else 0.  -1 if unknown
+	 * (NULL: always unknown).
 	 */
 	int			(*consumer_share) (const char *topic);
 	/* Wait (ms) before polling again when idle, 0 if the broker wakes us. */
