@@ -46,6 +46,12 @@
 /* At exit in shared consumption: wait this long for the pool to stop. */
 #define EXIT_COLLECT_MS	2000
 
+/*
+ * Shared consumption, asked to stop: finish what was received, at most this
+ * long, before leaving (the shutdown stays within 10 s with the rest).
+ */
+#define STOP_DRAIN_MS	3000
+
 /* Messages received and not yet finished, at most (backpressure). */
 #define MAX_IN_FLIGHT	10000
 
@@ -114,6 +120,7 @@ static int	in_flight = 0;
 static List *quarantine = NIL;
 static MemoryContext msg_cxt;	/* deliveries, unsent items, quarantine */
 static bool consumer_up[EB_NTRANSPORTS];
+static bool shared_at_start = false;	/* eventbus.consumer_mode when it started */
 
 static void dispatch_message(EbInbound *in);
 
@@ -684,6 +691,8 @@ collect_last_completions(void)
 {
 	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), EXIT_COLLECT_MS);
 
+	int			rounds = 0;
+
 	if (whandles == NULL || fromq == NULL || items == NULL)
 		return;
 	for (;;)
@@ -695,11 +704,21 @@ collect_last_completions(void)
 			pid_t		pid;
 
 			if (whandles[i] && GetBackgroundWorkerPid(whandles[i], &pid) != BGWH_STOPPED)
+			{
 				running = true;
+				/*
+				 * A worker that drains (shared mode) stops at its second
+				 * SIGTERM; the postmaster sends one, and signals sent close
+				 * together may arrive as one: repeat ours.
+				 */
+				if (rounds % 10 == 0 && pid > 0)
+					(void) kill(pid, SIGTERM);
+			}
 		}
 		if (!running || GetCurrentTimestamp() >= deadline)
 			break;
 		pg_usleep(10 * 1000L);
+		rounds++;
 	}
 	for (int w = 0; w < nworkers; w++)
 	{
@@ -724,6 +743,33 @@ collect_last_completions(void)
 	}
 }
 
+/*
+ * Asked to stop in shared consumption: take nothing new, finish what was
+ * received (so that what is handled here is committed or acked here, and
+ * nothing after it has to be handled again elsewhere), at most
+ * STOP_DRAIN_MS.  True when it is time to exit.
+ */
+static bool
+stopping(TimestampTz *deadline)
+{
+	TimestampTz now = GetCurrentTimestamp();
+
+	if (*deadline == 0)
+	{
+		*deadline = TimestampTzPlusMilliseconds(now, STOP_DRAIN_MS);
+		ereport(LOG,
+				(errmsg("dispatcher stopping: finishing %d messages received, for at most %d ms",
+						in_flight, STOP_DRAIN_MS)));
+	}
+	if (in_flight > 0 && now < *deadline)
+		return false;
+	if (in_flight > 0)
+		ereport(LOG,
+				(errmsg("dispatcher stopping with %d messages unfinished: other instances get them again",
+						in_flight)));
+	return true;
+}
+
 /* On exit: stop the pool and the consumers (durables and offsets kept). */
 static void
 dispatcher_exit(int code, Datum arg)
@@ -731,7 +777,7 @@ dispatcher_exit(int code, Datum arg)
 	for (int i = 0; i < nworkers; i++)
 		if (whandles && whandles[i])
 			TerminateBackgroundWorker(whandles[i]);
-	if (eb_consumer_mode == EB_CONSUMER_SHARED)
+	if (shared_at_start)
 		collect_last_completions();
 	for (int t = 0; t < EB_NTRANSPORTS; t++)
 		if (consumer_up[t])
@@ -748,8 +794,12 @@ eventbus_dispatcher_main(Datum main_arg)
 	HASHCTL		ctl;
 	char	   *config;
 	MemoryContext loop_cxt;
+	TimestampTz stop_deadline = 0;
 
 	eb_worker_connect("eventbus dispatcher");
+	shared_at_start = eb_consumer_mode == EB_CONSUMER_SHARED;
+	if (shared_at_start)
+		eb_stop_by_draining(false);
 
 	eb_broker_slots = eb_shared->consumer;
 	subs_generation = eb_shmem_subs_generation();
@@ -784,20 +834,25 @@ eventbus_dispatcher_main(Datum main_arg)
 		{
 			char	   *now = consumer_config();
 
-			if (strcmp(now, config) != 0)
+			if (strcmp(now, config) != 0 && !eb_stop_requested)
 			{
 				/*
 				 * In-flight work belongs to the old clients: start over.  The
 				 * launcher starts a new dispatcher; unfinished messages are
-				 * redelivered and the inbox skips what was handled.
+				 * redelivered and the inbox skips what was handled.  In shared
+				 * mode, finish them first (another instance may get them).
 				 */
 				ereport(LOG, (errmsg("consumer settings changed, restarting the dispatcher")));
-				proc_exit(0);
+				if (!shared_at_start)
+					proc_exit(0);
+				eb_stop_requested = true;
 			}
 			pfree(now);
 		}
 		if ((dead = exited_worker()) >= 0)
 			pool_worker_gone(dead);
+		if (eb_stop_requested && stopping(&stop_deadline))
+			proc_exit(0);
 
 		manage_clients();
 
@@ -825,8 +880,8 @@ eventbus_dispatcher_main(Datum main_arg)
 			const EbTransportRoutine *tr = eb_transport(t);
 			bool		pause = in_flight >= MAX_IN_FLIGHT || budget <= 0;
 
-			if (!consumer_up[t])
-				continue;
+			if (!consumer_up[t] || eb_stop_requested)
+				continue;		/* stopping: take nothing new */
 			tr->consumer_pause(pause);
 			if (pause)
 				got += tr->consumer_poll(100, 1);

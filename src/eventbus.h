@@ -22,6 +22,8 @@
 #include "storage/latch.h"
 
 /* The version of this library (its newest SQL script). */
+#include <signal.h>
+
 #define EB_LIBRARY_VERSION	"0.2.0"
 
 /* Transports are numbered 0 .. EB_NTRANSPORTS - 1 (transport.h). */
@@ -33,6 +35,8 @@
 extern bool eb_preloaded;
 extern void eb_require_preload(void);
 extern void eb_worker_connect(const char *appname);
+extern volatile sig_atomic_t eb_stop_requested;
+extern void eb_stop_by_draining(bool die_on_second);
 extern bool eb_worker_loop_top(MemoryContext loop_cxt);
 struct BackgroundWorker;
 extern void eb_bgworker_init(struct BackgroundWorker *w, const char *function,

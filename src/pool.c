@@ -37,6 +37,7 @@
 
 #include "envelope.h"
 #include "eventbus.h"
+#include "guc.h"
 #include "pool.h"
 #include "privilege.h"
 #include "util.h"
@@ -581,6 +582,8 @@ eventbus_worker_main(Datum main_arg)
 	memcpy(&handle, MyBgworkerEntry->bgw_extra, sizeof(handle));
 
 	eb_worker_connect("eventbus worker");
+	if (eb_consumer_mode == EB_CONSUMER_SHARED)
+		eb_stop_by_draining(true);
 
 	seg = dsm_attach(handle);
 	if (seg == NULL)
