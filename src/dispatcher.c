@@ -43,6 +43,9 @@
 #define PRUNE_CHUNK		10000
 #define PRUNE_BUDGET_MS	200
 
+/* At exit in shared consumption: wait this long for the pool to stop. */
+#define EXIT_COLLECT_MS	2000
+
 /* Messages received and not yet finished, at most (backpressure). */
 #define MAX_IN_FLIGHT	10000
 
@@ -666,6 +669,57 @@ exited_worker(void)
 	return -1;
 }
 
+/*
+ * At exit in shared consumption: wait (bounded) for the pool workers to
+ * stop, and read the completions they sent, so that the transports
+ * finish (commit / ack) what was handled here instead of giving it to
+ * another instance, which would handle it a second time.
+ */
+static void
+collect_last_completions(void)
+{
+	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), EXIT_COLLECT_MS);
+
+	if (whandles == NULL || fromq == NULL || items == NULL)
+		return;
+	for (;;)
+	{
+		bool		running = false;
+
+		for (int i = 0; i < nworkers; i++)
+		{
+			pid_t		pid;
+
+			if (whandles[i] && GetBackgroundWorkerPid(whandles[i], &pid) != BGWH_STOPPED)
+				running = true;
+		}
+		if (!running || GetCurrentTimestamp() >= deadline)
+			break;
+		pg_usleep(10 * 1000L);
+	}
+	for (int w = 0; w < nworkers; w++)
+	{
+		Size		len;
+		void	   *data;
+
+		while (fromq[w] && shm_mq_receive(fromq[w], &len, &data, true) == SHM_MQ_SUCCESS)
+		{
+			EbCompletion *c = data;
+
+			for (Size i = 0; i < len / sizeof(EbCompletion); i++)
+			{
+				ItemRef    *ref;
+
+				if (c[i].tag == EB_TAG_READY)
+					continue;
+				ref = hash_search(items, &c[i].tag, HASH_FIND, NULL);
+				if (ref)
+					item_finished(c[i].tag, ref);
+			}
+		}
+	}
+}
+
 /* On exit: stop the pool and the consumers (durables and offsets kept). */
 static void
 dispatcher_exit(int code, Datum arg)
@@ -673,6 +727,8 @@ dispatcher_exit(int code, Datum arg)
 	for (int i = 0; i < nworkers; i++)
 		if (whandles && whandles[i])
 			TerminateBackgroundWorker(whandles[i]);
+	if (eb_consumer_mode == EB_CONSUMER_SHARED)
+		collect_last_completions();
 	for (int t = 0; t < EB_NTRANSPORTS; t++)
 		if (consumer_up[t])
 			eb_transport(t)->consumer_stop();

@@ -73,5 +73,27 @@ extern void eb_nats_consumer_done(void *token);
 extern void eb_nats_consumer_pause(bool pause);
 extern int64 eb_nats_consumer_lag(const char *topic);
 extern int	eb_nats_consumer_idle_poll_ms(void);
+extern bool eb_nats_consumer_live(void *token);
+extern void eb_nats_consumer_abandon(void *token);
+
+/* nats_lease.c: one instance at a time consumes a shared durable */
+#define EB_NATS_LEASE_KEY			256 /* key length limit, with its NUL */
+
+typedef enum EbNatsLeaseState
+{
+	EB_LEASE_UNKNOWN,			/* no answer */
+	EB_LEASE_FREE,				/* never held, or released cleanly */
+	EB_LEASE_MINE_BEFORE,		/* held by this instance (a dispatcher before) */
+	EB_LEASE_OTHER				/* held by another instance */
+} EbNatsLeaseState;
+
+extern bool eb_nats_lease_open(void);
+extern void eb_nats_lease_close(void);
+extern bool eb_nats_lease_ready(void);
+extern void eb_nats_lease_key(const char *durable, char *key);
+extern bool eb_nats_lease_changes(void (*fn) (const char *key, bool is_free, void *arg), void *arg);
+extern EbNatsLeaseState eb_nats_lease_read(const char *key, uint64 *rev);
+extern uint64 eb_nats_lease_write(const char *key, uint64 rev);
+extern bool eb_nats_lease_release(const char *key, uint64 rev);
 
 #endif							/* EB_NATS_CLIENT_H */

@@ -23,9 +23,13 @@
  * finished comes again, in stream order, and the inbox skips what was
  * already handled.  The durable's name and position survive; it is never
  * deleted on shutdown.
+ *
+ * In shared mode (eventbus.consumer_mode = shared, nats_shared.c) a
+ * subscription binds and fetches only while this instance holds its lease.
  */
 #include "postgres.h"
 
+#include "lib/ilist.h"
 #include "miscadmin.h"
 #include "utils/json.h"
 #include "utils/memutils.h"
@@ -33,6 +37,7 @@
 
 #include "guc.h"
 #include "nats_client.h"
+#include "nats_consumer.h"
 #include "transport.h"
 #include "util.h"
 
@@ -44,40 +49,25 @@
 #define GRANT_MIN		(256 * 1024)	/* max_bytes of a request, at least... */
 #define GRANT_FLOOR		(16 * 1024) /* ...unless many subjects share the budget */
 #define RETRY_MS		1000	/* after an unexpected status */
-#define TAKE_CHUNK		64
 
-typedef struct NatsSub
-{
-	char	   *topic;
-	char	   *durable;
-	char	   *next_subject;	/* where its pull requests go */
-	EbNatsFeed *feed;			/* NULL: not bound */
-	int64		pending;		/* messages waiting in the stream (last known) */
-	int64		held;			/* delivered messages not yet finished */
-	int64		largest;		/* largest message seen (server's count) */
-	int64		last_grant;		/* max_bytes of its last request */
-	int64		need;			/* a request got nothing: ask for this much */
-	int			last_status;	/* last unexpected status logged */
-	TimestampTz retry_at;		/* no request before (after a status) */
-	bool		released;		/* no longer in subs: never ack for it */
-} NatsSub;
-
-/* The dispatcher's handle on one delivered message: what acks it. */
-typedef struct NatsHeld
-{
-	NatsSub    *ns;
-	char		reply[FLEXIBLE_ARRAY_MEMBER];	/* the ack subject */
-} NatsHeld;
-
-static List *subs = NIL;		/* NatsSub *, bound or to be bound */
+List	   *eb_nats_subs = NIL;		/* NatsSub *, bound or to be bound */
 static List *wanted = NIL;		/* subjects to consume (char *) */
 static uint64 seen_reconnects = 0;
 static bool paused = false;
 static int	next_turn = 0;		/* fairness: the sub served first */
 static List *acks_due = NIL;	/* NatsHeld * finished, ack not sent yet */
 
+bool		eb_nats_shared_mode = false;	/* eventbus.consumer_mode = shared */
+
 static void flush_acks(void);
 static EbDeliverFn deliver_fn = NULL;	/* the dispatcher's */
+
+/* Does ns fetch (bound, and the lease ours in shared mode)? */
+static inline bool
+fetching(const NatsSub *ns)
+{
+	return ns->feed != NULL && ns->state == SUB_HELD;
+}
 
 /* Durable name: <consumer_group>_<subject with . as _>_<fnv1a hex>. */
 static char *
@@ -160,52 +150,83 @@ take_over_durable(const char *stream, const char *durable)
 	return start;
 }
 
-/* Bind (creating if needed) the durable pull consumer of one subject. */
-static NatsSub *
-subscribe_topic(const char *topic)
+/* A subscription of one subject, not bound yet. */
+NatsSub *
+eb_nats_new_sub(const char *topic, SubState state)
 {
-	NatsSub    *ns;
+	MemoryContext mc = MemoryContextSwitchTo(TopMemoryContext);
+	NatsSub    *ns = palloc0(sizeof(NatsSub));
+
+	ns->topic = pstrdup(topic);
+	ns->durable = durable_name(topic);
+	dlist_init(&ns->out);
+	ns->state = state;
+	eb_nats_lease_key(ns->durable, ns->lease_key);
+	MemoryContextSwitchTo(mc);
+	return ns;
+}
+
+/*
+ * Bind (creating if needed) the durable pull consumer of ns's subject.
+ * takeover: restart an existing durable at its ack floor + 1 (see the top
+ * of this file); else use it as it is (a lease released cleanly: nothing
+ * of it is in flight anywhere).  ns->feed stays NULL on failure.
+ */
+void
+eb_nats_bind_sub(NatsSub *ns, bool takeover)
+{
 	jsConsumerConfig cfg;
 	jsConsumerInfo *ci = NULL;
 	jsErrCode	jerr = 0;
 	natsStatus	s;
 	char	   *err = NULL;
 	char	   *stream;
-	uint64		start;
+	uint64		start = 0;
+	bool		exists = false;
 	sigset_t	old;
-	MemoryContext mc = MemoryContextSwitchTo(TopMemoryContext);
 
-	ns = palloc0(sizeof(NatsSub));
-	ns->topic = pstrdup(topic);
-	ns->durable = durable_name(topic);
-	MemoryContextSwitchTo(mc);
-
-	if (!eb_nats_ensure_stream(topic, &err) || (stream = stream_for_subject(topic)) == NULL)
+	if (!eb_nats_ensure_stream(ns->topic, &err) || (stream = stream_for_subject(ns->topic)) == NULL)
 	{
 		ereport(WARNING,
 				(errcode(ERRCODE_CONNECTION_FAILURE),
-				 errmsg("no JetStream stream for %s%s%s", topic, err ? ": " : "", err ? err : "")));
-		return ns;				/* retried at the next subscription refresh */
+				 errmsg("no JetStream stream for %s%s%s", ns->topic, err ? ": " : "", err ? err : "")));
+		return;					/* retried at the next subscription refresh */
 	}
-	start = take_over_durable(stream, ns->durable);
+	if (takeover)
+		start = take_over_durable(stream, ns->durable);
+	else
+	{
+		eb_nats_block_signals(&old);
+		if (js_GetConsumerInfo(&ci, eb_js, stream, ns->durable, NULL, &jerr) == NATS_OK)
+		{
+			exists = true;
+			jsConsumerInfo_Destroy(ci);
+			ci = NULL;
+		}
+		eb_nats_restore_signals(&old);
+	}
 
-	/* A pull consumer: no deliver subject; the inbox receives its answers. */
-	jsConsumerConfig_Init(&cfg);
-	cfg.Durable = ns->durable;
-	cfg.AckPolicy = js_AckExplicit;
-	/* New durable: the start policy (everything retained); else resume. */
-	cfg.DeliverPolicy = start > 0 ? js_DeliverByStartSequence : js_DeliverAll;
-	cfg.OptStartSeq = start;
-	cfg.AckWait = ACK_WAIT_NS;
-	cfg.MaxAckPending = MAX_ACK_PENDING;
-	cfg.MaxDeliver = -1;
-	cfg.FilterSubject = ns->topic;
+	s = NATS_OK;
+	if (!exists)
+	{
+		/* A pull consumer: no deliver subject; the inbox receives its answers. */
+		jsConsumerConfig_Init(&cfg);
+		cfg.Durable = ns->durable;
+		cfg.AckPolicy = js_AckExplicit;
+		/* New durable: the start policy (everything retained); else resume. */
+		cfg.DeliverPolicy = start > 0 ? js_DeliverByStartSequence : js_DeliverAll;
+		cfg.OptStartSeq = start;
+		cfg.AckWait = ACK_WAIT_NS;
+		cfg.MaxAckPending = MAX_ACK_PENDING;
+		cfg.MaxDeliver = -1;
+		cfg.FilterSubject = ns->topic;
 
-	eb_nats_block_signals(&old);
-	s = js_AddConsumer(&ci, eb_js, stream, &cfg, NULL, &jerr);
-	if (ci)
-		jsConsumerInfo_Destroy(ci);
-	eb_nats_restore_signals(&old);
+		eb_nats_block_signals(&old);
+		s = js_AddConsumer(&ci, eb_js, stream, &cfg, NULL, &jerr);
+		if (ci)
+			jsConsumerInfo_Destroy(ci);
+		eb_nats_restore_signals(&old);
+	}
 	if (s != NATS_OK)
 	{
 		ereport(WARNING,
@@ -214,18 +235,28 @@ subscribe_topic(const char *topic)
 						ns->durable, ns->topic, natsStatus_GetText(s)),
 				 jerr ? errdetail("JetStream error %d", (int) jerr) : 0));
 		pfree(stream);
-		return ns;
+		return;
 	}
-	ns->next_subject = MemoryContextStrdup(TopMemoryContext,
-										   psprintf("$JS.API.CONSUMER.MSG.NEXT.%s.%s", stream, ns->durable));
+	if (ns->next_subject == NULL)
+		ns->next_subject = MemoryContextStrdup(TopMemoryContext,
+											   psprintf("$JS.API.CONSUMER.MSG.NEXT.%s.%s", stream, ns->durable));
 	pfree(stream);
 	/* NULL: retried at the next subscription refresh. */
 	ns->feed = eb_nats_feed_create(ns->topic);
+}
+
+/* Bind (creating if needed) the durable pull consumer of one subject. */
+static NatsSub *
+subscribe_topic(const char *topic)
+{
+	NatsSub    *ns = eb_nats_new_sub(topic, SUB_HELD);
+
+	eb_nats_bind_sub(ns, true);
 	return ns;
 }
 
-static void
-free_sub(NatsSub *ns)
+void
+eb_nats_free_sub(NatsSub *ns)
 {
 	pfree(ns->topic);
 	pfree(ns->durable);
@@ -239,8 +270,8 @@ free_sub(NatsSub *ns)
  * had queued is dropped, unacked.  Its delivered messages keep the NatsSub
  * until they are finished (unacked).
  */
-static void
-release(NatsSub *ns)
+void
+eb_nats_release_sub(NatsSub *ns)
 {
 	if (ns->feed)
 	{
@@ -249,7 +280,7 @@ release(NatsSub *ns)
 	}
 	ns->released = true;
 	if (ns->held == 0)
-		free_sub(ns);
+		eb_nats_free_sub(ns);
 }
 
 /* Consume exactly these subjects (and retry binds that failed). */
@@ -262,7 +293,7 @@ eb_nats_consumer_set_topics(List *want)
 
 	if (eb_js == NULL)
 		return;
-	/* subs and wanted outlive the dispatcher's loop memory. */
+	/* eb_nats_subs and wanted outlive the dispatcher's loop memory. */
 	old = MemoryContextSwitchTo(TopMemoryContext);
 	if (want != wanted)
 	{
@@ -271,19 +302,25 @@ eb_nats_consumer_set_topics(List *want)
 		foreach(lc, want)
 			wanted = lappend(wanted, pstrdup(lfirst(lc)));
 	}
-	foreach(lc, subs)
+	if (eb_nats_shared_mode)
+	{
+		eb_nats_shared_set_topics(want);
+		MemoryContextSwitchTo(old);
+		return;
+	}
+	foreach(lc, eb_nats_subs)
 	{
 		NatsSub    *ns = lfirst(lc);
 
 		if (eb_string_member(want, ns->topic) && ns->feed != NULL)
 			keep = lappend(keep, ns);
 		else
-			release(ns);
+			eb_nats_release_sub(ns);
 	}
-	list_free(subs);
-	subs = NIL;
+	list_free(eb_nats_subs);
+	eb_nats_subs = NIL;
 	foreach(lc, keep)
-		subs = lappend(subs, lfirst(lc));
+		eb_nats_subs = lappend(eb_nats_subs, lfirst(lc));
 	list_free(keep);
 
 	foreach(lc, want)
@@ -295,11 +332,11 @@ eb_nats_consumer_set_topics(List *want)
 		/* Shutting down, or no server: each bind would only wait. */
 		if (ProcDiePending || !eb_nats_connected())
 			break;
-		foreach(lc2, subs)
+		foreach(lc2, eb_nats_subs)
 			if (strcmp(((NatsSub *) lfirst(lc2))->topic, topic) == 0)
 				have = true;
 		if (!have)
-			subs = lappend(subs, subscribe_topic(topic));
+			eb_nats_subs = lappend(eb_nats_subs, subscribe_topic(topic));
 	}
 	MemoryContextSwitchTo(old);
 }
@@ -310,10 +347,10 @@ forget_subscriptions(void)
 {
 	ListCell   *lc;
 
-	foreach(lc, subs)
-		release(lfirst(lc));
-	list_free(subs);
-	subs = NIL;
+	foreach(lc, eb_nats_subs)
+		eb_nats_release_sub(lfirst(lc));
+	list_free(eb_nats_subs);
+	eb_nats_subs = NIL;
 	seen_reconnects = 0;
 }
 
@@ -333,7 +370,9 @@ deliver(NatsSub *ns, natsMsg *msg)
 	NatsHeld   *held = MemoryContextAlloc(TopMemoryContext, offsetof(NatsHeld, reply) + rlen + 1);
 
 	held->ns = ns;
+	held->seq = 0;
 	memcpy(held->reply, reply ? reply : "", rlen + 1);
+	dlist_push_tail(&ns->out, &held->node);
 	ns->held++;
 
 	memset(&in, 0, sizeof(in));
@@ -347,6 +386,7 @@ deliver(NatsSub *ns, natsMsg *msg)
 	if (natsMsg_GetMetaData(&meta, msg) == NATS_OK)
 	{
 		in.stream_seq = meta->Sequence.Stream;
+		held->seq = in.stream_seq;
 		ns->pending = (int64) meta->NumPending;
 		jsMsgMetaData_Destroy(meta);
 	}
@@ -376,8 +416,8 @@ rebind(NatsSub *ns, const char *why)
 	ereport(LOG,
 			(errcode(ERRCODE_CONNECTION_FAILURE),
 			 errmsg("rebinding JetStream consumer %s: %s", ns->durable, why)));
-	subs = list_delete_ptr(subs, ns);
-	release(ns);
+	eb_nats_subs = list_delete_ptr(eb_nats_subs, ns);
+	eb_nats_release_sub(ns);
 	/* Binds what is wanted and missing: this one, again at its ack floor + 1. */
 	eb_nats_consumer_set_topics(wanted);
 }
@@ -391,17 +431,17 @@ static int
 deliver_queued(int max, int64 max_bytes, int64 *bytes)
 {
 	int			n = 0;
-	int			nsubs = list_length(subs);
+	int			nsubs = list_length(eb_nats_subs);
 
 	*bytes = 0;
 	for (int k = 0; k < nsubs && n < max && *bytes < max_bytes; k++)
 	{
-		NatsSub    *ns = list_nth(subs, (next_turn + k) % nsubs);
+		NatsSub    *ns = list_nth(eb_nats_subs, (next_turn + k) % nsubs);
 		natsMsg    *msgs[TAKE_CHUNK];
 		int64		sizes[TAKE_CHUNK];
 		int			got;
 
-		if (ns->feed == NULL)
+		if (!fetching(ns))
 			continue;
 		do
 		{
@@ -440,15 +480,18 @@ read_states(EbNatsFeedState *st, int nsubs, int64 *held_msgs, int64 *held_bytes,
 	*rebind_me = NULL;
 	for (int i = 0; i < nsubs; i++)
 	{
-		NatsSub    *ns = list_nth(subs, i);
+		NatsSub    *ns = list_nth(eb_nats_subs, i);
 
 		if (ns->feed == NULL)
 			continue;
 		eb_nats_feed_state(ns->feed, &st[i]);
+		ns->open_requests = st[i].open;
 		*held_msgs += st[i].queued + st[i].credit_msgs;
 		*held_bytes += st[i].queued_bytes + st[i].credit_bytes;
 		if (st[i].queued > 0 || st[i].open > 0)
 			*nothing_held = false;
+		if (ns->state != SUB_HELD)
+			continue;			/* a release ends it whatever happens */
 		if ((st[i].broken || st[i].gone) && *rebind_me == NULL)
 			*rebind_me = ns;
 		if (st[i].too_big)
@@ -492,7 +535,7 @@ grant_credit(EbNatsFeedState *st, int nsubs, int max, int64 avail_msgs, int64 av
 	int64		share_bytes;
 
 	for (int i = 0; i < nsubs; i++)
-		if (((NatsSub *) list_nth(subs, i))->feed != NULL)
+		if (fetching(list_nth(eb_nats_subs, i)))
 			nbound++;
 	share_msgs = Max(1, Min(FETCH_MAX, max / Max(nbound, 1)));
 	share_bytes = Max(GRANT_FLOOR, Min(GRANT_MIN, dispatcher_memory / Max(nbound, 1)));
@@ -500,13 +543,13 @@ grant_credit(EbNatsFeedState *st, int nsubs, int max, int64 avail_msgs, int64 av
 	for (int k = 0; k < nsubs && avail_msgs > 0; k++)
 	{
 		int			i = (next_turn + k) % nsubs;
-		NatsSub    *ns = list_nth(subs, i);
+		NatsSub    *ns = list_nth(eb_nats_subs, i);
 		int64		want = Max(share_bytes, Max(ns->need, 2 * ns->largest));
 		int64		least = Max(GRANT_FLOOR, Max(ns->need, ns->largest));
 		int			batch = (int) Min(share_msgs, avail_msgs);
 		int64		grant;
 
-		if (ns->feed == NULL || st[i].open > 0 || now < ns->retry_at)
+		if (!fetching(ns) || st[i].open > 0 || now < ns->retry_at)
 			continue;
 		if (want <= avail_bytes)
 			grant = want;
@@ -522,7 +565,8 @@ grant_credit(EbNatsFeedState *st, int nsubs, int max, int64 avail_msgs, int64 av
 			blocked = i;		/* wait for credit to come back, first in line */
 			break;
 		}
-		if (!eb_nats_feed_request(ns->feed, ns->next_subject, batch, grant, REQUEST_EXPIRES_MS))
+		if (!eb_nats_feed_request(ns->feed, ns->next_subject, batch, grant,
+								  eb_nats_shared_mode ? SHARED_EXPIRES_MS : REQUEST_EXPIRES_MS))
 			continue;			/* not connected: retried at the next poll */
 		ns->last_grant = grant;
 		avail_msgs -= batch;
@@ -551,6 +595,8 @@ eb_nats_consumer_poll(int max, int64 max_bytes)
 	ListCell   *lc;
 
 	flush_acks();
+	if (eb_nats_shared_mode)
+		eb_nats_shared_tick();
 	if (eb_js == NULL || !eb_nats_connected())
 		return 0;
 	/* Reconnected since the last poll: rebind every durable. */
@@ -560,16 +606,16 @@ eb_nats_consumer_poll(int max, int64 max_bytes)
 
 		ereport(LOG, (errmsg("NATS reconnected, rebinding the JetStream consumers")));
 		seen_reconnects = eb_nats_reconnects();
-		foreach(lc, subs)
-			release(lfirst(lc));
-		list_free(subs);
-		subs = NIL;
+		foreach(lc, eb_nats_subs)
+			eb_nats_release_sub(lfirst(lc));
+		list_free(eb_nats_subs);
+		eb_nats_subs = NIL;
 		eb_nats_consumer_set_topics(topics);
 	}
 
 	n = deliver_queued(max, max_bytes, &bytes);
 
-	nsubs = list_length(subs);
+	nsubs = list_length(eb_nats_subs);
 	if (nsubs == 0)
 		return n;
 	st = palloc0(sizeof(EbNatsFeedState) * nsubs);
@@ -604,9 +650,10 @@ flush_acks(void)
 		if (!ns->released && eb_nats_conn != NULL && held->reply[0] != '\0' &&
 			natsConnection_PublishString(eb_nats_conn, held->reply, "+ACK") != NATS_OK)
 			ereport(DEBUG1, (errmsg_internal("JetStream ack failed; it will redeliver (the inbox skips it)")));
+		dlist_delete(&held->node);
 		pfree(held);
 		if (--ns->held == 0 && ns->released)
-			free_sub(ns);
+			eb_nats_free_sub(ns);
 	}
 	list_free(acks_due);
 	acks_due = NIL;
@@ -628,7 +675,7 @@ eb_nats_consumer_lag(const char *topic)
 {
 	ListCell   *lc;
 
-	foreach(lc, subs)
+	foreach(lc, eb_nats_subs)
 	{
 		NatsSub    *ns = lfirst(lc);
 
@@ -644,6 +691,7 @@ eb_nats_consumer_start(EbDeliverFn deliver)
 {
 	deliver_fn = deliver;
 	paused = false;
+	eb_nats_shared_mode = eb_consumer_mode == EB_CONSUMER_SHARED;
 	return eb_nats_client_start("eventbus consumer", true);
 }
 
@@ -652,6 +700,8 @@ void
 eb_nats_consumer_stop(void)
 {
 	flush_acks();
+	if (eb_nats_shared_mode)
+		eb_nats_shared_stop();
 	forget_subscriptions();
 	eb_nats_client_stop();
 	deliver_fn = NULL;

@@ -1,0 +1,503 @@
+/*
+ * nats_shared.c — JetStream shared mode (eventbus.consumer_mode = shared):
+ * each subscribed subject's durable is consumed by one instance at a time,
+ * the holder of its lease (nats_lease.c); the others stand by and take
+ * over.  Every poll, shared_tick refreshes the leases held, gives up those
+ * that could not be refreshed in time (fencing), lets stand-bys take free,
+ * stale or their own instance's leases, and finishes releases: a released
+ * subject's messages that were not handled here are NAKed in stream order
+ * before its lease is marked released, so the next holder gets them first
+ * and binds the durable as it is.  See docs/scale-out.md.
+ */
+#include "postgres.h"
+
+#include "miscadmin.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+
+#include "nats_client.h"
+#include "nats_consumer.h"
+#include "util.h"
+
+/* --- shared mode: one instance at a time consumes a durable --- */
+
+/*
+ * May the message still be handled here?  Not once its subscription was
+ * given up: released, being released, or its lease lost (a later lease of
+ * the same subject is a new NatsSub, so this one's messages stay given up).
+ */
+bool
+eb_nats_consumer_live(void *token)
+{
+	NatsHeld   *held = token;
+
+	if (!eb_nats_shared_mode)
+		return true;			/* single: every message is handled here */
+	return !held->ns->released && held->ns->state == SUB_HELD;
+}
+
+/*
+ * A message that was not handled here.  During a clean release it is given
+ * back (NAK) with the others, in stream order, so the next holder gets it
+ * first; after a lost lease it is left to the new holder.
+ */
+void
+eb_nats_consumer_abandon(void *token)
+{
+	NatsHeld   *held = token;
+	NatsSub    *ns = held->ns;
+
+	dlist_delete(&held->node);
+	if (!ns->released && ns->state == SUB_RELEASING && held->reply[0] != '\0')
+	{
+		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+		NatsNak    *nak = palloc(sizeof(NatsNak));
+
+		nak->seq = held->seq;
+		nak->reply = pstrdup(held->reply);
+		ns->naks = lappend(ns->naks, nak);
+		MemoryContextSwitchTo(old);
+	}
+	pfree(held);
+	if (--ns->held == 0 && ns->released)
+		eb_nats_free_sub(ns);
+}
+
+static int
+nak_cmp(const ListCell *a, const ListCell *b)
+{
+	uint64		x = ((NatsNak *) lfirst(a))->seq;
+	uint64		y = ((NatsNak *) lfirst(b))->seq;
+
+	return x < y ? -1 : x > y ? 1 : 0;
+}
+
+/* Leases this instance holds. */
+static int
+leases_held(void)
+{
+	int			n = 0;
+	ListCell   *lc;
+
+	foreach(lc, eb_nats_subs)
+		if (((NatsSub *) lfirst(lc))->state == SUB_HELD)
+			n++;
+	return n;
+}
+
+/* The subscription in eb_nats_subs (other than a releasing one) with that lease key. */
+static NatsSub *
+sub_of_key(const char *key)
+{
+	ListCell   *lc;
+
+	foreach(lc, eb_nats_subs)
+	{
+		NatsSub    *ns = lfirst(lc);
+
+		if (ns->state != SUB_RELEASING && strcmp(ns->lease_key, key) == 0)
+			return ns;
+	}
+	return NULL;
+}
+
+/* Replace ns in eb_nats_subs by a stand-by of the same subject; release ns. */
+static void
+give_up(NatsSub *ns)
+{
+	ListCell   *lc;
+
+	foreach(lc, eb_nats_subs)
+	{
+		if (lfirst(lc) == ns)
+		{
+			lfirst(lc) = eb_nats_new_sub(ns->topic, SUB_STANDBY);
+			break;
+		}
+	}
+	eb_nats_release_sub(ns);
+}
+
+/*
+ * Give a lease back: its queued and abandoned messages (and, at a
+ * deadline, those still out) are NAKed in stream order, so the next holder
+ * gets them first and in order; then the lease is marked released, and
+ * the next holder binds the durable as it is (no take-over).
+ */
+static void
+finish_release(NatsSub *ns)
+{
+	natsMsg    *msgs[TAKE_CHUNK];
+	int64		sizes[TAKE_CHUNK];
+	int			got;
+	int			still_out = 0;
+	dlist_mutable_iter it;
+	ListCell   *lc;
+	MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+	if (ns->feed)
+	{
+		while ((got = eb_nats_feed_take(ns->feed, msgs, sizes, TAKE_CHUNK, PG_INT64_MAX)) > 0)
+		{
+			for (int i = 0; i < got; i++)
+			{
+				jsMsgMetaData *meta = NULL;
+				const char *reply = natsMsg_GetReply(msgs[i]);
+
+				if (reply != NULL && natsMsg_GetMetaData(&meta, msgs[i]) == NATS_OK)
+				{
+					NatsNak    *nak = palloc(sizeof(NatsNak));
+
+					nak->seq = meta->Sequence.Stream;
+					nak->reply = pstrdup(reply);
+					ns->naks = lappend(ns->naks, nak);
+					jsMsgMetaData_Destroy(meta);
+				}
+				natsMsg_Destroy(msgs[i]);
+			}
+		}
+	}
+	/* Out past the deadline: their handlers' outcome is not known here. */
+	dlist_foreach_modify(it, &ns->out)
+	{
+		NatsHeld   *held = dlist_container(NatsHeld, node, it.cur);
+		NatsNak    *nak = palloc(sizeof(NatsNak));
+
+		nak->seq = held->seq;
+		nak->reply = pstrdup(held->reply);
+		ns->naks = lappend(ns->naks, nak);
+		still_out++;
+	}
+	MemoryContextSwitchTo(old);
+
+	list_sort(ns->naks, nak_cmp);
+	foreach(lc, ns->naks)
+	{
+		NatsNak    *nak = lfirst(lc);
+
+		if (eb_nats_conn != NULL)
+			(void) natsConnection_PublishString(eb_nats_conn, nak->reply, "-NAK");
+		pfree(nak->reply);
+		pfree(nak);
+	}
+	if (eb_nats_conn != NULL)
+	{
+		sigset_t	sigs;
+
+		eb_nats_block_signals(&sigs);
+		(void) natsConnection_FlushTimeout(eb_nats_conn, 1000);
+		eb_nats_restore_signals(&sigs);
+	}
+	if (still_out > 0)
+		ereport(LOG,
+				(errmsg("JetStream consumer %s: %d messages delivered here were not finished at the release; given back",
+						ns->durable, still_out),
+				 errdetail("A handler of one of them that commits here after all runs in this database and in the next holder's.")));
+	if (eb_nats_lease_release(ns->lease_key, ns->lease_rev))
+		ereport(LOG,
+				(errmsg("released the JetStream lease of consumer %s (subject %s), %d messages given back",
+						ns->durable, ns->topic, list_length(ns->naks))));
+	else
+		ereport(LOG,
+				(errcode(ERRCODE_CONNECTION_FAILURE),
+				 errmsg("could not release the JetStream lease of consumer %s; another instance takes it when it goes stale",
+						ns->durable)));
+	list_free(ns->naks);
+	ns->naks = NIL;
+	eb_nats_subs = list_delete_ptr(eb_nats_subs, ns);
+	eb_nats_release_sub(ns);
+}
+
+/* Stop fetching ns's subject and give its lease back once what is out came back. */
+static void
+start_release(NatsSub *ns)
+{
+	ns->state = SUB_RELEASING;
+	ns->release_by = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), RELEASE_WAIT_MS);
+}
+
+/* We hold ns's lease at revision rev, written at sent: bind and fetch. */
+static void
+lease_acquired(NatsSub *ns, uint64 rev, TimestampTz sent, bool takeover, const char *how)
+{
+	ns->state = SUB_HELD;
+	ns->lease_rev = rev;
+	ns->refreshed = sent;
+	ns->refresh_at = TimestampTzPlusMilliseconds(sent, LEASE_REFRESH_MS);
+	ns->takeover = takeover;
+	ns->check_at = TimestampTzPlusMilliseconds(sent, LEASE_RETRY_MS);
+	ereport(LOG,
+			(errmsg("holding the JetStream lease of consumer %s (subject %s): %s",
+					ns->durable, ns->topic, how)));
+	eb_nats_bind_sub(ns, takeover);
+}
+
+/* A stand-by's look at its lease: take it if free, ours, or stale. */
+static void
+try_acquire(NatsSub *ns, TimestampTz now)
+{
+	uint64		rev;
+	uint64		newrev;
+	EbNatsLeaseState st = eb_nats_lease_read(ns->lease_key, &rev);
+
+	switch (st)
+	{
+		case EB_LEASE_UNKNOWN:
+			ns->check_at = TimestampTzPlusMilliseconds(now, LEASE_RETRY_MS);
+			return;
+		case EB_LEASE_FREE:
+			/* Leave free subjects to instances holding fewer for a moment. */
+			if (ns->free_since == 0)
+				ns->free_since = now;
+			ns->check_at = TimestampTzPlusMilliseconds(ns->free_since, LEASE_SPREAD_MS * leases_held());
+			if (now < ns->check_at)
+				return;
+			newrev = eb_nats_lease_write(ns->lease_key, rev);
+			if (newrev != 0)
+				lease_acquired(ns, newrev, now, rev == 0,
+							   rev == 0 ? "first holder" : "released cleanly by its last holder");
+			else
+				ns->check_at = TimestampTzPlusMilliseconds(now, 200);
+			return;
+		case EB_LEASE_MINE_BEFORE:
+			/* Ours before (a dispatcher of ours that died, or a reconnect). */
+			newrev = eb_nats_lease_write(ns->lease_key, rev);
+			if (newrev != 0)
+				lease_acquired(ns, newrev, now, true, "taken back from a previous dispatcher of this instance");
+			else
+				ns->check_at = TimestampTzPlusMilliseconds(now, 200);
+			return;
+		case EB_LEASE_OTHER:
+			ns->free_since = 0;
+			if (rev != ns->seen_rev)
+			{
+				ns->seen_rev = rev;
+				ns->seen_at = now;
+			}
+			else if (now >= TimestampTzPlusMilliseconds(ns->seen_at, LEASE_TTL_MS))
+			{
+				newrev = eb_nats_lease_write(ns->lease_key, rev);
+				if (newrev != 0)
+				{
+					lease_acquired(ns, newrev, now, true, "its holder stopped refreshing it");
+					return;
+				}
+			}
+			ns->check_at = TimestampTzPlusMilliseconds(ns->seen_at, LEASE_TTL_MS + 100);
+			return;
+	}
+}
+
+/* Refresh a lease we hold; give the subject up if it is not ours any more. */
+static void
+refresh(NatsSub *ns, TimestampTz now)
+{
+	uint64		rev;
+	uint64		newrev = eb_nats_lease_write(ns->lease_key, ns->lease_rev);
+
+	if (newrev != 0)
+	{
+		ns->lease_rev = newrev;
+		ns->refreshed = now;
+		ns->refresh_at = TimestampTzPlusMilliseconds(now, LEASE_REFRESH_MS);
+		return;
+	}
+	switch (eb_nats_lease_read(ns->lease_key, &rev))
+	{
+		case EB_LEASE_UNKNOWN:
+		case EB_LEASE_MINE_BEFORE:	/* our write landed, its answer did not */
+			if (rev != 0)
+				ns->lease_rev = rev;
+			ns->refresh_at = TimestampTzPlusMilliseconds(now, rev != 0 ? 0 : LEASE_RETRY_MS);
+			return;
+		default:
+			ereport(LOG,
+					(errmsg("lost the JetStream lease of consumer %s (subject %s) to another instance",
+							ns->durable, ns->topic)));
+			give_up(ns);
+			return;
+	}
+}
+
+/* A lease was written (nats_lease.c's notification): look at it soon. */
+static void
+lease_changed(const char *key, bool is_free, void *arg)
+{
+	NatsSub    *ns = sub_of_key(key);
+
+	if (ns != NULL && ns->state == SUB_STANDBY)
+		ns->check_at = 0;
+}
+
+/*
+ * Shared mode, every poll: fence, refresh, take, release leases.  A lease
+ * not refreshed for LEASE_FENCE_MS (no server) is given up here before any
+ * stand-by can find it stale.
+ */
+void
+eb_nats_shared_tick(void)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	static TimestampTz open_at = 0;
+	List	   *snapshot;
+	ListCell   *lc;
+
+	snapshot = list_copy(eb_nats_subs);
+	foreach(lc, snapshot)
+	{
+		NatsSub    *ns = lfirst(lc);
+
+		if (ns->state == SUB_HELD && now >= TimestampTzPlusMilliseconds(ns->refreshed, LEASE_FENCE_MS))
+		{
+			ereport(LOG,
+					(errcode(ERRCODE_CONNECTION_FAILURE),
+					 errmsg("could not refresh the JetStream lease of consumer %s for %d ms, giving subject %s up",
+							ns->durable, LEASE_FENCE_MS, ns->topic)));
+			give_up(ns);
+		}
+	}
+	list_free(snapshot);
+
+	if (eb_js == NULL || !eb_nats_connected())
+		return;
+	if (!eb_nats_lease_ready())
+	{
+		if (now < open_at)
+			return;
+		open_at = TimestampTzPlusMilliseconds(now, LEASE_RETRY_MS);
+		if (!eb_nats_lease_open())
+			return;
+	}
+	if (eb_nats_lease_changes(lease_changed, NULL))
+		foreach(lc, eb_nats_subs)
+			((NatsSub *) lfirst(lc))->check_at = 0;
+
+	snapshot = list_copy(eb_nats_subs);
+	foreach(lc, snapshot)
+	{
+		NatsSub    *ns = lfirst(lc);
+
+		if (ProcDiePending)
+			break;
+		switch (ns->state)
+		{
+			case SUB_HELD:
+				if (now >= ns->refresh_at)
+					refresh(ns, now);
+				else if (ns->feed == NULL && now >= ns->check_at)
+				{
+					/* The bind after the acquire failed: again, now and then. */
+					ns->check_at = TimestampTzPlusMilliseconds(now, LEASE_RETRY_MS);
+					eb_nats_bind_sub(ns, ns->takeover);
+				}
+				break;
+			case SUB_STANDBY:
+				if (now >= ns->check_at)
+					try_acquire(ns, now);
+				break;
+			case SUB_RELEASING:
+				if ((ns->held == 0 && ns->open_requests == 0) || now >= ns->release_by)
+					finish_release(ns);
+				break;
+		}
+	}
+	list_free(snapshot);
+}
+
+/*
+ * Shared mode: consume exactly these subjects — the ones not wanted any
+ * more are released, new ones stand by until their lease is ours.  No
+ * request to the server here: shared_tick does that.
+ */
+void
+eb_nats_shared_set_topics(List *want)
+{
+	List	   *keep = NIL;
+	ListCell   *lc;
+
+	foreach(lc, eb_nats_subs)
+	{
+		NatsSub    *ns = lfirst(lc);
+		bool		is_wanted = eb_string_member(want, ns->topic);
+
+		if (ns->state == SUB_RELEASING || (is_wanted && ns->state != SUB_RELEASING))
+			keep = lappend(keep, ns);
+		else if (ns->state == SUB_HELD)
+		{
+			start_release(ns);
+			keep = lappend(keep, ns);
+		}
+		else
+			eb_nats_release_sub(ns);
+	}
+	list_free(eb_nats_subs);
+	eb_nats_subs = keep;
+
+	foreach(lc, want)
+	{
+		const char *topic = lfirst(lc);
+		bool		have = false;
+		ListCell   *lc2;
+
+		foreach(lc2, eb_nats_subs)
+		{
+			NatsSub    *ns = lfirst(lc2);
+
+			if (ns->state != SUB_RELEASING && strcmp(ns->topic, topic) == 0)
+				have = true;
+		}
+		if (!have)
+			eb_nats_subs = lappend(eb_nats_subs, eb_nats_new_sub(topic, SUB_STANDBY));
+	}
+}
+
+/*
+ * Shared mode, at exit: give every lease back.  The server ends our pull
+ * requests within SHARED_EXPIRES_MS; whatever they brought and whatever is
+ * out unfinished is NAKed in stream order, then the leases are released.
+ */
+void
+eb_nats_shared_stop(void)
+{
+	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), STOP_WAIT_MS);
+	List	   *snapshot;
+	ListCell   *lc;
+
+	foreach(lc, eb_nats_subs)
+	{
+		NatsSub    *ns = lfirst(lc);
+
+		if (ns->state == SUB_HELD)
+			ns->state = SUB_RELEASING;
+	}
+	for (;;)
+	{
+		bool		open = false;
+
+		foreach(lc, eb_nats_subs)
+		{
+			NatsSub    *ns = lfirst(lc);
+			EbNatsFeedState st;
+
+			if (ns->state != SUB_RELEASING || ns->feed == NULL)
+				continue;
+			eb_nats_feed_state(ns->feed, &st);
+			if (st.open > 0)
+				open = true;
+		}
+		if (!open || !eb_nats_connected() || GetCurrentTimestamp() >= deadline)
+			break;
+		pg_usleep(20 * 1000);
+	}
+	snapshot = list_copy(eb_nats_subs);
+	foreach(lc, snapshot)
+	{
+		NatsSub    *ns = lfirst(lc);
+
+		if (ns->state == SUB_RELEASING && ns->lease_rev != 0)
+			finish_release(ns);
+	}
+	list_free(snapshot);
+	eb_nats_lease_close();
+}
+
