@@ -19,18 +19,23 @@
  * of a partition starts after everything handled here, and an aggregate's
  * next event is not handled there before its previous one finished here.
  *
- * The drain deadline is session.timeout.ms - heartbeat.interval.ms - 1 s
- * (at least 1 s; 3 s with the defaults below): a broker that stops counting
- * a member's heartbeats while the group rebalances (the librdkafka mock
- * does) expels it after session.timeout.ms, and then gives its partitions
- * to another member whatever we do.  A handler still running at the
- * deadline finishes here, and the new owner may handle that event again.
+ * The drain deadline is session.timeout.ms - 2 x heartbeat.interval.ms
+ * - 1 s (at least 1 s; 3 s with the defaults below).  Why: a broker that
+ * stops counting a member's heartbeats while the group rebalances (the
+ * librdkafka mock does; Kafka itself keeps counting them) expels it
+ * session.timeout.ms after its last counted one — which may be a heartbeat
+ * interval before the rebalance began, and we learn of the rebalance up to
+ * one more interval after — and then gives its partitions to another
+ * member whatever we do.  A handler still running at the deadline finishes
+ * here, and the new owner may handle that event again.
  *
  * A commit the broker refuses during the rebalance (the mock refuses every
- * commit from the moment a member asks to join) is kept and sent again as
- * soon as this member is in the new generation, before it assigns its own
- * partitions.  Messages of a partition no longer assigned are never
- * committed.
+ * commit from the moment a member asks to join; Kafka accepts it) is kept
+ * and sent again as soon as this member is in the new generation, before
+ * it takes its own partitions; and every member takes its assigned
+ * partitions HANDOVER_GRACE_MS after the assignment arrived, so that the
+ * previous owner's commit is stored before the committed offsets are read.
+ * Messages of a partition no longer assigned are never committed.
  */
 #include "postgres.h"
 
@@ -51,7 +56,7 @@
  * commit sent again after the rebalance (see above) is stored before we
  * read the committed offsets.
  */
-#define HANDOVER_GRACE_MS	1000
+#define HANDOVER_GRACE_MS	500
 
 static bool draining = false;	/* a revoke waits for its messages */
 static rd_kafka_topic_partition_list_t *revoking = NULL;
@@ -116,8 +121,9 @@ running_in(const rd_kafka_topic_partition_list_t *list)
 
 /*
  * Commit the completion points of these partitions and wait for the answer,
- * at most COMMIT_TIMEOUT_MS.  A refusal because the group is rebalancing is
- * kept in "deferred" for the next generation.
+ * at most COMMIT_TIMEOUT_MS.  A failure (a broker refusing commits while
+ * the group rebalances, or no answer in time) is kept in "deferred" for the
+ * next generation.
  */
 static void
 commit_points(rd_kafka_t *rk, const rd_kafka_topic_partition_list_t *list)
@@ -195,7 +201,7 @@ finish_revoke(rd_kafka_t *rk, bool lost)
 						eb_consumer_group, revoking->cnt, ms, left),
 				 errdetail("The drain deadline (%d ms) passed; the new owner may handle those events again, and their aggregates' next events before they finish here.",
 						   drain_ms),
-				 errhint("Raise session.timeout.ms in eventbus.kafka_properties above the slowest handler's run time.")));
+				 errhint("Raise session.timeout.ms in eventbus.kafka_properties: the deadline is session.timeout.ms - 2 x heartbeat.interval.ms - 1 s.")));
 	else
 		ereport(LOG,
 				(errmsg("Kafka consumer group \"%s\": released %d partitions after %ld ms%s",
@@ -353,7 +359,7 @@ bool
 eb_kafka_group_configure(rd_kafka_conf_t *conf, char *errstr, size_t errlen)
 {
 	if (rd_kafka_conf_set(conf, "session.timeout.ms", "6000", errstr, errlen) != RD_KAFKA_CONF_OK ||
-		rd_kafka_conf_set(conf, "heartbeat.interval.ms", "2000", errstr, errlen) != RD_KAFKA_CONF_OK ||
+		rd_kafka_conf_set(conf, "heartbeat.interval.ms", "1000", errstr, errlen) != RD_KAFKA_CONF_OK ||
 		rd_kafka_conf_set(conf, "topic.metadata.refresh.interval.ms", "5000", errstr, errlen) != RD_KAFKA_CONF_OK)
 		return false;
 	rd_kafka_conf_set_rebalance_cb(conf, rebalance_cb);
@@ -385,7 +391,7 @@ void
 eb_kafka_group_started(void)
 {
 	drain_ms = Max(1000, conf_int("session.timeout.ms", 6000) -
-				   conf_int("heartbeat.interval.ms", 2000) - 1000);
+				   2 * conf_int("heartbeat.interval.ms", 1000) - 1000);
 }
 
 /* Subscribe to the wanted topics (a changed set is a rebalance). */
