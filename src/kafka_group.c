@@ -495,7 +495,8 @@ eb_kafka_group_serve(void)
 
 /*
  * The consumer stops (its pool is gone): a hand-over in progress ends now,
- * with what was handled committed.  The close then leaves the group.
+ * with what was handled committed, and an assignment waiting is taken (the
+ * close gives it back at once).  The close then leaves the group.
  */
 void
 eb_kafka_group_stop(void)
@@ -506,7 +507,12 @@ eb_kafka_group_stop(void)
 		rd_kafka_topic_partition_list_destroy(deferred);
 	deferred = NULL;
 	if (pending)
+	{
+		/* librdkafka's close waits for the answer to that assignment. */
+		if (eb_kafka != NULL)
+			do_assign(eb_kafka, pending);
 		rd_kafka_topic_partition_list_destroy(pending);
+	}
 	pending = NULL;
 }
 
