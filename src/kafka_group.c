@@ -87,9 +87,10 @@ describe(const rd_kafka_topic_partition_list_t *list)
 {
 	StringInfoData buf;
 	const char *prev = NULL;
+	int			i;
 
 	initStringInfo(&buf);
-	for (int i = 0; i < list->cnt && buf.len < 400; i++)
+	for (i = 0; i < list->cnt && buf.len < 400; i++)
 	{
 		if (prev == NULL || strcmp(prev, list->elems[i].topic) != 0)
 			appendStringInfo(&buf, "%s%s[%d", prev ? "] " : "", list->elems[i].topic,
@@ -99,7 +100,7 @@ describe(const rd_kafka_topic_partition_list_t *list)
 		prev = list->elems[i].topic;
 	}
 	if (prev)
-		appendStringInfoString(&buf, buf.len >= 400 ? ", ...]" : "]");
+		appendStringInfoString(&buf, i < list->cnt ? ", ...]" : "]");
 	return buf.data;
 }
 
