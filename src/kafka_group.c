@@ -471,8 +471,8 @@ eb_kafka_group_set_topics(List *want)
 
 /*
  * Every dispatcher loop iteration: finish a revoke once its messages came
- * back or its deadline passed; then apply a changed subscription (never in
- * the middle of a hand-over).
+ * back or its deadline passed; take an assignment once its grace passed;
+ * then apply a changed subscription (never in the middle of a hand-over).
  */
 void
 eb_kafka_group_serve(void)
@@ -490,7 +490,7 @@ eb_kafka_group_serve(void)
 		do_assign(eb_kafka, list);
 		rd_kafka_topic_partition_list_destroy(list);
 	}
-	if (!draining && subscription_due)
+	if (!draining && pending == NULL && subscription_due)
 		apply_subscription();
 }
 
