@@ -353,14 +353,17 @@ rebalance_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
 /*
  * Shared-mode settings of the consumer, before eventbus.kafka_properties
  * (which may override them): short session so that an instance that died
- * is replaced within seconds, and a metadata refresh that finds topics
- * created after the subscription.
+ * is replaced within seconds; completion points committed every 200 ms,
+ * since what a dead instance handled and had not committed is handled
+ * again elsewhere (librdkafka commits only partitions whose point moved);
+ * and a metadata refresh that finds topics created after the subscription.
  */
 bool
 eb_kafka_group_configure(rd_kafka_conf_t *conf, char *errstr, size_t errlen)
 {
 	if (rd_kafka_conf_set(conf, "session.timeout.ms", "6000", errstr, errlen) != RD_KAFKA_CONF_OK ||
 		rd_kafka_conf_set(conf, "heartbeat.interval.ms", "1000", errstr, errlen) != RD_KAFKA_CONF_OK ||
+		rd_kafka_conf_set(conf, "auto.commit.interval.ms", "200", errstr, errlen) != RD_KAFKA_CONF_OK ||
 		rd_kafka_conf_set(conf, "topic.metadata.refresh.interval.ms", "5000", errstr, errlen) != RD_KAFKA_CONF_OK)
 		return false;
 	rd_kafka_conf_set_rebalance_cb(conf, rebalance_cb);
