@@ -216,7 +216,8 @@ destroy_client_now(void *rk)
 
 /*
  * Close the consumer in order — unassign, commit the stored completion
- * points — serving its events here, for at most budget_ms.  True if closed.
+ * points, leave the group (shared mode) — serving its events here, for at
+ * most budget_ms.  True if closed.
  */
 static bool
 consumer_close_bounded(rd_kafka_t *rk, int budget_ms)
@@ -234,8 +235,12 @@ consumer_close_bounded(rd_kafka_t *rk, int budget_ms)
 		{
 			rd_kafka_event_t *ev = rd_kafka_queue_poll(q, 100);
 
-			if (ev != NULL)
-				rd_kafka_event_destroy(ev);
+			if (ev == NULL)
+				continue;
+			/* Leaving the group (shared mode): give the partitions back. */
+			if (rd_kafka_event_type(ev) == RD_KAFKA_EVENT_REBALANCE)
+				eb_kafka_group_close_event(rk, ev);
+			rd_kafka_event_destroy(ev);
 		}
 	}
 	closed = rd_kafka_consumer_closed(rk);
@@ -641,6 +646,8 @@ const EbTransportRoutine eb_kafka_transport = {
 	.consumer_set_topics = eb_kafka_consumer_set_topics,
 	.consumer_poll = eb_kafka_consumer_poll,
 	.consumer_done = eb_kafka_consumer_done,
+	.consumer_live = eb_kafka_consumer_live,
+	.consumer_abandon = eb_kafka_consumer_abandon,
 	.consumer_pause = eb_kafka_consumer_pause,
 	.consumer_lag = eb_kafka_consumer_lag,
 	.consumer_idle_poll_ms = eb_kafka_consumer_idle_poll_ms,

@@ -2,16 +2,18 @@
  * kafka_consumer.c — the dispatcher's Kafka consumer: every partition of
  * every subscribed topic, polled on the main thread.
  *
- * Partitions are assigned by eventbus itself (rd_kafka_incremental_assign),
- * not by joining a consumer group: the dispatcher is the only consumer of
- * its group (one per database), so a group protocol would only add a join
- * and a rebalance to every start, restart and subscription change — and,
- * after a crash, a wait until the dead member's session times out (45 s
- * with librdkafka's defaults) before anything is consumed again.  The
- * group (eventbus.consumer_group) still stores the committed offsets, so
- * Kafka tools show its position and lag.  The partitions of a topic are
- * read from broker metadata when it is subscribed, and again every 30 s so
- * partitions added later are consumed too.
+ * With eventbus.consumer_mode = single (the default), partitions are
+ * assigned by eventbus itself (rd_kafka_incremental_assign), not by joining
+ * a consumer group: the dispatcher is the only consumer of its group (one
+ * per database), so a group protocol would only add a join and a rebalance
+ * to every start, restart and subscription change — and, after a crash, a
+ * wait until the dead member's session times out (45 s with librdkafka's
+ * defaults) before anything is consumed again.  The group
+ * (eventbus.consumer_group) still stores the committed offsets, so Kafka
+ * tools show its position and lag.  The partitions of a topic are read from
+ * broker metadata when it is subscribed, and again every 30 s so partitions
+ * added later are consumed too.  With consumer_mode = shared, the group
+ * assigns them instead (kafka_group.c).
  *
  * Offsets: librdkafka auto-commits only what we store, and we store only a
  * partition's contiguous completion point — the offset after the longest
@@ -37,26 +39,14 @@
 #define RECHECK_MS		30000	/* look for partitions added to a topic */
 #define RETRY_MS		1000	/* topic not there yet, or broker slow */
 
-typedef struct PartKey
-{
-	char		topic[EB_MAX_TOPIC + 1];
-	int32		partition;
-} PartKey;
-
-/* In-flight messages of one assigned partition, in offset order. */
-typedef struct PartTrack
-{
-	PartKey		key;
-	dlist_head	inflight;
-} PartTrack;
-
 /* The dispatcher's handle on one message. */
 typedef struct KafkaToken
 {
 	dlist_node	node;
-	PartTrack  *part;			/* NULL once the partition was unassigned */
+	EbKafkaPart *part;			/* NULL once the partition was unassigned */
 	int64		offset;
 	bool		done;
+	bool		abandoned;		/* given back unhandled: never committed */
 } KafkaToken;
 
 /* A subscribed topic and how many of its partitions are assigned. */
@@ -70,24 +60,56 @@ typedef struct TopicState
 static HTAB *parts = NULL;
 static List *topics = NIL;		/* TopicState *, in TopMemoryContext */
 static bool paused = false;
+static bool shared = false;		/* consumer_mode = shared: kafka_group.c assigns */
 static MemoryContext token_cxt = NULL;
 static rd_kafka_resp_err_t commit_error = RD_KAFKA_RESP_ERR_NO_ERROR;
 static EbDeliverFn deliver_fn = NULL;	/* the dispatcher's */
 
+/* Start tracking a partition's messages (nothing if it is tracked already). */
+EbKafkaPart *
+eb_kafka_part_track(const char *topic, int32 partition)
+{
+	EbKafkaPartKey key;
+	bool		found;
+	EbKafkaPart *t;
+
+	memset(&key, 0, sizeof(key));
+	strlcpy(key.topic, topic, sizeof(key.topic));
+	key.partition = partition;
+	t = hash_search(parts, &key, HASH_ENTER, &found);
+	if (!found)
+	{
+		dlist_init(&t->inflight);
+		t->running = 0;
+		t->point = -1;
+		t->revoked = false;
+	}
+	return t;
+}
+
+/* The tracked partition, or NULL. */
+EbKafkaPart *
+eb_kafka_part_find(const char *topic, int32 partition)
+{
+	EbKafkaPartKey key;
+
+	if (parts == NULL)
+		return NULL;
+	memset(&key, 0, sizeof(key));
+	strlcpy(key.topic, topic, sizeof(key.topic));
+	key.partition = partition;
+	return hash_search(parts, &key, HASH_FIND, NULL);
+}
+
 /* Forget partitions: their in-flight messages no longer commit. */
-static void
-drop_partitions(rd_kafka_topic_partition_list_t *list)
+void
+eb_kafka_parts_forget(const rd_kafka_topic_partition_list_t *list)
 {
 	for (int i = 0; i < list->cnt; i++)
 	{
-		PartKey		key;
-		PartTrack  *t;
+		EbKafkaPart *t = eb_kafka_part_find(list->elems[i].topic, list->elems[i].partition);
 		dlist_mutable_iter it;
 
-		memset(&key, 0, sizeof(key));
-		strlcpy(key.topic, list->elems[i].topic, sizeof(key.topic));
-		key.partition = list->elems[i].partition;
-		t = hash_search(parts, &key, HASH_FIND, NULL);
 		if (t == NULL)
 			continue;
 		dlist_foreach_modify(it, &t->inflight)
@@ -96,10 +118,10 @@ drop_partitions(rd_kafka_topic_partition_list_t *list)
 
 			dlist_delete(&tok->node);
 			tok->part = NULL;
-			if (tok->done)
+			if (tok->done || tok->abandoned)
 				pfree(tok);
 		}
-		hash_search(parts, &key, HASH_REMOVE, NULL);
+		hash_search(parts, &t->key, HASH_REMOVE, NULL);
 	}
 }
 
@@ -125,18 +147,7 @@ assign_partitions(const char *topic, int from, int to)
 	rd_kafka_error_t *error;
 
 	for (int i = 0; i < list->cnt; i++)
-	{
-		PartKey		key;
-		bool		found;
-		PartTrack  *t;
-
-		memset(&key, 0, sizeof(key));
-		strlcpy(key.topic, topic, sizeof(key.topic));
-		key.partition = list->elems[i].partition;
-		t = hash_search(parts, &key, HASH_ENTER, &found);
-		if (!found)
-			dlist_init(&t->inflight);
-	}
+		eb_kafka_part_track(topic, list->elems[i].partition);
 	error = rd_kafka_incremental_assign(eb_kafka, list);
 	if (error != NULL)
 	{
@@ -169,7 +180,7 @@ unassign_topic(TopicState *ts)
 	error = rd_kafka_incremental_unassign(eb_kafka, list);
 	if (error != NULL)
 		rd_kafka_error_destroy(error);
-	drop_partitions(list);
+	eb_kafka_parts_forget(list);
 	rd_kafka_topic_partition_list_destroy(list);
 }
 
@@ -250,7 +261,9 @@ header_value(const void *val, size_t size)
 /*
  * Commit results (main thread, from rd_kafka_consumer_poll).  A failure
  * means redelivery after a restart, not loss; it is logged once per kind.
- * Rejected commits usually mean another consumer joined our group.
+ * Rejected commits usually mean another consumer joined our group — except
+ * in shared mode, where members come and go by design and a commit refused
+ * during a rebalance is expected (the rebalance itself is logged).
  */
 static void
 offset_commit_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
@@ -261,7 +274,13 @@ offset_commit_cb(rd_kafka_t *rk, rd_kafka_resp_err_t err,
 	commit_error = err;
 	if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
 		return;
-	if (err == RD_KAFKA_RESP_ERR_UNKNOWN_MEMBER_ID || err == RD_KAFKA_RESP_ERR_ILLEGAL_GENERATION)
+	if (shared && (err == RD_KAFKA_RESP_ERR_UNKNOWN_MEMBER_ID ||
+				   err == RD_KAFKA_RESP_ERR_ILLEGAL_GENERATION ||
+				   err == RD_KAFKA_RESP_ERR_REBALANCE_IN_PROGRESS))
+		ereport(DEBUG1,
+				(errmsg_internal("Kafka refused offsets of group \"%s\" during a rebalance: %s",
+								 eb_consumer_group, rd_kafka_err2str(err))));
+	else if (err == RD_KAFKA_RESP_ERR_UNKNOWN_MEMBER_ID || err == RD_KAFKA_RESP_ERR_ILLEGAL_GENERATION)
 		ereport(WARNING,
 				(errcode(ERRCODE_LOCK_NOT_AVAILABLE),
 				 errmsg("Kafka refused to store the offsets of group \"%s\": %s",
@@ -292,7 +311,9 @@ eb_kafka_consumer_start(EbDeliverFn deliver)
 		rd_kafka_conf_set(conf, "enable.partition.eof", "false", errstr, sizeof(errstr)) != RD_KAFKA_CONF_OK ||
 		/* librdkafka's prefetch: an eighth of eventbus.dispatcher_memory. */
 		rd_kafka_conf_set(conf, "queued.max.messages.kbytes", psprintf("%d", Max(eb_dispatcher_memory_kb / 8, 1024)),
-						  errstr, sizeof(errstr)) != RD_KAFKA_CONF_OK)
+						  errstr, sizeof(errstr)) != RD_KAFKA_CONF_OK ||
+		(eb_consumer_mode == EB_CONSUMER_SHARED &&
+		 !eb_kafka_group_configure(conf, errstr, sizeof(errstr))))
 	{
 		rd_kafka_conf_destroy(conf);
 		eb_set_broker_state(EB_TRANSPORT_KAFKA, EB_BROKER_DOWN, errstr);
@@ -303,17 +324,22 @@ eb_kafka_consumer_start(EbDeliverFn deliver)
 	if (parts == NULL)
 	{
 		memset(&ctl, 0, sizeof(ctl));
-		ctl.keysize = sizeof(PartKey);
-		ctl.entrysize = sizeof(PartTrack);
+		ctl.keysize = sizeof(EbKafkaPartKey);
+		ctl.entrysize = sizeof(EbKafkaPart);
 		parts = hash_create("eventbus kafka partitions", 64, &ctl, HASH_ELEM | HASH_BLOBS);
 		token_cxt = AllocSetContextCreate(TopMemoryContext, "eventbus kafka tokens",
 										  ALLOCSET_DEFAULT_SIZES);
 	}
 	topics = NIL;
 	paused = false;
+	shared = eb_consumer_mode == EB_CONSUMER_SHARED;
 	commit_error = RD_KAFKA_RESP_ERR_NO_ERROR;
 	deliver_fn = deliver;
-	return eb_kafka_client_start(RD_KAFKA_CONSUMER, conf);
+	if (!eb_kafka_client_start(RD_KAFKA_CONSUMER, conf))
+		return false;
+	if (shared)
+		eb_kafka_group_started();
+	return true;
 }
 
 /* The subscribed topic of that name, or NULL. */
@@ -341,6 +367,11 @@ eb_kafka_consumer_set_topics(List *want)
 
 	if (eb_kafka == NULL)
 		return;
+	if (shared)
+	{
+		eb_kafka_group_set_topics(want);
+		return;
+	}
 	old = MemoryContextSwitchTo(TopMemoryContext);
 	foreach(lc, topics)
 	{
@@ -383,14 +414,16 @@ eb_kafka_consumer_poll(int max, int64 max_bytes)
 
 	if (eb_kafka == NULL)
 		return 0;
-	discover();
-	while (n < max && bytes < max_bytes)
+	if (shared)
+		eb_kafka_group_serve();
+	else
+		discover();
+	while (n < max && bytes < max_bytes && eb_kafka != NULL)
 	{
 		rd_kafka_message_t *m = rd_kafka_consumer_poll(eb_kafka, 0);
 		rd_kafka_headers_t *hdrs = NULL;
 		EbInbound	in;
-		PartKey		key;
-		PartTrack  *t;
+		EbKafkaPart *t;
 		KafkaToken *tok;
 		size_t		nh;
 
@@ -407,22 +440,27 @@ eb_kafka_consumer_poll(int max, int64 max_bytes)
 			continue;
 		}
 		eb_kafka_mark_connected();
+		t = eb_kafka_part_find(rd_kafka_topic_name(m->rkt), m->partition);
+		if (shared && (t == NULL || t->revoked))
+		{
+			/* Fetched before the partition was given up: its owner reads it. */
+			rd_kafka_message_destroy(m);
+			continue;
+		}
 		bytes += (int64) m->len + (int64) m->key_len;
-
-		memset(&key, 0, sizeof(key));
-		strlcpy(key.topic, rd_kafka_topic_name(m->rkt), sizeof(key.topic));
-		key.partition = m->partition;
-		t = hash_search(parts, &key, HASH_FIND, NULL);
 
 		tok = MemoryContextAllocZero(token_cxt, sizeof(KafkaToken));
 		tok->part = t;
 		tok->offset = m->offset;
 		if (t)
+		{
 			dlist_push_tail(&t->inflight, &tok->node);
+			t->running++;
+		}
 
 		memset(&in, 0, sizeof(in));
 		in.transport = EB_TRANSPORT_KAFKA;
-		in.topic = key.topic;
+		in.topic = rd_kafka_topic_name(m->rkt);
 		in.data = m->payload;
 		in.len = m->payload ? m->len : 0;
 		in.key = m->key;
@@ -464,7 +502,7 @@ void
 eb_kafka_consumer_done(void *token)
 {
 	KafkaToken *tok = token;
-	PartTrack  *t = tok->part;
+	EbKafkaPart *t = tok->part;
 	int64		commit = -1;
 
 	tok->done = true;
@@ -473,6 +511,7 @@ eb_kafka_consumer_done(void *token)
 		pfree(tok);
 		return;
 	}
+	t->running--;
 	while (!dlist_is_empty(&t->inflight))
 	{
 		KafkaToken *head = dlist_head_element(KafkaToken, node, &t->inflight);
@@ -490,7 +529,48 @@ eb_kafka_consumer_done(void *token)
 		rd_kafka_topic_partition_list_add(list, t->key.topic, t->key.partition)->offset = commit;
 		rd_kafka_offsets_store(eb_kafka, list);
 		rd_kafka_topic_partition_list_destroy(list);
+		t->point = commit;
 	}
+}
+
+/*
+ * May the message still be handled here?  Not once its partition was given
+ * up (shared mode): the new owner handles it.
+ */
+bool
+eb_kafka_consumer_live(void *token)
+{
+	KafkaToken *tok = token;
+
+	if (!shared)
+		return true;
+	return tok->part != NULL && !tok->part->revoked;
+}
+
+/*
+ * A message was given back unhandled (its partition was given up): it stays
+ * in the partition's list as a barrier, so the completion point never moves
+ * past it.
+ */
+void
+eb_kafka_consumer_abandon(void *token)
+{
+	KafkaToken *tok = token;
+
+	tok->abandoned = true;
+	if (tok->part == NULL)
+	{
+		pfree(tok);
+		return;
+	}
+	tok->part->running--;
+}
+
+/* Is fetching paused (backpressure)?  New partitions start paused then. */
+bool
+eb_kafka_consumer_paused(void)
+{
+	return paused;
 }
 
 /* Stop or resume fetching (backpressure) on every assigned partition. */
@@ -544,6 +624,8 @@ eb_kafka_consumer_lag(const char *topic)
 void
 eb_kafka_consumer_stop(void)
 {
+	if (shared)
+		eb_kafka_group_stop();
 	eb_kafka_client_stop();
 	deliver_fn = NULL;
 }
@@ -556,9 +638,12 @@ eb_kafka_consumer_check(void)
 	return !eb_kafka_fatal();
 }
 
-/* librdkafka's queue event wakes the dispatcher: no idle polling. */
+/*
+ * librdkafka's queue event wakes the dispatcher: no idle polling, except
+ * while a partition hand-over waits for a deadline (shared mode).
+ */
 int
 eb_kafka_consumer_idle_poll_ms(void)
 {
-	return 0;
+	return shared ? eb_kafka_group_wait_ms() : 0;
 }
