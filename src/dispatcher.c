@@ -707,12 +707,12 @@ collect_last_completions(void)
 			{
 				running = true;
 				/*
-				 * A worker that drains (shared mode) stops at its second
-				 * SIGTERM; the postmaster sends one, and signals sent close
-				 * together may arrive as one: repeat ours.
+				 * A worker that drains (shared mode) goes on through SIGTERM
+				 * and stops at SIGUSR2 (repeated: one sent before it set its
+				 * handler is ignored).
 				 */
 				if (rounds % 10 == 0 && pid > 0)
-					(void) kill(pid, SIGTERM);
+					(void) kill(pid, SIGUSR2);
 			}
 		}
 		if (!running || GetCurrentTimestamp() >= deadline)
@@ -799,7 +799,7 @@ eventbus_dispatcher_main(Datum main_arg)
 	eb_worker_connect("eventbus dispatcher");
 	shared_at_start = eb_consumer_mode == EB_CONSUMER_SHARED;
 	if (shared_at_start)
-		eb_stop_by_draining(false);
+		eb_stop_by_draining();
 
 	eb_broker_slots = eb_shared->consumer;
 	subs_generation = eb_shmem_subs_generation();

@@ -82,27 +82,21 @@ _PG_init(void)
 	eb_register_launcher();
 }
 
-/* Set by the first SIGTERM of a worker that drains before it stops. */
+/* Set by SIGTERM in a worker that drains before it stops. */
 volatile sig_atomic_t eb_stop_requested = false;
-static bool die_on_second_sigterm = false;
 
 /*
- * SIGTERM of a draining worker: note the request and wake the loop (which
- * finishes its work, bounded, then exits); a second one terminates as
- * die() does, if so configured.
+ * SIGTERM of a draining worker: note the request and wake the loop, which
+ * finishes its work (bounded) and exits.  (The postmaster signals a child
+ * and its process group, so one request may arrive twice.)
  */
 static void
 drain_sigterm(SIGNAL_ARGS)
 {
 	int			save_errno = errno;
 
-	if (eb_stop_requested && die_on_second_sigterm)
-		die(postgres_signal_arg);
-	else
-	{
-		eb_stop_requested = true;
-		SetLatch(MyLatch);
-	}
+	eb_stop_requested = true;
+	SetLatch(MyLatch);
 	errno = save_errno;
 }
 
@@ -112,12 +106,12 @@ drain_sigterm(SIGNAL_ARGS)
  * is finished here first instead of being rolled back — rolled back, it
  * would be handled again in another database next to the events handled
  * after it here.  The dispatcher drains (bounded) and exits; a pool worker
- * keeps working until its dispatcher is gone or signals it again.
+ * keeps working until its dispatcher is gone or sends it SIGUSR2 (see
+ * eb_pool_worker_signals).
  */
 void
-eb_stop_by_draining(bool die_on_second)
+eb_stop_by_draining(void)
 {
-	die_on_second_sigterm = die_on_second;
 	pqsignal(SIGTERM, drain_sigterm);
 }
 

@@ -36,7 +36,7 @@ extern bool eb_preloaded;
 extern void eb_require_preload(void);
 extern void eb_worker_connect(const char *appname);
 extern volatile sig_atomic_t eb_stop_requested;
-extern void eb_stop_by_draining(bool die_on_second);
+extern void eb_stop_by_draining(void);
 extern bool eb_worker_loop_top(MemoryContext loop_cxt);
 struct BackgroundWorker;
 extern void eb_bgworker_init(struct BackgroundWorker *w, const char *function,

@@ -27,7 +27,7 @@ typedef struct EbKafkaPart
 	dlist_head	inflight;		/* KafkaTokens (kafka_consumer.c) */
 	int			running;		/* tokens neither done nor abandoned */
 	int64		point;			/* completion point stored, -1 if none yet */
-	bool		revoked;		/* given up: its tokens are not live */
+	bool		revoked;		/* being handed over: no new messages taken */
 } EbKafkaPart;
 
 /* The process's librdkafka client (launcher: producer; dispatcher: consumer). */

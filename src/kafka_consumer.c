@@ -544,7 +544,14 @@ eb_kafka_consumer_live(void *token)
 
 	if (!shared)
 		return true;
-	return tok->part != NULL && !tok->part->revoked;
+
+	/*
+	 * A revoked partition's messages received before the revoke are still
+	 * handled here while the hand-over drains (one not handled would stop
+	 * its completion point, and the next owner would handle again every
+	 * later message handled here); once the partition is given up, not.
+	 */
+	return tok->part != NULL;
 }
 
 /*

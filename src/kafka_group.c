@@ -10,12 +10,14 @@
  * and then waits — join state "wait-unassign-call", heartbeats still sent —
  * until the application calls rd_kafka_assign(NULL); only then does the
  * member commit and rejoin, and only after every member rejoined does the
- * group hand out the new assignment.  We use that wait: on revoke the
- * partitions' messages stop being live (the dispatcher drops their work
- * items not yet on a pool worker), the dispatcher loop keeps running, and
- * once every message of those partitions came back (handled, or dropped) —
- * or the drain deadline passed — their completion points are committed
- * synchronously (bounded) and only then do we unassign.  So the next owner
+ * group hand out the new assignment.  We use that wait: on revoke no new
+ * message of those partitions is taken, the dispatcher loop keeps running
+ * and handles the ones it already received — all of them, since one left
+ * unhandled would stop the partition's completion point and the next owner
+ * would handle again every later message handled here — and once they all
+ * finished, or the drain deadline passed (then the rest are dropped, not
+ * handled here), their completion points are committed synchronously
+ * (bounded) and only then do we unassign.  So the next owner
  * of a partition starts after everything handled here, and an aggregate's
  * next event is not handled there before its previous one finished here.
  *

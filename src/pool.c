@@ -582,8 +582,10 @@ eventbus_worker_main(Datum main_arg)
 	memcpy(&handle, MyBgworkerEntry->bgw_extra, sizeof(handle));
 
 	eb_worker_connect("eventbus worker");
+	/* The dispatcher's "stop now", whatever the mode; shared mode drains. */
+	pqsignal(SIGUSR2, die);
 	if (eb_consumer_mode == EB_CONSUMER_SHARED)
-		eb_stop_by_draining(true);
+		eb_stop_by_draining();
 
 	seg = dsm_attach(handle);
 	if (seg == NULL)

@@ -11,10 +11,8 @@
 # joins the group again as a new member).  From the two databases' own
 # records:
 #   - nothing lost (every event handled in one database or the other);
-#   - no event handled twice in one database, none handled in both — except,
-#     reported as a TAP TODO (a known gap), after the fast stop: the pool
-#     rolls the running handler back, so the events of its partition handled
-#     after it cannot be committed and cluster 1 handles them again;
+#   - no event handled twice in one database, none handled in both (the
+#     fast stop drains: the running handler finishes and commits first);
 #   - per aggregate (first handling of each event), versions in order across
 #     both databases, and when an aggregate moved, the new owner started its
 #     next event only after the old owner's handler of the previous one
@@ -28,11 +26,6 @@
 source "$(dirname "$0")/lib.sh"
 source "$(dirname "$0")/cluster2.sh"
 
-# todo_is GOT EXPECTED DESCRIPTION REASON — as is, as a TAP TODO (a known gap).
-todo_is() {
-	TAP_N=$((TAP_N + 1))
-	if [ "$1" == "$2" ]; then echo "ok $TAP_N - $3 # TODO $4"; else echo "not ok $TAP_N - $3 # TODO $4"; echo "#   got: '$1', expected: '$2'"; fi
-}
 
 run=$(date +%s)$RANDOM
 TOPIC="t41.$run"
@@ -201,12 +194,11 @@ diag "handled: cluster 1 $(q -c "SELECT count(*) FROM t41_all WHERE cluster = 1"
 	"aggregates that moved: $moved (right after a slow event: $slow_moved)"
 is "$lost" 0 "no event lost"
 is "$both" 0 "no event handled in both databases (join during slow handlers, crash restart)"
-# Known gap: a fast stop terminates the pool (PostgreSQL signals every
-# process at once), so a handler running then is rolled back, and events of
-# its partition handled after it cannot be committed (a Kafka partition has
-# one offset): the next owner handles them again.
-todo_is "$both_c" 0 "no event handled in both databases (fast stop while a handler ran)" \
-	"pool workers abort their running handler at a fast stop"
+# A fast stop drains in shared mode: the handler running then finishes and
+# commits here (a rolled-back one would leave its partition's completion
+# point behind it, and the next owner would handle again every event of that
+# partition handled after it).
+is "$both_c" 0 "no event handled in both databases (fast stop while a handler ran)"
 is "$twice" 0 "no event handled twice in one database"
 is "$order" 0 "per aggregate, versions in order across both databases"
 is "$early" 0 "a moved aggregate's next event started on the new owner only after the old owner's handler finished"
