@@ -650,6 +650,7 @@ const EbTransportRoutine eb_kafka_transport = {
 	.consumer_abandon = eb_kafka_consumer_abandon,
 	.consumer_pause = eb_kafka_consumer_pause,
 	.consumer_lag = eb_kafka_consumer_lag,
+	.consumer_share = eb_kafka_consumer_share,
 	.consumer_idle_poll_ms = eb_kafka_consumer_idle_poll_ms,
 
 	.library_close = NULL,

@@ -51,6 +51,7 @@ extern int	eb_kafka_consumer_poll(int max, int64 max_bytes);
 extern void eb_kafka_consumer_done(void *token);
 extern void eb_kafka_consumer_pause(bool pause);
 extern int64 eb_kafka_consumer_lag(const char *topic);
+extern int	eb_kafka_consumer_share(const char *topic);
 extern int	eb_kafka_consumer_idle_poll_ms(void);
 extern bool eb_kafka_consumer_live(void *token);
 extern bool eb_kafka_consumer_paused(void);

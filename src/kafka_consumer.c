@@ -627,6 +627,22 @@ eb_kafka_consumer_lag(const char *topic)
 	return known ? lag : -1;
 }
 
+/* consumer_share: partitions of topic assigned to this consumer now (-1: unknown). */
+int
+eb_kafka_consumer_share(const char *topic)
+{
+	rd_kafka_topic_partition_list_t *list = NULL;
+	int			n = 0;
+
+	if (eb_kafka == NULL || rd_kafka_assignment(eb_kafka, &list) != RD_KAFKA_RESP_ERR_NO_ERROR)
+		return -1;
+	for (int i = 0; i < list->cnt; i++)
+		if (strcmp(list->elems[i].topic, topic) == 0)
+			n++;
+	rd_kafka_topic_partition_list_destroy(list);
+	return n;
+}
+
 /* Stop the consumer (offsets stored so far are committed on the way). */
 void
 eb_kafka_consumer_stop(void)

@@ -129,6 +129,12 @@ SENT_B=$(q -c "SELECT count(*) FROM t41_sent")
 wait_until 60 '[ "$(handled_total)" -ge '"$SENT_B"' ]'
 ok $? "all $SENT_B events of batches a and b handled"
 diag "after the join: cluster 1 handled $(handled1), cluster 2 $(handled2)"
+# What operators see: each cluster's partitions of the topic (gauge
+# subscription_share), together all of them, each some.
+share_of() { "$1" -c "SELECT coalesce(max(m.value)::int, -1) FROM eventbus.metrics m JOIN eventbus.subscriptions s ON s.id = m.subscription_id
+                      WHERE m.name = 'subscription_share' AND s.topic = '$TOPIC'"; }
+wait_until 10 '[ $(( $(share_of q) + $(share_of q2) )) -eq '"$NPARTS"' ] && [ "$(share_of q)" -gt 0 ] && [ "$(share_of q2)" -gt 0 ]'
+ok $? "subscription_share: cluster 1 has $(share_of q) partitions, cluster 2 $(share_of q2), together all $NPARTS"
 
 # --- 3: cluster 2 leaves (fast stop) while events flow and one of its
 # handlers runs a slow event, later events of its partition already handled
