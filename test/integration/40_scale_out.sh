@@ -66,6 +66,7 @@ t40_cleanup() {
 	wait_until 60 c1_running
 	unsubscribe_like 't40.%'
 	q -c "ALTER SYSTEM RESET eventbus.consumer_mode"
+	q -c "ALTER SYSTEM RESET eventbus.consumer_group"
 	# track_commit_timestamp in auto.conf as it was (effective at the next restart).
 	if [ "$CTS_SET" = 1 ]; then
 		if [ -z "$CTS_BEFORE" ]; then q -c "ALTER SYSTEM RESET track_commit_timestamp"
@@ -103,7 +104,10 @@ fi
 if [ "$(q -c "SHOW track_commit_timestamp")" != on ]; then
 	c1_stop fast; c1_start || bail "c1 did not come back after the restart for track_commit_timestamp"
 fi
-q -c "ALTER SYSTEM SET eventbus.consumer_mode = 'shared'" -c "SELECT pg_reload_conf()" >/dev/null
+# A consumer group of its own: once a group was joined on the dev broker,
+# the broker refuses single-mode commits to it (later tests use 'eventbus').
+q -c "ALTER SYSTEM SET eventbus.consumer_mode = 'shared'" -c "ALTER SYSTEM SET eventbus.consumer_group = 't40g_$run'" \
+	-c "SELECT pg_reload_conf()" >/dev/null
 c2_start || bail "cluster 2 did not start (log: $C2_LOG)"
 q2 -c "ALTER SYSTEM SET eventbus.consumer_mode = 'shared'" -c "SELECT pg_reload_conf()" >/dev/null
 sleep 1   # the dispatchers restart for the changed mode
