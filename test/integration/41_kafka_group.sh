@@ -26,7 +26,6 @@
 source "$(dirname "$0")/lib.sh"
 source "$(dirname "$0")/cluster2.sh"
 
-
 run=$(date +%s)$RANDOM
 TOPIC="t41.$run"
 GROUP="eventbus-t41-$run"
