@@ -39,6 +39,17 @@ is "$(psql -X -A -t -q -U t36_monitor -c "SELECT count(*) > 0 FROM eventbus.metr
 is "$(psql -X -A -t -q -U t36_plain -c "SELECT count(*) FROM eventbus.metrics" 2>&1 | grep -o 'permission denied for view metrics')" \
 	"permission denied for view metrics" "a role without pg_monitor cannot read it (42501)"
 
+# Messages of earlier tests' durables may still arrive (a restart rebinds
+# them and redelivers what was not acknowledged): take the baseline once
+# consumed_total stopped moving for 2 s.
+consumed_now() { q -c "SELECT coalesce(sum(value), 0)::bigint FROM eventbus.metrics WHERE name = 'consumed_total'"; }
+settled() {
+	local a b
+	a=$(consumed_now); sleep 2; b=$(consumed_now)
+	[ "$a" = "$b" ]
+}
+wait_until 30 settled || diag "consumed_total still moving before the burst: the counts below may include other tests' messages"
+
 declare -A pub0 rel0 con0 qua0
 for tr in kafka nats; do
 	pub0[$tr]=$(metric published_total $tr); rel0[$tr]=$(metric relayed_total $tr)
