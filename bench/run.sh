@@ -109,15 +109,13 @@ source "$REPO/bench/lib.sh"
 
 bq -c "CREATE EXTENSION IF NOT EXISTS eventbus" >/dev/null || die "CREATE EXTENSION failed"
 # Handler commit times come from commit timestamps (a postmaster setting:
-# restart).  The dev broker holds the answer to a fetch that finds no data
-# for the consumer's fetch.wait.max.ms, where a real broker answers when data
-# arrives: the benchmark keeps that artefact at BENCH_FETCH_WAIT_MS (2) ms
-# instead of the stack's 10.  BENCH_KAFKA_PROPERTIES appends librdkafka
-# properties (e.g. fetch.wait.max.ms=50) for experiments.
+# restart).  BENCH_KAFKA_PROPERTIES appends librdkafka properties (e.g.
+# fetch.wait.max.ms=50) for experiments; the default runs the stack as it is.
 bq -c "ALTER SYSTEM SET track_commit_timestamp = on" >/dev/null
-props=$(sed 's/fetch\.wait\.max\.ms=[0-9]*;*//g; s/;*$//' <<< "$(bq -c "SHOW eventbus.kafka_properties")")
-props="${props:+$props;}fetch.wait.max.ms=${BENCH_FETCH_WAIT_MS:-2}${BENCH_KAFKA_PROPERTIES:+;$BENCH_KAFKA_PROPERTIES}"
-bq -c "ALTER SYSTEM SET eventbus.kafka_properties = '${props//\'/\'\'}'" >/dev/null
+if [ -n "${BENCH_KAFKA_PROPERTIES:-}" ]; then
+	props="$(bq -c "SHOW eventbus.kafka_properties");$BENCH_KAFKA_PROPERTIES"
+	bq -c "ALTER SYSTEM SET eventbus.kafka_properties = '${props//\'/\'\'}'" >/dev/null
+fi
 { "$STACK" pg-stop >/dev/null && "$STACK" pg-start >/dev/null; } || die "PostgreSQL restart failed"
 bench_wait 60 "SELECT count(*) = 4 FROM eventbus_status() WHERE transport IS NOT NULL AND state = 'connected'" ||
 	{ bq -c "SELECT * FROM eventbus_status()" >&2; die "brokers not connected"; }
@@ -145,6 +143,35 @@ brief() {
 	         FROM (SELECT '${1//\'/\'\'}'::jsonb AS d) s" >&2
 }
 
+# set_kafka_properties VALUE — as eventbus.kafka_properties (empty: back to
+# the stack's eventbus.conf), reload, and wait for the restarted dispatcher.
+set_kafka_properties() {
+	local old_pid
+	old_pid=$(bq -c "SELECT pid FROM eventbus_status() WHERE component = 'dispatcher' AND transport IS NULL")
+	if [ -n "$1" ]; then
+		bq -c "ALTER SYSTEM SET eventbus.kafka_properties = '${1//\'/\'\'}'" >/dev/null
+	else
+		bq -c "ALTER SYSTEM RESET eventbus.kafka_properties" >/dev/null
+	fi
+	bq -c "SELECT pg_reload_conf()" >/dev/null
+	bench_wait 60 "SELECT count(*) = 1 FROM eventbus_status() WHERE component = 'dispatcher' AND transport IS NULL
+	                AND state = 'running' AND pid IS DISTINCT FROM ${old_pid:-0}" &&
+	bench_wait 60 "SELECT count(*) = 4 FROM eventbus_status() WHERE transport IS NOT NULL AND state = 'connected'"
+}
+# The dev broker holds the answer to a fetch that finds no data for the
+# consumer's fetch.wait.max.ms (a real broker answers when data arrives), so
+# each message waits up to that long: the latency runs keep that artefact at
+# BENCH_FETCH_WAIT_MS (2) ms instead of the stack's 10.  Only they: the
+# empty fetches cost CPU (hundreds a second per broker), which a real
+# broker's long poll does not, and the throughput runs would pay for it.
+trs_csv=$(echo "$TRANSPORTS" | tr ' ' ',')
+stack_props=$(bq -c "SHOW eventbus.kafka_properties")
+if [[ ,$trs_csv, == *,kafka,* ]]; then
+	latency_props=$(sed 's/fetch\.wait\.max\.ms=[0-9]*;*//g; s/;*$//' <<< "$stack_props")
+	latency_props="${latency_props:+$latency_props;}fetch.wait.max.ms=${BENCH_FETCH_WAIT_MS:-2}"
+	set_kafka_properties "$latency_props" || die "the dispatcher did not come back with fetch.wait.max.ms=${BENCH_FETCH_WAIT_MS:-2}"
+	say "latency runs with fetch.wait.max.ms=${BENCH_FETCH_WAIT_MS:-2} (the dev broker's empty-fetch hold)"
+fi
 # ---------------------------------------------------------------------------
 # 1. Latency at a steady rate, each transport on its own
 # ---------------------------------------------------------------------------
@@ -157,6 +184,10 @@ for tr in $TRANSPORTS; do
 	store steady "$doc"
 	brief "$doc"
 done
+
+if [[ ,$trs_csv, == *,kafka,* ]]; then
+	set_kafka_properties "$stack_props" || die "the dispatcher did not come back with the stack's kafka properties"
+fi
 
 # ---------------------------------------------------------------------------
 # 2. End to end: pressure levels
@@ -203,7 +234,6 @@ bq -c "SELECT string_agg(format('reference %s: %s events/s', kind, doc->>'events
 # ---------------------------------------------------------------------------
 # 4. Idle
 # ---------------------------------------------------------------------------
-trs_csv=$(echo "$TRANSPORTS" | tr ' ' ',')
 say "[$((SECONDS))s] idle: fresh topics (5 per transport) subscribed, then $IDLE_SECONDS s with nothing published"
 bench_idle_prepare idle "$trs_csv" || die "idle subscriptions not active"
 sleep 2   # let the warm-up's commits and acknowledgements settle
@@ -213,27 +243,12 @@ idle_brief() {
 	                     d->>'kafka_properties', d->>'eventbus_pct_core', d->>'launcher', d->>'dispatcher', d->>'workers', d->>'window_s',
 	                     d->>'nats_server_pct_core', d->>'devbroker_pct_core') FROM (SELECT '$1'::jsonb AS d) s" >&2
 }
-# set_kafka_properties VALUE — as eventbus.kafka_properties (empty: back to
-# the stack's eventbus.conf), reload, and wait for the restarted dispatcher.
-set_kafka_properties() {
-	local old_pid
-	old_pid=$(bq -c "SELECT pid FROM eventbus_status() WHERE component = 'dispatcher' AND transport IS NULL")
-	if [ -n "$1" ]; then
-		bq -c "ALTER SYSTEM SET eventbus.kafka_properties = '${1//\'/\'\'}'" >/dev/null
-	else
-		bq -c "ALTER SYSTEM RESET eventbus.kafka_properties" >/dev/null
-	fi
-	bq -c "SELECT pg_reload_conf()" >/dev/null
-	bench_wait 60 "SELECT count(*) = 1 FROM eventbus_status() WHERE component = 'dispatcher' AND transport IS NULL
-	                AND state = 'running' AND pid IS DISTINCT FROM ${old_pid:-0}" &&
-	bench_wait 60 "SELECT count(*) = 4 FROM eventbus_status() WHERE transport IS NOT NULL AND state = 'connected'"
-}
 dev_props=$(bq -c "SHOW eventbus.kafka_properties")
 idle=$(bq -c "SELECT '$idle'::jsonb || jsonb_build_object('kafka_properties', '${dev_props//\'/\'\'}')")
 idle_brief "$idle"
 store idle "$idle"
-# The dev broker holds an empty fetch for fetch.wait.max.ms (BENCH_FETCH_WAIT_MS
-# here), so an idle Kafka consumer sends hundreds of fetches a second to each
+# The dev broker holds an empty fetch for fetch.wait.max.ms (10 ms on this
+# stack), so an idle Kafka consumer sends ~100 fetches a second to each
 # broker it reads from; a real broker holds a long poll until data arrives.
 # Again with librdkafka's default wait (500 ms), what an idle consumer costs
 # against a real broker: the idle target is judged on this one.
@@ -250,7 +265,7 @@ if [[ ,$trs_csv, == *,kafka,* ]]; then
 	else
 		say "could not measure idle with fetch.wait.max.ms=500 (dispatcher not back or consumers not active)"
 	fi
-	set_kafka_properties "$dev_props" ||
+	set_kafka_properties "$stack_props" ||
 		die "the dispatcher did not come back after restoring eventbus.kafka_properties"
 fi
 
@@ -284,9 +299,9 @@ kprops=$(bq -c "SHOW eventbus.kafka_properties")
 workers=$(bq -c "SHOW eventbus.workers")
 machine=$(printf '{"cores": %s, "cpu": "%s", "memory_gib": %s, "os": "%s", "kernel": "%s", "versions": "%s", "engine": "%s", "cpu_busy_before": "%s", "load_average_before": "%s", "load_average_after": "%s"}' \
 	"$(nproc)" "$cpu_model" "$mem_gib" "$os" "$(uname -r)" "$versions" "$engine" "$busy_before" "$load_before" "$load_after")
-config=$(printf '{"levels": "%s", "repeats": %s, "transports": "%s", "connections": %s, "rows_per_transaction": "1-5", "aggregates": "events / 10, versions 1..10", "topics_per_transport": 5, "steady_rate": %s, "steady_duration_s": %s, "steady_connections": 2, "steady_rows_per_transaction": 5, "consume_events": %s, "consume_kafka_partitions": %s, "consume_repeats": %s, "idle_seconds": %s, "pool_workers": %s, "kafka_properties": "%s", "reference_seconds": %s, "reference_clients": %s, "memory_sample_every_s": %s, "kafka_broker": "dev broker (librdkafka mock cluster, in memory)", "nats_server": "file store"}' \
+config=$(printf '{"levels": "%s", "repeats": %s, "transports": "%s", "connections": %s, "rows_per_transaction": "1-5", "aggregates": "events / 10, versions 1..10", "topics_per_transport": 5, "steady_rate": %s, "steady_duration_s": %s, "steady_connections": 2, "steady_rows_per_transaction": 5, "consume_events": %s, "consume_kafka_partitions": %s, "consume_repeats": %s, "idle_seconds": %s, "pool_workers": %s, "kafka_properties": "%s", "latency_fetch_wait_ms": %s, "reference_seconds": %s, "reference_clients": %s, "memory_sample_every_s": %s, "kafka_broker": "dev broker (librdkafka mock cluster, in memory)", "nats_server": "file store"}' \
 	"$LEVELS" "$REPEATS" "$TRANSPORTS" "$CONNS" "$RATE" "$DURATION" "$CONSUME_EVENTS" "$CONSUME_PARTITIONS" "$CONSUME_REPEATS" "$IDLE_SECONDS" \
-	"$workers" "$kprops" "$REF_SECONDS" "$REF_CLIENTS" "${BENCH_MEM_EVERY:-0.5}")
+	"$workers" "$kprops" "${BENCH_FETCH_WAIT_MS:-2}" "$REF_SECONDS" "$REF_CLIENTS" "${BENCH_MEM_EVERY:-0.5}")
 method='{
   "latency": "per event (first handling): commit timestamp of the handler transaction minus commit timestamp of the publishing transaction (its business row, which is the transaction that called eventbus_publish); track_commit_timestamp = on",
   "latency_from_occurred_ms": "the earlier figure: handler commit minus envelope occurred_at (clock_timestamp() inside eventbus_publish, before the publishing transaction commits)",
