@@ -52,6 +52,9 @@
  */
 #define STOP_DRAIN_MS	3000
 
+/* How often the status in shared memory is refreshed. */
+#define STATUS_EVERY_MS	100
+
 /* Messages received and not yet finished, at most (backpressure). */
 #define MAX_IN_FLIGHT	10000
 
@@ -591,10 +594,20 @@ prune_inbox(void)
 	}
 }
 
-/* Publish queue depths and lag for eventbus_status(). */
+/*
+ * Publish queue depths, lag and shares for eventbus_status(), at most every
+ * STATUS_EVERY_MS: the clients' look-ups (assignment, watermarks) would
+ * otherwise run on every loop iteration, per subscription.
+ */
 static void
 report_status(void)
 {
+	static TimestampTz last = 0;
+	TimestampTz now = GetCurrentTimestamp();
+
+	if (now < TimestampTzPlusMilliseconds(last, STATUS_EVERY_MS))
+		return;
+	last = now;
 	eb_shmem_set_queued(queued, nworkers, nsubs);
 
 	for (int i = 0; i < nsubs && i < EB_MAX_SUB_STATUS; i++)

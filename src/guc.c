@@ -419,7 +419,7 @@ eb_define_gucs(void)
 							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
 
 	DefineCustomIntVariable("eventbus.dispatcher_memory",
-							"Most message bytes the dispatcher holds before it stops fetching (Kafka's prefetch gets half of it).",
+							"Most message bytes the dispatcher holds before it stops fetching (Kafka's prefetch gets an eighth of it).",
 							NULL, &eb_dispatcher_memory_kb, 64 * 1024, 1024, 4 * 1024 * 1024,
 							PGC_SIGHUP, GUC_UNIT_KB, NULL, NULL, NULL);
 
