@@ -119,8 +119,15 @@ produce b 1 1 10 slow || bail "produce failed"
 wait_until 10 '[ "$(q -c "SELECT count(*) FROM pg_stat_activity WHERE wait_event = '"'"'PgSleep'"'"'")" -ge 4 ]'
 ok $? "4 slow handlers are running on cluster 1"
 t_join=$SECONDS
+JOIN_LOG=$(wc -c < "$EVENTBUS_PG_LOG")
 q2 -c "SELECT eventbus_subscribe('$TOPIC', 't41_handler(eventbus.envelope)', 'kafka')" >/dev/null
-# The next versions of the same aggregates arrive during the hand-over.
+# The next versions of the same aggregates arrive during the hand-over: once
+# cluster 1 began its revoke (it takes no new message of those partitions
+# then), while its slow handlers still run.  Produced before the revoke,
+# cluster 1 may receive them first and handle them in the drain, and no
+# aggregate would move right after a slow event.
+wait_until 20 '[ "$(tail -c +"$JOIN_LOG" "$EVENTBUS_PG_LOG" | grep -c "rebalancing: [0-9]* partitions revoked")" -ge 1 ]' ||
+	diag "cluster 1 logged no revoke within 20 s of the join"
 produce b 2 4 10 || bail "produce failed"
 wait_until 60 '[ "$(grep -c "rebalanced: [1-9][0-9]* partitions assigned" "$C2_LOG")" -ge 1 ]'
 ok $? "cluster 2 joined the group and was assigned partitions ($((SECONDS - t_join)) s after it subscribed)"
