@@ -924,6 +924,8 @@ eventbus_dispatcher_main(Datum main_arg)
 		}
 
 		pgstat_report_activity(STATE_IDLE, NULL);
+		if (timeout > 0 && in_flight == 0)
+			eb_heap_trim_when_idle();
 		if (timeout > 0)
 		{
 			(void) WaitEventSetWait(wes, timeout, &event, 1, PG_WAIT_EXTENSION);

@@ -238,6 +238,8 @@ eventbus_launcher_main(Datum main_arg)
 			ensure_dispatcher();
 			timeout = eb_relay_step();
 		}
+		if (timeout > 0)
+			eb_heap_trim_when_idle();
 
 		pgstat_report_activity(STATE_IDLE, NULL);
 		(void) WaitEventSetWait(wes, timeout, &event, 1, PG_WAIT_EXTENSION);

@@ -4,10 +4,15 @@
  */
 #include "postgres.h"
 
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
+
 #include "access/xact.h"
 #include "executor/spi.h"
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
+#include "utils/timestamp.h"
 
 #include "util.h"
 
@@ -111,4 +116,27 @@ eb_stringinfo_copy_exact(StringInfo dst, const StringInfoData *src)
 	dst->len = src->len;
 	dst->maxlen = src->len + 1;
 	dst->cursor = 0;
+}
+
+/*
+ * On an idle loop iteration, at most every HEAP_TRIM_MS, hand the C heap's
+ * free pages back to the kernel.  glibc keeps what librdkafka's and cnats'
+ * threads freed in their own arenas, and what a burst or a client restart
+ * freed: measured, the launcher kept 27 MB after recreating its Kafka
+ * producer and the dispatcher grew by 10 MB over three consumption bursts.
+ */
+#define HEAP_TRIM_MS 2000
+
+void
+eb_heap_trim_when_idle(void)
+{
+#ifdef __GLIBC__
+	static TimestampTz last = 0;
+	TimestampTz now = GetCurrentTimestamp();
+
+	if (now < TimestampTzPlusMilliseconds(last, HEAP_TRIM_MS))
+		return;
+	last = now;
+	malloc_trim(0);
+#endif
 }

@@ -1,6 +1,6 @@
 /*
  * util.h — small helpers shared across eventbus (util.c): background-worker
- * transactions, kept plans, string lists, hashing, backoff, buffers.
+ * transactions, kept plans, string lists, hashing, backoff, buffers, heap.
  */
 #ifndef EB_UTIL_H
 #define EB_UTIL_H
@@ -19,5 +19,6 @@ extern uint32 eb_fnv1a(const char *s);
 extern int	eb_backoff_next(int current_ms, int min_ms, int max_ms);
 extern int	eb_backoff_delay(int attempts, int min_ms, int max_ms);
 extern void eb_stringinfo_copy_exact(StringInfo dst, const StringInfoData *src);
+extern void eb_heap_trim_when_idle(void);
 
 #endif							/* EB_UTIL_H */
