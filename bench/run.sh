@@ -333,9 +333,11 @@ lifecycle=$(bq -c "SELECT coalesce((SELECT jsonb_build_object(
      WHERE EXISTS (SELECT 1 FROM $BENCH_SCHEMA.results WHERE kind = 'lifecycle')), 'null'::jsonb)")
 meta=$(printf '{"started_at": "%s", "machine": %s, "config": %s, "method": %s, "lifecycle_ms": %s}' \
 	"$started" "$machine" "$config" "$method" "${lifecycle:-null}")
-report=$(bq -c "SELECT $BENCH_SCHEMA.report('${meta//\'/\'\'}'::jsonb)") || die "could not build the report"
-json=$(bq -c "SELECT jsonb_pretty('${report//\'/\'\'}'::jsonb)")
-text=$(bq -c "SELECT line FROM $BENCH_SCHEMA.report_text('${report//\'/\'\'}'::jsonb) line") || die "could not format the report"
+# The report (over 128 kB) goes to psql on stdin: one command-line
+# argument may not be longer.
+report=$(printf '%s\n' "SELECT $BENCH_SCHEMA.report('${meta//\'/\'\'}'::jsonb)" | bq) || die "could not build the report"
+json=$(printf '%s\n' "SELECT jsonb_pretty('${report//\'/\'\'}'::jsonb)" | bq)
+text=$(printf '%s\n' "SELECT line FROM $BENCH_SCHEMA.report_text('${report//\'/\'\'}'::jsonb) line" | bq) || die "could not format the report"
 lifecycle_sql="
 WITH r AS (SELECT doc FROM $BENCH_SCHEMA.results WHERE kind = 'lifecycle'),
      f AS (SELECT e.key AS k, percentile_disc(0.5) WITHIN GROUP (ORDER BY e.value::numeric) AS med, max(e.value::numeric) AS mx, count(*) AS n
