@@ -925,7 +925,13 @@ eventbus_dispatcher_main(Datum main_arg)
 
 		pgstat_report_activity(STATE_IDLE, NULL);
 		if (timeout > 0 && in_flight == 0)
-			eb_heap_trim_when_idle();
+		{
+			uint64		received = 0;
+
+			for (int t = 0; t < EB_NTRANSPORTS; t++)
+				received += pg_atomic_read_u64(&eb_shared->counters[t].consumed);
+			eb_heap_trim_after_burst(received);
+		}
 		if (timeout > 0)
 		{
 			(void) WaitEventSetWait(wes, timeout, &event, 1, PG_WAIT_EXTENSION);

@@ -239,7 +239,13 @@ eventbus_launcher_main(Datum main_arg)
 			timeout = eb_relay_step();
 		}
 		if (timeout > 0)
-			eb_heap_trim_when_idle();
+		{
+			uint64		sent = 0;
+
+			for (int t = 0; t < EB_NTRANSPORTS; t++)
+				sent += pg_atomic_read_u64(&eb_broker_slots[t].published);
+			eb_heap_trim_after_burst(sent);
+		}
 
 		pgstat_report_activity(STATE_IDLE, NULL);
 		(void) WaitEventSetWait(wes, timeout, &event, 1, PG_WAIT_EXTENSION);

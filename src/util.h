@@ -19,6 +19,6 @@ extern uint32 eb_fnv1a(const char *s);
 extern int	eb_backoff_next(int current_ms, int min_ms, int max_ms);
 extern int	eb_backoff_delay(int attempts, int min_ms, int max_ms);
 extern void eb_stringinfo_copy_exact(StringInfo dst, const StringInfoData *src);
-extern void eb_heap_trim_when_idle(void);
+extern void eb_heap_trim_after_burst(uint64 work_done);
 
 #endif							/* EB_UTIL_H */
