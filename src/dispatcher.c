@@ -55,8 +55,11 @@
 /* How often the status in shared memory is refreshed. */
 #define STATUS_EVERY_MS	100
 
-/* Messages received and not yet finished, at most (backpressure). */
-#define MAX_IN_FLIGHT	10000
+/*
+ * Messages received and not yet finished, at most (backpressure): ~0.5 s
+ * of a pool's work.  10,000 held up to 32 MiB in a 10,000-event burst.
+ */
+#define MAX_IN_FLIGHT	5000
 
 /* A subscription, as loaded from eventbus.subscriptions. */
 typedef struct Sub
@@ -884,8 +887,9 @@ eventbus_dispatcher_main(Datum main_arg)
 		budget = (int64) eb_dispatcher_memory_kb * 1024 - eb_sched_pending_bytes() - unsent_bytes;
 		/*
 		 * Pool busy or memory full: stop fetching; nothing is dropped.  Keep
-		 * serving the consumers (errors, logs); a message a client had
-		 * prefetched is still taken, one per round, so memory stays bounded
+		 * serving the consumers (errors, logs, rebalances); a transport may
+		 * still hand over a message it had already received, one per round
+		 * (a single-mode Kafka consumer takes none), so memory stays bounded
 		 * by eventbus.dispatcher_memory plus the clients' prefetch.
 		 */
 		for (int t = 0; t < EB_NTRANSPORTS; t++)
