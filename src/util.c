@@ -122,8 +122,7 @@ eb_stringinfo_copy_exact(StringInfo dst, const StringInfoData *src)
  * Once a burst is over — work_done (a running count of the caller's work)
  * unchanged for HEAP_QUIET_MS — hand the C heap's free pages back to the
  * kernel, once.  glibc keeps what librdkafka's and cnats' threads freed in
- * their own arenas, and what a burst or a client restart freed (measured:
- * the launcher kept 27 MB after recreating its Kafka producer).  Never
+ * their own arenas, and what a burst or a client restart freed.  Never
  * under steady traffic: trimming takes the arenas' locks from the client
  * threads.
  */
