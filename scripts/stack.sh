@@ -11,6 +11,8 @@
 #   status                what runs, with pids and ports (exit 0 = all three run)
 #   env                   print the path of the sourceable env file
 #   state-dir             print the state directory
+#   free-port             print a free loopback port outside the kernel's
+#                         ephemeral range (for a test's own server)
 #   kafka-down|kafka-up   all dev brokers down / up (SIGUSR1 / SIGUSR2)
 #   kafka-topics NAME[:PARTS]...   create Kafka topics with PARTS partitions
 #                         (default 4) in the dev broker (SIGURG); fails if
@@ -820,6 +822,7 @@ main() {
         status)     cmd_status ;;
         env)        cmd_env ;;
         state-dir)  echo "$STATE" ;;
+        free-port)  pick_port ;;
         kafka-down) take_lock; kafka_signal down ;;
         kafka-up)   take_lock; kafka_signal up ;;
         kafka-topics) take_lock; kafka_topics "$@" ;;

@@ -71,15 +71,13 @@ _c2_bindir() {
 	[ -x "$C2_PGBIN/postgres" ] || bail "cluster2: no postgres binary in '$C2_PGBIN'"
 }
 
-# _c2_free_port — a random port in 20000-60000 with no TCP listener.
+# _c2_free_port — a random free port outside the kernel's ephemeral range
+# (an outgoing connection's local port there made cluster 2 fail to bind),
+# no socket file of cluster 2 on it.
 _c2_free_port() {
-	local listening p i
-	listening=$(awk 'NR > 1 && $4 == "0A" { split($2, a, ":"); print strtonum("0x" a[2]) }' \
-		/proc/net/tcp /proc/net/tcp6 2>/dev/null | sort -u)
-	for i in $(seq 1 200); do
-		p=$((20000 + (RANDOM * 32768 + RANDOM) % 40001))
-		case $p in 5432|4222|9092) continue ;; esac
-		echo "$listening" | grep -qx "$p" && continue
+	local p i
+	for i in 1 2 3 4 5; do
+		p=$("$STACK" free-port) || return 1
 		[ -e "$C2_SOCK/.s.PGSQL.$p" ] && continue
 		echo "$p"; return 0
 	done
