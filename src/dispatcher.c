@@ -706,7 +706,6 @@ static void
 collect_last_completions(void)
 {
 	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), EXIT_COLLECT_MS);
-
 	int			rounds = 0;
 
 	if (whandles == NULL || fromq == NULL || items == NULL)

@@ -16,14 +16,14 @@
 
 #include "postgres.h"
 
+#include <signal.h>
+
 #include "fmgr.h"
 
 #include "datatype/timestamp.h"
 #include "storage/latch.h"
 
 /* The version of this library (its newest SQL script). */
-#include <signal.h>
-
 #define EB_LIBRARY_VERSION	"0.2.0"
 
 /* Transports are numbered 0 .. EB_NTRANSPORTS - 1 (transport.h). */
