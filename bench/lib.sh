@@ -357,6 +357,7 @@ bench_run() {
 		bench_warmup "$key" "${topics[@]}" || return 1
 	fi
 
+	bench_quiesce
 	bench_mem_start
 	bench_proc_snapshot; bench_snap_save BEFORE
 	if [ "$mode" = steady ]; then
@@ -401,6 +402,15 @@ bench_run() {
 	                             ELSE '{}' END
 	                     FROM s")
 	[ -n "$BENCH_DOC" ]
+}
+
+# bench_quiesce — before each measured run and each reference: vacuum and
+# analyze the database and checkpoint, so that no run inherits the
+# autovacuum or checkpoint work of the writes before it (as pgbench vacuums
+# its own tables before a run).  Without it, which run an autovacuum of the
+# previous runs' rows fell into was chance.
+bench_quiesce() {
+	bq -c "VACUUM (ANALYZE)" -c "CHECKPOINT" >/dev/null || bench_log "could not vacuum and checkpoint before a run"
 }
 
 # bench_field JSON PATH... — a value from a JSON document (via the database).
@@ -466,6 +476,7 @@ bench_ref_consume() {
 		for ((i = 0; i < per; i++)); do bench_ref_event_sql "$label" "$clients" "gen_random_uuid()" ""; done
 		[ "$per" -gt 1 ] && echo 'COMMIT;'
 	} > "$dir/consume.sql"
+	bench_quiesce
 	read -r tps eps < <(bench_pgbench "$secs" "$clients" "$dir/consume.sql" "$per")
 	rm -rf "$dir"
 	printf '{"what": "handler alone", "tool": "pgbench", "seconds": %s, "clients": %s, "events_per_tx": %s, "tps": %s, "events_per_s": %s}\n' \
@@ -498,6 +509,7 @@ SQL
 		done
 		echo 'COMMIT;'
 	} > "$dir/e2e.sql"
+	bench_quiesce
 	read -r tps eps < <(bench_pgbench "$secs" "$clients" "$dir/e2e.sql" "$per")
 	rm -rf "$dir"
 	printf '{"what": "all writes: business row, version, outbox row and its deletion, inbox row, handler", "tool": "pgbench", "seconds": %s, "clients": %s, "events_per_tx": %s, "scripts_per_s": %s, "events_per_s": %s}\n' \
