@@ -26,8 +26,13 @@ BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 BENCH_PREV_TOPICS=()    # topics subscribed by the previous run (dropped at the next subscribe)
 BENCH_EB_PIDS=""        # every eventbus pid seen (for the leftover count after stop)
 
-# bq SQL... — psql in the stack's database, unaligned, tuples only.
-bq() { psql -X -A -t -q -v ON_ERROR_STOP=1 "$@"; }
+# bq SQL... — psql in the stack's database, unaligned, tuples only.  The
+# server's own psql binary: Debian's /usr/bin/psql is a Perl wrapper whose
+# start costs ~30 ms of CPU, paid inside a measured window by each
+# publishing connection and the sampler.
+BENCH_PSQL=$("${PG_CONFIG:-pg_config}" --bindir 2>/dev/null)/psql
+[ -x "$BENCH_PSQL" ] || BENCH_PSQL=psql
+bq() { "$BENCH_PSQL" -X -A -t -q -v ON_ERROR_STOP=1 "$@"; }
 
 bench_log() { echo "bench: $*" >&2; }
 
