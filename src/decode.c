@@ -431,7 +431,7 @@ decode(const char *data, size_t len, const char *key, size_t keylen,
 	/* payload: required, any JSON value (null too) */
 	if (getKeyJsonValueFromContainer(&jb->root, "payload", strlen("payload"), &v) == NULL)
 		return "payload is missing";
-	ev->payload = JsonbToCString(NULL, &JsonbValueToJsonb(&v)->root, (int) textlen);
+	ev->payload_jsonb = (struct varlena *) JsonbValueToJsonb(&v);
 
 	ev->nheaders = text_headers(nheaders, header_names, header_values,
 								&ev->header_names, &ev->header_values);
@@ -545,7 +545,8 @@ eb_envelope_decode(const char *data, size_t len, const char *key, size_t keylen,
 		ev->event_type = copy_string(tmp.event_type);
 		ev->trace_id = copy_string(tmp.trace_id);
 		ev->correlation_id = copy_string(tmp.correlation_id);
-		ev->payload = copy_string(tmp.payload);
+		ev->payload_jsonb = palloc(VARSIZE(tmp.payload_jsonb));
+		memcpy(ev->payload_jsonb, tmp.payload_jsonb, VARSIZE(tmp.payload_jsonb));
 		ev->header_names = palloc(sizeof(char *) * Max(tmp.nheaders, 1));
 		ev->header_values = palloc(sizeof(char *) * Max(tmp.nheaders, 1));
 		for (int i = 0; i < tmp.nheaders; i++)

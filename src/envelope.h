@@ -46,7 +46,11 @@ typedef struct EbEvent
 	char	   *correlation_id;
 	bool		has_tenant;
 	int32		tenant_id;
-	char	   *payload;		/* JSON text */
+	char	   *payload;		/* JSON text; NULL on the consume side */
+	struct varlena *payload_jsonb;	/* consume side: the payload as decoded, a
+									 * jsonb (so that neither the dispatcher
+									 * writes it out nor the pool parses it
+									 * again) */
 	int			nheaders;		/* user headers (eventbus_publish headers) */
 	char	  **header_names;
 	char	  **header_values;

@@ -168,7 +168,9 @@ eb_make_envelope(const EbWorkItem *item)
 	values[7] = ev->correlation_id ? CStringGetTextDatum(ev->correlation_id) : (Datum) 0;
 	nulls[8] = !ev->has_tenant;
 	values[8] = Int32GetDatum(ev->tenant_id);
-	values[9] = DirectFunctionCall1(jsonb_in, CStringGetDatum(ev->payload));
+	if (ev->payload_jsonb == NULL)
+		elog(ERROR, "work item of event %s has no payload", ev->event_id);
+	values[9] = PointerGetDatum(ev->payload_jsonb);
 	nulls[10] = hdrs == NULL;
 	values[10] = hdrs ? DirectFunctionCall1(jsonb_in, CStringGetDatum(hdrs)) : (Datum) 0;
 	values[11] = CStringGetTextDatum(eb_transport_name(item->transport));

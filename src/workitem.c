@@ -5,8 +5,9 @@
  *
  * Strings travel as raw bytes with explicit lengths: no encoding
  * conversion, any byte but NUL (they are C strings on both sides).  The
- * reading side is pqformat's bounds-checked cursor, so a short or corrupt
- * message ERRORs instead of reading past its end.
+ * payload travels as the jsonb the dispatcher decoded, so the pool does not
+ * parse it again.  The reading side is pqformat's bounds-checked cursor, so
+ * a short or corrupt message ERRORs instead of reading past its end.
  */
 #include "postgres.h"
 
@@ -51,6 +52,43 @@ get_string(StringInfo msg)
 	return pnstrdup(bytes, n);
 }
 
+/* Append a varlena (a jsonb) with its length; NULL as put_string's. */
+static void
+put_varlena(StringInfo buf, const struct varlena *v)
+{
+	if (v == NULL)
+	{
+		pq_sendint32(buf, (uint32) -1);
+		return;
+	}
+	pq_sendint32(buf, (uint32) VARSIZE(v));
+	pq_sendbytes(buf, (const char *) v, (int) VARSIZE(v));
+}
+
+/* Read a varlena written by put_varlena (palloc'd, so aligned). */
+static struct varlena *
+get_varlena(StringInfo msg)
+{
+	int32		n = (int32) pq_getmsgint(msg, 4);
+	const char *bytes;
+	struct varlena *v;
+
+	if (n == -1)
+		return NULL;
+	bytes = pq_getmsgbytes(msg, n);
+	if (n < VARHDRSZ)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_CORRUPTED),
+				 errmsg("corrupt work item: a value of %d bytes", n)));
+	v = palloc(n);
+	memcpy(v, bytes, n);
+	if (VARATT_IS_EXTENDED(v) || VARSIZE(v) != (Size) n)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_CORRUPTED),
+				 errmsg("corrupt work item: a value's length does not match")));
+	return v;
+}
+
 /* Serialize a work item. */
 void
 eb_workitem_encode(StringInfo buf, const EbWorkItem *item)
@@ -75,7 +113,7 @@ eb_workitem_encode(StringInfo buf, const EbWorkItem *item)
 	put_string(buf, ev->event_type);
 	put_string(buf, ev->trace_id);
 	put_string(buf, ev->correlation_id);
-	put_string(buf, ev->payload);
+	put_varlena(buf, ev->payload_jsonb);
 	for (int i = 0; i < ev->nheaders; i++)
 	{
 		put_string(buf, ev->header_names[i]);
@@ -139,7 +177,7 @@ eb_workitem_decode(const char *data, Size len, EbWorkItem *item)
 	ev->event_type = get_string(&msg);
 	ev->trace_id = get_string(&msg);
 	ev->correlation_id = get_string(&msg);
-	ev->payload = get_string(&msg);
+	ev->payload_jsonb = get_varlena(&msg);
 	ev->header_names = palloc(sizeof(char *) * Max(ev->nheaders, 1));
 	ev->header_values = palloc(sizeof(char *) * Max(ev->nheaders, 1));
 	for (int i = 0; i < ev->nheaders; i++)
