@@ -19,7 +19,8 @@
 #  2. End to end, pressure levels (BENCH_LEVELS, default 500 2000 5000
 #     10000 events) per transport, from BENCH_CONNECTIONS (4) connections,
 #     1–5 rows per transaction, as fast as they go; subscriptions warmed up
-#     before.  Each level BENCH_REPEATS (3) times, interleaved; the median.
+#     before.  Each level BENCH_REPEATS (3) times, repeats, transports and
+#     levels interleaved; the median.
 #  3. Consume side: BENCH_CONSUME_EVENTS (10000) events over events/10
 #     aggregates on 5 topics (Kafka: BENCH_CONSUME_PARTITIONS partitions
 #     each, 8) published with no subscription and relayed; then subscribed:
@@ -29,12 +30,14 @@
 #     active and nothing published: CPU of the eventbus processes, the
 #     brokers; once with the stack's fetch.wait.max.ms, once with 500 ms.
 #  References (pgbench, BENCH_REF_SECONDS each (10), BENCH_REF_CLIENTS
-#     clients (eventbus.workers), each client on its own aggregates), each
-#     right after the runs it is compared with: all the writes of an event
-#     (business row, version, outbox row and its deletion, inbox row,
-#     handler) with 50 events per transaction after 2 (end-to-end target:
-#     ≥ 0.6 ×); the benchmark's handler alone with 1 and with 50 events per
-#     transaction after 3 (consume-side target: ≥ 0.85 × the 50 figure).
+#     clients (eventbus.workers), each client on its own aggregates), once
+#     per repeat, right after the runs it is compared with; the median: all
+#     the writes of an event (business row, version, outbox row and its
+#     deletion, inbox row, handler) with 50 events per transaction after
+#     each repeat of 2 (end-to-end target: ≥ 0.6 ×); the benchmark's
+#     handler alone with 1 and with 50 events per transaction after each
+#     repeat of 3 (consume-side target: ≥ 0.85 × the 50 figure).  Before
+#     every measured run and every reference: VACUUM (ANALYZE), CHECKPOINT.
 #  5. Shutdown and recovery (test/integration/33_shutdown.sh on this stack,
 #     BENCH_LIFECYCLE_REPEATS times, default 3; 0 skips it).
 #  6. Stop: PostgreSQL first, then count what is left of the eventbus
@@ -195,10 +198,14 @@ fi
 # ---------------------------------------------------------------------------
 # 2. End to end: pressure levels
 # ---------------------------------------------------------------------------
-# Each level REPEATS times, the levels interleaved (so slow drift on the
-# machine spreads over all of them); the table shows the median repeat.
-for tr in $TRANSPORTS; do
-	for ((rep = 1; rep <= REPEATS; rep++)); do
+# Each level REPEATS times, the repeats, transports and levels interleaved
+# (so slow drift on the machine spreads over all of them); the table shows
+# the median repeat.  The reference runs once per repeat, right after the
+# runs it is compared with (the machine's load drifts): pgbench doing all
+# the same writes, 50 events per transaction; its median is the figure.
+REF_CLIENTS=${BENCH_REF_CLIENTS:-$(bq -c "SHOW eventbus.workers")}
+for ((rep = 1; rep <= REPEATS; rep++)); do
+	for tr in $TRANSPORTS; do
 		for level in $LEVELS; do
 			say "[$((SECONDS))s] level $level, $tr, repeat $rep/$REPEATS: subscribe, warm up, publish $level events from $CONNS connections"
 			bench_run "$tr.$level.$rep" "$level-$rep" "$level" "$CONNS" "$tr" load 1 5 || die "$tr $level failed"
@@ -207,13 +214,10 @@ for tr in $TRANSPORTS; do
 			brief "$doc"
 		done
 	done
+	say "[$((SECONDS))s] reference $rep/$REPEATS: pgbench, all the writes of an event, 50 events per transaction, $REF_CLIENTS clients, $REF_SECONDS s"
+	ref=$(bench_ref_end_to_end "$REF_SECONDS" "$REF_CLIENTS" 50); store ref_end_to_end_50 "$ref"
+	bq -c "SELECT format('reference all writes 50/tx: %s events/s', '$ref'::jsonb->>'events_per_s')" >&2
 done
-# The reference right after the runs it is compared with (the machine's
-# load drifts): pgbench doing all the same writes, 50 events per transaction.
-REF_CLIENTS=${BENCH_REF_CLIENTS:-$(bq -c "SHOW eventbus.workers")}
-say "[$((SECONDS))s] reference: pgbench, all the writes of an event, 50 events per transaction, $REF_CLIENTS clients, $REF_SECONDS s"
-ref=$(bench_ref_end_to_end "$REF_SECONDS" "$REF_CLIENTS" 50); store ref_end_to_end_50 "$ref"
-bq -c "SELECT format('reference all writes 50/tx: %s events/s', '$ref'::jsonb->>'events_per_s')" >&2
 
 # ---------------------------------------------------------------------------
 # 3. Consume side: the events are in the broker before anyone subscribes
@@ -227,12 +231,13 @@ for ((rep = 1; rep <= CONSUME_REPEATS; rep++)); do
 		store consume "$doc"
 		brief "$doc"
 	done
+	say "[$((SECONDS))s] references $rep/$CONSUME_REPEATS: pgbench, the handler alone, 1 and 50 events per transaction, $REF_CLIENTS clients, $REF_SECONDS s each"
+	ref=$(bench_ref_consume "$REF_SECONDS" "$REF_CLIENTS" 1); store ref_consume_1 "$ref"
+	r1=$(bq -c "SELECT '$ref'::jsonb->>'events_per_s'")
+	ref=$(bench_ref_consume "$REF_SECONDS" "$REF_CLIENTS" 50); store ref_consume_50 "$ref"
+	r50=$(bq -c "SELECT '$ref'::jsonb->>'events_per_s'")
+	echo "reference handler alone: 1/tx $r1 events/s, 50/tx $r50 events/s" >&2
 done
-say "[$((SECONDS))s] references: pgbench, the handler alone, 1 and 50 events per transaction, $REF_CLIENTS clients, $REF_SECONDS s each"
-ref=$(bench_ref_consume "$REF_SECONDS" "$REF_CLIENTS" 1); store ref_consume_1 "$ref"
-ref=$(bench_ref_consume "$REF_SECONDS" "$REF_CLIENTS" 50); store ref_consume_50 "$ref"
-bq -c "SELECT string_agg(format('reference %s: %s events/s', kind, doc->>'events_per_s'), '; ' ORDER BY n)
-         FROM $BENCH_SCHEMA.results WHERE kind LIKE 'ref\_consume%'" >&2
 
 # ---------------------------------------------------------------------------
 # 4. Idle
@@ -311,7 +316,7 @@ method='{
   "stages_ms": "relay = publish commit -> broker time; broker_to_handler = broker time -> handler start (consumer fetch, dispatcher, pool queue), split into broker_to_dispatcher = broker time -> envelope.received_at (the consumer fetch and the client library queue) and dispatcher_to_handler = received_at -> handler start (decoding, scheduler, pool queue); to_handler = publish commit -> handler start; handler = handler start -> its last statement (clock_timestamp() in the handler); commit = that -> handler transaction commit (rest of the pool batch and the commit); publish_tx = occurred_at -> publish commit (not part of the latency). Broker time: Kafka = message timestamp read back with kcat (the dev broker keeps the producer CreateTime, set when the relay hands the message to librdkafka, ms resolution: the producer linger and the produce request fall into broker_to_handler); NATS = the time JetStream stored the message, read back with natstool",
   "end_to_end": "events/s = delivered / (first publish = min(created_at) of the business rows -> last handler commit timestamp); ratio_to_reference = that / pgbench all writes at 50 events per transaction",
   "consume": "the events are published with no subscription and relayed before the subscription is made; events/s = delivered / (first handler start -> last handler commit); startup_s = subscription committed -> first handler start; ratios to pgbench running the same handler function with 1 and 50 events per transaction",
-  "references": "pgbench -M prepared, each client on its own aggregates (1,000 over 5 topics), one statement per event; handler alone = SELECT handle(envelope built in SQL); all writes = business row + version upsert + outbox row per event, DELETE of as many outbox rows, inbox row + handler per event, in three transactions per 50 events",
+  "references": "pgbench -M prepared, each client on its own aggregates (1,000 over 5 topics), one statement per event; handler alone = SELECT handle(envelope built in SQL); all writes = business row + version upsert + outbox row per event, DELETE of as many outbox rows, inbox row + handler per event, in three transactions per 50 events; each run once per repeat of the runs it is compared with, the median is the figure (events_per_s_all: every run)",
   "duplicates": "handler calls minus distinct events",
   "order_violations": "first deliveries whose version is not the last seen version + 1, checked in the handler transaction (a repeated delivery counts as a duplicate only)",
   "levels": "each level runs BENCH_REPEATS times (interleaved); levels[] holds, per transport and level, the repeat with the median events/s plus every repeat events/s and the loss / duplicate / order counts summed over all repeats (all_repeats); runs[] holds every repeat. consume[] likewise over consume_runs[]",
