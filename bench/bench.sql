@@ -488,7 +488,7 @@ CREATE FUNCTION @S@.memory_summary() RETURNS jsonb LANGUAGE sql AS $$
                  max((m.value->>'rss_mib')::numeric) OVER (PARTITION BY m.key) AS rss,
                  r.doc->>'run_key' AS run
             FROM @S@.results r, jsonb_each(r.doc->'memory_max') m
-           WHERE r.kind IN ('level', 'steady', 'consume')
+           WHERE r.kind IN ('level', 'level_tx50', 'steady', 'consume')
            ORDER BY m.key, coalesce((m.value->>'own_mib')::numeric, (m.value->>'uss_mib')::numeric) DESC) x
 $$;
 
@@ -523,11 +523,14 @@ DECLARE
   c50 numeric := (@S@.ref_median('ref_consume_50')->>'events_per_s')::numeric;
   e50 numeric := (@S@.ref_median('ref_end_to_end_50')->>'events_per_s')::numeric;
   top_level int := (SELECT max((doc->>'level')::int) FROM @S@.results WHERE kind = 'level');
-  levels jsonb; consume jsonb; steady jsonb; mem jsonb; idle jsonb; idle_lp jsonb; integrity jsonb; cpu jsonb; targets jsonb;
+  levels jsonb; levels50 jsonb; consume jsonb; steady jsonb; mem jsonb; idle jsonb; idle_lp jsonb; integrity jsonb; cpu jsonb; targets jsonb;
 BEGIN
   SELECT jsonb_agg(doc || jsonb_build_object('ratio_to_reference', round((doc->>'events_per_s')::numeric / nullif(e50, 0), 2),
                                              'cpu_us_per_event', @S@.cpu_per_event(doc)) ORDER BY n)
     INTO levels FROM @S@.run_summary('level', 'events_per_s');
+  SELECT jsonb_agg(doc || jsonb_build_object('ratio_to_reference', round((doc->>'events_per_s')::numeric / nullif(e50, 0), 2),
+                                             'cpu_us_per_event', @S@.cpu_per_event(doc)) ORDER BY n)
+    INTO levels50 FROM @S@.run_summary('level_tx50', 'events_per_s');
   SELECT jsonb_agg(doc || jsonb_build_object(
                      'ratio_to_pgbench_50_per_tx', round((doc->>'handling_events_per_s')::numeric / nullif(c50, 0), 2),
                      'ratio_to_pgbench_1_per_tx', round((doc->>'handling_events_per_s')::numeric / nullif(c1, 0), 2),
@@ -547,14 +550,16 @@ BEGIN
     FROM (SELECT doc->>'transports' AS tr, count(*) AS runs, sum((doc->>'published')::bigint) AS pub,
                  sum((doc->>'delivered')::bigint) AS del, sum((doc->>'duplicates')::bigint) AS dups,
                  sum((doc->>'order_violations')::bigint) AS viol, sum((doc->>'unexpected')::bigint) AS unexp
-            FROM @S@.results WHERE kind IN ('level', 'steady', 'consume') GROUP BY 1) x;
+            FROM @S@.results WHERE kind IN ('level', 'level_tx50', 'steady', 'consume') GROUP BY 1) x;
   SELECT jsonb_agg(jsonb_build_object('run', r.k, 'transports', r.d->>'transports', 'delivered', r.d->'delivered')
                    || @S@.cpu_per_event(r.d) ORDER BY r.o)
     INTO cpu
     FROM (SELECT 0 AS o, 'steady ' || (doc->>'rate') || '/s' AS k, doc AS d FROM @S@.results WHERE kind = 'steady'
           UNION ALL SELECT 1, 'level ' || (doc->>'level'), doc FROM @S@.run_summary('level', 'events_per_s')
+          UNION ALL SELECT 1, 'level ' || (doc->>'level') || ' 50/tx', doc FROM @S@.run_summary('level_tx50', 'events_per_s')
           UNION ALL SELECT 2, 'consume ' || (doc->>'level'), doc FROM @S@.run_summary('consume', 'handling_events_per_s')) r;
   levels := coalesce(levels, '[]');
+  levels50 := coalesce(levels50, '[]');
   consume := coalesce(consume, '[]');
   steady := coalesce(steady, '{}');
   cpu := coalesce(cpu, '[]');
@@ -572,6 +577,12 @@ BEGIN
                    'level', top_level, 'events_per_s', l->'events_per_s', 'pgbench_all_writes_50_per_tx', e50,
                    'ratio', l->'ratio_to_reference', 'target_ratio', 0.6, 'met', (l->>'ratio_to_reference')::numeric >= 0.6))
                   FROM jsonb_array_elements(levels) l WHERE (l->>'level')::int = top_level),
+    -- Information, not a target: the publishing transactions as large as the
+    -- reference's (50 events), so that both sides do the same transactions.
+    'end_to_end_50_per_tx', (SELECT jsonb_object_agg(l->>'transports', jsonb_build_object(
+                   'level', l->'level', 'events_per_s', l->'events_per_s', 'pgbench_all_writes_50_per_tx', e50,
+                   'ratio', l->'ratio_to_reference'))
+                  FROM jsonb_array_elements(levels50) l),
     'memory', (SELECT jsonb_build_object('largest_own_mib', max((v->>'own_mib')::numeric),
                                          'largest_uss_mib', max((v->>'uss_mib')::numeric), 'largest_pss_mib', max((v->>'pss_mib')::numeric),
                                          'target_own_mib', 32, 'met', max((v->>'own_mib')::numeric) <= 32)
@@ -585,6 +596,7 @@ BEGIN
     'targets', targets,
     'latency', steady,
     'levels', levels,
+    'levels_50_per_tx', levels50,
     'runs', (SELECT jsonb_agg(doc ORDER BY n) FROM @S@.results WHERE kind = 'level'),
     'consume', consume,
     'consume_runs', (SELECT jsonb_agg(doc ORDER BY n) FROM @S@.results WHERE kind = 'consume'),
@@ -637,6 +649,15 @@ BEGIN
   END LOOP;
   RETURN NEXT line || format('>= 0.6 x pgbench all writes 50/tx (%s/s)',
                              to_char((r#>>'{references,all_writes_50_per_tx,events_per_s}')::numeric, 'FM999,999,990'));
+  IF jsonb_array_length(coalesce(r->'levels_50_per_tx', '[]')) > 0 THEN
+    line := format('%-48s', '  the same, 50 rows per publishing tx (info)');
+    FOREACH tr IN ARRAY trs LOOP
+      x := t#>ARRAY['end_to_end_50_per_tx', tr];
+      line := line || format('%-27s', CASE WHEN x IS NULL THEN '-' ELSE
+                format('%s = %sx', to_char((x->>'events_per_s')::numeric, 'FM999,999,990'), x->>'ratio') END);
+    END LOOP;
+    RETURN NEXT line || '(publishing transactions as large as the reference''s)';
+  END IF;
   line := format('%-48s', 'delivered / duplicates / order, all runs');
   FOREACH tr IN ARRAY trs LOOP
     x := t#>ARRAY['integrity', tr];
@@ -688,12 +709,12 @@ BEGIN
   RETURN NEXT '';
 
   -- End to end
-  RETURN NEXT 'END TO END (trigger publish -> handler commit), median of the repeats:';
+  RETURN NEXT 'END TO END (trigger publish -> handler commit), median of the repeats; 1-5 rows per publishing transaction, * 50 rows:';
   RETURN NEXT format('%-6s %-10s %10s %9s %4s %5s %9s %13s %6s %9s %7s %7s %7s %7s', 'level', 'transport', 'events',
                      'delivered', 'dup', 'order', 'events/s', '(min-max)', 'x ref', 'publish/s', 'p50 ms', 'p95 ms', 'p99 ms', 'max ms');
-  FOR x IN SELECT l FROM jsonb_array_elements(coalesce(r->'levels', '[]')) l LOOP
+  FOR x IN SELECT l FROM jsonb_array_elements(coalesce(r->'levels', '[]') || coalesce(r->'levels_50_per_tx', '[]')) l LOOP
     RETURN NEXT format('%-6s %-10s %10s %8s%% %4s %5s %9s %13s %6s %9s %7s %7s %7s %7s',
-                       x->>'level', x->>'transports', (x->>'repeats') || 'x' || (x->>'published'),
+                       (x->>'level') || CASE WHEN x->>'rows_per_tx' = '50-50' THEN '*' ELSE '' END, x->>'transports', (x->>'repeats') || 'x' || (x->>'published'),
                        x#>>'{all_repeats,delivered_pct}', x#>>'{all_repeats,duplicates}', x#>>'{all_repeats,order_violations}',
                        x->>'events_per_s', '(' || (x->>'events_per_s_min') || '-' || (x->>'events_per_s_max') || ')',
                        x->>'ratio_to_reference', x->>'publish_events_per_s',

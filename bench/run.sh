@@ -20,7 +20,9 @@
 #     10000 events) per transport, from BENCH_CONNECTIONS (4) connections,
 #     1–5 rows per transaction, as fast as they go; subscriptions warmed up
 #     before.  Each level BENCH_REPEATS (3) times, repeats, transports and
-#     levels interleaved; the median.
+#     levels interleaved; the median.  Then, for information (the target
+#     is judged on the levels above), BENCH_TX50_EVENTS (10000; 0 skips it)
+#     events published 50 rows per transaction, as in the reference.
 #  3. Consume side: BENCH_CONSUME_EVENTS (10000) events over events/10
 #     aggregates on 5 topics (Kafka: BENCH_CONSUME_PARTITIONS partitions
 #     each, 8) published with no subscription and relayed; then subscribed:
@@ -69,6 +71,7 @@ STACK=$REPO/scripts/stack.sh
 # machine never share (or destroy) each other's stack.
 export EVENTBUS_STATE=${BENCH_STATE:-${TMPDIR:-/tmp}/eventbus-bench-$(printf '%s' "$REPO" | md5sum | cut -c1-8)}
 LEVELS=${BENCH_LEVELS:-500 2000 5000 10000}
+TX50_EVENTS=${BENCH_TX50_EVENTS:-10000}
 TRANSPORTS=${BENCH_TRANSPORTS:-kafka nats}
 CONNS=${BENCH_CONNECTIONS:-4}
 REPEATS=${BENCH_REPEATS:-3}
@@ -213,6 +216,13 @@ for ((rep = 1; rep <= REPEATS; rep++)); do
 			store level "$doc"
 			brief "$doc"
 		done
+		if [ "$TX50_EVENTS" -gt 0 ]; then
+			say "[$((SECONDS))s] $TX50_EVENTS events, $tr, repeat $rep/$REPEATS, 50 rows per publishing transaction (as the reference's)"
+			bench_run "$tr.tx50.$rep" "tx50-$rep" "$TX50_EVENTS" "$CONNS" "$tr" load 50 50 || die "$tr 50 rows per transaction failed"
+			doc=$(bq -c "SELECT '${BENCH_DOC//\'/\'\'}'::jsonb || jsonb_build_object('level', $TX50_EVENTS, 'repeat', $rep)")
+			store level_tx50 "$doc"
+			brief "$doc"
+		fi
 	done
 	say "[$((SECONDS))s] reference $rep/$REPEATS: pgbench, all the writes of an event, 50 events per transaction, $REF_CLIENTS clients, $REF_SECONDS s"
 	ref=$(bench_ref_end_to_end "$REF_SECONDS" "$REF_CLIENTS" 50); store ref_end_to_end_50 "$ref"
@@ -307,7 +317,7 @@ kprops=$(bq -c "SHOW eventbus.kafka_properties")
 workers=$(bq -c "SHOW eventbus.workers")
 machine=$(printf '{"cores": %s, "cpu": "%s", "memory_gib": %s, "os": "%s", "kernel": "%s", "versions": "%s", "engine": "%s", "cpu_busy_before": "%s", "load_average_before": "%s", "load_average_after": "%s"}' \
 	"$(nproc)" "$cpu_model" "$mem_gib" "$os" "$(uname -r)" "$versions" "$engine" "$busy_before" "$load_before" "$load_after")
-config=$(printf '{"levels": "%s", "repeats": %s, "transports": "%s", "connections": %s, "rows_per_transaction": "1-5", "aggregates": "events / 10, versions 1..10", "topics_per_transport": 5, "steady_rate": %s, "steady_duration_s": %s, "steady_connections": 2, "steady_rows_per_transaction": 5, "consume_events": %s, "consume_kafka_partitions": %s, "consume_repeats": %s, "idle_seconds": %s, "pool_workers": %s, "kafka_properties": "%s", "latency_fetch_wait_ms": %s, "reference_seconds": %s, "reference_clients": %s, "memory_sample_every_s": %s, "kafka_broker": "dev broker (librdkafka mock cluster, in memory)", "nats_server": "file store"}' \
+config=$(printf '{"levels": "%s", "tx50_events": '"$TX50_EVENTS"', "repeats": %s, "transports": "%s", "connections": %s, "rows_per_transaction": "1-5", "aggregates": "events / 10, versions 1..10", "topics_per_transport": 5, "steady_rate": %s, "steady_duration_s": %s, "steady_connections": 2, "steady_rows_per_transaction": 5, "consume_events": %s, "consume_kafka_partitions": %s, "consume_repeats": %s, "idle_seconds": %s, "pool_workers": %s, "kafka_properties": "%s", "latency_fetch_wait_ms": %s, "reference_seconds": %s, "reference_clients": %s, "memory_sample_every_s": %s, "kafka_broker": "dev broker (librdkafka mock cluster, in memory)", "nats_server": "file store"}' \
 	"$LEVELS" "$REPEATS" "$TRANSPORTS" "$CONNS" "$RATE" "$DURATION" "$CONSUME_EVENTS" "$CONSUME_PARTITIONS" "$CONSUME_REPEATS" "$IDLE_SECONDS" \
 	"$workers" "$kprops" "${BENCH_FETCH_WAIT_MS:-2}" "$REF_SECONDS" "$REF_CLIENTS" "${BENCH_MEM_EVERY:-0.5}")
 method='{
