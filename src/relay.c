@@ -80,16 +80,20 @@ typedef struct Round
 } Round;
 
 static Round rounds[EB_NTRANSPORTS];
-static SPIPlanPtr select_plan = NULL;
-static SPIPlanPtr select_held_plan = NULL;
+static SPIPlanPtr select_plan[EB_NTRANSPORTS];
+static SPIPlanPtr select_held_plan[EB_NTRANSPORTS];
 static SPIPlanPtr delete_plan = NULL;
 static SPIPlanPtr fail_plan = NULL;
 
 /*
- * Rows in id order, without the aggregates backing off ($3, $4: topics and
+ * Rows in id order, without the aggregates backing off ($2, $3: topics and
  * aggregate ids).  The held variant also says whether a row's aggregate has
  * rows in eventbus.undeliverable: such a row must wait (not be sent), in the
- * same snapshot that found it.
+ * same snapshot that found it.  The transport is a literal (%s), one plan
+ * per transport: kept plans are generic, and a generic plan for
+ * "transport = $1" cannot tell from the statistics that one transport has
+ * a large backlog (the other's broker down) and would walk it, in id
+ * order, at every round of the other.
  */
 #define SELECT_COLS \
 	"SELECT id, event_id::text, topic, aggregate_id, event_type, event_version," \
@@ -97,10 +101,10 @@ static SPIPlanPtr fail_plan = NULL;
 	" (SELECT pg_catalog.array_agg(key ORDER BY key) FROM pg_catalog.jsonb_each_text(headers))," \
 	" (SELECT pg_catalog.array_agg(value ORDER BY key) FROM pg_catalog.jsonb_each_text(headers)),"
 #define SELECT_WHERE \
-	" FROM eventbus.outbox o WHERE transport OPERATOR(pg_catalog.=) $1" \
-	" AND NOT EXISTS (SELECT 1 FROM ROWS FROM (pg_catalog.unnest($3::pg_catalog.text[]), pg_catalog.unnest($4::pg_catalog.text[])) b (t, a)" \
+	" FROM eventbus.outbox o WHERE transport OPERATOR(pg_catalog.=) %s" \
+	" AND NOT EXISTS (SELECT 1 FROM ROWS FROM (pg_catalog.unnest($2::pg_catalog.text[]), pg_catalog.unnest($3::pg_catalog.text[])) b (t, a)" \
 	"  WHERE b.t OPERATOR(pg_catalog.=) o.topic AND b.a OPERATOR(pg_catalog.=) o.aggregate_id)" \
-	" ORDER BY id LIMIT $2"
+	" ORDER BY id LIMIT $1"
 #define SELECT_SQL SELECT_COLS " false" SELECT_WHERE
 #define SELECT_HELD_SQL SELECT_COLS \
 	" EXISTS (SELECT 1 FROM eventbus.undeliverable u WHERE u.transport OPERATOR(pg_catalog.=) o.transport" \
@@ -242,18 +246,25 @@ row_to_event(HeapTuple tup, TupleDesc desc, EbEvent *ev)
 static int
 fetch_batch(int t, Round *r, EbEvent **events, bool **held, TimestampTz *earliest)
 {
-	Oid			argtypes[4] = {TEXTOID, INT4OID, TEXTARRAYOID, TEXTARRAYOID};
-	Datum		args[4];
+	Oid			argtypes[3] = {INT4OID, TEXTARRAYOID, TEXTARRAYOID};
+	Datum		args[3];
 	int			n;
 	MemoryContext old;
 	SPIPlanPtr	plan;
+	SPIPlanPtr *keep = r->undeliverable ? &select_held_plan[t] : &select_plan[t];
 
-	args[0] = CStringGetTextDatum(eb_transport_name(t));
-	args[1] = Int32GetDatum(eb_relay_batch_size);
-	eb_backoff_arrays(r->backoff, &args[2], &args[3], earliest);
+	args[0] = Int32GetDatum(eb_relay_batch_size);
+	eb_backoff_arrays(r->backoff, &args[1], &args[2], earliest);
 
-	plan = r->undeliverable ? eb_keep_plan(&select_held_plan, SELECT_HELD_SQL, 4, argtypes) :
-		eb_keep_plan(&select_plan, SELECT_SQL, 4, argtypes);
+	if (*keep == NULL)
+	{
+		char	   *sql = psprintf(r->undeliverable ? SELECT_HELD_SQL : SELECT_SQL,
+								   quote_literal_cstr(eb_transport_name(t)));
+
+		(void) eb_keep_plan(keep, sql, 3, argtypes);
+		pfree(sql);
+	}
+	plan = *keep;
 	if (SPI_execute_plan(plan, args, NULL, true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "could not read the outbox");
 
