@@ -33,8 +33,10 @@
  *
  * A commit the broker refuses during the rebalance (the mock refuses every
  * commit from the moment a member asks to join; Kafka accepts it) is kept
- * and sent again as soon as this member is in the new generation, before
- * it takes its own partitions; and every member takes its assigned
+ * and sent again, synchronously, as soon as this member is in the new
+ * generation, before it takes its own partitions — and kept again if that
+ * is refused too (a new rebalance can begin right after an assignment);
+ * and every member takes its assigned
  * partitions HANDOVER_GRACE_MS after the assignment arrived, so that the
  * previous owner's commit is stored before the committed offsets are read.
  * Messages of a partition no longer assigned are never committed.
@@ -69,8 +71,15 @@ static List *wanted = NIL;		/* topics to subscribe (TopMemoryContext) */
 static bool subscribed = false; /* rd_kafka_subscribe done */
 static bool subscription_due = false;	/* wanted changed, not applied yet */
 
-/* Completion points the broker refused mid-rebalance: sent again after. */
+/*
+ * Completion points the broker refused mid-rebalance: sent again at the
+ * next assignment, and kept until a commit of them succeeds (a rebalance
+ * may follow the assignment at once and refuse them again), for at most
+ * DEFERRED_TRIES assignments.
+ */
+#define DEFERRED_TRIES		3
 static rd_kafka_topic_partition_list_t *deferred = NULL;
+static int	deferred_tries = 0;
 
 /* An assignment waiting for HANDOVER_GRACE_MS. */
 static rd_kafka_topic_partition_list_t *pending = NULL;
@@ -123,31 +132,18 @@ running_in(const rd_kafka_topic_partition_list_t *list)
 }
 
 /*
- * Commit the completion points of these partitions and wait for the answer,
- * at most COMMIT_TIMEOUT_MS.  A failure (a broker refusing commits while
- * the group rebalances, or no answer in time) is kept in "deferred" for the
- * next generation.
+ * Commit these offsets and wait for the answer, at most COMMIT_TIMEOUT_MS.
+ * On failure (a broker refusing commits while the group rebalances, or no
+ * answer in time) they join "deferred", for the next generation; offsets
+ * already deferred for other partitions stay there.  Takes offsets over.
  */
 static void
-commit_points(rd_kafka_t *rk, const rd_kafka_topic_partition_list_t *list)
+commit_sync(rd_kafka_t *rk, rd_kafka_topic_partition_list_t *offsets)
 {
-	rd_kafka_topic_partition_list_t *offsets = rd_kafka_topic_partition_list_new(Max(list->cnt, 1));
 	rd_kafka_queue_t *q;
 	rd_kafka_event_t *ev;
 	rd_kafka_resp_err_t err = RD_KAFKA_RESP_ERR__TIMED_OUT;
 
-	for (int i = 0; i < list->cnt; i++)
-	{
-		EbKafkaPart *t = eb_kafka_part_find(list->elems[i].topic, list->elems[i].partition);
-
-		if (t && t->point >= 0)
-			rd_kafka_topic_partition_list_add(offsets, t->key.topic, t->key.partition)->offset = t->point;
-	}
-	if (offsets->cnt == 0)
-	{
-		rd_kafka_topic_partition_list_destroy(offsets);
-		return;
-	}
 	q = rd_kafka_queue_new(rk);
 	if (rd_kafka_commit_queue(rk, offsets, q, NULL, NULL) == RD_KAFKA_RESP_ERR_NO_ERROR &&
 		(ev = rd_kafka_queue_poll(q, COMMIT_TIMEOUT_MS)) != NULL)
@@ -162,16 +158,46 @@ commit_points(rd_kafka_t *rk, const rd_kafka_topic_partition_list_t *list)
 	rd_kafka_queue_destroy(q);
 
 	if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
-		rd_kafka_topic_partition_list_destroy(offsets);
-	else
 	{
-		ereport(DEBUG1,
-				(errmsg_internal("Kafka group \"%s\": commit of revoked partitions failed (%s), sent again after the rebalance",
-								 eb_consumer_group, rd_kafka_err2str(err))));
-		if (deferred)
-			rd_kafka_topic_partition_list_destroy(deferred);
-		deferred = offsets;
+		rd_kafka_topic_partition_list_destroy(offsets);
+		return;
 	}
+	ereport(DEBUG1,
+			(errmsg_internal("Kafka group \"%s\": commit of revoked partitions failed (%s), sent again after the rebalance",
+							 eb_consumer_group, rd_kafka_err2str(err))));
+	if (deferred)
+	{
+		for (int i = 0; i < deferred->cnt; i++)
+			if (rd_kafka_topic_partition_list_find(offsets, deferred->elems[i].topic,
+												   deferred->elems[i].partition) == NULL)
+				rd_kafka_topic_partition_list_add(offsets, deferred->elems[i].topic,
+												  deferred->elems[i].partition)->offset = deferred->elems[i].offset;
+		rd_kafka_topic_partition_list_destroy(deferred);
+	}
+	else
+		deferred_tries = 0;
+	deferred = offsets;
+}
+
+/* Commit the completion points of these partitions (see commit_sync). */
+static void
+commit_points(rd_kafka_t *rk, const rd_kafka_topic_partition_list_t *list)
+{
+	rd_kafka_topic_partition_list_t *offsets = rd_kafka_topic_partition_list_new(Max(list->cnt, 1));
+
+	for (int i = 0; i < list->cnt; i++)
+	{
+		EbKafkaPart *t = eb_kafka_part_find(list->elems[i].topic, list->elems[i].partition);
+
+		if (t && t->point >= 0)
+			rd_kafka_topic_partition_list_add(offsets, t->key.topic, t->key.partition)->offset = t->point;
+	}
+	if (offsets->cnt == 0)
+	{
+		rd_kafka_topic_partition_list_destroy(offsets);
+		return;
+	}
+	commit_sync(rk, offsets);
 }
 
 /*
@@ -277,9 +303,30 @@ on_assign(rd_kafka_t *rk, rd_kafka_topic_partition_list_t *list)
 {
 	if (deferred)
 	{
-		rd_kafka_commit(rk, deferred, 1);
-		rd_kafka_topic_partition_list_destroy(deferred);
+		rd_kafka_topic_partition_list_t *d = deferred;
+
+		/*
+		 * Synchronously: the other members take their partitions only
+		 * HANDOVER_GRACE_MS from now.  Refused again (a rebalance began at
+		 * once), it stays deferred for the next assignment, a few times.
+		 */
 		deferred = NULL;
+		if (++deferred_tries > DEFERRED_TRIES)
+		{
+			ereport(LOG,
+					(errmsg("Kafka consumer group \"%s\": %d completion points of revoked partitions could not be committed",
+							eb_consumer_group, d->cnt),
+					 errdetail("Their next owner may handle again events handled here.")));
+			rd_kafka_topic_partition_list_destroy(d);
+		}
+		else
+		{
+			int			tries = deferred_tries;
+
+			commit_sync(rk, d);
+			if (deferred)
+				deferred_tries = tries;
+		}
 	}
 	if (pending)
 		rd_kafka_topic_partition_list_destroy(pending);
