@@ -28,7 +28,7 @@ BENCH_EB_PIDS=""        # every eventbus pid seen (for the leftover count after 
 
 # bq SQL... — psql in the stack's database, unaligned, tuples only.  The
 # server's own psql binary: Debian's /usr/bin/psql is a Perl wrapper whose
-# start costs ~30 ms of CPU, paid inside a measured window by each
+# start costs ~40 ms of CPU, paid inside a measured window by each
 # publishing connection and the sampler.
 BENCH_PSQL=$("${PG_CONFIG:-pg_config}" --bindir 2>/dev/null)/psql
 [ -x "$BENCH_PSQL" ] || BENCH_PSQL=psql
