@@ -174,8 +174,6 @@ commit_sync(rd_kafka_t *rk, rd_kafka_topic_partition_list_t *offsets)
 												  deferred->elems[i].partition)->offset = deferred->elems[i].offset;
 		rd_kafka_topic_partition_list_destroy(deferred);
 	}
-	else
-		deferred_tries = 0;
 	deferred = offsets;
 }
 
@@ -320,13 +318,9 @@ on_assign(rd_kafka_t *rk, rd_kafka_topic_partition_list_t *list)
 			rd_kafka_topic_partition_list_destroy(d);
 		}
 		else
-		{
-			int			tries = deferred_tries;
-
 			commit_sync(rk, d);
-			if (deferred)
-				deferred_tries = tries;
-		}
+		if (deferred == NULL)
+			deferred_tries = 0;
 	}
 	if (pending)
 		rd_kafka_topic_partition_list_destroy(pending);
@@ -419,6 +413,7 @@ eb_kafka_group_configure(rd_kafka_conf_t *conf, char *errstr, size_t errlen)
 	draining = false;
 	revoking = NULL;
 	deferred = NULL;
+	deferred_tries = 0;
 	pending = NULL;
 	subscribed = false;
 	subscription_due = false;
@@ -559,6 +554,7 @@ eb_kafka_group_stop(void)
 	if (deferred)
 		rd_kafka_topic_partition_list_destroy(deferred);
 	deferred = NULL;
+	deferred_tries = 0;
 	if (pending)
 	{
 		/* librdkafka's close waits for the answer to that assignment. */
