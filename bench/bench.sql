@@ -502,9 +502,6 @@ CREATE TABLE @S@.ref_versions (LIKE eventbus.aggregate_versions INCLUDING ALL);
 CREATE TABLE @S@.ref_outbox (LIKE eventbus.outbox INCLUDING ALL);
 CREATE TABLE @S@.ref_inbox (LIKE eventbus.inbox INCLUDING ALL);
 
--- report(meta): the harness run's report as one JSON document (what
--- bench/run.sh writes to bench/results/latest.json): meta (machine, config,
--- method, lifecycle...) plus every figure and each target next to its figure.
 -- ref_median(kind): of the reference runs of one kind (one per repeat), the
 -- one with the median events/s (of two, the faster: the stricter target),
 -- with every run's events/s beside it.
@@ -517,6 +514,17 @@ CREATE FUNCTION @S@.ref_median(p_kind text) RETURNS jsonb LANGUAGE sql AS $$
                    ORDER BY (doc->>'events_per_s')::numeric, n OFFSET a.cnt / 2 LIMIT 1) d
 $$;
 
+-- end_to_end_summary(kind, reference): the median repeat of each end-to-end
+-- level of one kind, with its ratio to the reference and its CPU per event.
+CREATE FUNCTION @S@.end_to_end_summary(p_kind text, p_ref numeric) RETURNS jsonb LANGUAGE sql AS $$
+  SELECT coalesce(jsonb_agg(doc || jsonb_build_object('ratio_to_reference', round((doc->>'events_per_s')::numeric / nullif(p_ref, 0), 2),
+                                                      'cpu_us_per_event', @S@.cpu_per_event(doc)) ORDER BY n), '[]')
+    FROM @S@.run_summary(p_kind, 'events_per_s')
+$$;
+
+-- report(meta): the harness run's report as one JSON document (what
+-- bench/run.sh writes to bench/results/latest.json): meta (machine, config,
+-- method, lifecycle...) plus every figure and each target next to its figure.
 CREATE FUNCTION @S@.report(p_meta jsonb) RETURNS jsonb LANGUAGE plpgsql AS $$
 DECLARE
   c1 numeric := (@S@.ref_median('ref_consume_1')->>'events_per_s')::numeric;
@@ -525,12 +533,8 @@ DECLARE
   top_level int := (SELECT max((doc->>'level')::int) FROM @S@.results WHERE kind = 'level');
   levels jsonb; levels50 jsonb; consume jsonb; steady jsonb; mem jsonb; idle jsonb; idle_lp jsonb; integrity jsonb; cpu jsonb; targets jsonb;
 BEGIN
-  SELECT jsonb_agg(doc || jsonb_build_object('ratio_to_reference', round((doc->>'events_per_s')::numeric / nullif(e50, 0), 2),
-                                             'cpu_us_per_event', @S@.cpu_per_event(doc)) ORDER BY n)
-    INTO levels FROM @S@.run_summary('level', 'events_per_s');
-  SELECT jsonb_agg(doc || jsonb_build_object('ratio_to_reference', round((doc->>'events_per_s')::numeric / nullif(e50, 0), 2),
-                                             'cpu_us_per_event', @S@.cpu_per_event(doc)) ORDER BY n)
-    INTO levels50 FROM @S@.run_summary('level_tx50', 'events_per_s');
+  levels := @S@.end_to_end_summary('level', e50);
+  levels50 := @S@.end_to_end_summary('level_tx50', e50);
   SELECT jsonb_agg(doc || jsonb_build_object(
                      'ratio_to_pgbench_50_per_tx', round((doc->>'handling_events_per_s')::numeric / nullif(c50, 0), 2),
                      'ratio_to_pgbench_1_per_tx', round((doc->>'handling_events_per_s')::numeric / nullif(c1, 0), 2),
@@ -558,8 +562,6 @@ BEGIN
           UNION ALL SELECT 1, 'level ' || (doc->>'level'), doc FROM @S@.run_summary('level', 'events_per_s')
           UNION ALL SELECT 1, 'level ' || (doc->>'level') || ' 50/tx', doc FROM @S@.run_summary('level_tx50', 'events_per_s')
           UNION ALL SELECT 2, 'consume ' || (doc->>'level'), doc FROM @S@.run_summary('consume', 'handling_events_per_s')) r;
-  levels := coalesce(levels, '[]');
-  levels50 := coalesce(levels50, '[]');
   consume := coalesce(consume, '[]');
   steady := coalesce(steady, '{}');
   cpu := coalesce(cpu, '[]');
