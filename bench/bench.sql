@@ -173,15 +173,50 @@ CREATE TABLE @S@.publisher_cpu (
     ticks    bigint                -- CPU ticks of load() / steady(), start to end
 );
 
--- load(run_key, conn, min_rows, max_rows): this connection's rows of the
--- plan, as fast as it can, in transactions of min..max rows.  Rows of one
+-- The start gate.  A publishing connection starts warm and with the others,
+-- as pgbench's clients do (pgbench counts from when its connections are
+-- made): before its first row it inserts one row of its plan in a
+-- subtransaction that it rolls back (the trigger, eventbus_publish and the
+-- tables' caches load; nothing is published), says it is ready, and waits
+-- until the harness opens the gate for its run (bench/lib.sh bench_go).
+CREATE TABLE @S@.gate_ready (
+    run_key  text NOT NULL,
+    conn     int NOT NULL
+);
+CREATE TABLE @S@.gate_open (
+    run_key  text PRIMARY KEY
+);
+
+CREATE PROCEDURE @S@.await_gate(p_key text, p_conn int)
+LANGUAGE plpgsql AS $$
+BEGIN
+  BEGIN
+    INSERT INTO @S@.orders (run_key, transport, topic, aggregate_id, sku, qty, amount)
+    SELECT p_key, transport, topic, 'warmup-' || p_conn, 'sku-0', 1, 9.99
+      FROM @S@.plan WHERE run_key = p_key AND conn = p_conn ORDER BY seq LIMIT 1;
+    RAISE SQLSTATE 'BW001';
+  EXCEPTION WHEN SQLSTATE 'BW001' THEN
+    NULL;
+  END;
+  INSERT INTO @S@.gate_ready VALUES (p_key, p_conn);
+  COMMIT;
+  WHILE NOT EXISTS (SELECT 1 FROM @S@.gate_open WHERE run_key = p_key) LOOP
+    PERFORM pg_sleep(0.002);
+  END LOOP;
+END $$;
+
+-- load(run_key, conn, min_rows, max_rows): once the gate opens, this
+-- connection's rows of the plan, as fast as it can, in transactions of
+-- min..max rows.  Rows of one
 -- transaction are inserted sorted by (topic, aggregate), so concurrent
 -- publishers lock aggregate versions in one global order (no deadlock).
 CREATE PROCEDURE @S@.load(p_key text, p_conn int, p_min int, p_max int)
 LANGUAGE plpgsql AS $$
-DECLARE n int; pos int := 0; sz int; t0 bigint := @S@.self_cpu_ticks();
+DECLARE n int; pos int := 0; sz int; t0 bigint;
 BEGIN
   SELECT count(*) INTO n FROM @S@.plan WHERE run_key = p_key AND conn = p_conn;
+  CALL @S@.await_gate(p_key, p_conn);
+  t0 := @S@.self_cpu_ticks();
   WHILE pos < n LOOP
     sz := p_min + floor(random() * (p_max - p_min + 1))::int;
     INSERT INTO @S@.orders (run_key, transport, topic, aggregate_id, sku, qty, amount)
@@ -195,16 +230,19 @@ BEGIN
   COMMIT;
 END $$;
 
--- steady(run_key, conn, batch, interval_s): this connection's rows in
--- transactions of `batch` rows, transaction k starting at start + k *
+-- steady(run_key, conn, batch, interval_s): once the gate opens, this
+-- connection's rows in transactions of `batch` rows, transaction k starting
+-- at start + k *
 -- interval (sleeping until then; a late transaction is not made up for by
 -- a shorter sleep later, it just starts at once).
 CREATE PROCEDURE @S@.steady(p_key text, p_conn int, p_batch int, p_interval float8)
 LANGUAGE plpgsql AS $$
-DECLARE n int; pos int := 0; k int := 0; t0 timestamptz := clock_timestamp(); wait float8;
-        c0 bigint := @S@.self_cpu_ticks();
+DECLARE n int; pos int := 0; k int := 0; t0 timestamptz; wait float8; c0 bigint;
 BEGIN
   SELECT count(*) INTO n FROM @S@.plan WHERE run_key = p_key AND conn = p_conn;
+  CALL @S@.await_gate(p_key, p_conn);
+  t0 := clock_timestamp();
+  c0 := @S@.self_cpu_ticks();
   WHILE pos < n LOOP
     wait := extract(epoch FROM t0 + make_interval(secs => k * p_interval) - clock_timestamp());
     IF wait > 0 THEN PERFORM pg_sleep(wait); END IF;
@@ -530,7 +568,6 @@ DECLARE
   c1 numeric := (@S@.ref_median('ref_consume_1')->>'events_per_s')::numeric;
   c50 numeric := (@S@.ref_median('ref_consume_50')->>'events_per_s')::numeric;
   e50 numeric := (@S@.ref_median('ref_end_to_end_50')->>'events_per_s')::numeric;
-  top_level int := (SELECT max((doc->>'level')::int) FROM @S@.results WHERE kind = 'level');
   levels jsonb; levels50 jsonb; consume jsonb; steady jsonb; mem jsonb; idle jsonb; idle_lp jsonb; integrity jsonb; cpu jsonb; targets jsonb;
 BEGIN
   levels := @S@.end_to_end_summary('level', e50);
@@ -575,10 +612,15 @@ BEGIN
                    'ratio_to_50_per_tx', c->'ratio_to_pgbench_50_per_tx', 'ratio_to_1_per_tx', c->'ratio_to_pgbench_1_per_tx',
                    'target_ratio', 0.85, 'met', (c->>'ratio_to_pgbench_50_per_tx')::numeric >= 0.85))
                   FROM jsonb_array_elements(consume) c),
-    'end_to_end', (SELECT jsonb_object_agg(l->>'transports', jsonb_build_object(
-                   'level', top_level, 'events_per_s', l->'events_per_s', 'pgbench_all_writes_50_per_tx', e50,
-                   'ratio', l->'ratio_to_reference', 'target_ratio', 0.6, 'met', (l->>'ratio_to_reference')::numeric >= 0.6))
-                  FROM jsonb_array_elements(levels) l WHERE (l->>'level')::int = top_level),
+    -- Judged on every level: the figure shown is the transport's lowest.
+    'end_to_end', (SELECT jsonb_object_agg(tr, jsonb_build_object(
+                   'level', w->'level', 'events_per_s', w->'events_per_s', 'pgbench_all_writes_50_per_tx', e50,
+                   'ratio', w->'ratio_to_reference', 'ratios_by_level', by_level, 'target_ratio', 0.6,
+                   'met', (w->>'ratio_to_reference')::numeric >= 0.6))
+                  FROM (SELECT l->>'transports' AS tr,
+                               (array_agg(l ORDER BY (l->>'ratio_to_reference')::numeric, (l->>'level')::int))[1] AS w,
+                               jsonb_object_agg(l->>'level', l->'ratio_to_reference') AS by_level
+                          FROM jsonb_array_elements(levels) l GROUP BY 1) x),
     -- Information, not a target: the publishing transactions as large as the
     -- reference's (50 events), so that both sides do the same transactions.
     'end_to_end_50_per_tx', (SELECT jsonb_object_agg(l->>'transports', jsonb_build_object(
@@ -642,12 +684,12 @@ BEGIN
   RETURN NEXT line || format('>= 0.85 x pgbench handler 50/tx (%s/s; 1/tx: %s/s)',
                              to_char((r#>>'{references,handler_50_per_tx,events_per_s}')::numeric, 'FM999,999,990'),
                              to_char((r#>>'{references,handler_1_per_tx,events_per_s}')::numeric, 'FM999,999,990'));
-  line := format('%-48s', 'end to end events/s (level ' || coalesce((SELECT max((l->>'level')::int) FROM jsonb_array_elements(r->'levels') l)::text, '?') || ')');
+  line := format('%-48s', 'end to end events/s (lowest level: level)');
   FOREACH tr IN ARRAY trs LOOP
     x := t#>ARRAY['end_to_end', tr];
     line := line || format('%-27s', CASE WHEN x IS NULL THEN '-' ELSE
-              format('%s = %sx %s', to_char((x->>'events_per_s')::numeric, 'FM999,999,990'), x->>'ratio',
-                     CASE WHEN (x->>'met')::boolean THEN 'ok' ELSE 'MISSED' END) END);
+              format('%s = %sx %s: %s', to_char((x->>'events_per_s')::numeric, 'FM999,999,990'), x->>'ratio',
+                     CASE WHEN (x->>'met')::boolean THEN 'ok' ELSE 'MISSED' END, x->>'level') END);
   END LOOP;
   RETURN NEXT line || format('>= 0.6 x pgbench all writes 50/tx (%s/s)',
                              to_char((r#>>'{references,all_writes_50_per_tx,events_per_s}')::numeric, 'FM999,999,990'));

@@ -297,7 +297,9 @@ bench_warmup() {
 }
 
 # bench_publishers KEY CONNS MODE A B — start CONNS publishing connections
-# (background psql, pids in BENCH_PUB_PIDS).  Their plans are generic: the
+# (background psql, pids in BENCH_PUB_PIDS) and wait until each is connected,
+# warm and waiting at the start gate (bench.sql await_gate); bench_go opens
+# it.  Returns 1 if they are not ready within 60 s.  Their plans are generic: the
 # harness's own look-up of the next rows in its plan table was planned anew
 # for every transaction, 14 % of the publishers' CPU (perf), which is no
 # write of an event and which the pgbench reference does not do.
@@ -313,6 +315,13 @@ bench_publishers() {
 		fi
 		BENCH_PUB_PIDS+=($!)
 	done
+	bench_wait 60 "SELECT count(*) = $conns FROM $BENCH_SCHEMA.gate_ready WHERE run_key = '$key'" ||
+		{ bench_log "$key: publishing connections not ready within 60 s"; bench_go "$key"; return 1; }
+}
+
+# bench_go KEY — open the start gate of KEY's publishing connections.
+bench_go() {
+	bq -c "INSERT INTO $BENCH_SCHEMA.gate_open VALUES ('$1') ON CONFLICT DO NOTHING" >/dev/null
 }
 
 # bench_run KEY LABEL EVENTS CONNS TRANSPORTS MODE [MIN MAX | BATCH INTERVAL]
@@ -354,7 +363,8 @@ bench_run() {
 
 	if [ "$mode" = consume ]; then
 		# Everything into the broker first, nobody subscribed.
-		bench_publishers "$key" "$conns" load "$a" "$b"
+		bench_publishers "$key" "$conns" load "$a" "$b" || return 1
+		bench_go "$key"
 		for c in "${BENCH_PUB_PIDS[@]}"; do wait "$c" || { bench_log "$key: a publishing connection failed"; return 1; }; done
 		bench_wait 300 "SELECT NOT EXISTS (SELECT 1 FROM eventbus.outbox WHERE topic IN (SELECT topic FROM $BENCH_SCHEMA.plan WHERE run_key = '$key'))" ||
 			{ bench_log "$key: events not relayed within 300 s"; return 1; }
@@ -363,6 +373,10 @@ bench_run() {
 	fi
 
 	bench_quiesce
+	# Publishers connect and warm up before the window (see bench_publishers).
+	if [ "$mode" != consume ]; then
+		bench_publishers "$key" "$conns" "$mode" "$a" "$b" || return 1
+	fi
 	bench_mem_start
 	bench_proc_snapshot; bench_snap_save BEFORE
 	if [ "$mode" = steady ]; then
@@ -376,7 +390,7 @@ bench_run() {
 		bench_subscribe "${topics[@]}"
 		sub_at=$BENCH_SUBSCRIBED_AT
 	else
-		bench_publishers "$key" "$conns" "$mode" "$a" "$b"
+		bench_go "$key"
 		for c in "${BENCH_PUB_PIDS[@]}"; do wait "$c" || bench_log "$key: a publishing connection failed"; done
 		pubticks=$(bq -c "SELECT sum(ticks) FROM $BENCH_SCHEMA.publisher_cpu WHERE run_key = '$key'")
 	fi

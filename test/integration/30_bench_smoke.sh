@@ -5,7 +5,8 @@
 #  - level 500: 500 events over 50 aggregates (versions 1..10) and 5 topics,
 #    published by an AFTER INSERT trigger from 4 connections, handled by the
 #    subscribed plpgsql handler; every message's broker time read back with
-#    kcat / natstool for the latency stages;
+#    kcat / natstool for the latency stages; the publishing connections
+#    warm up (a rolled-back row) and start together at the harness's gate;
 #  - consume 500: the same events published with no subscription (Kafka
 #    topics created with 8 partitions), relayed, then subscribed.
 # Asserted, counted from the database: every event delivered, no duplicate,
@@ -57,6 +58,12 @@ for tr in kafka nats; do
 	BENCH_BROKER_TIMES=1 bench_run "$tr.500" 500 500 4 "$tr" load 1 5
 	ok $? "$tr: level 500 ran (subscribed, warmed up, published, handled)"
 	check_run "$tr" "level 500"
+	is "$(q -c "SELECT count(DISTINCT conn) FROM $BENCH_SCHEMA.gate_ready WHERE run_key = '$tr.500'")" 4 \
+		"$tr: the 4 publishing connections warmed up and waited at the start gate"
+	is "$(q -c "SELECT (SELECT count(*) FROM $BENCH_SCHEMA.orders WHERE aggregate_id LIKE 'warmup-%')
+	                 + (SELECT count(*) FROM $BENCH_SCHEMA.handled WHERE aggregate_id LIKE 'warmup-%')
+	                 + (SELECT count(*) FROM eventbus.aggregate_versions WHERE aggregate_id LIKE 'warmup-%')")" 0 \
+		"$tr: the gate's warm-up rows were rolled back: no business row, version or handled event of theirs"
 	is "$(f time_source)" "$(q -c "SELECT CASE WHEN current_setting('track_commit_timestamp') = 'on' THEN 'commit_timestamp' ELSE 'handler_clock' END")" \
 		"$tr: handler times from $(f time_source)"
 	ok "$([ -n "$(f first_publish)" ] && [ -n "$(f last_handler_commit)" ] && [ -n "$(f events_per_s)" ] && echo 0 || echo 1)" \
