@@ -178,7 +178,8 @@ CREATE TABLE @S@.publisher_cpu (
 -- made): before its first row it inserts one row of its plan in a
 -- subtransaction that it rolls back (the trigger, eventbus_publish and the
 -- tables' caches load; nothing is published), says it is ready, and waits
--- until the harness opens the gate for its run (bench/lib.sh bench_go).
+-- until the harness opens the gate for its run (bench/lib.sh bench_go), 120 s
+-- at most.
 CREATE TABLE @S@.gate_ready (
     run_key  text NOT NULL,
     conn     int NOT NULL
@@ -189,6 +190,7 @@ CREATE TABLE @S@.gate_open (
 
 CREATE PROCEDURE @S@.await_gate(p_key text, p_conn int)
 LANGUAGE plpgsql AS $$
+DECLARE deadline timestamptz;
 BEGIN
   BEGIN
     INSERT INTO @S@.orders (run_key, transport, topic, aggregate_id, sku, qty, amount)
@@ -200,16 +202,20 @@ BEGIN
   END;
   INSERT INTO @S@.gate_ready VALUES (p_key, p_conn);
   COMMIT;
+  deadline := clock_timestamp() + interval '120 s';
   WHILE NOT EXISTS (SELECT 1 FROM @S@.gate_open WHERE run_key = p_key) LOOP
+    IF clock_timestamp() > deadline THEN
+      RAISE EXCEPTION 'the start gate of run % was not opened within 120 s', p_key;
+    END IF;
     PERFORM pg_sleep(0.002);
   END LOOP;
 END $$;
 
 -- load(run_key, conn, min_rows, max_rows): once the gate opens, this
 -- connection's rows of the plan, as fast as it can, in transactions of
--- min..max rows.  Rows of one
--- transaction are inserted sorted by (topic, aggregate), so concurrent
--- publishers lock aggregate versions in one global order (no deadlock).
+-- min..max rows.  Rows of one transaction are inserted sorted by (topic,
+-- aggregate), so concurrent publishers lock aggregate versions in one
+-- global order (no deadlock).
 CREATE PROCEDURE @S@.load(p_key text, p_conn int, p_min int, p_max int)
 LANGUAGE plpgsql AS $$
 DECLARE n int; pos int := 0; sz int; t0 bigint;
@@ -232,9 +238,8 @@ END $$;
 
 -- steady(run_key, conn, batch, interval_s): once the gate opens, this
 -- connection's rows in transactions of `batch` rows, transaction k starting
--- at start + k *
--- interval (sleeping until then; a late transaction is not made up for by
--- a shorter sleep later, it just starts at once).
+-- at start + k * interval (sleeping until then; a late transaction is not
+-- made up for by a shorter sleep later, it just starts at once).
 CREATE PROCEDURE @S@.steady(p_key text, p_conn int, p_batch int, p_interval float8)
 LANGUAGE plpgsql AS $$
 DECLARE n int; pos int := 0; k int := 0; t0 timestamptz; wait float8; c0 bigint;
@@ -684,11 +689,11 @@ BEGIN
   RETURN NEXT line || format('>= 0.85 x pgbench handler 50/tx (%s/s; 1/tx: %s/s)',
                              to_char((r#>>'{references,handler_50_per_tx,events_per_s}')::numeric, 'FM999,999,990'),
                              to_char((r#>>'{references,handler_1_per_tx,events_per_s}')::numeric, 'FM999,999,990'));
-  line := format('%-48s', 'end to end events/s (lowest level: level)');
+  line := format('%-48s', 'end to end events/s, the lowest level (@ level)');
   FOREACH tr IN ARRAY trs LOOP
     x := t#>ARRAY['end_to_end', tr];
     line := line || format('%-27s', CASE WHEN x IS NULL THEN '-' ELSE
-              format('%s = %sx %s: %s', to_char((x->>'events_per_s')::numeric, 'FM999,999,990'), x->>'ratio',
+              format('%s = %sx %s @%s', to_char((x->>'events_per_s')::numeric, 'FM999,999,990'), x->>'ratio',
                      CASE WHEN (x->>'met')::boolean THEN 'ok' ELSE 'MISSED' END, x->>'level') END);
   END LOOP;
   RETURN NEXT line || format('>= 0.6 x pgbench all writes 50/tx (%s/s)',

@@ -299,10 +299,10 @@ bench_warmup() {
 # bench_publishers KEY CONNS MODE A B — start CONNS publishing connections
 # (background psql, pids in BENCH_PUB_PIDS) and wait until each is connected,
 # warm and waiting at the start gate (bench.sql await_gate); bench_go opens
-# it.  Returns 1 if they are not ready within 60 s.  Their plans are generic: the
-# harness's own look-up of the next rows in its plan table was planned anew
-# for every transaction, 14 % of the publishers' CPU (perf), which is no
-# write of an event and which the pgbench reference does not do.
+# it.  Returns 1 if they are not ready within 60 s.  Their plans are
+# generic: the harness's own look-up of the next rows in its plan table was
+# planned anew for every transaction, 14 % of the publishers' CPU (perf),
+# which is no write of an event and which the pgbench reference does not do.
 bench_publishers() {
 	local key=$1 conns=$2 mode=$3 a=$4 b=$5 c
 	local opts="${PGOPTIONS:-} -c plan_cache_mode=force_generic_plan"

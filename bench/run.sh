@@ -21,8 +21,8 @@
 #     1–5 rows per transaction, as fast as they go; subscriptions warmed up
 #     before, and the publishing connections connected, warmed up (one
 #     rolled-back row each) and started together at a gate, as pgbench
-#     counts from when its connections are made.  Each level BENCH_REPEATS (3) times, repeats, transports and
-#     levels interleaved; the median.  Then, for information (the target
+#     counts from when its connections are made.  Each level BENCH_REPEATS
+#     (3) times, repeats, transports and levels interleaved; the median.  Then, for information (the target
 #     is judged on the levels above), BENCH_TX50_EVENTS (10000; 0 skips it)
 #     events published 50 rows per transaction, as in the reference.
 #  3. Consume side: BENCH_CONSUME_EVENTS (10000) events over events/10
@@ -58,8 +58,9 @@
 #
 # Targets (issue "Performance"): latency p50 ≤ 10 ms and p99 ≤ 25 ms on each
 # transport; consume ≥ 0.85 × pgbench handler at 50/tx; end to end ≥ 0.6 ×
-# pgbench all writes at 50/tx at every level (the lowest is shown); own memory ≤ 32 MiB per process; idle < 1 % of a
-# core; 100 % delivered, 0 duplicates, 0 order violations.
+# pgbench all writes at 50/tx at every level (the lowest is shown); own
+# memory ≤ 32 MiB per process; idle < 1 % of a core; 100 % delivered, 0
+# duplicates, 0 order violations.
 #
 # BENCH_FETCH_WAIT_MS (2): the dev broker's empty-fetch hold (see below);
 # BENCH_KAFKA_PROPERTIES appends librdkafka properties for an experiment;
