@@ -406,6 +406,8 @@ flush_quarantine(void)
 				 errmsg("quarantined a message from %s topic %s: %s",
 						eb_transport_name(q->transport), q->topic, q->reason)));
 	}
+	/* The messages are acknowledged next: flushed whatever synchronous_commit says. */
+	ForceSyncCommit();
 	eb_xact_end(cxt);
 
 	foreach(lc, quarantine)

@@ -160,7 +160,8 @@ eventbus_launcher_main(Datum main_arg)
 	 * need not wait for the WAL flush: one lost in a crash only makes the
 	 * relay send those events again, which the at-least-once delivery to
 	 * the broker already allows (and the inbox and JetStream's duplicate
-	 * window absorb).  The publishers' and the pool's commits stay durable.
+	 * window absorb).  The publishers' and the pool's commits are flushed
+	 * whatever synchronous_commit says (ForceSyncCommit).
 	 */
 	SetConfigOption("synchronous_commit", "off", PGC_SUSET, PGC_S_OVERRIDE);
 

@@ -1,6 +1,7 @@
 /*
  * outbox.c — eventbus_publish(): validate, assign the aggregate version,
- * insert the outbox row, and wake the relay when the transaction commits.
+ * insert the outbox row, make the commit durable, and wake the relay when the
+ * transaction commits.
  *
  * Versions come from an upsert on eventbus.aggregate_versions whose row lock
  * is held to commit, so concurrent publishers of one (topic, aggregate) are
@@ -13,6 +14,7 @@
  */
 #include "postgres.h"
 
+#include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "commands/dbcommands.h"
 #include "executor/spi.h"
@@ -352,6 +354,11 @@ eventbus_publish(PG_FUNCTION_ARGS)
 	}
 	SPI_finish();
 
+	/*
+	 * The relay may send the event as soon as the transaction is visible, so
+	 * its commit is flushed first, whatever synchronous_commit says.
+	 */
+	ForceSyncCommit();
 	eb_published_at_commit(transport);
 
 	PG_RETURN_UUID_P(event_id);

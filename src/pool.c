@@ -76,6 +76,19 @@ item_key(const EbWorkItem *item, char *key)
 	snprintf(key, KEY_LEN, INT64_FORMAT ":%s", item->subscription_id, item->ev.aggregate_id);
 }
 
+/*
+ * Start a transaction whose commit is flushed before it returns, whatever
+ * synchronous_commit says (a database or role may set it off): the
+ * dispatcher acknowledges the broker message once the commit is reported.
+ */
+static void
+start_durable_transaction(void)
+{
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	ForceSyncCommit();
+}
+
 /* Send completions to the dispatcher (blocking: it always drains). */
 static void
 send_completions(EbCompletion *done, int n)
@@ -120,8 +133,7 @@ run_dead_letter(Pending *p, ErrorData *error)
 
 	PG_TRY();
 	{
-		SetCurrentStatementStartTimestamp();
-		StartTransactionCommand();
+		start_durable_transaction();
 		eb_dead_letter(&p->item, error, p->attempts + 1);
 		CommitTransactionCommand();
 	}
@@ -209,8 +221,7 @@ run_optimistic(Pending **batch, int n, ItemResult *result, int *outcome,
 
 	PG_TRY();
 	{
-		SetCurrentStatementStartTimestamp();
-		StartTransactionCommand();
+		start_durable_transaction();
 		eb_constraints_immediate();
 		pgstat_report_activity(STATE_RUNNING, "eventbus: running handlers");
 		for (int i = 0; i < n; i++)
@@ -288,8 +299,7 @@ run_in_transaction(Pending **batch, int n, bool from_parked, int failed_at,
 	ctl.hcxt = cxt;
 	failed_keys = hash_create("eventbus failed keys", 16, &ctl, HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
 
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
+	start_durable_transaction();
 	eb_constraints_immediate();
 	pgstat_report_activity(STATE_RUNNING, "eventbus: running handlers");
 

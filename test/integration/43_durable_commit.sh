@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# A commit after which an event may leave, or after which a broker message
+# is acknowledged, is durable whatever synchronous_commit says (a role's,
+# a database's or a session's setting):
+#  - a transaction that called eventbus_publish, in a session with
+#    synchronous_commit = off: its WAL is flushed when COMMIT returns, so
+#    the relay never sends an event that a crash could still take back;
+#  - with the database's default at synchronous_commit = off (the
+#    dispatcher and the pool start with it): the pool's handler transaction
+#    and the dispatcher's write to eventbus.quarantine are flushed before
+#    the message is acknowledged (their rows are visible only then).
+# The WAL writer is slowed for the test (wal_writer_delay 10 s,
+# wal_writer_flush_after 1 GB), so that nothing but the commit itself
+# flushes in the seconds the test looks; the control, an ordinary
+# transaction with synchronous_commit = off, shows that: it is not flushed.
+# What is compared: pg_current_wal_flush_lsn() against the WAL insert
+# position read inside the transaction (by the session itself, by the
+# handler, by a trigger on eventbus.quarantine), i.e. before its commit
+# record.
+# shellcheck source=test/integration/lib.sh
+source "$(dirname "$0")/lib.sh"
+
+run=$(date +%s)$RANDOM
+db=$(q -c "SELECT current_database()")
+
+# restart_workers — terminate every eventbus background worker (the
+# postmaster restarts the launcher, which starts a new dispatcher and pool,
+# with the database's settings as they are now) and wait until all are new.
+restart_workers() {
+	local old nw
+	old=$(q -c "SELECT coalesce(string_agg(pid::text, ','), '0') FROM pg_stat_activity WHERE backend_type LIKE 'eventbus%'")
+	nw=$(q -c "SHOW eventbus.workers")
+	q -c "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE backend_type LIKE 'eventbus%'" >/dev/null
+	wait_until 90 "[ \"\$(q -c \"SELECT count(*) FROM eventbus_status() WHERE pid IS NOT NULL AND pid NOT IN ($old) AND state = 'running'
+	                AND (component IN ('launcher', 'dispatcher') AND transport IS NULL OR component LIKE 'worker %')\")\" = $((nw + 2)) ] &&
+	               both_connected && [ \"\$(consumer_state kafka)\" = connected ] && [ \"\$(consumer_state nats)\" = connected ]"
+}
+
+cleanup() {
+	unsubscribe_like "t43.%.$run" >/dev/null
+	q -c "DROP TRIGGER IF EXISTS t43_lsn ON eventbus.quarantine" >/dev/null
+	q -c "ALTER DATABASE \"$db\" RESET synchronous_commit" >/dev/null
+	q -c "ALTER SYSTEM RESET wal_writer_delay" -c "ALTER SYSTEM RESET wal_writer_flush_after" -c "SELECT pg_reload_conf()" >/dev/null
+	restart_workers
+}
+CONSUMER_CLEANUP=cleanup
+consumer_setup
+
+q -c "ALTER SYSTEM SET wal_writer_delay = '10s'" -c "ALTER SYSTEM SET wal_writer_flush_after = '1GB'" -c "SELECT pg_reload_conf()" >/dev/null
+wait_until 10 "[ \"\$(q -c 'SHOW wal_writer_delay')\" = 10s ]" || bail "wal_writer_delay not reloaded"
+
+# flushed_after SQL — in one session with synchronous_commit = off: BEGIN,
+# SQL, read the WAL insert position, COMMIT; then whether the WAL is flushed
+# past that position (t / f).
+flushed_after() {
+	q <<SQL
+SET synchronous_commit = off;
+BEGIN;
+$1 \g /dev/null
+SELECT pg_current_wal_insert_lsn() AS l \gset
+COMMIT;
+SELECT pg_current_wal_flush_lsn() >= :'l'::pg_lsn;
+SQL
+}
+
+q -c "CREATE TABLE IF NOT EXISTS t43_plain (n int)" >/dev/null
+is "$(flushed_after "INSERT INTO t43_plain VALUES (1)")" f \
+	"control: an ordinary transaction with synchronous_commit = off is not flushed at COMMIT (the WAL writer waits)"
+for tr in kafka nats; do
+	is "$(flushed_after "SELECT eventbus_publish('t43.pub.$tr.$run', 'a1', 'Created', '{}', '$tr')")" t \
+		"$tr: a publishing transaction with synchronous_commit = off is flushed when COMMIT returns"
+done
+wait_outbox_empty 30 || diag "outbox not empty after 30 s"
+
+# The database's default: synchronous_commit = off, for the dispatcher and
+# the pool too once they restart.
+q -c "ALTER DATABASE \"$db\" SET synchronous_commit = off" >/dev/null
+restart_workers || bail "eventbus workers not restarted"
+
+q >/dev/null <<SQL
+CREATE TABLE IF NOT EXISTS t43_seen (topic text, lsn pg_lsn, sc text);
+CREATE OR REPLACE FUNCTION t43_handler(e eventbus.envelope) RETURNS void LANGUAGE plpgsql AS \$\$
+BEGIN
+  INSERT INTO public.t43_seen VALUES (e.topic, pg_catalog.pg_current_wal_insert_lsn(), pg_catalog.current_setting('synchronous_commit'));
+END \$\$;
+CREATE OR REPLACE FUNCTION t43_quarantine_lsn() RETURNS trigger LANGUAGE plpgsql AS \$\$
+BEGIN
+  INSERT INTO public.t43_seen VALUES (NEW.topic, pg_catalog.pg_current_wal_insert_lsn(), pg_catalog.current_setting('synchronous_commit'));
+  RETURN NULL;
+END \$\$;
+DROP TRIGGER IF EXISTS t43_lsn ON eventbus.quarantine;
+CREATE TRIGGER t43_lsn AFTER INSERT ON eventbus.quarantine FOR EACH ROW EXECUTE FUNCTION t43_quarantine_lsn();
+SQL
+
+for tr in kafka nats; do
+	topic="t43.h.$tr.$run"
+	q -c "SELECT eventbus_subscribe('$topic', 't43_handler(eventbus.envelope)', '$tr')" >/dev/null
+	q -c "SELECT eventbus_publish('$topic', 'a1', 'Created', '{}', '$tr')" >/dev/null
+	wait_count 60 1 "SELECT count(*) FROM t43_seen WHERE topic = '$topic'" || diag "$tr: handler not run within 60 s"
+	is "$(q -c "SELECT pg_current_wal_flush_lsn() >= lsn, sc FROM t43_seen WHERE topic = '$topic'")" "t|off" \
+		"$tr: the pool's handler transaction (synchronous_commit off by the database) is flushed before its rows are visible"
+
+	topic="t43.q.$tr.$run"
+	[ "$tr" = nats ] && nats_stream "T43Q$run" "$topic"
+	q -c "SELECT eventbus_subscribe('$topic', 't43_handler(eventbus.envelope)', '$tr')" >/dev/null
+	if [ "$tr" = kafka ]; then
+		printf 'k1\tnot an envelope\n' | kafka_produce "$topic"
+	else
+		echo 'not an envelope' | nats_produce "$topic"
+	fi
+	wait_count 60 1 "SELECT count(*) FROM eventbus.quarantine WHERE topic = '$topic'" || diag "$tr: not quarantined within 60 s"
+	is "$(q -c "SELECT pg_current_wal_flush_lsn() >= lsn, sc FROM t43_seen WHERE topic = '$topic'")" "t|off" \
+		"$tr: the dispatcher's quarantine write (synchronous_commit off by the database) is flushed before it is visible"
+done
+
+q -c "DROP TABLE t43_plain, t43_seen" >/dev/null
+done_testing
