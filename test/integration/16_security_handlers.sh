@@ -51,24 +51,6 @@ REDIRECTED=0    # a search_path redirect may be in effect (exit must undo it)
 LAP=$SECONDS
 lap() { diag "$1: $((SECONDS - LAP)) s"; LAP=$SECONDS; }
 
-# restart_workers — terminate every eventbus background worker (the launcher
-# is restarted by the postmaster and starts a new dispatcher and pool); wait
-# until all of them are new processes, brokers connected, dispatcher running.
-restart_workers() {
-	local old
-	old=$(q -c "SELECT coalesce(string_agg(pid::text, ','), '0') FROM pg_stat_activity WHERE backend_type LIKE 'eventbus%'")
-	q -c "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE backend_type LIKE 'eventbus%'" >/dev/null
-	wait_until 90 "workers_replaced '$old'"
-}
-workers_replaced() {
-	local old=$1 nw
-	nw=$(q -c "SHOW eventbus.workers")
-	[ "$(q -c "SELECT count(*) FROM pg_stat_activity WHERE backend_type LIKE 'eventbus%' AND pid IN ($old)")" = 0 ] &&
-	[ "$(q -c "SELECT count(*) FROM eventbus_status() WHERE pid IS NOT NULL AND pid NOT IN ($old) AND state = 'running'
-	             AND (component IN ('launcher', 'dispatcher') AND transport IS NULL OR component LIKE 'worker %')")" = $((nw + 2)) ] &&
-	both_connected && [ "$(consumer_state kafka)" = connected ] && [ "$(consumer_state nats)" = connected ]
-}
-
 drop_handlers() {
 	q >/dev/null <<'SQL'
 DO $$

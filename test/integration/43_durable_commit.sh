@@ -23,19 +23,6 @@ source "$(dirname "$0")/lib.sh"
 run=$(date +%s)$RANDOM
 db=$(q -c "SELECT current_database()")
 
-# restart_workers — terminate every eventbus background worker (the
-# postmaster restarts the launcher, which starts a new dispatcher and pool,
-# with the database's settings as they are now) and wait until all are new.
-restart_workers() {
-	local old nw
-	old=$(q -c "SELECT coalesce(string_agg(pid::text, ','), '0') FROM pg_stat_activity WHERE backend_type LIKE 'eventbus%'")
-	nw=$(q -c "SHOW eventbus.workers")
-	q -c "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE backend_type LIKE 'eventbus%'" >/dev/null
-	wait_until 90 "[ \"\$(q -c \"SELECT count(*) FROM eventbus_status() WHERE pid IS NOT NULL AND pid NOT IN ($old) AND state = 'running'
-	                AND (component IN ('launcher', 'dispatcher') AND transport IS NULL OR component LIKE 'worker %')\")\" = $((nw + 2)) ] &&
-	               both_connected && [ \"\$(consumer_state kafka)\" = connected ] && [ \"\$(consumer_state nats)\" = connected ]"
-}
-
 cleanup() {
 	unsubscribe_like "t43.%.$run" >/dev/null
 	q -c "DROP TRIGGER IF EXISTS t43_lsn ON eventbus.quarantine" >/dev/null
