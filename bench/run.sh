@@ -22,9 +22,10 @@
 #     before, and the publishing connections connected, warmed up (one
 #     rolled-back row each) and started together at a gate, as pgbench
 #     counts from when its connections are made.  Each level BENCH_REPEATS
-#     (3) times, repeats, transports and levels interleaved; the median.  Then, for information (the target
-#     is judged on the levels above), BENCH_TX50_EVENTS (10000; 0 skips it)
-#     events published 50 rows per transaction, as in the reference.
+#     (3) times, repeats, transports and levels interleaved; the median.
+#     Then, for information (the target is judged on the levels above),
+#     BENCH_TX50_EVENTS (10000; 0 skips it) events published 50 rows per
+#     transaction, as in the reference.
 #  3. Consume side: BENCH_CONSUME_EVENTS (10000) events over events/10
 #     aggregates on 5 topics (Kafka: BENCH_CONSUME_PARTITIONS partitions
 #     each, 8) published with no subscription and relayed; then subscribed:
