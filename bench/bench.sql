@@ -359,7 +359,7 @@ BEGIN
   CREATE TEMP TABLE IF NOT EXISTS lv_orders (id bigint, aggregate_id text, created_at timestamptz, committed_at timestamptz);
   CREATE TEMP TABLE IF NOT EXISTS lv_handled (event_id uuid, transport text, topic text, aggregate_id text, order_id bigint,
                                              occurred_at timestamptz, started_at timestamptz, handled_at timestamptz,
-                                             done_at timestamptz, received_at timestamptz);
+                                             done_at timestamptz, received_at timestamptz, xid text);
   CREATE TEMP TABLE IF NOT EXISTS lv_broker (event_id uuid, broker_at timestamptz);
   TRUNCATE lv_orders, lv_handled, lv_broker;
   INSERT INTO lv_orders
@@ -367,7 +367,7 @@ BEGIN
     FROM @S@.orders WHERE run_key = p_key;
   INSERT INTO lv_handled
   SELECT event_id, transport, topic, aggregate_id, order_id, occurred_at, started_at, handled_at,
-         CASE WHEN cts THEN pg_xact_commit_timestamp(xmin) ELSE handled_at END, received_at
+         CASE WHEN cts THEN pg_xact_commit_timestamp(xmin) ELSE handled_at END, received_at, xmin::text
     FROM @S@.handled WHERE topic = ANY (topics) AND aggregate_id <> 'warmup';
   INSERT INTO lv_broker
   SELECT event_id, min(coalesce(broker_at, to_timestamp(broker_ms / 1000.0)))
@@ -379,7 +379,7 @@ BEGIN
   WITH o AS (SELECT count(*) AS published, min(created_at) AS first_publish, max(committed_at) AS last_publish_commit
                FROM lv_orders),
        h AS (SELECT count(*) AS calls, count(DISTINCT event_id) AS distinct_events, max(done_at) AS last_handler_commit,
-                    min(started_at) AS first_handler_start
+                    min(started_at) AS first_handler_start, count(DISTINCT xid) AS handler_transactions
                FROM lv_handled),
        d AS (SELECT count(*) AS delivered FROM lv_orders o WHERE EXISTS (SELECT 1 FROM lv_handled h WHERE h.order_id = o.id)),
        u AS (SELECT count(*) AS unexpected FROM lv_handled h WHERE NOT EXISTS (SELECT 1 FROM lv_orders o WHERE o.id = h.order_id)),
@@ -428,6 +428,8 @@ BEGIN
            'delivered', d.delivered,
            'delivered_pct', CASE WHEN o.published > 0 THEN round(100.0 * d.delivered / o.published, 2) END,
            'handler_calls', h.calls,
+           'handler_transactions', h.handler_transactions,
+           'handler_calls_per_transaction', round(h.calls::numeric / nullif(h.handler_transactions, 0), 2),
            'duplicates', h.calls - h.distinct_events,
            'unexpected', u.unexpected,
            'order_violations', v.violations,
@@ -759,14 +761,14 @@ BEGIN
 
   -- End to end
   RETURN NEXT 'END TO END (trigger publish -> handler commit), median of the repeats; 1-5 rows per publishing transaction, * 50 rows:';
-  RETURN NEXT format('%-6s %-10s %10s %9s %4s %5s %9s %13s %6s %9s %7s %7s %7s %7s', 'level', 'transport', 'events',
-                     'delivered', 'dup', 'order', 'events/s', '(min-max)', 'x ref', 'publish/s', 'p50 ms', 'p95 ms', 'p99 ms', 'max ms');
+  RETURN NEXT format('%-6s %-10s %10s %9s %4s %5s %9s %13s %6s %9s %7s %7s %7s %7s %7s', 'level', 'transport', 'events',
+                     'delivered', 'dup', 'order', 'events/s', '(min-max)', 'x ref', 'publish/s', 'pool tx', 'p50 ms', 'p95 ms', 'p99 ms', 'max ms');
   FOR x IN SELECT l FROM jsonb_array_elements(coalesce(r->'levels', '[]') || coalesce(r->'levels_50_per_tx', '[]')) l LOOP
-    RETURN NEXT format('%-6s %-10s %10s %8s%% %4s %5s %9s %13s %6s %9s %7s %7s %7s %7s',
+    RETURN NEXT format('%-6s %-10s %10s %8s%% %4s %5s %9s %13s %6s %9s %7s %7s %7s %7s %7s',
                        (x->>'level') || CASE WHEN x->>'rows_per_tx' = '50-50' THEN '*' ELSE '' END, x->>'transports', (x->>'repeats') || 'x' || (x->>'published'),
                        x#>>'{all_repeats,delivered_pct}', x#>>'{all_repeats,duplicates}', x#>>'{all_repeats,order_violations}',
                        x->>'events_per_s', '(' || (x->>'events_per_s_min') || '-' || (x->>'events_per_s_max') || ')',
-                       x->>'ratio_to_reference', x->>'publish_events_per_s',
+                       x->>'ratio_to_reference', x->>'publish_events_per_s', x->>'handler_calls_per_transaction',
                        x#>>'{latency_ms,p50}', x#>>'{latency_ms,p95}', x#>>'{latency_ms,p99}', x#>>'{latency_ms,max}');
   END LOOP;
   RETURN NEXT '';

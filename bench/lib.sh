@@ -15,7 +15,7 @@
 #                           partitions first (else the dev broker auto-creates 4)
 #   BENCH_BROKER_TIMES      1 = read every event's broker time back after the
 #                           run (kcat / natstool), for the latency stages
-#   BENCH_MEM_EVERY         seconds between memory samples (0.5)
+#   BENCH_MEM_EVERY         seconds between memory samples (2)
 #
 # Nothing in here sleeps inside a measured window: a run's window is
 # read from database timestamps after the run (min(orders.created_at) or
@@ -205,9 +205,12 @@ bench_mem_sample() {
 }
 
 # bench_mem_start — sample the eventbus processes every BENCH_MEM_EVERY s
-# (0.5) in the background until bench_mem_stop.
+# (2) in the background until bench_mem_stop.  One sample of all of them
+# costs ~50 ms of CPU (the kernel walks their page tables, awk reads ~50,000
+# lines): every 0.5 s that was 5 % of this machine, taken from the run it
+# measures.  Every run has a sample just before its window and one after.
 bench_mem_start() {
-	local procs every=${BENCH_MEM_EVERY:-0.5}
+	local procs every=${BENCH_MEM_EVERY:-2}
 	BENCH_MEM_FILE=$(mktemp "${TMPDIR:-/tmp}/eventbus-bench-mem.XXXXXX")
 	procs=$(bench_eventbus_procs | tr '\n' ' ')
 	BENCH_MEM_PROCS=$procs
