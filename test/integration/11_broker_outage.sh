@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Brokers stopped in the middle of a burst and started again: publishing
 # keeps succeeding, the backlog shows in eventbus_status(), and once the
-# brokers are back every committed event arrives, in order.
+# brokers are back every committed event arrives, in order.  The burst's last
+# 1,000 events per transport are published once both brokers are down, so
+# the outage always has a backlog however fast the relay drains the rest.
 source "$(dirname "$0")/lib.sh"
 
 run=$(date +%s)$RANDOM
@@ -13,7 +15,7 @@ k0=$(processed kafka); n0=$(processed nats)
 
 pids=()
 for w in 1 2 3 4; do
-	psql -X -q -c "CALL t_burst($w, 1500, '$TK', '$TN', 300, 'acct-', 't11_pub', 0.02)" &
+	psql -X -q -c "CALL t_burst($w, 1250, '$TK', '$TN', 300, 'acct-', 't11_pub', 0.02)" &
 	pids+=($!)
 done
 # Stop both brokers once the relay has delivered part of the burst.
@@ -21,6 +23,10 @@ wait_until 60 '[ "$(processed kafka)" -gt $((k0 + 300)) ] && [ "$(processed nats
 ok $? "relay delivering part of the burst before the brokers go down"
 "$STACK" kafka-down >/dev/null; "$STACK" nats-stop >/dev/null
 diag "brokers down after $(( $(processed kafka) - k0 )) Kafka / $(( $(processed nats) - n0 )) NATS events"
+for w in 5 6 7 8; do
+	psql -X -q -c "CALL t_burst($w, 250, '$TK', '$TN', 300, 'acct-', 't11_pub')" &
+	pids+=($!)
+done
 
 rc=0; for p in "${pids[@]}"; do wait "$p" || rc=1; done
 ok $rc "publishing kept succeeding while the brokers were down"
