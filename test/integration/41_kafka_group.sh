@@ -20,7 +20,12 @@
 #   - both clusters handled a share, and each logged its rebalances.
 # It can fail: without the drain, or without re-sending the commits the dev
 # broker refuses mid-rebalance, events of the join are handled in both
-# databases and out of order.  Its own consumer group: once a group was
+# databases and out of order.
+# T41_ASSIGNOR names partition.assignment.strategy for both clusters (in
+# eventbus.kafka_properties); unset: librdkafka's default, range,roundrobin
+# (eager rebalances: every member gives up all its partitions).  Test 44 runs
+# this test with cooperative-sticky (incremental rebalances), and then also
+# asserts that cluster 1 gave up only the partitions that moved.  Its own consumer group: once a group was
 # joined on the dev broker, the broker refuses the commits of single-mode
 # consumers of it.
 source "$(dirname "$0")/lib.sh"
@@ -38,9 +43,17 @@ consumer_sql_setup
 consumer_setup
 OLD_MODE=$(q -c "SHOW eventbus.consumer_mode")
 OLD_GROUP=$(q -c "SHOW eventbus.consumer_group")
+ASSIGNOR=${T41_ASSIGNOR:-}
+PROPS_CLEANUP=
+if [ -n "$ASSIGNOR" ]; then
+	OLD_PROPS=$(q -c "SHOW eventbus.kafka_properties")
+	[ -n "$(q -c "SELECT 1 FROM pg_file_settings WHERE name = 'eventbus.kafka_properties' AND sourcefile LIKE '%/postgresql.auto.conf'")" ] &&
+		bail "eventbus.kafka_properties is set with ALTER SYSTEM already (a test left it behind?)"
+	PROPS_CLEANUP="q -c 'ALTER SYSTEM RESET eventbus.kafka_properties';"
+fi
 CONSUMER_CLEANUP="q -c \"SELECT eventbus_unsubscribe('$TOPIC', 't41_handler(eventbus.envelope)', 'kafka')\";
  q -c \"ALTER SYSTEM SET eventbus.consumer_mode = '$OLD_MODE'\"; q -c \"ALTER SYSTEM SET eventbus.consumer_group = '$OLD_GROUP'\";
- q -c 'SELECT pg_reload_conf()'"
+ $PROPS_CLEANUP q -c 'SELECT pg_reload_conf()'"
 
 SCHEMA=$(cat <<'SQL'
 DROP TABLE IF EXISTS t41_handled;
@@ -66,6 +79,11 @@ SQL
 # Shared mode in its own group on cluster 1 (cluster 2 copies these settings).
 q -c "ALTER SYSTEM SET eventbus.consumer_group = '$GROUP'" -c "ALTER SYSTEM SET eventbus.consumer_mode = 'shared'" \
 	-c "SELECT pg_reload_conf()" >/dev/null
+if [ -n "$ASSIGNOR" ]; then
+	q -c "ALTER SYSTEM SET eventbus.kafka_properties = '${OLD_PROPS//\'/\'\'}${OLD_PROPS:+;}partition.assignment.strategy=$ASSIGNOR'" \
+		-c "SELECT pg_reload_conf()" >/dev/null || bail "could not set partition.assignment.strategy=$ASSIGNOR"
+	diag "partition.assignment.strategy=$ASSIGNOR on both clusters"
+fi
 LOG_START=$(wc -c < "$EVENTBUS_PG_LOG")
 c2_init
 c2_start || bail "cluster 2 did not start"
@@ -219,6 +237,13 @@ ok $([ "$(tail -c +"$LOG_START" "$EVENTBUS_PG_LOG" | grep -c 'partitions revoked
 	"cluster 1 logged its revokes"
 ok $([ "$(grep -c 'rebalanced: [0-9]* partitions assigned' "$C2_LOG")" -ge 1 ] && echo 0 || echo 1) \
 	"cluster 2 logged its assignment"
+if [ "$ASSIGNOR" = cooperative-sticky ]; then
+	# Incremental: at the join, cluster 1 gave up only what moved to cluster 2
+	# (eager: all 8 partitions, then some came back).
+	first_revoke=$(tail -c +"$JOIN_LOG" "$EVENTBUS_PG_LOG" | sed -n 's/.*rebalancing: \([0-9]*\) partitions revoked.*/\1/p' | head -1)
+	ok $([ -n "$first_revoke" ] && [ "$first_revoke" -gt 0 ] && [ "$first_revoke" -lt "$NPARTS" ] && echo 0 || echo 1) \
+		"cooperative-sticky: at the join, cluster 1 gave up only the partitions that moved (${first_revoke:-none} of $NPARTS)"
+fi
 diag "cluster 1 rebalance log lines:"
 tail -c +"$LOG_START" "$EVENTBUS_PG_LOG" | grep -E "consumer group" | sed 's/^/#   /' | tail -12
 diag "test time: $((SECONDS - T0)) s"
