@@ -2,9 +2,9 @@
  * dispatcher.c — the eventbus dispatcher background worker: runs every
  * configured transport's consumer, decodes messages (quarantining malformed
  * ones), and feeds the global keyed-worker pool through shared-memory
- * queues; which worker runs which item is the scheduler's choice
- * (scheduler.c): a (subscription, aggregate) runs on one worker at a time,
- * in order.  A message is finished (the transport's consumer_done: Kafka
+ * queues (pool_link.c); which worker runs which item is the scheduler's
+ * choice (scheduler.c): a (subscription, aggregate) runs on one worker at a
+ * time, in order.  A message is finished (the transport's consumer_done: Kafka
  * completion point advanced, JetStream message acked) only when every
  * subscription's handler for it committed or dead-lettered it.
  */
@@ -16,14 +16,9 @@
 #include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "pgstat.h"
-#include "postmaster/bgworker.h"
 #include "postmaster/interrupt.h"
-#include "storage/dsm.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
-#include "storage/proc.h"
-#include "storage/shm_mq.h"
-#include "storage/shm_toc.h"
 #include "tcop/tcopprot.h"
 #include "utils/builtins.h"
 #include "utils/hsearch.h"
@@ -36,15 +31,13 @@
 #include "eventbus.h"
 #include "guc.h"
 #include "pool.h"
+#include "pool_link.h"
 #include "transport.h"
 #include "util.h"
 
 /* Inbox pruning: rows per transaction, and time per second spent on it. */
 #define PRUNE_CHUNK		10000
 #define PRUNE_BUDGET_MS	200
-
-/* At exit in shared consumption: wait this long for the pool to stop. */
-#define EXIT_COLLECT_MS	2000
 
 /*
  * Shared consumption, asked to stop: finish what was received, at most this
@@ -107,13 +100,6 @@ typedef struct Quarantined
 } Quarantined;
 
 static int	nworkers;
-static dsm_segment *seg;
-static shm_mq_handle **toq;
-static shm_mq_handle **fromq;
-static BackgroundWorkerHandle **whandles;
-static List **unsent;			/* per worker: encoded items shm_mq could not take yet */
-static int *queued;				/* per worker: items sent and not completed */
-static int64 unsent_bytes = 0;	/* bytes in unsent[] */
 
 static Sub *subs = NULL;
 static int	nsubs = 0;
@@ -124,25 +110,11 @@ static HTAB *items;				/* tag -> ItemRef */
 static uint64 next_tag = 1;
 static int	in_flight = 0;
 static List *quarantine = NIL;
-static MemoryContext msg_cxt;	/* deliveries, unsent items, quarantine */
+static MemoryContext msg_cxt;	/* deliveries, quarantine */
 static bool consumer_up[EB_NTRANSPORTS];
 static bool shared_at_start = false;	/* eventbus.consumer_mode when it started */
 
 static void dispatch_message(EbInbound *in);
-
-/*
- * A pool worker detached from its queue: in-flight work cannot complete.
- * Exit; the launcher starts a new dispatcher and pool, unfinished messages
- * are redelivered and the inbox skips what was handled.
- */
-static void
-pool_worker_gone(int w)
-{
-	ereport(LOG,
-			(errcode(ERRCODE_ADMIN_SHUTDOWN),
-			 errmsg("pool worker %d is gone, restarting the dispatcher and its pool", w)));
-	proc_exit(1);
-}
 
 /* Finish a message: commit point / ack, or give it back (abandoned). */
 static void
@@ -173,34 +145,6 @@ item_finished(uint64 tag, ItemRef *ref)
 }
 
 /*
- * Hand an encoded item (in loop memory) to worker w, keeping order behind
- * anything unsent.  Only an item that must wait is copied to msg_cxt.
- */
-static void
-send_to(int w, StringInfo buf)
-{
-	MemoryContext old;
-	StringInfo	copy;
-
-	if (unsent[w] == NIL)
-	{
-		shm_mq_result res = shm_mq_send(toq[w], buf->len, buf->data, true, true);
-
-		if (res == SHM_MQ_SUCCESS)
-			return;
-		if (res == SHM_MQ_DETACHED)
-			pool_worker_gone(w);
-	}
-	/* Would block: shm_mq needs the very same message again later. */
-	old = MemoryContextSwitchTo(msg_cxt);
-	copy = palloc(sizeof(StringInfoData));
-	eb_stringinfo_copy_exact(copy, buf);
-	unsent[w] = lappend(unsent[w], copy);
-	unsent_bytes += buf->len;
-	MemoryContextSwitchTo(old);
-}
-
-/*
  * The scheduler gives worker w an item, or (buf NULL) ends its batch.  An
  * item whose message this instance gave up (shared consumption) is dropped:
  * another instance handles it.
@@ -212,11 +156,7 @@ sched_send(int w, uint64 tag, StringInfo buf)
 
 	if (buf == NULL)
 	{
-		StringInfoData end;
-
-		initStringInfo(&end);
-		appendStringInfoChar(&end, EB_BATCH_END);
-		send_to(w, &end);
+		eb_pool_link_end_batch(w);
 		return true;
 	}
 	ref = hash_search(items, &tag, HASH_FIND, NULL);
@@ -232,32 +172,8 @@ sched_send(int w, uint64 tag, StringInfo buf)
 		}
 		ref->worker = w;
 	}
-	queued[w]++;
-	send_to(w, buf);
+	eb_pool_link_send(w, buf);
 	return true;
-}
-
-/* Retry unsent items in order. */
-static void
-flush_unsent(void)
-{
-	for (int w = 0; w < nworkers; w++)
-	{
-		while (unsent[w] != NIL)
-		{
-			StringInfo	buf = linitial(unsent[w]);
-			shm_mq_result res = shm_mq_send(toq[w], buf->len, buf->data, true, true);
-
-			if (res == SHM_MQ_WOULD_BLOCK)
-				break;
-			if (res == SHM_MQ_DETACHED)
-				pool_worker_gone(w);
-			unsent[w] = list_delete_first(unsent[w]);
-			unsent_bytes -= buf->len;
-			pfree(buf->data);
-			pfree(buf);
-		}
-	}
 }
 
 /* A bytea copy of bytes. */
@@ -421,42 +337,19 @@ flush_quarantine(void)
 	quarantine = NIL;
 }
 
-/* Read completions from every worker. */
-static void
-drain_completions(void)
+/*
+ * The pool finished an item (eb_pool_link_drain): done with it here; false
+ * if it was not in flight any more.
+ */
+static bool
+item_completed(uint64 tag)
 {
-	for (int w = 0; w < nworkers; w++)
-	{
-		for (;;)
-		{
-			Size		len;
-			void	   *data;
-			shm_mq_result res = shm_mq_receive(fromq[w], &len, &data, true);
-			EbCompletion *c = data;
+	ItemRef    *ref = hash_search(items, &tag, HASH_FIND, NULL);
 
-			if (res == SHM_MQ_WOULD_BLOCK)
-				break;
-			if (res == SHM_MQ_DETACHED)
-				pool_worker_gone(w);
-			for (Size i = 0; i < len / sizeof(EbCompletion); i++)
-			{
-				ItemRef    *ref;
-
-				if (c[i].tag == EB_TAG_READY)
-				{
-					eb_sched_worker_ready(w);
-					continue;
-				}
-				eb_sched_complete(c[i].tag);
-				ref = hash_search(items, &c[i].tag, HASH_FIND, NULL);
-				if (ref == NULL)
-					continue;
-				if (ref->worker >= 0)
-					queued[ref->worker]--;
-				item_finished(c[i].tag, ref);
-			}
-		}
-	}
+	if (ref == NULL)
+		return false;
+	item_finished(tag, ref);
+	return true;
 }
 
 /* Load eventbus.subscriptions and (re)subscribe the consumers. */
@@ -613,7 +506,7 @@ report_status(void)
 	if (now < TimestampTzPlusMilliseconds(last, STATUS_EVERY_MS))
 		return;
 	last = now;
-	eb_shmem_set_queued(queued, nworkers, nsubs);
+	eb_pool_link_report(nsubs);
 
 	for (int i = 0; i < nsubs && i < EB_MAX_SUB_STATUS; i++)
 	{
@@ -622,141 +515,6 @@ report_status(void)
 		int			share = tr->consumer_share ? tr->consumer_share(subs[i].topic) : -1;
 
 		eb_shmem_set_lag(i, subs[i].id, subs[i].in_flight + Max(waiting, 0), share);
-	}
-}
-
-/* Create the queues and start the pool workers. */
-static void
-start_pool(void)
-{
-	shm_toc_estimator e;
-	Size		size;
-	shm_toc    *toc;
-	dsm_handle	handle;
-
-	nworkers = eb_workers;
-	shm_toc_initialize_estimator(&e);
-	for (int i = 0; i < nworkers; i++)
-	{
-		shm_toc_estimate_chunk(&e, EB_IN_QUEUE_SIZE);
-		shm_toc_estimate_chunk(&e, EB_OUT_QUEUE_SIZE);
-	}
-	shm_toc_estimate_keys(&e, 2 * nworkers);
-	size = shm_toc_estimate(&e);
-
-	seg = dsm_create(size, 0);
-	dsm_pin_mapping(seg);
-	toc = shm_toc_create(EB_SHM_MAGIC, dsm_segment_address(seg), size);
-	handle = dsm_segment_handle(seg);
-
-	toq = MemoryContextAllocZero(TopMemoryContext, sizeof(shm_mq_handle *) * nworkers);
-	fromq = MemoryContextAllocZero(TopMemoryContext, sizeof(shm_mq_handle *) * nworkers);
-	whandles = MemoryContextAllocZero(TopMemoryContext, sizeof(BackgroundWorkerHandle *) * nworkers);
-	unsent = MemoryContextAllocZero(TopMemoryContext, sizeof(List *) * nworkers);
-	queued = MemoryContextAllocZero(TopMemoryContext, sizeof(int) * nworkers);
-	eb_sched_init(nworkers);
-
-	eb_shmem_reset_workers(nworkers);
-
-	for (int i = 0; i < nworkers; i++)
-	{
-		shm_mq	   *in = shm_mq_create(shm_toc_allocate(toc, EB_IN_QUEUE_SIZE), EB_IN_QUEUE_SIZE);
-		shm_mq	   *out = shm_mq_create(shm_toc_allocate(toc, EB_OUT_QUEUE_SIZE), EB_OUT_QUEUE_SIZE);
-		BackgroundWorker w;
-		char		name[BGW_MAXLEN];
-
-		shm_toc_insert(toc, EB_TOC_IN(i), in);
-		shm_toc_insert(toc, EB_TOC_OUT(i), out);
-		shm_mq_set_sender(in, MyProc);
-		shm_mq_set_receiver(out, MyProc);
-
-		snprintf(name, sizeof(name), "eventbus worker %d", i);
-		eb_bgworker_init(&w, "eventbus_worker_main", name, "eventbus worker");
-		w.bgw_main_arg = Int32GetDatum(i);
-		memcpy(w.bgw_extra, &handle, sizeof(handle));
-		if (!RegisterDynamicBackgroundWorker(&w, &whandles[i]))
-			ereport(ERROR,
-					(errcode(ERRCODE_INSUFFICIENT_RESOURCES),
-					 errmsg("could not start pool worker %d", i),
-					 errhint("Raise max_worker_processes (the pool needs eventbus.workers + 2).")));
-		toq[i] = shm_mq_attach(in, seg, whandles[i]);
-		fromq[i] = shm_mq_attach(out, seg, whandles[i]);
-	}
-}
-
-/* A pool worker that exited, or -1 if every one is still there. */
-static int
-exited_worker(void)
-{
-	for (int i = 0; i < nworkers; i++)
-	{
-		pid_t		pid;
-
-		if (GetBackgroundWorkerPid(whandles[i], &pid) == BGWH_STOPPED)
-			return i;
-	}
-	return -1;
-}
-
-/*
- * At exit in shared consumption: wait (bounded) for the pool workers to
- * stop, and read the completions they sent, so that the transports
- * finish (commit / ack) what was handled here instead of giving it to
- * another instance, which would handle it a second time.
- */
-static void
-collect_last_completions(void)
-{
-	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), EXIT_COLLECT_MS);
-	int			rounds = 0;
-
-	if (whandles == NULL || fromq == NULL || items == NULL)
-		return;
-	for (;;)
-	{
-		bool		running = false;
-
-		for (int i = 0; i < nworkers; i++)
-		{
-			pid_t		pid;
-
-			if (whandles[i] && GetBackgroundWorkerPid(whandles[i], &pid) != BGWH_STOPPED)
-			{
-				running = true;
-				/*
-				 * A worker that drains (shared mode) goes on through SIGTERM
-				 * and stops at SIGUSR2 (repeated: one sent before it set its
-				 * handler is ignored).
-				 */
-				if (rounds % 10 == 0 && pid > 0)
-					(void) kill(pid, SIGUSR2);
-			}
-		}
-		if (!running || GetCurrentTimestamp() >= deadline)
-			break;
-		pg_usleep(10 * 1000L);
-		rounds++;
-	}
-	for (int w = 0; w < nworkers; w++)
-	{
-		Size		len;
-		void	   *data;
-
-		while (fromq[w] && shm_mq_receive(fromq[w], &len, &data, true) == SHM_MQ_SUCCESS)
-		{
-			EbCompletion *c = data;
-
-			for (Size i = 0; i < len / sizeof(EbCompletion); i++)
-			{
-				ItemRef    *ref;
-
-				if (c[i].tag == EB_TAG_READY)
-					continue;
-				ref = hash_search(items, &c[i].tag, HASH_FIND, NULL);
-				if (ref)
-					item_finished(c[i].tag, ref);
-			}
-		}
 	}
 }
 
@@ -791,11 +549,11 @@ stopping(TimestampTz *deadline)
 static void
 dispatcher_exit(int code, Datum arg)
 {
-	for (int i = 0; i < nworkers; i++)
-		if (whandles && whandles[i])
-			TerminateBackgroundWorker(whandles[i]);
-	if (shared_at_start)
-		collect_last_completions();
+	/*
+	 * In shared consumption, what the pool handled is finished here (commit /
+	 * ack) rather than given to another instance to handle a second time.
+	 */
+	eb_pool_link_stop(shared_at_start && items != NULL ? item_completed : NULL);
 	for (int t = 0; t < EB_NTRANSPORTS; t++)
 		if (consumer_up[t])
 			eb_transport(t)->consumer_stop();
@@ -834,7 +592,8 @@ eventbus_dispatcher_main(Datum main_arg)
 
 	wes = eb_wakeup_wait_set();
 	config = consumer_config();
-	start_pool();
+	nworkers = eb_pool_link_start();
+	eb_sched_init(nworkers);
 
 	ereport(LOG, (errmsg("eventbus dispatcher started with %d pool workers", nworkers)));
 
@@ -845,7 +604,6 @@ eventbus_dispatcher_main(Datum main_arg)
 		int			got = 0;
 		uint64		gen;
 		int64		budget;
-		int			dead;
 
 		if (eb_worker_loop_top(loop_cxt))
 		{
@@ -866,8 +624,7 @@ eventbus_dispatcher_main(Datum main_arg)
 			}
 			pfree(now);
 		}
-		if ((dead = exited_worker()) >= 0)
-			pool_worker_gone(dead);
+		eb_pool_link_check();
 		if (eb_stop_requested && stopping(&stop_deadline))
 			proc_exit(0);
 
@@ -881,11 +638,11 @@ eventbus_dispatcher_main(Datum main_arg)
 			load_subscriptions();
 		}
 
-		drain_completions();
+		eb_pool_link_drain(item_completed);
 		eb_sched_dispatch(sched_send);
-		flush_unsent();
+		eb_pool_link_flush();
 
-		budget = (int64) eb_dispatcher_memory_kb * 1024 - eb_sched_pending_bytes() - unsent_bytes;
+		budget = (int64) eb_dispatcher_memory_kb * 1024 - eb_sched_pending_bytes() - eb_pool_link_unsent_bytes();
 		/*
 		 * Pool busy or memory full: stop fetching; nothing is dropped.  Keep
 		 * serving the consumers (errors, logs, rebalances); a transport may
@@ -906,11 +663,11 @@ eventbus_dispatcher_main(Datum main_arg)
 			else
 			{
 				got += tr->consumer_poll(MAX_IN_FLIGHT - in_flight, budget);
-				budget = (int64) eb_dispatcher_memory_kb * 1024 - eb_sched_pending_bytes() - unsent_bytes;
+				budget = (int64) eb_dispatcher_memory_kb * 1024 - eb_sched_pending_bytes() - eb_pool_link_unsent_bytes();
 			}
 		}
 		eb_sched_dispatch(sched_send);
-		flush_unsent();
+		eb_pool_link_flush();
 		flush_quarantine();
 		prune_inbox();
 		report_status();

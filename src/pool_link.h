@@ -1,0 +1,27 @@
+/*
+ * pool_link.h — the dispatcher's end of the pool (pool_link.c): the pool
+ * workers, the shared-memory queues to and from them, items sent in order,
+ * completions read back.
+ */
+#ifndef EB_POOL_LINK_H
+#define EB_POOL_LINK_H
+
+#include "lib/stringinfo.h"
+
+/*
+ * A completion read from the pool: the item's tag.  Returns whether the
+ * dispatcher still knew the item (then it counts as no longer queued).
+ */
+typedef bool (*EbPoolDoneFn) (uint64 tag);
+
+extern int	eb_pool_link_start(void);
+extern void eb_pool_link_check(void);
+extern void eb_pool_link_send(int w, StringInfo buf);
+extern void eb_pool_link_end_batch(int w);
+extern void eb_pool_link_flush(void);
+extern int64 eb_pool_link_unsent_bytes(void);
+extern void eb_pool_link_drain(EbPoolDoneFn done);
+extern void eb_pool_link_report(int nsubs);
+extern void eb_pool_link_stop(EbPoolDoneFn collect);
+
+#endif
