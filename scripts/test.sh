@@ -79,10 +79,11 @@ count_tap "$LOGDIR/pgtap.log"
 
 echo "== integration (test/integration, real PostgreSQL, Kafka dev broker, nats-server; two lanes)"
 # A shared queue, the longest tests first (32, 40: ~84 s; 31, 38: ~73 s;
-# 41, 11, 16: 45-50 s; 20, 30: 30-40 s, measured in a two-lane run), then the
-# rest in order; each lane takes the next test when it is free.
+# 41, 44: ~52 s; 16, 42: 32-45 s; 20, 30: 26-40 s, measured in two-lane
+# runs), then the rest in order; each lane takes the next test when it is
+# free.
 QUEUE="$LOGDIR/integration.queue"
-SLOW="32 40 31 38 41 11 16 20 30"
+SLOW="32 40 31 38 41 44 16 42 20 30"
 {
 	for n in $SLOW; do ls "$REPO"/test/integration/"$n"_*.sh; done
 	for f in "$REPO"/test/integration/[0-9]*.sh; do
@@ -93,25 +94,29 @@ SLOW="32 40 31 38 41 11 16 20 30"
 next_test() {
 	flock "$QUEUE.lock" sh -c 't=$(head -n 1 "$1") && [ -n "$t" ] && sed -i 1d "$1" && echo "$t"' - "$QUEUE"
 }
-# run_lane ENV LOG — run queued tests against the stack of ENV until none is
-# left.  A test that runs longer than EVENTBUS_TEST_TIMEOUT seconds (600; the
-# longest takes ~90) is stopped and fails, instead of holding up the suite.
+# run_lane ENV LOG LANE — run queued tests against the stack of ENV until
+# none is left, a line per test on stdout, their TAP in LOG.  A test that
+# runs longer than EVENTBUS_TEST_TIMEOUT seconds (600; the longest takes ~90)
+# is stopped and fails, instead of holding up the suite.
 TEST_TIMEOUT=${EVENTBUS_TEST_TIMEOUT:-600}
 run_lane() {
-	local t rc
+	local t rc start
 	: >"$2"
 	while t=$(next_test); do
+		start=$SECONDS
 		EVENTBUS_ENV="$1" timeout -k 30 "$TEST_TIMEOUT" prove -v --timer "$t" >>"$2" 2>&1
 		rc=$?
 		[ $rc -eq 124 ] || [ $rc -eq 137 ] && echo "# $t: stopped after ${TEST_TIMEOUT}s" >>"$2"
 		[ $rc -eq 0 ] || echo "$t" >>"$LOGDIR/integration.failed"
+		echo "  lane $3: $(basename "$t") $([ $rc -eq 0 ] && echo ok || echo FAILED) ($((SECONDS - start)) s)"
 	done
 }
 rm -f "$LOGDIR/integration.failed"
-run_lane "$LANE2_ENV" "$LOGDIR/integration-lane2.log" &
+run_lane "$LANE2_ENV" "$LOGDIR/integration-lane2.log" 2 &
 lane2=$!
-run_lane "$EVENTBUS_ENV" "$LOGDIR/integration-lane1.log"
+run_lane "$EVENTBUS_ENV" "$LOGDIR/integration-lane1.log" 1
 wait "$lane2"
+echo "== integration, each test's TAP (lane 1, then lane 2)"
 cat "$LOGDIR/integration-lane1.log" "$LOGDIR/integration-lane2.log" | tee "$LOGDIR/integration.log"
 if [ -s "$LOGDIR/integration.failed" ]; then
 	suites_failed+=(integration)

@@ -20,14 +20,14 @@
 #   - both clusters handled a share, and each logged its rebalances.
 # It can fail: without the drain, or without re-sending the commits the dev
 # broker refuses mid-rebalance, events of the join are handled in both
-# databases and out of order.
+# databases and out of order.  Its own consumer group: once a group was
+# joined on the dev broker, the broker refuses the commits of single-mode
+# consumers of it.
 # T41_ASSIGNOR names partition.assignment.strategy for both clusters (in
 # eventbus.kafka_properties); unset: librdkafka's default, range,roundrobin
 # (eager rebalances: every member gives up all its partitions).  Test 44 runs
 # this test with cooperative-sticky (incremental rebalances), and then also
-# asserts that cluster 1 gave up only the partitions that moved.  Its own consumer group: once a group was
-# joined on the dev broker, the broker refuses the commits of single-mode
-# consumers of it.
+# asserts that cluster 1 gave up only the partitions that moved.
 source "$(dirname "$0")/lib.sh"
 source "$(dirname "$0")/cluster2.sh"
 
