@@ -99,8 +99,6 @@ typedef struct Quarantined
 	const char *reason;
 } Quarantined;
 
-static int	nworkers;
-
 static Sub *subs = NULL;
 static int	nsubs = 0;
 static uint64 subs_generation = 0;
@@ -545,6 +543,13 @@ stopping(TimestampTz *deadline)
 	return true;
 }
 
+/* Bytes of eventbus.dispatcher_memory not taken by work waiting for the pool. */
+static int64
+memory_budget(void)
+{
+	return (int64) eb_dispatcher_memory_kb * 1024 - eb_sched_pending_bytes() - eb_pool_link_unsent_bytes();
+}
+
 /* On exit: stop the pool and the consumers (durables and offsets kept). */
 static void
 dispatcher_exit(int code, Datum arg)
@@ -570,6 +575,7 @@ eventbus_dispatcher_main(Datum main_arg)
 	char	   *config;
 	MemoryContext loop_cxt;
 	TimestampTz stop_deadline = 0;
+	int			nworkers;
 
 	eb_worker_connect("eventbus dispatcher");
 	shared_at_start = eb_consumer_mode == EB_CONSUMER_SHARED;
@@ -642,7 +648,7 @@ eventbus_dispatcher_main(Datum main_arg)
 		eb_sched_dispatch(sched_send);
 		eb_pool_link_flush();
 
-		budget = (int64) eb_dispatcher_memory_kb * 1024 - eb_sched_pending_bytes() - eb_pool_link_unsent_bytes();
+		budget = memory_budget();
 		/*
 		 * Pool busy or memory full: stop fetching; nothing is dropped.  Keep
 		 * serving the consumers (errors, logs, rebalances); a transport may
@@ -663,7 +669,7 @@ eventbus_dispatcher_main(Datum main_arg)
 			else
 			{
 				got += tr->consumer_poll(MAX_IN_FLIGHT - in_flight, budget);
-				budget = (int64) eb_dispatcher_memory_kb * 1024 - eb_sched_pending_bytes() - eb_pool_link_unsent_bytes();
+				budget = memory_budget();
 			}
 		}
 		eb_sched_dispatch(sched_send);
