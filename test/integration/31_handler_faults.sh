@@ -26,7 +26,7 @@ source "$(dirname "$0")/lib.sh"
 run=$(date +%s)$RANDOM
 consumer_sql_setup
 consumer_setup
-CONSUMER_CLEANUP="unsubscribe_like 't31.%.$run'; restore_settings"
+CONSUMER_CLEANUP="unsubscribe_like 't31.%.$run.%'; restore_settings"
 WORKER_ROLE=
 RESTART_NEEDED=0
 

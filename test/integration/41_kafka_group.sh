@@ -38,6 +38,10 @@ NPARTS=8
 SLOW=3                         # seconds a slow handler runs
 T0=$SECONDS
 
+# Every Kafka subscription of the database joins the group: another test's
+# left behind would share it (and, with cooperative-sticky, the balance).
+others=$(q -c "SELECT string_agg(topic, ', ') FROM eventbus.subscriptions WHERE transport = 'kafka'")
+[ -z "$others" ] || bail "Kafka subscriptions left behind by another test: $others"
 "$STACK" kafka-topics "$TOPIC:$NPARTS" >/dev/null || bail "could not create $TOPIC"
 consumer_sql_setup
 consumer_setup
