@@ -1,4 +1,4 @@
--- eventbus 0.1.0 -> 0.2.0: metrics for monitoring systems; envelope.received_at.
+-- eventbus 0.1.0 -> 0.2.0: metrics for monitoring systems; envelope.received_at; the inbox without its foreign key and CHECK.
 \echo Use "ALTER EXTENSION eventbus UPDATE TO '0.2.0'" to load this file. \quit
 
 CREATE FUNCTION eventbus_metrics(
@@ -27,3 +27,22 @@ GRANT SELECT ON eventbus.metrics TO pg_monitor;
 -- Stored envelopes (dead letters) read NULL for the new attribute.
 ALTER TYPE eventbus.envelope ADD ATTRIBUTE received_at timestamptz;
 COMMENT ON TYPE eventbus.envelope IS 'An event as a handler receives it (received_at: when eventbus took the message from the broker client; NULL where no message was received)';
+
+-- The inbox loses its foreign key and its CHECK (see eventbus--0.2.0.sql);
+-- a trigger on eventbus.subscriptions deletes what the cascade deleted.
+ALTER TABLE eventbus.inbox DROP CONSTRAINT inbox_subscription_id_fkey;
+ALTER TABLE eventbus.inbox DROP CONSTRAINT inbox_outcome_check;
+
+CREATE FUNCTION eventbus.forget_inbox() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+  DELETE FROM eventbus.inbox i USING old_rows o WHERE i.subscription_id OPERATOR(pg_catalog.=) o.id;
+  RETURN NULL;
+END $$;
+REVOKE ALL ON FUNCTION eventbus.forget_inbox() FROM PUBLIC;
+COMMENT ON FUNCTION eventbus.forget_inbox() IS
+  'Trigger: deletes the inbox records of deleted subscriptions';
+CREATE TRIGGER subscriptions_forget_inbox AFTER DELETE ON eventbus.subscriptions
+  REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION eventbus.forget_inbox();
+COMMENT ON TRIGGER subscriptions_forget_inbox ON eventbus.subscriptions IS
+  'Deleting a subscription deletes its inbox records';

@@ -2,7 +2,7 @@
 -- eventbus_replay_dead_letter) and its tables, inside one transaction that is
 -- rolled back at the end.
 BEGIN;
-SELECT plan(55);
+SELECT plan(58);
 
 -- Shape ---------------------------------------------------------------------
 SELECT has_function('eventbus_subscribe', ARRAY['text','regprocedure','text','integer'], 'eventbus_subscribe has the contract signature');
@@ -143,12 +143,30 @@ SELECT is((SELECT role_id FROM eventbus.subscriptions WHERE topic = 'tap.sub.pri
           'the subscription records the subscribing role (under SET ROLE)');
 SELECT is((SELECT count(*) FROM eventbus.subscriptions WHERE topic = 'tap.sub.priv'), 1::bigint, 'only the permitted call created a subscription');
 
--- Unsubscribe.
+-- Unsubscribe.  Inbox records (as the pool writes them) for the subscription
+-- that goes and for one that stays.
+INSERT INTO eventbus.inbox (subscription_id, event_id, outcome)
+SELECT s.id, gen_random_uuid(), 'handled' FROM eventbus.subscriptions s, generate_series(1, 3)
+ WHERE s.topic = 'tap.sub.orders';
 SELECT is(eventbus_unsubscribe('tap.sub.orders', 'tap_sub_ok(eventbus.envelope)', 'kafka'), true, 'unsubscribe an existing subscription: true');
 SELECT is(eventbus_unsubscribe('tap.sub.orders', 'tap_sub_ok(eventbus.envelope)', 'kafka'), false, 'unsubscribe it again: false');
 SELECT is((SELECT count(*) FROM eventbus.subscriptions WHERE id = (SELECT id FROM tap_ids WHERE name = 'a')), 0::bigint, 'its row is gone');
+SELECT is((SELECT count(*) FROM eventbus.inbox WHERE subscription_id = (SELECT id FROM tap_ids WHERE name = 'a')), 0::bigint,
+          'its inbox records are gone');
+SELECT is((SELECT count(*) FROM eventbus.inbox i JOIN eventbus.subscriptions s ON s.id = i.subscription_id WHERE s.topic = 'tap.sub.orders'),
+          (SELECT 3 * count(*) FROM eventbus.subscriptions WHERE topic = 'tap.sub.orders'), 'the inbox records of the other subscriptions stay');
 SELECT is(eventbus_unsubscribe('tap.sub.orders', 'tap_sub_ok2(eventbus.envelope)'), true, 'unsubscribe with NULL transport uses default_transport');
 SELECT is((SELECT count(*) FROM eventbus.subscriptions WHERE topic = 'tap.sub.orders'), 1::bigint, 'the nats subscription remains');
+
+-- Dropping a subscribed handler (CASCADE) removes its subscription, and
+-- with it the subscription's inbox records.
+CREATE FUNCTION tap_sub_drop(e eventbus.envelope) RETURNS void LANGUAGE plpgsql AS $$ BEGIN END $$;
+INSERT INTO tap_ids VALUES ('drop', eventbus_subscribe('tap.sub.drop', 'tap_sub_drop(eventbus.envelope)', 'nats'));
+INSERT INTO eventbus.inbox (subscription_id, event_id, outcome) SELECT id, gen_random_uuid(), 'handled' FROM tap_ids WHERE name = 'drop';
+DROP FUNCTION tap_sub_drop(eventbus.envelope) CASCADE;
+SELECT is((SELECT count(*) FROM eventbus.inbox WHERE subscription_id = (SELECT id FROM tap_ids WHERE name = 'drop'))
+          + (SELECT count(*) FROM eventbus.subscriptions WHERE id = (SELECT id FROM tap_ids WHERE name = 'drop')), 0::bigint,
+          'DROP FUNCTION ... CASCADE of a handler removes its subscription and its inbox records');
 
 SELECT * FROM finish();
 ROLLBACK;
