@@ -93,13 +93,17 @@ static SPIPlanPtr fail_plan = NULL;
  * per transport: kept plans are generic, and a generic plan for
  * "transport = $1" cannot tell from the statistics that one transport has
  * a large backlog (the other's broker down) and would walk it, in id
- * order, at every round of the other.
+ * order, at every round of the other.  The header arrays are built only
+ * for rows that have headers: most have none, and each sub-select costs a
+ * rescan per row even for NULL.
  */
 #define SELECT_COLS \
 	"SELECT id, event_id::text, topic, aggregate_id, event_type, event_version," \
 	" occurred_at, trace_id, correlation_id, tenant_id, payload::text," \
-	" (SELECT pg_catalog.array_agg(key ORDER BY key) FROM pg_catalog.jsonb_each_text(headers))," \
-	" (SELECT pg_catalog.array_agg(value ORDER BY key) FROM pg_catalog.jsonb_each_text(headers)),"
+	" CASE WHEN headers IS NOT NULL THEN" \
+	"  (SELECT pg_catalog.array_agg(key ORDER BY key) FROM pg_catalog.jsonb_each_text(headers)) END," \
+	" CASE WHEN headers IS NOT NULL THEN" \
+	"  (SELECT pg_catalog.array_agg(value ORDER BY key) FROM pg_catalog.jsonb_each_text(headers)) END,"
 #define SELECT_WHERE \
 	" FROM eventbus.outbox o WHERE transport OPERATOR(pg_catalog.=) %s" \
 	" AND NOT EXISTS (SELECT 1 FROM ROWS FROM (pg_catalog.unnest($2::pg_catalog.text[]), pg_catalog.unnest($3::pg_catalog.text[])) b (t, a)" \
