@@ -1,4 +1,4 @@
--- eventbus 0.1.0 -> 0.2.0: metrics for monitoring systems; envelope.received_at; the inbox without its foreign key and CHECK.
+-- eventbus 0.1.0 -> 0.2.0: metrics for monitoring systems; envelope.received_at; the outbox without its CHECKs, the inbox without its foreign key and CHECK.
 \echo Use "ALTER EXTENSION eventbus UPDATE TO '0.2.0'" to load this file. \quit
 
 CREATE FUNCTION eventbus_metrics(
@@ -28,8 +28,11 @@ GRANT SELECT ON eventbus.metrics TO pg_monitor;
 ALTER TYPE eventbus.envelope ADD ATTRIBUTE received_at timestamptz;
 COMMENT ON TYPE eventbus.envelope IS 'An event as a handler receives it (received_at: when eventbus took the message from the broker client; NULL where no message was received)';
 
--- The inbox loses its foreign key and its CHECK (see eventbus--0.2.0.sql);
--- a trigger on eventbus.subscriptions deletes what the cascade deleted.
+-- The outbox loses its CHECKs, the inbox its foreign key and its CHECK (see
+-- eventbus--0.2.0.sql); a trigger on eventbus.subscriptions deletes what the
+-- cascade deleted.
+ALTER TABLE eventbus.outbox DROP CONSTRAINT outbox_transport_check;
+ALTER TABLE eventbus.outbox DROP CONSTRAINT outbox_event_version_check;
 ALTER TABLE eventbus.inbox DROP CONSTRAINT inbox_subscription_id_fkey;
 ALTER TABLE eventbus.inbox DROP CONSTRAINT inbox_outcome_check;
 
