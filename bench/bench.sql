@@ -129,8 +129,13 @@ END $$;
 -- make_plan(run_key, prefix, label, run, events, conns, transports):
 -- events / 10 aggregates with 10 events each (versions 1..10), aggregate a on
 -- transport transports[a mod #transports] and topic
--- <prefix>.<label>.<transport>.<1..5>.<run>; rows shuffled and dealt to the
--- connections.  Returns the topics.
+-- <prefix>.<label>.<transport>.<1..5>.<run>; each aggregate published by one
+-- connection (a mod conns), as each pgbench client of the references owns
+-- its aggregates, that connection's rows shuffled.  Dealt out row by row
+-- instead, the 50 aggregates of a 500-event level were shared by all four
+-- connections, which then waited on each other's version row locks (held to
+-- commit), a wait the references exclude by construction.  Returns the
+-- topics.
 CREATE FUNCTION @S@.topic_name(prefix text, label text, tr text, n int, run text) RETURNS text
 LANGUAGE sql IMMUTABLE AS $$ SELECT format('%s.%s.%s.%s.%s', prefix, label, tr, n, run) $$;
 
@@ -146,9 +151,9 @@ BEGIN
     RAISE EXCEPTION 'run key % or its topics are already planned: every run needs its own topics', p_key;
   END IF;
   INSERT INTO @S@.plan
-  SELECT p_key, (rn - 1) % p_conns, (rn - 1) / p_conns, tr,
+  SELECT p_key, a % p_conns, rn - 1, tr,
          @S@.topic_name(p_prefix, p_label, tr, (a / ntr) % 5 + 1, p_run), 'ord-' || a
-    FROM (SELECT a, p_transports[a % ntr + 1] AS tr, row_number() OVER (ORDER BY random()) AS rn
+    FROM (SELECT a, p_transports[a % ntr + 1] AS tr, row_number() OVER (PARTITION BY a % p_conns ORDER BY random()) AS rn
             FROM generate_series(1, p_events / 10) a, generate_series(1, 10) v) x;
   ANALYZE @S@.plan;
   RETURN QUERY SELECT DISTINCT topic FROM @S@.plan WHERE run_key = p_key ORDER BY 1;

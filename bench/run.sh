@@ -18,7 +18,8 @@
 #     clock at its start and end.
 #  2. End to end, pressure levels (BENCH_LEVELS, default 500 2000 5000
 #     10000 events) per transport, from BENCH_CONNECTIONS (4) connections,
-#     1–5 rows per transaction, as fast as they go; subscriptions warmed up
+#     each on its own aggregates (as the references' clients are), 1–5 rows
+#     per transaction, as fast as they go; subscriptions warmed up
 #     before, and the publishing connections connected, warmed up (one
 #     rolled-back row each) and started together at a gate, as pgbench
 #     counts from when its connections are made.  Each level BENCH_REPEATS
@@ -321,7 +322,7 @@ kprops=$(bq -c "SHOW eventbus.kafka_properties")
 workers=$(bq -c "SHOW eventbus.workers")
 machine=$(printf '{"cores": %s, "cpu": "%s", "memory_gib": %s, "os": "%s", "kernel": "%s", "versions": "%s", "engine": "%s", "cpu_busy_before": "%s", "load_average_before": "%s", "load_average_after": "%s"}' \
 	"$(nproc)" "$cpu_model" "$mem_gib" "$os" "$(uname -r)" "$versions" "$engine" "$busy_before" "$load_before" "$load_after")
-config=$(printf '{"levels": "%s", "tx50_events": '"$TX50_EVENTS"', "repeats": %s, "transports": "%s", "connections": %s, "rows_per_transaction": "1-5", "aggregates": "events / 10, versions 1..10", "topics_per_transport": 5, "steady_rate": %s, "steady_duration_s": %s, "steady_connections": 2, "steady_rows_per_transaction": 5, "consume_events": %s, "consume_kafka_partitions": %s, "consume_repeats": %s, "idle_seconds": %s, "pool_workers": %s, "kafka_properties": "%s", "latency_fetch_wait_ms": %s, "reference_seconds": %s, "reference_clients": %s, "memory_sample_every_s": %s, "kafka_broker": "dev broker (librdkafka mock cluster, in memory)", "nats_server": "file store"}' \
+config=$(printf '{"levels": "%s", "tx50_events": '"$TX50_EVENTS"', "repeats": %s, "transports": "%s", "connections": %s, "rows_per_transaction": "1-5", "aggregates": "events / 10, versions 1..10", "publisher_aggregates": "each connection its own (aggregate mod connections)", "topics_per_transport": 5, "steady_rate": %s, "steady_duration_s": %s, "steady_connections": 2, "steady_rows_per_transaction": 5, "consume_events": %s, "consume_kafka_partitions": %s, "consume_repeats": %s, "idle_seconds": %s, "pool_workers": %s, "kafka_properties": "%s", "latency_fetch_wait_ms": %s, "reference_seconds": %s, "reference_clients": %s, "memory_sample_every_s": %s, "kafka_broker": "dev broker (librdkafka mock cluster, in memory)", "nats_server": "file store"}' \
 	"$LEVELS" "$REPEATS" "$TRANSPORTS" "$CONNS" "$RATE" "$DURATION" "$CONSUME_EVENTS" "$CONSUME_PARTITIONS" "$CONSUME_REPEATS" "$IDLE_SECONDS" \
 	"$workers" "$kprops" "${BENCH_FETCH_WAIT_MS:-2}" "$REF_SECONDS" "$REF_CLIENTS" "${BENCH_MEM_EVERY:-2}")
 method='{
