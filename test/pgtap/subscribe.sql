@@ -2,7 +2,7 @@
 -- eventbus_replay_dead_letter) and its tables, inside one transaction that is
 -- rolled back at the end.
 BEGIN;
-SELECT plan(58);
+SELECT plan(60);
 
 -- Shape ---------------------------------------------------------------------
 SELECT has_function('eventbus_subscribe', ARRAY['text','regprocedure','text','integer'], 'eventbus_subscribe has the contract signature');
@@ -167,6 +167,15 @@ DROP FUNCTION tap_sub_drop(eventbus.envelope) CASCADE;
 SELECT is((SELECT count(*) FROM eventbus.inbox WHERE subscription_id = (SELECT id FROM tap_ids WHERE name = 'drop'))
           + (SELECT count(*) FROM eventbus.subscriptions WHERE id = (SELECT id FROM tap_ids WHERE name = 'drop')), 0::bigint,
           'DROP FUNCTION ... CASCADE of a handler removes its subscription and its inbox records');
+
+-- The trigger function runs as the extension's owner: no other role may
+-- execute it, so none can attach it to a table of its own.
+SELECT is(has_function_privilege('public', 'eventbus.forget_inbox()', 'EXECUTE'), false, 'PUBLIC may not execute eventbus.forget_inbox()');
+SET LOCAL ROLE tap_sub_app;
+CREATE TEMP TABLE tap_own (x int);
+SELECT throws_ok($$CREATE TRIGGER tap_own_forget AFTER DELETE ON tap_own FOR EACH STATEMENT EXECUTE FUNCTION eventbus.forget_inbox()$$,
+                 '42501', NULL, 'a role cannot attach eventbus.forget_inbox() to a table of its own: 42501');
+RESET ROLE;
 
 SELECT * FROM finish();
 ROLLBACK;
