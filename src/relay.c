@@ -506,17 +506,6 @@ finish_round(int t, Round *r, const char *pending_reason)
 	round_reset(r);
 }
 
-/* Milliseconds from now until ts, at least 0. */
-static long
-ms_until(TimestampTz ts)
-{
-	long		secs;
-	int			usecs;
-
-	TimestampDifference(GetCurrentTimestamp(), ts, &secs, &usecs);
-	return secs * 1000 + usecs / 1000;
-}
-
 /*
  * The wait while a round is in flight: acks wake the launcher, so until the
  * round's deadline; a client that reports every event itself is polled.
@@ -526,7 +515,7 @@ round_wait(const EbTransportRoutine *tr, Round *r)
 {
 	if (tr->round_abandon == NULL)
 		return 100;
-	return Max(ms_until(r->deadline), 1);
+	return Max(eb_ms_until(r->deadline), 1);
 }
 
 /* One transport's share of a relay step; returns the wait it wants. */
@@ -590,7 +579,7 @@ step_transport(int t, bool woken)
 	}
 
 	if (r->next_try != 0 && GetCurrentTimestamp() < r->next_try)
-		return Max(ms_until(r->next_try), 1);
+		return Max(eb_ms_until(r->next_try), 1);
 	if (!tr->connected())
 		return tr->reconnect_poll_ms;
 
@@ -601,14 +590,14 @@ step_transport(int t, bool woken)
 	 */
 	if (!woken && !r->more && GetCurrentTimestamp() < r->next_scan &&
 		(r->backoff_due == 0 || GetCurrentTimestamp() < r->backoff_due))
-		return Max(Min(ms_until(r->next_scan),
-					   r->backoff_due ? ms_until(r->backoff_due) : 1000), 1);
+		return Max(Min(eb_ms_until(r->next_scan),
+					   r->backoff_due ? eb_ms_until(r->backoff_due) : 1000), 1);
 	r->next_scan = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), 1000);
 	r->backoff_due = start_round(t, r);
 	if (r->active)
 		return round_wait(tr, r);
 	/* Idle: the periodic scan picks up prepared transactions and strays. */
-	return r->backoff_due ? Max(Min(ms_until(r->backoff_due), 1000), 1) : 1000;
+	return r->backoff_due ? Max(Min(eb_ms_until(r->backoff_due), 1000), 1) : 1000;
 }
 
 /*

@@ -156,3 +156,14 @@ eb_heap_trim_after_burst(uint64 work_done)
 	malloc_trim(0);
 #endif
 }
+
+/* Milliseconds from now until ts, at least 0. */
+long
+eb_ms_until(TimestampTz ts)
+{
+	long		secs;
+	int			usecs;
+
+	TimestampDifference(GetCurrentTimestamp(), ts, &secs, &usecs);
+	return secs * 1000 + usecs / 1000;
+}
