@@ -6,13 +6,16 @@
  * choice (scheduler.c): a (subscription, aggregate) runs on one worker at a
  * time, in order.  A message is finished (the transport's consumer_done: Kafka
  * completion point advanced, JetStream message acked) only when every
- * subscription's handler for it committed or dead-lettered it.
+ * subscription's handler for it committed or dead-lettered it, and the WAL
+ * is flushed past those commits.
  */
 #include "postgres.h"
 
 #include "access/xact.h"
+#include "access/xlog.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
+#include "lib/ilist.h"
 #include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "pgstat.h"
@@ -54,6 +57,14 @@
  */
 #define MAX_IN_FLIGHT	5000
 
+/*
+ * The pool commits without waiting for the WAL flush (pool.c); a message
+ * whose items are all done waits until the WAL is flushed past their
+ * commits.  Some other commit or the WAL writer usually flushes it first;
+ * after this long the dispatcher flushes it itself.
+ */
+#define FLUSH_GRACE_MS	10
+
 /* A subscription, as loaded from eventbus.subscriptions. */
 typedef struct Sub
 {
@@ -73,6 +84,9 @@ typedef struct Delivery
 	void	   *token;			/* consumer's handle */
 	int			pending;		/* work items not yet completed */
 	bool		abandoned;		/* an item was dropped: not handled here */
+	XLogRecPtr	lsn;			/* WAL the pool's commits for it reach */
+	TimestampTz done_at;		/* when it started waiting for the flush */
+	dlist_node	node;			/* in unflushed while waiting */
 } Delivery;
 
 /* A work item in flight: its tag maps back to message and subscription. */
@@ -108,6 +122,7 @@ static HTAB *items;				/* tag -> ItemRef */
 static uint64 next_tag = 1;
 static int	in_flight = 0;
 static List *quarantine = NIL;
+static dlist_head unflushed = DLIST_STATIC_INIT(unflushed);	/* oldest first */
 static MemoryContext msg_cxt;	/* deliveries, quarantine */
 static bool consumer_up[EB_NTRANSPORTS];
 static bool shared_at_start = false;	/* eventbus.consumer_mode when it started */
@@ -128,9 +143,57 @@ finish(Delivery *d)
 	in_flight--;
 }
 
-/* An item of a message is finished (completed or dropped). */
+/*
+ * Finish the messages whose commits are flushed; with force, or once the
+ * oldest has waited FLUSH_GRACE_MS, flush the WAL for all of them first.
+ * Returns the ms until the oldest still waiting is due, -1 if none waits.
+ */
+static long
+finish_flushed(bool force)
+{
+	dlist_mutable_iter it;
+	XLogRecPtr	flushed;
+	TimestampTz due;
+
+	if (dlist_is_empty(&unflushed))
+		return -1;
+	flushed = GetFlushRecPtr(NULL);
+	due = TimestampTzPlusMilliseconds(dlist_head_element(Delivery, node, &unflushed)->done_at,
+									  FLUSH_GRACE_MS);
+	if (force || GetCurrentTimestamp() >= due)
+	{
+		XLogRecPtr	upto = flushed;
+		dlist_iter	all;
+
+		dlist_foreach(all, &unflushed)
+			upto = Max(upto, dlist_container(Delivery, node, all.cur)->lsn);
+		if (upto > flushed)
+			XLogFlush(upto);
+		flushed = upto;
+	}
+	dlist_foreach_modify(it, &unflushed)
+	{
+		Delivery   *d = dlist_container(Delivery, node, it.cur);
+
+		if (d->lsn <= flushed)
+		{
+			dlist_delete(&d->node);
+			finish(d);
+		}
+	}
+	if (dlist_is_empty(&unflushed))
+		return -1;
+	due = TimestampTzPlusMilliseconds(dlist_head_element(Delivery, node, &unflushed)->done_at,
+									  FLUSH_GRACE_MS);
+	return eb_ms_until(due);
+}
+
+/*
+ * An item of a message is finished (completed at lsn, or dropped); the
+ * message is finished once all are and the WAL is flushed to the last.
+ */
 static void
-item_finished(uint64 tag, ItemRef *ref)
+item_finished(uint64 tag, ItemRef *ref, XLogRecPtr lsn)
 {
 	Delivery   *d = ref->delivery;
 
@@ -138,8 +201,16 @@ item_finished(uint64 tag, ItemRef *ref)
 		if (subs[s].id == ref->subscription_id)
 			subs[s].in_flight--;
 	hash_search(items, &tag, HASH_REMOVE, NULL);
-	if (--d->pending == 0)
+	d->lsn = Max(d->lsn, lsn);
+	if (--d->pending > 0)
+		return;
+	if (d->abandoned || d->lsn <= GetFlushRecPtr(NULL))
 		finish(d);
+	else
+	{
+		d->done_at = GetCurrentTimestamp();
+		dlist_push_tail(&unflushed, &d->node);
+	}
 }
 
 /*
@@ -165,7 +236,7 @@ sched_send(int w, uint64 tag, StringInfo buf)
 		if (tr->consumer_live && !tr->consumer_live(ref->delivery->token))
 		{
 			ref->delivery->abandoned = true;
-			item_finished(tag, ref);
+			item_finished(tag, ref, InvalidXLogRecPtr);
 			return false;
 		}
 		ref->worker = w;
@@ -340,13 +411,13 @@ flush_quarantine(void)
  * if it was not in flight any more.
  */
 static bool
-item_completed(uint64 tag)
+item_completed(uint64 tag, XLogRecPtr lsn)
 {
 	ItemRef    *ref = hash_search(items, &tag, HASH_FIND, NULL);
 
 	if (ref == NULL)
 		return false;
-	item_finished(tag, ref);
+	item_finished(tag, ref, lsn);
 	return true;
 }
 
@@ -559,6 +630,17 @@ dispatcher_exit(int code, Datum arg)
 	 * ack) rather than given to another instance to handle a second time.
 	 */
 	eb_pool_link_stop(shared_at_start && items != NULL ? item_completed : NULL);
+	/* What the pool handled and committed is finished once flushed. */
+	PG_TRY();
+	{
+		(void) finish_flushed(true);
+	}
+	PG_CATCH();
+	{
+		/* Not acknowledged: redelivered, and the inbox skips what is there. */
+		FlushErrorState();
+	}
+	PG_END_TRY();
 	for (int t = 0; t < EB_NTRANSPORTS; t++)
 		if (consumer_up[t])
 			eb_transport(t)->consumer_stop();
@@ -610,6 +692,7 @@ eventbus_dispatcher_main(Datum main_arg)
 		int			got = 0;
 		uint64		gen;
 		int64		budget;
+		long		flush_wait;
 
 		if (eb_worker_loop_top(loop_cxt))
 		{
@@ -645,6 +728,7 @@ eventbus_dispatcher_main(Datum main_arg)
 		}
 
 		eb_pool_link_drain(item_completed);
+		flush_wait = finish_flushed(false);
 		eb_sched_dispatch(sched_send);
 		eb_pool_link_flush();
 
@@ -689,6 +773,8 @@ eventbus_dispatcher_main(Datum main_arg)
 				if (idle > 0)
 					timeout = Min(timeout, idle);
 			}
+			if (flush_wait >= 0)
+				timeout = Min(timeout, Max(flush_wait, 1));
 		}
 
 		pgstat_report_activity(STATE_IDLE, NULL);

@@ -19,11 +19,14 @@
 #include "postgres.h"
 
 #include "access/xact.h"
+#include "access/xlog.h"
 #include "lib/ilist.h"
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
 #include "postmaster/interrupt.h"
+#include "replication/syncrep.h"
+#include "replication/walsender.h"
 #include "storage/dsm.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
@@ -31,6 +34,7 @@
 #include "storage/shm_mq.h"
 #include "storage/shm_toc.h"
 #include "tcop/tcopprot.h"
+#include "utils/guc.h"
 #include "utils/hsearch.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
@@ -77,16 +81,25 @@ item_key(const EbWorkItem *item, char *key)
 }
 
 /*
- * Start a transaction whose commit is flushed before it returns, whatever
- * synchronous_commit says (a database or role may set it off): the
- * dispatcher acknowledges the broker message once the commit is reported.
+ * Start a pool transaction.  Its commit does not wait for the WAL flush:
+ * the dispatcher acknowledges the broker message only once the WAL is
+ * flushed past the commit (EbCompletion.lsn), so a crash before the flush
+ * loses a transaction whose message is redelivered, never an acknowledged
+ * one.  With synchronous replication in effect, the commit waits as
+ * configured (forced like a publishing transaction's), so that an
+ * acknowledged message is on the standbys too.  A handler that publishes
+ * makes its commit wait anyway (eventbus_publish).
  */
 static void
-start_durable_transaction(void)
+start_pool_transaction(void)
 {
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
-	ForceSyncCommit();
+	if (SyncRepRequested() && SyncRepStandbyNames != NULL && SyncRepStandbyNames[0] != '\0')
+		ForceSyncCommit();
+	else
+		(void) set_config_option("synchronous_commit", "off", PGC_SUSET, PGC_S_SESSION,
+								 GUC_ACTION_LOCAL, true, 0, false);
 }
 
 /* Send completions to the dispatcher (blocking: it always drains). */
@@ -94,9 +107,13 @@ static void
 send_completions(EbCompletion *done, int n)
 {
 	shm_mq_result res;
+	XLogRecPtr	lsn;
 
 	if (n == 0)
 		return;
+	lsn = GetXLogInsertRecPtr();
+	for (int i = 0; i < n; i++)
+		done[i].lsn = lsn;
 	res = shm_mq_send(outq, sizeof(EbCompletion) * n, done, false, true);
 	if (res != SHM_MQ_SUCCESS)
 		proc_exit(0);			/* dispatcher gone: it will start a new pool */
@@ -133,7 +150,7 @@ run_dead_letter(Pending *p, ErrorData *error)
 
 	PG_TRY();
 	{
-		start_durable_transaction();
+		start_pool_transaction();
 		eb_dead_letter(&p->item, error, p->attempts + 1);
 		CommitTransactionCommand();
 	}
@@ -221,7 +238,7 @@ run_optimistic(Pending **batch, int n, ItemResult *result, int *outcome,
 
 	PG_TRY();
 	{
-		start_durable_transaction();
+		start_pool_transaction();
 		eb_constraints_immediate();
 		pgstat_report_activity(STATE_RUNNING, "eventbus: running handlers");
 		for (int i = 0; i < n; i++)
@@ -299,7 +316,7 @@ run_in_transaction(Pending **batch, int n, bool from_parked, int failed_at,
 	ctl.hcxt = cxt;
 	failed_keys = hash_create("eventbus failed keys", 16, &ctl, HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
 
-	start_durable_transaction();
+	start_pool_transaction();
 	eb_constraints_immediate();
 	pgstat_report_activity(STATE_RUNNING, "eventbus: running handlers");
 

@@ -7,6 +7,8 @@
 #ifndef EB_POOL_H
 #define EB_POOL_H
 
+#include "access/xlogdefs.h"
+
 #include "envelope.h"
 #include "utils/elog.h"
 
@@ -31,10 +33,17 @@ typedef enum EbOutcome
 	EB_OUTCOME_OWNER_DROPPED	/* subscribing role gone: not run */
 } EbOutcome;
 
+/*
+ * A finished item, sent after the pool's commit.  lsn: the WAL insert
+ * position after that commit, which covers every commit the item's outcome
+ * rests on (its own, or the earlier one that put it in the inbox); the
+ * dispatcher acknowledges the message only once the WAL is flushed there.
+ */
 typedef struct EbCompletion
 {
 	uint64		tag;
 	int32		outcome;
+	XLogRecPtr	lsn;
 } EbCompletion;
 
 extern void eb_workitem_encode(StringInfo buf, const EbWorkItem *item);

@@ -232,7 +232,7 @@ eb_pool_link_drain(EbPoolDoneFn done)
 					continue;
 				}
 				eb_sched_complete(c[i].tag);
-				if (done(c[i].tag))
+				if (done(c[i].tag, c[i].lsn))
 					queued[w]--;
 			}
 		}
@@ -304,7 +304,7 @@ eb_pool_link_stop(EbPoolDoneFn collect)
 
 			for (Size i = 0; i < len / sizeof(EbCompletion); i++)
 				if (c[i].tag != EB_TAG_READY)
-					(void) collect(c[i].tag);
+					(void) collect(c[i].tag, c[i].lsn);
 		}
 	}
 }

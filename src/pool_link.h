@@ -6,13 +6,15 @@
 #ifndef EB_POOL_LINK_H
 #define EB_POOL_LINK_H
 
+#include "access/xlogdefs.h"
 #include "lib/stringinfo.h"
 
 /*
- * A completion read from the pool: the item's tag.  Returns whether the
- * dispatcher still knew the item (then it counts as no longer queued).
+ * A completion read from the pool: the item's tag, and the WAL position its
+ * commit reached.  Returns whether the dispatcher still knew the item (then
+ * it counts as no longer queued).
  */
-typedef bool (*EbPoolDoneFn) (uint64 tag);
+typedef bool (*EbPoolDoneFn) (uint64 tag, XLogRecPtr lsn);
 
 extern int	eb_pool_link_start(void);
 extern void eb_pool_link_check(void);
