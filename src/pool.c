@@ -20,6 +20,7 @@
 
 #include "access/xact.h"
 #include "access/xlog.h"
+#include "access/xlog_internal.h"
 #include "lib/ilist.h"
 #include "miscadmin.h"
 #include "pgstat.h"
@@ -102,6 +103,24 @@ start_pool_transaction(void)
 								 GUC_ACTION_LOCAL, true, 0, false);
 }
 
+/*
+ * The WAL insert position as the end of what is written so far.  Exactly at
+ * a page boundary GetXLogInsertRecPtr() points past the next page's header,
+ * where no WAL exists yet; XLogFlush() would refuse that position as past
+ * the end of WAL (an ERROR in the dispatcher), so step back to the page.
+ */
+static XLogRecPtr
+insert_end_lsn(void)
+{
+	XLogRecPtr	lsn = GetXLogInsertRecPtr();
+
+	if (XLogSegmentOffset(lsn, wal_segment_size) == SizeOfXLogLongPHD)
+		return lsn - SizeOfXLogLongPHD;
+	if (lsn % XLOG_BLCKSZ == SizeOfXLogShortPHD)
+		return lsn - SizeOfXLogShortPHD;
+	return lsn;
+}
+
 /* Send completions to the dispatcher (blocking: it always drains). */
 static void
 send_completions(EbCompletion *done, int n)
@@ -111,7 +130,7 @@ send_completions(EbCompletion *done, int n)
 
 	if (n == 0)
 		return;
-	lsn = GetXLogInsertRecPtr();
+	lsn = insert_end_lsn();
 	for (int i = 0; i < n; i++)
 		done[i].lsn = lsn;
 	res = shm_mq_send(outq, sizeof(EbCompletion) * n, done, false, true);
