@@ -34,8 +34,8 @@ typedef enum EbOutcome
 } EbOutcome;
 
 /*
- * A finished item, sent after the pool's commit.  lsn: the WAL insert
- * position after that commit, which covers every commit the item's outcome
+ * A finished item, sent after the pool's commit.  lsn: the end of the WAL
+ * inserted by then (insert_end_lsn in pool.c), which covers every commit the item's outcome
  * rests on (its own, or the earlier one that put it in the inbox); the
  * dispatcher acknowledges the message only once the WAL is flushed there.
  */

@@ -18,7 +18,9 @@
 #  - with synchronous replication configured (synchronous_standby_names,
 #    synchronous_commit on), the pool's commit waits for the standby like
 #    any other: with no standby connected it waits (wait event SyncRep) and
-#    its rows stay invisible until synchronous_standby_names is emptied.
+#    its rows stay invisible until synchronous_standby_names is emptied;
+#  - meanwhile the dispatcher logged no refused flush ("xlog flush request
+#    ... is not satisfied"), which a position past the end of WAL causes.
 # The WAL writer is slowed for the test (wal_writer_delay 10 s,
 # wal_writer_flush_after 1 GB), so that nothing but the commit itself
 # flushes in the seconds the test looks; the control, an ordinary
