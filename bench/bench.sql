@@ -518,7 +518,8 @@ CREATE FUNCTION @S@.cpu_per_event(d jsonb) RETURNS jsonb LANGUAGE sql IMMUTABLE 
            'nats_server', round(1e6 * (c->>'nats_server')::numeric / e),
            'devbroker', round(1e6 * (c->>'devbroker')::numeric / e),
            'other_postgres', round(1e6 * (c->>'other_postgres')::numeric / e),
-           'machine_busy', round(1e6 * (c->>'machine_busy')::numeric / e)))
+           'machine_busy', round(1e6 * (c->>'machine_busy')::numeric / e),
+           'steal_pct', c->'steal_pct'))
     FROM (SELECT d->'cpu_s' AS c, nullif((d->>'delivered')::numeric, 0) AS e) x
 $$;
 
@@ -581,6 +582,7 @@ DECLARE
   c50 numeric := (@S@.ref_median('ref_consume_50')->>'events_per_s')::numeric;
   e50 numeric := (@S@.ref_median('ref_end_to_end_50')->>'events_per_s')::numeric;
   levels jsonb; levels50 jsonb; consume jsonb; steady jsonb; mem jsonb; idle jsonb; idle_lp jsonb; integrity jsonb; cpu jsonb; targets jsonb;
+  steal jsonb;
 BEGIN
   levels := @S@.end_to_end_summary('level', e50);
   levels50 := @S@.end_to_end_summary('level_tx50', e50);
@@ -611,6 +613,16 @@ BEGIN
           UNION ALL SELECT 1, 'level ' || (doc->>'level'), doc FROM @S@.run_summary('level', 'events_per_s')
           UNION ALL SELECT 1, 'level ' || (doc->>'level') || ' 50/tx', doc FROM @S@.run_summary('level_tx50', 'events_per_s')
           UNION ALL SELECT 2, 'consume ' || (doc->>'level'), doc FROM @S@.run_summary('consume', 'handling_events_per_s')) r;
+  -- CPU time the hypervisor gave to other guests during the measured runs:
+  -- on a shared virtual machine it delays every process, so timings from
+  -- runs with steal and without are not comparable.
+  SELECT jsonb_build_object('runs', count(*),
+           'median_pct', round((percentile_cont(0.5) WITHIN GROUP (ORDER BY (doc#>>'{cpu_s,steal_pct}')::numeric))::numeric, 1),
+           'max_pct', max((doc#>>'{cpu_s,steal_pct}')::numeric),
+           'latency_runs_pct', (SELECT coalesce(jsonb_object_agg(doc->>'transports', doc#>'{cpu_s,steal_pct}'), '{}')
+                                  FROM @S@.results WHERE kind = 'steady' AND doc#>'{cpu_s,steal_pct}' IS NOT NULL))
+    INTO steal
+    FROM @S@.results WHERE kind IN ('level', 'level_tx50', 'steady', 'consume') AND doc#>'{cpu_s,steal_pct}' IS NOT NULL;
   consume := coalesce(consume, '[]');
   steady := coalesce(steady, '{}');
   cpu := coalesce(cpu, '[]');
@@ -663,7 +675,8 @@ BEGIN
     'memory_max', mem,
     'idle', idle,
     'idle_long_poll', idle_lp,
-    'cpu_us_per_event', cpu);
+    'cpu_us_per_event', cpu,
+    'steal', steal);
 END $$;
 
 -- report_text(report): the tables `make bench` prints, from the report
@@ -677,6 +690,16 @@ DECLARE
   t jsonb := r->'targets';
   tr text; line text; x jsonb; k text; v jsonb;
 BEGIN
+  -- How much CPU the hypervisor took: figures under steal are not comparable.
+  IF (r#>>'{steal,runs}')::int > 0 THEN
+    RETURN NEXT format('CPU stolen by the hypervisor during the measured runs: median %s %%, max %s %% (latency runs: %s)%s',
+                       r#>>'{steal,median_pct}', r#>>'{steal,max_pct}',
+                       coalesce((SELECT string_agg(format('%s %s %%', e.tr, e.pct), ', ' ORDER BY e.tr)
+                                   FROM jsonb_each_text(r#>'{steal,latency_runs_pct}') e (tr, pct)), '-'),
+                       CASE WHEN (r#>>'{steal,max_pct}')::numeric > 5
+                            THEN ' -- a shared machine: timings are not comparable with runs made without steal' ELSE '' END);
+    RETURN NEXT '';
+  END IF;
   -- Targets
   RETURN NEXT format('%-48s', 'TARGETS') || (SELECT string_agg(format('%-27s', tt), '') FROM unnest(trs) tt) || 'target';
   line := format('%-48s', 'latency p50 / p99 ms (' || coalesce(r#>>'{config,steady_rate}', '?') || '/s, commit->commit)');
@@ -798,13 +821,15 @@ BEGIN
   RETURN NEXT '';
 
   -- CPU per event
-  RETURN NEXT 'CPU PER EVENT, us (CPU time of the group during the run / delivered events; eventbus = relay + dispatcher + pool):';
-  RETURN NEXT format('%-16s %-10s %10s %7s %10s %6s %9s %12s %10s %9s %9s', 'run', 'transport', 'publishers', 'relay',
-                     'dispatcher', 'pool', 'eventbus', 'nats-server', 'devbroker', 'other pg', 'machine');
+  RETURN NEXT 'CPU PER EVENT, us (CPU time of the group during the run / delivered events; eventbus = relay + dispatcher + pool;';
+  RETURN NEXT '  machine = all the machine ran, without steal; steal = % of the CPU time the hypervisor took during the run):';
+  RETURN NEXT format('%-16s %-10s %10s %7s %10s %6s %9s %12s %10s %9s %9s %7s', 'run', 'transport', 'publishers', 'relay',
+                     'dispatcher', 'pool', 'eventbus', 'nats-server', 'devbroker', 'other pg', 'machine', 'steal');
   FOR x IN SELECT c FROM jsonb_array_elements(coalesce(r->'cpu_us_per_event', '[]')) c LOOP
-    RETURN NEXT format('%-16s %-10s %10s %7s %10s %6s %9s %12s %10s %9s %9s', x->>'run', x->>'transports',
+    RETURN NEXT format('%-16s %-10s %10s %7s %10s %6s %9s %12s %10s %9s %9s %7s', x->>'run', x->>'transports',
                        coalesce(x->>'publishers', '-'), x->>'relay', x->>'dispatcher', x->>'pool', x->>'eventbus',
-                       x->>'nats_server', x->>'devbroker', x->>'other_postgres', x->>'machine_busy');
+                       x->>'nats_server', x->>'devbroker', x->>'other_postgres', x->>'machine_busy',
+                       coalesce((x->>'steal_pct') || ' %', '-'));
   END LOOP;
   RETURN NEXT '';
 

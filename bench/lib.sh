@@ -101,9 +101,13 @@ cpu_ticks() {
 	fi
 }
 
-# machine_ticks — "busy total" jiffies of all CPUs from /proc/stat.
+# machine_ticks — "busy total steal" jiffies of all CPUs from /proc/stat:
+# total = user + nice + system + idle + iowait + irq + softirq + steal (guest
+# time is inside user and nice already); busy = what this machine ran, total
+# minus idle, iowait and steal; steal = time the hypervisor gave this
+# machine's virtual CPUs to someone else (CPU time the runs did not get).
 machine_ticks() {
-	awk '/^cpu / { t = 0; for (i = 2; i <= NF; i++) t += $i; print t - $5 - $6, t }' /proc/stat
+	awk '/^cpu / { t = 0; for (i = 2; i <= 9; i++) t += $i; print t - $5 - $6 - $9, t, $9 }' /proc/stat
 }
 
 # bench_proc_snapshot — sets SNAP_* (CPU ticks per component, wall ns).
@@ -141,13 +145,13 @@ bench_proc_snapshot() {
 	p=
 	read -r p 2>/dev/null < "$EVENTBUS_STATE/kafka/devbroker.pid" || true
 	SNAP_KAFKA=$(cpu_ticks "${p//[^0-9]/}")
-	read -r SNAP_BUSY SNAP_TOTAL < <(machine_ticks)
+	read -r SNAP_BUSY SNAP_TOTAL SNAP_STEAL < <(machine_ticks)
 }
 
 # bench_snap_save PREFIX — copy SNAP_* to PREFIX_*.
 bench_snap_save() {
 	local v
-	for v in WALL LAUNCHER DISPATCHER WORKERS PG NATS KAFKA BUSY TOTAL; do
+	for v in WALL LAUNCHER DISPATCHER WORKERS PG NATS KAFKA BUSY TOTAL STEAL; do
 		printf -v "${1}_$v" '%s' "$(eval echo "\$SNAP_$v")"
 	done
 }
@@ -158,7 +162,8 @@ bench_snap_save() {
 # (measured by themselves, bench.sql self_cpu_ticks; absent when not given),
 # other_postgres = the rest of the postgres processes; unattributed = the
 # machine's busy time minus the stack's processes: the harness's psql
-# clients, and whatever else runs on the machine.
+# clients, and whatever else runs on the machine; steal = CPU time the
+# hypervisor took (steal_pct: of the machine's capacity in the window).
 bench_cpu_json() {
 	local wall ncpu pub=${1:-}
 	wall=$(( (SNAP_WALL - BEFORE_WALL) / 1000000 ))
@@ -167,14 +172,16 @@ bench_cpu_json() {
 	    -v l=$((SNAP_LAUNCHER - BEFORE_LAUNCHER)) -v d=$((SNAP_DISPATCHER - BEFORE_DISPATCHER)) \
 	    -v w=$((SNAP_WORKERS - BEFORE_WORKERS)) -v pg=$((SNAP_PG - BEFORE_PG)) \
 	    -v n=$((SNAP_NATS - BEFORE_NATS)) -v k=$((SNAP_KAFKA - BEFORE_KAFKA)) \
-	    -v busy=$((SNAP_BUSY - BEFORE_BUSY)) -v tot=$((SNAP_TOTAL - BEFORE_TOTAL)) 'BEGIN {
+	    -v busy=$((SNAP_BUSY - BEFORE_BUSY)) -v tot=$((SNAP_TOTAL - BEFORE_TOTAL)) \
+	    -v st=$((SNAP_STEAL - BEFORE_STEAL)) 'BEGIN {
 		printf "{\"window_s\": %.2f, \"launcher\": %.2f, \"dispatcher\": %.2f, \"workers\": %.2f, ", wall / 1000, l / hz, d / hz, w / hz
 		if (pub != "")
 			printf "\"publishers\": %.2f, \"other_postgres\": %.2f, ", pub / hz, (pg - pub) / hz
 		else
 			printf "\"other_postgres\": %.2f, ", pg / hz
-		printf "\"nats_server\": %.2f, \"devbroker\": %.2f, \"machine_busy\": %.2f, \"machine_capacity\": %.2f, \"unattributed\": %.2f}",
-		       n / hz, k / hz, busy / hz, tot / hz, (busy - l - d - w - pg - n - k) / hz }'
+		printf "\"nats_server\": %.2f, \"devbroker\": %.2f, \"machine_busy\": %.2f, \"machine_capacity\": %.2f, \"unattributed\": %.2f, ",
+		       n / hz, k / hz, busy / hz, tot / hz, (busy - l - d - w - pg - n - k) / hz
+		printf "\"steal\": %.2f, \"steal_pct\": %.1f}", st / hz, (tot > 0 ? 100 * st / tot : 0) }'
 }
 
 # bench_mem_sample FILE NAME PID [NAME PID]... — append one line per live

@@ -98,17 +98,21 @@ die() { echo "bench: $*" >&2; exit 1; }
 # Machine and a fresh stack
 # ---------------------------------------------------------------------------
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
-# How busy the machine is before we start (other jobs share it): 3 s of /proc/stat.
-read -r b1 t1 < <(awk '/^cpu / { t = 0; for (i = 2; i <= NF; i++) t += $i; print t - $5 - $6, t }' /proc/stat)
+# How busy the machine is before we start (other jobs share it), and how much
+# of its CPU the hypervisor takes (steal): 3 s of /proc/stat.
+# shellcheck source=bench/lib.sh
+source "$REPO/bench/lib.sh"
+read -r b1 t1 s1 < <(machine_ticks)
 sleep 3
-read -r b2 t2 < <(awk '/^cpu / { t = 0; for (i = 2; i <= NF; i++) t += $i; print t - $5 - $6, t }' /proc/stat)
+read -r b2 t2 s2 < <(machine_ticks)
 busy_before="$(( 100 * (b2 - b1) / (t2 - t1 > 0 ? t2 - t1 : 1) ))%"
+steal_before="$(( 100 * (s2 - s1) / (t2 - t1 > 0 ? t2 - t1 : 1) ))%"
 started=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 cpu_model=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)
 mem_gib=$(awk '/^MemTotal:/ { printf "%.0f", $2 / 1048576 }' /proc/meminfo)
 os=$(. /etc/os-release 2>/dev/null && echo "${PRETTY_NAME:-unknown}")
 [ -r /etc/debian_version ] && os="$os ($(cat /etc/debian_version))"
-say "machine: $(nproc) cores ($cpu_model), $mem_gib GiB, $os; load average before: $load_before; CPU busy before: $busy_before"
+say "machine: $(nproc) cores ($cpu_model), $mem_gib GiB, $os; load average before: $load_before; CPU busy before: $busy_before, stolen by the hypervisor: $steal_before"
 
 say "fresh stack in $EVENTBUS_STATE"
 "$STACK" destroy >/dev/null 2>&1 || true
@@ -118,8 +122,6 @@ trap '"$STACK" stop >/dev/null 2>&1' EXIT   # also when a step fails (stop is id
 source "$EVENTBUS_STATE/env"
 BENCH_RUN=r$(date +%s)
 export BENCH_SCHEMA=bench BENCH_PREFIX=bench BENCH_RUN
-# shellcheck source=bench/lib.sh
-source "$REPO/bench/lib.sh"
 
 bq -c "CREATE EXTENSION IF NOT EXISTS eventbus" >/dev/null || die "CREATE EXTENSION failed"
 # Handler commit times come from commit timestamps (a postmaster setting:
@@ -320,8 +322,8 @@ fi
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 kprops=$(bq -c "SHOW eventbus.kafka_properties")
 workers=$(bq -c "SHOW eventbus.workers")
-machine=$(printf '{"cores": %s, "cpu": "%s", "memory_gib": %s, "os": "%s", "kernel": "%s", "versions": "%s", "engine": "%s", "cpu_busy_before": "%s", "load_average_before": "%s", "load_average_after": "%s"}' \
-	"$(nproc)" "$cpu_model" "$mem_gib" "$os" "$(uname -r)" "$versions" "$engine" "$busy_before" "$load_before" "$load_after")
+machine=$(printf '{"cores": %s, "cpu": "%s", "memory_gib": %s, "os": "%s", "kernel": "%s", "versions": "%s", "engine": "%s", "cpu_busy_before": "%s", "cpu_steal_before": "%s", "load_average_before": "%s", "load_average_after": "%s"}' \
+	"$(nproc)" "$cpu_model" "$mem_gib" "$os" "$(uname -r)" "$versions" "$engine" "$busy_before" "$steal_before" "$load_before" "$load_after")
 config=$(printf '{"levels": "%s", "tx50_events": '"$TX50_EVENTS"', "repeats": %s, "transports": "%s", "connections": %s, "rows_per_transaction": "1-5", "aggregates": "events / 10, versions 1..10", "publisher_aggregates": "each connection its own (aggregate mod connections)", "topics_per_transport": 5, "steady_rate": %s, "steady_duration_s": %s, "steady_connections": 2, "steady_rows_per_transaction": 5, "consume_events": %s, "consume_kafka_partitions": %s, "consume_repeats": %s, "idle_seconds": %s, "pool_workers": %s, "kafka_properties": "%s", "latency_fetch_wait_ms": %s, "reference_seconds": %s, "reference_clients": %s, "memory_sample_every_s": %s, "kafka_broker": "dev broker (librdkafka mock cluster, in memory)", "nats_server": "file store"}' \
 	"$LEVELS" "$REPEATS" "$TRANSPORTS" "$CONNS" "$RATE" "$DURATION" "$CONSUME_EVENTS" "$CONSUME_PARTITIONS" "$CONSUME_REPEATS" "$IDLE_SECONDS" \
 	"$workers" "$kprops" "${BENCH_FETCH_WAIT_MS:-2}" "$REF_SECONDS" "$REF_CLIENTS" "${BENCH_MEM_EVERY:-2}")
@@ -336,7 +338,7 @@ method='{
   "order_violations": "first deliveries whose version is not the last seen version + 1, checked in the handler transaction (a repeated delivery counts as a duplicate only)",
   "levels": "each level runs BENCH_REPEATS times (interleaved); levels[] holds, per transport and level, the repeat with the median events/s plus every repeat events/s and the loss / duplicate / order counts summed over all repeats (all_repeats); runs[] holds every repeat. consume[] likewise over consume_runs[]",
   "memory": "per eventbus process (launcher, dispatcher, worker N) from /proc/PID/smaps (the sums of smaps_rollup, per mapping), sampled every memory_sample_every_s during each run: USS = Private_Clean + Private_Dirty, shm_private = the part of USS in the main PostgreSQL shared memory segment (shared buffers that no other live process maps at that moment, e.g. outbox pages written by sessions that disconnected since), own = USS - shm_private (the target), PSS, RSS; memory_max = the largest sample over all runs",
-  "cpu": "CPU seconds (utime + stime, all threads) per process group over the shell window around a run; publishers = the publishing backends, measured by themselves (/proc/self/stat at the start and end of their procedure); cpu_us_per_event = CPU seconds * 1e6 / delivered events; machine = whole machine busy time (other jobs included)",
+  "cpu": "CPU seconds (utime + stime, all threads) per process group over the shell window around a run; publishers = the publishing backends, measured by themselves (/proc/self/stat at the start and end of their procedure); cpu_us_per_event = CPU seconds * 1e6 / delivered events; machine = whole machine busy time (other jobs included), without steal (from the ninth round on; earlier rounds counted steal as busy); steal = CPU time the hypervisor gave to other guests (/proc/stat), steal_pct = steal as % of the capacity of the window: timings from runs with steal are not comparable with runs without",
   "idle": "fresh topics (5 per transport) subscribed and warmed up, then idle_seconds with nothing published: CPU of launcher + dispatcher + workers as % of one core; nats-server and devbroker separately"
 }'
 lifecycle=$(bq -c "SELECT coalesce((SELECT jsonb_build_object(
@@ -433,7 +435,7 @@ cat <<TXT
 
 eventbus bench — $started, $(nproc) cores ($cpu_model), $mem_gib GiB, $os
 $versions; $engine
-CPU busy before the run $busy_before (3 s), load average before $load_before, after $load_after; Kafka = dev broker (librdkafka mock cluster,
+CPU busy before the run $busy_before (3 s; stolen by the hypervisor $steal_before), load average before $load_before, after $load_after; Kafka = dev broker (librdkafka mock cluster,
 kafka properties '$kprops'), NATS = nats-server file store; pool workers: $workers
 
 $text
