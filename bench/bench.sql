@@ -557,9 +557,10 @@ CREATE TABLE @S@.ref_inbox (LIKE eventbus.inbox INCLUDING ALL);
 -- one with the median events/s (of two, the faster: the stricter target),
 -- with every run's events/s beside it.
 CREATE FUNCTION @S@.ref_median(p_kind text) RETURNS jsonb LANGUAGE sql AS $$
-  SELECT d.doc || jsonb_build_object('runs', a.cnt, 'events_per_s_all', a.vals,
+  SELECT d.doc || jsonb_build_object('runs', a.cnt, 'events_per_s_all', a.vals, 'steal_pct_all', a.steal,
                                      'figure_from', 'the run with the median events_per_s')
-    FROM (SELECT count(*) AS cnt, jsonb_agg((doc->>'events_per_s')::numeric ORDER BY n) AS vals
+    FROM (SELECT count(*) AS cnt, jsonb_agg((doc->>'events_per_s')::numeric ORDER BY n) AS vals,
+                 jsonb_agg(doc->'steal_pct' ORDER BY n) AS steal
             FROM @S@.results WHERE kind = p_kind) a,
          LATERAL (SELECT doc FROM @S@.results WHERE kind = p_kind
                    ORDER BY (doc->>'events_per_s')::numeric, n OFFSET a.cnt / 2 LIMIT 1) d
@@ -620,7 +621,9 @@ BEGIN
            'median_pct', round((percentile_cont(0.5) WITHIN GROUP (ORDER BY (doc#>>'{cpu_s,steal_pct}')::numeric))::numeric, 1),
            'max_pct', max((doc#>>'{cpu_s,steal_pct}')::numeric),
            'latency_runs_pct', (SELECT coalesce(jsonb_object_agg(doc->>'transports', doc#>'{cpu_s,steal_pct}'), '{}')
-                                  FROM @S@.results WHERE kind = 'steady' AND doc#>'{cpu_s,steal_pct}' IS NOT NULL))
+                                  FROM @S@.results WHERE kind = 'steady' AND doc#>'{cpu_s,steal_pct}' IS NOT NULL),
+           'references_max_pct', (SELECT max((doc->>'steal_pct')::numeric) FROM @S@.results
+                                   WHERE kind IN ('ref_consume_1', 'ref_consume_50', 'ref_end_to_end_50')))
     INTO steal
     FROM @S@.results WHERE kind IN ('level', 'level_tx50', 'steady', 'consume') AND doc#>'{cpu_s,steal_pct}' IS NOT NULL;
   consume := coalesce(consume, '[]');
@@ -692,11 +695,12 @@ DECLARE
 BEGIN
   -- How much CPU the hypervisor took: figures under steal are not comparable.
   IF (r#>>'{steal,runs}')::int > 0 THEN
-    RETURN NEXT format('CPU stolen by the hypervisor during the measured runs: median %s %%, max %s %% (latency runs: %s)%s',
+    RETURN NEXT format('CPU stolen by the hypervisor during the measured runs: median %s %%, max %s %% (latency runs: %s; references: max %s %%)%s',
                        r#>>'{steal,median_pct}', r#>>'{steal,max_pct}',
                        coalesce((SELECT string_agg(format('%s %s %%', e.tr, e.pct), ', ' ORDER BY e.tr)
                                    FROM jsonb_each_text(r#>'{steal,latency_runs_pct}') e (tr, pct)), '-'),
-                       CASE WHEN (r#>>'{steal,max_pct}')::numeric > 5
+                       coalesce(r#>>'{steal,references_max_pct}', '-'),
+                       CASE WHEN greatest((r#>>'{steal,max_pct}')::numeric, (r#>>'{steal,references_max_pct}')::numeric) > 5
                             THEN ' -- a shared machine: timings are not comparable with runs made without steal' ELSE '' END);
     RETURN NEXT '';
   END IF;
@@ -818,6 +822,10 @@ BEGIN
                      r#>>'{references,handler_1_per_tx,events_per_s}', r#>>'{references,handler_1_per_tx,events_per_s_all}',
                      r#>>'{references,handler_50_per_tx,events_per_s}', r#>>'{references,handler_50_per_tx,events_per_s_all}',
                      r#>>'{references,all_writes_50_per_tx,events_per_s}', r#>>'{references,all_writes_50_per_tx,events_per_s_all}');
+  RETURN NEXT format('  steal during the references, %%: handler alone 1/tx %s, 50/tx %s; all writes 50/tx %s',
+                     coalesce(r#>>'{references,handler_1_per_tx,steal_pct_all}', '-'),
+                     coalesce(r#>>'{references,handler_50_per_tx,steal_pct_all}', '-'),
+                     coalesce(r#>>'{references,all_writes_50_per_tx,steal_pct_all}', '-'));
   RETURN NEXT '';
 
   -- CPU per event

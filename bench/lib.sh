@@ -485,26 +485,31 @@ SQL
 }
 
 # bench_pgbench SECONDS CLIENTS SCRIPT EVENTS_PER_SCRIPT — run it, print
-# "tps events_per_s" (0 0 and pgbench's output on stderr if it failed).
+# "tps events_per_s steal_pct" (steal: % of the machine's CPU time the
+# hypervisor took meanwhile; 0 0 0 and pgbench's output on stderr if it
+# failed).
 bench_pgbench() {
-	local secs=$1 clients=$2 script=$3 per=$4 out rc tps threads=2
+	local secs=$1 clients=$2 script=$3 per=$4 out rc tps threads=2 t1 t2 s1 s2
 	[ "$clients" -lt 2 ] && threads=1
+	read -r _ t1 s1 < <(machine_ticks)
 	out=$("${PGBENCH:-pgbench}" -n -M prepared -c "$clients" -j "$threads" -T "$secs" -f "$script" 2>&1)
 	rc=$?
+	read -r _ t2 s2 < <(machine_ticks)
 	tps=$(echo "$out" | sed -n 's/^tps = \([0-9.]*\) .*/\1/p' | head -1)
 	if [ "$rc" -ne 0 ] || [ -z "$tps" ]; then
 		bench_log "pgbench failed:"; echo "$out" >&2
-		echo "0 0"
+		echo "0 0 0"
 		return 1
 	fi
-	awk -v t="$tps" -v p="$per" 'BEGIN { printf "%.1f %d\n", t, t * p }'
+	awk -v t="$tps" -v p="$per" -v st=$((s2 - s1)) -v tot=$((t2 - t1)) \
+		'BEGIN { printf "%.1f %d %.1f\n", t, t * p, (tot > 0 ? 100 * st / tot : 0) }'
 }
 
 # bench_ref_consume SECONDS CLIENTS PER_TX — the handler alone: PER_TX
 # events per transaction (1 = each statement its own transaction).  Prints
 # JSON.
 bench_ref_consume() {
-	local secs=$1 clients=$2 per=$3 dir label="c$3" i tps eps
+	local secs=$1 clients=$2 per=$3 dir label="c$3" i tps eps steal
 	dir=$(mktemp -d "${TMPDIR:-/tmp}/eventbus-bench-ref.XXXXXX")
 	bench_ref_prepare "$label" "$clients"
 	{
@@ -513,10 +518,10 @@ bench_ref_consume() {
 		[ "$per" -gt 1 ] && echo 'COMMIT;'
 	} > "$dir/consume.sql"
 	bench_quiesce
-	read -r tps eps < <(bench_pgbench "$secs" "$clients" "$dir/consume.sql" "$per")
+	read -r tps eps steal < <(bench_pgbench "$secs" "$clients" "$dir/consume.sql" "$per")
 	rm -rf "$dir"
-	printf '{"what": "handler alone", "tool": "pgbench", "seconds": %s, "clients": %s, "events_per_tx": %s, "tps": %s, "events_per_s": %s}\n' \
-		"$secs" "$clients" "$per" "${tps:-0}" "${eps:-0}"
+	printf '{"what": "handler alone", "tool": "pgbench", "seconds": %s, "clients": %s, "events_per_tx": %s, "tps": %s, "events_per_s": %s, "steal_pct": %s}\n' \
+		"$secs" "$clients" "$per" "${tps:-0}" "${eps:-0}" "${steal:-0}"
 }
 
 # bench_ref_end_to_end SECONDS CLIENTS PER_TX — every write eventbus and the
@@ -524,7 +529,7 @@ bench_ref_consume() {
 # (business row + version bump + outbox row per event), relay (delete PER_TX
 # sent outbox rows), consume (inbox row + handler per event).  Prints JSON.
 bench_ref_end_to_end() {
-	local secs=$1 clients=$2 per=$3 dir label="e$3" i tps eps s=$BENCH_SCHEMA naggs
+	local secs=$1 clients=$2 per=$3 dir label="e$3" i tps eps steal s=$BENCH_SCHEMA naggs
 	naggs=$(( (1000 + clients - 1) / clients ))
 	dir=$(mktemp -d "${TMPDIR:-/tmp}/eventbus-bench-ref.XXXXXX")
 	bench_ref_prepare "$label" "$clients"
@@ -546,10 +551,10 @@ SQL
 		echo 'COMMIT;'
 	} > "$dir/e2e.sql"
 	bench_quiesce
-	read -r tps eps < <(bench_pgbench "$secs" "$clients" "$dir/e2e.sql" "$per")
+	read -r tps eps steal < <(bench_pgbench "$secs" "$clients" "$dir/e2e.sql" "$per")
 	rm -rf "$dir"
-	printf '{"what": "all writes: business row, version, outbox row and its deletion, inbox row, handler", "tool": "pgbench", "seconds": %s, "clients": %s, "events_per_tx": %s, "scripts_per_s": %s, "events_per_s": %s}\n' \
-		"$secs" "$clients" "$per" "${tps:-0}" "${eps:-0}"
+	printf '{"what": "all writes: business row, version, outbox row and its deletion, inbox row, handler", "tool": "pgbench", "seconds": %s, "clients": %s, "events_per_tx": %s, "scripts_per_s": %s, "events_per_s": %s, "steal_pct": %s}\n' \
+		"$secs" "$clients" "$per" "${tps:-0}" "${eps:-0}" "${steal:-0}"
 }
 
 # ---------------------------------------------------------------------------

@@ -114,6 +114,8 @@ is "$(grep -c '^TARGETS\|^END TO END\|^CONSUME SIDE\|^CPU PER EVENT\|^MEMORY' <<
 # and printed: timings under steal are not comparable.
 st=$(bench_field "$report" steal max_pct)
 ok "$(awk -v s="$st" 'BEGIN { print (s != "" && s + 0 >= 0 && s + 0 <= 100) ? 0 : 1 }')" "report: hypervisor steal measured over $(bench_field "$report" steal runs) runs (max ${st:-none} %)"
+rst=$(bench_field "$report" steal references_max_pct)
+ok "$(awk -v s="$rst" 'BEGIN { print (s != "" && s + 0 >= 0 && s + 0 <= 100) ? 0 : 1 }')" "report: hypervisor steal measured during the references (max ${rst:-none} %)"
 is "$(grep -c '^CPU stolen by the hypervisor during the measured runs: median [0-9.]* %, max [0-9.]* %' <<< "$text")" 1 "report: the steal is printed"
 
 # The checker itself: handler calls made by hand for a planned run "check"
