@@ -134,7 +134,7 @@ stray=$(echo "$contents" | grep -vE '^/$|^/usr/$|^/usr/(lib|share)/$|^/usr/lib/p
 is "$stray" "" "nothing else in the .deb (no test tools, nothing outside PostgreSQL 15's directories and the doc directory)"
 depends=$(dpkg-deb -f "$deb" Depends)
 diag "Depends: $depends"
-echo "$depends" | grep -qE '(^|, )postgresql-15(,|$)' &&
+echo "$depends" | grep -qE '(^|, )postgresql-15( |,|$)' &&
 	echo "$depends" | grep -qE '(^|, )librdkafka1( |,|$)' &&
 	echo "$depends" | grep -qE '(^|, )libnats3\.4( |,|$)'
 ok $? "it depends on postgresql-15, librdkafka1 and libnats3.4"
