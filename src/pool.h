@@ -35,9 +35,10 @@ typedef enum EbOutcome
 
 /*
  * A finished item, sent after the pool's commit.  lsn: the end of the WAL
- * inserted by then (insert_end_lsn in pool.c), which covers every commit the item's outcome
- * rests on (its own, or the earlier one that put it in the inbox); the
- * dispatcher acknowledges the message only once the WAL is flushed there.
+ * inserted by then (insert_end_lsn in pool.c), which covers every commit
+ * the item's outcome rests on (its own, or the earlier one that put it in
+ * the inbox); the dispatcher acknowledges the message only once the WAL is
+ * flushed there.
  */
 typedef struct EbCompletion
 {
