@@ -793,15 +793,15 @@ BEGIN
 
   -- End to end
   RETURN NEXT 'END TO END (trigger publish -> handler commit), median of the repeats; 1-5 rows per publishing transaction, * 50 rows:';
-  RETURN NEXT format('%-6s %-10s %10s %9s %4s %5s %9s %13s %6s %9s %7s %7s %7s %7s %7s', 'level', 'transport', 'events',
-                     'delivered', 'dup', 'order', 'events/s', '(min-max)', 'x ref', 'publish/s', 'pool tx', 'p50 ms', 'p95 ms', 'p99 ms', 'max ms');
+  RETURN NEXT format('%-6s %-10s %10s %9s %4s %5s %9s %13s %6s %9s %7s %8s %7s %7s %7s %7s', 'level', 'transport', 'events',
+                     'delivered', 'dup', 'order', 'events/s', '(min-max)', 'x ref', 'publish/s', 'pool tx', 'relay rd', 'p50 ms', 'p95 ms', 'p99 ms', 'max ms');
   FOR x IN SELECT l FROM jsonb_array_elements(coalesce(r->'levels', '[]') || coalesce(r->'levels_50_per_tx', '[]')) l LOOP
-    RETURN NEXT format('%-6s %-10s %10s %8s%% %4s %5s %9s %13s %6s %9s %7s %7s %7s %7s %7s',
+    RETURN NEXT format('%-6s %-10s %10s %8s%% %4s %5s %9s %13s %6s %9s %7s %8s %7s %7s %7s %7s',
                        (x->>'level') || CASE WHEN x->>'rows_per_tx' = '50-50' THEN '*' ELSE '' END, x->>'transports', (x->>'repeats') || 'x' || (x->>'published'),
                        x#>>'{all_repeats,delivered_pct}', x#>>'{all_repeats,duplicates}', x#>>'{all_repeats,order_violations}',
                        x->>'events_per_s', '(' || (x->>'events_per_s_min') || '-' || (x->>'events_per_s_max') || ')',
                        x->>'ratio_to_reference', x->>'publish_events_per_s', x->>'handler_calls_per_transaction',
-                       x#>>'{latency_ms,p50}', x#>>'{latency_ms,p95}', x#>>'{latency_ms,p99}', x#>>'{latency_ms,max}');
+                       coalesce(x->>'events_per_relay_round', '-'), x#>>'{latency_ms,p50}', x#>>'{latency_ms,p95}', x#>>'{latency_ms,p99}', x#>>'{latency_ms,max}');
   END LOOP;
   RETURN NEXT '';
 

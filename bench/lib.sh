@@ -79,6 +79,12 @@ bench_eventbus_procs() {
 	                 AND (component IN ('launcher', 'dispatcher') OR component LIKE 'worker %') ORDER BY 1"
 }
 
+# bench_relay_rounds — relay rounds that sent events, both transports, since
+# server start (eventbus.metrics).
+bench_relay_rounds() {
+	bq -c "SELECT coalesce(sum(value), 0)::bigint FROM eventbus.metrics WHERE name = 'relay_rounds_total'"
+}
+
 bench_postmaster_pid() { head -1 "$EVENTBUS_PGDATA/postmaster.pid" 2>/dev/null; }
 
 # stat_fields PID — the fields of /proc/PID/stat after "(comm)" into the
@@ -356,7 +362,7 @@ bench_go() {
 # eventbus pids for the next run and for the leftover count.
 bench_run() {
 	local key=$1 label=$2 events=$3 conns=$4 trs=$5 mode=$6 a=$7 b=$8
-	local topics=() nt c sampler cpu mem timeout pid role t tr parts=() sub_at="" pubticks="" extra
+	local topics=() nt c sampler cpu mem timeout pid role t tr parts=() sub_at="" pubticks="" extra rounds0 rounds
 	BENCH_DOC=
 	mapfile -t topics < <(bq -c "SELECT $BENCH_SCHEMA.make_plan('$key', '$BENCH_PREFIX', '$label', '$BENCH_RUN',
 	                                      $events, $conns, string_to_array('$trs', ','))")
@@ -403,6 +409,7 @@ bench_run() {
 		bench_log "$key: the sampler took no first sample within 30 s"
 	for ((t = 0; t < 100; t++)); do [ -s "$BENCH_MEM_FILE" ] && break; sleep 0.1; done
 	bench_proc_snapshot; bench_snap_save BEFORE
+	rounds0=$(bench_relay_rounds)
 	if [ "$mode" = consume ]; then
 		bench_subscribe "${topics[@]}"
 		sub_at=$BENCH_SUBSCRIBED_AT
@@ -412,6 +419,8 @@ bench_run() {
 		pubticks=$(bq -c "SELECT sum(ticks) FROM $BENCH_SCHEMA.publisher_cpu WHERE run_key = '$key'")
 	fi
 	wait "$sampler" || bench_log "$key: the sampler failed"
+	# Relay rounds in the window (consume mode relays before it: none).
+	rounds=$(( $(bench_relay_rounds) - rounds0 ))
 	bench_proc_snapshot
 	cpu=$(bench_cpu_json "$pubticks")
 	mem=$(bench_mem_stop)
@@ -432,7 +441,9 @@ bench_run() {
 	                                            'rows_per_tx', '$([ "$mode" = steady ] && echo "$a" || echo "$a-$b")',
 	                                            'topics', $nt, 'aggregates', $events / 10,
 	                                            'kafka_partitions', $( [ -n "${BENCH_KAFKA_PARTITIONS:-}" ] && echo "$BENCH_KAFKA_PARTITIONS" || echo 4),
-	                                            'cpu_s', '$cpu'::jsonb, 'memory_max', '$mem'::jsonb $extra)
+	                                            'cpu_s', '$cpu'::jsonb, 'memory_max', '$mem'::jsonb,
+	                                            'relay_rounds', $rounds,
+	                                            'events_per_relay_round', round((d->>'published')::numeric / nullif($rounds, 0), 1) $extra)
 	                          || CASE WHEN '$sub_at' <> '' THEN jsonb_build_object('startup_s',
 	                                 round(extract(epoch FROM (d->>'first_handler_start')::timestamptz - '${sub_at:-epoch}'::timestamptz)::numeric, 3))
 	                             ELSE '{}' END

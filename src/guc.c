@@ -29,6 +29,7 @@ char	   *eb_kafka_properties = NULL;
 char	   *eb_nats_credentials_file = NULL;
 char	   *eb_nats_token = NULL;
 int			eb_relay_batch_size = 1000;
+int			eb_relay_interval_ms = 5;
 int			eb_ack_timeout_ms = 30000;
 int			eb_max_payload_bytes = 1000000;
 int			eb_inbox_retention_min = 7 * 24 * 60;
@@ -397,6 +398,12 @@ eb_define_gucs(void)
 							"Maximum outbox rows the relay sends per round.",
 							NULL, &eb_relay_batch_size, 1000, 1, 10000,
 							PGC_SIGHUP, 0, NULL, NULL, NULL);
+
+	DefineCustomIntVariable("eventbus.relay_interval",
+							"Least time between the starts of two relay rounds of one transport.",
+							"Commits that arrive sooner wait for the rest of it and go in the next round; after a quiet interval a round starts at once. 0 starts a round as soon as the previous one is done.",
+							&eb_relay_interval_ms, 5, 0, 1000,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
 
 	DefineCustomIntVariable("eventbus.ack_timeout",
 							"How long the relay waits for a broker acknowledgement before retrying.",

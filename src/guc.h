@@ -16,6 +16,7 @@ extern char *eb_kafka_properties;
 extern char *eb_nats_credentials_file;
 extern char *eb_nats_token;
 extern int	eb_relay_batch_size;
+extern int	eb_relay_interval_ms;
 extern int	eb_ack_timeout_ms;
 extern int	eb_max_payload_bytes;
 extern int	eb_inbox_retention_min;

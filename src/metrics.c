@@ -107,6 +107,8 @@ eventbus_metrics(PG_FUNCTION_ARGS)
 			(double) pg_atomic_read_u64(&snap.producer[t].published));
 		put(rsinfo, "relay_failures_total", "counter", t, -1, -1,
 			(double) pg_atomic_read_u64(&snap.producer[t].failed));
+		put(rsinfo, "relay_rounds_total", "counter", t, -1, -1,
+			(double) pg_atomic_read_u64(&snap.producer[t].rounds));
 		put(rsinfo, "consumed_total", "counter", t, -1, -1,
 			(double) pg_atomic_read_u64(&c->consumed));
 		put(rsinfo, "quarantined_total", "counter", t, -1, -1,

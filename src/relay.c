@@ -77,6 +77,8 @@ typedef struct Round
 	TimestampTz backoff_due;	/* when a backed-off aggregate may be retried */
 	HTAB	   *backoff;		/* aggregates backing off (relay_keys.c) */
 	MemoryContext cxt;			/* reset after every round */
+	TimestampTz last_start;		/* when the last round looked for rows */
+	bool		paced;			/* a round waits for eventbus.relay_interval */
 } Round;
 
 static Round rounds[EB_NTRANSPORTS];
@@ -373,6 +375,7 @@ start_round(int t, Round *r)
 	r->errors = MemoryContextAllocZero(r->cxt, sizeof(char *) * n);
 	r->n = r->pending = n;
 	r->active = true;
+	pg_atomic_fetch_add_u64(&eb_shared->producer[t].rounds, 1);
 	r->deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), eb_ack_timeout_ms);
 
 	tr->round_begin(events, n);
@@ -588,11 +591,32 @@ step_transport(int t, bool woken)
 	 * this transport, the last round found some, or the periodic scan (for
 	 * prepared transactions and rows from before a restart) is due.
 	 */
-	if (!woken && !r->more && GetCurrentTimestamp() < r->next_scan &&
+	if (!woken && !r->more && !r->paced && GetCurrentTimestamp() < r->next_scan &&
 		(r->backoff_due == 0 || GetCurrentTimestamp() < r->backoff_due))
 		return Max(Min(eb_ms_until(r->next_scan),
 					   r->backoff_due ? eb_ms_until(r->backoff_due) : 1000), 1);
-	r->next_scan = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), 1000);
+
+	/*
+	 * Pace the rounds: under a stream of small commits, a round per commit
+	 * costs a query, a broker exchange and a deletion for a few events each,
+	 * CPU and WAL taken from the publishers.  Waiting out
+	 * eventbus.relay_interval since the last round started lets one round
+	 * carry several commits' events, while an event after a quiet interval
+	 * still goes at once.
+	 */
+	if (eb_relay_interval_ms > 0)
+	{
+		TimestampTz due = TimestampTzPlusMilliseconds(r->last_start, eb_relay_interval_ms);
+
+		if (GetCurrentTimestamp() < due)
+		{
+			r->paced = true;
+			return Max(eb_ms_until(due), 1);
+		}
+	}
+	r->paced = false;
+	r->last_start = GetCurrentTimestamp();
+	r->next_scan = TimestampTzPlusMilliseconds(r->last_start, 1000);
 	r->backoff_due = start_round(t, r);
 	if (r->active)
 		return round_wait(tr, r);

@@ -46,6 +46,7 @@ init_broker(EbBrokerStatus *st)
 {
 	pg_atomic_init_u64(&st->published, 0);
 	pg_atomic_init_u64(&st->failed, 0);
+	pg_atomic_init_u64(&st->rounds, 0);
 }
 
 static void

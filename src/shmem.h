@@ -37,6 +37,7 @@ typedef struct EbBrokerStatus
 	/* atomic */
 	pg_atomic_uint64 published; /* events acknowledged by the broker */
 	pg_atomic_uint64 failed;	/* delivery attempts that failed */
+	pg_atomic_uint64 rounds;	/* relay rounds that sent events */
 } EbBrokerStatus;
 
 /*

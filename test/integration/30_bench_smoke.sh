@@ -75,6 +75,9 @@ for tr in kafka nats; do
 		ok 0 "$tr: latency stages need track_commit_timestamp (off here) # SKIP"
 	fi
 	ok "$([ -n "$(f cpu_s publishers)" ] && echo 0 || echo 1)" "$tr: the publishing backends measured their CPU ($(f cpu_s publishers) s)"
+	rr=$(f relay_rounds)
+	ok "$([ "${rr:-0}" -ge 1 ] && [ "$rr" -le 500 ] && awk -v r="$rr" -v e="$(f events_per_relay_round)" 'BEGIN { d = e - 500 / r; exit !(e != "" && d < 0.051 && d > -0.051) }'; echo $?)" \
+		"$tr: relay rounds of the window counted ($rr, $(f events_per_relay_round) events per round)"
 	diag "$tr: $(f events_per_s) events/s, latency p50 $(f latency_ms p50) ms, p99 $(f latency_ms p99) ms; stages $(f stages_ms "$tr") (informational)"
 	q -c "INSERT INTO $BENCH_SCHEMA.results (kind, doc) VALUES ('level', '$BENCH_DOC'::jsonb || jsonb_build_object('level', 500, 'repeat', 1))" >/dev/null
 done

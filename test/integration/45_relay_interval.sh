@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# eventbus.relay_interval: commits that arrive within the interval after a
+# relay round started go together in the next round; with 0, each commit
+# spaced out in time gets a round of its own.  Rounds are counted by
+# relay_rounds_total (eventbus.metrics); on both transports every committed
+# event reaches the broker once, in order.  The setting's range is enforced
+# (22023) and a reload applies it.
+source "$(dirname "$0")/lib.sh"
+
+run=$(date +%s)$RANDOM
+N=20
+TK="t45.kafka.$run"
+TN="t45.nats.$run"
+trap 'q -c "ALTER SYSTEM RESET eventbus.relay_interval" -c "SELECT pg_reload_conf()" >/dev/null' EXIT
+
+rounds() { q -c "SELECT value::bigint FROM eventbus.metrics WHERE name = 'relay_rounds_total' AND transport = '$1'"; }
+topic_of() { if [ "$1" = kafka ]; then echo "$TK"; else echo "$TN"; fi; }
+relayed() { [ "$(q -c "SELECT count(*) FROM eventbus.outbox WHERE topic = '$1'")" = 0 ]; }
+
+# set_interval VALUE — ALTER SYSTEM, reload, and give the launcher time to
+# take the SIGHUP (it reloads at the top of its loop).
+set_interval() {
+	q -c "ALTER SYSTEM SET eventbus.relay_interval = '$1'" -c "SELECT pg_reload_conf()" >/dev/null
+	sleep 1
+}
+
+# publish TR FIRST LAST PAUSE — events FIRST..LAST on TR's topic, one
+# transaction each, aggregate a<i> (so NATS may send them all in one round),
+# logged in t45_pub in the same transaction; PAUSE seconds between commits.
+publish() {
+	local topic
+	topic=$(topic_of "$1")
+	q >/dev/null <<SQL
+DO \$\$
+DECLARE id uuid;
+BEGIN
+  FOR i IN $2..$3 LOOP
+    id := eventbus_publish('$topic', 'a' || i, 'Counted', jsonb_build_object('i', i), '$1');
+    INSERT INTO t45_pub VALUES (id, '$1', '$topic', 'a' || i, jsonb_build_object('i', i));
+    COMMIT;
+    PERFORM pg_sleep($4);
+  END LOOP;
+END \$\$;
+SQL
+}
+
+publish_log_setup t45_pub
+load_wire_functions
+
+is "$(q -c "SELECT boot_val || ' ' || unit || ' ' || min_val || '..' || max_val || ' ' || context FROM pg_settings WHERE name = 'eventbus.relay_interval'")" \
+	"5 ms 0..1000 sighup" "eventbus.relay_interval: default 5 ms, 0 to 1000 ms, reloadable"
+is "$(psql -X -q -v VERBOSITY=verbose -c "ALTER SYSTEM SET eventbus.relay_interval = 1001" 2>&1 | sed -n 's/^ERROR:  \([0-9A-Z]\{5\}\):.*/\1/p')" \
+	"22023" "a value over 1000 ms is refused (22023)"
+
+for tr in kafka nats; do
+	topic=$(topic_of $tr)
+
+	# Paced: a first event starts a round; the next N commits, made at
+	# once, wait out the rest of the second and go together.
+	set_interval 1000
+	publish $tr 0 0 0
+	wait_until 30 relayed "$topic" || bail "$tr: the first event was not relayed"
+	r0=$(rounds $tr)
+	publish $tr 1 $N 0
+	wait_until 30 relayed "$topic"
+	ok $? "$tr: $N events committed one by one within the interval were relayed"
+	r1=$(rounds $tr)
+	diag "$tr: $N commits within a 1 s interval took $((r1 - r0)) round(s)"
+	ok "$([ $((r1 - r0)) -ge 1 ] && [ $((r1 - r0)) -le 2 ]; echo $?)" \
+		"$tr: relay_interval = 1s: $N commits went in $((r1 - r0)) round(s) (1 or 2 expected)"
+
+	# Unpaced: commits 0.1 s apart each get their own round.
+	set_interval 0
+	r0=$(rounds $tr)
+	publish $tr $((N + 1)) $((2 * N)) 0.1
+	wait_until 30 relayed "$topic"
+	ok $? "$tr: $N events committed 0.1 s apart were relayed"
+	r1=$(rounds $tr)
+	diag "$tr: $N commits 0.1 s apart took $((r1 - r0)) rounds"
+	ok "$([ $((r1 - r0)) -ge $((N / 2)) ]; echo $?)" \
+		"$tr: relay_interval = 0: $N commits 0.1 s apart went in $((r1 - r0)) rounds (at least $((N / 2)) expected)"
+
+	r=$(check_transport t45 $tr "$TK" "$TN")
+	diag "$tr: $r"
+	is "$(field "$r" published)" "$((2 * N + 1))" "$tr: $((2 * N + 1)) events committed"
+	is "$(field "$r" missing)" "0" "$tr: none missing on the broker"
+	is "$(field "$r" duplicates)" "0" "$tr: no duplicates"
+	is "$(field "$r" order_violations)" "0" "$tr: in order per aggregate"
+done
+
+done_testing
