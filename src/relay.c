@@ -79,6 +79,7 @@ typedef struct Round
 	MemoryContext cxt;			/* reset after every round */
 	TimestampTz last_start;		/* when the last round looked for rows */
 	bool		paced;			/* a round waits for eventbus.relay_interval */
+	bool		left_behind;	/* the last round left rows it read unsent */
 } Round;
 
 static Round rounds[EB_NTRANSPORTS];
@@ -365,10 +366,16 @@ start_round(int t, Round *r)
 
 	/* Look again at once only if this round sends or moved something. */
 	r->more = fetched > 0 && (n > 0 || fetched >= eb_relay_batch_size);
+	r->left_behind = fetched >= eb_relay_batch_size;
 	if (n == 0)
 		return earliest;
 	if (tr->one_per_aggregate)
-		n = eb_distinct_aggregates(events, n, r->cxt);
+	{
+		int			sendable = eb_distinct_aggregates(events, n, r->cxt);
+
+		r->left_behind |= sendable < n;
+		n = sendable;
+	}
 
 	r->events = events;
 	r->state = MemoryContextAllocZero(r->cxt, sizeof(SlotState) * n);
@@ -602,9 +609,12 @@ step_transport(int t, bool woken)
 	 * CPU and WAL taken from the publishers.  Waiting out
 	 * eventbus.relay_interval since the last round started lets one round
 	 * carry several commits' events, while an event after a quiet interval
-	 * still goes at once.
+	 * still goes at once.  Rows the last round read but could not send (a
+	 * full batch, or an aggregate's later events on a transport that takes
+	 * one per aggregate per round) go at once: waiting would not let a round
+	 * carry more of them, and would cap a busy aggregate's rate.
 	 */
-	if (eb_relay_interval_ms > 0)
+	if (eb_relay_interval_ms > 0 && !r->left_behind)
 	{
 		TimestampTz due = TimestampTzPlusMilliseconds(r->last_start, eb_relay_interval_ms);
 
