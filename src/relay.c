@@ -653,7 +653,10 @@ eb_relay_step(void)
 
 		PG_TRY();
 		{
-			timeout = Min(timeout, step_transport(t, (pending & (1u << t)) != 0));
+			/* Not inside Min(): the macro would run the step twice. */
+			long		wait = step_transport(t, (pending & (1u << t)) != 0);
+
+			timeout = Min(timeout, wait);
 		}
 		PG_CATCH();
 		{
