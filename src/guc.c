@@ -400,8 +400,8 @@ eb_define_gucs(void)
 							PGC_SIGHUP, 0, NULL, NULL, NULL);
 
 	DefineCustomIntVariable("eventbus.relay_interval",
-							"Least time between the starts of two relay rounds of one transport.",
-							"Commits that arrive sooner wait for the rest of it and go in the next round; after a quiet interval a round starts at once. 0 starts a round as soon as the previous one is done.",
+							"Least time between the starts of two relay rounds of one transport when commits outpace the relay.",
+							"When commits arrived while a round was in flight, the next round waits until this long after the last started; a commit that finds the relay idle is sent at once. 0 starts a round as soon as the previous one is done.",
 							&eb_relay_interval_ms, 5, 0, 1000,
 							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
 

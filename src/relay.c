@@ -80,6 +80,7 @@ typedef struct Round
 	TimestampTz last_start;		/* when the last round looked for rows */
 	bool		paced;			/* a round waits for eventbus.relay_interval */
 	bool		left_behind;	/* the last round left rows it read unsent */
+	bool		outpaced;		/* commits arrived while the last round ran */
 } Round;
 
 static Round rounds[EB_NTRANSPORTS];
@@ -577,6 +578,8 @@ step_transport(int t, bool woken)
 
 	if (r->active)
 	{
+		if (woken)
+			r->outpaced = true;
 		if (r->pending == 0)
 			finish_round(t, r, NULL);
 		else if (tr->round_abandon && GetCurrentTimestamp() >= r->deadline)
@@ -604,17 +607,18 @@ step_transport(int t, bool woken)
 					   r->backoff_due ? eb_ms_until(r->backoff_due) : 1000), 1);
 
 	/*
-	 * Pace the rounds: under a stream of small commits, a round per commit
-	 * costs a query, a broker exchange and a deletion for a few events each,
-	 * CPU and WAL taken from the publishers.  Waiting out
-	 * eventbus.relay_interval since the last round started lets one round
-	 * carry several commits' events, while an event after a quiet interval
-	 * still goes at once.  Rows the last round read but could not send (a
-	 * full batch, or an aggregate's later events on a transport that takes
-	 * one per aggregate per round) go at once: waiting would not let a round
-	 * carry more of them, and would cap a busy aggregate's rate.
+	 * Pace the rounds when commits outpace them: under a stream of small
+	 * commits, a round per commit costs a query, a broker exchange and a
+	 * deletion for a few events each, CPU and WAL taken from the
+	 * publishers.  When commits arrived while the last round was in flight,
+	 * the next one waits until eventbus.relay_interval has passed since the
+	 * last started, and carries several commits' events.  A commit that
+	 * finds the relay idle goes at once, and so do rows the last round read
+	 * but could not send (a full batch, or an aggregate's later events on a
+	 * transport that takes one per aggregate per round): waiting would not
+	 * let a round carry more of them, and would cap a busy aggregate's rate.
 	 */
-	if (eb_relay_interval_ms > 0 && !r->left_behind)
+	if (eb_relay_interval_ms > 0 && r->outpaced && !r->left_behind)
 	{
 		TimestampTz due = TimestampTzPlusMilliseconds(r->last_start, eb_relay_interval_ms);
 
@@ -625,6 +629,7 @@ step_transport(int t, bool woken)
 		}
 	}
 	r->paced = false;
+	r->outpaced = false;
 	r->last_start = GetCurrentTimestamp();
 	r->next_scan = TimestampTzPlusMilliseconds(r->last_start, 1000);
 	r->backoff_due = start_round(t, r);
