@@ -32,16 +32,6 @@ set_interval() {
 	sleep 1
 }
 
-# poll_until TIMEOUT_S 'CONDITION' — wait_until at 20 ms steps, for the
-# steps that must land inside one relay_interval.
-poll_until() {
-	local deadline=$((SECONDS + $1)); shift
-	while ! eval "$*" >/dev/null 2>&1; do
-		[ $SECONDS -ge $deadline ] && return 1
-		sleep 0.02
-	done
-}
-
 # publish TR FIRST LAST PAUSE — events FIRST..LAST on TR's topic, one
 # transaction each, aggregate a<i> (so NATS may send them all in one round),
 # logged in t45_pub in the same transaction; PAUSE seconds between commits.
@@ -80,10 +70,10 @@ for tr in kafka nats; do
 	# ends, and N-1 more commit right after.  Round 2 waits out the rest
 	# of the second and carries all N.  Without the wait, round 2 would
 	# start as soon as round 1 ended, with the one event, and the N-1
-	# would need a round 3.
-	# A first event, relayed before the broker is paused: on a fresh stack,
-	# with nothing relayed yet, round 1 did not start while the Kafka
-	# broker was paused.
+	# would need a round 3.  A first event is relayed before the broker
+	# is paused: on a fresh stack, with nothing relayed yet, round 1 did
+	# not start while the Kafka broker was paused.  The steps up to round
+	# 2 must fit in its second: polled every 20 ms.
 	q >/dev/null <<SQL
 INSERT INTO t45_pub SELECT eventbus_publish('$topic', 'warm', 'Counted', '{}', '$tr'), '$tr', '$topic', 'warm', '{}';
 SQL
@@ -91,11 +81,11 @@ SQL
 	r0=$(rounds $tr)
 	kill -STOP "$bpid"
 	publish $tr 0 0 0
-	poll_until 10 "[ \"\$(rounds $tr)\" -gt $r0 ]"
+	WAIT_STEP=0.02 wait_until 10 "[ \"\$(rounds $tr)\" -gt $r0 ]"
 	ok $? "$tr: round 1 started, its broker paused"
 	publish $tr 1 1 0
 	kill -CONT "$bpid"
-	poll_until 10 "[ \"\$(q -c \"SELECT count(*) FROM eventbus.outbox WHERE topic = '$topic' AND aggregate_id = 'a0'\")\" = 0 ]"
+	WAIT_STEP=0.02 wait_until 10 "[ \"\$(q -c \"SELECT count(*) FROM eventbus.outbox WHERE topic = '$topic' AND aggregate_id = 'a0'\")\" = 0 ]"
 	ok $? "$tr: round 1 ended once its broker resumed"
 	publish $tr 2 $N 0
 	wait_until 30 relayed "$topic"

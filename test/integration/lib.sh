@@ -48,13 +48,14 @@ diag() { echo "# $*"; }
 # bail MESSAGE — abort the whole test file.
 bail() { echo "Bail out! $*"; exit 255; }
 
-# wait_until TIMEOUT_S 'SHELL CONDITION' — poll (0.2 s) until the condition,
-# re-evaluated each time (so $(...) inside it runs afresh), holds.
+# wait_until TIMEOUT_S 'SHELL CONDITION' — poll (every WAIT_STEP s, 0.2 by
+# default) until the condition, re-evaluated each time (so $(...) inside it
+# runs afresh), holds.
 wait_until() {
 	local deadline=$((SECONDS + $1)); shift
 	while ! eval "$*" >/dev/null 2>&1; do
 		[ $SECONDS -ge $deadline ] && return 1
-		sleep 0.2
+		sleep "${WAIT_STEP:-0.2}"
 	done
 	return 0
 }
