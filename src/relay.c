@@ -78,7 +78,6 @@ typedef struct Round
 	HTAB	   *backoff;		/* aggregates backing off (relay_keys.c) */
 	MemoryContext cxt;			/* reset after every round */
 	TimestampTz last_start;		/* when the last round looked for rows */
-	bool		paced;			/* a round waits for eventbus.relay_interval */
 	bool		left_behind;	/* the last round left rows it read unsent */
 	bool		outpaced;		/* commits arrived while the last round ran */
 } Round;
@@ -598,10 +597,11 @@ step_transport(int t, bool woken)
 
 	/*
 	 * Read the outbox only when there may be rows: a commit published to
-	 * this transport, the last round found some, or the periodic scan (for
-	 * prepared transactions and rows from before a restart) is due.
+	 * this transport (now, or while the last round was in flight), the last
+	 * round found some, or the periodic scan (for prepared transactions and
+	 * rows from before a restart) is due.
 	 */
-	if (!woken && !r->more && !r->paced && GetCurrentTimestamp() < r->next_scan &&
+	if (!woken && !r->more && !r->outpaced && GetCurrentTimestamp() < r->next_scan &&
 		(r->backoff_due == 0 || GetCurrentTimestamp() < r->backoff_due))
 		return Max(Min(eb_ms_until(r->next_scan),
 					   r->backoff_due ? eb_ms_until(r->backoff_due) : 1000), 1);
@@ -623,12 +623,8 @@ step_transport(int t, bool woken)
 		TimestampTz due = TimestampTzPlusMilliseconds(r->last_start, eb_relay_interval_ms);
 
 		if (GetCurrentTimestamp() < due)
-		{
-			r->paced = true;
 			return Max(eb_ms_until(due), 1);
-		}
 	}
-	r->paced = false;
 	r->outpaced = false;
 	r->last_start = GetCurrentTimestamp();
 	r->next_scan = TimestampTzPlusMilliseconds(r->last_start, 1000);

@@ -6,8 +6,8 @@
 # aggregate's later events) go at once, so one busy aggregate is not held to
 # a round per interval.  Rounds are counted by relay_rounds_total
 # (eventbus.metrics); on both transports every committed event reaches the
-# broker once, in order.  The setting's range is enforced
-# (22023) and a reload applies it.
+# broker once, in order.  The setting's range is enforced (22023) and a
+# reload applies it.
 source "$(dirname "$0")/lib.sh"
 
 run=$(date +%s)$RANDOM
