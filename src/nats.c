@@ -67,6 +67,7 @@ static struct
 	uint8	   *result;			/* AckResult per slot */
 	char		(*error)[ACK_ERROR_LEN];	/* per failed slot */
 	int			completed;
+	int			sent;			/* published so far (a round sends in waves) */
 	bool		no_responders;	/* a subject without a stream: look again */
 } acks;
 
@@ -166,7 +167,8 @@ ack_cb(jsCtx *ctx, natsMsg *msg, jsPubAck *pa, jsPubAckErr *pae, void *closure)
 						 pae && pae->ErrText ? pae->ErrText : "", jerr);
 			}
 			acks.completed++;
-			wake = acks.completed == acks.n || pa == NULL;
+			/* Everything sent is in: the relay may send the next wave. */
+			wake = acks.completed == acks.sent || pa == NULL;
 		}
 		pthread_mutex_unlock(&ack_mutex);
 	}
@@ -520,6 +522,7 @@ round_begin(const EbEvent *events, int n)
 	memset(acks.result, ACK_PENDING, n);
 	acks.n = n;
 	acks.completed = 0;
+	acks.sent = 0;
 	acks.active = true;
 	pthread_mutex_unlock(&ack_mutex);
 }
@@ -663,9 +666,18 @@ produce(const EbEvent *ev, const char *value, size_t len, int slot, char **errms
 	}
 	if (s == NATS_OK)
 	{
+		pthread_mutex_lock(&ack_mutex);
+		acks.sent++;
+		pthread_mutex_unlock(&ack_mutex);
 		eb_nats_block_signals(&old);
 		s = js_PublishMsgAsync(eb_js, &msg, NULL);
 		eb_nats_restore_signals(&old);
+		if (s != NATS_OK)
+		{
+			pthread_mutex_lock(&ack_mutex);
+			acks.sent--;
+			pthread_mutex_unlock(&ack_mutex);
+		}
 	}
 	if (s != NATS_OK)
 	{

@@ -4,20 +4,27 @@
  *
  * Work proceeds in rounds per transport: read up to relay_batch_size rows,
  * produce them, wait until every one is acknowledged or failed, then record
- * the outcomes and start the next round.  A round never starts while the
- * previous one still has events in flight, and a failure never lets an
- * aggregate's later event reach the broker before an earlier one:
- *  - a transport that acknowledges each message on its own (NATS) gets at
- *    most one event per (topic, aggregate) per round, so any mix of lost,
- *    refused and stored publishes cannot reorder an aggregate;
+ * the outcomes (one transaction) and start the next round.  A round never
+ * starts while the previous one still has events in flight, and a failure
+ * never lets an aggregate's later event reach the broker before an earlier
+ * one:
+ *  - on a transport that acknowledges each message on its own (NATS), an
+ *    aggregate has at most one event in flight: its next event in the round
+ *    is sent once the previous one is acknowledged (the round goes in
+ *    waves, each sent when everything before is in), so any mix of lost,
+ *    refused and stored publishes cannot reorder it.  When commits wait and
+ *    the round has run for eventbus.relay_interval, no further wave starts:
+ *    the rest is read again with those commits, so a long chain of one
+ *    aggregate does not hold the others' new events back;
  *  - a transport that keeps a partition in order through failures (Kafka's
  *    idempotent producer with enable.gapless.guarantee: a batch the broker
  *    refuses for good makes the producer fail instead of renumbering and
- *    sending the batches after it) gets many; when its client fails, the
- *    round is finished with what is known and a new client started;
- *  - an event the client refuses before sending stops the rest of its
- *    aggregate's events in that round from being produced.
- *
+ *    sending the batches after it) gets them all at once; when its client
+ *    fails, the round is finished with what is known and a new client
+ *    started;
+ *  - after an event failed (or the client refused it before sending), the
+ *    rest of its aggregate's events in the round are not sent.
+
  * Outcomes, per row:
  *  - acknowledged: the row is deleted;
  *  - permanent failure (the broker or client can never take it as it is,
@@ -51,7 +58,8 @@
 
 typedef enum SlotState
 {
-	SLOT_PENDING = 0,
+	SLOT_WAITING = 0,			/* not sent yet: behind its aggregate's previous event */
+	SLOT_PENDING,				/* sent, outcome not known */
 	SLOT_OK,
 	SLOT_FAILED,				/* transient */
 	SLOT_FAILED_PERMANENT
@@ -64,8 +72,10 @@ typedef struct Round
 	char	   *client_config;	/* configuration it was created with */
 	bool		active;			/* events in flight */
 	int			n;
-	int			pending;
+	int			pending;		/* slots without an outcome (waiting or sent) */
+	int			in_flight;		/* slots sent without an outcome */
 	EbEvent    *events;			/* the round's events */
+	int		   *prev;			/* previous slot of the same aggregate, or -1 */
 	SlotState  *state;
 	char	  **errors;			/* per failed slot */
 	TimestampTz deadline;
@@ -141,8 +151,9 @@ static void
 round_reset(Round *r)
 {
 	r->active = false;
-	r->n = r->pending = 0;
+	r->n = r->pending = r->in_flight = 0;
 	r->events = NULL;
+	r->prev = NULL;
 	r->state = NULL;
 	r->errors = NULL;
 	MemoryContextReset(r->cxt);
@@ -192,6 +203,7 @@ relay_ack(int transport, int slot, EbDelivery result, const char *err)
 	r->state[slot] = result == EB_DELIVERED ? SLOT_OK :
 		result == EB_FAILED_PERMANENT ? SLOT_FAILED_PERMANENT : SLOT_FAILED;
 	r->pending--;
+	r->in_flight--;
 	if (result != EB_DELIVERED)
 		r->errors[slot] = MemoryContextStrdup(r->cxt, err ? err : "unknown error");
 }
@@ -329,6 +341,53 @@ set_aside_held(int t, Round *r, EbEvent *events, bool *held, int n)
 }
 
 /*
+ * Send the round's events that may go now.  An event waits until its
+ * aggregate's previous event in the round is acknowledged, or, on a
+ * transport that keeps a partition in order through failures, only until
+ * it was handed to the client; once that event failed, it is not sent (and
+ * counts as failed: it stays in the outbox, its aggregate backs off).
+ */
+static void
+send_ready(int t, Round *r)
+{
+	const EbTransportRoutine *tr = eb_transport(t);
+	StringInfoData buf;
+	bool		sent = false;
+
+	initStringInfo(&buf);
+	for (int i = 0; i < r->n; i++)
+	{
+		int			p = r->prev[i];
+		char	   *err = NULL;
+		bool		permanent = false;
+
+		if (r->state[i] != SLOT_WAITING)
+			continue;
+		if (p >= 0 && (r->state[p] == SLOT_FAILED || r->state[p] == SLOT_FAILED_PERMANENT))
+		{
+			r->state[i] = SLOT_PENDING;
+			r->in_flight++;
+			relay_ack(t, i, EB_FAILED_TRANSIENT,
+					  "not sent: an earlier event of its aggregate failed in the same round");
+			continue;
+		}
+		if (p >= 0 && r->state[p] != SLOT_OK &&
+			(tr->one_per_aggregate || r->state[p] != SLOT_PENDING))
+			continue;
+		r->state[i] = SLOT_PENDING;
+		r->in_flight++;
+		sent = true;
+		resetStringInfo(&buf);
+		eb_envelope_encode(&buf, &r->events[i]);
+		if (!tr->produce(&r->events[i], buf.data, buf.len, i, &err, &permanent))
+			relay_ack(t, i, permanent ? EB_FAILED_PERMANENT : EB_FAILED_TRANSIENT, err);
+	}
+	pfree(buf.data);
+	if (sent)
+		r->deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), eb_ack_timeout_ms);
+}
+
+/*
  * Start a round: read rows and hand them to the producer.  Returns the
  * first moment a backed-off aggregate may be retried (0: none).
  */
@@ -338,12 +397,10 @@ start_round(int t, Round *r)
 	const EbTransportRoutine *tr = eb_transport(t);
 	EbEvent    *events;
 	bool	   *held;
-	StringInfoData buf;
 	int			n;
 	int			fetched;
 	MemoryContext cxt;
 	TimestampTz earliest;
-	HTAB	   *refused = NULL; /* aggregates with a refused event */
 
 	cxt = eb_xact_begin();
 	/*
@@ -369,50 +426,19 @@ start_round(int t, Round *r)
 	r->left_behind = fetched >= eb_relay_batch_size;
 	if (n == 0)
 		return earliest;
-	if (tr->one_per_aggregate)
-	{
-		int			sendable = eb_distinct_aggregates(events, n, r->cxt);
-
-		r->left_behind |= sendable < n;
-		n = sendable;
-	}
 
 	r->events = events;
+	r->prev = MemoryContextAlloc(r->cxt, sizeof(int) * n);
+	eb_aggregate_chains(events, n, r->prev, r->cxt);
 	r->state = MemoryContextAllocZero(r->cxt, sizeof(SlotState) * n);
 	r->errors = MemoryContextAllocZero(r->cxt, sizeof(char *) * n);
 	r->n = r->pending = n;
+	r->in_flight = 0;
 	r->active = true;
 	pg_atomic_fetch_add_u64(&eb_shared->producer[t].rounds, 1);
-	r->deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), eb_ack_timeout_ms);
 
 	tr->round_begin(events, n);
-
-	initStringInfo(&buf);
-	for (int i = 0; i < n; i++)
-	{
-		char	   *err = NULL;
-		bool		permanent = false;
-		bool		ok;
-
-		/* After a refusal, the aggregate's later events wait. */
-		if (refused != NULL && eb_key_in_set(refused, &events[i], false))
-		{
-			relay_ack(t, i, EB_FAILED_TRANSIENT,
-						 "not sent: an earlier event of its aggregate failed in the same round");
-			continue;
-		}
-		resetStringInfo(&buf);
-		eb_envelope_encode(&buf, &events[i]);
-		ok = tr->produce(&events[i], buf.data, buf.len, i, &err, &permanent);
-		if (!ok)
-		{
-			relay_ack(t, i, permanent ? EB_FAILED_PERMANENT : EB_FAILED_TRANSIENT, err);
-			if (refused == NULL)
-				refused = eb_key_set(r->cxt);
-			(void) eb_key_in_set(refused, &events[i], true);
-		}
-	}
-	pfree(buf.data);
+	send_ready(t, r);
 	return earliest;
 }
 
@@ -506,6 +532,8 @@ finish_round(int t, Round *r, const char *pending_reason)
 			if (connected)
 				eb_backoff_fail(r->backoff, &r->events[i]);
 		}
+		else if (r->state[i] == SLOT_WAITING)
+			r->left_behind = r->more = true;	/* not sent: read again at once */
 		else
 			eb_backoff_forget(r->backoff, &r->events[i]);
 	}
@@ -577,9 +605,24 @@ step_transport(int t, bool woken)
 
 	if (r->active)
 	{
+		bool		cut = false;
+
 		if (woken)
 			r->outpaced = true;
-		if (r->pending == 0)
+		if (r->pending > 0 && r->in_flight == 0)
+		{
+			/*
+			 * Everything sent is acknowledged: send the next events of the
+			 * aggregates, unless commits are waiting and the round has run
+			 * for eventbus.relay_interval (its later events then go with
+			 * those commits, in the next round).
+			 */
+			cut = r->outpaced &&
+				GetCurrentTimestamp() >= TimestampTzPlusMilliseconds(r->last_start, eb_relay_interval_ms);
+			if (!cut)
+				send_ready(t, r);
+		}
+		if (r->pending == 0 || (cut && r->in_flight == 0))
 			finish_round(t, r, NULL);
 		else if (tr->round_abandon && GetCurrentTimestamp() >= r->deadline)
 		{
@@ -614,9 +657,9 @@ step_transport(int t, bool woken)
 	 * the next one waits until eventbus.relay_interval has passed since the
 	 * last started, and carries several commits' events.  A commit that
 	 * finds the relay idle goes at once, and so do rows the last round read
-	 * but could not send (a full batch, or an aggregate's later events on a
-	 * transport that takes one per aggregate per round): waiting would not
-	 * let a round carry more of them, and would cap a busy aggregate's rate.
+	 * but did not send (a full batch, or later events of aggregates whose
+	 * waves the round stopped for waiting commits): waiting would not let a
+	 * round carry more of them, and would cap a busy aggregate's rate.
 	 */
 	if (eb_relay_interval_ms > 0 && r->outpaced && !r->left_behind)
 	{

@@ -20,9 +20,7 @@ extern void eb_backoff_arrays(HTAB *backoff, Datum *topics, Datum *aggregates,
 							  TimestampTz *earliest);
 extern void eb_backoff_fail(HTAB *backoff, const EbEvent *ev);
 extern void eb_backoff_forget(HTAB *backoff, const EbEvent *ev);
-extern HTAB *eb_key_set(MemoryContext cxt);
-extern bool eb_key_in_set(HTAB *set, const EbEvent *ev, bool add);
-extern int	eb_distinct_aggregates(EbEvent *events, int n, MemoryContext cxt);
+extern void eb_aggregate_chains(const EbEvent *events, int n, int *prev, MemoryContext cxt);
 
 /* undeliverable.c: rows moved aside by the relay, and back */
 extern void eb_undeliverable_move_failed(Datum ids, Datum errors);

@@ -1,7 +1,7 @@
 /*
  * relay_keys.c — the relay's bookkeeping per (topic, aggregate): which
- * aggregates back off after a transient failure (and until when), and sets
- * of aggregates within a round.
+ * aggregates back off after a transient failure (and until when), and the
+ * order of each aggregate's events within a round.
  */
 #include "postgres.h"
 
@@ -18,6 +18,13 @@
 #define KEY_LEN (EB_MAX_TOPIC + EB_MAX_AGGREGATE_ID + 2)
 #define BACKOFF_MIN_MS 200
 #define BACKOFF_MAX_MS 10000
+
+/* The last event of a (topic, aggregate) seen so far in a round. */
+typedef struct LastOf
+{
+	char		key[KEY_LEN];
+	int			index;
+} LastOf;
 
 /* A (topic, aggregate) backing off after a transient failure. */
 typedef struct KeyBackoff
@@ -124,42 +131,32 @@ eb_backoff_forget(HTAB *backoff, const EbEvent *ev)
 	(void) hash_search(backoff, key, HASH_REMOVE, NULL);
 }
 
-/* A set of (topic, aggregate) keys in cxt. */
-HTAB *
-eb_key_set(MemoryContext cxt)
+/*
+ * For each of the n events, the index of the previous event of its (topic,
+ * aggregate) among them, or -1 for the first: the order in which the
+ * events of one aggregate must be sent, one after the other.
+ */
+void
+eb_aggregate_chains(const EbEvent *events, int n, int *prev, MemoryContext cxt)
 {
 	HASHCTL		ctl;
+	HTAB	   *last;
 
 	memset(&ctl, 0, sizeof(ctl));
 	ctl.keysize = KEY_LEN;
-	ctl.entrysize = ctl.keysize;
+	ctl.entrysize = sizeof(LastOf);
 	ctl.hcxt = cxt;
-	return hash_create("eventbus round keys", 64, &ctl, HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
-}
-
-/* Is ev's key in the set?  With add, put it there. */
-bool
-eb_key_in_set(HTAB *set, const EbEvent *ev, bool add)
-{
-	char		key[KEY_LEN];
-	bool		found;
-
-	event_key(ev, key);
-	(void) hash_search(set, key, add ? HASH_ENTER : HASH_FIND, &found);
-	return found;
-}
-
-/* NATS: at most one event per (topic, aggregate) per round (file header). */
-int
-eb_distinct_aggregates(EbEvent *events, int n, MemoryContext cxt)
-{
-	HTAB	   *seen = eb_key_set(cxt);
-	int			kept = 0;
-
+	last = hash_create("eventbus round chains", Max(n, 16), &ctl, HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
 	for (int i = 0; i < n; i++)
-		if (!eb_key_in_set(seen, &events[i], true))
-			events[kept++] = events[i];
-	hash_destroy(seen);
-	return kept;
-}
+	{
+		char		key[KEY_LEN];
+		bool		found;
+		LastOf	   *e;
 
+		event_key(&events[i], key);
+		e = hash_search(last, key, HASH_ENTER, &found);
+		prev[i] = found ? e->index : -1;
+		e->index = i;
+	}
+	hash_destroy(last);
+}

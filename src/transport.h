@@ -62,9 +62,10 @@ typedef struct EbTransportRoutine
 	/*
 	 * The ordering property.  If the broker acknowledges each message on its
 	 * own, a failed publish followed by a stored one reorders an aggregate:
-	 * the relay then sends at most one event per aggregate per round.  If
-	 * the client keeps a partition's messages in order through failures
-	 * (Kafka's idempotent, gap-less producer), a round may hold many.
+	 * the relay then keeps at most one event per aggregate in flight, and
+	 * sends the next once it is acknowledged.  If the client keeps a
+	 * partition's messages in order through failures (Kafka's idempotent,
+	 * gap-less producer), an aggregate's events go together.
 	 */
 	bool		one_per_aggregate;
 
@@ -91,7 +92,11 @@ typedef struct EbTransportRoutine
 	/* Let in-flight reports of a failed client arrive, for at most timeout_ms. */
 	void		(*producer_drain) (int timeout_ms);
 	bool		(*connected) (void);
-	/* A round of n events starts; acks of earlier rounds are ignored. */
+	/*
+	 * A round of n events starts; acks of earlier rounds are ignored.  Its
+	 * events may be produced in waves: the client wakes the launcher once
+	 * everything produced so far is acknowledged (or one failed).
+	 */
 	void		(*round_begin) (const EbEvent *events, int n);
 	/* Send one event as slot; false on an immediate failure. */
 	bool		(*produce) (const EbEvent *ev, const char *value, size_t len, int slot,

@@ -2,9 +2,8 @@
 # eventbus.relay_interval: commits that arrive while a relay round is in
 # flight, or soon after it, go together in the next round, which waits until
 # the interval has passed since the last one started; a commit that finds the
-# relay idle goes at once; rows a round read but could not send (NATS: an
-# aggregate's later events) go at once, so one busy aggregate is not held to
-# a round per interval.  Rounds are counted by relay_rounds_total
+# relay idle goes at once; one busy aggregate's events are not held to a
+# round per interval.  Rounds are counted by relay_rounds_total
 # (eventbus.metrics); on both transports every committed event reaches the
 # broker once, in order.  The setting's range is enforced (22023) and a
 # reload applies it.
@@ -93,9 +92,10 @@ SQL
 	r1=$(rounds $tr)
 	is "$((r1 - r0))" 2 "$tr: relay_interval = 1s: the $N events committed during and right after round 1 went together in round 2"
 
-	# One aggregate's N events in one transaction: NATS sends one per
-	# round, and the rounds after the first do not wait out the interval
-	# (if they did, the N would take at least N-1 s).
+	# One aggregate's N events in one transaction are not held to a round
+	# per interval (if they were, the N would take at least N-1 s): NATS
+	# sends each once the previous one is acknowledged, in the same round
+	# (46_relay_chains.sh counts the rounds).
 	r0=$(rounds $tr)
 	q >/dev/null <<SQL
 BEGIN;
