@@ -21,16 +21,7 @@ trap restore_kafka_props EXIT
 
 load_wire_functions; publish_log_setup t17_pub
 wait_until 30 both_connected || bail "brokers not connected"
-q >/dev/null <<'SQL'
-CREATE OR REPLACE FUNCTION t17_publish(tr text, topic text, agg text, p jsonb) RETURNS uuid
-LANGUAGE plpgsql AS $$
-DECLARE id uuid;
-BEGIN
-  id := eventbus_publish(topic, agg, 'T17', p, tr);
-  INSERT INTO t17_pub VALUES (id, tr, topic, agg, p);
-  RETURN id;
-END $$;
-SQL
+logged_publish_setup t17_publish t17_pub T17
 und() { q -c "SELECT count(*) FROM eventbus.undeliverable WHERE topic = '$1' ${2:-}"; }
 on_wire() {   # on_wire TR TOPIC AGGREGATE — events of AGGREGATE the broker holds, versions in order
 	if [ "$1" = kafka ]; then wire_kafka "$2" t17_w; else wire_nats "$2" t17_w; fi

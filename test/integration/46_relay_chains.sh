@@ -39,16 +39,7 @@ on_wire() { q -c "SELECT coalesce(string_agg(env->>'event_version', ',' ORDER BY
 publish_log_setup t46_pub
 load_wire_functions
 wait_until 30 both_connected || bail "brokers not connected"
-q >/dev/null <<'SQL'
-CREATE OR REPLACE FUNCTION t46_publish(tr text, topic text, agg text, p jsonb) RETURNS uuid
-LANGUAGE plpgsql AS $$
-DECLARE id uuid;
-BEGIN
-  id := eventbus_publish(topic, agg, 'T46', p, tr);
-  INSERT INTO t46_pub VALUES (id, tr, topic, agg, p);
-  RETURN id;
-END $$;
-SQL
+logged_publish_setup t46_publish t46_pub T46
 
 # --- 1. one aggregate's events, interleaved with others', in one round ---
 for tr in kafka nats; do

@@ -161,6 +161,22 @@ publish_log_setup() {
 	q -c "DROP TABLE IF EXISTS $1; CREATE TABLE $1 (event_id uuid PRIMARY KEY, transport text, topic text, aggregate_id text, payload jsonb)" >/dev/null
 }
 
+# logged_publish_setup FUNC LOG TYPE — FUNC(tr, topic, agg, payload)
+# publishes an event of type TYPE and records it in the commit log LOG
+# (publish_log_setup) in the same transaction; returns its id.
+logged_publish_setup() {
+	q >/dev/null <<SQL
+CREATE OR REPLACE FUNCTION $1(tr text, topic text, agg text, p jsonb) RETURNS uuid
+LANGUAGE plpgsql AS \$\$
+DECLARE id uuid;
+BEGIN
+  id := eventbus_publish(topic, agg, '$3', p, tr);
+  INSERT INTO $2 VALUES (id, tr, topic, agg, p);
+  RETURN id;
+END \$\$;
+SQL
+}
+
 # burst_proc_setup — CALL t_burst(worker, n, topic_kafka, topic_nats, naggs,
 # prefix, log [, pause]) publishes n events on each transport from one
 # connection (pausing `pause` seconds after each commit, to stretch a burst), in
