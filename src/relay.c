@@ -344,8 +344,9 @@ set_aside_held(int t, Round *r, EbEvent *events, bool *held, int n)
  * Send the round's events that may go now.  An event waits until its
  * aggregate's previous event in the round is acknowledged, or, on a
  * transport that keeps a partition in order through failures, only until
- * it was handed to the client; once that event failed, it is not sent (and
- * counts as failed: it stays in the outbox, its aggregate backs off).
+ * it was handed to the client.  Behind a failed event it is not sent in
+ * this round: it stays in the outbox, untouched, for the next round (its
+ * aggregate backing off, or moved aside behind a permanent failure).
  */
 static void
 send_ready(int t, Round *r)
@@ -363,14 +364,6 @@ send_ready(int t, Round *r)
 
 		if (r->state[i] != SLOT_WAITING)
 			continue;
-		if (p >= 0 && (r->state[p] == SLOT_FAILED || r->state[p] == SLOT_FAILED_PERMANENT))
-		{
-			r->state[i] = SLOT_PENDING;
-			r->in_flight++;
-			relay_ack(t, i, EB_FAILED_TRANSIENT,
-					  "not sent: an earlier event of its aggregate failed in the same round");
-			continue;
-		}
 		if (p >= 0 && r->state[p] != SLOT_OK &&
 			(tr->one_per_aggregate || r->state[p] != SLOT_PENDING))
 			continue;
@@ -605,24 +598,20 @@ step_transport(int t, bool woken)
 
 	if (r->active)
 	{
-		bool		cut = false;
-
 		if (woken)
 			r->outpaced = true;
-		if (r->pending > 0 && r->in_flight == 0)
-		{
-			/*
-			 * Everything sent is acknowledged: send the next events of the
-			 * aggregates, unless commits are waiting and the round has run
-			 * for eventbus.relay_interval (its later events then go with
-			 * those commits, in the next round).
-			 */
-			cut = r->outpaced &&
-				GetCurrentTimestamp() >= TimestampTzPlusMilliseconds(r->last_start, eb_relay_interval_ms);
-			if (!cut)
-				send_ready(t, r);
-		}
-		if (r->pending == 0 || (cut && r->in_flight == 0))
+
+		/*
+		 * Everything sent is acknowledged: send the aggregates' next events,
+		 * unless commits wait and the round has run for
+		 * eventbus.relay_interval (the rest then goes with those commits, in
+		 * the next round).  The round ends when nothing more is sent.
+		 */
+		if (r->in_flight == 0 && r->pending > 0 &&
+			!(r->outpaced &&
+			  GetCurrentTimestamp() >= TimestampTzPlusMilliseconds(r->last_start, eb_relay_interval_ms)))
+			send_ready(t, r);
+		if (r->in_flight == 0)
 			finish_round(t, r, NULL);
 		else if (tr->round_abandon && GetCurrentTimestamp() >= r->deadline)
 		{
@@ -672,6 +661,8 @@ step_transport(int t, bool woken)
 	r->last_start = GetCurrentTimestamp();
 	r->next_scan = TimestampTzPlusMilliseconds(r->last_start, 1000);
 	r->backoff_due = start_round(t, r);
+	if (r->active && r->in_flight == 0)
+		finish_round(t, r, NULL);	/* everything refused before sending */
 	if (r->active)
 		return round_wait(tr, r);
 	/* Idle: the periodic scan picks up prepared transactions and strays. */

@@ -17,9 +17,9 @@
 #  - a failure in the middle of a chain stops it: on NATS, the third of an
 #    aggregate's five events is larger than its stream's max_msg_size; the
 #    first two are delivered, the third is undeliverable, the fourth and
-#    fifth wait behind it (never sent), 20 other aggregates in the same
-#    transaction are all delivered in order; after the fix, a retry delivers
-#    3, 4, 5 in order.
+#    fifth wait behind it (never sent, no attempt recorded), 20 other
+#    aggregates in the same transaction are all delivered in order; after
+#    the fix, a retry delivers 3, 4, 5 in order.
 source "$(dirname "$0")/lib.sh"
 trap 'q -c "ALTER SYSTEM RESET eventbus.relay_batch_size" -c "SELECT pg_reload_conf()" >/dev/null' EXIT
 
@@ -103,6 +103,8 @@ is "$(on_wire t46_fail chain)" "1,2" "nats: the chain's first two events deliver
 is "$(und "$TF" "AND held_behind IS NULL AND aggregate_id = 'chain' AND event_version = 3 AND error LIKE '%10054%'")" 1 \
 	"nats: the third is undeliverable (JetStream 10054, message size exceeds maximum)"
 is "$(und "$TF" "AND held_behind IS NOT NULL AND aggregate_id = 'chain'")" 2 "nats: the fourth and fifth wait behind it"
+is "$(und "$TF" "AND held_behind IS NOT NULL AND aggregate_id = 'chain' AND attempts = 0 AND last_error IS NULL")" 2 \
+	"nats: ... never attempted (no attempt or error recorded for them)"
 is "$(q -c "SELECT count(*) FROM t46_fail WHERE key LIKE 'other-%'")/$(q -c "SELECT count(DISTINCT key) FROM t46_fail WHERE key LIKE 'other-%' AND env->>'event_version' IN ('1', '2')")" \
 	"20/10" "nats: the 20 events of the 10 other aggregates in the same transaction delivered"
 is "$(q -c "SELECT count(*) FROM (SELECT key, (env->>'event_version')::int - row_number() OVER (PARTITION BY key ORDER BY pos) AS d FROM t46_fail WHERE key LIKE 'other-%') s WHERE d <> 0")" \
