@@ -38,6 +38,9 @@ ok "$([ "$n" -le 2 ]; echo $?)" "NATS outage logged once per state change, not p
 "$STACK" nats-start >/dev/null
 wait_until 30 both_connected
 ok $? "launcher connects to both brokers once they are up"
-ok "$([ "$(log_lines kafka)" -gt $((before_k + k)) ] && [ "$(log_lines nats)" -gt $((before_n + n)) ]; echo $?)" "reconnection logged (one line each)"
+# The line follows the state change it reports (written after the status
+# is updated): wait for it.
+wait_until 10 "[ \"\$(log_lines kafka)\" -gt $((before_k + k)) ] && [ \"\$(log_lines nats)\" -gt $((before_n + n)) ]"
+ok $? "reconnection logged (one line each)"
 
 done_testing
