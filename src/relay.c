@@ -24,7 +24,7 @@
  *    started;
  *  - after an event failed (or the client refused it before sending), the
  *    rest of its aggregate's events in the round are not sent.
-
+ *
  * Outcomes, per row:
  *  - acknowledged: the row is deleted;
  *  - permanent failure (the broker or client can never take it as it is,
