@@ -209,13 +209,6 @@ eb_nats_client_start(const char *name, bool consumer)
 		s = natsOptions_SetName(opts, name);
 	if (s == NATS_OK && consumer)
 		s = natsOptions_UseGlobalMessageDelivery(opts, true);
-	/*
-	 * The relay's publishes go out at once: cnats' flusher thread holds
-	 * every write back 1 ms to gather more, which each relay round (and
-	 * each event of a busy aggregate, sent one after the other) would wait.
-	 */
-	if (s == NATS_OK && !consumer)
-		s = natsOptions_SetSendAsap(opts, true);
 	if (s == NATS_OK)
 		s = natsOptions_SetRetryOnFailedConnect(opts, true, conn_event_cb, NULL);
 	if (s == NATS_OK)

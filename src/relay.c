@@ -12,10 +12,10 @@
  *    aggregate has at most one event in flight: its next event in the round
  *    is sent once the previous one is acknowledged (the round goes in
  *    waves, each sent when everything before is in), so any mix of lost,
- *    refused and stored publishes cannot reorder it.  When commits wait and
- *    the round has run for eventbus.relay_interval, no further wave starts:
- *    the rest is read again with those commits, so a long chain of one
- *    aggregate does not hold the others' new events back;
+ *    refused and stored publishes cannot reorder it.  Once commits arrived
+ *    during the round, no further wave starts: the rest is read again with
+ *    them, so a long chain of one aggregate does not hold the others' new
+ *    events back, and under a stream of commits a round is one wave;
  *  - a transport that keeps a partition in order through failures (Kafka's
  *    idempotent producer with enable.gapless.guarantee: a batch the broker
  *    refuses for good makes the producer fail instead of renumbering and
@@ -603,13 +603,11 @@ step_transport(int t, bool woken)
 
 		/*
 		 * Everything sent is acknowledged: send the aggregates' next events,
-		 * unless commits wait and the round has run for
-		 * eventbus.relay_interval (the rest then goes with those commits, in
-		 * the next round).  The round ends when nothing more is sent.
+		 * unless commits arrived meanwhile (the rest then goes with them, in
+		 * the next round, which starts at once).  The round ends when
+		 * nothing more is sent.
 		 */
-		if (r->in_flight == 0 && r->pending > 0 &&
-			!(r->outpaced &&
-			  GetCurrentTimestamp() >= TimestampTzPlusMilliseconds(r->last_start, eb_relay_interval_ms)))
+		if (r->in_flight == 0 && r->pending > 0 && !r->outpaced)
 			send_ready(t, r);
 		if (r->in_flight == 0)
 			finish_round(t, r, NULL);

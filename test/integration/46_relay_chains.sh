@@ -11,9 +11,8 @@
 #  - a long chain does not hold back other aggregates' new events: on NATS,
 #    with relay_batch_size 10,000, an event committed right after one
 #    aggregate's 5,000 (read in one round) reaches the broker before the
-#    last of them: the round stops sending further events once commits wait
-#    and eventbus.relay_interval has passed, and the rest follows in the
-#    next rounds, in order;
+#    last of them: the round stops sending further events once commits
+#    arrived, and the rest follows in the next rounds, in order;
 #  - a failure in the middle of a chain stops it: on NATS, the third of an
 #    aggregate's five events is larger than its stream's max_msg_size; the
 #    first two are delivered, the third is undeliverable, the fourth and
