@@ -76,6 +76,10 @@ typedef struct Round
 	int			in_flight;		/* slots sent without an outcome */
 	EbEvent    *events;			/* the round's events */
 	int		   *prev;			/* previous slot of the same aggregate, or -1 */
+	int		   *next;			/* next slot of the same aggregate, or -1 */
+	int		   *wave;			/* slots sent last time (nwave; -1: none yet) */
+	int			nwave;
+	int		   *ready;			/* scratch: candidates for the next wave */
 	SlotState  *state;
 	char	  **errors;			/* per failed slot */
 	TimestampTz deadline;
@@ -153,7 +157,8 @@ round_reset(Round *r)
 	r->active = false;
 	r->n = r->pending = r->in_flight = 0;
 	r->events = NULL;
-	r->prev = NULL;
+	r->prev = r->next = r->wave = r->ready = NULL;
+	r->nwave = -1;
 	r->state = NULL;
 	r->errors = NULL;
 	MemoryContextReset(r->cxt);
@@ -341,23 +346,37 @@ set_aside_held(int t, Round *r, EbEvent *events, bool *held, int n)
 }
 
 /*
- * Send the round's events that may go now.  An event waits until its
- * aggregate's previous event in the round is acknowledged, or, on a
- * transport that keeps a partition in order through failures, only until
- * it was handed to the client.  Behind a failed event it is not sent in
- * this round: it stays in the outbox, untouched, for the next round (its
- * aggregate backing off, or moved aside behind a permanent failure).
+ * Send the round's events that may go now: at the start every event whose
+ * aggregate's previous event in the round is not in its way; after that
+ * the next event of each aggregate whose last one sent was acknowledged.
+ * An event waits until its aggregate's previous event in the round is
+ * acknowledged, or, on a transport that keeps a partition in order through
+ * failures, only until it was handed to the client.  Behind a failed event
+ * it is not sent in this round: it stays in the outbox, untouched, for the
+ * next round (its aggregate backing off, or moved aside behind a permanent
+ * failure).  Each call looks only at its candidates, so one aggregate's
+ * long chain costs a round O(n), not a scan of the round per event.
  */
 static void
 send_ready(int t, Round *r)
 {
 	const EbTransportRoutine *tr = eb_transport(t);
 	StringInfoData buf;
-	bool		sent = false;
+	int			ncand = 0;
+
+	if (r->nwave < 0)
+		for (int i = 0; i < r->n; i++)
+			r->ready[ncand++] = i;
+	else
+		for (int k = 0; k < r->nwave; k++)
+			if (r->state[r->wave[k]] == SLOT_OK && r->next[r->wave[k]] >= 0)
+				r->ready[ncand++] = r->next[r->wave[k]];
+	r->nwave = 0;
 
 	initStringInfo(&buf);
-	for (int i = 0; i < r->n; i++)
+	for (int k = 0; k < ncand; k++)
 	{
+		int			i = r->ready[k];
 		int			p = r->prev[i];
 		char	   *err = NULL;
 		bool		permanent = false;
@@ -369,14 +388,14 @@ send_ready(int t, Round *r)
 			continue;
 		r->state[i] = SLOT_PENDING;
 		r->in_flight++;
-		sent = true;
+		r->wave[r->nwave++] = i;
 		resetStringInfo(&buf);
 		eb_envelope_encode(&buf, &r->events[i]);
 		if (!tr->produce(&r->events[i], buf.data, buf.len, i, &err, &permanent))
 			relay_ack(t, i, permanent ? EB_FAILED_PERMANENT : EB_FAILED_TRANSIENT, err);
 	}
 	pfree(buf.data);
-	if (sent)
+	if (r->nwave > 0)
 		r->deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), eb_ack_timeout_ms);
 }
 
@@ -423,6 +442,14 @@ start_round(int t, Round *r)
 	r->events = events;
 	r->prev = MemoryContextAlloc(r->cxt, sizeof(int) * n);
 	eb_aggregate_chains(events, n, r->prev, r->cxt);
+	r->next = MemoryContextAlloc(r->cxt, sizeof(int) * n);
+	memset(r->next, -1, sizeof(int) * n);
+	for (int i = 0; i < n; i++)
+		if (r->prev[i] >= 0)
+			r->next[r->prev[i]] = i;
+	r->wave = MemoryContextAlloc(r->cxt, sizeof(int) * n);
+	r->ready = MemoryContextAlloc(r->cxt, sizeof(int) * n);
+	r->nwave = -1;
 	r->state = MemoryContextAllocZero(r->cxt, sizeof(SlotState) * n);
 	r->errors = MemoryContextAllocZero(r->cxt, sizeof(char *) * n);
 	r->n = r->pending = n;
