@@ -50,8 +50,7 @@ typedef enum AckResult
 	ACK_PENDING = 0,
 	ACK_OK,
 	ACK_FAILED,
-	ACK_FAILED_PERMANENT,
-	ACK_REPORTED
+	ACK_FAILED_PERMANENT
 } AckResult;
 
 #define ACK_ERROR_LEN 160
@@ -66,7 +65,9 @@ static struct
 	IdSlot	   *index;
 	uint8	   *result;			/* AckResult per slot */
 	char		(*error)[ACK_ERROR_LEN];	/* per failed slot */
-	int			completed;
+	int		   *done;			/* slots in the order their outcome came */
+	int			completed;		/* entries of done */
+	int			taken;			/* of them, handed to the relay */
 	int			sent;			/* published so far (a round sends in waves) */
 	bool		no_responders;	/* a subject without a stream: look again */
 } acks;
@@ -166,7 +167,7 @@ ack_cb(jsCtx *ctx, natsMsg *msg, jsPubAck *pa, jsPubAckErr *pae, void *closure)
 						 pae && pae->ErrText ? ": " : "",
 						 pae && pae->ErrText ? pae->ErrText : "", jerr);
 			}
-			acks.completed++;
+			acks.done[acks.completed++] = hit->slot;
 			/* Everything sent is in: the relay may send the next wave. */
 			wake = acks.completed == acks.sent || pa == NULL;
 		}
@@ -407,15 +408,20 @@ share_max_payload(void)
 	eb_shmem_set_max_message(EB_TRANSPORT_NATS, max_payload);
 }
 
-/* Track connection state and hand finished acks to the relay. */
+/*
+ * Track connection state and hand finished acks to the relay: only those
+ * that came since the last poll (a round sending in waves is polled once
+ * per wave).
+ */
 static bool
 producer_poll(void)
 {
-	int			n;
+	int			from;
+	int			to;
+	int			k = 0;
 	int		   *done;
 	uint8	   *res;
 	char		(*errors)[ACK_ERROR_LEN];
-	int			ndone = 0;
 	bool		forget_streams;
 
 	if (eb_nats_conn == NULL)
@@ -423,26 +429,9 @@ producer_poll(void)
 	eb_nats_poll_state();
 	share_max_payload();
 
-	/* Only this thread changes acks.n; allocate before taking the mutex. */
-	n = acks.n;
-	if (n == 0)
-		return true;
-	done = palloc(sizeof(int) * n);
-	res = palloc(n);
-	errors = palloc((Size) ACK_ERROR_LEN * n);
-
 	pthread_mutex_lock(&ack_mutex);
-	for (int i = 0; acks.active && i < n; i++)
-	{
-		if (acks.result[i] == ACK_OK || acks.result[i] == ACK_FAILED ||
-			acks.result[i] == ACK_FAILED_PERMANENT)
-		{
-			done[ndone] = i;
-			res[ndone] = acks.result[i];
-			memcpy(errors[ndone++], acks.error[i], ACK_ERROR_LEN);
-			acks.result[i] = ACK_REPORTED;
-		}
-	}
+	from = acks.taken;
+	to = acks.active ? acks.completed : from;
 	forget_streams = acks.no_responders;
 	acks.no_responders = false;
 	pthread_mutex_unlock(&ack_mutex);
@@ -453,8 +442,27 @@ producer_poll(void)
 		hash_destroy(streams_ready);
 		streams_ready = NULL;
 	}
+	if (to == from)
+		return true;
 
-	for (int i = 0; i < ndone && ack_fn != NULL; i++)
+	/*
+	 * Allocate outside the mutex (an error must not leave it held); only
+	 * this thread starts rounds or takes acks, so done[from..to) stays.
+	 */
+	done = palloc(sizeof(int) * (to - from));
+	res = palloc(to - from);
+	errors = palloc((Size) ACK_ERROR_LEN * (to - from));
+	pthread_mutex_lock(&ack_mutex);
+	for (int i = from; i < to; k++, i++)
+	{
+		done[k] = acks.done[i];
+		res[k] = acks.result[done[k]];
+		memcpy(errors[k], acks.error[done[k]], ACK_ERROR_LEN);
+	}
+	acks.taken = to;
+	pthread_mutex_unlock(&ack_mutex);
+
+	for (int i = 0; i < k && ack_fn != NULL; i++)
 		ack_fn(EB_TRANSPORT_NATS, done[i],
 			   res[i] == ACK_OK ? EB_DELIVERED :
 			   res[i] == ACK_FAILED_PERMANENT ? EB_FAILED_PERMANENT : EB_FAILED_TRANSIENT,
@@ -499,19 +507,39 @@ eb_nats_connected(void)
 static void
 round_begin(const EbEvent *events, int n)
 {
-	pthread_mutex_lock(&ack_mutex);
-	if (n > acks.capacity)
+	IdSlot	   *index = acks.index;
+	uint8	   *result = acks.result;
+	char		(*error)[ACK_ERROR_LEN] = acks.error;
+	int		   *done = acks.done;
+	bool		grow = n > acks.capacity;	/* only this thread changes it */
+
+	/* Allocate outside the mutex: an error must not leave it held. */
+	if (grow)
 	{
-		if (acks.index)
-		{
-			pfree(acks.index);
-			pfree(acks.result);
-			pfree(acks.error);
-		}
-		acks.index = MemoryContextAlloc(TopMemoryContext, sizeof(IdSlot) * n);
-		acks.result = MemoryContextAlloc(TopMemoryContext, n);
-		acks.error = MemoryContextAlloc(TopMemoryContext, (Size) ACK_ERROR_LEN * n);
+		index = MemoryContextAlloc(TopMemoryContext, sizeof(IdSlot) * n);
+		result = MemoryContextAlloc(TopMemoryContext, n);
+		error = MemoryContextAlloc(TopMemoryContext, (Size) ACK_ERROR_LEN * n);
+		done = MemoryContextAlloc(TopMemoryContext, sizeof(int) * n);
+	}
+
+	pthread_mutex_lock(&ack_mutex);
+	if (grow)
+	{
+		/* The old arrays are freed below, once no thread can see them. */
+		IdSlot	   *swap_index = acks.index;
+		uint8	   *swap_result = acks.result;
+		char		(*swap_error)[ACK_ERROR_LEN] = acks.error;
+		int		   *swap_done = acks.done;
+
+		acks.index = index;
+		acks.result = result;
+		acks.error = error;
+		acks.done = done;
 		acks.capacity = n;
+		index = swap_index;
+		result = swap_result;
+		error = swap_error;
+		done = swap_done;
 	}
 	for (int i = 0; i < n; i++)
 	{
@@ -522,9 +550,18 @@ round_begin(const EbEvent *events, int n)
 	memset(acks.result, ACK_PENDING, n);
 	acks.n = n;
 	acks.completed = 0;
+	acks.taken = 0;
 	acks.sent = 0;
 	acks.active = true;
 	pthread_mutex_unlock(&ack_mutex);
+
+	if (grow && index != NULL)
+	{
+		pfree(index);
+		pfree(result);
+		pfree(error);
+		pfree(done);
+	}
 }
 
 /* Give up on unacknowledged publishes of this round: they will be resent. */
