@@ -416,9 +416,11 @@ bench_run() {
 	else
 		bench_go "$key"
 		for c in "${BENCH_PUB_PIDS[@]}"; do wait "$c" || bench_log "$key: a publishing connection failed"; done
-		pubticks=$(bq -c "SELECT sum(ticks) FROM $BENCH_SCHEMA.publisher_cpu WHERE run_key = '$key'")
 	fi
 	wait "$sampler" || bench_log "$key: the sampler failed"
+	# Only now (the run's last handler committed): a query in the run's tail
+	# would start a backend (psql) while the pipeline still works.
+	[ "$mode" != consume ] && pubticks=$(bq -c "SELECT sum(ticks) FROM $BENCH_SCHEMA.publisher_cpu WHERE run_key = '$key'")
 	# Relay rounds in the window (consume mode relays before it: none).
 	rounds=$(( $(bench_relay_rounds) - rounds0 ))
 	bench_proc_snapshot
