@@ -16,11 +16,13 @@ extern long eb_relay_step(void);
 /* relay_keys.c: the relay's per-(topic, aggregate) bookkeeping */
 extern HTAB *eb_backoff_create(void);
 extern void eb_backoff_clear(HTAB *backoff);
-extern void eb_backoff_arrays(HTAB *backoff, Datum *topics, Datum *aggregates,
-							  TimestampTz *earliest);
+extern void eb_backoff_arrays(HTAB *backoff, const EbEvent *extra, int nextra,
+							  Datum *topics, Datum *aggregates, TimestampTz *earliest);
 extern void eb_backoff_fail(HTAB *backoff, const EbEvent *ev);
 extern void eb_backoff_forget(HTAB *backoff, const EbEvent *ev);
 extern void eb_aggregate_chains(const EbEvent *events, int n, int *prev, MemoryContext cxt);
+extern int	eb_long_chains(const EbEvent *events, int n, int min_len, EbEvent *heads,
+						   MemoryContext cxt);
 
 /* undeliverable.c: rows moved aside by the relay, and back */
 extern void eb_undeliverable_move_failed(Datum ids, Datum errors);

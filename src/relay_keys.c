@@ -66,17 +66,19 @@ event_key(const EbEvent *ev, char *key)
 }
 
 /*
- * The aggregates still backing off, as two text[] datums (topics, aggregate
- * ids).  Entries long expired (their rows went elsewhere) are dropped.
- * Sets *earliest to the first moment one of them may be retried (0: none).
+ * The aggregates still backing off, and those of the nextra events of extra,
+ * as two text[] datums (topics, aggregate ids).  Entries long expired (their
+ * rows went elsewhere) are dropped.  Sets *earliest to the first moment a
+ * backed-off one may be retried (0: none).
  */
 void
-eb_backoff_arrays(HTAB *backoff, Datum *topics, Datum *aggregates, TimestampTz *earliest)
+eb_backoff_arrays(HTAB *backoff, const EbEvent *extra, int nextra,
+				  Datum *topics, Datum *aggregates, TimestampTz *earliest)
 {
 	HASH_SEQ_STATUS seq;
 	KeyBackoff *e;
 	TimestampTz now = GetCurrentTimestamp();
-	long		count = hash_get_num_entries(backoff);
+	long		count = hash_get_num_entries(backoff) + nextra;
 	Datum	   *t = palloc(sizeof(Datum) * Max(count, 1));
 	Datum	   *a = palloc(sizeof(Datum) * Max(count, 1));
 	int			k = 0;
@@ -97,6 +99,11 @@ eb_backoff_arrays(HTAB *backoff, Datum *topics, Datum *aggregates, TimestampTz *
 			*earliest = e->next_try;
 		t[k] = PointerGetDatum(cstring_to_text_with_len(e->key, sep - e->key));
 		a[k++] = CStringGetTextDatum(sep + 1);
+	}
+	for (int i = 0; i < nextra; i++)
+	{
+		t[k] = CStringGetTextDatum(extra[i].topic);
+		a[k++] = CStringGetTextDatum(extra[i].aggregate_id);
 	}
 	*topics = PointerGetDatum(construct_array(t, k, TEXTOID, -1, false, TYPALIGN_INT));
 	*aggregates = PointerGetDatum(construct_array(a, k, TEXTOID, -1, false, TYPALIGN_INT));
@@ -159,4 +166,27 @@ eb_aggregate_chains(const EbEvent *events, int n, int *prev, MemoryContext cxt)
 		e->index = i;
 	}
 	hash_destroy(last);
+}
+
+/*
+ * The aggregates with at least min_len of the n events: one event of each
+ * goes to heads (room for n).  Returns how many.
+ */
+int
+eb_long_chains(const EbEvent *events, int n, int min_len, EbEvent *heads, MemoryContext cxt)
+{
+	int		   *prev = MemoryContextAlloc(cxt, sizeof(int) * Max(n, 1));
+	int		   *len = MemoryContextAlloc(cxt, sizeof(int) * Max(n, 1));
+	int			k = 0;
+
+	eb_aggregate_chains(events, n, prev, cxt);
+	for (int i = 0; i < n; i++)
+	{
+		len[i] = prev[i] >= 0 ? len[prev[i]] + 1 : 1;
+		if (len[i] == min_len)
+			heads[k++] = events[i];
+	}
+	pfree(prev);
+	pfree(len);
+	return k;
 }

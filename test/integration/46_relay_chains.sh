@@ -13,6 +13,11 @@
 #    aggregate's 5,000 (read in one round) reaches the broker before the
 #    last of them: the round stops sending further events once commits
 #    arrived, and the rest follows in the next rounds, in order;
+#  - a long chain does not hold back the rows after a full batch: on NATS,
+#    with the default relay_batch_size (1,000), 20 events of 20 other
+#    aggregates committed one by one after one aggregate's 5,000 reach the
+#    broker before the chain's 2,500th (rows after a batch are otherwise
+#    read only once the chain is shorter than a batch: after its 4,000th);
 #  - a failure in the middle of a chain stops it: on NATS, the third of an
 #    aggregate's five events is larger than its stream's max_msg_size; the
 #    first two are delivered, the third is undeliverable, the fourth and
@@ -27,11 +32,24 @@ TK="t46.kafka.$run"
 TN="t46.nats.$run"
 TL="t46.long.$run"
 TF="t46.fail.$run"
+TH="t46.hot.$run"
 STREAM="T46_$run"
 
 rounds() { q -c "SELECT value::bigint FROM eventbus.metrics WHERE name = 'relay_rounds_total' AND transport = '$1'"; }
 relayed() { [ "$(q -c "SELECT count(*) FROM eventbus.outbox WHERE topic = '$1'")" = 0 ]; }
 und() { q -c "SELECT count(*) FROM eventbus.undeliverable WHERE topic = '$1' ${2:-}"; }
+# ok_before WHAT SEQ THAN SEQ2 MESSAGE — stream sequence SEQ is before SEQ2
+ok_before() {
+	diag "nats: stream sequence of $1 $2, of $3 $4"
+	ok "$([ -n "$2" ] && [ -n "$4" ] && [ "$2" -lt "$4" ]; echo $?)" "$5"
+}
+# chain_on_wire TABLE AGGREGATE — "events/distinct event ids/versions out of
+# place" of AGGREGATE on the broker (versions expected 1, 2, ... in order)
+chain_on_wire() {
+	q -c "SELECT count(*) || '/' || count(DISTINCT env->>'event_id') || '/' || count(*) FILTER (WHERE d <> 0)
+	        FROM (SELECT env, (env->>'event_version')::int - row_number() OVER (ORDER BY pos) AS d
+	                FROM $1 WHERE key = '$2') s"
+}
 # on_wire TABLE AGGREGATE — versions of AGGREGATE in broker order
 on_wire() { q -c "SELECT coalesce(string_agg(env->>'event_version', ',' ORDER BY part, pos), '') FROM $1 WHERE key = '$2'"; }
 
@@ -75,13 +93,29 @@ q -c "ALTER SYSTEM RESET eventbus.relay_batch_size" -c "SELECT pg_reload_conf()"
 wire_nats "$TL" t46_long
 late=$(q -c "SELECT min(pos) FROM t46_long WHERE key = 'late'")
 last=$(q -c "SELECT max(pos) FROM t46_long WHERE key = 'long'")
-diag "nats: stream sequence of the later commit's event $late, of the chain's last event $last"
-ok "$([ -n "$late" ] && [ -n "$last" ] && [ "$late" -lt "$last" ]; echo $?)" \
+ok_before "the later commit's event" "$late" "the chain's last event" "$last" \
 	"nats: the event committed after the 5,000 reached the broker before the last of them"
-is "$(q -c "SELECT count(*) FROM t46_long WHERE key = 'long'")/$(q -c "SELECT count(DISTINCT env->>'event_id') FROM t46_long WHERE key = 'long'")" \
-	"5000/5000" "nats: the chain's 5,000 events on the broker once each"
-is "$(q -c "SELECT count(*) FROM (SELECT (env->>'event_version')::int - row_number() OVER (ORDER BY pos) AS d FROM t46_long WHERE key = 'long') s WHERE d <> 0")" \
-	"0" "nats: the chain's events on the broker in version order 1..5000"
+r=$(chain_on_wire t46_long long)
+is "${r%/*}" "5000/5000" "nats: the chain's 5,000 events on the broker once each"
+is "${r##*/}" "0" "nats: the chain's events on the broker in version order 1..5000"
+
+# --- 2b. a long chain does not hold back the rows after a full batch ---
+# The default relay_batch_size (1,000): the chain fills every batch until
+# its last 1,000, so the 20 later commits are found only by reading past it.
+q -c "SELECT t46_publish('nats', '$TH', 'warm', '{}')" >/dev/null
+wait_until 30 relayed "$TH" || bail "nats: the first event on $TH was not relayed"
+q -c "SELECT count(t46_publish('nats', '$TH', 'hot', jsonb_build_object('g', g))) FROM generate_series(1, 5000) g" >/dev/null
+q -c "DO \$\$ BEGIN FOR g IN 1..20 LOOP PERFORM t46_publish('nats', '$TH', 'other-' || g, '{}'); COMMIT; PERFORM pg_sleep(0.01); END LOOP; END \$\$" >/dev/null
+wait_until 120 relayed "$TH"
+ok $? "nats: 5,000 events of one aggregate and 20 of others, committed one by one after them, relayed"
+wire_nats "$TH" t46_hot
+others=$(q -c "SELECT max(pos) FROM t46_hot WHERE key LIKE 'other-%'")
+mid=$(q -c "SELECT pos FROM t46_hot WHERE key = 'hot' AND env->>'event_version' = '2500'")
+ok_before "the last of the 20 later events" "$others" "the chain's 2,500th event" "$mid" \
+	"nats: the 20 events committed after the chain reached the broker before its 2,500th event"
+is "$(q -c "SELECT count(*) FROM t46_hot WHERE key LIKE 'other-%'")/$(q -c "SELECT count(DISTINCT key) FROM t46_hot WHERE key LIKE 'other-%'")" \
+	"20/20" "nats: the 20 later events on the broker once each"
+is "$(chain_on_wire t46_hot hot)" "5000/5000/0" "nats: the chain's 5,000 events on the broker once each, in version order"
 
 # --- 3. a failure in the middle of a chain stops it ---
 "$NATSTOOL" --url "$EVENTBUS_NATS_URL" ensure-stream "$STREAM" "$TF" >/dev/null &&
