@@ -108,9 +108,9 @@ static SPIPlanPtr fail_plan = NULL;
 
 /*
  * Rows in id order after id $4, without the aggregates backing off ($2, $3:
- * topics and aggregate ids).  The held variant also says whether a row's aggregate has
- * rows in eventbus.undeliverable: such a row must wait (not be sent), in the
- * same snapshot that found it.  The transport is a literal (%s), one plan
+ * topics and aggregate ids).  The held variant also says whether a row's
+ * aggregate has rows in eventbus.undeliverable: such a row must wait (not
+ * be sent), in the same snapshot that found it.  The transport is a literal (%s), one plan
  * per transport: kept plans are generic, and a generic plan for
  * "transport = $1" cannot tell from the statistics that one transport has
  * a large backlog (the other's broker down) and would walk it, in id
@@ -268,14 +268,15 @@ row_to_event(HeapTuple tup, TupleDesc desc, EbEvent *ev)
 }
 
 /*
- * Read up to relay_batch_size rows with ids after after, leaving out the
- * aggregates in topics and aggregates (text[]), into events and held (in
- * r->cxt).  held[i] says whether row i must wait behind an undeliverable
- * row of its aggregate.  Runs in the round's snapshot (read only).
+ * Read up to relay_batch_size rows with ids greater than after, leaving out
+ * the aggregates in topics and aggregates (text[]), into *events and *held
+ * (allocated in r->cxt).  (*held)[i] says whether row i must wait behind an
+ * undeliverable row of its aggregate.  Runs in the round's snapshot (read
+ * only).
  */
 static int
 read_rows(int t, Round *r, int64 after, Datum topics, Datum aggregates,
-		  EbEvent *events, bool *held)
+		  EbEvent **events, bool **held)
 {
 	Oid			argtypes[4] = {INT4OID, TEXTARRAYOID, TEXTARRAYOID, INT8OID};
 	Datum		args[4];
@@ -300,13 +301,15 @@ read_rows(int t, Round *r, int64 after, Datum topics, Datum aggregates,
 
 	n = (int) SPI_processed;
 	old = MemoryContextSwitchTo(r->cxt);
+	*events = palloc(sizeof(EbEvent) * Max(n, 1));
+	*held = palloc(sizeof(bool) * Max(n, 1));
 	for (int i = 0; i < n; i++)
 	{
 		bool		isnull;
 
-		row_to_event(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, &events[i]);
-		held[i] = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc,
-											 14, &isnull));
+		row_to_event(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, &(*events)[i]);
+		(*held)[i] = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc,
+												14, &isnull));
 	}
 	MemoryContextSwitchTo(old);
 	SPI_freetuptable(SPI_tuptable);
@@ -314,8 +317,8 @@ read_rows(int t, Round *r, int64 after, Datum topics, Datum aggregates,
 }
 
 /*
- * Read the next rows of a transport's outbox into r->cxt (see read_rows);
- * returns how many.
+ * Read the next rows of a transport's outbox (see read_rows); returns how
+ * many.
  *
  * Where the transport keeps one event per aggregate in flight, a full batch
  * whose rows are mostly a few long chains (an aggregate's thousands of
@@ -331,38 +334,42 @@ read_rows(int t, Round *r, int64 after, Datum topics, Datum aggregates,
 static int
 fetch_batch(int t, Round *r, EbEvent **events, bool **held, TimestampTz *earliest)
 {
-	int			batch = eb_relay_batch_size;
-	EbEvent    *ev = MemoryContextAlloc(r->cxt, sizeof(EbEvent) * batch);
-	bool	   *hd = MemoryContextAlloc(r->cxt, sizeof(bool) * batch);
 	Datum		topics;
 	Datum		aggregates;
 	int			n;
 
 	eb_backoff_arrays(r->backoff, NULL, 0, &topics, &aggregates, earliest);
-	n = read_rows(t, r, 0, topics, aggregates, ev, hd);
+	n = read_rows(t, r, 0, topics, aggregates, events, held);
 
-	if (n == batch && eb_transport(t)->one_per_aggregate &&
+	if (n == eb_relay_batch_size && eb_transport(t)->one_per_aggregate &&
 		GetCurrentTimestamp() >= r->next_read_past)
 	{
 		EbEvent    *heads = palloc(sizeof(EbEvent) * n);
-		int			nlong = eb_long_chains(ev, n, LONG_CHAIN, heads, CurrentMemoryContext);
+		int			nlong = eb_long_chains(*events, n, LONG_CHAIN, heads, CurrentMemoryContext);
 
 		if (nlong > 0)
 		{
 			TimestampTz start = GetCurrentTimestamp();
 			TimestampTz now;
 			TimestampTz ignored;
+			EbEvent    *more;
+			bool	   *more_held;
+			int			m;
 
-			ev = repalloc(ev, sizeof(EbEvent) * 2 * batch);
-			hd = repalloc(hd, sizeof(bool) * 2 * batch);
 			eb_backoff_arrays(r->backoff, heads, nlong, &topics, &aggregates, &ignored);
-			n += read_rows(t, r, ev[n - 1].outbox_id, topics, aggregates, ev + n, hd + n);
+			m = read_rows(t, r, (*events)[n - 1].outbox_id, topics, aggregates, &more, &more_held);
+			if (m > 0)
+			{
+				*events = repalloc(*events, sizeof(EbEvent) * (n + m));
+				*held = repalloc(*held, sizeof(bool) * (n + m));
+				memcpy(*events + n, more, sizeof(EbEvent) * m);
+				memcpy(*held + n, more_held, sizeof(bool) * m);
+				n += m;
+			}
 			now = GetCurrentTimestamp();
 			r->next_read_past = now + 4 * (now - start);
 		}
 	}
-	*events = ev;
-	*held = hd;
 	return n;
 }
 
