@@ -395,7 +395,7 @@ eb_define_gucs(void)
 							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, show_nats_token);
 
 	DefineCustomIntVariable("eventbus.relay_batch_size",
-							"Maximum outbox rows the relay sends per round.",
+							"Maximum outbox rows the relay reads at once for a round.",
 							NULL, &eb_relay_batch_size, 1000, 1, 10000,
 							PGC_SIGHUP, 0, NULL, NULL, NULL);
 

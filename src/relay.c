@@ -110,11 +110,11 @@ static SPIPlanPtr fail_plan = NULL;
  * Rows in id order after id $4, without the aggregates backing off ($2, $3:
  * topics and aggregate ids).  The held variant also says whether a row's
  * aggregate has rows in eventbus.undeliverable: such a row must wait (not
- * be sent), in the same snapshot that found it.  The transport is a literal (%s), one plan
- * per transport: kept plans are generic, and a generic plan for
- * "transport = $1" cannot tell from the statistics that one transport has
- * a large backlog (the other's broker down) and would walk it, in id
- * order, at every round of the other.  The header arrays are built only
+ * be sent), in the same snapshot that found it.  The transport is a
+ * literal (%s), one plan per transport: kept plans are generic, and a
+ * generic plan for "transport = $1" cannot tell from the statistics that
+ * one transport has a large backlog (the other's broker down) and would
+ * walk it, in id order, at every round of the other.  The header arrays are built only
  * for rows that have headers: most have none, and each sub-select costs a
  * rescan per row even for NULL.
  */
