@@ -473,17 +473,21 @@ CREATE TABLE @S@.results (
     doc    jsonb NOT NULL
 );
 
--- run_summary(kind, metric): one row per (transports, level) of the runs of
--- that kind — the run with the median metric among its repeats (all its
--- figures from that same run), plus every repeat's metric, and loss /
--- duplicates / order violations summed over all repeats.
-CREATE FUNCTION @S@.run_summary(p_kind text, p_metric text) RETURNS TABLE (n int, kind text, doc jsonb) LANGUAGE sql AS $$
+-- run_summary(kind, metric, higher_is_worse): one row per (transports,
+-- level) of the runs of that kind — the run with the median metric among its
+-- repeats (all its figures from that same run; of an even number, the worse
+-- of the two middle ones: the lower, or the higher when higher_is_worse),
+-- plus every repeat's metric, and loss / duplicates / order violations
+-- summed over all repeats.
+CREATE FUNCTION @S@.run_summary(p_kind text, p_metric text, p_higher_is_worse boolean DEFAULT false)
+RETURNS TABLE (n int, kind text, doc jsonb) LANGUAGE sql AS $$
   WITH runs AS (
     SELECT r.n, r.doc, r.doc->>'transports' AS tr, (r.doc->>'level')::int AS lvl,
            (r.doc->>p_metric)::numeric AS m
       FROM @S@.results r WHERE r.kind = p_kind),
   ranked AS (
-    SELECT runs.*, row_number() OVER (PARTITION BY tr, lvl ORDER BY m, runs.n) AS rn,
+    SELECT runs.*, row_number() OVER (PARTITION BY tr, lvl
+                                      ORDER BY CASE WHEN p_higher_is_worse THEN -m ELSE m END, runs.n) AS rn,
            count(*) OVER (PARTITION BY tr, lvl) AS cnt
       FROM runs),
   agg AS (
@@ -500,7 +504,7 @@ CREATE FUNCTION @S@.run_summary(p_kind text, p_metric text) RETURNS TABLE (n int
                'published', a.published, 'delivered', a.delivered,
                'delivered_pct', round(100.0 * a.delivered / nullif(a.published, 0), 2),
                'duplicates', a.dups, 'order_violations', a.viol, 'unexpected', a.unexpected))
-    FROM agg a JOIN ranked m ON m.tr = a.tr AND m.lvl = a.lvl AND m.rn = (m.cnt + 1) / 2
+    FROM agg a JOIN ranked m ON m.tr = a.tr AND m.lvl IS NOT DISTINCT FROM a.lvl AND m.rn = (m.cnt + 1) / 2
 $$;
 
 CREATE FUNCTION @S@.level_summary() RETURNS TABLE (n int, kind text, doc jsonb) LANGUAGE sql AS $$
@@ -599,8 +603,13 @@ BEGIN
                      'ratio_to_pgbench_1_per_tx', round((doc->>'handling_events_per_s')::numeric / nullif(c1, 0), 3),
                      'cpu_us_per_event', @S@.cpu_per_event(doc)) ORDER BY n)
     INTO consume FROM @S@.run_summary('consume', 'handling_events_per_s');
-  SELECT jsonb_object_agg(doc->>'transports', doc || jsonb_build_object('cpu_us_per_event', @S@.cpu_per_event(doc)))
-    INTO steady FROM @S@.results WHERE kind = 'steady';
+  SELECT jsonb_object_agg(s.doc->>'transports', s.doc || jsonb_build_object(
+           'cpu_us_per_event', @S@.cpu_per_event(s.doc),
+           'latency_all', (SELECT jsonb_agg(jsonb_build_object('repeat', r.doc->'repeat', 'p50_ms', r.doc#>'{latency_ms,p50}',
+                                                               'p99_ms', r.doc#>'{latency_ms,p99}', 'steal_pct', r.doc#>'{cpu_s,steal_pct}')
+                                            ORDER BY r.n)
+                             FROM @S@.results r WHERE r.kind = 'steady' AND r.doc->>'transports' = s.doc->>'transports')))
+    INTO steady FROM @S@.run_summary('steady', 'p99_ms', true) s;
   mem := @S@.memory_summary();
   SELECT doc INTO idle FROM @S@.results WHERE kind = 'idle' ORDER BY n DESC LIMIT 1;
   SELECT doc INTO idle_lp FROM @S@.results WHERE kind = 'idle_long_poll' ORDER BY n DESC LIMIT 1;
@@ -617,7 +626,7 @@ BEGIN
   SELECT jsonb_agg(jsonb_build_object('run', r.k, 'transports', r.d->>'transports', 'delivered', r.d->'delivered')
                    || @S@.cpu_per_event(r.d) ORDER BY r.o)
     INTO cpu
-    FROM (SELECT 0 AS o, 'steady ' || (doc->>'rate') || '/s' AS k, doc AS d FROM @S@.results WHERE kind = 'steady'
+    FROM (SELECT 0 AS o, 'steady ' || (doc->>'rate') || '/s' AS k, doc AS d FROM @S@.run_summary('steady', 'p99_ms', true)
           UNION ALL SELECT 1, 'level ' || (doc->>'level'), doc FROM @S@.run_summary('level', 'events_per_s')
           UNION ALL SELECT 1, 'level ' || (doc->>'level') || ' 50/tx', doc FROM @S@.run_summary('level_tx50', 'events_per_s')
           UNION ALL SELECT 2, 'consume ' || (doc->>'level'), doc FROM @S@.run_summary('consume', 'handling_events_per_s')) r;
@@ -627,8 +636,10 @@ BEGIN
   SELECT jsonb_build_object('runs', count(*),
            'median_pct', round((percentile_cont(0.5) WITHIN GROUP (ORDER BY (doc#>>'{cpu_s,steal_pct}')::numeric))::numeric, 1),
            'max_pct', max((doc#>>'{cpu_s,steal_pct}')::numeric),
-           'latency_runs_pct', (SELECT coalesce(jsonb_object_agg(doc->>'transports', doc#>'{cpu_s,steal_pct}'), '{}')
-                                  FROM @S@.results WHERE kind = 'steady' AND doc#>'{cpu_s,steal_pct}' IS NOT NULL),
+           'latency_runs_pct', (SELECT coalesce(jsonb_object_agg(tr, pct), '{}')
+                                  FROM (SELECT doc->>'transports' AS tr, jsonb_agg(doc#>'{cpu_s,steal_pct}' ORDER BY n) AS pct
+                                          FROM @S@.results WHERE kind = 'steady' AND doc#>'{cpu_s,steal_pct}' IS NOT NULL
+                                         GROUP BY 1) x),
            'references_max_pct', (SELECT max((doc->>'steal_pct')::numeric) FROM @S@.results
                                    WHERE kind IN ('ref_consume_1', 'ref_consume_50', 'ref_end_to_end_50')))
     INTO steal
@@ -704,8 +715,11 @@ BEGIN
   IF (r#>>'{steal,runs}')::int > 0 THEN
     RETURN NEXT format('CPU stolen by the hypervisor during the measured runs: median %s %%, max %s %% (latency runs: %s; references: max %s %%)%s',
                        r#>>'{steal,median_pct}', r#>>'{steal,max_pct}',
-                       coalesce((SELECT string_agg(format('%s %s %%', e.tr, e.pct), ', ' ORDER BY e.tr)
-                                   FROM jsonb_each_text(r#>'{steal,latency_runs_pct}') e (tr, pct)), '-'),
+                       coalesce((SELECT string_agg(format('%s %s %%', e.tr,
+                                                          (SELECT string_agg(p, '/') FROM jsonb_array_elements_text(
+                                                              CASE WHEN jsonb_typeof(e.pct) = 'array' THEN e.pct ELSE jsonb_build_array(e.pct) END) p)),
+                                                   ', ' ORDER BY e.tr)
+                                   FROM jsonb_each(r#>'{steal,latency_runs_pct}') e (tr, pct)), '-'),
                        coalesce(r#>>'{steal,references_max_pct}', '-'),
                        CASE WHEN greatest((r#>>'{steal,max_pct}')::numeric, (r#>>'{steal,references_max_pct}')::numeric) > 5
                             THEN ' -- a shared machine: timings are not comparable with runs made without steal' ELSE '' END);
@@ -779,8 +793,8 @@ BEGIN
   RETURN NEXT '';
 
   -- Latency stages
-  RETURN NEXT format('LATENCY at %s events/s for %s s, each transport alone; per event, ms, p50 / p99 (max):',
-                     r#>>'{config,steady_rate}', r#>>'{config,steady_duration_s}');
+  RETURN NEXT format('LATENCY at %s events/s for %s s, each transport alone, the repeat with the median p99 of %s; per event, ms, p50 / p99 (max):',
+                     r#>>'{config,steady_rate}', r#>>'{config,steady_duration_s}', coalesce(r#>>'{config,latency_repeats}', '1'));
   RETURN NEXT format('%-10s %6s | %-22s | %-18s %-18s %-18s %-18s %-18s | %-18s %-14s %s', 'transport', 'events', 'commit -> commit',
                      'relay', 'broker -> dispatcher', 'dispatcher -> handler', 'handler', 'commit', 'occurred -> commit', 'publish tx', 'broker times');
   FOR k, v IN SELECT * FROM jsonb_each(r->'latency') ORDER BY 1 LOOP
@@ -795,6 +809,11 @@ BEGIN
                        format('%s / %s', v#>>'{latency_from_occurred_ms,p50}', v#>>'{latency_from_occurred_ms,p99}'),
                        format('%s / %s', x#>>'{publish_tx,p50}', x#>>'{publish_tx,p99}'),
                        v->>'broker_times_matched', v->>'first_deliveries');
+  END LOOP;
+  FOR k, v IN SELECT * FROM jsonb_each(r->'latency') ORDER BY 1 LOOP
+    RETURN NEXT format('  %s, every repeat, p50 / p99 ms (steal %%): %s', k,
+                       (SELECT string_agg(format('%s / %s (%s)', e->>'p50_ms', e->>'p99_ms', coalesce(e->>'steal_pct', '-')), ', ')
+                          FROM jsonb_array_elements(coalesce(v->'latency_all', '[]')) e));
   END LOOP;
   RETURN NEXT '';
 

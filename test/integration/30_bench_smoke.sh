@@ -16,7 +16,8 @@
 # database timestamps.  Then the pgbench references for 1 s each (their
 # events reach the handler in order: no violation), an idle second, the
 # report and its printed tables built from all that, its ratio targets
-# judged on the exact quotient; then the checker itself: hand-made handler
+# judged on the exact quotient, its latency taken from the repeat with the
+# median p99 (made-up repeats); then the checker itself: hand-made handler
 # calls with a gap, a late event and a repeat must come out as 1 duplicate,
 # 2 order violations and 75% delivered.  Never a timing threshold.
 # shellcheck source=test/integration/lib.sh
@@ -124,6 +125,20 @@ is "$(grep -c '^CPU stolen by the hypervisor during the measured runs: median [0
 # events/s against 5,000 is 0.5994, shown as 0.599 (two decimals: 0.60).
 is "$(q -c "SELECT $BENCH_SCHEMA.ratio_met(2997, 5000, 0.6)")/$(q -c "SELECT $BENCH_SCHEMA.ratio_met(3000, 5000, 0.6)")/$(q -c "SELECT $BENCH_SCHEMA.ratio_met(1, 0, 0.6)")" \
 	"f/t/f" "report: a target ratio is met only by the exact quotient (2,997 of 5,000 misses 0.6; no reference, no target met)"
+# Latency runs repeat; the figure is the repeat with the median p99, of an
+# even number the higher (made-up repeats: nats p99 30, 12, 14; kafka 12, 30).
+q >/dev/null <<SQL
+INSERT INTO $BENCH_SCHEMA.results (kind, doc)
+SELECT 'steady', jsonb_build_object('transports', tr, 'repeat', rep, 'p99_ms', p99,
+                                    'latency_ms', jsonb_build_object('p50', 3, 'p99', p99), 'cpu_s', jsonb_build_object('steal_pct', 0))
+  FROM (VALUES ('nats', 1, 30), ('kafka', 1, 12), ('nats', 2, 12), ('kafka', 2, 30), ('nats', 3, 14)) v (tr, rep, p99);
+SQL
+report=$(q -c "SELECT $BENCH_SCHEMA.report('{\"config\": {\"steady_rate\": 1000, \"latency_repeats\": 3}}')")
+is "$(bench_field "$report" targets latency nats p99_ms)/$(bench_field "$report" targets latency nats met)/$(bench_field "$report" targets latency kafka p99_ms)/$(bench_field "$report" targets latency kafka met)" \
+	"14/true/30/false" "report: latency is the repeat with the median p99 (nats 30, 12, 14: 14), of two the higher (kafka 12, 30: 30)"
+is "$(q -c "SELECT jsonb_array_length('${report//\'/\'\'}'::jsonb #> '{latency,nats,latency_all}')")" 3 "report: every latency repeat is kept"
+text=$(q -c "SELECT line FROM $BENCH_SCHEMA.report_text('${report//\'/\'\'}'::jsonb) line")
+is "$(grep -c '^  nats, every repeat, p50 / p99 ms (steal %): 3 / 30 (0), 3 / 12 (0), 3 / 14 (0)$' <<< "$text")" 1 "report: every latency repeat is printed"
 
 # The checker itself: handler calls made by hand for a planned run "check"
 # (4 business rows of one aggregate, inserted with the trigger off so nothing
