@@ -474,7 +474,8 @@ CREATE TABLE @S@.results (
 );
 
 -- run_summary(kind, metric, higher_is_worse): one row per (transports,
--- level) of the runs of that kind — the run with the median metric among its
+-- level) of the runs of that kind (metric: a key of the run's document, or
+-- a path with '.', e.g. latency_ms.p99) — the run with the median metric among its
 -- repeats (all its figures from that same run; of an even number, the worse
 -- of the two middle ones: the lower, or the higher when higher_is_worse),
 -- plus every repeat's metric, and loss / duplicates / order violations
@@ -483,7 +484,7 @@ CREATE FUNCTION @S@.run_summary(p_kind text, p_metric text, p_higher_is_worse bo
 RETURNS TABLE (n int, kind text, doc jsonb) LANGUAGE sql AS $$
   WITH runs AS (
     SELECT r.n, r.doc, r.doc->>'transports' AS tr, (r.doc->>'level')::int AS lvl,
-           (r.doc->>p_metric)::numeric AS m
+           (r.doc #>> string_to_array(p_metric, '.'))::numeric AS m
       FROM @S@.results r WHERE r.kind = p_kind),
   ranked AS (
     SELECT runs.*, row_number() OVER (PARTITION BY tr, lvl
@@ -609,7 +610,7 @@ BEGIN
                                                                'p99_ms', r.doc#>'{latency_ms,p99}', 'steal_pct', r.doc#>'{cpu_s,steal_pct}')
                                             ORDER BY r.n)
                              FROM @S@.results r WHERE r.kind = 'steady' AND r.doc->>'transports' = s.doc->>'transports')))
-    INTO steady FROM @S@.run_summary('steady', 'p99_ms', true) s;
+    INTO steady FROM @S@.run_summary('steady', 'latency_ms.p99', true) s;
   mem := @S@.memory_summary();
   SELECT doc INTO idle FROM @S@.results WHERE kind = 'idle' ORDER BY n DESC LIMIT 1;
   SELECT doc INTO idle_lp FROM @S@.results WHERE kind = 'idle_long_poll' ORDER BY n DESC LIMIT 1;
@@ -626,7 +627,7 @@ BEGIN
   SELECT jsonb_agg(jsonb_build_object('run', r.k, 'transports', r.d->>'transports', 'delivered', r.d->'delivered')
                    || @S@.cpu_per_event(r.d) ORDER BY r.o)
     INTO cpu
-    FROM (SELECT 0 AS o, 'steady ' || (doc->>'rate') || '/s' AS k, doc AS d FROM @S@.run_summary('steady', 'p99_ms', true)
+    FROM (SELECT 0 AS o, 'steady ' || (doc->>'rate') || '/s' AS k, doc AS d FROM @S@.run_summary('steady', 'latency_ms.p99', true)
           UNION ALL SELECT 1, 'level ' || (doc->>'level'), doc FROM @S@.run_summary('level', 'events_per_s')
           UNION ALL SELECT 1, 'level ' || (doc->>'level') || ' 50/tx', doc FROM @S@.run_summary('level_tx50', 'events_per_s')
           UNION ALL SELECT 2, 'consume ' || (doc->>'level'), doc FROM @S@.run_summary('consume', 'handling_events_per_s')) r;

@@ -114,9 +114,9 @@ static SPIPlanPtr fail_plan = NULL;
  * literal (%s), one plan per transport: kept plans are generic, and a
  * generic plan for "transport = $1" cannot tell from the statistics that
  * one transport has a large backlog (the other's broker down) and would
- * walk it, in id order, at every round of the other.  The header arrays are built only
- * for rows that have headers: most have none, and each sub-select costs a
- * rescan per row even for NULL.
+ * walk it, in id order, at every round of the other.  The header arrays
+ * are built only for rows that have headers: most have none, and each
+ * sub-select costs a rescan per row even for NULL.
  */
 #define SELECT_COLS \
 	"SELECT id, event_id::text, topic, aggregate_id, event_type, event_version," \

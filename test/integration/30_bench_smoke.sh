@@ -129,7 +129,7 @@ is "$(q -c "SELECT $BENCH_SCHEMA.ratio_met(2997, 5000, 0.6)")/$(q -c "SELECT $BE
 # even number the higher (made-up repeats: nats p99 30, 12, 14; kafka 12, 30).
 q >/dev/null <<SQL
 INSERT INTO $BENCH_SCHEMA.results (kind, doc)
-SELECT 'steady', jsonb_build_object('transports', tr, 'repeat', rep, 'p99_ms', p99,
+SELECT 'steady', jsonb_build_object('transports', tr, 'repeat', rep,
                                     'latency_ms', jsonb_build_object('p50', 3, 'p99', p99), 'cpu_s', jsonb_build_object('steal_pct', 0))
   FROM (VALUES ('nats', 1, 30), ('kafka', 1, 12), ('nats', 2, 12), ('kafka', 2, 30), ('nats', 3, 14)) v (tr, rep, p99);
 SQL
