@@ -327,9 +327,12 @@ read_rows(int t, Round *r, int64 after, Datum topics, Datum aggregates,
  * aggregate would wait seconds behind one.  So a full batch holding an
  * aggregate with LONG_CHAIN rows or more is followed by a second read, in
  * the same snapshot, of the rows after it without those aggregates: each
- * aggregate still gets a prefix of its rows, in order.  That read walks the
- * long chains' rows after the batch, so it runs at most a fifth of the time
- * (the next one waits four times as long as this one took).
+ * aggregate still gets a prefix of its rows, in order.  It leaves out the
+ * aggregates backing off as the batch did (the same moment: one whose
+ * backoff ended in between would have its later rows read without its
+ * earlier ones).  That read walks the long chains' rows after the batch, so
+ * it runs at most a fifth of the time (the next one waits four times as
+ * long as this one took).
  */
 static int
 fetch_batch(int t, Round *r, EbEvent **events, bool **held, TimestampTz *earliest)
@@ -337,12 +340,13 @@ fetch_batch(int t, Round *r, EbEvent **events, bool **held, TimestampTz *earlies
 	Datum		topics;
 	Datum		aggregates;
 	int			n;
+	TimestampTz now = GetCurrentTimestamp();
 
-	eb_backoff_arrays(r->backoff, NULL, 0, &topics, &aggregates, earliest);
+	eb_backoff_arrays(r->backoff, now, NULL, 0, &topics, &aggregates, earliest);
 	n = read_rows(t, r, 0, topics, aggregates, events, held);
 
 	if (n == eb_relay_batch_size && eb_transport(t)->one_per_aggregate &&
-		GetCurrentTimestamp() >= r->next_read_past)
+		now >= r->next_read_past)
 	{
 		EbEvent    *heads = palloc(sizeof(EbEvent) * n);
 		int			nlong = eb_long_chains(*events, n, LONG_CHAIN, heads, CurrentMemoryContext);
@@ -350,13 +354,13 @@ fetch_batch(int t, Round *r, EbEvent **events, bool **held, TimestampTz *earlies
 		if (nlong > 0)
 		{
 			TimestampTz start = GetCurrentTimestamp();
-			TimestampTz now;
+			TimestampTz end;
 			TimestampTz ignored;
 			EbEvent    *more;
 			bool	   *more_held;
 			int			m;
 
-			eb_backoff_arrays(r->backoff, heads, nlong, &topics, &aggregates, &ignored);
+			eb_backoff_arrays(r->backoff, now, heads, nlong, &topics, &aggregates, &ignored);
 			m = read_rows(t, r, (*events)[n - 1].outbox_id, topics, aggregates, &more, &more_held);
 			if (m > 0)
 			{
@@ -366,8 +370,8 @@ fetch_batch(int t, Round *r, EbEvent **events, bool **held, TimestampTz *earlies
 				memcpy(*held + n, more_held, sizeof(bool) * m);
 				n += m;
 			}
-			now = GetCurrentTimestamp();
-			r->next_read_past = now + 4 * (now - start);
+			end = GetCurrentTimestamp();
+			r->next_read_past = end + 4 * (end - start);
 		}
 	}
 	return n;

@@ -66,18 +66,19 @@ event_key(const EbEvent *ev, char *key)
 }
 
 /*
- * The aggregates still backing off, and those of the nextra events of extra,
- * as two text[] datums (topics, aggregate ids).  Entries long expired (their
- * rows went elsewhere) are dropped.  Sets *earliest to the first moment a
- * backed-off one may be retried (0: none).
+ * The aggregates still backing off at now, and those of the nextra events
+ * of extra, as two text[] datums (topics, aggregate ids).  Entries long
+ * expired (their rows went elsewhere) are dropped.  Sets *earliest to the
+ * first moment a backed-off one may be retried (0: none).  Reads of one
+ * round pass the same now: an aggregate left out of one must be left out
+ * of the others.
  */
 void
-eb_backoff_arrays(HTAB *backoff, const EbEvent *extra, int nextra,
+eb_backoff_arrays(HTAB *backoff, TimestampTz now, const EbEvent *extra, int nextra,
 				  Datum *topics, Datum *aggregates, TimestampTz *earliest)
 {
 	HASH_SEQ_STATUS seq;
 	KeyBackoff *e;
-	TimestampTz now = GetCurrentTimestamp();
 	long		count = hash_get_num_entries(backoff) + nextra;
 	Datum	   *t = palloc(sizeof(Datum) * Max(count, 1));
 	Datum	   *a = palloc(sizeof(Datum) * Max(count, 1));
