@@ -717,8 +717,7 @@ BEGIN
     RETURN NEXT format('CPU stolen by the hypervisor during the measured runs: median %s %%, max %s %% (latency runs: %s; references: max %s %%)%s',
                        r#>>'{steal,median_pct}', r#>>'{steal,max_pct}',
                        coalesce((SELECT string_agg(format('%s %s %%', e.tr,
-                                                          (SELECT string_agg(p, '/') FROM jsonb_array_elements_text(
-                                                              CASE WHEN jsonb_typeof(e.pct) = 'array' THEN e.pct ELSE jsonb_build_array(e.pct) END) p)),
+                                                          (SELECT string_agg(p, '/') FROM jsonb_array_elements_text(e.pct) p)),
                                                    ', ' ORDER BY e.tr)
                                    FROM jsonb_each(r#>'{steal,latency_runs_pct}') e (tr, pct)), '-'),
                        coalesce(r#>>'{steal,references_max_pct}', '-'),
