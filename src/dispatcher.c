@@ -219,7 +219,7 @@ item_finished(uint64 tag, ItemRef *ref, XLogRecPtr lsn)
  * another instance handles it.
  */
 static bool
-sched_send(int w, uint64 tag, StringInfo buf)
+sched_send(int w, int slot, uint64 tag, StringInfo buf)
 {
 	ItemRef    *ref;
 
@@ -241,7 +241,7 @@ sched_send(int w, uint64 tag, StringInfo buf)
 		}
 		ref->worker = w;
 	}
-	eb_pool_link_send(w, buf);
+	eb_pool_link_send(w, slot, buf);
 	return true;
 }
 
@@ -614,11 +614,15 @@ stopping(TimestampTz *deadline)
 	return true;
 }
 
-/* Bytes of eventbus.dispatcher_memory not taken by work waiting for the pool. */
+/*
+ * Bytes of eventbus.dispatcher_memory not taken by work waiting for the pool
+ * or kept while the pool runs it.
+ */
 static int64
 memory_budget(void)
 {
-	return (int64) eb_dispatcher_memory_kb * 1024 - eb_sched_pending_bytes() - eb_pool_link_unsent_bytes();
+	return (int64) eb_dispatcher_memory_kb * 1024 - eb_sched_pending_bytes() -
+		eb_sched_inflight_bytes() - eb_pool_link_unsent_bytes();
 }
 
 /* On exit: stop the pool and the consumers (durables and offsets kept). */
@@ -693,6 +697,7 @@ eventbus_dispatcher_main(Datum main_arg)
 		uint64		gen;
 		int64		budget;
 		long		flush_wait;
+		long		reassign_wait;
 
 		if (eb_worker_loop_top(loop_cxt))
 		{
@@ -729,6 +734,7 @@ eventbus_dispatcher_main(Datum main_arg)
 
 		eb_pool_link_drain(item_completed);
 		flush_wait = finish_flushed(false);
+		(void) eb_sched_reassign(eb_pool_link_revoke);	/* dispatched just below */
 		eb_sched_dispatch(sched_send);
 		eb_pool_link_flush();
 
@@ -758,6 +764,12 @@ eventbus_dispatcher_main(Datum main_arg)
 		}
 		eb_sched_dispatch(sched_send);
 		eb_pool_link_flush();
+		/* Keys given back go to a ready worker at once. */
+		while ((reassign_wait = eb_sched_reassign(eb_pool_link_revoke)) == 0)
+		{
+			eb_sched_dispatch(sched_send);
+			eb_pool_link_flush();
+		}
 		flush_quarantine();
 		prune_inbox();
 		report_status();
@@ -775,6 +787,8 @@ eventbus_dispatcher_main(Datum main_arg)
 			}
 			if (flush_wait >= 0)
 				timeout = Min(timeout, Max(flush_wait, 1));
+			if (reassign_wait >= 0)
+				timeout = Min(timeout, Max(reassign_wait, 1));
 		}
 
 		pgstat_report_activity(STATE_IDLE, NULL);

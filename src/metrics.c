@@ -124,6 +124,8 @@ eventbus_metrics(PG_FUNCTION_ARGS)
 			(double) pg_atomic_read_u64(&ws->handled));
 		put(rsinfo, "duplicates_total", "counter", -1, -1, w,
 			(double) pg_atomic_read_u64(&ws->duplicates));
+		put(rsinfo, "given_back_total", "counter", -1, -1, w,
+			(double) pg_atomic_read_u64(&ws->given_back));
 		put(rsinfo, "handler_failures_total", "counter", -1, -1, w,
 			(double) pg_atomic_read_u64(&ws->failed));
 		put(rsinfo, "dead_lettered_total", "counter", -1, -1, w,

@@ -11,10 +11,15 @@
  * here keeps going.  After max_attempts the event is dead-lettered and the
  * key moves on.
  *
- * A batch first runs optimistically: one transaction, the inbox claimed for
- * all its events in one statement, handlers called without a subtransaction
- * each.  Only when something fails does it run again the careful way, a
- * subtransaction per event, so that one failing event costs only itself.
+ * A batch first runs optimistically: one transaction, the inbox checked for
+ * all its events up front and written for those handled in one statement
+ * at the end, handlers called without a subtransaction each.  Only when
+ * something fails does it run again the careful way, a subtransaction per
+ * event, so that one failing event costs only itself.
+ *
+ * Each item is taken from its batch slot before it runs (take_item): the
+ * dispatcher may meanwhile give back a key this worker has not reached,
+ * when the batch runs long (scheduler.c), and it then runs elsewhere.
  */
 #include "postgres.h"
 
@@ -47,7 +52,7 @@
 #include "privilege.h"
 #include "util.h"
 
-#define BATCH_MAX	64			/* events per transaction */
+#define BATCH_MAX	EB_BATCH_ITEMS	/* events per transaction */
 #define KEY_LEN		(EB_MAX_AGGREGATE_ID + 24)
 
 /* A work item waiting in a parked key's queue. */
@@ -57,6 +62,7 @@ typedef struct Pending
 	MemoryContext cxt;			/* holds this struct and the item's strings */
 	EbWorkItem	item;
 	int			attempts;
+	int			slot;			/* its slot in the batch it came in; -1 once held here */
 } Pending;
 
 /* A parked (subscription, aggregate): its events in order, head first. */
@@ -70,6 +76,7 @@ typedef struct Parked
 static int	my_index;
 static shm_mq_handle *inq;
 static shm_mq_handle *outq;
+static EbBatchSlots *slots;		/* this worker's batch slots (pool.h) */
 static HTAB *parked;
 static MemoryContext item_cxt;	/* parent of each item's own context */
 
@@ -79,6 +86,45 @@ item_key(const EbWorkItem *item, char *key)
 {
 	memset(key, 0, KEY_LEN);
 	snprintf(key, KEY_LEN, INT64_FORMAT ":%s", item->subscription_id, item->ev.aggregate_id);
+}
+
+/*
+ * Take item p before running it: false if the dispatcher gave it (its key)
+ * back to run on another worker (scheduler.c).  An item taken once, or held
+ * here (parked), is ours.
+ */
+static bool
+take_item(Pending *p)
+{
+	uint32		expected = EB_SLOT_PENDING;
+
+	if (p->slot < 0)
+		return true;
+	if (pg_atomic_compare_exchange_u32(&slots->state[p->slot], &expected, EB_SLOT_STARTED))
+		return true;
+	return expected == EB_SLOT_STARTED;
+}
+
+/*
+ * Is item i's key given back?  Yes if an earlier item of its key in this
+ * batch was (revoked[] so far), or if the dispatcher takes it now: then its
+ * later items are skipped too, so that none runs here before it.
+ */
+static bool
+given_back(Pending **batch, int i, bool *revoked)
+{
+	for (int j = 0; j < i; j++)
+		if (revoked[j] && batch[j]->item.subscription_id == batch[i]->item.subscription_id &&
+			strcmp(batch[j]->item.ev.aggregate_id, batch[i]->item.ev.aggregate_id) == 0)
+		{
+			uint32		expected = EB_SLOT_PENDING;
+
+			if (batch[i]->slot >= 0)
+				(void) pg_atomic_compare_exchange_u32(&slots->state[batch[i]->slot], &expected,
+													  EB_SLOT_REVOKED);
+			return revoked[i] = true;
+		}
+	return revoked[i] = !take_item(batch[i]);
 }
 
 /*
@@ -211,7 +257,8 @@ typedef enum ItemResult
 {
 	RESULT_DONE,				/* handled, duplicate or dead-lettered: complete it */
 	RESULT_FAILED,				/* failed: retry after backoff (key parked) */
-	RESULT_WAIT					/* its key is parked: wait behind the head */
+	RESULT_WAIT,				/* its key is parked: wait behind the head */
+	RESULT_GIVEN_BACK			/* the dispatcher runs it on another worker */
 } ItemResult;
 
 /* How the optimistic run of a batch ended. */
@@ -219,18 +266,20 @@ typedef enum FastResult
 {
 	FAST_COMMITTED,				/* all of it happened */
 	FAST_HANDLER_FAILED,		/* a handler failed: nothing happened */
-	FAST_COMMIT_FAILED,			/* the commit failed: nothing happened */
-	FAST_OTHER_FAILED			/* the inbox claim failed: nothing happened */
+	FAST_COMMIT_FAILED,			/* recording it in the inbox or the commit failed:
+								 * nothing happened */
+	FAST_OTHER_FAILED			/* the inbox check failed: nothing happened */
 } FastResult;
 
 /*
- * Run a batch optimistically: one transaction, one inbox statement for all
- * its events, each handler called without a subtransaction of its own.
- * Items of parked keys wait; items whose owner was dropped are completed
- * without running.  Fills result[] and outcome[] when it committed; else
- * nothing of it happened, and for a failed handler *failed_at and *error
- * say which and why (the careful run then counts that attempt instead of
- * running it again).
+ * Run a batch optimistically: one transaction, one inbox statement to skip
+ * what was handled before and one to record what it handles, each handler
+ * called without a subtransaction of its own.  Items of parked keys wait;
+ * items whose owner was dropped are completed without running; items the
+ * dispatcher took back are left out.  Fills result[] and outcome[] when it
+ * committed; else nothing of it happened, and for a failed handler
+ * *failed_at and *error say which and why (the careful run then counts that
+ * attempt instead of running it again).
  */
 static FastResult
 run_optimistic(Pending **batch, int n, ItemResult *result, int *outcome,
@@ -238,8 +287,11 @@ run_optimistic(Pending **batch, int n, ItemResult *result, int *outcome,
 {
 	MemoryContext cxt = CurrentMemoryContext;
 	EbWorkItem *items[BATCH_MAX];
-	bool		skip[BATCH_MAX];
-	bool		claimed[BATCH_MAX];
+	bool		parked_key[BATCH_MAX];
+	bool		runnable[BATCH_MAX];
+	bool		seen[BATCH_MAX];
+	bool		ran[BATCH_MAX];
+	bool		revoked[BATCH_MAX];
 	volatile int current = -1;
 	volatile FastResult fr = FAST_OTHER_FAILED;
 
@@ -250,9 +302,9 @@ run_optimistic(Pending **batch, int n, ItemResult *result, int *outcome,
 
 		items[i] = &batch[i]->item;
 		item_key(items[i], key);
-		skip[i] = hash_search(parked, key, HASH_FIND, NULL) != NULL;
-		if (skip[i])
-			result[i] = RESULT_WAIT;
+		parked_key[i] = hash_search(parked, key, HASH_FIND, NULL) != NULL;
+		ran[i] = false;
+		revoked[i] = false;
 	}
 
 	PG_TRY();
@@ -261,28 +313,35 @@ run_optimistic(Pending **batch, int n, ItemResult *result, int *outcome,
 		eb_constraints_immediate();
 		pgstat_report_activity(STATE_RUNNING, "eventbus: running handlers");
 		for (int i = 0; i < n; i++)
-			if (!skip[i] && !eb_handler_owner_present(items[i]))
-			{
-				skip[i] = true;
-				result[i] = RESULT_DONE;
-				outcome[i] = EB_OUTCOME_OWNER_DROPPED;
-			}
-		eb_inbox_claim_batch(items, skip, n, claimed);
+			runnable[i] = !parked_key[i] && eb_handler_owner_present(items[i]);
+		eb_inbox_check_batch(items, runnable, n, seen);
 		for (int i = 0; i < n; i++)
 		{
-			if (skip[i])
+			if (given_back(batch, i, revoked))
+			{
+				result[i] = RESULT_GIVEN_BACK;
 				continue;
+			}
+			if (parked_key[i])
+			{
+				result[i] = RESULT_WAIT;
+				continue;
+			}
 			result[i] = RESULT_DONE;
-			outcome[i] = EB_OUTCOME_DUPLICATE;
-			if (!claimed[i])
+			outcome[i] = runnable[i] ? EB_OUTCOME_DUPLICATE : EB_OUTCOME_OWNER_DROPPED;
+			if (!runnable[i] || seen[i])
 				continue;
 			current = i;
 			eb_handler_report_activity(items[i]);
 			eb_handler_invoke(items[i]->handler, items[i]->role, eb_make_envelope(items[i]));
 			current = -1;
 			outcome[i] = EB_OUTCOME_HANDLED;
+			ran[i] = true;
 		}
+		/* Recording what ran is part of committing it (a doomed SERIALIZABLE
+		 * transaction fails here already). */
 		fr = FAST_COMMIT_FAILED;
+		eb_inbox_record_batch(items, ran, n);
 		CommitTransactionCommand();
 		fr = FAST_COMMITTED;
 	}
@@ -327,6 +386,7 @@ run_in_transaction(Pending **batch, int n, bool from_parked, int failed_at,
 	MemoryContext cxt = CurrentMemoryContext;
 	HTAB	   *failed_keys;
 	HASHCTL		ctl;
+	bool		revoked[BATCH_MAX];
 	volatile bool committed = true;
 
 	memset(&ctl, 0, sizeof(ctl));
@@ -346,6 +406,12 @@ run_in_transaction(Pending **batch, int n, bool from_parked, int failed_at,
 		Parked	   *k;
 
 		error[i] = NULL;
+		revoked[i] = false;
+		if (given_back(batch, i, revoked))
+		{
+			result[i] = RESULT_GIVEN_BACK;
+			continue;
+		}
 		item_key(&p->item, key);
 		k = hash_search(parked, key, HASH_FIND, NULL);
 		/* Later events of a parked key (or one failing in this batch) wait. */
@@ -460,7 +526,7 @@ run_batch(Pending **batch, int n, bool from_parked)
 			return;
 		}
 		/* A single event failing at commit: a failed attempt like any other. */
-		if (result[0] != RESULT_WAIT)
+		if (result[0] != RESULT_WAIT && result[0] != RESULT_GIVEN_BACK)
 		{
 			ereport(LOG,
 					(errcode(commit_error->sqlerrcode),
@@ -487,7 +553,11 @@ run_batch(Pending **batch, int n, bool from_parked)
 		k = hash_search(parked, key, HASH_FIND, NULL);
 		switch (result[i])
 		{
+			case RESULT_GIVEN_BACK:
+				MemoryContextDelete(p->cxt);
+				continue;
 			case RESULT_WAIT:
+				p->slot = -1;	/* held here now */
 				if (!from_parked)
 				{
 					if (k == NULL)
@@ -497,6 +567,7 @@ run_batch(Pending **batch, int n, bool from_parked)
 				}
 				continue;
 			case RESULT_FAILED:
+				p->slot = -1;	/* held here now */
 				p->attempts++;
 				failed++;
 				ereport(LOG,
@@ -607,6 +678,7 @@ receive_batch(Pending **batch, int *n, bool *end)
 		old = MemoryContextSwitchTo(cxt);
 		p = palloc0(sizeof(Pending));
 		p->cxt = cxt;
+		p->slot = *n;
 		eb_workitem_decode(data, len, &p->item);
 		MemoryContextSwitchTo(old);
 		batch[(*n)++] = p;
@@ -654,6 +726,7 @@ eventbus_worker_main(Datum main_arg)
 		shm_mq_set_sender(out, MyProc);
 		inq = shm_mq_attach(in, seg, NULL);
 		outq = shm_mq_attach(out, seg, NULL);
+		slots = shm_toc_lookup(toc, EB_TOC_SLOTS(my_index), false);
 	}
 
 	eb_shmem_worker_started(my_index, MyProcPid);

@@ -8,6 +8,7 @@
 #define EB_POOL_H
 
 #include "access/xlogdefs.h"
+#include "port/atomics.h"
 
 #include "envelope.h"
 #include "utils/elog.h"
@@ -56,7 +57,8 @@ extern Datum eb_make_envelope(const EbWorkItem *item);
 extern bool eb_handler_call(Oid handler, Oid role, Datum envelope, ErrorData **error);
 extern void eb_handler_invoke(Oid handler, Oid role, Datum envelope);
 extern ErrorData *eb_handler_error(Oid handler);
-extern void eb_inbox_claim_batch(EbWorkItem *const *items, const bool *skip, int n, bool *claimed);
+extern void eb_inbox_check_batch(EbWorkItem *const *items, const bool *mask, int n, bool *seen);
+extern void eb_inbox_record_batch(EbWorkItem *const *items, const bool *mask, int n);
 extern bool eb_handler_owner_present(const EbWorkItem *item);
 extern void eb_handler_report_activity(const EbWorkItem *item);
 extern void eb_dead_letter(const EbWorkItem *item, const ErrorData *error, int attempts);
@@ -69,18 +71,43 @@ extern Oid	eb_envelope_type(void);
 #define EB_OUT_QUEUE_SIZE	(64 * 1024)
 #define EB_TOC_IN(i)		((uint64) (i) * 2)
 #define EB_TOC_OUT(i)		((uint64) (i) * 2 + 1)
+#define EB_TOC_SLOTS(i)		(((uint64) 1 << 32) + (uint64) (i))
+
+/*
+ * Items per batch, and per worker a slot for each item of the batch it
+ * runs.  The dispatcher sets a slot PENDING when it sends the item; the
+ * worker takes it (PENDING -> STARTED) before running the item, and the
+ * dispatcher may give a key back (PENDING -> REVOKED, scheduler.c) while the
+ * worker is busy with an earlier one: whoever swaps first owns the item.
+ */
+#define EB_BATCH_ITEMS		64
+#define EB_SLOT_PENDING		1
+#define EB_SLOT_STARTED		2
+#define EB_SLOT_REVOKED		3
+
+typedef struct EbBatchSlots
+{
+	pg_atomic_uint32 state[EB_BATCH_ITEMS];
+} EbBatchSlots;
 
 /* scheduler.c: key-level scheduling of work items onto pool workers */
-/* Hand an item to a worker (buf NULL: end of its batch); false: dropped. */
-typedef bool (*EbSchedSend) (int worker, uint64 tag, StringInfo buf);
+/*
+ * Hand an item to a worker, slot being its place in the batch (buf NULL:
+ * end of its batch); false: dropped.
+ */
+typedef bool (*EbSchedSend) (int worker, int slot, uint64 tag, StringInfo buf);
+/* Take back the item in a worker's slot; false if the worker started it. */
+typedef bool (*EbSchedRevoke) (int worker, int slot);
 extern void eb_sched_init(int nworkers);
 extern void eb_sched_submit(int64 subscription_id, const char *aggregate_id, uint64 tag,
 							StringInfo buf);
 extern void eb_sched_dispatch(EbSchedSend send);
+extern long eb_sched_reassign(EbSchedRevoke revoke);
 extern void eb_sched_worker_ready(int worker);
 extern void eb_sched_complete(uint64 tag);
 extern int64 eb_sched_pending_items(void);
 extern int64 eb_sched_pending_bytes(void);
+extern int64 eb_sched_inflight_bytes(void);
 
 /*
  * A one-byte message ends each batch the dispatcher gives a worker; after

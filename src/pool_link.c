@@ -35,6 +35,7 @@ static int	nworkers;
 static dsm_segment *seg;
 static shm_mq_handle **toq;
 static shm_mq_handle **fromq;
+static EbBatchSlots **slots;	/* per worker: its batch's item slots */
 static BackgroundWorkerHandle **whandles;
 static List **unsent;			/* per worker: encoded items shm_mq could not take yet */
 static int *queued;				/* per worker: items sent and not completed */
@@ -67,8 +68,9 @@ eb_pool_link_start(void)
 	{
 		shm_toc_estimate_chunk(&e, EB_IN_QUEUE_SIZE);
 		shm_toc_estimate_chunk(&e, EB_OUT_QUEUE_SIZE);
+		shm_toc_estimate_chunk(&e, sizeof(EbBatchSlots));
 	}
-	shm_toc_estimate_keys(&e, 2 * nworkers);
+	shm_toc_estimate_keys(&e, 3 * nworkers);
 	size = shm_toc_estimate(&e);
 
 	seg = dsm_create(size, 0);
@@ -78,6 +80,7 @@ eb_pool_link_start(void)
 
 	toq = MemoryContextAllocZero(TopMemoryContext, sizeof(shm_mq_handle *) * nworkers);
 	fromq = MemoryContextAllocZero(TopMemoryContext, sizeof(shm_mq_handle *) * nworkers);
+	slots = MemoryContextAllocZero(TopMemoryContext, sizeof(EbBatchSlots *) * nworkers);
 	whandles = MemoryContextAllocZero(TopMemoryContext, sizeof(BackgroundWorkerHandle *) * nworkers);
 	unsent = MemoryContextAllocZero(TopMemoryContext, sizeof(List *) * nworkers);
 	queued = MemoryContextAllocZero(TopMemoryContext, sizeof(int) * nworkers);
@@ -93,8 +96,12 @@ eb_pool_link_start(void)
 		BackgroundWorker w;
 		char		name[BGW_MAXLEN];
 
+		slots[i] = shm_toc_allocate(toc, sizeof(EbBatchSlots));
+		for (int k = 0; k < EB_BATCH_ITEMS; k++)
+			pg_atomic_init_u32(&slots[i]->state[k], EB_SLOT_STARTED);
 		shm_toc_insert(toc, EB_TOC_IN(i), in);
 		shm_toc_insert(toc, EB_TOC_OUT(i), out);
+		shm_toc_insert(toc, EB_TOC_SLOTS(i), slots[i]);
 		shm_mq_set_sender(in, MyProc);
 		shm_mq_set_receiver(out, MyProc);
 
@@ -170,12 +177,35 @@ send_to(int w, StringInfo buf)
 	MemoryContextSwitchTo(old);
 }
 
-/* Give worker w an encoded work item. */
+/*
+ * Give worker w an encoded work item, the slot-th of its batch.  The slot
+ * is the worker's to take from when it gets there (it is done with its last
+ * batch: it said ready).
+ */
 void
-eb_pool_link_send(int w, StringInfo buf)
+eb_pool_link_send(int w, int slot, StringInfo buf)
 {
+	pg_atomic_write_u32(&slots[w]->state[slot], EB_SLOT_PENDING);
 	queued[w]++;
 	send_to(w, buf);
+}
+
+/*
+ * Take back the slot-th item of worker w's batch unless it started it; true
+ * if it is given back (the worker may have marked it so itself, skipping a
+ * key whose first item was taken back).
+ */
+bool
+eb_pool_link_revoke(int w, int slot)
+{
+	uint32		expected = EB_SLOT_PENDING;
+
+	if (!pg_atomic_compare_exchange_u32(&slots[w]->state[slot], &expected, EB_SLOT_REVOKED) &&
+		expected != EB_SLOT_REVOKED)
+		return false;
+	queued[w]--;
+	eb_shmem_worker_given_back(w);
+	return true;
 }
 
 /* End worker w's batch: it runs what it received, then asks for more. */

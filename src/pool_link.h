@@ -18,7 +18,8 @@ typedef bool (*EbPoolDoneFn) (uint64 tag, XLogRecPtr lsn);
 
 extern int	eb_pool_link_start(void);
 extern void eb_pool_link_check(void);
-extern void eb_pool_link_send(int w, StringInfo buf);
+extern void eb_pool_link_send(int w, int slot, StringInfo buf);
+extern bool eb_pool_link_revoke(int w, int slot);
 extern void eb_pool_link_end_batch(int w);
 extern void eb_pool_link_flush(void);
 extern int64 eb_pool_link_unsent_bytes(void);

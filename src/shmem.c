@@ -60,6 +60,7 @@ init_worker(EbWorkerStatus *w)
 	pg_atomic_init_u64(&w->failed, 0);
 	pg_atomic_init_u64(&w->dead_lettered, 0);
 	pg_atomic_init_u64(&w->busy_us, 0);
+	pg_atomic_init_u64(&w->given_back, 0);
 }
 
 /* Create or attach our shared memory. */
@@ -148,6 +149,7 @@ eb_shmem_snapshot(EbShared *out)
 		copy_atomic(&out->workers[w].failed, &eb_shared->workers[w].failed);
 		copy_atomic(&out->workers[w].dead_lettered, &eb_shared->workers[w].dead_lettered);
 		copy_atomic(&out->workers[w].busy_us, &eb_shared->workers[w].busy_us);
+		copy_atomic(&out->workers[w].given_back, &eb_shared->workers[w].given_back);
 	}
 }
 
@@ -394,6 +396,14 @@ eb_shmem_worker_started(int worker, pid_t pid)
 	eb_shared->workers[worker].pid = pid;
 	eb_shared->workers[worker].since = now;
 	LWLockRelease(eb_shared->lock);
+}
+
+/* The dispatcher took an item back from a worker (scheduler.c). */
+void
+eb_shmem_worker_given_back(int worker)
+{
+	if (worker >= 0 && worker < EB_MAX_WORKERS)
+		pg_atomic_fetch_add_u64(&eb_shared->workers[worker].given_back, 1);
 }
 
 /* Add a batch's outcomes to a worker slot's counters. */

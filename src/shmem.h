@@ -56,6 +56,7 @@ typedef struct EbWorkerStatus
 	pg_atomic_uint64 failed;	/* handler failures (each attempt) */
 	pg_atomic_uint64 dead_lettered;
 	pg_atomic_uint64 busy_us;	/* time spent running batches */
+	pg_atomic_uint64 given_back;	/* items taken back to run on another worker */
 } EbWorkerStatus;
 
 /* Per transport, from server start (eventbus.metrics). */
@@ -138,6 +139,7 @@ extern void eb_shmem_reset_workers(int nworkers);
 extern void eb_shmem_set_queued(const int *queued, int nworkers, int nsubs);
 extern void eb_shmem_set_lag(int i, int64 subscription_id, int64 lag, int32 share);
 extern void eb_shmem_worker_started(int worker, pid_t pid);
+extern void eb_shmem_worker_given_back(int worker);
 extern void eb_shmem_worker_counts(int worker, uint64 handled, uint64 duplicates,
 								   uint64 failed, uint64 dead_lettered, uint64 busy_us);
 extern void eb_shmem_count_published(int transport, uint64 n);
