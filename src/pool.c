@@ -338,8 +338,10 @@ run_optimistic(Pending **batch, int n, ItemResult *result, int *outcome,
 			outcome[i] = EB_OUTCOME_HANDLED;
 			ran[i] = true;
 		}
-		/* Recording what ran is part of committing it (a doomed SERIALIZABLE
-		 * transaction fails here already). */
+		/*
+		 * Recording what ran is part of committing it: a doomed SERIALIZABLE
+		 * transaction fails here already.
+		 */
 		fr = FAST_COMMIT_FAILED;
 		eb_inbox_record_batch(items, ran, n);
 		CommitTransactionCommand();

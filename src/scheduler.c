@@ -57,8 +57,10 @@ typedef struct KeyState
 	bool		queued;
 } KeyState;
 
-/* An item sent to a worker and not completed: kept until then, to give it
- * to another worker if it is reassigned. */
+/*
+ * An item's key, and while it is sent and not completed the item itself,
+ * kept to give it to another worker if its key is given back.
+ */
 typedef struct TagKey
 {
 	uint64		tag;
