@@ -334,11 +334,11 @@ exec_plan(SPIPlanPtr *plan, const char *sql, int nargs, Oid *types, Datum *value
 }
 
 /*
- * The (subscription, event) arrays of the items of a batch in mask, for the
- * inbox statements below; false if none.
+ * The (subscription, event) arrays of the items of a batch in mask, for
+ * eb_inbox_record_batch; false if none.
  */
 static bool
-inbox_arrays(EbWorkItem *const *items, const bool *mask, int n, Datum *args, int *map)
+inbox_arrays(EbWorkItem *const *items, const bool *mask, int n, Datum *args)
 {
 	Datum	   *subs = palloc(sizeof(Datum) * Max(n, 1));
 	Datum	   *events = palloc(sizeof(Datum) * Max(n, 1));
@@ -349,8 +349,7 @@ inbox_arrays(EbWorkItem *const *items, const bool *mask, int n, Datum *args, int
 		if (!mask[i])
 			continue;
 		subs[k] = Int64GetDatum(items[i]->subscription_id);
-		events[k] = DirectFunctionCall1(uuid_in, CStringGetDatum(items[i]->ev.event_id));
-		map[k++] = i;
+		events[k++] = DirectFunctionCall1(uuid_in, CStringGetDatum(items[i]->ev.event_id));
 	}
 	if (k == 0)
 		return false;
@@ -431,9 +430,8 @@ eb_inbox_record_batch(EbWorkItem *const *items, const bool *mask, int n)
 {
 	Oid			types[2] = {INT8ARRAYOID, UUIDARRAYOID};
 	Datum		args[2];
-	int		   *map = palloc(sizeof(int) * Max(n, 1));
 
-	if (!inbox_arrays(items, mask, n, args, map))
+	if (!inbox_arrays(items, mask, n, args))
 		return;
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
