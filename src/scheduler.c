@@ -78,7 +78,7 @@ typedef struct WorkerBatch
 } WorkerBatch;
 
 static MemoryContext sched_cxt;
-static MemoryContext items_cxt;	/* the waiting items only */
+static MemoryContext items_cxt;	/* the items, waiting or sent and not completed */
 static HTAB *keys;
 static HTAB *tags;
 static int	nworkers;

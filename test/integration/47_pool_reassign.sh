@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The pool's reassignment of keys a busy worker has not started (issue:
 # fault isolation; batches are filled with several keys for performance).
-#  1. All four pool workers busy: blockers sleep 2 s on one worker and 5 s
+#  1. All four pool workers busy: blockers sleep 3 s on one worker and 6 s
 #     on the three others.  Meanwhile a sleeper (10 s) and 30 other
 #     aggregates (2 events each) queue; the first worker to be ready is the
 #     only one, so it gets them all in one batch, the sleeper first.
@@ -48,7 +48,7 @@ produce "SELECT 'warm', 1, '{}'::jsonb" || bail "could not produce"
 wait_count 60 1 "SELECT count(*) FROM t47_handled WHERE aggregate_id = 'warm'" 60 || bail "the subscription is not active"
 
 # 1: every worker busy, then the sleeper and the 30 others queue.
-produce "SELECT 'block-' || b, 1, jsonb_build_object('sleep', CASE WHEN b = 1 THEN 2 ELSE 5 END) FROM generate_series(1, 4) b" ||
+produce "SELECT 'block-' || b, 1, jsonb_build_object('sleep', CASE WHEN b = 1 THEN 3 ELSE 6 END) FROM generate_series(1, 4) b" ||
 	bail "could not produce the blockers"
 wait_until 30 '[ "$(sleeping)" = 4 ]'
 ok $? "the four workers each sleep in a blocker's handler"
