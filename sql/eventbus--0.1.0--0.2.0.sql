@@ -49,3 +49,9 @@ CREATE TRIGGER subscriptions_forget_inbox AFTER DELETE ON eventbus.subscriptions
   REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION eventbus.forget_inbox();
 COMMENT ON TRIGGER subscriptions_forget_inbox ON eventbus.subscriptions IS
   'Deleting a subscription deletes its inbox records';
+
+-- Room on each page of the version table, so that publishing an aggregate's
+-- next event writes its row's new version to the same page (a HOT update)
+-- instead of adding an index entry.  Pages written before keep their layout
+-- until rewritten.
+ALTER TABLE eventbus.aggregate_versions SET (fillfactor = 50);

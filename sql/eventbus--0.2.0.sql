@@ -81,12 +81,14 @@ COMMENT ON COLUMN eventbus.undeliverable.failed_at IS 'When it was moved here';
 COMMENT ON COLUMN eventbus.undeliverable.held_behind IS 'NULL: this event failed; else the id of the failed event of its aggregate it waits behind';
 SELECT pg_catalog.pg_extension_config_dump('eventbus.undeliverable', '');
 
+-- Half of each page is left free, so that an aggregate's next version is
+-- written to the same page (a HOT update) without a new index entry.
 CREATE TABLE eventbus.aggregate_versions (
     topic        text NOT NULL,
     aggregate_id text NOT NULL,
     version      bigint NOT NULL,
     PRIMARY KEY (topic, aggregate_id)
-);
+) WITH (fillfactor = 50);
 COMMENT ON TABLE eventbus.aggregate_versions IS
   'Last event_version published per (topic, aggregate); its row lock orders concurrent publishers of one aggregate';
 SELECT pg_catalog.pg_extension_config_dump('eventbus.aggregate_versions', '');

@@ -95,6 +95,7 @@ schema() {
 	qdb "$1" -c "SELECT p.proname || ' ' || coalesce(array_to_string(p.proacl, ','), '') FROM pg_proc p WHERE p.proname LIKE 'eventbus\_%' OR p.pronamespace = 'eventbus'::regnamespace ORDER BY 1"
 	qdb "$1" -c "SELECT conrelid::regclass || ' ' || conname || ' ' || pg_get_constraintdef(oid) FROM pg_constraint WHERE connamespace = 'eventbus'::regnamespace ORDER BY 1"
 	qdb "$1" -c "SELECT indexrelid::regclass || ' ' || pg_get_indexdef(indexrelid) FROM pg_index WHERE indrelid IN (SELECT oid FROM pg_class WHERE relnamespace = 'eventbus'::regnamespace) ORDER BY 1"
+	qdb "$1" -c "SELECT relname || ' ' || coalesce(array_to_string(reloptions, ','), '') FROM pg_class WHERE relnamespace = 'eventbus'::regnamespace ORDER BY 1"
 	qdb "$1" -c "SELECT tgname || ' ' || pg_get_triggerdef(oid) || ' ' || coalesce(obj_description(oid, 'pg_trigger'), '') FROM pg_trigger
 	              WHERE NOT tgisinternal AND tgrelid IN (SELECT oid FROM pg_class WHERE relnamespace = 'eventbus'::regnamespace) ORDER BY 1"
 }
@@ -102,7 +103,7 @@ qdb postgres -c "DROP DATABASE IF EXISTS $FRESH" >/dev/null
 qdb postgres -c "CREATE DATABASE $FRESH" >/dev/null
 qdb "$FRESH" -c "CREATE EXTENSION eventbus" >/dev/null
 diff <(schema "$PGDATABASE") <(schema "$FRESH") >"$EVENTBUS_STATE/t37.schema.diff"
-ok $? "the upgraded schema equals a fresh 0.2.0 install (objects, comments, functions, view, columns, grants, constraints, indexes, triggers)"
+ok $? "the upgraded schema equals a fresh 0.2.0 install (objects, comments, functions, view, columns, grants, constraints, indexes, storage parameters, triggers)"
 [ -s "$EVENTBUS_STATE/t37.schema.diff" ] && diag "$(head -20 "$EVENTBUS_STATE/t37.schema.diff")"
 
 # SQL newer than the loaded library: relay and consumers stop, with one log line.
