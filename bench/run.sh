@@ -66,7 +66,8 @@
 # memory ≤ 32 MiB per process; idle < 1 % of a core; 100 % delivered, 0
 # duplicates, 0 order violations.
 #
-# BENCH_FETCH_WAIT_MS (2): the dev broker's empty-fetch hold (see below);
+# BENCH_FETCH_WAIT_MS (2): the dev broker's empty-fetch hold in the measured
+# runs (see below);
 # BENCH_KAFKA_PROPERTIES appends librdkafka properties for an experiment;
 # BENCH_STATE, BENCH_OUT move the stack and the JSON.
 # Output: tables on stdout, bench/results/latest.json (BENCH_OUT).
@@ -179,17 +180,20 @@ set_kafka_properties() {
 }
 # The dev broker holds the answer to a fetch that finds no data for the
 # consumer's fetch.wait.max.ms (a real broker answers when data arrives), so
-# each message waits up to that long: the latency runs keep that artefact at
-# BENCH_FETCH_WAIT_MS (2) ms instead of the stack's 10.  Only they: the
-# empty fetches cost CPU (hundreds a second per broker), which a real
-# broker's long poll does not, and the throughput runs would pay for it.
+# each message waits up to that long: the measured runs (latency, levels,
+# consume side) keep that artefact at BENCH_FETCH_WAIT_MS (2) ms instead of
+# the stack's 10.  The empty fetches cost CPU instead (hundreds a second per
+# broker, which a real broker's long poll does not), but at 10 ms the last
+# events of a level-500 run waited ~5 ms longer, with no more events/s
+# (docs/benchmark-history.md, sixteenth round).  Idle is measured with the
+# stack's setting and with librdkafka's default (section 4).
 trs_csv=$(echo "$TRANSPORTS" | tr ' ' ',')
 stack_props=$(bq -c "SHOW eventbus.kafka_properties")
 if [[ ,$trs_csv, == *,kafka,* ]]; then
-	latency_props=$(sed 's/fetch\.wait\.max\.ms=[0-9]*;*//g; s/;*$//' <<< "$stack_props")
-	latency_props="${latency_props:+$latency_props;}fetch.wait.max.ms=${BENCH_FETCH_WAIT_MS:-2}"
-	set_kafka_properties "$latency_props" || die "the dispatcher did not come back with fetch.wait.max.ms=${BENCH_FETCH_WAIT_MS:-2}"
-	say "latency runs with fetch.wait.max.ms=${BENCH_FETCH_WAIT_MS:-2} (the dev broker's empty-fetch hold)"
+	measured_props=$(sed 's/fetch\.wait\.max\.ms=[0-9]*;*//g; s/;*$//' <<< "$stack_props")
+	measured_props="${measured_props:+$measured_props;}fetch.wait.max.ms=${BENCH_FETCH_WAIT_MS:-2}"
+	set_kafka_properties "$measured_props" || die "the dispatcher did not come back with fetch.wait.max.ms=${BENCH_FETCH_WAIT_MS:-2}"
+	say "measured runs with fetch.wait.max.ms=${BENCH_FETCH_WAIT_MS:-2} (the dev broker's empty-fetch hold)"
 fi
 # ---------------------------------------------------------------------------
 # 1. Latency at a steady rate, each transport on its own
@@ -209,10 +213,6 @@ for ((rep = 1; rep <= LATENCY_REPEATS; rep++)); do
 		brief "$doc"
 	done
 done
-
-if [[ ,$trs_csv, == *,kafka,* ]]; then
-	set_kafka_properties "$stack_props" || die "the dispatcher did not come back with the stack's kafka properties"
-fi
 
 # ---------------------------------------------------------------------------
 # 2. End to end: pressure levels
@@ -264,6 +264,10 @@ for ((rep = 1; rep <= CONSUME_REPEATS; rep++)); do
 	r50=$(bq -c "SELECT '$ref'::jsonb->>'events_per_s'")
 	echo "reference handler alone: 1/tx $r1 events/s, 50/tx $r50 events/s" >&2
 done
+
+if [[ ,$trs_csv, == *,kafka,* ]]; then
+	set_kafka_properties "$stack_props" || die "the dispatcher did not come back with the stack's kafka properties"
+fi
 
 # ---------------------------------------------------------------------------
 # 4. Idle
@@ -333,7 +337,7 @@ kprops=$(bq -c "SHOW eventbus.kafka_properties")
 workers=$(bq -c "SHOW eventbus.workers")
 machine=$(printf '{"cores": %s, "cpu": "%s", "memory_gib": %s, "os": "%s", "kernel": "%s", "versions": "%s", "engine": "%s", "cpu_busy_before": "%s", "cpu_steal_before": "%s", "load_average_before": "%s", "load_average_after": "%s"}' \
 	"$(nproc)" "$cpu_model" "$mem_gib" "$os" "$(uname -r)" "$versions" "$engine" "$busy_before" "$steal_before" "$load_before" "$load_after")
-config=$(printf '{"levels": "%s", "tx50_events": '"$TX50_EVENTS"', "repeats": %s, "transports": "%s", "connections": %s, "rows_per_transaction": "1-5", "aggregates": "events / 10, versions 1..10", "publisher_aggregates": "each connection its own (aggregate mod connections)", "topics_per_transport": 5, "steady_rate": %s, "steady_duration_s": %s, "latency_repeats": %s, "steady_connections": 2, "steady_rows_per_transaction": 5, "consume_events": %s, "consume_kafka_partitions": %s, "consume_repeats": %s, "idle_seconds": %s, "pool_workers": %s, "kafka_properties": "%s", "latency_fetch_wait_ms": %s, "reference_seconds": %s, "reference_clients": %s, "memory_sample_every_s": %s, "kafka_broker": "dev broker (librdkafka mock cluster, in memory)", "nats_server": "file store"}' \
+config=$(printf '{"levels": "%s", "tx50_events": '"$TX50_EVENTS"', "repeats": %s, "transports": "%s", "connections": %s, "rows_per_transaction": "1-5", "aggregates": "events / 10, versions 1..10", "publisher_aggregates": "each connection its own (aggregate mod connections)", "topics_per_transport": 5, "steady_rate": %s, "steady_duration_s": %s, "latency_repeats": %s, "steady_connections": 2, "steady_rows_per_transaction": 5, "consume_events": %s, "consume_kafka_partitions": %s, "consume_repeats": %s, "idle_seconds": %s, "pool_workers": %s, "kafka_properties": "%s", "fetch_wait_ms": %s, "reference_seconds": %s, "reference_clients": %s, "memory_sample_every_s": %s, "kafka_broker": "dev broker (librdkafka mock cluster, in memory)", "nats_server": "file store"}' \
 	"$LEVELS" "$REPEATS" "$TRANSPORTS" "$CONNS" "$RATE" "$DURATION" "$LATENCY_REPEATS" "$CONSUME_EVENTS" "$CONSUME_PARTITIONS" "$CONSUME_REPEATS" "$IDLE_SECONDS" \
 	"$workers" "$kprops" "${BENCH_FETCH_WAIT_MS:-2}" "$REF_SECONDS" "$REF_CLIENTS" "${BENCH_MEM_EVERY:-2}")
 method='{
