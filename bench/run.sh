@@ -185,7 +185,7 @@ set_kafka_properties() {
 # the stack's 10.  The empty fetches cost CPU instead (hundreds a second per
 # broker, which a real broker's long poll does not), but at 10 ms the last
 # events of a level-500 run waited ~5 ms longer, with no more events/s
-# (docs/benchmark-history.md, sixteenth round).  Idle is measured with the
+# (the sixteenth round of the README's results).  Idle is measured with the
 # stack's setting and with librdkafka's default (section 4).
 trs_csv=$(echo "$TRANSPORTS" | tr ' ' ',')
 stack_props=$(bq -c "SHOW eventbus.kafka_properties")
