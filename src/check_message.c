@@ -117,10 +117,7 @@ check(FunctionCallInfo fcinfo, Datum *envelope)
 	if (reason != NULL)
 	{
 		/* The quarantine row's headers, as the dispatcher writes them. */
-		char	   *json = eb_inbound_headers_json(n, names, values);
-
-		if (json != NULL)
-			(void) DirectFunctionCall1(jsonb_in, CStringGetDatum(json));
+		(void) eb_inbound_headers_jsonb(n, names, values);
 		return reason;
 	}
 

@@ -6,11 +6,12 @@
  * Each limit is checked before the PostgreSQL routine that would raise an
  * ERROR on it runs: the nesting depth before the recursive JSON parser
  * (which stops at the stack depth limit), number ranges before numeric_in,
- * the character set before the JSON parser and jsonb_in, the size of the
- * jsonb before building it, header counts and sizes before the work item
- * and the envelope's headers are built; timestamps are read by a parser of
- * our own (the checks of the text are in inbound_text.c).  The JSON syntax
- * is checked by pg_parse_json, which reports errors by return code.  What
+ * the character set before the JSON parser, the size of the jsonb before
+ * building it, header counts and sizes before the work item and the
+ * envelope's headers are built; timestamps are read by a parser of our own
+ * (the checks of the text are in inbound_text.c).  The JSON syntax is
+ * checked by pg_parse_json, which reports errors by return code, in the
+ * same pass that builds the jsonb (as jsonb_in would).  What
  * is left (running out of memory) is caught by a narrow safety net,
  * decode_guarded(); the fuzz harness in test/fuzz checks that it never
  * fires for anything else.
@@ -47,24 +48,22 @@ typedef struct TopLevel
 	char	  **fields;			/* names of the top-level fields */
 } TopLevel;
 
-/* JSON parser callbacks: the names of the top-level fields. */
+/* The names of the top-level fields, as the JSON parser reports them. */
 static void
-top_start(void *arg)
+top_start(TopLevel *t)
 {
-	((TopLevel *) arg)->depth++;
+	t->depth++;
 }
 
 static void
-top_end(void *arg)
+top_end(TopLevel *t)
 {
-	((TopLevel *) arg)->depth--;
+	t->depth--;
 }
 
 static void
-top_field(void *arg, char *fname, bool isnull)
+top_field(TopLevel *t, char *fname)
 {
-	TopLevel   *t = arg;
-
 	if (t->depth != 1)
 		return;
 	if (t->nfields == t->maxfields)
@@ -74,6 +73,121 @@ top_field(void *arg, char *fname, bool isnull)
 			palloc(sizeof(char *) * t->maxfields);
 	}
 	t->fields[t->nfields++] = fname;
+}
+
+/*
+ * One pass of the JSON parser both checks the message and builds its jsonb,
+ * with the same values, in the same order, as jsonb_in would (a second
+ * parse was a quarter of decoding).  It builds only what decode() has
+ * already found buildable: an object whose numbers numeric_in takes and
+ * whose size jsonb can hold (the prescan), so nothing here throws.
+ */
+typedef struct ParseState
+{
+	TopLevel	top;
+	bool		build;
+	const char *number_problem; /* a number token numeric cannot hold */
+	JsonbParseState *ps;
+	JsonbValue *res;
+} ParseState;
+
+static void
+parse_push(ParseState *p, JsonbIteratorToken tok, JsonbValue *v)
+{
+	if (p->build)
+		p->res = pushJsonbValue(&p->ps, tok, v);
+}
+
+static void
+parse_object_start(void *arg)
+{
+	top_start(&((ParseState *) arg)->top);
+	parse_push(arg, WJB_BEGIN_OBJECT, NULL);
+}
+
+static void
+parse_object_end(void *arg)
+{
+	top_end(&((ParseState *) arg)->top);
+	parse_push(arg, WJB_END_OBJECT, NULL);
+}
+
+static void
+parse_array_start(void *arg)
+{
+	top_start(&((ParseState *) arg)->top);
+	parse_push(arg, WJB_BEGIN_ARRAY, NULL);
+}
+
+static void
+parse_array_end(void *arg)
+{
+	top_end(&((ParseState *) arg)->top);
+	parse_push(arg, WJB_END_ARRAY, NULL);
+}
+
+static void
+parse_field(void *arg, char *fname, bool isnull)
+{
+	JsonbValue	v;
+
+	top_field(&((ParseState *) arg)->top, fname);
+	v.type = jbvString;
+	v.val.string.len = strlen(fname);
+	v.val.string.val = fname;
+	parse_push(arg, WJB_KEY, &v);
+}
+
+static void
+parse_scalar(void *arg, char *token, JsonTokenType tokentype)
+{
+	ParseState *p = arg;
+	JsonbValue	v;
+
+	if (!p->build)
+		return;
+	switch (tokentype)
+	{
+		case JSON_TOKEN_STRING:
+			v.type = jbvString;
+			v.val.string.len = strlen(token);
+			v.val.string.val = token;
+			break;
+		case JSON_TOKEN_NUMBER:
+
+			/*
+			 * The prescan judged the text's runs of number characters; a
+			 * run that is not one number (1e999999-5) reaches here as its
+			 * first token before the parser fails on the rest.
+			 */
+			{
+				int64		growth;
+				const char *problem = eb_json_number_problem(token, strlen(token), &growth);
+
+				if (problem != NULL)
+				{
+					p->build = false;
+					p->number_problem = problem;
+					return;
+				}
+			}
+			v.type = jbvNumeric;
+			v.val.numeric = DatumGetNumeric(DirectFunctionCall3(numeric_in, CStringGetDatum(token),
+																ObjectIdGetDatum(InvalidOid),
+																Int32GetDatum(-1)));
+			break;
+		case JSON_TOKEN_TRUE:
+		case JSON_TOKEN_FALSE:
+			v.type = jbvBool;
+			v.val.boolean = tokentype == JSON_TOKEN_TRUE;
+			break;
+		case JSON_TOKEN_NULL:
+		default:				/* the parser reports no other scalar */
+			v.type = jbvNull;
+			break;
+	}
+	/* Inside the top-level object (build says it is one): a value or an element. */
+	parse_push(p, p->ps->contVal.type == jbvArray ? WJB_ELEM : WJB_VALUE, &v);
 }
 
 static int
@@ -257,12 +371,11 @@ text_headers(int n, char **names, char **values, char ***out_names, char ***out_
 }
 
 /*
- * The headers of an inbound message as a JSON object text for the
- * quarantine row (NULL when none): those text_headers() keeps.  Never
- * throws.
+ * The headers of an inbound message as a jsonb object for the quarantine row
+ * (NULL when none): those text_headers() keeps.  Never throws.
  */
-char *
-eb_inbound_headers_json(int n, char **names, char **values)
+Jsonb *
+eb_inbound_headers_jsonb(int n, char **names, char **values)
 {
 	char	  **tn;
 	char	  **tv;
@@ -273,7 +386,7 @@ eb_inbound_headers_json(int n, char **names, char **values)
 	if (eb_needs_conversion())
 		(void) eb_utf8_to_server_conversion();
 	count = text_headers(n, names, values, &tn, &tv);
-	return eb_headers_json(count, tn, tv);
+	return eb_headers_jsonb(count, tn, tv);
 }
 
 /*
@@ -285,7 +398,7 @@ decode(const char *data, size_t len, const char *key, size_t keylen,
 	   int nheaders, char **header_names, char **header_values, EbEvent *ev)
 {
 	EbJsonScan	scan;
-	TopLevel	top;
+	ParseState	parse;
 	JsonSemAction sem;
 	JsonLexContext *lex;
 	JsonParseErrorType jerr;
@@ -326,21 +439,29 @@ decode(const char *data, size_t len, const char *key, size_t keylen,
 		textlen = len;
 	}
 
-	/* The syntax, and the top level: an object without duplicate fields. */
-	memset(&top, 0, sizeof(top));
+	/*
+	 * The syntax, and the top level: an object without duplicate fields; its
+	 * jsonb is built in the same pass when the checks after it will pass.
+	 */
+	memset(&parse, 0, sizeof(parse));
+	parse.build = strcmp(json_kind(text, textlen), "an object") == 0 &&
+		scan.number_problem == NULL &&
+		(int64) textlen + scan.tokens * JSONB_BYTES_PER_TOKEN <= JSONB_SIZE_LIMIT &&
+		scan.number_growth <= (int64) eb_max_payload_bytes + 65536;
 	memset(&sem, 0, sizeof(sem));
-	sem.semstate = &top;
-	sem.object_start = top_start;
-	sem.object_end = top_end;
-	sem.array_start = top_start;
-	sem.array_end = top_end;
-	sem.object_field_start = top_field;
+	sem.semstate = &parse;
+	sem.object_start = parse_object_start;
+	sem.object_end = parse_object_end;
+	sem.array_start = parse_array_start;
+	sem.array_end = parse_array_end;
+	sem.object_field_start = parse_field;
+	sem.scalar = parse_scalar;
 	lex = makeJsonLexContextCstringLen(text, (int) textlen, GetDatabaseEncoding(), true);
 	if ((jerr = pg_parse_json(lex, &sem)) != JSON_SUCCESS)
 		return psprintf("message is not valid JSON: %s", json_errdetail(jerr, lex));
 	if (strcmp(json_kind(text, textlen), "an object") != 0)
 		return psprintf("message is not a JSON object but %s", json_kind(text, textlen));
-	if ((problem = duplicate_field(&top)) != NULL)
+	if ((problem = duplicate_field(&parse.top)) != NULL)
 		return psprintf("the envelope has the field \"%s\" more than once",
 						eb_printable(problem, strlen(problem), 64));
 	if (scan.number_problem)
@@ -349,7 +470,10 @@ decode(const char *data, size_t len, const char *key, size_t keylen,
 		return "message has too many JSON values to be stored as jsonb";
 	if (scan.number_growth > (int64) eb_max_payload_bytes + 65536)
 		return "message has numbers that written out in full exceed eventbus.max_payload_bytes + 64 kB";
-	jb = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(text)));
+	if (!parse.build || parse.res == NULL)	/* not expected: see parse_scalar */
+		return psprintf("message has a number numeric cannot hold (%s)",
+						parse.number_problem ? parse.number_problem : "unknown");
+	jb = JsonbValueToJsonb(parse.res);
 
 	/* event_id: a non-empty string holding a UUID */
 	if (!get_field(jb, "event_id", &v))

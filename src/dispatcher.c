@@ -108,7 +108,7 @@ typedef struct Quarantined
 	int64		offset;
 	uint64		stream_seq;
 	bytea	   *key;
-	char	   *headers;
+	Jsonb	   *headers;
 	bytea	   *raw;
 	const char *reason;
 } Quarantined;
@@ -300,7 +300,7 @@ dispatch_message(EbInbound *in)
 		q->offset = in->offset;
 		q->stream_seq = in->stream_seq;
 		q->key = in->key ? to_bytea(in->key, in->keylen) : NULL;
-		q->headers = eb_inbound_headers_json(in->nheaders, in->header_names, in->header_values);
+		q->headers = eb_inbound_headers_jsonb(in->nheaders, in->header_names, in->header_values);
 		q->raw = to_bytea(in->data, in->len);
 		q->reason = pstrdup(reason);
 		quarantine = lappend(quarantine, q);	/* flushed in this iteration */
@@ -377,7 +377,7 @@ flush_quarantine(void)
 		n[4] = q->stream_seq > 0 ? ' ' : 'n';
 		v[5] = PointerGetDatum(q->key);
 		n[5] = q->key ? ' ' : 'n';
-		v[6] = q->headers ? DirectFunctionCall1(jsonb_in, CStringGetDatum(q->headers)) : (Datum) 0;
+		v[6] = JsonbPGetDatum(q->headers);
 		n[6] = q->headers ? ' ' : 'n';
 		v[7] = PointerGetDatum(q->raw);
 		v[8] = CStringGetTextDatum(q->reason);

@@ -21,33 +21,41 @@
 #include "envelope.h"
 
 /*
- * Name/value headers (text in the database encoding) as a JSON object text,
- * NULL when there are none.  Pairs that are not valid text are left out
- * (they cannot be JSON).
+ * Name/value headers (text in the database encoding) as a jsonb object, NULL
+ * when there are none: what jsonb_in reads from the object text of the
+ * pairs, built directly (the pool makes one per event).  Pairs that are not
+ * valid text are left out (they cannot be JSON); of repeated names the last
+ * one is kept.
  */
-char *
-eb_headers_json(int n, char **names, char **values)
+Jsonb *
+eb_headers_jsonb(int n, char **names, char **values)
 {
-	StringInfoData buf;
+	JsonbParseState *state = NULL;
+	JsonbValue *obj;
 	int			enc = GetDatabaseEncoding();
 
 	if (n == 0)
 		return NULL;
-	initStringInfo(&buf);
-	appendStringInfoChar(&buf, '{');
+	(void) pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
 	for (int i = 0; i < n; i++)
 	{
+		JsonbValue	name;
+		JsonbValue	value;
+
 		if (!pg_verify_mbstr(enc, names[i], strlen(names[i]), true) ||
 			!pg_verify_mbstr(enc, values[i], strlen(values[i]), true))
 			continue;
-		if (buf.len > 1)
-			appendStringInfoChar(&buf, ',');
-		escape_json(&buf, names[i]);
-		appendStringInfoChar(&buf, ':');
-		escape_json(&buf, values[i]);
+		name.type = jbvString;
+		name.val.string.len = strlen(names[i]);
+		name.val.string.val = names[i];
+		value.type = jbvString;
+		value.val.string.len = strlen(values[i]);
+		value.val.string.val = values[i];
+		(void) pushJsonbValue(&state, WJB_KEY, &name);
+		(void) pushJsonbValue(&state, WJB_VALUE, &value);
 	}
-	appendStringInfoChar(&buf, '}');
-	return buf.data;
+	obj = pushJsonbValue(&state, WJB_END_OBJECT, NULL);
+	return JsonbValueToJsonb(obj);
 }
 
 /* Topic names: 1–249 characters of [A-Za-z0-9._-] (Kafka's rule). */

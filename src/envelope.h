@@ -8,6 +8,7 @@
 
 #include "datatype/timestamp.h"
 #include "lib/stringinfo.h"
+#include "utils/jsonb.h"
 
 #define EB_MAX_AGGREGATE_ID 256
 #define EB_MAX_TOPIC		249
@@ -57,7 +58,7 @@ typedef struct EbEvent
 } EbEvent;
 
 /* envelope.c */
-extern char *eb_headers_json(int n, char **names, char **values);
+extern Jsonb *eb_headers_jsonb(int n, char **names, char **values);
 extern void eb_validate_topic(const char *topic);
 extern void eb_validate_aggregate_id(const char *aggregate_id);
 extern void eb_uuidv7(unsigned char out[16]);
@@ -75,7 +76,7 @@ extern const char *eb_envelope_decode(const char *data, size_t len,
 									  const char *key, size_t keylen,
 									  int nheaders, char **header_names,
 									  char **header_values, EbEvent *ev);
-extern char *eb_inbound_headers_json(int n, char **names, char **values);
+extern Jsonb *eb_inbound_headers_jsonb(int n, char **names, char **values);
 
 /* inbound_text.c: checks of inbound text before PostgreSQL's parsers see it */
 typedef struct EbJsonScan
@@ -91,6 +92,7 @@ extern struct FmgrInfo *eb_utf8_to_server_conversion(void);
 extern bool eb_utf8_to_server(const char *s, size_t len, char **out, size_t *outlen);
 extern char *eb_unescape_non_ascii(const char *s, size_t len, size_t *outlen);
 extern const char *eb_json_prescan(const char *s, size_t len, EbJsonScan *scan);
+extern const char *eb_json_number_problem(const char *tok, size_t n, int64 *growth);
 extern bool eb_parse_rfc3339(const char *s, int len, TimestampTz *out);
 
 #endif							/* EB_ENVELOPE_H */

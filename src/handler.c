@@ -159,7 +159,7 @@ eb_make_envelope(const EbWorkItem *item)
 	TupleDesc	desc = lookup_rowtype_tupdesc(eb_envelope_type(), -1);
 	Datum		values[13];
 	bool		nulls[13];
-	char	   *hdrs = eb_headers_json(ev->nheaders, ev->header_names, ev->header_values);
+	Jsonb	   *hdrs = eb_headers_jsonb(ev->nheaders, ev->header_names, ev->header_values);
 	HeapTuple	tuple;
 
 	memset(nulls, false, sizeof(nulls));
@@ -179,7 +179,7 @@ eb_make_envelope(const EbWorkItem *item)
 		elog(ERROR, "work item of event %s has no payload", ev->event_id);
 	values[9] = PointerGetDatum(ev->payload_jsonb);
 	nulls[10] = hdrs == NULL;
-	values[10] = hdrs ? DirectFunctionCall1(jsonb_in, CStringGetDatum(hdrs)) : (Datum) 0;
+	values[10] = JsonbPGetDatum(hdrs);
 	values[11] = CStringGetTextDatum(eb_transport_name(item->transport));
 	nulls[12] = item->received_at == 0;
 	values[12] = TimestampTzGetDatum(item->received_at);

@@ -230,8 +230,8 @@ eb_unescape_non_ascii(const char *s, size_t len, size_t *outlen)
  * number syntax is left to the parser), or NULL; *growth is how many bytes
  * longer numeric_out writes it.
  */
-static const char *
-number_problem(const char *tok, size_t n, int64 *growth)
+const char *
+eb_json_number_problem(const char *tok, size_t n, int64 *growth)
 {
 	size_t		i = 0;
 	bool		neg = false;
@@ -346,7 +346,7 @@ eb_json_prescan(const char *s, size_t len, EbJsonScan *scan)
 							   s[i] == '.' || s[i] == 'e' || s[i] == 'E'))
 				i++;
 			scan->tokens++;
-			problem = number_problem(s + start, i - start, &growth);
+			problem = eb_json_number_problem(s + start, i - start, &growth);
 			scan->number_growth += growth;
 			if (scan->number_problem == NULL)
 				scan->number_problem = problem;
