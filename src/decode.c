@@ -50,18 +50,6 @@ typedef struct TopLevel
 
 /* The names of the top-level fields, as the JSON parser reports them. */
 static void
-top_start(TopLevel *t)
-{
-	t->depth++;
-}
-
-static void
-top_end(TopLevel *t)
-{
-	t->depth--;
-}
-
-static void
 top_field(TopLevel *t, char *fname)
 {
 	if (t->depth != 1)
@@ -98,32 +86,36 @@ parse_push(ParseState *p, JsonbIteratorToken tok, JsonbValue *v)
 		p->res = pushJsonbValue(&p->ps, tok, v);
 }
 
+/* A container starts (depth 1) or ends (-1). */
+static void
+parse_nest(void *arg, int depth, JsonbIteratorToken tok)
+{
+	((ParseState *) arg)->top.depth += depth;
+	parse_push(arg, tok, NULL);
+}
+
 static void
 parse_object_start(void *arg)
 {
-	top_start(&((ParseState *) arg)->top);
-	parse_push(arg, WJB_BEGIN_OBJECT, NULL);
+	parse_nest(arg, 1, WJB_BEGIN_OBJECT);
 }
 
 static void
 parse_object_end(void *arg)
 {
-	top_end(&((ParseState *) arg)->top);
-	parse_push(arg, WJB_END_OBJECT, NULL);
+	parse_nest(arg, -1, WJB_END_OBJECT);
 }
 
 static void
 parse_array_start(void *arg)
 {
-	top_start(&((ParseState *) arg)->top);
-	parse_push(arg, WJB_BEGIN_ARRAY, NULL);
+	parse_nest(arg, 1, WJB_BEGIN_ARRAY);
 }
 
 static void
 parse_array_end(void *arg)
 {
-	top_end(&((ParseState *) arg)->top);
-	parse_push(arg, WJB_END_ARRAY, NULL);
+	parse_nest(arg, -1, WJB_END_ARRAY);
 }
 
 static void
