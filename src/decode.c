@@ -179,6 +179,11 @@ parse_scalar(void *arg, char *token, JsonTokenType tokentype)
 			break;
 	}
 	/* Inside the top-level object (build says it is one): a value or an element. */
+	if (p->ps == NULL)
+	{
+		p->build = false;		/* a scalar at the top: no envelope to build */
+		return;
+	}
 	parse_push(p, p->ps->contVal.type == jbvArray ? WJB_ELEM : WJB_VALUE, &v);
 }
 
