@@ -402,6 +402,8 @@ decode(const char *data, size_t len, const char *key, size_t keylen,
 	Jsonb	   *jb;
 	JsonbValue	v;
 	const char *problem = NULL;
+	const char *unbuildable = NULL;
+	const char *kind;
 	const char *nul;
 	char	   *text;
 	size_t		textlen;
@@ -437,14 +439,23 @@ decode(const char *data, size_t len, const char *key, size_t keylen,
 	}
 
 	/*
-	 * The syntax, and the top level: an object without duplicate fields; its
-	 * jsonb is built in the same pass when the checks after it will pass.
+	 * What the prescan found that rules out the jsonb; reported after the
+	 * syntax and the top level, as before a jsonb was built in the parse.
 	 */
+	if (scan.number_problem)
+		unbuildable = psprintf("message has a number numeric cannot hold (%s)", scan.number_problem);
+	else if ((int64) textlen + scan.tokens * JSONB_BYTES_PER_TOKEN > JSONB_SIZE_LIMIT)
+		unbuildable = "message has too many JSON values to be stored as jsonb";
+	else if (scan.number_growth > (int64) eb_max_payload_bytes + 65536)
+		unbuildable = "message has numbers that written out in full exceed eventbus.max_payload_bytes + 64 kB";
+
+	/*
+	 * The syntax, and the top level: an object without duplicate fields; its
+	 * jsonb is built in the same pass unless ruled out.
+	 */
+	kind = json_kind(text, textlen);
 	memset(&parse, 0, sizeof(parse));
-	parse.build = strcmp(json_kind(text, textlen), "an object") == 0 &&
-		scan.number_problem == NULL &&
-		(int64) textlen + scan.tokens * JSONB_BYTES_PER_TOKEN <= JSONB_SIZE_LIMIT &&
-		scan.number_growth <= (int64) eb_max_payload_bytes + 65536;
+	parse.build = strcmp(kind, "an object") == 0 && unbuildable == NULL;
 	memset(&sem, 0, sizeof(sem));
 	sem.semstate = &parse;
 	sem.object_start = parse_object_start;
@@ -456,17 +467,13 @@ decode(const char *data, size_t len, const char *key, size_t keylen,
 	lex = makeJsonLexContextCstringLen(text, (int) textlen, GetDatabaseEncoding(), true);
 	if ((jerr = pg_parse_json(lex, &sem)) != JSON_SUCCESS)
 		return psprintf("message is not valid JSON: %s", json_errdetail(jerr, lex));
-	if (strcmp(json_kind(text, textlen), "an object") != 0)
-		return psprintf("message is not a JSON object but %s", json_kind(text, textlen));
+	if (strcmp(kind, "an object") != 0)
+		return psprintf("message is not a JSON object but %s", kind);
 	if ((problem = duplicate_field(&parse.top)) != NULL)
 		return psprintf("the envelope has the field \"%s\" more than once",
 						eb_printable(problem, strlen(problem), 64));
-	if (scan.number_problem)
-		return psprintf("message has a number numeric cannot hold (%s)", scan.number_problem);
-	if ((int64) textlen + scan.tokens * JSONB_BYTES_PER_TOKEN > JSONB_SIZE_LIMIT)
-		return "message has too many JSON values to be stored as jsonb";
-	if (scan.number_growth > (int64) eb_max_payload_bytes + 65536)
-		return "message has numbers that written out in full exceed eventbus.max_payload_bytes + 64 kB";
+	if (unbuildable)
+		return unbuildable;
 	if (!parse.build || parse.res == NULL)	/* not expected: see parse_scalar */
 		return psprintf("message has a number numeric cannot hold (%s)",
 						parse.number_problem ? parse.number_problem : "unknown");
