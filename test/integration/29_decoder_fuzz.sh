@@ -6,7 +6,8 @@
 # trip and envelope building — in one backend.  Asserted: no call raised an
 # ERROR and the backend (and PostgreSQL) survived, the decoder's safety net
 # never fired (every failure was a checked reason), and every accepted
-# message decodes to what PostgreSQL itself reads in its JSON.  Then the same
+# message decodes to what PostgreSQL itself reads in its JSON; and fixed
+# cases for the parse that builds the jsonb.  Then the same
 # in a LATIN1 database, with \u00e9 / \u20ac escapes and raw characters:
 # a correct value or a reason, never an error.
 source "$(dirname "$0")/lib.sh"
