@@ -35,7 +35,12 @@ run=$(date +%s)$RANDOM
 TOPIC="t41.$run"
 GROUP="eventbus-t41-$run"
 NPARTS=8
-SLOW=3                         # seconds a slow handler runs
+SLOW=3                         # seconds a slow handler runs at the join
+# At the fast stop: a handler shorter than the stop's drain (3 s), so that it
+# finishes there however late before the stop it started.  A 3 s one started
+# just before the stop is cut at the drain deadline: the product's bound, not
+# what this asserts (the docs say such work is handled again elsewhere).
+STOP_SLOW=2
 T0=$SECONDS
 
 # Every Kafka subscription of the database joins the group: another test's
@@ -101,13 +106,13 @@ q2 -c "$SCHEMA" >/dev/null
 # two in each half of the topic, so whichever half moves, slow handlers of it
 # run (one per pool worker, all at once).  each: every event sleeps 10 ms.
 # stop: as each, and version VMIN of the first aggregate of partitions 1 and
-# 6 (one in each half) sleeps SLOW seconds.
+# 6 (one in each half) sleeps STOP_SLOW seconds.
 produce() {
 	local batch=$1 vmin=$2 vmax=$3 nagg=$4 slow=${5:-} p
 	q -c "INSERT INTO t41_sent
 	      SELECT p, '$batch-' || p || '-' || a, v, gen_random_uuid(),
 	             CASE WHEN '$slow' = 'slow' AND a = 1 AND v = $vmin AND p BETWEEN 2 AND 5 THEN $SLOW
-	                  WHEN '$slow' = 'stop' AND a = 1 AND v = $vmin AND p IN (1, 6) THEN $SLOW
+	                  WHEN '$slow' = 'stop' AND a = 1 AND v = $vmin AND p IN (1, 6) THEN $STOP_SLOW
 	                  WHEN '$slow' IN ('each', 'stop') THEN 0.01 END
 	        FROM generate_series(0, $NPARTS - 1) p, generate_series(1, $nagg) a, generate_series($vmin, $vmax) v" >/dev/null
 	for p in $(seq 0 $((NPARTS - 1))); do
@@ -168,11 +173,18 @@ ok $? "subscription_share: cluster 1 has $(share_of q) partitions, cluster 2 $(s
 # handlers runs a slow event, later events of its partition already handled
 before2=$(handled2)
 produce c 1 10 20 stop || bail "produce failed"
-# Cluster 2 has one of partitions 1 and 6: its slow event (3 s, the first of
-# the partition's batch) runs while 10 later events of it were handled.
-wait_until 30 '[ "$(q2 -c "SELECT count(*) FROM t41_handled WHERE aggregate_id ~ '"'"'^c-[16]-'"'"' AND aggregate_id NOT IN ('"'"'c-1-1'"'"', '"'"'c-6-1'"'"')")" -ge 10 ]'
-ok $? "cluster 2 handles its share of batch c, later events of its slow event's partition too"
-diag "cluster 2 at its stop: slow event handled $(q2 -c "SELECT count(*) FROM t41_handled WHERE aggregate_id IN ('c-1-1', 'c-6-1') AND version = 1") times, handlers sleeping $(q2 -c "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'")"
+# Cluster 2 has one of partitions 1 and 6: the stop comes while its slow
+# event (STOP_SLOW s, the first of the partition's batch) runs there
+# (pg_stat_activity names the aggregate) and 10 later events of that
+# partition were handled.
+slow_running2() {
+	q2 -c "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'
+	          AND (query LIKE '%aggregate c-1-1)' OR query LIKE '%aggregate c-6-1)')"
+}
+wait_until 30 '[ "$(q2 -c "SELECT count(*) FROM t41_handled WHERE aggregate_id ~ '"'"'^c-[16]-'"'"' AND aggregate_id NOT IN ('"'"'c-1-1'"'"', '"'"'c-6-1'"'"')")" -ge 10 ] &&
+               [ "$(slow_running2)" -eq 1 ]'
+ok $? "cluster 2 runs its slow event of batch c, later events of that partition handled"
+diag "cluster 2 at its stop: slow event handled $(q2 -c "SELECT count(*) FROM t41_handled WHERE aggregate_id IN ('c-1-1', 'c-6-1') AND version = 1") times, running $(slow_running2), handlers sleeping $(q2 -c "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'")"
 t_stop=$SECONDS
 c2_stop fast
 ok $? "cluster 2 stopped (fast) mid-stream"
