@@ -13,9 +13,10 @@
  *    is sent once the previous one is acknowledged (the round goes in
  *    waves, each sent when everything before is in), so any mix of lost,
  *    refused and stored publishes cannot reorder it.  Once commits arrived
- *    during the round, no further wave starts: the rest is read again with
+ *    during the round, waves go on only until relay_interval after its
+ *    start, when the next round would be due: the rest is read again with
  *    them, so a long chain of one aggregate does not hold the others' new
- *    events back, and under a stream of commits a round is one wave;
+ *    events back for longer;
  *  - a transport that keeps a partition in order through failures (Kafka's
  *    idempotent producer with enable.gapless.guarantee: a batch the broker
  *    refuses for good makes the producer fail instead of renumbering and
@@ -698,12 +699,15 @@ step_transport(int t, bool woken)
 			r->outpaced = true;
 
 		/*
-		 * Everything sent is acknowledged: send the aggregates' next events,
-		 * unless commits arrived meanwhile (the rest then goes with them, in
-		 * the next round, which starts at once).  The round ends when
-		 * nothing more is sent.
+		 * Everything sent is acknowledged: send the aggregates' next events.
+		 * Once commits arrived meanwhile, only until eventbus.relay_interval
+		 * has passed since the round started, when the next round would be
+		 * due: then the rest goes with those commits, in the next round,
+		 * which starts at once.  The round ends when nothing more is sent.
 		 */
-		if (r->in_flight == 0 && r->pending > 0 && !r->outpaced)
+		if (r->in_flight == 0 && r->pending > 0 &&
+			(!r->outpaced ||
+			 GetCurrentTimestamp() < TimestampTzPlusMilliseconds(r->last_start, eb_relay_interval_ms)))
 			send_ready(t, r);
 		if (r->in_flight == 0)
 			finish_round(t, r, NULL);
