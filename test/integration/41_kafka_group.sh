@@ -173,7 +173,7 @@ ok $? "subscription_share: cluster 1 has $(share_of q) partitions, cluster 2 $(s
 # handlers runs a slow event, later events of its partition already handled
 before2=$(handled2)
 produce c 1 10 20 stop || bail "produce failed"
-# Cluster 2 has one of partitions 1 and 6: the stop comes while its slow
+# Cluster 2 has partition 1 or 6 (or both): the stop comes while a slow
 # event (STOP_SLOW s, the first of the partition's batch) runs there
 # (pg_stat_activity names the aggregate) and 10 later events of that
 # partition were handled.
@@ -182,7 +182,7 @@ slow_running2() {
 	          AND (query LIKE '%aggregate c-1-1)' OR query LIKE '%aggregate c-6-1)')"
 }
 wait_until 30 '[ "$(q2 -c "SELECT count(*) FROM t41_handled WHERE aggregate_id ~ '"'"'^c-[16]-'"'"' AND aggregate_id NOT IN ('"'"'c-1-1'"'"', '"'"'c-6-1'"'"')")" -ge 10 ] &&
-               [ "$(slow_running2)" -eq 1 ]'
+               [ "$(slow_running2)" -ge 1 ]'
 ok $? "cluster 2 runs its slow event of batch c, later events of that partition handled"
 diag "cluster 2 at its stop: slow event handled $(q2 -c "SELECT count(*) FROM t41_handled WHERE aggregate_id IN ('c-1-1', 'c-6-1') AND version = 1") times, running $(slow_running2), handlers sleeping $(q2 -c "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'")"
 t_stop=$SECONDS
