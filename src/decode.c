@@ -138,6 +138,12 @@ parse_scalar(void *arg, char *token, JsonTokenType tokentype)
 
 	if (!p->build)
 		return;
+	/* Only inside the top-level object (build says it is one). */
+	if (p->ps == NULL)
+	{
+		p->build = false;		/* a scalar at the top: no envelope to build */
+		return;
+	}
 	switch (tokentype)
 	{
 		case JSON_TOKEN_STRING:
@@ -177,12 +183,6 @@ parse_scalar(void *arg, char *token, JsonTokenType tokentype)
 		default:				/* the parser reports no other scalar */
 			v.type = jbvNull;
 			break;
-	}
-	/* Inside the top-level object (build says it is one): a value or an element. */
-	if (p->ps == NULL)
-	{
-		p->build = false;		/* a scalar at the top: no envelope to build */
-		return;
 	}
 	parse_push(p, p->ps->contVal.type == jbvArray ? WJB_ELEM : WJB_VALUE, &v);
 }

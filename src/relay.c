@@ -646,6 +646,16 @@ round_wait(const EbTransportRoutine *tr, Round *r)
 	return Max(eb_ms_until(r->deadline), 1);
 }
 
+/*
+ * When the next round of a transport whose commits outpaced its last one is
+ * due: eventbus.relay_interval after the last round started.
+ */
+static TimestampTz
+next_round_due(const Round *r)
+{
+	return TimestampTzPlusMilliseconds(r->last_start, eb_relay_interval_ms);
+}
+
 /* One transport's share of a relay step; returns the wait it wants. */
 static long
 step_transport(int t, bool woken)
@@ -707,7 +717,7 @@ step_transport(int t, bool woken)
 		 */
 		if (r->in_flight == 0 && r->pending > 0 &&
 			(!r->outpaced ||
-			 GetCurrentTimestamp() < TimestampTzPlusMilliseconds(r->last_start, eb_relay_interval_ms)))
+			 GetCurrentTimestamp() < next_round_due(r)))
 			send_ready(t, r);
 		if (r->in_flight == 0)
 			finish_round(t, r, NULL);
@@ -750,7 +760,7 @@ step_transport(int t, bool woken)
 	 */
 	if (eb_relay_interval_ms > 0 && r->outpaced && !r->left_behind)
 	{
-		TimestampTz due = TimestampTzPlusMilliseconds(r->last_start, eb_relay_interval_ms);
+		TimestampTz due = next_round_due(r);
 
 		if (GetCurrentTimestamp() < due)
 			return Max(eb_ms_until(due), 1);
