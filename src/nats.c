@@ -25,6 +25,12 @@
 #include "transport.h"
 #include "util.h"
 
+/*
+ * The waves of a round of at most this many events are sent at once
+ * (wave_sent); larger rounds leave them to cnats' flusher.
+ */
+#define FLUSH_ROUND_MAX	8
+
 /* Keep JetStream's dedupe window long enough to cover relay retries. */
 #define DUPLICATE_WINDOW_NS ((int64) 10 * 60 * 1000000000)
 
@@ -37,6 +43,7 @@ static bool library_opened = false;
 static bool last_stream_error_permanent = false;	/* of ensure_stream */
 static int	reconnect_attempts = 0;	/* written by cnats threads (atomic) */
 static EbAckFn ack_fn = NULL;	/* the relay's, while the producer runs */
+static int	round_size = 0;		/* events in the relay's current round */
 
 /* Event id -> slot of the current round, sorted for bsearch. */
 typedef struct IdSlot
@@ -513,6 +520,7 @@ round_begin(const EbEvent *events, int n)
 	int		   *done = acks.done;
 	bool		grow = n > acks.capacity;	/* only this thread changes it */
 
+	round_size = n;
 	/* Allocate outside the mutex: an error must not leave it held. */
 	if (grow)
 	{
@@ -727,6 +735,28 @@ produce(const EbEvent *ev, const char *value, size_t len, int slot, char **errms
 	return true;
 }
 
+/*
+ * Send a small round's wave now.  cnats (3.4) buffers publishes and its
+ * flusher thread waits 1 ms for more before writing, so every wave, and
+ * with it each step of an aggregate's chain, would wait that long.  A flush
+ * writes the buffer at once with a PING and waits for the PONG, at most
+ * 1 ms, while the wave's acknowledgements are awaited anyway.  Only a
+ * round of a few events (light traffic, where that millisecond is most of
+ * the relay's time) is sent so: under load, rounds that end sooner only
+ * mean more of them, each an outbox read and delete.
+ */
+static void
+wave_sent(int n)
+{
+	sigset_t	old;
+
+	if (round_size > FLUSH_ROUND_MAX || eb_nats_conn == NULL || !eb_nats_connected())
+		return;
+	eb_nats_block_signals(&old);
+	(void) natsConnection_FlushTimeout(eb_nats_conn, 1);
+	eb_nats_restore_signals(&old);
+}
+
 /* --- configuration and the checks publishing backends make --- */
 
 /* Is eventbus.nats_url set? */
@@ -817,6 +847,7 @@ const EbTransportRoutine eb_nats_transport = {
 	.round_begin = round_begin,
 	.produce = produce,
 	.round_abandon = round_abandon,
+	.wave_sent = wave_sent,
 
 	.consumer_start = eb_nats_consumer_start,
 	.consumer_stop = eb_nats_consumer_stop,

@@ -465,6 +465,8 @@ send_ready(int t, Round *r)
 			relay_ack(t, i, permanent ? EB_FAILED_PERMANENT : EB_FAILED_TRANSIENT, err);
 	}
 	pfree(buf.data);
+	if (r->nwave > 0 && tr->wave_sent)
+		tr->wave_sent(r->nwave);
 	if (r->nwave > 0)
 		r->deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), eb_ack_timeout_ms);
 }

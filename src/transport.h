@@ -103,6 +103,12 @@ typedef struct EbTransportRoutine
 							char **errmsg, bool *permanent);
 
 	/*
+	 * A wave of n events was produced: send what the client still buffers
+	 * (NULL: the client sends on its own).
+	 */
+	void		(*wave_sent) (int n);
+
+	/*
 	 * Forget the round's unacknowledged events after eventbus.ack_timeout
 	 * (they are sent again).  NULL if the client itself reports every event
 	 * within that time (librdkafka's message.timeout.ms): the relay waits.
