@@ -43,7 +43,6 @@ static bool library_opened = false;
 static bool last_stream_error_permanent = false;	/* of ensure_stream */
 static int	reconnect_attempts = 0;	/* written by cnats threads (atomic) */
 static EbAckFn ack_fn = NULL;	/* the relay's, while the producer runs */
-static int	round_size = 0;		/* events in the relay's current round */
 
 /* Event id -> slot of the current round, sorted for bsearch. */
 typedef struct IdSlot
@@ -520,7 +519,6 @@ round_begin(const EbEvent *events, int n)
 	int		   *done = acks.done;
 	bool		grow = n > acks.capacity;	/* only this thread changes it */
 
-	round_size = n;
 	/* Allocate outside the mutex: an error must not leave it held. */
 	if (grow)
 	{
@@ -746,11 +744,11 @@ produce(const EbEvent *ev, const char *value, size_t len, int slot, char **errms
  * mean more of them, each an outbox read and delete.
  */
 static void
-wave_sent(int n)
+wave_sent(int round_n)
 {
 	sigset_t	old;
 
-	if (round_size > FLUSH_ROUND_MAX || eb_nats_conn == NULL || !eb_nats_connected())
+	if (round_n > FLUSH_ROUND_MAX || eb_nats_conn == NULL || !eb_nats_connected())
 		return;
 	eb_nats_block_signals(&old);
 	(void) natsConnection_FlushTimeout(eb_nats_conn, 1);

@@ -466,7 +466,7 @@ send_ready(int t, Round *r)
 	}
 	pfree(buf.data);
 	if (r->nwave > 0 && tr->wave_sent)
-		tr->wave_sent(r->nwave);
+		tr->wave_sent(r->n);
 	if (r->nwave > 0)
 		r->deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), eb_ack_timeout_ms);
 }

@@ -103,10 +103,10 @@ typedef struct EbTransportRoutine
 							char **errmsg, bool *permanent);
 
 	/*
-	 * A wave of n events was produced: send what the client still buffers
-	 * (NULL: the client sends on its own).
+	 * A wave of the current round (round_n events) was produced: send what
+	 * the client still buffers (NULL: the client sends on its own).
 	 */
-	void		(*wave_sent) (int n);
+	void		(*wave_sent) (int round_n);
 
 	/*
 	 * Forget the round's unacknowledged events after eventbus.ack_timeout
