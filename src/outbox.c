@@ -335,6 +335,12 @@ eventbus_publish(PG_FUNCTION_ARGS)
 	}
 	values[10] = UUIDPGetDatum(event_id);
 
+	/*
+	 * The transaction id first, the row's id (the sequence) after it: the
+	 * relay relies on that order to skip rows it relayed (relay.c, the read
+	 * floor).
+	 */
+	(void) GetTopTransactionId();
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 	rc = SPI_execute_plan(eb_keep_plan(&insert_plan, INSERT_SQL, 11, insert_types),

@@ -35,6 +35,9 @@
  *    it, until the row is retried or discarded (undeliverable.c);
  *  - transient failure: the row stays, its (topic, aggregate) backs off
  *    (0.2 s doubling to 10 s) while every other aggregate keeps flowing.
+ *
+ * Reads start above a floor (relay_floor.c): an id below which every row
+ * is gone for good.
  */
 #include "postgres.h"
 
@@ -96,6 +99,7 @@ typedef struct Round
 	bool		left_behind;	/* the last round left rows it read unsent */
 	bool		outpaced;		/* commits arrived while the last round ran */
 	TimestampTz next_read_past; /* the next read past long chains (fetch_batch) */
+	EbReadFloor floor;			/* where reads start (relay_floor.c) */
 } Round;
 
 /* Rows of one aggregate in a full batch that make it a long chain (fetch_batch). */
@@ -343,8 +347,10 @@ fetch_batch(int t, Round *r, EbEvent **events, bool **held, TimestampTz *earlies
 	int			n;
 	TimestampTz now = GetCurrentTimestamp();
 
-	eb_backoff_arrays(r->backoff, now, NULL, 0, &topics, &aggregates, earliest);
-	n = read_rows(t, r, 0, topics, aggregates, events, held);
+	eb_backoff_arrays(r->backoff, now, NULL, 0, &topics, &aggregates, earliest,
+					  &r->floor.excluded_from);
+	n = read_rows(t, r, r->floor.floor, topics, aggregates, events, held);
+	r->floor.read_end = n == eb_relay_batch_size ? (*events)[n - 1].outbox_id : PG_INT64_MAX;
 
 	if (n == eb_relay_batch_size && eb_transport(t)->one_per_aggregate &&
 		now >= r->next_read_past)
@@ -357,11 +363,12 @@ fetch_batch(int t, Round *r, EbEvent **events, bool **held, TimestampTz *earlies
 			TimestampTz start = GetCurrentTimestamp();
 			TimestampTz end;
 			TimestampTz ignored;
+			int64		ignored_id;
 			EbEvent    *more;
 			bool	   *more_held;
 			int			m;
 
-			eb_backoff_arrays(r->backoff, now, heads, nlong, &topics, &aggregates, &ignored);
+			eb_backoff_arrays(r->backoff, now, heads, nlong, &topics, &aggregates, &ignored, &ignored_id);
 			m = read_rows(t, r, (*events)[n - 1].outbox_id, topics, aggregates, &more, &more_held);
 			if (m > 0)
 			{
@@ -500,10 +507,14 @@ start_round(int t, Round *r)
 			r->undeliverable = eb_undeliverable_any(t);
 		r->next_release = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), 1000);
 	}
+	eb_floor_begin(&r->floor, r->undeliverable);
 	fetched = n = fetch_batch(t, r, &events, &held, &earliest);
+	eb_floor_note(&r->floor, fetched > 0 ? events[fetched - 1].outbox_id : 0);
 	if (r->undeliverable)
 		n = set_aside_held(t, r, events, held, n);
 	eb_xact_end(cxt);
+	if (fetched == 0)
+		eb_floor_raise(&r->floor, r->undeliverable, PG_INT64_MAX);
 
 	/* Look again at once only if this round sends or moved something. */
 	r->more = fetched > 0 && (n > 0 || fetched >= eb_relay_batch_size);
@@ -555,6 +566,21 @@ slots_in_state(Round *r, SlotState state, Datum *ids, Datum *errors)
 }
 
 /*
+ * The lowest id of the round's rows still in the outbox once its outcomes
+ * are recorded: neither delivered nor moved aside (PG_INT64_MAX: none).
+ */
+static int64
+lowest_left(const Round *r)
+{
+	int64		lowest = PG_INT64_MAX;
+
+	for (int i = 0; i < r->n; i++)
+		if (r->state[i] != SLOT_OK && r->state[i] != SLOT_FAILED_PERMANENT)
+			lowest = Min(lowest, r->events[i].outbox_id);
+	return lowest;
+}
+
+/*
  * End a round: delete acknowledged rows, move permanently failed ones to
  * eventbus.undeliverable, note transient failures and back their
  * aggregates off.  Events still pending failed for the reason given.
@@ -600,6 +626,7 @@ finish_round(int t, Round *r, const char *pending_reason)
 	}
 
 	eb_xact_end(cxt);
+	eb_floor_raise(&r->floor, r->undeliverable, lowest_left(r));
 
 	eb_shmem_add_published(t, nok, nfailed + npermanent);
 

@@ -1,12 +1,36 @@
 /*
- * relay.h — the outbox relay (relay.c), its per-aggregate bookkeeping
- * (relay_keys.c) and the rows it moves aside (undeliverable.c).
+ * relay.h — the outbox relay (relay.c), where its reads start
+ * (relay_floor.c), its per-aggregate bookkeeping (relay_keys.c) and the
+ * rows it moves aside (undeliverable.c).
  */
 #ifndef EB_RELAY_H
 #define EB_RELAY_H
 
 #include "envelope.h"
 #include "utils/hsearch.h"
+
+/*
+ * relay_floor.c: where a transport's outbox reads start.  floor: rows with
+ * ids up to it are gone for good.  The relay sets read_end and
+ * excluded_from at each read.
+ */
+typedef struct EbReadFloor
+{
+	int64		floor;
+	Oid			seq;			/* the outbox's sequence it is about, */
+	Oid			filenode;		/* and that sequence's storage */
+	bool		on;				/* this round may raise it */
+	bool		cand_valid;		/* a candidate: */
+	int64		cand_id;		/* an id a read saw, */
+	TransactionId cand_xid;		/* the next transaction id after that read */
+	int64		safe_id;		/* this round: every row up to it that will ever exist is visible */
+	int64		read_end;		/* this round: rows after it were not all read */
+	int64		excluded_from;	/* this round: lowest id of the aggregates left out */
+} EbReadFloor;
+
+extern void eb_floor_begin(EbReadFloor *f, bool undeliverable);
+extern void eb_floor_note(EbReadFloor *f, int64 highest_read);
+extern void eb_floor_raise(EbReadFloor *f, bool undeliverable, int64 lowest_left);
 
 /* relay.c: run by the launcher */
 extern void eb_relay_init(void);
@@ -17,7 +41,8 @@ extern long eb_relay_step(void);
 extern HTAB *eb_backoff_create(void);
 extern void eb_backoff_clear(HTAB *backoff);
 extern void eb_backoff_arrays(HTAB *backoff, TimestampTz now, const EbEvent *extra, int nextra,
-							  Datum *topics, Datum *aggregates, TimestampTz *earliest);
+							  Datum *topics, Datum *aggregates, TimestampTz *earliest,
+							  int64 *first_id);
 extern void eb_backoff_fail(HTAB *backoff, const EbEvent *ev);
 extern void eb_backoff_forget(HTAB *backoff, const EbEvent *ev);
 extern void eb_aggregate_chains(const EbEvent *events, int n, int *prev, MemoryContext cxt);

@@ -32,6 +32,7 @@ typedef struct KeyBackoff
 	char		key[KEY_LEN];	/* topic \x1f aggregate_id */
 	TimestampTz next_try;
 	int			backoff_ms;
+	int64		first_id;		/* outbox id of its first row left (the failed one) */
 } KeyBackoff;
 
 /* An empty backoff table (for the life of the process). */
@@ -69,13 +70,14 @@ event_key(const EbEvent *ev, char *key)
  * The aggregates still backing off at now, and those of the nextra events
  * of extra, as two text[] datums (topics, aggregate ids).  Entries long
  * expired (their rows went elsewhere) are dropped.  Sets *earliest to the
- * first moment a backed-off one may be retried (0: none).  Reads of one
- * round pass the same now: an aggregate left out of one must be left out
- * of the others.
+ * first moment a backed-off one may be retried (0: none) and *first_id to
+ * the lowest outbox id of the rows left out that way (PG_INT64_MAX: none).
+ * Reads of one round pass the same now: an aggregate left out of one must
+ * be left out of the others.
  */
 void
 eb_backoff_arrays(HTAB *backoff, TimestampTz now, const EbEvent *extra, int nextra,
-				  Datum *topics, Datum *aggregates, TimestampTz *earliest)
+				  Datum *topics, Datum *aggregates, TimestampTz *earliest, int64 *first_id)
 {
 	HASH_SEQ_STATUS seq;
 	KeyBackoff *e;
@@ -85,6 +87,7 @@ eb_backoff_arrays(HTAB *backoff, TimestampTz now, const EbEvent *extra, int next
 	int			k = 0;
 
 	*earliest = 0;
+	*first_id = PG_INT64_MAX;
 	hash_seq_init(&seq, backoff);
 	while ((e = hash_seq_search(&seq)) != NULL)
 	{
@@ -98,6 +101,7 @@ eb_backoff_arrays(HTAB *backoff, TimestampTz now, const EbEvent *extra, int next
 		}
 		if (*earliest == 0 || e->next_try < *earliest)
 			*earliest = e->next_try;
+		*first_id = Min(*first_id, e->first_id);
 		t[k] = PointerGetDatum(cstring_to_text_with_len(e->key, sep - e->key));
 		a[k++] = CStringGetTextDatum(sep + 1);
 	}
@@ -122,7 +126,11 @@ eb_backoff_fail(HTAB *backoff, const EbEvent *ev)
 	e = hash_search(backoff, key, HASH_ENTER, &found);
 	/* Several failed events of one aggregate in a round back off once. */
 	if (found && e->next_try > GetCurrentTimestamp())
+	{
+		e->first_id = Min(e->first_id, ev->outbox_id);
 		return;
+	}
+	e->first_id = ev->outbox_id;
 	e->backoff_ms = eb_backoff_next(found ? e->backoff_ms : 0, BACKOFF_MIN_MS, BACKOFF_MAX_MS);
 	e->next_try = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), e->backoff_ms);
 }
