@@ -27,12 +27,12 @@ relayed() { [ "$(q -c "SELECT count(*) FROM eventbus.outbox WHERE topic IN ('$TK
 # Index entries returned by scans of the outbox's indexes, as flushed so far.
 walked() { q -c "SELECT coalesce(sum(idx_tup_read), 0) FROM pg_stat_all_indexes WHERE relid = 'eventbus.outbox'::regclass"; }
 # walked_settled — the figure once the launcher has flushed its statistics
-# (at most every second or two): the same twice, 1.5 s apart.
+# (at most every second or two): the same twice, 2.5 s apart.
 walked_settled() {
 	local a b
 	b=$(walked)
 	for _ in $(seq 20); do
-		sleep 1.5
+		sleep 2.5
 		a=$b
 		b=$(walked)
 		[ "$a" = "$b" ] && break
@@ -41,6 +41,8 @@ walked_settled() {
 }
 topic_of() { if [ "$1" = kafka ]; then echo "$TK"; else echo "$TN"; fi; }
 holding() { [ "$(q -c "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(600)' AND backend_xmin IS NOT NULL")" = 1 ]; }
+# early_open — the 'early' transaction has published and waits to commit
+early_open() { [ "$(q -c "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(5)' AND backend_xid IS NOT NULL")" = 1 ]; }
 # others_relayed TOPIC — nothing of TOPIC but the 'early' event in the outbox
 others_relayed() { [ "$(q -c "SELECT count(*) FROM eventbus.outbox WHERE topic = '$1' AND aggregate_id <> 'early'")" = 0 ]; }
 
@@ -84,9 +86,9 @@ done
 # --- 2. a row a running transaction took an id for is not passed ---
 for tr in kafka nats; do
 	topic=$(topic_of $tr)
-	q -c "BEGIN" -c "SELECT t48_publish('$tr', '$topic', 'early', '{}')" -c "SELECT pg_sleep(3)" -c "COMMIT" >/dev/null &
+	q -c "BEGIN" -c "SELECT t48_publish('$tr', '$topic', 'early', '{}')" -c "SELECT pg_sleep(5)" -c "COMMIT" >/dev/null &
 	early=$!
-	sleep 0.5
+	wait_until 10 early_open || bail "$tr: the early transaction did not publish"
 	for i in $(seq 10); do
 		q -c "SELECT t48_publish('$tr', '$topic', 'later-$i', '{}')" >/dev/null
 		wait_until 10 others_relayed "$topic"
