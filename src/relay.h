@@ -20,6 +20,7 @@ typedef struct EbReadFloor
 	Oid			seq;			/* the outbox's sequence it is about, */
 	Oid			filenode;		/* and that sequence's storage */
 	bool		on;				/* this round may raise it */
+	int64		seq_last;		/* this round: the sequence's last value (0: none yet) */
 	bool		cand_valid;		/* a candidate: */
 	int64		cand_id;		/* an id a read saw, */
 	TransactionId cand_xid;		/* the next transaction id after that read */
@@ -29,7 +30,7 @@ typedef struct EbReadFloor
 } EbReadFloor;
 
 extern void eb_floor_begin(EbReadFloor *f, bool undeliverable);
-extern void eb_floor_note(EbReadFloor *f, int64 highest_read);
+extern void eb_floor_note(EbReadFloor *f);
 extern void eb_floor_raise(EbReadFloor *f, bool undeliverable, int64 lowest_left);
 
 /* relay.c: run by the launcher */

@@ -12,12 +12,14 @@
  * Ids come from a sequence, so a transaction that took its id earlier may
  * commit after later rows were relayed: the floor only passes ids that no
  * running transaction can still commit.  eventbus_publish takes its
- * transaction id before its row's id.  After a read, the relay notes the
- * highest id it saw and the next transaction id (a candidate).  A
- * transaction that took an id up to that one took its transaction id
- * before; once a later snapshot shows no transaction id below the noted one
- * running (its xmin), every row up to the noted id that will ever be
- * committed is visible.  Sessions that only read do not hold this back,
+ * transaction id before its row's id.  In each round's snapshot the relay
+ * notes the highest id taken so far (the sequence's last value) and then
+ * the next transaction id (a candidate).  A transaction that took an id up
+ * to that one took its transaction id before; once a later snapshot shows
+ * no transaction id below the noted one running (its xmin), every row up to
+ * the noted id that will ever be committed is visible.  The other
+ * transport's rows count too: the floor passes a backlog waiting for the
+ * other broker.  Sessions that only read do not hold this back,
  * however old their snapshots; a long writing transaction does.
  *
  * The floor rises to that id after a round's outcomes are committed, but
@@ -79,6 +81,7 @@ floor_usable(EbReadFloor *f, bool undeliverable)
 	d = pg_sequence_last_value(fcinfo);
 	if (!fcinfo->isnull)
 		last = DatumGetInt64(d);
+	f->seq_last = last;
 	if (seq != f->seq || filenode != f->filenode || last < f->floor)
 	{
 		f->seq = seq;
@@ -101,11 +104,11 @@ eb_floor_begin(EbReadFloor *f, bool undeliverable)
 }
 
 /*
- * After the round's read, in its snapshot: whether the candidate became
- * safe, and a new one (highest_read: the highest id read, 0 for none).
+ * In the round's snapshot, after eb_floor_begin read the sequence: whether
+ * the candidate became safe, and a new one.
  */
 void
-eb_floor_note(EbReadFloor *f, int64 highest_read)
+eb_floor_note(EbReadFloor *f)
 {
 	f->safe_id = 0;
 	if (!f->on)
@@ -115,9 +118,9 @@ eb_floor_note(EbReadFloor *f, int64 highest_read)
 		f->safe_id = f->cand_id;
 		f->cand_valid = false;
 	}
-	if (!f->cand_valid && highest_read > 0)
+	if (!f->cand_valid && f->seq_last > 0)
 	{
-		f->cand_id = highest_read;
+		f->cand_id = f->seq_last;
 		f->cand_xid = ReadNextTransactionId();
 		f->cand_valid = true;
 	}
