@@ -14,11 +14,11 @@ np() { psql -X -A -t -q -h "$dir" -p "$port" -U postgres -d postgres "$@" 2>&1; 
 np -c "CREATE EXTENSION eventbus" >/dev/null
 out=$(np -c "\\set VERBOSITY verbose" -c "SELECT * FROM eventbus_status()")
 echo "$out" | sed 's/^/#   /'
-ok "$(echo "$out" | grep -q 'ERROR:  55000: eventbus is not loaded through shared_preload_libraries'; echo $?)" \
+ok "$(grep -q 'ERROR:  55000: eventbus is not loaded through shared_preload_libraries' <<< "$out"; echo $?)" \
 	"eventbus_status() fails with SQLSTATE 55000"
-ok "$(echo "$out" | grep -q "HINT:  Add 'eventbus' to shared_preload_libraries"; echo $?)" "the error carries a HINT"
+ok "$(grep -q "HINT:  Add 'eventbus' to shared_preload_libraries" <<< "$out"; echo $?)" "the error carries a HINT"
 out=$(np -c "\\set VERBOSITY verbose" -c "SELECT eventbus_publish('t', 'a', 'e', '{}')")
-ok "$(echo "$out" | grep -q 'ERROR:  55000: eventbus is not loaded'; echo $?)" "eventbus_publish fails the same way"
+ok "$(grep -q 'ERROR:  55000: eventbus is not loaded' <<< "$out"; echo $?)" "eventbus_publish fails the same way"
 runuser -u postgres -- "$bin/pg_ctl" -D "$dir/data" -w -m fast stop >/dev/null
 rm -rf "$dir"
 

@@ -16,8 +16,8 @@ SELECT eventbus_publish('t13.orders', 'o-1', 'Created', '{}', 'nats');
 SQL
 )
 echo "$out" | sed 's/^/#   /'
-ok "$(echo "$out" | grep -q 'ERROR:  55000: transport "nats" is not configured'; echo $?)" "publish to an unconfigured transport: 55000"
-ok "$(echo "$out" | grep -q 'HINT:  Set eventbus.nats_url'; echo $?)" "with a HINT naming the setting"
+ok "$(grep -q 'ERROR:  55000: transport "nats" is not configured' <<< "$out"; echo $?)" "publish to an unconfigured transport: 55000"
+ok "$(grep -q 'HINT:  Set eventbus.nats_url' <<< "$out"; echo $?)" "with a HINT naming the setting"
 
 q -c "DROP TABLE IF EXISTS t13_work; CREATE TABLE t13_work (v int)" >/dev/null
 res=$(q <<'SQL'

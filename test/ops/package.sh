@@ -124,7 +124,9 @@ deb=$PKGDIR/${PKG}_${deb_version}_$(dpkg --print-architecture).deb
 diag "$(basename "$deb"): $(stat -c %s "$deb") bytes"
 
 contents=$(dpkg-deb -c "$deb" | awk '{print $NF}' | sed 's|^\./|/|')
-has() { echo "$contents" | grep -qxF "$1"; }
+# Here-strings, not echo | grep -q: with pipefail, grep leaving at the
+# first match can fail the pipeline with echo's SIGPIPE.
+has() { grep -qxF "$1" <<< "$contents"; }
 has /usr/lib/postgresql/15/lib/eventbus.so
 ok $? "the .deb holds /usr/lib/postgresql/15/lib/eventbus.so"
 has /usr/share/postgresql/15/extension/eventbus.control &&
@@ -134,9 +136,9 @@ stray=$(echo "$contents" | grep -vE '^/$|^/usr/$|^/usr/(lib|share)/$|^/usr/lib/p
 is "$stray" "" "nothing else in the .deb (no test tools, nothing outside PostgreSQL 15's directories and the doc directory)"
 depends=$(dpkg-deb -f "$deb" Depends)
 diag "Depends: $depends"
-echo "$depends" | grep -qE '(^|, )postgresql-15( |,|$)' &&
-	echo "$depends" | grep -qE '(^|, )librdkafka1( |,|$)' &&
-	echo "$depends" | grep -qE '(^|, )libnats3\.4( |,|$)'
+grep -qE '(^|, )postgresql-15( |,|$)' <<< "$depends" &&
+	grep -qE '(^|, )librdkafka1( |,|$)' <<< "$depends" &&
+	grep -qE '(^|, )libnats3\.4( |,|$)' <<< "$depends"
 ok $? "it depends on postgresql-15, librdkafka1 and libnats3.4"
 
 # ---------------------------------------------------------------- install
@@ -184,7 +186,7 @@ is "$(p -c "SELECT extversion FROM pg_extension WHERE extname = 'eventbus'")" "$
 # The launcher registers itself at start. NATS points at a closed port (the
 # transport is configured, its broker down), Kafka is off.
 out=$(p -c "SELECT component, transport, state FROM eventbus_status() ORDER BY 1, 2")
-echo "$out" | grep -q '^launcher|'
+grep -q '^launcher|' <<< "$out"
 ok $? "eventbus_status() answers with the launcher's rows"
 echo "$out" | indent
 # Once it sees the extension, the relay tries the configured broker.
