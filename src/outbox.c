@@ -337,8 +337,7 @@ eventbus_publish(PG_FUNCTION_ARGS)
 
 	/*
 	 * The transaction id first, the row's id (the sequence) after it: the
-	 * relay relies on that order to skip rows it relayed (relay.c, the read
-	 * floor).
+	 * relay relies on that order to skip rows it relayed (relay_floor.c).
 	 */
 	(void) GetTopTransactionId();
 	if (SPI_connect() != SPI_OK_CONNECT)

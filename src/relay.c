@@ -508,7 +508,6 @@ start_round(int t, Round *r)
 		r->next_release = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), 1000);
 	}
 	eb_floor_begin(&r->floor, r->undeliverable);
-	eb_floor_note(&r->floor);
 	fetched = n = fetch_batch(t, r, &events, &held, &earliest);
 	if (r->undeliverable)
 		n = set_aside_held(t, r, events, held, n);

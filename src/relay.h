@@ -20,17 +20,15 @@ typedef struct EbReadFloor
 	Oid			seq;			/* the outbox's sequence it is about, */
 	Oid			filenode;		/* and that sequence's storage */
 	bool		on;				/* this round may raise it */
-	int64		seq_last;		/* this round: the sequence's last value (0: none yet) */
 	bool		cand_valid;		/* a candidate: */
-	int64		cand_id;		/* an id a read saw, */
-	TransactionId cand_xid;		/* the next transaction id after that read */
+	int64		cand_id;		/* the sequence's last value in a round's snapshot, */
+	TransactionId cand_xid;		/* the next transaction id read after it */
 	int64		safe_id;		/* this round: every row up to it that will ever exist is visible */
 	int64		read_end;		/* this round: rows after it were not all read */
 	int64		excluded_from;	/* this round: lowest id of the aggregates left out */
 } EbReadFloor;
 
 extern void eb_floor_begin(EbReadFloor *f, bool undeliverable);
-extern void eb_floor_note(EbReadFloor *f);
 extern void eb_floor_raise(EbReadFloor *f, bool undeliverable, int64 lowest_left);
 
 /* relay.c: run by the launcher */

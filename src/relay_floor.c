@@ -46,20 +46,21 @@
 
 /*
  * May this round use (and raise) the floor?  Records the sequence it is
- * about; false in the round that finds it replaced, restarted or set back.
+ * about and sets *last to its last value (0: none handed out yet); false in
+ * the round that finds it replaced, restarted or set back.
  */
 static bool
-floor_usable(EbReadFloor *f, bool undeliverable)
+floor_usable(EbReadFloor *f, bool undeliverable, int64 *last)
 {
 	Oid			seq = get_relname_relid("outbox_id_seq", get_namespace_oid("eventbus", true));
 	HeapTuple	tup;
 	bool		ok = false;
 	Oid			filenode = InvalidOid;
-	int64		last = 0;
 	Datum		d;
 
 	LOCAL_FCINFO(fcinfo, 1);
 
+	*last = 0;
 	if (undeliverable || !OidIsValid(seq))
 		return false;
 	tup = SearchSysCache1(SEQRELID, ObjectIdGetDatum(seq));
@@ -80,9 +81,8 @@ floor_usable(EbReadFloor *f, bool undeliverable)
 	fcinfo->args[0].isnull = false;
 	d = pg_sequence_last_value(fcinfo);
 	if (!fcinfo->isnull)
-		last = DatumGetInt64(d);
-	f->seq_last = last;
-	if (seq != f->seq || filenode != f->filenode || last < f->floor)
+		*last = DatumGetInt64(d);
+	if (seq != f->seq || filenode != f->filenode || *last < f->floor)
 	{
 		f->seq = seq;
 		f->filenode = filenode;
@@ -91,36 +91,32 @@ floor_usable(EbReadFloor *f, bool undeliverable)
 	return ok;
 }
 
-/* At a round's start, in its transaction: may it use the floor (else 0)? */
+/*
+ * At a round's start, in its snapshot: may it use the floor (else it is 0),
+ * did the candidate become safe, and a new candidate (the sequence's last
+ * value, read before the next transaction id).
+ */
 void
 eb_floor_begin(EbReadFloor *f, bool undeliverable)
 {
-	f->on = floor_usable(f, undeliverable);
+	int64		last;
+
+	f->safe_id = 0;
+	f->on = floor_usable(f, undeliverable, &last);
 	if (!f->on)
 	{
 		f->floor = 0;
 		f->cand_valid = false;
-	}
-}
-
-/*
- * In the round's snapshot, after eb_floor_begin read the sequence: whether
- * the candidate became safe, and a new one.
- */
-void
-eb_floor_note(EbReadFloor *f)
-{
-	f->safe_id = 0;
-	if (!f->on)
 		return;
+	}
 	if (f->cand_valid && TransactionIdFollowsOrEquals(GetActiveSnapshot()->xmin, f->cand_xid))
 	{
 		f->safe_id = f->cand_id;
 		f->cand_valid = false;
 	}
-	if (!f->cand_valid && f->seq_last > 0)
+	if (!f->cand_valid && last > 0)
 	{
-		f->cand_id = f->seq_last;
+		f->cand_id = last;
 		f->cand_xid = ReadNextTransactionId();
 		f->cand_valid = true;
 	}
