@@ -36,8 +36,8 @@ all: tools
 endif
 tools: test/tools/devbroker test/tools/natstool test/tools/kafkaraw
 
-test/tools/devbroker: test/tools/devbroker.c
-	$(CC) $(TOOL_CFLAGS) -o $@ $< $(shell pkg-config --cflags --libs rdkafka) -lpthread
+test/tools/devbroker: test/tools/devbroker.c test/tools/devbroker_proxy.c test/tools/devbroker_proxy.h
+	$(CC) $(TOOL_CFLAGS) -o $@ test/tools/devbroker.c test/tools/devbroker_proxy.c $(shell pkg-config --cflags --libs rdkafka) -lpthread -ldl
 
 test/tools/kafkaraw: test/tools/kafkaraw.c
 	$(CC) $(TOOL_CFLAGS) -o $@ $< $(shell pkg-config --cflags --libs rdkafka) -lpthread

@@ -9,6 +9,11 @@
  *
  *   SIGUSR1          every broker down (listeners closed, connections dropped)
  *   SIGUSR2          every broker up again (same ports)
+ *
+ * Clients reach the mock brokers through a proxy (devbroker_proxy.c) that
+ * answers a fetch as soon as data arrives, as a real broker answers a long
+ * poll; the mock itself would hold an empty fetch for the consumer's whole
+ * fetch.wait.max.ms.  --direct leaves the proxy out.
  *   SIGWINCH         the next Produce request (to any broker) fails with
  *                    MSG_SIZE_TOO_LARGE for all its partitions, as a broker
  *                    whose message size limit was lowered would answer
@@ -36,6 +41,8 @@
  *   - Brokers listen on 127.0.0.1 with kernel-chosen ports; a broker that is
  *     set down keeps its port (the socket stays bound but stops listening, so
  *     clients get "connection refused") and set up listens on it again.
+ *     (With the proxy, SIGUSR1/SIGUSR2 close and reopen the proxy's
+ *     listeners on the same ports instead; the mock brokers stay up.)
  *   - Topics are auto-created on any Metadata request that names them. The
  *     mock implements Metadata only up to v2, which has no
  *     AllowAutoTopicCreation field, so this applies to consumers too
@@ -81,6 +88,8 @@
 
 #include <librdkafka/rdkafka.h>
 #include <librdkafka/rdkafka_mock.h>
+
+#include "devbroker_proxy.h"
 
 #define MAX_BROKERS    64
 #define MAX_PARTITIONS 10000
@@ -149,7 +158,7 @@ usage(int status)
     fprintf(out,
             "Usage: %s --bootstrap-file PATH [--brokers N] [--partitions P]\n"
             "          [--topic NAME[:PARTS]]... [--pid-file PATH]\n"
-            "          [--topic-requests PATH]\n"
+            "          [--topic-requests PATH] [--direct]\n"
             "\n"
             "Hosts a librdkafka mock Kafka cluster on 127.0.0.1 (random ports).\n"
             "  --bootstrap-file PATH  write the bootstrap list here once ready\n"
@@ -161,6 +170,10 @@ usage(int status)
             "  --pid-file PATH        write the pid here; removed on exit\n"
             "  --topic-requests PATH  on SIGURG, create the topics listed\n"
             "                         there (NAME[:PARTS] per line)\n"
+            "  --direct               clients reach the mock brokers directly,\n"
+            "                         which hold an empty fetch for its whole\n"
+            "                         wait (default: a proxy answers it as data\n"
+            "                         arrives, as a real broker does)\n"
             "Signals: USR1 = all brokers down, USR2 = all up, URG = create\n"
             "the requested topics, TERM/INT = exit.\n",
             progname, MOCK_AUTO_CREATE_PARTITIONS);
@@ -460,6 +473,7 @@ main(int argc, char **argv)
         {"topic", required_argument, NULL, 't'},
         {"pid-file", required_argument, NULL, 'P'},
         {"topic-requests", required_argument, NULL, 'R'},
+        {"direct", no_argument, NULL, 'D'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
@@ -479,6 +493,8 @@ main(int argc, char **argv)
     char                     errstr[512];
     char                     pidbuf[32];
     bool                     down = false;
+    bool                     direct = false;
+    bool                     proxied = false;
     int                      opt;
 
     if (argc > 0 && argv[0] != NULL) {
@@ -487,7 +503,7 @@ main(int argc, char **argv)
         progname = slash ? slash + 1 : argv[0];
     }
 
-    while ((opt = getopt_long(argc, argv, "b:n:p:t:P:R:h", long_options,
+    while ((opt = getopt_long(argc, argv, "b:n:p:t:P:R:Dh", long_options,
                               NULL)) != -1) {
         switch (opt) {
             case 'b':
@@ -521,6 +537,9 @@ main(int argc, char **argv)
                 break;
             case 'R':
                 topic_requests = optarg;
+                break;
+            case 'D':
+                direct = true;
                 break;
             case 'h':
                 usage(0);
@@ -609,7 +628,10 @@ main(int argc, char **argv)
         return 1;
     }
 
+    /* Unless --direct, the brokers' advertised ports are the proxy's. */
+    devbroker_proxy_aliasing(!direct);
     mcluster = rd_kafka_mock_cluster_new(rk, broker_cnt);
+    devbroker_proxy_aliasing(false);
     if (mcluster == NULL) {
         logmsg("rd_kafka_mock_cluster_new(%d brokers) failed", broker_cnt);
         rd_kafka_destroy(rk);
@@ -631,6 +653,16 @@ main(int argc, char **argv)
         }
         logmsg("created topic %s (%d partitions, replication factor 1)",
                topics[i].name, parts);
+    }
+
+    if (!direct) {
+        proxied = devbroker_proxy_start(logmsg);
+        if (!proxied) {
+            logmsg("cannot start the fetch proxy");
+            rd_kafka_mock_cluster_destroy(mcluster);
+            rd_kafka_destroy(rk);
+            return 1;
+        }
     }
 
     bootstraps = rd_kafka_mock_cluster_bootstraps(mcluster);
@@ -664,12 +696,20 @@ main(int argc, char **argv)
         if (sig == SIGUSR1) {
             if (down)
                 logmsg("kafka already down; setting down again");
-            set_all_brokers(mcluster, broker_cnt, false);
+            if (proxied)
+                logmsg("kafka DOWN: %d of %d brokers set down",
+                       devbroker_proxy_set_up(false), broker_cnt);
+            else
+                set_all_brokers(mcluster, broker_cnt, false);
             down = true;
         } else if (sig == SIGUSR2) {
             if (!down)
                 logmsg("kafka already up; setting up again");
-            set_all_brokers(mcluster, broker_cnt, true);
+            if (proxied)
+                logmsg("kafka UP: %d of %d brokers set up",
+                       devbroker_proxy_set_up(true), broker_cnt);
+            else
+                set_all_brokers(mcluster, broker_cnt, true);
             down = false;
         } else if (sig == SIGWINCH) {
             rd_kafka_mock_push_request_errors(mcluster, KAFKA_API_PRODUCE, 1,
@@ -686,6 +726,7 @@ main(int argc, char **argv)
     }
 
     logmsg("shutting down");
+    devbroker_proxy_stop();
     rd_kafka_mock_cluster_destroy(mcluster);
     rd_kafka_destroy(rk);
     if (pid_file != NULL && unlink(pid_file) != 0 && errno != ENOENT)

@@ -1,0 +1,813 @@
+/*
+ * devbroker_proxy.c — makes the dev broker answer a fetch when data
+ * arrives, as a real Kafka broker does.
+ *
+ * librdkafka's mock cluster holds a Fetch that finds no data for the whole
+ * fetch.wait.max.ms, even when a producer writes meanwhile (its own source
+ * says so: cutting the wait short was "too much of a hassle").  A consumer
+ * then either waits that long for a message produced just after its fetch,
+ * or uses a tiny wait and spends CPU on empty fetches (at 2 ms, about a
+ * quarter of a core between the consumer and this program).
+ *
+ * So clients do not talk to the mock brokers directly.  Each mock broker's
+ * listener is aliased (getsockname below) to a port of this proxy, which
+ * is what the mock then advertises in its metadata; the proxy forwards
+ * every connection to the mock broker behind it, byte for byte, except:
+ *  - a Fetch (version 4-11) with a wait goes upstream with MaxWait 0; an
+ *    empty answer is held back (parked) until a Produce was answered by
+ *    any broker (the fetch is then sent again) or the client's wait is
+ *    over (the empty answer is then delivered);
+ *  - while a fetch is outstanding, the connection's later requests wait,
+ *    as a Kafka broker processes one request per connection at a time.
+ * Brokers down (SIGUSR1) closes the proxy's listeners and connections, so
+ * clients get "connection refused"; up (SIGUSR2) listens on the same ports.
+ *
+ * One thread, epoll, non-blocking sockets.  Plain C: this is a test tool.
+ */
+#define _GNU_SOURCE
+
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "devbroker_proxy.h"
+
+#define API_PRODUCE		0
+#define API_FETCH		1
+#define FETCH_MIN_VERSION 4		/* the response layout parsed below */
+#define FETCH_MAX_VERSION 11	/* later ones have flexible headers */
+#define MAX_FRAME		(256 * 1024 * 1024)
+#define MAX_LISTENERS	64
+
+typedef struct Buf
+{
+	char	   *data;
+	size_t		len;			/* bytes held */
+	size_t		off;			/* bytes consumed from the front */
+} Buf;
+
+typedef struct Inflight
+{
+	int16_t		api;
+	int16_t		version;
+	bool		fetch_held;		/* a fetch this proxy may hold back */
+} Inflight;
+
+typedef struct Conn
+{
+	int			cfd;			/* the client's socket */
+	int			ufd;			/* the mock broker's */
+	Buf			from_client;	/* requests not yet forwarded */
+	Buf			to_client;
+	Buf			to_upstream;
+	Buf			from_upstream;
+	Inflight   *inflight;		/* requests forwarded, answers pending, in order */
+	size_t		ninflight;
+	size_t		capinflight;
+	bool		fetching;		/* a held fetch is outstanding: later requests wait */
+	char	   *fetch_req;		/* its request (MaxWait 0), to send again */
+	size_t		fetch_len;
+	int16_t		fetch_version;
+	int64_t		fetch_deadline; /* ms, monotonic: the client's wait ends */
+	char	   *parked;			/* its last empty answer, while waiting for data */
+	size_t		parked_len;
+	bool		resent;			/* sent again, answer pending */
+	uint64_t	fetch_gen;		/* produce_gen when it was last sent */
+	struct Conn *next;
+} Conn;
+
+typedef struct Listener
+{
+	int			fd;				/* -1 while down */
+	int			port;			/* the proxy's (advertised) port */
+	int			real_port;		/* the mock broker's */
+} Listener;
+
+static Listener listeners[MAX_LISTENERS];
+static int	nlisteners = 0;
+static pthread_mutex_t alias_lock = PTHREAD_MUTEX_INITIALIZER;
+static bool aliasing = false;
+static Conn *conns = NULL;
+static int	epfd = -1;
+static int	cmd_pipe[2] = {-1, -1};
+static pthread_t thread;
+static bool started = false;
+static pthread_mutex_t cmd_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t cmd_done = PTHREAD_COND_INITIALIZER;
+static uint64_t cmds_done = 0;		/* commands the thread has carried out */
+static int	listening = 0;		/* listeners up after the last command */
+static void (*logf_cb) (const char *fmt,...);
+
+static int	(*real_getsockname) (int, struct sockaddr *, socklen_t *);
+static uint64_t produce_gen = 0;	/* Produce answers seen, all brokers */
+static char stale_event;		/* tag of an event whose connection is gone */
+
+static int64_t
+now_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t) ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int16_t
+rd16(const char *p)
+{
+	return (int16_t) (((uint16_t) (unsigned char) p[0] << 8) | (unsigned char) p[1]);
+}
+
+static int32_t
+rd32(const char *p)
+{
+	return (int32_t) (((uint32_t) (unsigned char) p[0] << 24) | ((uint32_t) (unsigned char) p[1] << 16) |
+					  ((uint32_t) (unsigned char) p[2] << 8) | (unsigned char) p[3]);
+}
+
+static void
+wr32(char *p, int32_t v)
+{
+	p[0] = (char) ((uint32_t) v >> 24);
+	p[1] = (char) ((uint32_t) v >> 16);
+	p[2] = (char) ((uint32_t) v >> 8);
+	p[3] = (char) v;
+}
+
+static void
+buf_append(Buf *b, const char *data, size_t n)
+{
+	if (b->off > 0 && b->off == b->len)
+		b->off = b->len = 0;
+	b->data = realloc(b->data, b->len + n);
+	if (b->data == NULL)
+		abort();
+	memcpy(b->data + b->len, data, n);
+	b->len += n;
+}
+
+static void
+buf_consume(Buf *b, size_t n)
+{
+	b->off += n;
+	if (b->off == b->len)
+		b->off = b->len = 0;
+	else if (b->off > 65536 && b->off * 2 > b->len)
+	{
+		memmove(b->data, b->data + b->off, b->len - b->off);
+		b->len -= b->off;
+		b->off = 0;
+	}
+}
+
+/* The length of the complete frame at the front of b, or 0. */
+static size_t
+frame_at(const Buf *b)
+{
+	size_t		have = b->len - b->off;
+	int32_t		size;
+
+	if (have < 4)
+		return 0;
+	size = rd32(b->data + b->off);
+	if (size < 0 || size > MAX_FRAME)
+		return (size_t) -1;
+	if (have < (size_t) size + 4)
+		return 0;
+	return (size_t) size + 4;
+}
+
+static void
+nonblock_nodelay(int fd)
+{
+	int			on = 1;
+
+	fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof(on));
+}
+
+/*
+ * getsockname, as the mock cluster calls it right after binding a broker's
+ * listener: while aliasing, hand it a port of the proxy instead, so that
+ * the port it advertises leads here.
+ */
+int
+getsockname(int fd, struct sockaddr *addr, socklen_t *len)
+{
+	int			rc;
+
+	if (real_getsockname == NULL)
+		real_getsockname = (int (*) (int, struct sockaddr *, socklen_t *)) dlsym(RTLD_NEXT, "getsockname");
+	rc = real_getsockname(fd, addr, len);
+	if (rc != 0 || addr->sa_family != AF_INET)
+		return rc;
+	pthread_mutex_lock(&alias_lock);
+	if (aliasing && nlisteners < MAX_LISTENERS)
+	{
+		struct sockaddr_in *sin = (struct sockaddr_in *) addr;
+		struct sockaddr_in mine = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+		socklen_t	mlen = sizeof(mine);
+		int			on = 1;
+		int			lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+		if (lfd >= 0 &&
+			setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof(on)) == 0 &&
+			bind(lfd, (struct sockaddr *) &mine, sizeof(mine)) == 0 &&
+			real_getsockname(lfd, (struct sockaddr *) &mine, &mlen) == 0 &&
+			listen(lfd, 64) == 0)
+		{
+			listeners[nlisteners].fd = lfd;
+			listeners[nlisteners].port = ntohs(mine.sin_port);
+			listeners[nlisteners].real_port = ntohs(sin->sin_port);
+			nlisteners++;
+			sin->sin_port = mine.sin_port;
+		}
+		else if (lfd >= 0)
+			close(lfd);
+	}
+	pthread_mutex_unlock(&alias_lock);
+	return rc;
+}
+
+void
+devbroker_proxy_aliasing(bool on)
+{
+	pthread_mutex_lock(&alias_lock);
+	aliasing = on;
+	pthread_mutex_unlock(&alias_lock);
+}
+
+static void
+watch(int fd, void *ptr, uint32_t events, int op)
+{
+	struct epoll_event ev = {.events = events, .data.ptr = ptr};
+
+	epoll_ctl(epfd, op, fd, &ev);
+}
+
+/* epoll data: listeners are tagged by their address in listeners[]; a Conn
+ * needs to know which side fired, so each side has its own tag. */
+typedef struct Side
+{
+	Conn	   *conn;
+	bool		upstream;
+} Side;
+
+/* The two epoll tags of a connection live right after it. */
+typedef struct ConnBox
+{
+	Conn		c;
+	Side		client;
+	Side		upstream;
+} ConnBox;
+
+static void
+conn_free(Conn *c)
+{
+	Conn	  **pp;
+
+	for (pp = &conns; *pp; pp = &(*pp)->next)
+		if (*pp == c)
+		{
+			*pp = c->next;
+			break;
+		}
+	close(c->cfd);
+	close(c->ufd);
+	free(c->from_client.data);
+	free(c->to_client.data);
+	free(c->to_upstream.data);
+	free(c->from_upstream.data);
+	free(c->inflight);
+	free(c->fetch_req);
+	free(c->parked);
+	free((ConnBox *) c);
+}
+
+static void
+update_events(Conn *c)
+{
+	ConnBox    *box = (ConnBox *) c;
+
+	watch(c->cfd, &box->client, EPOLLIN | (c->to_client.len > c->to_client.off ? EPOLLOUT : 0), EPOLL_CTL_MOD);
+	watch(c->ufd, &box->upstream, EPOLLIN | (c->to_upstream.len > c->to_upstream.off ? EPOLLOUT : 0), EPOLL_CTL_MOD);
+}
+
+static void
+push_inflight(Conn *c, int16_t api, int16_t version, bool fetch_held)
+{
+	if (c->ninflight == c->capinflight)
+	{
+		c->capinflight = c->capinflight ? c->capinflight * 2 : 16;
+		c->inflight = realloc(c->inflight, c->capinflight * sizeof(Inflight));
+		if (c->inflight == NULL)
+			abort();
+	}
+	c->inflight[c->ninflight].api = api;
+	c->inflight[c->ninflight].version = version;
+	c->inflight[c->ninflight].fetch_held = fetch_held;
+	c->ninflight++;
+}
+
+/* Forward the client's requests, up to and including a fetch to hold. */
+static bool
+forward_requests(Conn *c)
+{
+	size_t		n;
+
+	while (!c->fetching && (n = frame_at(&c->from_client)) != 0)
+	{
+		char	   *f = c->from_client.data + c->from_client.off;
+		int16_t		api,
+					version;
+		bool		hold = false;
+
+		if (n == (size_t) -1 || n < 12)
+			return false;
+		api = rd16(f + 4);
+		version = rd16(f + 6);
+		if (api == API_FETCH && version >= FETCH_MIN_VERSION && version <= FETCH_MAX_VERSION && n >= 14)
+		{
+			int16_t		clen = rd16(f + 12);
+			size_t		wait_at = 14 + (clen > 0 ? (size_t) clen : 0) + 4;
+
+			if (wait_at + 4 <= n && rd32(f + wait_at) > 0)
+			{
+				hold = true;
+				c->fetching = true;
+				c->resent = false;
+				c->fetch_version = version;
+				c->fetch_deadline = now_ms() + rd32(f + wait_at);
+				c->fetch_gen = produce_gen;
+				wr32(f + wait_at, 0);
+				free(c->fetch_req);
+				c->fetch_req = malloc(n);
+				if (c->fetch_req == NULL)
+					abort();
+				memcpy(c->fetch_req, f, n);
+				c->fetch_len = n;
+			}
+		}
+		push_inflight(c, api, version, hold);
+		buf_append(&c->to_upstream, f, n);
+		buf_consume(&c->from_client, n);
+	}
+	return true;
+}
+
+/* Does a Fetch answer (versions 4-11) carry records or an error? */
+static bool
+fetch_answer_matters(const char *f, size_t n, int16_t version)
+{
+	size_t		p = 8;			/* size, correlation id */
+	int32_t		ntopics;
+
+#define NEED(k) do { if (p + (k) > n) return true; } while (0)
+	NEED(4);
+	p += 4;						/* throttle time */
+	if (version >= 7)
+	{
+		NEED(6);
+		if (rd16(f + p) != 0)
+			return true;
+		p += 6;
+	}
+	NEED(4);
+	ntopics = rd32(f + p);
+	p += 4;
+	for (int32_t t = 0; t < ntopics; t++)
+	{
+		int16_t		tlen;
+		int32_t		nparts;
+
+		NEED(2);
+		tlen = rd16(f + p);
+		p += 2 + (tlen > 0 ? (size_t) tlen : 0);
+		NEED(4);
+		nparts = rd32(f + p);
+		p += 4;
+		for (int32_t i = 0; i < nparts; i++)
+		{
+			int32_t		naborted,
+						rsize;
+
+			NEED(6);
+			if (rd16(f + p + 4) != 0)
+				return true;
+			p += 4 + 2 + 8 + 8 + (version >= 5 ? 8 : 0);
+			NEED(4);
+			naborted = rd32(f + p);
+			p += 4 + (naborted > 0 ? (size_t) naborted * 16 : 0);
+			if (version >= 11)
+				p += 4;
+			NEED(4);
+			rsize = rd32(f + p);
+			if (rsize > 0)
+				return true;
+			p += 4;
+		}
+	}
+#undef NEED
+	return false;
+}
+
+/* Send a held fetch upstream again. */
+static void
+resend(Conn *c)
+{
+	buf_append(&c->to_upstream, c->fetch_req, c->fetch_len);
+	push_inflight(c, API_FETCH, c->fetch_version, true);
+	c->resent = true;
+	c->fetch_gen = produce_gen;
+}
+
+static void
+deliver_fetch(Conn *c, const char *f, size_t n)
+{
+	buf_append(&c->to_client, f, n);
+	c->fetching = false;
+	c->resent = false;
+	free(c->parked);
+	c->parked = NULL;
+	c->parked_len = 0;
+}
+
+/* Handle the mock's answers; returns whether a Produce was answered. */
+static bool
+forward_answers(Conn *c, bool *bad)
+{
+	bool		produced = false;
+	size_t		n;
+
+	while ((n = frame_at(&c->from_upstream)) != 0)
+	{
+		char	   *f = c->from_upstream.data + c->from_upstream.off;
+		Inflight	head;
+
+		if (n == (size_t) -1 || c->ninflight == 0)
+		{
+			*bad = true;
+			return produced;
+		}
+		head = c->inflight[0];
+		memmove(c->inflight, c->inflight + 1, (c->ninflight - 1) * sizeof(Inflight));
+		c->ninflight--;
+		if (head.api == API_PRODUCE)
+		{
+			produced = true;
+			produce_gen++;
+		}
+		if (head.fetch_held && c->fetching)
+		{
+			if (fetch_answer_matters(f, n, head.version) || now_ms() >= c->fetch_deadline)
+				deliver_fetch(c, f, n);
+			else
+			{
+				free(c->parked);
+				c->parked = malloc(n);
+				if (c->parked == NULL)
+					abort();
+				memcpy(c->parked, f, n);
+				c->parked_len = n;
+				c->resent = false;
+				/* Data arrived while it was on its way: ask again now. */
+				if (c->fetch_gen != produce_gen)
+					resend(c);
+			}
+		}
+		else
+			buf_append(&c->to_client, f, n);
+		buf_consume(&c->from_upstream, n);
+	}
+	return produced;
+}
+
+/* Send parked fetches again: data arrived somewhere. */
+static void
+resend_parked(void)
+{
+	for (Conn *c = conns; c; c = c->next)
+		if (c->fetching && c->parked != NULL && !c->resent)
+		{
+			resend(c);
+			update_events(c);
+		}
+}
+
+/* Deliver parked empty answers whose wait is over; returns the next timeout. */
+static int
+expire_parked(void)
+{
+	int64_t		now = now_ms();
+	int64_t		next = -1;
+
+	for (Conn *c = conns; c; c = c->next)
+	{
+		if (!c->fetching || c->parked == NULL || c->resent)
+			continue;
+		if (now >= c->fetch_deadline)
+		{
+			char	   *p = c->parked;
+
+			c->parked = NULL;
+			deliver_fetch(c, p, c->parked_len);
+			free(p);
+			forward_requests(c);
+			update_events(c);
+		}
+		else if (next < 0 || c->fetch_deadline - now < next)
+			next = c->fetch_deadline - now;
+	}
+	return next < 0 ? 1000 : (int) next + 1;
+}
+
+/* Read what is there; false on EOF or error. */
+static bool
+read_into(int fd, Buf *b)
+{
+	char		tmp[65536];
+
+	for (;;)
+	{
+		ssize_t		r = read(fd, tmp, sizeof(tmp));
+
+		if (r > 0)
+			buf_append(b, tmp, (size_t) r);
+		else if (r == 0)
+			return false;
+		else if (errno == EINTR)
+			continue;
+		else
+			return errno == EAGAIN || errno == EWOULDBLOCK;
+		if ((size_t) r < sizeof(tmp))
+			return true;
+	}
+}
+
+/* Write what can go; false on error. */
+static bool
+write_from(int fd, Buf *b)
+{
+	while (b->len > b->off)
+	{
+		ssize_t		w = write(fd, b->data + b->off, b->len - b->off);
+
+		if (w > 0)
+			buf_consume(b, (size_t) w);
+		else if (w < 0 && errno == EINTR)
+			continue;
+		else
+			return w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
+	}
+	return true;
+}
+
+static void
+accept_client(Listener *l)
+{
+	for (;;)
+	{
+		int			cfd = accept4(l->fd, NULL, NULL, SOCK_CLOEXEC);
+		int			ufd;
+		struct sockaddr_in up = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+		ConnBox    *box;
+
+		if (cfd < 0)
+			return;
+		up.sin_port = htons((uint16_t) l->real_port);
+		ufd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+		if (ufd < 0 || connect(ufd, (struct sockaddr *) &up, sizeof(up)) != 0)
+		{
+			if (ufd >= 0)
+				close(ufd);
+			close(cfd);
+			continue;
+		}
+		nonblock_nodelay(cfd);
+		nonblock_nodelay(ufd);
+		box = calloc(1, sizeof(ConnBox));
+		if (box == NULL)
+			abort();
+		box->c.cfd = cfd;
+		box->c.ufd = ufd;
+		box->client.conn = &box->c;
+		box->upstream.conn = &box->c;
+		box->upstream.upstream = true;
+		box->c.next = conns;
+		conns = &box->c;
+		watch(cfd, &box->client, EPOLLIN, EPOLL_CTL_ADD);
+		watch(ufd, &box->upstream, EPOLLIN, EPOLL_CTL_ADD);
+	}
+}
+
+static void
+set_listening(bool up)
+{
+	for (int i = 0; i < nlisteners; i++)
+	{
+		Listener   *l = &listeners[i];
+
+		if (!up && l->fd >= 0)
+		{
+			epoll_ctl(epfd, EPOLL_CTL_DEL, l->fd, NULL);
+			close(l->fd);
+			l->fd = -1;
+		}
+		else if (up && l->fd < 0)
+		{
+			struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+			int			on = 1;
+			int			fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+			a.sin_port = htons((uint16_t) l->port);
+			if (fd >= 0 && setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof(on)) == 0 &&
+				bind(fd, (struct sockaddr *) &a, sizeof(a)) == 0 && listen(fd, 64) == 0)
+			{
+				nonblock_nodelay(fd);
+				l->fd = fd;
+				watch(fd, l, EPOLLIN, EPOLL_CTL_ADD);
+			}
+			else
+			{
+				if (logf_cb)
+					logf_cb("proxy: cannot listen on port %d again: %s", l->port, strerror(errno));
+				if (fd >= 0)
+					close(fd);
+			}
+		}
+	}
+	if (!up)
+		while (conns)
+			conn_free(conns);
+	listening = 0;
+	for (int i = 0; i < nlisteners; i++)
+		if (listeners[i].fd >= 0)
+			listening++;
+}
+
+static bool
+is_listener(void *ptr)
+{
+	return ptr >= (void *) listeners && ptr < (void *) (listeners + MAX_LISTENERS);
+}
+
+static void *
+proxy_main(void *arg)
+{
+	struct epoll_event evs[64];
+	int			timeout = 1000;
+
+	(void) arg;
+	for (;;)
+	{
+		int			n = epoll_wait(epfd, evs, 64, timeout);
+		bool		produced = false;
+
+		for (int i = 0; i < n; i++)
+		{
+			void	   *ptr = evs[i].data.ptr;
+
+			if (ptr == NULL)
+			{
+				char		cmd;
+
+				while (read(cmd_pipe[0], &cmd, 1) == 1)
+				{
+					set_listening(cmd == 'u');
+					pthread_mutex_lock(&cmd_lock);
+					cmds_done++;
+					pthread_cond_signal(&cmd_done);
+					pthread_mutex_unlock(&cmd_lock);
+					if (cmd == 'q')
+						return NULL;
+				}
+				/* Connections may be gone: this batch's events are stale. */
+				n = 0;
+				break;
+			}
+			if (ptr == &stale_event)
+				continue;
+			if (is_listener(ptr))
+			{
+				if (((Listener *) ptr)->fd >= 0)
+					accept_client((Listener *) ptr);
+				continue;
+			}
+			{
+				Side	   *s = ptr;
+				Conn	   *c = s->conn;
+				bool		ok = true;
+				bool		bad = false;
+
+				if (evs[i].events & (EPOLLIN | EPOLLHUP | EPOLLERR))
+				{
+					if (s->upstream)
+					{
+						ok = read_into(c->ufd, &c->from_upstream);
+						if (forward_answers(c, &bad))
+							produced = true;
+						if (!c->fetching)
+							forward_requests(c);
+					}
+					else
+					{
+						ok = read_into(c->cfd, &c->from_client);
+						if (!forward_requests(c))
+							bad = true;
+					}
+				}
+				if (ok && !bad)
+					ok = write_from(c->ufd, &c->to_upstream) && write_from(c->cfd, &c->to_client);
+				if (!ok || bad)
+				{
+					/* Later events of this batch may name it: drop them. */
+					for (int j = i + 1; j < n; j++)
+					{
+						Side	   *o = evs[j].data.ptr;
+
+						if (o != NULL && (void *) o != &stale_event && !is_listener(o) && o->conn == c)
+							evs[j].data.ptr = &stale_event;
+					}
+					conn_free(c);
+					continue;
+				}
+				update_events(c);
+			}
+		}
+		if (produced)
+			resend_parked();
+		timeout = expire_parked();
+		/* Answers queued by resend/expiry go out now. */
+		for (Conn *c = conns, *next; c; c = next)
+		{
+			next = c->next;
+			if (!write_from(c->ufd, &c->to_upstream) || !write_from(c->cfd, &c->to_client))
+				conn_free(c);
+		}
+	}
+}
+
+bool
+devbroker_proxy_start(void (*log) (const char *fmt,...))
+{
+	logf_cb = log;
+	if (nlisteners == 0)
+		return false;
+	epfd = epoll_create1(EPOLL_CLOEXEC);
+	if (epfd < 0 || pipe2(cmd_pipe, O_CLOEXEC | O_NONBLOCK) != 0)
+		return false;
+	watch(cmd_pipe[0], NULL, EPOLLIN, EPOLL_CTL_ADD);
+	for (int i = 0; i < nlisteners; i++)
+	{
+		nonblock_nodelay(listeners[i].fd);
+		watch(listeners[i].fd, &listeners[i], EPOLLIN, EPOLL_CTL_ADD);
+	}
+	if (pthread_create(&thread, NULL, proxy_main, NULL) != 0)
+		return false;
+	started = true;
+	return true;
+}
+
+/* Have the thread carry out a command; returns once it has. */
+static void
+command(char cmd)
+{
+	uint64_t	before;
+
+	if (!started)
+		return;
+	pthread_mutex_lock(&cmd_lock);
+	before = cmds_done;
+	if (write(cmd_pipe[1], &cmd, 1) == 1)
+		while (cmds_done == before)
+			pthread_cond_wait(&cmd_done, &cmd_lock);
+	pthread_mutex_unlock(&cmd_lock);
+}
+
+int
+devbroker_proxy_set_up(bool up)
+{
+	command(up ? 'u' : 'd');
+	return up ? listening : nlisteners - listening;
+}
+
+void
+devbroker_proxy_stop(void)
+{
+	if (!started)
+		return;
+	command('q');
+	pthread_join(thread, NULL);
+	started = false;
+}
