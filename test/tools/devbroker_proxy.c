@@ -587,7 +587,11 @@ accept_client(Listener *l)
 			return;
 		up.sin_port = htons((uint16_t) l->real_port);
 		ufd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-		if (ufd < 0 || connect(ufd, (struct sockaddr *) &up, sizeof(up)) != 0)
+		if (ufd >= 0)
+			nonblock_nodelay(ufd);
+		/* Not waiting for it: what is written meanwhile goes once connected. */
+		if (ufd < 0 ||
+			(connect(ufd, (struct sockaddr *) &up, sizeof(up)) != 0 && errno != EINPROGRESS))
 		{
 			if (ufd >= 0)
 				close(ufd);
@@ -595,7 +599,6 @@ accept_client(Listener *l)
 			continue;
 		}
 		nonblock_nodelay(cfd);
-		nonblock_nodelay(ufd);
 		box = calloc(1, sizeof(ConnBox));
 		if (box == NULL)
 			abort();
