@@ -788,7 +788,7 @@ BEGIN
                             CASE WHEN jsonb_typeof(r->'idle_long_poll') = 'object' THEN ''
                                  WHEN (t#>>'{idle,met}')::boolean THEN ' ok' ELSE ' MISSED' END,
                             r#>>'{idle,nats_server_pct_core}', r#>>'{idle,devbroker_pct_core}', r#>>'{idle,subscriptions}'))
-                 || CASE WHEN jsonb_typeof(r->'idle_long_poll') = 'object' THEN '  (the dev broker answers empty fetches after fetch.wait.max.ms)'
+                 || CASE WHEN jsonb_typeof(r->'idle_long_poll') = 'object' THEN '  (an idle consumer''s empty fetches end after fetch.wait.max.ms)'
                          ELSE '  target < 1 %' END;
   RETURN NEXT '';
 

@@ -572,10 +572,9 @@ pg_write_eventbus_conf() {
             echo "eventbus.workers = 4"
             echo "eventbus.consumer_group = 'eventbus'"
             # The dev broker rebalances in session.timeout.ms - 1 s: keep it short.  It
-            # also answers a fetch that finds no data only after fetch.wait.max.ms, and a
-            # message produced meanwhile waits for that answer (a real broker answers a
-            # long poll when data arrives): 10 ms keeps that wait within 10 ms, at the
-            # price of ~100 empty fetches per second per broker while idle (dev stack only).
+            # answers a fetch when data arrives (devbroker_proxy.c); the 10 ms wait dates
+            # from before that and costs ~100 empty fetches per second per broker while
+            # idle (dev stack only; the tests' consumer settings match it).
             echo "eventbus.kafka_properties = 'session.timeout.ms=6000;heartbeat.interval.ms=500;fetch.wait.max.ms=10'"
         fi
     } > "$tmp"
