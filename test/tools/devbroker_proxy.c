@@ -145,6 +145,18 @@ wr32(char *p, int32_t v)
 	p[3] = (char) v;
 }
 
+/* A copy of n bytes (this tool has no use going on without memory). */
+static char *
+copy_of(const char *src, size_t n)
+{
+	char	   *p = malloc(n > 0 ? n : 1);
+
+	if (p == NULL)
+		abort();
+	memcpy(p, src, n);
+	return p;
+}
+
 static void
 buf_append(Buf *b, const char *data, size_t n)
 {
@@ -352,10 +364,7 @@ forward_requests(Conn *c)
 				c->fetch_gen = produce_gen;
 				wr32(f + wait_at, 0);
 				free(c->fetch_req);
-				c->fetch_req = malloc(n);
-				if (c->fetch_req == NULL)
-					abort();
-				memcpy(c->fetch_req, f, n);
+				c->fetch_req = copy_of(f, n);
 				c->fetch_len = n;
 			}
 		}
@@ -475,10 +484,7 @@ forward_answers(Conn *c, bool *bad)
 			else
 			{
 				free(c->parked);
-				c->parked = malloc(n);
-				if (c->parked == NULL)
-					abort();
-				memcpy(c->parked, f, n);
+				c->parked = copy_of(f, n);
 				c->parked_len = n;
 				c->resent = false;
 				/* Data arrived while it was on its way: ask again now. */
