@@ -90,7 +90,8 @@ typedef struct Conn
 
 typedef struct Listener
 {
-	int			fd;				/* -1 while down */
+	int			fd;				/* listening socket, -1 while down */
+	int			held;			/* while down: a socket bound to the port, not listening */
 	int			port;			/* the proxy's (advertised) port */
 	int			real_port;		/* the mock broker's */
 } Listener;
@@ -240,6 +241,7 @@ getsockname(int fd, struct sockaddr *addr, socklen_t *len)
 			listen(lfd, 64) == 0)
 		{
 			listeners[nlisteners].fd = lfd;
+			listeners[nlisteners].held = -1;
 			listeners[nlisteners].port = ntohs(mine.sin_port);
 			listeners[nlisteners].real_port = ntohs(sin->sin_port);
 			nlisteners++;
@@ -620,6 +622,27 @@ accept_client(Listener *l)
 	}
 }
 
+/* A socket bound to the proxy port of l (not listening), or -1. */
+static int
+bind_port(const Listener *l)
+{
+	struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+	int			on = 1;
+	int			fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+	a.sin_port = htons((uint16_t) l->port);
+	if (fd >= 0 && setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof(on)) == 0 &&
+		bind(fd, (struct sockaddr *) &a, sizeof(a)) == 0)
+		return fd;
+	if (fd >= 0)
+		close(fd);
+	return -1;
+}
+
+/*
+ * Brokers down: close the listeners (connection refused) but keep each
+ * port bound, so that no other socket takes it before they are up again.
+ */
 static void
 set_listening(bool up)
 {
@@ -632,16 +655,14 @@ set_listening(bool up)
 			epoll_ctl(epfd, EPOLL_CTL_DEL, l->fd, NULL);
 			close(l->fd);
 			l->fd = -1;
+			l->held = bind_port(l);
 		}
 		else if (up && l->fd < 0)
 		{
-			struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-			int			on = 1;
-			int			fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+			int			fd = l->held >= 0 ? l->held : bind_port(l);
 
-			a.sin_port = htons((uint16_t) l->port);
-			if (fd >= 0 && setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof(on)) == 0 &&
-				bind(fd, (struct sockaddr *) &a, sizeof(a)) == 0 && listen(fd, 64) == 0)
+			l->held = -1;
+			if (fd >= 0 && listen(fd, 64) == 0)
 			{
 				nonblock_nodelay(fd);
 				l->fd = fd;
