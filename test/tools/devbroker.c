@@ -9,11 +9,6 @@
  *
  *   SIGUSR1          every broker down (listeners closed, connections dropped)
  *   SIGUSR2          every broker up again (same ports)
- *
- * Clients reach the mock brokers through a proxy (devbroker_proxy.c) that
- * answers a fetch as soon as data arrives, as a real broker answers a long
- * poll; the mock itself would hold an empty fetch for the consumer's whole
- * fetch.wait.max.ms.  --direct leaves the proxy out.
  *   SIGWINCH         the next Produce request (to any broker) fails with
  *                    MSG_SIZE_TOO_LARGE for all its partitions, as a broker
  *                    whose message size limit was lowered would answer
@@ -25,10 +20,15 @@
  *   SIGTERM, SIGINT  destroy the cluster, remove the pid file, exit 0
  *   SIGHUP           ignored (logged), so nohup/setsid detaching is harmless
  *
+ * Clients reach the mock brokers through a proxy (devbroker_proxy.c) that
+ * answers a fetch as soon as data arrives, as a real broker answers a long
+ * poll; the mock itself would hold an empty fetch for the consumer's whole
+ * fetch.wait.max.ms.  --direct leaves the proxy out.
+ *
  * Usage:
  *   devbroker --bootstrap-file PATH [--brokers N] [--partitions P]
  *             [--topic NAME[:PARTS]]... [--pid-file PATH]
- *             [--topic-requests PATH]
+ *             [--topic-requests PATH] [--direct]
  *
  * Once the cluster accepts connections, the pid file (if any) is written and
  * then the bootstrap list ("127.0.0.1:P1,127.0.0.1:P2,...", no trailing
@@ -42,7 +42,8 @@
  *     set down keeps its port (the socket stays bound but stops listening, so
  *     clients get "connection refused") and set up listens on it again.
  *     (With the proxy, SIGUSR1/SIGUSR2 close and reopen the proxy's
- *     listeners on the same ports instead; the mock brokers stay up.)
+ *     listeners instead, their ports held meanwhile; the mock brokers stay
+ *     up.)
  *   - Topics are auto-created on any Metadata request that names them. The
  *     mock implements Metadata only up to v2, which has no
  *     AllowAutoTopicCreation field, so this applies to consumers too
