@@ -20,7 +20,8 @@
  *  - while a fetch is outstanding, the connection's later requests wait,
  *    as a Kafka broker processes one request per connection at a time.
  * Brokers down (SIGUSR1) closes the proxy's listeners and connections, so
- * clients get "connection refused"; up (SIGUSR2) listens on the same ports.
+ * clients get "connection refused", and keeps each port bound meanwhile; up
+ * (SIGUSR2) listens on the same ports.
  *
  * One thread, epoll, non-blocking sockets.  Plain C: this is a test tool.
  */
@@ -54,6 +55,7 @@
 typedef struct Buf
 {
 	char	   *data;
+	size_t		cap;			/* bytes allocated */
 	size_t		len;			/* bytes held */
 	size_t		off;			/* bytes consumed from the front */
 } Buf;
@@ -108,7 +110,6 @@ static bool started = false;
 static pthread_mutex_t cmd_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t cmd_done = PTHREAD_COND_INITIALIZER;
 static uint64_t cmds_done = 0;		/* commands the thread has carried out */
-static int	listening = 0;		/* listeners up after the last command */
 static void (*logf_cb) (const char *fmt,...);
 
 static int	(*real_getsockname) (int, struct sockaddr *, socklen_t *);
@@ -161,11 +162,15 @@ copy_of(const char *src, size_t n)
 static void
 buf_append(Buf *b, const char *data, size_t n)
 {
-	if (b->off > 0 && b->off == b->len)
-		b->off = b->len = 0;
-	b->data = realloc(b->data, b->len + n);
-	if (b->data == NULL)
-		abort();
+	if (b->len + n > b->cap)
+	{
+		b->cap = b->cap > 0 ? b->cap : 4096;
+		while (b->len + n > b->cap)
+			b->cap *= 2;
+		b->data = realloc(b->data, b->cap);
+		if (b->data == NULL)
+			abort();
+	}
 	memcpy(b->data + b->len, data, n);
 	b->len += n;
 }
@@ -210,6 +215,23 @@ nonblock_nodelay(int fd)
 	setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof(on));
 }
 
+/* A socket bound to 127.0.0.1:port (0: the kernel picks), not listening; -1 on failure. */
+static int
+bound_socket(int port)
+{
+	struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+	int			on = 1;
+	int			fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+
+	a.sin_port = htons((uint16_t) port);
+	if (fd >= 0 && setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof(on)) == 0 &&
+		bind(fd, (struct sockaddr *) &a, sizeof(a)) == 0)
+		return fd;
+	if (fd >= 0)
+		close(fd);
+	return -1;
+}
+
 /*
  * getsockname, as the mock cluster calls it right after binding a broker's
  * listener: while aliasing, hand it a port of the proxy instead, so that
@@ -229,14 +251,11 @@ getsockname(int fd, struct sockaddr *addr, socklen_t *len)
 	if (aliasing && nlisteners < MAX_LISTENERS)
 	{
 		struct sockaddr_in *sin = (struct sockaddr_in *) addr;
-		struct sockaddr_in mine = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+		struct sockaddr_in mine;
 		socklen_t	mlen = sizeof(mine);
-		int			on = 1;
-		int			lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+		int			lfd = bound_socket(0);
 
 		if (lfd >= 0 &&
-			setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof(on)) == 0 &&
-			bind(lfd, (struct sockaddr *) &mine, sizeof(mine)) == 0 &&
 			real_getsockname(lfd, (struct sockaddr *) &mine, &mlen) == 0 &&
 			listen(lfd, 64) == 0)
 		{
@@ -526,11 +545,7 @@ expire_parked(void)
 			continue;
 		if (now >= c->fetch_deadline)
 		{
-			char	   *p = c->parked;
-
-			c->parked = NULL;
-			deliver_fetch(c, p, c->parked_len);
-			free(p);
+			deliver_fetch(c, c->parked, c->parked_len);
 			forward_requests(c);
 			update_events(c);
 		}
@@ -622,29 +637,13 @@ accept_client(Listener *l)
 	}
 }
 
-/* A socket bound to the proxy port of l (not listening), or -1. */
-static int
-bind_port(const Listener *l)
-{
-	struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-	int			on = 1;
-	int			fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-
-	a.sin_port = htons((uint16_t) l->port);
-	if (fd >= 0 && setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof(on)) == 0 &&
-		bind(fd, (struct sockaddr *) &a, sizeof(a)) == 0)
-		return fd;
-	if (fd >= 0)
-		close(fd);
-	return -1;
-}
-
 /*
- * Brokers down: close the listeners (connection refused) but keep each
- * port bound, so that no other socket takes it before they are up again.
+ * Brokers down: close the listeners (connection refused); with hold, keep
+ * each port bound, so that no other socket takes it before they are up
+ * again.
  */
 static void
-set_listening(bool up)
+set_listening(bool up, bool hold)
 {
 	for (int i = 0; i < nlisteners; i++)
 	{
@@ -655,11 +654,12 @@ set_listening(bool up)
 			epoll_ctl(epfd, EPOLL_CTL_DEL, l->fd, NULL);
 			close(l->fd);
 			l->fd = -1;
-			l->held = bind_port(l);
+			if (hold)
+				l->held = bound_socket(l->port);
 		}
 		else if (up && l->fd < 0)
 		{
-			int			fd = l->held >= 0 ? l->held : bind_port(l);
+			int			fd = l->held >= 0 ? l->held : bound_socket(l->port);
 
 			l->held = -1;
 			if (fd >= 0 && listen(fd, 64) == 0)
@@ -680,10 +680,6 @@ set_listening(bool up)
 	if (!up)
 		while (conns)
 			conn_free(conns);
-	listening = 0;
-	for (int i = 0; i < nlisteners; i++)
-		if (listeners[i].fd >= 0)
-			listening++;
 }
 
 static bool
@@ -714,7 +710,7 @@ proxy_main(void *arg)
 
 				while (read(cmd_pipe[0], &cmd, 1) == 1)
 				{
-					set_listening(cmd == 'u');
+					set_listening(cmd == 'u', cmd == 'd');
 					pthread_mutex_lock(&cmd_lock);
 					cmds_done++;
 					pthread_cond_signal(&cmd_done);
@@ -747,8 +743,7 @@ proxy_main(void *arg)
 						ok = read_into(c->ufd, &c->from_upstream);
 						if (forward_answers(c, &bad))
 							produced = true;
-						if (!c->fetching)
-							forward_requests(c);
+						forward_requests(c);
 					}
 					else
 					{
@@ -828,8 +823,14 @@ command(char cmd)
 int
 devbroker_proxy_set_up(bool up)
 {
+	int			changed = 0;
+
 	command(up ? 'u' : 'd');
-	return up ? listening : nlisteners - listening;
+	/* The thread is done with the listeners (command waited for it). */
+	for (int i = 0; i < nlisteners; i++)
+		if ((listeners[i].fd >= 0) == up)
+			changed++;
+	return changed;
 }
 
 void
