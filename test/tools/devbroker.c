@@ -376,24 +376,30 @@ set_nodelay_everywhere(void)
     closedir(dir);
 }
 
+/* Every broker down or up: the proxy's listeners if clients go through it. */
 static void
-set_all_brokers(rd_kafka_mock_cluster_t *mcluster, int broker_cnt, bool up)
+set_all_brokers(rd_kafka_mock_cluster_t *mcluster, int broker_cnt, bool up,
+                bool proxied)
 {
-    int failures = 0;
+    int changed = 0;
 
-    for (int32_t id = 1; id <= broker_cnt; id++) {
-        rd_kafka_resp_err_t err = up
-            ? rd_kafka_mock_broker_set_up(mcluster, id)
-            : rd_kafka_mock_broker_set_down(mcluster, id);
+    if (proxied)
+        changed = devbroker_proxy_set_up(up);
+    else {
+        for (int32_t id = 1; id <= broker_cnt; id++) {
+            rd_kafka_resp_err_t err = up
+                ? rd_kafka_mock_broker_set_up(mcluster, id)
+                : rd_kafka_mock_broker_set_down(mcluster, id);
 
-        if (err != RD_KAFKA_RESP_ERR_NO_ERROR) {
-            logmsg("broker %d: set %s failed: %s", (int) id,
-                   up ? "up" : "down", rd_kafka_err2str(err));
-            failures++;
+            if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
+                changed++;
+            else
+                logmsg("broker %d: set %s failed: %s", (int) id,
+                       up ? "up" : "down", rd_kafka_err2str(err));
         }
     }
     logmsg("kafka %s: %d of %d brokers set %s", up ? "UP" : "DOWN",
-           broker_cnt - failures, broker_cnt, up ? "up" : "down");
+           changed, broker_cnt, up ? "up" : "down");
 }
 
 /*
@@ -697,20 +703,12 @@ main(int argc, char **argv)
         if (sig == SIGUSR1) {
             if (down)
                 logmsg("kafka already down; setting down again");
-            if (proxied)
-                logmsg("kafka DOWN: %d of %d brokers set down",
-                       devbroker_proxy_set_up(false), broker_cnt);
-            else
-                set_all_brokers(mcluster, broker_cnt, false);
+            set_all_brokers(mcluster, broker_cnt, false, proxied);
             down = true;
         } else if (sig == SIGUSR2) {
             if (!down)
                 logmsg("kafka already up; setting up again");
-            if (proxied)
-                logmsg("kafka UP: %d of %d brokers set up",
-                       devbroker_proxy_set_up(true), broker_cnt);
-            else
-                set_all_brokers(mcluster, broker_cnt, true);
+            set_all_brokers(mcluster, broker_cnt, true, proxied);
             down = false;
         } else if (sig == SIGWINCH) {
             rd_kafka_mock_push_request_errors(mcluster, KAFKA_API_PRODUCE, 1,
