@@ -15,9 +15,10 @@
  * transaction id before its row's id.  In each round's snapshot the relay
  * notes the highest id taken so far (the sequence's last value) and then
  * the next transaction id (a candidate).  A transaction that took an id up
- * to that one took its transaction id before; once a later snapshot shows
- * no transaction id below the noted one running (its xmin), every row up to
- * the noted id that will ever be committed is visible.  The other
+ * to that one took its transaction id before; once a snapshot shows no
+ * transaction id below the noted one running (its xmin), every row up to
+ * the noted id that will ever be committed is visible: at once when nothing
+ * was writing, else in a later round.  The other
  * transport's rows count too: the floor passes a backlog waiting for the
  * other broker.  Sessions that only read do not hold this back,
  * however old their snapshots; a long writing transaction does.
@@ -119,6 +120,23 @@ eb_floor_begin(EbReadFloor *f, bool undeliverable)
 		f->cand_id = last;
 		f->cand_xid = ReadNextTransactionId();
 		f->cand_valid = true;
+
+		/*
+		 * Safe at once if this round's snapshot already shows no transaction
+		 * id below the noted one running: its xmin can only reach the next
+		 * transaction id, read after the snapshot and the sequence, if no
+		 * transaction id was running when it was taken and none was assigned
+		 * since.  Every transaction that took an id up to the noted one then
+		 * ended before the snapshot, so this round's read sees its rows.
+		 * Otherwise an idle transport's floor stays two rounds behind, and
+		 * each of its reads walks what the other transport relayed meanwhile
+		 * (when planned on the primary key), every row twice.
+		 */
+		if (TransactionIdFollowsOrEquals(GetActiveSnapshot()->xmin, f->cand_xid))
+		{
+			f->safe_id = f->cand_id;
+			f->cand_valid = false;
+		}
 	}
 }
 
