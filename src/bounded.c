@@ -1,5 +1,6 @@
 /*
- * bounded.c — run a library teardown call with a deadline.
+ * bounded.c — run a library teardown call with a deadline (and start the
+ * helper threads that run library calls off a worker's main thread).
  *
  * Closing a broker client can block for as long as the library likes:
  * rd_kafka_destroy joins threads that wait for a group coordinator or a
@@ -58,6 +59,30 @@ bounded_main(void *p)
 }
 
 /*
+ * Start a detached helper thread running main(arg), with every signal
+ * blocked so that PostgreSQL's handlers never run on it.  False if none
+ * could be started.
+ */
+bool
+eb_thread_start(void *(*main) (void *), void *arg)
+{
+	pthread_attr_t ta;
+	pthread_t	thread;
+	sigset_t	all;
+	sigset_t	old;
+	bool		started;
+
+	pthread_attr_init(&ta);
+	pthread_attr_setdetachstate(&ta, PTHREAD_CREATE_DETACHED);
+	sigfillset(&all);
+	pthread_sigmask(SIG_SETMASK, &all, &old);
+	started = pthread_create(&thread, &ta, main, arg) == 0;
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	pthread_attr_destroy(&ta);
+	return started;
+}
+
+/*
  * Run fn(arg) and wait at most timeout_ms for it.  True if it finished;
  * false if it is still running (then it keeps running in the background
  * and the caller must not touch what it uses).  If no thread can be
@@ -68,12 +93,7 @@ eb_run_bounded(void (*fn) (void *), void *arg, int timeout_ms)
 {
 	BoundedCall *c = malloc(sizeof(BoundedCall));
 	pthread_condattr_t ca;
-	pthread_attr_t ta;
-	pthread_t	thread;
-	sigset_t	all;
-	sigset_t	old;
 	struct timespec deadline;
-	bool		started;
 	bool		done;
 
 	if (c == NULL)
@@ -91,14 +111,7 @@ eb_run_bounded(void (*fn) (void *), void *arg, int timeout_ms)
 	pthread_cond_init(&c->cond, &ca);
 	pthread_condattr_destroy(&ca);
 
-	pthread_attr_init(&ta);
-	pthread_attr_setdetachstate(&ta, PTHREAD_CREATE_DETACHED);
-	sigfillset(&all);
-	pthread_sigmask(SIG_SETMASK, &all, &old);
-	started = pthread_create(&thread, &ta, bounded_main, c) == 0;
-	pthread_sigmask(SIG_SETMASK, &old, NULL);
-	pthread_attr_destroy(&ta);
-	if (!started)
+	if (!eb_thread_start(bounded_main, c))
 	{
 		bounded_free(c);
 		fn(arg);

@@ -62,6 +62,7 @@ extern int	eb_wakeup_write_fd(void);
 
 /* bounded.c: a library teardown call on a helper thread, with a deadline */
 extern bool eb_run_bounded(void (*fn) (void *), void *arg, int timeout_ms);
+extern bool eb_thread_start(void *(*main) (void *), void *arg);
 
 /*
  * What PostgreSQL looks up by name, the only symbols the library exports:

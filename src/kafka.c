@@ -273,6 +273,14 @@ eb_kafka_client_stop(void)
 		orderly = consumer_close_bounded(rk, CLOSE_BUDGET_MS);
 	connected = false;
 
+	if (!eb_kafka_lookup_wait(rk))
+	{
+		ereport(LOG,
+				(errcode(ERRCODE_CONNECTION_FAILURE),
+				 errmsg("a Kafka metadata look-up did not end in time, leaving the client behind"),
+				 errdetail("Offsets not yet committed are redelivered and the inbox skips what was handled; unacknowledged events stay in the outbox.")));
+		return;
+	}
 	if (!eb_run_bounded(orderly ? destroy_client : destroy_client_now, rk, DESTROY_BUDGET_MS))
 		ereport(LOG,
 				(errcode(ERRCODE_CONNECTION_FAILURE),
@@ -297,34 +305,37 @@ eb_kafka_fatal(void)
 
 /*
  * While not connected, ask a broker for metadata, with exponential backoff
- * between attempts (0.5 s doubling to 5 s).
+ * between attempts (0.5 s doubling to 5 s).  The request runs on a helper
+ * thread (kafka_lookup.c): its outcome is taken at a later call.
  */
 void
 eb_kafka_probe(void)
 {
-	const struct rd_kafka_metadata *md;
 	rd_kafka_resp_err_t err;
 
-	if (eb_kafka == NULL || connected || GetCurrentTimestamp() < next_probe)
+	if (eb_kafka == NULL)
 		return;
-
-	err = rd_kafka_metadata(eb_kafka, 0, NULL, &md, 500);
-	if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
+	if (eb_kafka_lookup_probe_result(&err) && !connected)
 	{
-		rd_kafka_metadata_destroy(md);
-		eb_kafka_mark_connected();
-	}
-	else
-	{
-		char		detail[EB_DETAIL_LEN];
+		if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
+			eb_kafka_mark_connected();
+		else
+		{
+			char		detail[EB_DETAIL_LEN];
 
-		probe_backoff_ms = eb_backoff_next(probe_backoff_ms, 500, 5000);
-		probe_attempts++;
-		next_probe = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), probe_backoff_ms);
-		snprintf(detail, sizeof(detail), "%s: %s (attempt %d, next in %d ms)",
-				 eb_kafka_brokers, rd_kafka_err2str(err), probe_attempts, probe_backoff_ms);
-		eb_set_broker_state(EB_TRANSPORT_KAFKA, EB_BROKER_DOWN, detail);
+			probe_backoff_ms = eb_backoff_next(probe_backoff_ms, 500, 5000);
+			probe_attempts++;
+			next_probe = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), probe_backoff_ms);
+			snprintf(detail, sizeof(detail), "%s: %s (attempt %d, next in %d ms)",
+					 eb_kafka_brokers, rd_kafka_err2str(err), probe_attempts, probe_backoff_ms);
+			eb_set_broker_state(EB_TRANSPORT_KAFKA, EB_BROKER_DOWN, detail);
+		}
 	}
+	if (connected || GetCurrentTimestamp() < next_probe)
+		return;
+	/* Not again before this one's outcome (it sets the next time). */
+	if (eb_kafka_lookup_start(eb_kafka, NULL))
+		next_probe = DT_NOEND;
 }
 
 /*

@@ -1,6 +1,7 @@
 /*
  * kafka_client.h — the Kafka transport's own declarations, shared by
  * kafka.c (client, producer, publish-time checks, the routine),
+ * kafka_lookup.c (metadata look-ups off the main thread),
  * kafka_consumer.c (the dispatcher's consumer) and kafka_group.c (its
  * consumer-group mode).  Only these files include librdkafka.
  */
@@ -41,6 +42,12 @@ extern bool eb_kafka_fatal(void);
 extern void eb_kafka_mark_down(const char *reason);
 extern void eb_kafka_mark_connected(void);
 extern void eb_kafka_probe(void);
+
+/* kafka_lookup.c: metadata look-ups on a helper thread */
+extern bool eb_kafka_lookup_start(rd_kafka_t *rk, const char *topic);
+extern bool eb_kafka_lookup_probe_result(rd_kafka_resp_err_t *err);
+extern bool eb_kafka_lookup_topic_result(char *topic, rd_kafka_resp_err_t *err, int *partitions);
+extern bool eb_kafka_lookup_wait(rd_kafka_t *rk);
 
 /* kafka_consumer.c */
 extern bool eb_kafka_consumer_start(EbDeliverFn deliver);

@@ -12,7 +12,8 @@
  * (eventbus.consumer_group) still stores the committed offsets, so Kafka
  * tools show its position and lag.  The partitions of a topic are read from
  * broker metadata when it is subscribed, and again every 30 s so partitions
- * added later are consumed too.  With consumer_mode = shared, the group
+ * added later are consumed too (on a helper thread, kafka_lookup.c: the
+ * main thread never waits for a broker).  With consumer_mode = shared, the group
  * assigns them instead (kafka_group.c).
  *
  * Offsets: librdkafka auto-commits only what we store, and we store only a
@@ -34,8 +35,6 @@
 #include "transport.h"
 #include "util.h"
 
-/* Metadata look-ups block the main thread: keep each one short. */
-#define METADATA_TIMEOUT_MS 500
 #define RECHECK_MS		30000	/* look for partitions added to a topic */
 #define RETRY_MS		1000	/* topic not there yet, or broker slow */
 
@@ -185,56 +184,53 @@ unassign_topic(TopicState *ts)
 	rd_kafka_topic_partition_list_destroy(list);
 }
 
-/*
- * Look up a topic's partitions and assign new ones.  False if the broker
- * did not answer in time (the caller then leaves other topics for later).
- */
-static bool
-discover_topic(TopicState *ts)
-{
-	const struct rd_kafka_metadata *md = NULL;
-	rd_kafka_topic_t *rkt;
-	rd_kafka_resp_err_t err;
-	int			cnt = -1;
+static TopicState *find_topic(const char *name);
 
-	ts->next_check = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), RETRY_MS);
-	rkt = rd_kafka_topic_new(eb_kafka, ts->name, NULL);
-	if (rkt == NULL)
-		return true;
-	err = rd_kafka_metadata(eb_kafka, 0, rkt, &md, METADATA_TIMEOUT_MS);
-	rd_kafka_topic_destroy(rkt);
-	if (err != RD_KAFKA_RESP_ERR_NO_ERROR)
-		return false;
-	for (int i = 0; i < md->topic_cnt; i++)
-		if (strcmp(md->topics[i].topic, ts->name) == 0 &&
-			md->topics[i].err == RD_KAFKA_RESP_ERR_NO_ERROR)
-			cnt = md->topics[i].partition_cnt;
-	rd_kafka_metadata_destroy(md);
-	if (cnt <= 0)
-		return true;			/* not created yet: look again soon */
+/* A look-up of ts's partitions answered: assign new ones, and when to look again. */
+static void
+discovered(TopicState *ts, rd_kafka_resp_err_t err, int cnt)
+{
+	if (err != RD_KAFKA_RESP_ERR_NO_ERROR || cnt <= 0)
+		return;					/* broker slow, or topic not created yet: soon */
 	if (cnt > ts->nparts)
 	{
 		assign_partitions(ts->name, ts->nparts, cnt);
 		ts->nparts = cnt;
 	}
 	ts->next_check = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), RECHECK_MS);
-	return true;
 }
 
-/* Look up the topics that are due (only while the broker is reachable). */
+/*
+ * Assign what the last look-up found, and start the next one that is due
+ * (only while the broker is reachable).  A look-up runs on a helper thread
+ * (kafka_lookup.c), one at a time, and wakes the dispatcher when it is over.
+ */
 static void
 discover(void)
 {
+	char		name[EB_MAX_TOPIC + 1];
+	rd_kafka_resp_err_t err;
+	int			cnt;
 	ListCell   *lc;
 
+	if (eb_kafka_lookup_topic_result(name, &err, &cnt))
+	{
+		TopicState *ts = find_topic(name);
+
+		if (ts != NULL)			/* else unsubscribed meanwhile */
+			discovered(ts, err, cnt);
+	}
 	if (!eb_kafka_connected())
 		return;
 	foreach(lc, topics)
 	{
 		TopicState *ts = lfirst(lc);
 
-		if (GetCurrentTimestamp() >= ts->next_check && !discover_topic(ts))
-			break;
+		if (GetCurrentTimestamp() < ts->next_check)
+			continue;
+		if (eb_kafka_lookup_start(eb_kafka, ts->name))
+			ts->next_check = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), RETRY_MS);
+		break;					/* one at a time */
 	}
 }
 
