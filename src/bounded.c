@@ -21,6 +21,7 @@
 #include <pthread.h>
 #include <time.h>
 
+#include "bounded.h"
 #include "eventbus.h"
 
 typedef struct BoundedCall
@@ -58,6 +59,32 @@ bounded_main(void *p)
 	return NULL;
 }
 
+/* Initialize cond on CLOCK_MONOTONIC: a clock change must not stretch a wait. */
+void
+eb_cond_init_monotonic(pthread_cond_t *cond)
+{
+	pthread_condattr_t ca;
+
+	pthread_condattr_init(&ca);
+	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+	pthread_cond_init(cond, &ca);
+	pthread_condattr_destroy(&ca);
+}
+
+/* *deadline = CLOCK_MONOTONIC now + timeout_ms (for pthread_cond_timedwait). */
+void
+eb_deadline_after(struct timespec *deadline, int timeout_ms)
+{
+	clock_gettime(CLOCK_MONOTONIC, deadline);
+	deadline->tv_sec += timeout_ms / 1000;
+	deadline->tv_nsec += (long) (timeout_ms % 1000) * 1000000L;
+	if (deadline->tv_nsec >= 1000000000L)
+	{
+		deadline->tv_sec++;
+		deadline->tv_nsec -= 1000000000L;
+	}
+}
+
 /*
  * Start a detached helper thread running main(arg), with every signal
  * blocked so that PostgreSQL's handlers never run on it.  False if none
@@ -92,7 +119,6 @@ bool
 eb_run_bounded(void (*fn) (void *), void *arg, int timeout_ms)
 {
 	BoundedCall *c = malloc(sizeof(BoundedCall));
-	pthread_condattr_t ca;
 	struct timespec deadline;
 	bool		done;
 
@@ -106,10 +132,7 @@ eb_run_bounded(void (*fn) (void *), void *arg, int timeout_ms)
 	c->done = false;
 	c->abandoned = false;
 	pthread_mutex_init(&c->mutex, NULL);
-	pthread_condattr_init(&ca);
-	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-	pthread_cond_init(&c->cond, &ca);
-	pthread_condattr_destroy(&ca);
+	eb_cond_init_monotonic(&c->cond);
 
 	if (!eb_thread_start(bounded_main, c))
 	{
@@ -118,14 +141,7 @@ eb_run_bounded(void (*fn) (void *), void *arg, int timeout_ms)
 		return true;
 	}
 
-	clock_gettime(CLOCK_MONOTONIC, &deadline);
-	deadline.tv_sec += timeout_ms / 1000;
-	deadline.tv_nsec += (long) (timeout_ms % 1000) * 1000000L;
-	if (deadline.tv_nsec >= 1000000000L)
-	{
-		deadline.tv_sec++;
-		deadline.tv_nsec -= 1000000000L;
-	}
+	eb_deadline_after(&deadline, timeout_ms);
 
 	pthread_mutex_lock(&c->mutex);
 	while (!c->done)

@@ -20,6 +20,7 @@
 #include <pthread.h>
 #include <time.h>
 
+#include "bounded.h"
 #include "eventbus.h"
 #include "kafka_client.h"
 
@@ -29,6 +30,12 @@
 static pthread_mutex_t lookup_mutex = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t lookup_cond;	/* on CLOCK_MONOTONIC: see cond_init */
 static pthread_once_t cond_once = PTHREAD_ONCE_INIT;
+
+static void
+cond_init(void)
+{
+	eb_cond_init_monotonic(&lookup_cond);
+}
 
 /* Guarded by lookup_mutex. */
 static struct
@@ -44,18 +51,6 @@ static struct
 	rd_kafka_resp_err_t topic_err;
 	int			partitions;		/* -1: not in the answer, or its error */
 } lk;
-
-/* A clock change must not stretch the teardown's wait. */
-static void
-cond_init(void)
-{
-	pthread_condattr_t ca;
-
-	pthread_condattr_init(&ca);
-	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-	pthread_cond_init(&lookup_cond, &ca);
-	pthread_condattr_destroy(&ca);
-}
 
 /* Helper thread: one metadata request, its outcome noted, the owner woken. */
 static void *
@@ -188,8 +183,7 @@ eb_kafka_lookup_wait(rd_kafka_t *rk)
 	bool		idle;
 
 	pthread_once(&cond_once, cond_init);
-	clock_gettime(CLOCK_MONOTONIC, &deadline);
-	deadline.tv_sec += LOOKUP_TIMEOUT_MS / 1000 + 1;
+	eb_deadline_after(&deadline, LOOKUP_TIMEOUT_MS + 1000);
 	pthread_mutex_lock(&lookup_mutex);
 	while (lk.running && lk.rk == rk)
 		if (pthread_cond_timedwait(&lookup_cond, &lookup_mutex, &deadline) != 0)

@@ -31,14 +31,15 @@
  */
 #define FLUSH_ROUND_MAX	8
 
-/* Keep JetStream's dedupe window long enough to cover relay retries. */
-#define DUPLICATE_WINDOW_NS ((int64) 10 * 60 * 1000000000)
+/* How long the relay waits for a stream creation before going on without it. */
+#define STREAM_WAIT_MS	20
 
 natsConnection *eb_nats_conn = NULL;
 jsCtx	   *eb_js = NULL;
 
 static natsOptions *opts = NULL;
 static HTAB *streams_ready = NULL;	/* topics known to have a stream */
+static EbNatsJob *stream_job = NULL;	/* the stream creation in flight */
 static bool library_opened = false;
 static bool last_stream_error_permanent = false;	/* of ensure_stream */
 static int	reconnect_attempts = 0;	/* written by cnats threads (atomic) */
@@ -78,27 +79,6 @@ static struct
 	bool		no_responders;	/* a subject without a stream: look again */
 } acks;
 
-/*
- * Errors after which publishing the same message can never succeed: larger
- * than the server's max_payload or the stream's max_msg_size, a subject or
- * stream configuration the server refuses.  Everything else (no responders,
- * timeouts, disconnections, stream storage limits, JetStream unavailable)
- * is transient.  Plain C: called on cnats threads too.
- */
-static bool
-error_permanent(natsStatus s, int jerr)
-{
-	switch (jerr)
-	{
-		case JSStreamMessageExceedsMaximumErr:
-		case JSStreamInvalidConfig:
-		case JSStreamInvalidErr:
-			return true;
-		default:
-			break;
-	}
-	return s == NATS_MAX_PAYLOAD || s == NATS_INVALID_SUBJECT || s == NATS_INVALID_ARG;
-}
 
 /* Block every signal in this thread; threads created meanwhile inherit it. */
 void
@@ -164,7 +144,7 @@ ack_cb(jsCtx *ctx, natsMsg *msg, jsPubAck *pa, jsPubAckErr *pae, void *closure)
 				natsStatus	err = pae ? pae->Err : NATS_ERR;
 				int			jerr = pae ? (int) pae->ErrCode : 0;
 
-				acks.result[hit->slot] = error_permanent(err, jerr) ?
+				acks.result[hit->slot] = eb_nats_error_permanent(err, jerr) ?
 					ACK_FAILED_PERMANENT : ACK_FAILED;
 				if (err == NATS_NO_RESPONDERS)
 					acks.no_responders = true;
@@ -322,7 +302,20 @@ eb_nats_client_stop(void)
 	acks.active = false;
 	pthread_mutex_unlock(&ack_mutex);
 
-	if (t->js || t->nc || t->opts)
+	eb_nats_job_free(stream_job);
+	stream_job = NULL;
+	if (!eb_nats_jobs_wait(CLOSE_BUDGET_MS))
+	{
+		/* A JetStream request still uses the connection: leave it behind. */
+		teardown_overran = true;
+		free(t);
+		ereport(LOG,
+				(errcode(ERRCODE_CONNECTION_FAILURE),
+				 errmsg("a JetStream request did not end within %d ms, leaving the NATS connection behind",
+						CLOSE_BUDGET_MS),
+				 errdetail("Unacknowledged messages are redelivered and the inbox skips what was handled; unacknowledged events stay in the outbox.")));
+	}
+	else if (t->js || t->nc || t->opts)
 	{
 		if (!eb_run_bounded(teardown, t, CLOSE_BUDGET_MS))
 		{
@@ -589,37 +582,40 @@ round_abandon(void)
 	eb_nats_restore_signals(&old);
 }
 
-/* Stream name for a topic: EVENTBUS_<topic with '.' as '_'>_<fnv1a hex>. */
-static void
-stream_name(const char *topic, char *buf, size_t len)
-{
-	uint32		h = eb_fnv1a(topic);
-	int			k;
 
-	k = snprintf(buf, len, "EVENTBUS_");
-	for (const char *p = topic; *p && k < 200; p++)
-		buf[k++] = *p == '.' ? '_' : *p;
-	snprintf(buf + k, len - k, "_%08x", h);
+/*
+ * The outcome of the stream creation in flight (it is over): true if the
+ * stream is there, and the topic then known to have one.
+ */
+static bool
+stream_job_taken(char **errmsg)
+{
+	EbNatsJob  *j = stream_job;
+	bool		found;
+	bool		ok = j->ok;
+
+	stream_job = NULL;
+	if (ok)
+		(void) hash_search(streams_ready, j->topic, HASH_ENTER, &found);
+	else
+	{
+		*errmsg = pstrdup(j->error);
+		last_stream_error_permanent = j->permanent;
+	}
+	eb_nats_job_free(j);
+	return ok;
 }
 
 /*
- * Make sure a stream captures the topic.  A stream that already captures it
- * (the user's own) is used as is; otherwise create one that never discards
- * unconsumed events: limits retention without limits, and DiscardNew so a
- * limit added later rejects new events instead of dropping old ones.
+ * Make sure a stream captures the topic (nats_api.c creates it, or finds
+ * the user's own).  The request runs on a helper thread, one at a time: a
+ * healthy server answers within STREAM_WAIT_MS; otherwise the event fails
+ * for now (its aggregate backs off) and the round goes on, so a NATS server
+ * that hangs holds up nothing else.
  */
 bool
 eb_nats_ensure_stream(const char *topic, char **errmsg)
 {
-	jsStreamConfig cfg;
-	jsStreamInfo *si = NULL;
-	jsErrCode	jerr = 0;
-	natsStatus	s;
-	char		name[256];
-	const char *subjects[1];
-	bool		found;
-	sigset_t	old;
-
 	if (streams_ready == NULL)
 	{
 		HASHCTL		ctl;
@@ -636,37 +632,33 @@ eb_nats_ensure_stream(const char *topic, char **errmsg)
 		*errmsg = psprintf("could not create the JetStream stream for subject %s: NATS not connected", topic);
 		return false;
 	}
-
-	stream_name(topic, name, sizeof(name));
-	subjects[0] = topic;
-	jsStreamConfig_Init(&cfg);
-	cfg.Name = name;
-	cfg.Subjects = subjects;
-	cfg.SubjectsLen = 1;
-	cfg.Storage = js_FileStorage;
-	cfg.Retention = js_LimitsPolicy;
-	cfg.Discard = js_DiscardNew;
-	cfg.MaxMsgs = -1;
-	cfg.MaxBytes = -1;
-	cfg.MaxAge = 0;
-	cfg.MaxMsgsPerSubject = -1;
-	cfg.Duplicates = DUPLICATE_WINDOW_NS;
-
-	eb_nats_block_signals(&old);
-	s = js_AddStream(&si, eb_js, &cfg, NULL, &jerr);
-	if (si)
-		jsStreamInfo_Destroy(si);
-	eb_nats_restore_signals(&old);
-
-	if (s != NATS_OK && jerr != JSStreamSubjectOverlapErr && jerr != JSStreamNameExistErr)
+	if (stream_job != NULL && strcmp(stream_job->topic, topic) != 0)
 	{
-		*errmsg = psprintf("could not create JetStream stream %s for subject %s: %s (JetStream error %d)",
-						   name, topic, natsStatus_GetText(s), (int) jerr);
-		last_stream_error_permanent = error_permanent(s, jerr);
+		if (!eb_nats_job_done(stream_job))
+		{
+			*errmsg = psprintf("waiting for NATS to create the JetStream stream for subject %s first",
+							   stream_job->topic);
+			return false;
+		}
+		(void) stream_job_taken(errmsg);	/* another topic's: noted */
+	}
+	if (stream_job == NULL)
+	{
+		EbNatsJob  *j = eb_nats_job_new(EB_NATS_JOB_STREAM, topic);
+
+		if (j == NULL || !eb_nats_job_start(j))
+		{
+			*errmsg = psprintf("could not create the JetStream stream for subject %s: no helper thread", topic);
+			return false;
+		}
+		stream_job = j;
+	}
+	if (!eb_nats_job_wait(stream_job, STREAM_WAIT_MS))
+	{
+		*errmsg = psprintf("could not create the JetStream stream for subject %s: no answer from NATS yet", topic);
 		return false;
 	}
-	(void) hash_search(streams_ready, topic, HASH_ENTER, &found);
-	return true;
+	return stream_job_taken(errmsg);
 }
 
 /* Add one header to a NATS message. */
@@ -727,7 +719,7 @@ produce(const EbEvent *ev, const char *value, size_t len, int slot, char **errms
 		if (msg)
 			natsMsg_Destroy(msg);
 		*errmsg = psprintf("NATS publish failed: %s", natsStatus_GetText(s));
-		*permanent = error_permanent(s, 0);
+		*permanent = eb_nats_error_permanent(s, 0);
 		return false;
 	}
 	return true;

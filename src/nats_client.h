@@ -1,8 +1,9 @@
 /*
  * nats_client.h — the NATS JetStream transport's own declarations, shared
  * by nats.c (connection, streams, producer, publish-time checks, the
- * routine), nats_consumer.c (the dispatcher's consumers) and nats_inbox.c
- * (where their messages arrive).  Only these files include cnats.
+ * routine), nats_api.c (JetStream API requests off the main thread),
+ * nats_consumer.c (the dispatcher's consumers) and nats_inbox.c (where
+ * their messages arrive).  Only these files include cnats.
  */
 #ifndef EB_NATS_CLIENT_H
 #define EB_NATS_CLIENT_H
@@ -11,6 +12,7 @@
 
 #include <nats/nats.h>
 
+#include "envelope.h"
 #include "transport.h"
 
 /* Message size limit when the server's max_payload is not known yet. */
@@ -29,6 +31,49 @@ extern void eb_nats_block_signals(sigset_t *old);
 extern void eb_nats_restore_signals(const sigset_t *old);
 extern uint64 eb_nats_reconnects(void);
 extern bool eb_nats_ensure_stream(const char *topic, char **errmsg);
+
+/*
+ * nats_api.c: JetStream API requests (stream creation, durable binds) as
+ * jobs on a helper thread.  The main thread fills in a job, starts it, and
+ * reads its outcome once eb_nats_job_done says so.
+ */
+typedef enum EbNatsJobKind
+{
+	EB_NATS_JOB_STREAM,			/* make sure a stream captures the topic */
+	EB_NATS_JOB_BIND			/* that, and bind the durable pull consumer */
+} EbNatsJobKind;
+
+typedef struct EbNatsJob
+{
+	/* in */
+	EbNatsJobKind kind;
+	char		topic[EB_MAX_TOPIC + 1];
+	char		durable[256];	/* bind */
+	bool		takeover;		/* bind: restart an existing durable at its ack floor + 1 */
+	int64		ack_wait_ns;	/* bind: the new consumer's settings */
+	int64		max_ack_pending;
+	char		names_request[EB_MAX_TOPIC * 6 + 32];	/* bind: {"subject":...} */
+	/* out, once done */
+	bool		ok;
+	bool		permanent;		/* retrying cannot help */
+	char		error[512];
+	char		stream[256];	/* bind: the stream capturing the topic */
+	uint64		start;			/* bind: restarted at this stream sequence (0: not) */
+	int64		unacked;		/* bind: messages unacknowledged before the restart */
+	/* the helper's */
+	natsConnection *nc;
+	jsCtx	   *js;
+	bool		done;
+	bool		abandoned;
+} EbNatsJob;
+
+extern bool eb_nats_error_permanent(natsStatus s, int jerr);
+extern EbNatsJob *eb_nats_job_new(EbNatsJobKind kind, const char *topic);
+extern bool eb_nats_job_start(EbNatsJob *j);
+extern bool eb_nats_job_done(EbNatsJob *j);
+extern bool eb_nats_job_wait(EbNatsJob *j, int timeout_ms);
+extern void eb_nats_job_free(EbNatsJob *j);
+extern bool eb_nats_jobs_wait(int timeout_ms);
 
 /*
  * nats_inbox.c: where pull requests are answered.  A feed is one consumer's

@@ -86,70 +86,6 @@ durable_name(const char *topic)
 	return buf.data;
 }
 
-/* Name of the stream that captures subject (palloc'd), or NULL. */
-static char *
-stream_for_subject(const char *subject)
-{
-	StringInfoData body;
-	natsMsg    *reply = NULL;
-	natsStatus	s;
-	const char *data;
-	const char *p;
-	const char *end;
-	sigset_t	old;
-	char	   *name = NULL;
-
-	initStringInfo(&body);
-	appendStringInfoString(&body, "{\"subject\":");
-	escape_json(&body, subject);
-	appendStringInfoChar(&body, '}');
-	eb_nats_block_signals(&old);
-	s = natsConnection_Request(&reply, eb_nats_conn, "$JS.API.STREAM.NAMES", body.data, body.len, 5000);
-	eb_nats_restore_signals(&old);
-	if (s != NATS_OK)
-		return NULL;
-	data = natsMsg_GetData(reply);
-	/* {"type":...,"streams":["NAME"],...}: stream names contain no quotes. */
-	if (data && (p = strstr(data, "\"streams\":[\"")) != NULL)
-	{
-		p += strlen("\"streams\":[\"");
-		if ((end = strchr(p, '"')) != NULL)
-			name = pnstrdup(p, end - p);
-	}
-	natsMsg_Destroy(reply);
-	return name;
-}
-
-/*
- * If the durable exists, delete it and return the stream sequence to
- * restart from (its ack floor + 1); 0 if it did not exist.
- */
-static uint64
-take_over_durable(const char *stream, const char *durable)
-{
-	jsConsumerInfo *ci = NULL;
-	jsErrCode	jerr = 0;
-	uint64		start = 0;
-	int64		unacked = 0;
-	sigset_t	old;
-
-	eb_nats_block_signals(&old);
-	if (js_GetConsumerInfo(&ci, eb_js, stream, durable, NULL, &jerr) == NATS_OK)
-	{
-		start = ci->AckFloor.Stream + 1;
-		unacked = ci->NumAckPending;
-		jsConsumerInfo_Destroy(ci);
-		js_DeleteConsumer(eb_js, stream, durable, NULL, &jerr);
-	}
-	eb_nats_restore_signals(&old);
-	if (unacked > 0)
-		ereport(LOG,
-				(errmsg("resuming JetStream consumer %s at stream sequence " UINT64_FORMAT
-						" so that " INT64_FORMAT " unacknowledged messages come again first, in order",
-						durable, start, unacked)));
-	return start;
-}
-
 /* A subscription of one subject, not bound yet. */
 NatsSub *
 eb_nats_new_sub(const char *topic, SubState state)
@@ -167,82 +103,80 @@ eb_nats_new_sub(const char *topic, SubState state)
 }
 
 /*
- * Bind (creating if needed) the durable pull consumer of ns's subject.
- * takeover: restart an existing durable at its ack floor + 1 (see the top
- * of this file); else use it as it is (a lease released cleanly: nothing
- * of it is in flight anywhere).  ns->feed stays NULL on failure.
+ * Start binding (creating if needed) the durable pull consumer of ns's
+ * subject, as a job on a helper thread (nats_api.c): a NATS server that
+ * hangs holds up nothing else here.  takeover: restart an existing durable
+ * at its ack floor + 1 (see the top of this file); else use it as it is (a
+ * lease released cleanly: nothing of it is in flight anywhere).  Its
+ * outcome is taken at a poll (bind_finish); ns->feed stays NULL until then,
+ * and after a failure (retried at the next subscription refresh).
  */
 void
 eb_nats_bind_sub(NatsSub *ns, bool takeover)
 {
-	jsConsumerConfig cfg;
-	jsConsumerInfo *ci = NULL;
-	jsErrCode	jerr = 0;
-	natsStatus	s;
-	char	   *err = NULL;
-	char	   *stream;
-	uint64		start = 0;
-	bool		exists = false;
-	sigset_t	old;
+	EbNatsJob  *j;
+	StringInfoData body;
 
-	if (!eb_nats_ensure_stream(ns->topic, &err) || (stream = stream_for_subject(ns->topic)) == NULL)
+	if (ns->bind_job != NULL)
+		return;					/* one at a time */
+	j = eb_nats_job_new(EB_NATS_JOB_BIND, ns->topic);
+	if (j == NULL)
+		return;
+	strlcpy(j->durable, ns->durable, sizeof(j->durable));
+	j->takeover = takeover;
+	j->ack_wait_ns = ACK_WAIT_NS;
+	j->max_ack_pending = MAX_ACK_PENDING;
+	initStringInfo(&body);
+	appendStringInfoString(&body, "{\"subject\":");
+	escape_json(&body, ns->topic);
+	appendStringInfoChar(&body, '}');
+	strlcpy(j->names_request, body.data, sizeof(j->names_request));
+	pfree(body.data);
+	if (eb_nats_job_start(j))
+		ns->bind_job = j;
+}
+
+/* A bind job is over: fetch from the durable, or say why not. */
+static void
+bind_finish(NatsSub *ns)
+{
+	EbNatsJob  *j = ns->bind_job;
+
+	ns->bind_job = NULL;
+	if (!j->ok)
 	{
 		ereport(WARNING,
 				(errcode(ERRCODE_CONNECTION_FAILURE),
-				 errmsg("no JetStream stream for %s%s%s", ns->topic, err ? ": " : "", err ? err : "")));
-		return;					/* retried at the next subscription refresh */
-	}
-	if (takeover)
-		start = take_over_durable(stream, ns->durable);
-	else
-	{
-		eb_nats_block_signals(&old);
-		if (js_GetConsumerInfo(&ci, eb_js, stream, ns->durable, NULL, &jerr) == NATS_OK)
-		{
-			exists = true;
-			jsConsumerInfo_Destroy(ci);
-			ci = NULL;
-		}
-		eb_nats_restore_signals(&old);
-	}
-
-	s = NATS_OK;
-	if (!exists)
-	{
-		/* A pull consumer: no deliver subject; the inbox receives its answers. */
-		jsConsumerConfig_Init(&cfg);
-		cfg.Durable = ns->durable;
-		cfg.AckPolicy = js_AckExplicit;
-		/* New durable: the start policy (everything retained); else resume. */
-		cfg.DeliverPolicy = start > 0 ? js_DeliverByStartSequence : js_DeliverAll;
-		cfg.OptStartSeq = start;
-		cfg.AckWait = ACK_WAIT_NS;
-		cfg.MaxAckPending = MAX_ACK_PENDING;
-		cfg.MaxDeliver = -1;
-		cfg.FilterSubject = ns->topic;
-
-		eb_nats_block_signals(&old);
-		s = js_AddConsumer(&ci, eb_js, stream, &cfg, NULL, &jerr);
-		if (ci)
-			jsConsumerInfo_Destroy(ci);
-		eb_nats_restore_signals(&old);
-	}
-	if (s != NATS_OK)
-	{
-		ereport(WARNING,
-				(errcode(ERRCODE_CONNECTION_FAILURE),
-				 errmsg("could not bind JetStream consumer %s for %s: %s",
-						ns->durable, ns->topic, natsStatus_GetText(s)),
-				 jerr ? errdetail("JetStream error %d", (int) jerr) : 0));
-		pfree(stream);
+				 errmsg("%s", j->error)));
+		eb_nats_job_free(j);
 		return;
 	}
+	if (j->unacked > 0)
+		ereport(LOG,
+				(errmsg("resuming JetStream consumer %s at stream sequence " UINT64_FORMAT
+						" so that " INT64_FORMAT " unacknowledged messages come again first, in order",
+						ns->durable, j->start, j->unacked)));
 	if (ns->next_subject == NULL)
 		ns->next_subject = MemoryContextStrdup(TopMemoryContext,
-											   psprintf("$JS.API.CONSUMER.MSG.NEXT.%s.%s", stream, ns->durable));
-	pfree(stream);
+											   psprintf("$JS.API.CONSUMER.MSG.NEXT.%s.%s", j->stream, ns->durable));
+	eb_nats_job_free(j);
 	/* NULL: retried at the next subscription refresh. */
 	ns->feed = eb_nats_feed_create(ns->topic);
+}
+
+/* Take the outcomes of the bind jobs that are over. */
+static void
+binds_finish(void)
+{
+	ListCell   *lc;
+
+	foreach(lc, eb_nats_subs)
+	{
+		NatsSub    *ns = lfirst(lc);
+
+		if (ns->bind_job != NULL && eb_nats_job_done(ns->bind_job))
+			bind_finish(ns);
+	}
 }
 
 /* Bind (creating if needed) the durable pull consumer of one subject. */
@@ -273,6 +207,8 @@ eb_nats_free_sub(NatsSub *ns)
 void
 eb_nats_release_sub(NatsSub *ns)
 {
+	eb_nats_job_free(ns->bind_job);		/* a bind in flight is left to its helper */
+	ns->bind_job = NULL;
 	if (ns->feed)
 	{
 		eb_nats_feed_destroy(ns->feed);
@@ -312,7 +248,7 @@ eb_nats_consumer_set_topics(List *want)
 	{
 		NatsSub    *ns = lfirst(lc);
 
-		if (eb_string_member(want, ns->topic) && ns->feed != NULL)
+		if (eb_string_member(want, ns->topic) && (ns->feed != NULL || ns->bind_job != NULL))
 			keep = lappend(keep, ns);
 		else
 			eb_nats_release_sub(ns);
@@ -613,6 +549,7 @@ eb_nats_consumer_poll(int max, int64 max_bytes)
 		eb_nats_consumer_set_topics(topics);
 	}
 
+	binds_finish();
 	n = deliver_queued(max, max_bytes, &bytes);
 
 	nsubs = list_length(eb_nats_subs);

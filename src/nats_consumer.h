@@ -40,6 +40,7 @@ typedef struct NatsSub
 	char	   *durable;
 	char	   *next_subject;	/* where its pull requests go */
 	EbNatsFeed *feed;			/* NULL: not bound */
+	EbNatsJob  *bind_job;		/* a bind in flight (nats_api.c), or NULL */
 	int64		pending;		/* messages waiting in the stream (last known) */
 	int64		held;			/* delivered messages not yet finished */
 	int64		largest;		/* largest message seen (server's count) */

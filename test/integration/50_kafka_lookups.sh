@@ -35,19 +35,6 @@ SQL
 handled() { q -c "SELECT count(DISTINCT event_id) FROM t50_handled WHERE topic = '$1'"; }
 publish() { q -c "SELECT eventbus_publish('$1', 'agg-' || $2, 'T50', '{}'::jsonb, transport => '$3')" >/dev/null; }
 
-# main_waits PID SECONDS — "FUTEX ALL": samples (every 20 ms) in which PID's
-# main thread sleeps in a futex, and all samples.
-main_waits() {
-	local pid=$1 n=$(($2 * 50)) f=0 w
-	for ((i = 0; i < n; i++)); do
-		w=
-		read -r w < "/proc/$pid/wchan" 2>/dev/null
-		[[ $w == *futex* ]] && f=$((f + 1))
-		sleep 0.02
-	done
-	echo "$f $n"
-}
-
 q -c "SELECT eventbus_subscribe('$TN', 't50_handle(eventbus.envelope)', 'nats')" >/dev/null
 publish "$TN" 0 nats
 wait_count 60 1 "SELECT count(*) FROM t50_handled WHERE topic = '$TN'" 30 || bail "the NATS subscription does not deliver"

@@ -253,6 +253,21 @@ workers_replaced() {
 	both_connected && [ "$(consumer_state kafka)" = connected ] && [ "$(consumer_state nats)" = connected ]
 }
 
+# main_waits PID SECONDS — "FUTEX ALL": samples (every 20 ms) in which
+# PID's main thread sleeps in a futex (inside a library call: a broker
+# request, say; an idle worker sleeps in epoll), and all samples.  From
+# /proc/PID/wchan, the kernel function the thread waits in.
+main_waits() {
+	local pid=$1 n=$(($2 * 50)) f=0 w
+	for ((i = 0; i < n; i++)); do
+		w=
+		read -r w < "/proc/$pid/wchan" 2>/dev/null
+		[[ $w == *futex* ]] && f=$((f + 1))
+		sleep 0.02
+	done
+	echo "$f $n"
+}
+
 # consumer_state TRANSPORT — state of the dispatcher's consumer for it.
 consumer_state() {
 	q -c "SELECT state FROM eventbus_status() WHERE component = 'dispatcher' AND transport = '$1'" 2>/dev/null

@@ -1,0 +1,350 @@
+/*
+ * nats_api.c — JetStream API requests off the worker's main thread.
+ *
+ * Creating a stream and binding a durable consumer are requests that wait
+ * for the server's answer (5 s at most each).  A server that hangs, or a
+ * network that drops packets without closing the connection, leaves the
+ * connection up for minutes (until its pings go unanswered) and makes
+ * every such request wait its whole timeout.  On the launcher's main thread
+ * that stopped the Kafka relay, and on the dispatcher's Kafka consumption,
+ * the hand-over to the pool and its acknowledgements, for as long as NATS
+ * hung.  So each such request runs as a job on a helper thread (cnats calls
+ * only, every signal blocked); the main thread starts it, is woken through
+ * the wakeup pipe when it is over, and takes its outcome.
+ *
+ * A job uses the process's connection and JetStream context, and is
+ * malloc'd: whichever side finishes last frees it (a job given up by the
+ * main thread, e.g. its subscription released, is freed by its helper).
+ * eb_nats_jobs_wait lets the connection's teardown wait (bounded) until no
+ * job uses it any more.
+ */
+#include "postgres.h"
+
+#include <pthread.h>
+#include <time.h>
+
+#include "bounded.h"
+#include "eventbus.h"
+#include "nats_client.h"
+#include "util.h"
+
+/* Keep JetStream's dedupe window long enough to cover relay retries. */
+#define DUPLICATE_WINDOW_NS ((int64) 10 * 60 * 1000000000)
+#define API_WAIT_MS		5000	/* a JetStream API request's timeout */
+
+static pthread_mutex_t job_mutex = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t job_cond;	/* on CLOCK_MONOTONIC: see cond_init */
+static pthread_once_t cond_once = PTHREAD_ONCE_INIT;
+static int	jobs_running = 0;	/* guarded by job_mutex */
+
+static void
+cond_init(void)
+{
+	eb_cond_init_monotonic(&job_cond);
+}
+
+/*
+ * Errors after which retrying the same request cannot help: the message
+ * (too large, invalid subject) or a stream configuration the server
+ * refuses.  Everything else (no responders, timeouts, disconnections,
+ * stream storage limits, JetStream unavailable) is transient.  Plain C:
+ * called on cnats threads too.
+ */
+bool
+eb_nats_error_permanent(natsStatus s, int jerr)
+{
+	switch (jerr)
+	{
+		case JSStreamMessageExceedsMaximumErr:
+		case JSStreamInvalidConfig:
+		case JSStreamInvalidErr:
+			return true;
+		default:
+			break;
+	}
+	return s == NATS_MAX_PAYLOAD || s == NATS_INVALID_SUBJECT || s == NATS_INVALID_ARG;
+}
+
+/* Stream name for a topic: EVENTBUS_<topic with '.' as '_'>_<fnv1a hex>. */
+static void
+stream_name(const char *topic, char *buf, size_t len)
+{
+	uint32		h = eb_fnv1a(topic);
+	int			k;
+
+	k = snprintf(buf, len, "EVENTBUS_");
+	for (const char *p = topic; *p && k < 200; p++)
+		buf[k++] = *p == '.' ? '_' : *p;
+	snprintf(buf + k, len - k, "_%08x", h);
+}
+
+/*
+ * Make sure a stream captures the job's topic.  A stream that already
+ * captures it (the user's own) is used as is; otherwise create one that
+ * never discards unconsumed events: limits retention without limits, and
+ * DiscardNew so a limit added later rejects new events instead of dropping
+ * old ones.  Helper thread.
+ */
+static bool
+job_stream(EbNatsJob *j)
+{
+	jsStreamConfig cfg;
+	jsStreamInfo *si = NULL;
+	jsErrCode	jerr = 0;
+	natsStatus	s;
+	char		name[256];
+	const char *subjects[1];
+
+	stream_name(j->topic, name, sizeof(name));
+	subjects[0] = j->topic;
+	jsStreamConfig_Init(&cfg);
+	cfg.Name = name;
+	cfg.Subjects = subjects;
+	cfg.SubjectsLen = 1;
+	cfg.Storage = js_FileStorage;
+	cfg.Retention = js_LimitsPolicy;
+	cfg.Discard = js_DiscardNew;
+	cfg.MaxMsgs = -1;
+	cfg.MaxBytes = -1;
+	cfg.MaxAge = 0;
+	cfg.MaxMsgsPerSubject = -1;
+	cfg.Duplicates = DUPLICATE_WINDOW_NS;
+
+	s = js_AddStream(&si, j->js, &cfg, NULL, &jerr);
+	if (si)
+		jsStreamInfo_Destroy(si);
+	if (s != NATS_OK && jerr != JSStreamSubjectOverlapErr && jerr != JSStreamNameExistErr)
+	{
+		snprintf(j->error, sizeof(j->error),
+				 "could not create JetStream stream %s for subject %s: %s (JetStream error %d)",
+				 name, j->topic, natsStatus_GetText(s), (int) jerr);
+		j->permanent = eb_nats_error_permanent(s, jerr);
+		return false;
+	}
+	return true;
+}
+
+/* The name of the stream that captures the job's topic, into j->stream. */
+static bool
+job_stream_name(EbNatsJob *j)
+{
+	natsMsg    *reply = NULL;
+	const char *data;
+	const char *p;
+	const char *end;
+	natsStatus	s;
+
+	s = natsConnection_Request(&reply, j->nc, "$JS.API.STREAM.NAMES", j->names_request,
+							   (int) strlen(j->names_request), API_WAIT_MS);
+	if (s != NATS_OK)
+	{
+		snprintf(j->error, sizeof(j->error), "no JetStream stream for %s: %s", j->topic, natsStatus_GetText(s));
+		return false;
+	}
+	data = natsMsg_GetData(reply);
+	/* {"type":...,"streams":["NAME"],...}: stream names contain no quotes. */
+	if (data && (p = strstr(data, "\"streams\":[\"")) != NULL)
+	{
+		p += strlen("\"streams\":[\"");
+		if ((end = strchr(p, '"')) != NULL && end - p < (ptrdiff_t) sizeof(j->stream))
+		{
+			memcpy(j->stream, p, end - p);
+			j->stream[end - p] = '\0';
+		}
+	}
+	natsMsg_Destroy(reply);
+	if (j->stream[0] == '\0')
+		snprintf(j->error, sizeof(j->error), "no JetStream stream for %s", j->topic);
+	return j->stream[0] != '\0';
+}
+
+/*
+ * Bind the job's durable pull consumer (creating it if needed).  takeover:
+ * restart an existing durable at its ack floor + 1 (delete, recreate);
+ * else use it as it is.  Helper thread.
+ */
+static bool
+job_bind(EbNatsJob *j)
+{
+	jsConsumerConfig cfg;
+	jsConsumerInfo *ci = NULL;
+	jsErrCode	jerr = 0;
+	natsStatus	s;
+	bool		exists = false;
+
+	if (!job_stream(j) || !job_stream_name(j))
+		return false;
+	if (js_GetConsumerInfo(&ci, j->js, j->stream, j->durable, NULL, &jerr) == NATS_OK)
+	{
+		if (j->takeover)
+		{
+			j->start = ci->AckFloor.Stream + 1;
+			j->unacked = ci->NumAckPending;
+			js_DeleteConsumer(j->js, j->stream, j->durable, NULL, &jerr);
+		}
+		else
+			exists = true;
+		jsConsumerInfo_Destroy(ci);
+		ci = NULL;
+	}
+	if (exists)
+		return true;
+
+	/* A pull consumer: no deliver subject; the inbox receives its answers. */
+	jsConsumerConfig_Init(&cfg);
+	cfg.Durable = j->durable;
+	cfg.AckPolicy = js_AckExplicit;
+	/* New durable: the start policy (everything retained); else resume. */
+	cfg.DeliverPolicy = j->start > 0 ? js_DeliverByStartSequence : js_DeliverAll;
+	cfg.OptStartSeq = j->start;
+	cfg.AckWait = j->ack_wait_ns;
+	cfg.MaxAckPending = j->max_ack_pending;
+	cfg.MaxDeliver = -1;
+	cfg.FilterSubject = j->topic;
+	jerr = 0;
+	s = js_AddConsumer(&ci, j->js, j->stream, &cfg, NULL, &jerr);
+	if (ci)
+		jsConsumerInfo_Destroy(ci);
+	if (s != NATS_OK)
+	{
+		snprintf(j->error, sizeof(j->error), "could not bind JetStream consumer %s for %s: %s (JetStream error %d)",
+				 j->durable, j->topic, natsStatus_GetText(s), (int) jerr);
+		return false;
+	}
+	return true;
+}
+
+/* Helper thread: run the job, note it done, wake the owner (or free it). */
+static void *
+job_main(void *arg)
+{
+	EbNatsJob  *j = arg;
+	bool		ok;
+	bool		abandoned;
+
+	ok = j->kind == EB_NATS_JOB_STREAM ? job_stream(j) : job_bind(j);
+	pthread_mutex_lock(&job_mutex);
+	j->ok = ok;
+	j->done = true;
+	abandoned = j->abandoned;
+	jobs_running--;
+	pthread_cond_broadcast(&job_cond);
+	pthread_mutex_unlock(&job_mutex);
+	if (abandoned)
+		free(j);
+	else
+		eb_wakeup_signal();
+	return NULL;
+}
+
+/*
+ * A new job for topic (main thread; NULL if out of memory).  The caller
+ * fills in what its kind needs, then eb_nats_job_start.
+ */
+EbNatsJob *
+eb_nats_job_new(EbNatsJobKind kind, const char *topic)
+{
+	EbNatsJob  *j = calloc(1, sizeof(EbNatsJob));
+
+	if (j == NULL)
+		return NULL;
+	j->kind = kind;
+	strlcpy(j->topic, topic, sizeof(j->topic));
+	return j;
+}
+
+/*
+ * Start a job on a helper thread with the process's connection.  False
+ * (and the job freed) if not connected or no thread could be started.
+ */
+bool
+eb_nats_job_start(EbNatsJob *j)
+{
+	if (eb_nats_conn == NULL || eb_js == NULL)
+	{
+		free(j);
+		return false;
+	}
+	pthread_once(&cond_once, cond_init);
+	j->nc = eb_nats_conn;
+	j->js = eb_js;
+	pthread_mutex_lock(&job_mutex);
+	jobs_running++;
+	pthread_mutex_unlock(&job_mutex);
+	if (!eb_thread_start(job_main, j))
+	{
+		pthread_mutex_lock(&job_mutex);
+		jobs_running--;
+		pthread_mutex_unlock(&job_mutex);
+		free(j);
+		return false;
+	}
+	return true;
+}
+
+/* Is the job over?  Then its outcome may be read (it is no longer written). */
+bool
+eb_nats_job_done(EbNatsJob *j)
+{
+	bool		done;
+
+	pthread_mutex_lock(&job_mutex);
+	done = j->done;
+	pthread_mutex_unlock(&job_mutex);
+	return done;
+}
+
+/* Wait at most timeout_ms for the job to be over; true if it is. */
+bool
+eb_nats_job_wait(EbNatsJob *j, int timeout_ms)
+{
+	struct timespec deadline;
+	bool		done;
+
+	eb_deadline_after(&deadline, timeout_ms);
+	pthread_mutex_lock(&job_mutex);
+	while (!j->done)
+		if (pthread_cond_timedwait(&job_cond, &job_mutex, &deadline) != 0)
+			break;
+	done = j->done;
+	pthread_mutex_unlock(&job_mutex);
+	return done;
+}
+
+/* Free a job, or (still running) leave it to its helper to free. */
+void
+eb_nats_job_free(EbNatsJob *j)
+{
+	bool		done;
+
+	if (j == NULL)
+		return;
+	pthread_mutex_lock(&job_mutex);
+	done = j->done;
+	if (!done)
+		j->abandoned = true;
+	pthread_mutex_unlock(&job_mutex);
+	if (done)
+		free(j);
+}
+
+/*
+ * Before the connection is destroyed: wait at most timeout_ms until no job
+ * uses it.  False if one still runs (the caller must leave it alone).
+ */
+bool
+eb_nats_jobs_wait(int timeout_ms)
+{
+	struct timespec deadline;
+	bool		idle;
+
+	pthread_once(&cond_once, cond_init);
+	eb_deadline_after(&deadline, timeout_ms);
+	pthread_mutex_lock(&job_mutex);
+	while (jobs_running > 0)
+		if (pthread_cond_timedwait(&job_cond, &job_mutex, &deadline) != 0)
+			break;
+	idle = jobs_running == 0;
+	pthread_mutex_unlock(&job_mutex);
+	return idle;
+}
