@@ -609,9 +609,9 @@ stream_job_taken(char **errmsg)
 /*
  * Make sure a stream captures the topic (nats_api.c creates it, or finds
  * the user's own).  The request runs on a helper thread, one at a time: a
- * healthy server answers within STREAM_WAIT_MS; otherwise the event fails
- * for now (its aggregate backs off) and the round goes on, so a NATS server
- * that hangs holds up nothing else.
+ * healthy server answers within STREAM_WAIT_MS, waited for once per
+ * request; otherwise the event fails for now (its aggregate backs off) and
+ * the round goes on, so a NATS server that hangs holds up nothing else.
  */
 bool
 eb_nats_ensure_stream(const char *topic, char **errmsg)
@@ -641,6 +641,7 @@ eb_nats_ensure_stream(const char *topic, char **errmsg)
 			return false;
 		}
 		(void) stream_job_taken(errmsg);	/* another topic's: noted */
+		last_stream_error_permanent = false;
 	}
 	if (stream_job == NULL)
 	{
@@ -652,8 +653,10 @@ eb_nats_ensure_stream(const char *topic, char **errmsg)
 			return false;
 		}
 		stream_job = j;
+		/* Only for the job just started: its topic's other events do not wait again. */
+		(void) eb_nats_job_wait(stream_job, STREAM_WAIT_MS);
 	}
-	if (!eb_nats_job_wait(stream_job, STREAM_WAIT_MS))
+	if (!eb_nats_job_done(stream_job))
 	{
 		*errmsg = psprintf("could not create the JetStream stream for subject %s: no answer from NATS yet", topic);
 		return false;

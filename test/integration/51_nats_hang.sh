@@ -7,13 +7,14 @@
 # the connection up for minutes, and each request waits its 5 s timeout.
 #  - nats-server frozen (SIGSTOP: connections stay open, nothing is
 #    answered), then a NATS subscription to a new subject (the dispatcher
-#    binds its durable) and an event published to another new subject (the
-#    relay creates its stream): over 4 s, sampled every 20 ms, each main
+#    binds its durable) and 50 events (50 aggregates) published to another
+#    new subject (the relay creates its stream, and tries each event again
+#    as its aggregate's backoff ends): over 4 s, sampled every 20 ms, each main
 #    thread is found waiting in a futex (inside a library call) in at most
 #    5 % of the samples (the binds and stream creations on it: most of
 #    them), while 40 Kafka events published meanwhile are all handled;
-#  - thawed: the subscription binds and both NATS events are handled, the
-#    Kafka events once each.
+#  - thawed: the subscription binds and the NATS events are handled, every
+#    event once.
 # Counted from /proc/PID/wchan and the database; the Kafka events' latency
 # is printed, not judged.
 source "$(dirname "$0")/lib.sh"
@@ -41,7 +42,7 @@ wait_count 60 1 "SELECT count(*) FROM t51_handled WHERE topic = '$TK'" 60 || bai
 disp=$(dispatcher_pid); launcher=$(launcher_pid)
 kill -STOP "$NATS_PID"
 q -c "SELECT eventbus_subscribe('$TN', 't51_handle(eventbus.envelope)', 'nats')" >/dev/null
-publish "$TN2" 1 nats
+q -c "SELECT count(eventbus_publish('$TN2', 'agg-' || g, 'T51', '{}'::jsonb, transport => 'nats')) FROM generate_series(1, 50) g" >/dev/null
 q -c "SELECT eventbus_subscribe('$TN2', 't51_handle(eventbus.envelope)', 'nats')" >/dev/null
 sleep 1
 ( for i in $(seq 1 40); do publish "$TK" "$i" kafka; sleep 0.1; done ) &
@@ -66,8 +67,8 @@ kill -CONT "$NATS_PID"
 publish "$TN" 2 nats
 wait_count 90 1 "SELECT count(*) FROM t51_handled WHERE topic = '$TN'" 90
 is "$COUNT" 1 "thawed: the NATS subscription binds, and an event published to it is handled"
-wait_count 90 1 "SELECT count(*) FROM t51_handled WHERE topic = '$TN2'" 90
-is "$COUNT" 1 "the NATS event published while the server was frozen (its stream created since) is handled"
+wait_count 90 50 "SELECT count(*) FROM t51_handled WHERE topic = '$TN2'" 90
+is "$COUNT" 50 "the 50 NATS events published while the server was frozen (their stream created since) are handled"
 is "$(q -c "SELECT count(*) - count(DISTINCT event_id) FROM t51_handled WHERE topic IN ('$TK', '$TN', '$TN2')")" 0 "each once"
 
 done_testing
