@@ -79,7 +79,6 @@ static struct
 	bool		no_responders;	/* a subject without a stream: look again */
 } acks;
 
-
 /* Block every signal in this thread; threads created meanwhile inherit it. */
 void
 eb_nats_block_signals(sigset_t *old)
@@ -581,7 +580,6 @@ round_abandon(void)
 		natsMsgList_Destroy(&pending);
 	eb_nats_restore_signals(&old);
 }
-
 
 /*
  * The outcome of the stream creation in flight (it is over): true if the
