@@ -24,8 +24,14 @@
 #include "eventbus.h"
 #include "kafka_client.h"
 
-/* The longest a look-up waits for its answer. */
+/*
+ * The longest a look-up waits for its answer: a topic's, long enough for a
+ * broker that holds it behind a fetch (fetch.wait.max.ms, 500 ms by
+ * default); the probe of an unreachable cluster as before, as a teardown
+ * waits for it.
+ */
 #define LOOKUP_TIMEOUT_MS	1000
+#define PROBE_TIMEOUT_MS	500
 
 static pthread_mutex_t lookup_mutex = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t lookup_cond;	/* on CLOCK_MONOTONIC: see cond_init */
@@ -71,7 +77,7 @@ lookup_main(void *arg)
 	if (topic[0] != '\0' && (rkt = rd_kafka_topic_new(rk, topic, NULL)) == NULL)
 		err = RD_KAFKA_RESP_ERR__INVALID_ARG;
 	else
-		err = rd_kafka_metadata(rk, 0, rkt, &md, LOOKUP_TIMEOUT_MS);
+		err = rd_kafka_metadata(rk, 0, rkt, &md, rkt ? LOOKUP_TIMEOUT_MS : PROBE_TIMEOUT_MS);
 	if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
 	{
 		for (int i = 0; rkt != NULL && i < md->topic_cnt; i++)
