@@ -214,6 +214,14 @@ job_bind(EbNatsJob *j)
 	return true;
 }
 
+/* Free a job and what it owns. */
+static void
+job_destroy(EbNatsJob *j)
+{
+	free(j->durable);
+	free(j);
+}
+
 /* Helper thread: run the job, note it done, wake the owner (or free it). */
 static void *
 job_main(void *arg)
@@ -231,7 +239,7 @@ job_main(void *arg)
 	pthread_cond_broadcast(&job_cond);
 	pthread_mutex_unlock(&job_mutex);
 	if (abandoned)
-		free(j);
+		job_destroy(j);
 	else
 		eb_wakeup_signal();
 	return NULL;
@@ -262,7 +270,7 @@ eb_nats_job_start(EbNatsJob *j)
 {
 	if (eb_nats_conn == NULL || eb_js == NULL)
 	{
-		free(j);
+		job_destroy(j);
 		return false;
 	}
 	pthread_once(&cond_once, cond_init);
@@ -276,7 +284,7 @@ eb_nats_job_start(EbNatsJob *j)
 		pthread_mutex_lock(&job_mutex);
 		jobs_running--;
 		pthread_mutex_unlock(&job_mutex);
-		free(j);
+		job_destroy(j);
 		return false;
 	}
 	return true;
@@ -325,7 +333,7 @@ eb_nats_job_free(EbNatsJob *j)
 		j->abandoned = true;
 	pthread_mutex_unlock(&job_mutex);
 	if (done)
-		free(j);
+		job_destroy(j);
 }
 
 /*

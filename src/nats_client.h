@@ -48,7 +48,7 @@ typedef struct EbNatsJob
 	/* in */
 	EbNatsJobKind kind;
 	char		topic[EB_MAX_TOPIC + 1];
-	char		durable[256];	/* bind */
+	char	   *durable;		/* bind (malloc'd: a consumer group name has no length limit) */
 	bool		takeover;		/* bind: restart an existing durable at its ack floor + 1 */
 	int64		ack_wait_ns;	/* bind: the new consumer's settings */
 	int64		max_ack_pending;

@@ -115,21 +115,27 @@ void
 eb_nats_bind_sub(NatsSub *ns, bool takeover)
 {
 	EbNatsJob  *j;
+	char	   *durable;
 	StringInfoData body;
 
 	if (ns->bind_job != NULL)
 		return;					/* one at a time */
-	j = eb_nats_job_new(EB_NATS_JOB_BIND, ns->topic);
-	if (j == NULL)
-		return;
-	strlcpy(j->durable, ns->durable, sizeof(j->durable));
-	j->takeover = takeover;
-	j->ack_wait_ns = ACK_WAIT_NS;
-	j->max_ack_pending = MAX_ACK_PENDING;
 	initStringInfo(&body);
 	appendStringInfoString(&body, "{\"subject\":");
 	escape_json(&body, ns->topic);
 	appendStringInfoChar(&body, '}');
+	/* Out of memory: retried at the next subscription refresh. */
+	if ((durable = strdup(ns->durable)) == NULL)
+		return;
+	if ((j = eb_nats_job_new(EB_NATS_JOB_BIND, ns->topic)) == NULL)
+	{
+		free(durable);
+		return;
+	}
+	j->durable = durable;
+	j->takeover = takeover;
+	j->ack_wait_ns = ACK_WAIT_NS;
+	j->max_ack_pending = MAX_ACK_PENDING;
 	strlcpy(j->names_request, body.data, sizeof(j->names_request));
 	pfree(body.data);
 	if (eb_nats_job_start(j))
