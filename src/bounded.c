@@ -1,6 +1,7 @@
 /*
- * bounded.c — run a library teardown call with a deadline (and start the
- * helper threads that run library calls off a worker's main thread).
+ * bounded.c — library calls on helper threads: a teardown call with a
+ * deadline (eb_run_bounded), and calls the main thread starts and looks at
+ * later (eb_call_start: broker requests off a worker's main thread).
  *
  * Closing a broker client can block for as long as the library likes:
  * rd_kafka_destroy joins threads that wait for a group coordinator or a
@@ -24,28 +25,32 @@
 #include "bounded.h"
 #include "eventbus.h"
 
-typedef struct BoundedCall
+struct EbCall
 {
 	void		(*fn) (void *);
 	void	   *arg;
+	void		(*release) (void *);	/* frees arg once the call is forgotten */
+	bool		wake;			/* write to the wakeup pipe when done */
 	pthread_mutex_t mutex;
 	pthread_cond_t cond;
 	bool		done;
-	bool		abandoned;		/* the caller stopped waiting: helper frees */
-} BoundedCall;
+	bool		abandoned;		/* the caller forgot it: helper frees */
+};
 
 static void
-bounded_free(BoundedCall *c)
+call_free(EbCall *c)
 {
+	if (c->release)
+		c->release(c->arg);
 	pthread_cond_destroy(&c->cond);
 	pthread_mutex_destroy(&c->mutex);
 	free(c);
 }
 
 static void *
-bounded_main(void *p)
+call_main(void *p)
 {
-	BoundedCall *c = p;
+	EbCall	   *c = p;
 	bool		abandoned;
 
 	c->fn(c->arg);
@@ -55,7 +60,9 @@ bounded_main(void *p)
 	pthread_cond_signal(&c->cond);
 	pthread_mutex_unlock(&c->mutex);
 	if (abandoned)
-		bounded_free(c);
+		call_free(c);
+	else if (c->wake)
+		eb_wakeup_signal();
 	return NULL;
 }
 
@@ -110,6 +117,71 @@ eb_thread_start(void *(*main) (void *), void *arg)
 }
 
 /*
+ * Start fn(arg) on a helper thread; NULL (fn not run) if none could be
+ * started.  wake: the helper writes to the wakeup pipe when fn returns.
+ * The caller looks with eb_call_wait and ends with eb_call_forget, after
+ * which release(arg) runs (if given): at once if fn has returned, else on
+ * the helper when it does.
+ */
+EbCall *
+eb_call_start(void (*fn) (void *), void *arg, void (*release) (void *), bool wake)
+{
+	EbCall	   *c = malloc(sizeof(EbCall));
+
+	if (c == NULL)
+		return NULL;
+	c->fn = fn;
+	c->arg = arg;
+	c->release = release;
+	c->wake = wake;
+	c->done = false;
+	c->abandoned = false;
+	pthread_mutex_init(&c->mutex, NULL);
+	eb_cond_init_monotonic(&c->cond);
+	if (!eb_thread_start(call_main, c))
+	{
+		c->release = NULL;		/* the caller keeps arg */
+		call_free(c);
+		return NULL;
+	}
+	return c;
+}
+
+/* Wait at most timeout_ms (0: just look) for fn to return; true if it has. */
+bool
+eb_call_wait(EbCall *c, int timeout_ms)
+{
+	struct timespec deadline;
+	bool		done;
+
+	eb_deadline_after(&deadline, timeout_ms);
+	pthread_mutex_lock(&c->mutex);
+	while (!c->done && timeout_ms > 0)
+		if (pthread_cond_timedwait(&c->cond, &c->mutex, &deadline) != 0)
+			break;
+	done = c->done;
+	pthread_mutex_unlock(&c->mutex);
+	return done;
+}
+
+/* Done with the call: freed now if fn returned, else by its helper. */
+void
+eb_call_forget(EbCall *c)
+{
+	bool		done;
+
+	if (c == NULL)
+		return;
+	pthread_mutex_lock(&c->mutex);
+	done = c->done;
+	if (!done)
+		c->abandoned = true;
+	pthread_mutex_unlock(&c->mutex);
+	if (done)
+		call_free(c);
+}
+
+/*
  * Run fn(arg) and wait at most timeout_ms for it.  True if it finished;
  * false if it is still running (then it keeps running in the background
  * and the caller must not touch what it uses).  If no thread can be
@@ -118,8 +190,7 @@ eb_thread_start(void *(*main) (void *), void *arg)
 bool
 eb_run_bounded(void (*fn) (void *), void *arg, int timeout_ms)
 {
-	BoundedCall *c = malloc(sizeof(BoundedCall));
-	struct timespec deadline;
+	EbCall	   *c = eb_call_start(fn, arg, NULL, false);
 	bool		done;
 
 	if (c == NULL)
@@ -127,31 +198,7 @@ eb_run_bounded(void (*fn) (void *), void *arg, int timeout_ms)
 		fn(arg);
 		return true;
 	}
-	c->fn = fn;
-	c->arg = arg;
-	c->done = false;
-	c->abandoned = false;
-	pthread_mutex_init(&c->mutex, NULL);
-	eb_cond_init_monotonic(&c->cond);
-
-	if (!eb_thread_start(bounded_main, c))
-	{
-		bounded_free(c);
-		fn(arg);
-		return true;
-	}
-
-	eb_deadline_after(&deadline, timeout_ms);
-
-	pthread_mutex_lock(&c->mutex);
-	while (!c->done)
-		if (pthread_cond_timedwait(&c->cond, &c->mutex, &deadline) != 0)
-			break;
-	done = c->done;
-	if (!done)
-		c->abandoned = true;
-	pthread_mutex_unlock(&c->mutex);
-	if (done)
-		bounded_free(c);
+	done = eb_call_wait(c, timeout_ms);
+	eb_call_forget(c);
 	return done;
 }

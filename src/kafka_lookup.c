@@ -8,17 +8,14 @@
  * hangs.  On the dispatcher's main thread that stopped everything else for
  * as long: NATS consumption, the hand-over to the pool, acknowledgements
  * (on the launcher's, the NATS relay).  So each look-up runs on a helper
- * thread (librdkafka calls only, every signal blocked), one at a time per
- * process; the main thread starts it, is woken through the wakeup pipe
- * when it is over and takes the result at its next poll.
+ * thread (librdkafka calls only, every signal blocked: a bounded.c call),
+ * one at a time per process; the main thread starts it, is woken through
+ * the wakeup pipe when it is over and takes the result at its next poll.
  *
  * The helper uses the client it was given: eb_kafka_lookup_wait lets the
  * client's teardown wait (bounded) until no look-up uses it any more.
  */
 #include "postgres.h"
-
-#include <pthread.h>
-#include <time.h>
 
 #include "bounded.h"
 #include "eventbus.h"
@@ -33,125 +30,96 @@
 #define LOOKUP_TIMEOUT_MS	1000
 #define PROBE_TIMEOUT_MS	500
 
-static pthread_mutex_t lookup_mutex = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t lookup_cond;	/* on CLOCK_MONOTONIC: see cond_init */
-static pthread_once_t cond_once = PTHREAD_ONCE_INIT;
-
-static void
-cond_init(void)
-{
-	eb_cond_init_monotonic(&lookup_cond);
-}
-
-/* Guarded by lookup_mutex. */
-static struct
-{
-	bool		running;		/* a helper looks up */
-	rd_kafka_t *rk;				/* the running look-up's client */
-	char		topic[EB_MAX_TOPIC + 1];	/* its topic ("" = the cluster) */
-	/* Results not yet taken (a later one of the same kind replaces it). */
-	bool		probe_ready;
-	rd_kafka_resp_err_t probe_err;
-	bool		topic_ready;
-	char		topic_done[EB_MAX_TOPIC + 1];
-	rd_kafka_resp_err_t topic_err;
-	int			partitions;		/* -1: not in the answer, or its error */
-} lk;
-
-/* Helper thread: one metadata request, its outcome noted, the owner woken. */
-static void *
-lookup_main(void *arg)
+/* One look-up: what to ask, and (once its call is done) the answer. */
+typedef struct Lookup
 {
 	rd_kafka_t *rk;
-	char		topic[EB_MAX_TOPIC + 1];
+	char		topic[EB_MAX_TOPIC + 1];	/* "" = the cluster (probe) */
+	rd_kafka_resp_err_t err;
+	int			partitions;		/* -1: not in the answer, or its error */
+} Lookup;
+
+static Lookup *lookup = NULL;	/* the one started last, until taken */
+static EbCall *lookup_call = NULL;	/* where it runs (bounded.c) */
+
+/* Helper thread (eb_call_start): one metadata request. */
+static void
+lookup_run(void *arg)
+{
+	Lookup	   *l = arg;
 	rd_kafka_topic_t *rkt = NULL;
 	const struct rd_kafka_metadata *md = NULL;
-	rd_kafka_resp_err_t err;
-	int			partitions = -1;
 
-	pthread_mutex_lock(&lookup_mutex);
-	rk = lk.rk;
-	memcpy(topic, lk.topic, sizeof(topic));
-	pthread_mutex_unlock(&lookup_mutex);
-
-	if (topic[0] != '\0' && (rkt = rd_kafka_topic_new(rk, topic, NULL)) == NULL)
-		err = RD_KAFKA_RESP_ERR__INVALID_ARG;
+	l->partitions = -1;
+	if (l->topic[0] != '\0' && (rkt = rd_kafka_topic_new(l->rk, l->topic, NULL)) == NULL)
+		l->err = RD_KAFKA_RESP_ERR__INVALID_ARG;
 	else
-		err = rd_kafka_metadata(rk, 0, rkt, &md, rkt ? LOOKUP_TIMEOUT_MS : PROBE_TIMEOUT_MS);
-	if (err == RD_KAFKA_RESP_ERR_NO_ERROR)
+		l->err = rd_kafka_metadata(l->rk, 0, rkt, &md, rkt ? LOOKUP_TIMEOUT_MS : PROBE_TIMEOUT_MS);
+	if (l->err == RD_KAFKA_RESP_ERR_NO_ERROR)
 	{
 		for (int i = 0; rkt != NULL && i < md->topic_cnt; i++)
-			if (strcmp(md->topics[i].topic, topic) == 0 &&
+			if (strcmp(md->topics[i].topic, l->topic) == 0 &&
 				md->topics[i].err == RD_KAFKA_RESP_ERR_NO_ERROR)
-				partitions = md->topics[i].partition_cnt;
+				l->partitions = md->topics[i].partition_cnt;
 		rd_kafka_metadata_destroy(md);
 	}
 	if (rkt != NULL)
 		rd_kafka_topic_destroy(rkt);
-
-	pthread_mutex_lock(&lookup_mutex);
-	if (topic[0] == '\0')
-	{
-		lk.probe_ready = true;
-		lk.probe_err = err;
-	}
-	else
-	{
-		lk.topic_ready = true;
-		memcpy(lk.topic_done, topic, sizeof(topic));
-		lk.topic_err = err;
-		lk.partitions = partitions;
-	}
-	lk.running = false;
-	lk.rk = NULL;
-	pthread_cond_broadcast(&lookup_cond);
-	pthread_mutex_unlock(&lookup_mutex);
-	eb_wakeup_signal();
-	return NULL;
 }
 
 /*
  * Start looking up topic's partitions (NULL: whether the cluster answers)
- * with client rk.  False if a look-up is still running (ask again later).
+ * with client rk.  False if a look-up is still running or its outcome not
+ * taken yet (ask again later).  The main thread is woken when it is over.
  */
 bool
 eb_kafka_lookup_start(rd_kafka_t *rk, const char *topic)
 {
-	bool		started = false;
+	Lookup	   *l;
 
-	pthread_once(&cond_once, cond_init);
-	pthread_mutex_lock(&lookup_mutex);
-	if (!lk.running)
+	if (lookup_call != NULL || (l = calloc(1, sizeof(Lookup))) == NULL)
+		return false;
+	l->rk = rk;
+	strlcpy(l->topic, topic ? topic : "", sizeof(l->topic));
+	if ((lookup_call = eb_call_start(lookup_run, l, free, true)) == NULL)
 	{
-		lk.running = true;
-		lk.rk = rk;
-		strlcpy(lk.topic, topic ? topic : "", sizeof(lk.topic));
-		started = true;
+		free(l);
+		return false;
 	}
-	pthread_mutex_unlock(&lookup_mutex);
-	if (started && !eb_thread_start(lookup_main, NULL))
-	{
-		pthread_mutex_lock(&lookup_mutex);
-		lk.running = false;
-		lk.rk = NULL;
-		pthread_mutex_unlock(&lookup_mutex);
-		started = false;
-	}
-	return started;
+	lookup = l;
+	return true;
+}
+
+/* The finished look-up, if it is one of this kind (probe or not); else NULL. */
+static Lookup *
+finished(bool probe)
+{
+	if (lookup_call == NULL || (lookup->topic[0] == '\0') != probe ||
+		!eb_call_wait(lookup_call, 0))
+		return NULL;
+	return lookup;
+}
+
+/* Let the finished look-up go (its Lookup is freed with the call). */
+static void
+taken(void)
+{
+	eb_call_forget(lookup_call);
+	lookup_call = NULL;
+	lookup = NULL;
 }
 
 /* Take the cluster probe's outcome, if one came: true, and *err set. */
 bool
 eb_kafka_lookup_probe_result(rd_kafka_resp_err_t *err)
 {
-	bool		ready;
+	Lookup	   *l = finished(true);
 
-	pthread_mutex_lock(&lookup_mutex);
-	ready = lk.probe_ready;
-	*err = lk.probe_err;
-	lk.probe_ready = false;
-	pthread_mutex_unlock(&lookup_mutex);
-	return ready;
+	if (l == NULL)
+		return false;
+	*err = l->err;
+	taken();
+	return true;
 }
 
 /*
@@ -162,41 +130,30 @@ eb_kafka_lookup_probe_result(rd_kafka_resp_err_t *err)
 bool
 eb_kafka_lookup_topic_result(char *topic, rd_kafka_resp_err_t *err, int *partitions)
 {
-	bool		ready;
+	Lookup	   *l = finished(false);
 
-	pthread_mutex_lock(&lookup_mutex);
-	ready = lk.topic_ready;
-	if (ready)
-	{
-		memcpy(topic, lk.topic_done, EB_MAX_TOPIC + 1);
-		*err = lk.topic_err;
-		*partitions = lk.partitions;
-	}
-	lk.topic_ready = false;
-	pthread_mutex_unlock(&lookup_mutex);
-	return ready;
+	if (l == NULL)
+		return false;
+	memcpy(topic, l->topic, EB_MAX_TOPIC + 1);
+	*err = l->err;
+	*partitions = l->partitions;
+	taken();
+	return true;
 }
 
 /*
  * Before rk is destroyed: wait until no look-up uses it, at most a
- * look-up's own timeout and a little.  Results not taken are dropped.
+ * look-up's own timeout and a little.  An outcome not taken is dropped.
  * False if one still runs (the caller must then leave rk alone).
  */
 bool
 eb_kafka_lookup_wait(rd_kafka_t *rk)
 {
-	struct timespec deadline;
 	bool		idle;
 
-	pthread_once(&cond_once, cond_init);
-	eb_deadline_after(&deadline, LOOKUP_TIMEOUT_MS + 1000);
-	pthread_mutex_lock(&lookup_mutex);
-	while (lk.running && lk.rk == rk)
-		if (pthread_cond_timedwait(&lookup_cond, &lookup_mutex, &deadline) != 0)
-			break;
-	idle = !(lk.running && lk.rk == rk);
-	lk.probe_ready = false;
-	lk.topic_ready = false;
-	pthread_mutex_unlock(&lookup_mutex);
+	if (lookup_call == NULL || lookup->rk != rk)
+		return true;
+	idle = eb_call_wait(lookup_call, LOOKUP_TIMEOUT_MS + 1000);
+	taken();
 	return idle;
 }

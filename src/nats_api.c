@@ -13,8 +13,9 @@
  * the wakeup pipe when it is over, and takes its outcome.
  *
  * A job uses the process's connection and JetStream context, and is
- * malloc'd: whichever side finishes last frees it (a job given up by the
- * main thread, e.g. its subscription released, is freed by its helper).
+ * malloc'd, run as a bounded.c call: whichever side finishes last frees it
+ * (a job given up by the main thread, e.g. its subscription released, is
+ * freed by its helper).
  * eb_nats_jobs_wait lets the connection's teardown wait (bounded) until no
  * job uses it any more.
  */
@@ -216,33 +217,25 @@ job_bind(EbNatsJob *j)
 
 /* Free a job and what it owns. */
 static void
-job_destroy(EbNatsJob *j)
+job_destroy(void *arg)
 {
+	EbNatsJob  *j = arg;
+
 	free(j->durable);
 	free(j);
 }
 
-/* Helper thread: run the job, note it done, wake the owner (or free it). */
-static void *
-job_main(void *arg)
+/* Helper thread (eb_call_start): run the job; the connection is free again after. */
+static void
+job_run(void *arg)
 {
 	EbNatsJob  *j = arg;
-	bool		ok;
-	bool		abandoned;
 
-	ok = j->kind == EB_NATS_JOB_STREAM ? job_stream(j) : job_bind(j);
+	j->ok = j->kind == EB_NATS_JOB_STREAM ? job_stream(j) : job_bind(j);
 	pthread_mutex_lock(&job_mutex);
-	j->ok = ok;
-	j->done = true;
-	abandoned = j->abandoned;
 	jobs_running--;
 	pthread_cond_broadcast(&job_cond);
 	pthread_mutex_unlock(&job_mutex);
-	if (abandoned)
-		job_destroy(j);
-	else
-		eb_wakeup_signal();
-	return NULL;
 }
 
 /*
@@ -262,8 +255,9 @@ eb_nats_job_new(EbNatsJobKind kind, const char *topic)
 }
 
 /*
- * Start a job on a helper thread with the process's connection.  False
- * (and the job freed) if not connected or no thread could be started.
+ * Start a job on a helper thread with the process's connection; the
+ * dispatcher or relay is woken when it is over.  False (and the job freed)
+ * if not connected or no thread could be started.
  */
 bool
 eb_nats_job_start(EbNatsJob *j)
@@ -279,7 +273,7 @@ eb_nats_job_start(EbNatsJob *j)
 	pthread_mutex_lock(&job_mutex);
 	jobs_running++;
 	pthread_mutex_unlock(&job_mutex);
-	if (!eb_thread_start(job_main, j))
+	if ((j->call = eb_call_start(job_run, j, job_destroy, true)) == NULL)
 	{
 		pthread_mutex_lock(&job_mutex);
 		jobs_running--;
@@ -294,46 +288,22 @@ eb_nats_job_start(EbNatsJob *j)
 bool
 eb_nats_job_done(EbNatsJob *j)
 {
-	bool		done;
-
-	pthread_mutex_lock(&job_mutex);
-	done = j->done;
-	pthread_mutex_unlock(&job_mutex);
-	return done;
+	return eb_call_wait(j->call, 0);
 }
 
 /* Wait at most timeout_ms for the job to be over; true if it is. */
 bool
 eb_nats_job_wait(EbNatsJob *j, int timeout_ms)
 {
-	struct timespec deadline;
-	bool		done;
-
-	eb_deadline_after(&deadline, timeout_ms);
-	pthread_mutex_lock(&job_mutex);
-	while (!j->done)
-		if (pthread_cond_timedwait(&job_cond, &job_mutex, &deadline) != 0)
-			break;
-	done = j->done;
-	pthread_mutex_unlock(&job_mutex);
-	return done;
+	return eb_call_wait(j->call, timeout_ms);
 }
 
-/* Free a job, or (still running) leave it to its helper to free. */
+/* Free a started job, or (still running) leave it to its helper to free. */
 void
 eb_nats_job_free(EbNatsJob *j)
 {
-	bool		done;
-
-	if (j == NULL)
-		return;
-	pthread_mutex_lock(&job_mutex);
-	done = j->done;
-	if (!done)
-		j->abandoned = true;
-	pthread_mutex_unlock(&job_mutex);
-	if (done)
-		job_destroy(j);
+	if (j != NULL)
+		eb_call_forget(j->call);
 }
 
 /*

@@ -63,8 +63,7 @@ typedef struct EbNatsJob
 	/* the helper's */
 	natsConnection *nc;
 	jsCtx	   *js;
-	bool		done;
-	bool		abandoned;
+	struct EbCall *call;		/* bounded.c: where it runs */
 } EbNatsJob;
 
 extern bool eb_nats_error_permanent(natsStatus s, int jerr);
