@@ -16,9 +16,62 @@
 #include "utils/datetime.h"
 #include "utils/json.h"
 #include "utils/memutils.h"
+#include "utils/numeric.h"
 #include "utils/timestamp.h"
 
 #include "envelope.h"
+
+/*
+ * The user headers of an outbox row (a jsonb object) into ev's header
+ * arrays, in jsonb's key order, each value as jsonb_each_text gives it: a
+ * string's text, a number or boolean written out, a null as "" and a nested
+ * value as its JSON text.  Returns the index of the first value that is not
+ * a string, number or boolean (-1: none), for eventbus_publish to refuse.
+ */
+int
+eb_event_headers_from_jsonb(Jsonb *headers, EbEvent *ev)
+{
+	JsonbIterator *it;
+	JsonbValue	v;
+	JsonbIteratorToken tok;
+	int			n = 0;
+	int			bad = -1;
+	int			count = JB_ROOT_IS_OBJECT(headers) ? JB_ROOT_COUNT(headers) : 0;
+
+	ev->header_names = palloc(sizeof(char *) * Max(count, 1));
+	ev->header_values = palloc(sizeof(char *) * Max(count, 1));
+	ev->nheaders = 0;
+	if (count == 0)
+		return -1;
+
+	it = JsonbIteratorInit(&headers->root);
+	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
+	{
+		if (tok == WJB_KEY)
+			ev->header_names[n] = pnstrdup(v.val.string.val, v.val.string.len);
+		else if (tok == WJB_VALUE)
+		{
+			char	   *value;
+
+			if (v.type == jbvString)
+				value = pnstrdup(v.val.string.val, v.val.string.len);
+			else if (v.type == jbvNumeric)
+				value = DatumGetCString(DirectFunctionCall1(numeric_out, NumericGetDatum(v.val.numeric)));
+			else if (v.type == jbvBool)
+				value = pstrdup(v.val.boolean ? "true" : "false");
+			else
+			{
+				if (bad < 0)
+					bad = n;
+				value = v.type == jbvBinary ?
+					JsonbToCString(NULL, v.val.binary.data, v.val.binary.len) : pstrdup("");
+			}
+			ev->header_values[n++] = value;
+		}
+	}
+	ev->nheaders = n;
+	return bad;
+}
 
 /*
  * Name/value headers (text in the database encoding) as a jsonb object, NULL

@@ -59,6 +59,7 @@ typedef struct EbEvent
 
 /* envelope.c */
 extern Jsonb *eb_headers_jsonb(int n, char **names, char **values);
+extern int	eb_event_headers_from_jsonb(Jsonb *headers, EbEvent *ev);
 extern void eb_validate_topic(const char *topic);
 extern void eb_validate_aggregate_id(const char *aggregate_id);
 extern void eb_uuidv7(unsigned char out[16]);

@@ -103,12 +103,8 @@ reserved_header(const char *name)
 static void
 validate_headers(Jsonb *headers, EbEvent *ev)
 {
-	JsonbIterator *it;
-	JsonbValue	v;
-	JsonbIteratorToken tok;
-	char	   *name = NULL;
-	int			n = 0;
 	Size		bytes = 0;
+	int			bad;
 
 	if (!JB_ROOT_IS_OBJECT(headers))
 		ereport(ERROR,
@@ -119,62 +115,44 @@ validate_headers(Jsonb *headers, EbEvent *ev)
 				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
 				 errmsg("headers: too many headers"),
 				 errdetail("There are %u; the limit is %d.", JB_ROOT_COUNT(headers), EB_MAX_USER_HEADERS)));
-	ev->header_names = palloc(sizeof(char *) * Max(JB_ROOT_COUNT(headers), 1));
-	ev->header_values = palloc(sizeof(char *) * Max(JB_ROOT_COUNT(headers), 1));
+	bad = eb_event_headers_from_jsonb(headers, ev);
 
-	it = JsonbIteratorInit(&headers->root);
-	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
+	for (int i = 0; i < ev->nheaders; i++)
 	{
-		if (tok == WJB_KEY)
-		{
-			name = pnstrdup(v.val.string.val, v.val.string.len);
-			if (name[0] == '\0')
-				ereport(ERROR,
-						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-						 errmsg("headers: a header name must not be empty")));
-			if (strlen(name) > EB_MAX_HEADER_NAME)
-				ereport(ERROR,
-						(errcode(ERRCODE_STRING_DATA_RIGHT_TRUNCATION),
-						 errmsg("headers: a header name is too long"),
-						 errdetail("It is %zu bytes; the limit is %d.", strlen(name), EB_MAX_HEADER_NAME)));
-			for (const char *p = name; *p; p++)
-				if ((unsigned char) *p <= 0x20 || (unsigned char) *p >= 0x7f || *p == ':')
-					ereport(ERROR,
-							(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-							 errmsg("headers: invalid header name \"%s\"", name),
-							 errhint("Header names are printable ASCII without spaces or ':'.")));
-			if (reserved_header(name))
-				ereport(ERROR,
-						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-						 errmsg("headers: header \"%s\" is reserved", name),
-						 errdetail("eventbus sets the X-Event-*, X-Aggregate-ID, X-Trace-ID, X-Correlation-ID, X-Tenant-ID and Nats-* headers itself.")));
-		}
-		else if (tok == WJB_VALUE)
-		{
-			char	   *value;
+		const char *name = ev->header_names[i];
 
-			if (v.type == jbvString)
-				value = pnstrdup(v.val.string.val, v.val.string.len);
-			else if (v.type == jbvNumeric)
-				value = DatumGetCString(DirectFunctionCall1(numeric_out, NumericGetDatum(v.val.numeric)));
-			else if (v.type == jbvBool)
-				value = pstrdup(v.val.boolean ? "true" : "false");
-			else
+		if (name[0] == '\0')
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("headers: a header name must not be empty")));
+		if (strlen(name) > EB_MAX_HEADER_NAME)
+			ereport(ERROR,
+					(errcode(ERRCODE_STRING_DATA_RIGHT_TRUNCATION),
+					 errmsg("headers: a header name is too long"),
+					 errdetail("It is %zu bytes; the limit is %d.", strlen(name), EB_MAX_HEADER_NAME)));
+		for (const char *p = name; *p; p++)
+			if ((unsigned char) *p <= 0x20 || (unsigned char) *p >= 0x7f || *p == ':')
 				ereport(ERROR,
 						(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-						 errmsg("headers: value of \"%s\" must be a string, number or boolean", name)));
-			validate_header_text("headers", value);
-			bytes += strlen(name) + strlen(value);
-			ev->header_names[n] = name;
-			ev->header_values[n++] = value;
-		}
+						 errmsg("headers: invalid header name \"%s\"", name),
+						 errhint("Header names are printable ASCII without spaces or ':'.")));
+		if (reserved_header(name))
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("headers: header \"%s\" is reserved", name),
+					 errdetail("eventbus sets the X-Event-*, X-Aggregate-ID, X-Trace-ID, X-Correlation-ID, X-Tenant-ID and Nats-* headers itself.")));
+		if (i == bad)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("headers: value of \"%s\" must be a string, number or boolean", name)));
+		validate_header_text("headers", ev->header_values[i]);
+		bytes += strlen(name) + strlen(ev->header_values[i]);
 	}
 	if (bytes > EB_MAX_USER_HEADER_BYTES)
 		ereport(ERROR,
 				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
 				 errmsg("headers are too large"),
 				 errdetail("Names and values take %zu bytes; the limit is %d.", bytes, EB_MAX_USER_HEADER_BYTES)));
-	ev->nheaders = n;
 }
 
 /* Decimal digits of a positive version number. */

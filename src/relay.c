@@ -106,8 +106,8 @@ typedef struct Round
 #define LONG_CHAIN	16
 
 static Round rounds[EB_NTRANSPORTS];
-static SPIPlanPtr select_plan[EB_NTRANSPORTS];
-static SPIPlanPtr select_held_plan[EB_NTRANSPORTS];
+/* The read's plans: [transport][held variant][with the backoff filter]. */
+static SPIPlanPtr read_plan[EB_NTRANSPORTS][2][2];
 static SPIPlanPtr delete_plan = NULL;
 static SPIPlanPtr fail_plan = NULL;
 
@@ -119,27 +119,26 @@ static SPIPlanPtr fail_plan = NULL;
  * literal (%s), one plan per transport: kept plans are generic, and a
  * generic plan for "transport = $1" cannot tell from the statistics that
  * one transport has a large backlog (the other's broker down) and would
- * walk it, in id order, at every round of the other.  The header arrays
- * are built only for rows that have headers: most have none, and each
- * sub-select costs a rescan per row even for NULL.
+ * walk it, in id order, at every round of the other.  No aggregate backs
+ * off most of the time: then a plan without that filter is used, and the
+ * headers are read as jsonb and split in C (row_to_event).  A round pays
+ * for every sub-select and function scan of its read when the executor
+ * starts, rows or not: they had been a third of the relay's CPU at one
+ * event per round.
  */
 #define SELECT_COLS \
 	"SELECT id, event_id::text, topic, aggregate_id, event_type, event_version," \
-	" occurred_at, trace_id, correlation_id, tenant_id, payload::text," \
-	" CASE WHEN headers IS NOT NULL THEN" \
-	"  (SELECT pg_catalog.array_agg(key ORDER BY key) FROM pg_catalog.jsonb_each_text(headers)) END," \
-	" CASE WHEN headers IS NOT NULL THEN" \
-	"  (SELECT pg_catalog.array_agg(value ORDER BY key) FROM pg_catalog.jsonb_each_text(headers)) END,"
-#define SELECT_WHERE \
-	" FROM eventbus.outbox o WHERE transport OPERATOR(pg_catalog.=) %s" \
-	" AND NOT EXISTS (SELECT 1 FROM ROWS FROM (pg_catalog.unnest($2::pg_catalog.text[]), pg_catalog.unnest($3::pg_catalog.text[])) b (t, a)" \
-	"  WHERE b.t OPERATOR(pg_catalog.=) o.topic AND b.a OPERATOR(pg_catalog.=) o.aggregate_id)" \
-	" AND id OPERATOR(pg_catalog.>) $4 ORDER BY id LIMIT $1"
-#define SELECT_SQL SELECT_COLS " false" SELECT_WHERE
-#define SELECT_HELD_SQL SELECT_COLS \
+	" occurred_at, trace_id, correlation_id, tenant_id, payload::text, headers,"
+#define SELECT_HELD \
 	" EXISTS (SELECT 1 FROM eventbus.undeliverable u WHERE u.transport OPERATOR(pg_catalog.=) o.transport" \
-	"  AND u.topic OPERATOR(pg_catalog.=) o.topic AND u.aggregate_id OPERATOR(pg_catalog.=) o.aggregate_id)" \
-	SELECT_WHERE
+	"  AND u.topic OPERATOR(pg_catalog.=) o.topic AND u.aggregate_id OPERATOR(pg_catalog.=) o.aggregate_id)"
+#define SELECT_FROM \
+	" FROM eventbus.outbox o WHERE transport OPERATOR(pg_catalog.=) %s"
+#define SELECT_BACKOFF \
+	" AND NOT EXISTS (SELECT 1 FROM ROWS FROM (pg_catalog.unnest($2::pg_catalog.text[]), pg_catalog.unnest($3::pg_catalog.text[])) b (t, a)" \
+	"  WHERE b.t OPERATOR(pg_catalog.=) o.topic AND b.a OPERATOR(pg_catalog.=) o.aggregate_id)"
+#define SELECT_ORDER \
+	" AND id OPERATOR(pg_catalog.>) $4 ORDER BY id LIMIT $1"
 #define DELETE_SQL "DELETE FROM eventbus.outbox WHERE id OPERATOR(pg_catalog.=) ANY ($1)"
 #define FAIL_SQL \
 	"UPDATE eventbus.outbox o SET attempts = o.attempts OPERATOR(pg_catalog.+) 1, last_error = f.error" \
@@ -222,32 +221,12 @@ relay_ack(int transport, int slot, EbDelivery result, const char *err)
 		r->errors[slot] = MemoryContextStrdup(r->cxt, err ? err : "unknown error");
 }
 
-/* Read a text[] column into a C array of strings. */
-static int
-text_array(Datum d, bool isnull, char ***out)
-{
-	Datum	   *elems;
-	bool	   *nulls;
-	int			n;
-
-	*out = NULL;
-	if (isnull)
-		return 0;
-	deconstruct_array(DatumGetArrayTypeP(d), TEXTOID, -1, false, TYPALIGN_INT,
-					  &elems, &nulls, &n);
-	*out = palloc(sizeof(char *) * n);
-	for (int i = 0; i < n; i++)
-		(*out)[i] = nulls[i] ? pstrdup("") : TextDatumGetCString(elems[i]);
-	return n;
-}
-
 /* Copy one outbox row into an event (in the current memory context). */
 static void
 row_to_event(HeapTuple tup, TupleDesc desc, EbEvent *ev)
 {
 	bool		isnull;
 	Datum		d;
-	int			nvalues;
 
 	memset(ev, 0, sizeof(EbEvent));
 	ev->outbox_id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
@@ -264,11 +243,8 @@ row_to_event(HeapTuple tup, TupleDesc desc, EbEvent *ev)
 	ev->tenant_id = isnull ? 0 : DatumGetInt32(d);
 	ev->payload = SPI_getvalue(tup, desc, 11);
 	d = SPI_getbinval(tup, desc, 12, &isnull);
-	ev->nheaders = text_array(d, isnull, &ev->header_names);
-	d = SPI_getbinval(tup, desc, 13, &isnull);
-	nvalues = text_array(d, isnull, &ev->header_values);
-	Assert(nvalues == ev->nheaders);
-	(void) nvalues;
+	if (!isnull)
+		(void) eb_event_headers_from_jsonb(DatumGetJsonbP(d), ev);
 	eb_event_to_utf8(ev);
 }
 
@@ -280,14 +256,14 @@ row_to_event(HeapTuple tup, TupleDesc desc, EbEvent *ev)
  * only).
  */
 static int
-read_rows(int t, Round *r, int64 after, Datum topics, Datum aggregates,
+read_rows(int t, Round *r, int64 after, int nbackoff, Datum topics, Datum aggregates,
 		  EbEvent **events, bool **held)
 {
 	Oid			argtypes[4] = {INT4OID, TEXTARRAYOID, TEXTARRAYOID, INT8OID};
 	Datum		args[4];
 	int			n;
 	MemoryContext old;
-	SPIPlanPtr *keep = r->undeliverable ? &select_held_plan[t] : &select_plan[t];
+	SPIPlanPtr *keep = &read_plan[t][r->undeliverable][nbackoff > 0];
 
 	args[0] = Int32GetDatum(eb_relay_batch_size);
 	args[1] = topics;
@@ -295,8 +271,10 @@ read_rows(int t, Round *r, int64 after, Datum topics, Datum aggregates,
 	args[3] = Int64GetDatum(after);
 	if (*keep == NULL)
 	{
-		char	   *sql = psprintf(r->undeliverable ? SELECT_HELD_SQL : SELECT_SQL,
-								   quote_literal_cstr(eb_transport_name(t)));
+		char	   *sql = psprintf(SELECT_COLS "%s" SELECT_FROM "%s" SELECT_ORDER,
+								   r->undeliverable ? SELECT_HELD : " false",
+								   quote_literal_cstr(eb_transport_name(t)),
+								   nbackoff > 0 ? SELECT_BACKOFF : "");
 
 		(void) eb_keep_plan(keep, sql, 4, argtypes);
 		pfree(sql);
@@ -314,7 +292,7 @@ read_rows(int t, Round *r, int64 after, Datum topics, Datum aggregates,
 
 		row_to_event(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, &(*events)[i]);
 		(*held)[i] = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc,
-												14, &isnull));
+												13, &isnull));
 	}
 	MemoryContextSwitchTo(old);
 	SPI_freetuptable(SPI_tuptable);
@@ -345,11 +323,12 @@ fetch_batch(int t, Round *r, EbEvent **events, bool **held, TimestampTz *earlies
 	Datum		topics;
 	Datum		aggregates;
 	int			n;
+	int			nb;
 	TimestampTz now = GetCurrentTimestamp();
 
-	eb_backoff_arrays(r->backoff, now, NULL, 0, &topics, &aggregates, earliest,
+	nb = eb_backoff_arrays(r->backoff, now, NULL, 0, &topics, &aggregates, earliest,
 					  &r->floor.excluded_from);
-	n = read_rows(t, r, r->floor.floor, topics, aggregates, events, held);
+	n = read_rows(t, r, r->floor.floor, nb, topics, aggregates, events, held);
 	r->floor.read_end = n == eb_relay_batch_size ? (*events)[n - 1].outbox_id : PG_INT64_MAX;
 
 	if (n == eb_relay_batch_size && eb_transport(t)->one_per_aggregate &&
@@ -368,8 +347,8 @@ fetch_batch(int t, Round *r, EbEvent **events, bool **held, TimestampTz *earlies
 			bool	   *more_held;
 			int			m;
 
-			eb_backoff_arrays(r->backoff, now, heads, nlong, &topics, &aggregates, &ignored, &ignored_id);
-			m = read_rows(t, r, (*events)[n - 1].outbox_id, topics, aggregates, &more, &more_held);
+			nb = eb_backoff_arrays(r->backoff, now, heads, nlong, &topics, &aggregates, &ignored, &ignored_id);
+			m = read_rows(t, r, (*events)[n - 1].outbox_id, nb, topics, aggregates, &more, &more_held);
 			if (m > 0)
 			{
 				*events = repalloc(*events, sizeof(EbEvent) * (n + m));

@@ -39,7 +39,7 @@ extern long eb_relay_step(void);
 /* relay_keys.c: the relay's per-(topic, aggregate) bookkeeping */
 extern HTAB *eb_backoff_create(void);
 extern void eb_backoff_clear(HTAB *backoff);
-extern void eb_backoff_arrays(HTAB *backoff, TimestampTz now, const EbEvent *extra, int nextra,
+extern int	eb_backoff_arrays(HTAB *backoff, TimestampTz now, const EbEvent *extra, int nextra,
 							  Datum *topics, Datum *aggregates, TimestampTz *earliest,
 							  int64 *first_id);
 extern void eb_backoff_fail(HTAB *backoff, const EbEvent *ev);

@@ -73,9 +73,9 @@ event_key(const EbEvent *ev, char *key)
  * first moment a backed-off one may be retried (0: none) and *first_id to
  * the lowest outbox id of the rows left out that way (PG_INT64_MAX: none).
  * Reads of one round pass the same now: an aggregate left out of one must
- * be left out of the others.
+ * be left out of the others.  Returns how many aggregates the arrays hold.
  */
-void
+int
 eb_backoff_arrays(HTAB *backoff, TimestampTz now, const EbEvent *extra, int nextra,
 				  Datum *topics, Datum *aggregates, TimestampTz *earliest, int64 *first_id)
 {
@@ -112,6 +112,7 @@ eb_backoff_arrays(HTAB *backoff, TimestampTz now, const EbEvent *extra, int next
 	}
 	*topics = PointerGetDatum(construct_array(t, k, TEXTOID, -1, false, TYPALIGN_INT));
 	*aggregates = PointerGetDatum(construct_array(a, k, TEXTOID, -1, false, TYPALIGN_INT));
+	return k;
 }
 
 /* A transient failure of an aggregate's event: back off that aggregate. */
