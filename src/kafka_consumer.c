@@ -37,6 +37,7 @@
 
 #define RECHECK_MS		30000	/* look for partitions added to a topic */
 #define RETRY_MS		1000	/* topic not there yet, or broker slow */
+#define STATUS_SNAPSHOT_MS 10	/* one assignment snapshot serves a status report */
 
 /* The dispatcher's handle on one message. */
 typedef struct KafkaToken
@@ -64,6 +65,8 @@ static bool shared = false;		/* consumer_mode = shared: kafka_group.c assigns */
 static MemoryContext token_cxt = NULL;
 static rd_kafka_resp_err_t commit_error = RD_KAFKA_RESP_ERR_NO_ERROR;
 static EbDeliverFn deliver_fn = NULL;	/* the dispatcher's */
+static rd_kafka_topic_partition_list_t *status_list = NULL; /* status_assignment */
+static TimestampTz status_at = 0;
 
 /* Start tracking a partition's messages (nothing if it is tracked already). */
 EbKafkaPart *
@@ -612,17 +615,50 @@ eb_kafka_consumer_pause(bool pause)
 	rd_kafka_topic_partition_list_destroy(list);
 }
 
+/* Drop the status snapshot. */
+static void
+status_forget(void)
+{
+	if (status_list != NULL)
+		rd_kafka_topic_partition_list_destroy(status_list);
+	status_list = NULL;
+}
+
+/*
+ * The assignment with each partition's position, taken once for a status
+ * report: the dispatcher asks for every subscription's lag and share in one
+ * go, and a copy of the whole assignment and a position look-up of each of
+ * its partitions per subscription cost subscriptions x partitions look-ups
+ * under librdkafka's locks, ten times a second.  NULL when unknown.
+ */
+static rd_kafka_topic_partition_list_t *
+status_assignment(void)
+{
+	TimestampTz now = GetCurrentTimestamp();
+
+	if (status_list != NULL && now < TimestampTzPlusMilliseconds(status_at, STATUS_SNAPSHOT_MS))
+		return status_list;
+	status_forget();
+	if (eb_kafka == NULL || rd_kafka_assignment(eb_kafka, &status_list) != RD_KAFKA_RESP_ERR_NO_ERROR)
+	{
+		status_list = NULL;
+		return NULL;
+	}
+	rd_kafka_position(eb_kafka, status_list);
+	status_at = now;
+	return status_list;
+}
+
 /* Messages of topic not yet fetched (from cached watermarks), -1 if unknown. */
 int64
 eb_kafka_consumer_lag(const char *topic)
 {
-	rd_kafka_topic_partition_list_t *list = NULL;
+	rd_kafka_topic_partition_list_t *list = status_assignment();
 	int64		lag = 0;
 	bool		known = false;
 
-	if (eb_kafka == NULL || rd_kafka_assignment(eb_kafka, &list) != RD_KAFKA_RESP_ERR_NO_ERROR)
+	if (list == NULL)
 		return -1;
-	rd_kafka_position(eb_kafka, list);
 	for (int i = 0; i < list->cnt; i++)
 	{
 		int64_t		lo,
@@ -637,7 +673,6 @@ eb_kafka_consumer_lag(const char *topic)
 			known = true;
 		}
 	}
-	rd_kafka_topic_partition_list_destroy(list);
 	return known ? lag : -1;
 }
 
@@ -645,15 +680,14 @@ eb_kafka_consumer_lag(const char *topic)
 int
 eb_kafka_consumer_share(const char *topic)
 {
-	rd_kafka_topic_partition_list_t *list = NULL;
+	rd_kafka_topic_partition_list_t *list = status_assignment();
 	int			n = 0;
 
-	if (eb_kafka == NULL || rd_kafka_assignment(eb_kafka, &list) != RD_KAFKA_RESP_ERR_NO_ERROR)
+	if (list == NULL)
 		return -1;
 	for (int i = 0; i < list->cnt; i++)
 		if (strcmp(list->elems[i].topic, topic) == 0)
 			n++;
-	rd_kafka_topic_partition_list_destroy(list);
 	return n;
 }
 
@@ -661,6 +695,7 @@ eb_kafka_consumer_share(const char *topic)
 void
 eb_kafka_consumer_stop(void)
 {
+	status_forget();
 	if (shared)
 		eb_kafka_group_stop();
 	eb_kafka_client_stop();
