@@ -164,10 +164,26 @@ typedef struct RoleDefaults
 {
 	Oid			role;
 	Datum		arrays[4];		/* ALTER ROLE ALL, DATABASE, ROLE, ROLE IN DATABASE */
+	bool		sets_search_path;	/* one of them sets search_path */
 } RoleDefaults;
 
 static List *defaults_cache = NIL;	/* in TopTransactionContext */
 static LocalTransactionId defaults_lxid = InvalidLocalTransactionId;
+
+/* Does a setconfig array ("name=value" items) set search_path? */
+static bool
+array_sets_search_path(ArrayType *a)
+{
+	Datum	   *items;
+	bool	   *nulls;
+	int			n;
+
+	deconstruct_array(a, TEXTOID, -1, false, TYPALIGN_INT, &items, &nulls, &n);
+	for (int i = 0; i < n; i++)
+		if (!nulls[i] && pg_strncasecmp(TextDatumGetCString(items[i]), "search_path=", 12) == 0)
+			return true;
+	return false;
+}
 
 /* Read role's rows of pg_db_role_setting that apply in this database. */
 static RoleDefaults *
@@ -213,6 +229,9 @@ read_role_defaults(Oid role)
 	systable_endscan(scan);
 	table_close(rel, AccessShareLock);
 	UnregisterSnapshot(snap);
+	for (int i = 0; i < 4; i++)
+		rd->sets_search_path |= rd->arrays[i] != (Datum) 0 &&
+			array_sets_search_path(DatumGetArrayTypeP(rd->arrays[i]));
 	defaults_cache = lappend(defaults_cache, rd);
 	MemoryContextSwitchTo(old);
 	return rd;
@@ -225,26 +244,37 @@ read_role_defaults(Oid role)
  * DATABASE.
  */
 static void
-apply_role_defaults(Oid role)
+apply_role_defaults(RoleDefaults *rd)
 {
-	RoleDefaults *rd = read_role_defaults(role);
-
 	for (int i = 0; i < 4; i++)
 		if (rd->arrays[i] != (Datum) 0)
 			ProcessGUCArray(DatumGetArrayTypeP(rd->arrays[i]), PGC_SUSET, PGC_S_SESSION,
 							GUC_ACTION_SET);
 }
 
+/* Set search_path to sp, with pg_temp last unless sp places it. */
+static void
+set_handler_search_path(const char *sp)
+{
+	if (strstr(sp, "pg_temp") == NULL)
+		sp = psprintf("%s, pg_temp", sp);
+	(void) set_config_option("search_path", sp, PGC_SUSET, PGC_S_SESSION,
+							 GUC_ACTION_SET, true, 0, false);
+}
+
 /*
  * Enter a handler's context: the subscribing role, security-restricted, in a
  * fresh GUC nest level holding postgresql.conf's search_path and the role's
  * defaults.  pg_temp goes last so a caller's temporary tables (replay runs in
- * the caller's session) never capture the handler's unqualified names.
+ * the caller's session) never capture the handler's unqualified names.  The
+ * search_path is set once when the role's defaults leave it alone (the
+ * common case: a setting costs a parse and a GUC stack entry per event).
  */
 void
 eb_handler_context_begin(EbSecContext *ctx, Oid role)
 {
-	const char *sp;
+	RoleDefaults *rd = read_role_defaults(role);
+	const char *base = config_search_path ? config_search_path : "\"$user\", public";
 
 	GetUserIdAndSecContext(&ctx->save_uid, &ctx->save_sec);
 	SetUserIdAndSecContext(role, ctx->save_sec | SECURITY_LOCAL_USERID_CHANGE |
@@ -253,14 +283,16 @@ eb_handler_context_begin(EbSecContext *ctx, Oid role)
 	/* A replay runs in the caller's session: drop what that session SET. */
 	if (!IsBackgroundWorker)
 		ResetAllOptions();
-	(void) set_config_option("search_path",
-							 config_search_path ? config_search_path : "\"$user\", public",
-							 PGC_SUSET, PGC_S_SESSION, GUC_ACTION_SET, true, 0, false);
-	apply_role_defaults(role);
-	sp = GetConfigOption("search_path", false, false);
-	if (strstr(sp, "pg_temp") == NULL)
-		(void) set_config_option("search_path", psprintf("%s, pg_temp", sp),
-								 PGC_SUSET, PGC_S_SESSION, GUC_ACTION_SET, true, 0, false);
+	if (!rd->sets_search_path)
+	{
+		set_handler_search_path(base);
+		apply_role_defaults(rd);
+		return;
+	}
+	(void) set_config_option("search_path", base, PGC_SUSET, PGC_S_SESSION,
+							 GUC_ACTION_SET, true, 0, false);
+	apply_role_defaults(rd);
+	set_handler_search_path(GetConfigOption("search_path", false, false));
 }
 
 /* Leave a handler's context: every setting it made is undone. */
