@@ -21,12 +21,27 @@
 
 #include "envelope.h"
 
+/* A user header while eb_event_headers_from_jsonb sorts them. */
+typedef struct HeaderPair
+{
+	char	   *name;
+	char	   *value;
+	bool		scalar;
+} HeaderPair;
+
+static int
+header_pair_cmp(const void *a, const void *b)
+{
+	return strcmp(((const HeaderPair *) a)->name, ((const HeaderPair *) b)->name);
+}
+
 /*
  * The user headers of an outbox row (a jsonb object) into ev's header
- * arrays, in jsonb's key order, each value as jsonb_each_text gives it: a
- * string's text, a number or boolean written out, a null as "" and a nested
- * value as its JSON text.  Returns the index of the first value that is not
- * a string, number or boolean (-1: none), for eventbus_publish to refuse.
+ * arrays, in byte order of their names (docs/wire-format.md), each value as
+ * jsonb_each_text gives it: a string's text, a number or boolean written
+ * out, a null as "" and a nested value as its JSON text.  Returns the index
+ * of the first value that is not a string, number or boolean (-1: none),
+ * for eventbus_publish to refuse.
  */
 int
 eb_event_headers_from_jsonb(Jsonb *headers, EbEvent *ev)
@@ -34,42 +49,52 @@ eb_event_headers_from_jsonb(Jsonb *headers, EbEvent *ev)
 	JsonbIterator *it;
 	JsonbValue	v;
 	JsonbIteratorToken tok;
+	HeaderPair *pairs;
 	int			n = 0;
 	int			bad = -1;
 	int			count = JB_ROOT_IS_OBJECT(headers) ? JB_ROOT_COUNT(headers) : 0;
 
+	ev->nheaders = 0;
 	ev->header_names = palloc(sizeof(char *) * Max(count, 1));
 	ev->header_values = palloc(sizeof(char *) * Max(count, 1));
-	ev->nheaders = 0;
 	if (count == 0)
 		return -1;
 
+	pairs = palloc(sizeof(HeaderPair) * count);
 	it = JsonbIteratorInit(&headers->root);
 	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
 	{
 		if (tok == WJB_KEY)
-			ev->header_names[n] = pnstrdup(v.val.string.val, v.val.string.len);
+			pairs[n].name = pnstrdup(v.val.string.val, v.val.string.len);
 		else if (tok == WJB_VALUE)
 		{
-			char	   *value;
-
+			pairs[n].scalar = true;
 			if (v.type == jbvString)
-				value = pnstrdup(v.val.string.val, v.val.string.len);
+				pairs[n].value = pnstrdup(v.val.string.val, v.val.string.len);
 			else if (v.type == jbvNumeric)
-				value = DatumGetCString(DirectFunctionCall1(numeric_out, NumericGetDatum(v.val.numeric)));
+				pairs[n].value = DatumGetCString(DirectFunctionCall1(numeric_out, NumericGetDatum(v.val.numeric)));
 			else if (v.type == jbvBool)
-				value = pstrdup(v.val.boolean ? "true" : "false");
+				pairs[n].value = pstrdup(v.val.boolean ? "true" : "false");
 			else
 			{
-				if (bad < 0)
-					bad = n;
-				value = v.type == jbvBinary ?
+				pairs[n].scalar = false;
+				pairs[n].value = v.type == jbvBinary ?
 					JsonbToCString(NULL, v.val.binary.data, v.val.binary.len) : pstrdup("");
 			}
-			ev->header_values[n++] = value;
+			n++;
 		}
 	}
+	qsort(pairs, n, sizeof(HeaderPair), header_pair_cmp);
+
+	for (int i = 0; i < n; i++)
+	{
+		ev->header_names[i] = pairs[i].name;
+		ev->header_values[i] = pairs[i].value;
+		if (!pairs[i].scalar && bad < 0)
+			bad = i;
+	}
 	ev->nheaders = n;
+	pfree(pairs);
 	return bad;
 }
 
