@@ -123,8 +123,8 @@ static SPIPlanPtr fail_plan = NULL;
  * off most of the time: then a plan without that filter is used, and the
  * headers are read as jsonb and split in C (row_to_event).  A round pays
  * for every sub-select and function scan of its read when the executor
- * starts, rows or not: they had been a third of the relay's CPU at one
- * event per round.
+ * starts, rows or not: they had been a fifth of the launcher's main
+ * thread at one event per round.
  */
 #define SELECT_COLS \
 	"SELECT id, event_id::text, topic, aggregate_id, event_type, event_version," \
@@ -250,7 +250,7 @@ row_to_event(HeapTuple tup, TupleDesc desc, EbEvent *ev)
 
 /*
  * Read up to relay_batch_size rows with ids greater than after, leaving out
- * the aggregates in topics and aggregates (text[]), into *events and *held
+ * the nbackoff aggregates in topics and aggregates (text[]), into *events and *held
  * (allocated in r->cxt).  (*held)[i] says whether row i must wait behind an
  * undeliverable row of its aggregate.  Runs in the round's snapshot (read
  * only).
