@@ -1,7 +1,8 @@
 /*
  * nats_client.h — the NATS JetStream transport's own declarations, shared
- * by nats.c (connection, streams, producer, publish-time checks, the
- * routine), nats_api.c (JetStream API requests off the main thread),
+ * by nats.c (connection, publish-time checks, the routine),
+ * nats_producer.c (the relay's streams and publishing), nats_api.c
+ * (JetStream API requests off the main thread),
  * nats_consumer.c (the dispatcher's consumers) and nats_inbox.c (where
  * their messages arrive).  Only these files include cnats.
  */
@@ -30,7 +31,20 @@ extern void eb_nats_poll_state(void);
 extern void eb_nats_block_signals(sigset_t *old);
 extern void eb_nats_restore_signals(const sigset_t *old);
 extern uint64 eb_nats_reconnects(void);
+
+/* nats_producer.c: the relay's publishing */
+extern void eb_nats_ack_cb(jsCtx *ctx, natsMsg *msg, jsPubAck *pa, jsPubAckErr *pae, void *closure);
+extern void eb_nats_producer_forget(void);
 extern bool eb_nats_ensure_stream(const char *topic, char **errmsg);
+extern bool eb_nats_producer_start(EbAckFn ack);
+extern void eb_nats_producer_stop(void);
+extern bool eb_nats_producer_poll(void);
+extern void eb_nats_producer_drain(int timeout_ms);
+extern void eb_nats_round_begin(const EbEvent *events, int n);
+extern bool eb_nats_produce(const EbEvent *ev, const char *value, size_t len, int slot,
+							char **errmsg, bool *permanent);
+extern void eb_nats_round_abandon(void);
+extern void eb_nats_wave_sent(int round_n);
 
 /*
  * nats_api.c: JetStream API requests (stream creation, durable binds) as
