@@ -334,7 +334,7 @@ eb_kafka_probe(void)
 	if (connected || GetCurrentTimestamp() < next_probe)
 		return;
 	/* Not again before this one's outcome (it sets the next time). */
-	if (eb_kafka_lookup_start(eb_kafka, NULL))
+	if (eb_kafka_lookup_start(eb_kafka, NULL, 0))
 		next_probe = DT_NOEND;
 }
 

@@ -44,9 +44,10 @@ extern void eb_kafka_mark_connected(void);
 extern void eb_kafka_probe(void);
 
 /* kafka_lookup.c: metadata look-ups on a helper thread */
-extern bool eb_kafka_lookup_start(rd_kafka_t *rk, const char *topic);
+typedef void (*EbKafkaLookupFn) (const char *topic, rd_kafka_resp_err_t err, int partitions, void *arg);
+extern bool eb_kafka_lookup_start(rd_kafka_t *rk, const char *const *topics, int ntopics);
 extern bool eb_kafka_lookup_probe_result(rd_kafka_resp_err_t *err);
-extern bool eb_kafka_lookup_topic_result(char *topic, rd_kafka_resp_err_t *err, int *partitions);
+extern bool eb_kafka_lookup_topics_result(EbKafkaLookupFn fn, void *arg);
 extern bool eb_kafka_lookup_wait(rd_kafka_t *rk);
 
 /* kafka_consumer.c */

@@ -38,6 +38,7 @@
 #define RECHECK_MS		30000	/* look for partitions added to a topic */
 #define RETRY_MS		1000	/* topic not there yet, or broker slow */
 #define STATUS_SNAPSHOT_MS 10	/* one assignment snapshot serves a status report */
+#define LOOKUP_TOPICS_MAX 100	/* topics one metadata request asks for */
 
 /* The dispatcher's handle on one message. */
 typedef struct KafkaToken
@@ -203,38 +204,50 @@ discovered(TopicState *ts, rd_kafka_resp_err_t err, int cnt)
 	ts->next_check = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), RECHECK_MS);
 }
 
+/* eb_kafka_lookup_topics_result's callback: one topic's answer. */
+static void
+topic_found(const char *name, rd_kafka_resp_err_t err, int cnt, void *arg)
+{
+	TopicState *ts = find_topic(name);
+
+	if (ts != NULL)				/* else unsubscribed meanwhile */
+		discovered(ts, err, cnt);
+}
+
 /*
- * Assign what the last look-up found, and start the next one that is due
- * (only while the broker is reachable).  A look-up runs on a helper thread
- * (kafka_lookup.c), one at a time, and wakes the dispatcher when it is over.
+ * Assign what the last look-up found, and start the next one for every
+ * topic that is due (only while the broker is reachable): topics subscribed
+ * together are found by one request, not one after another.  A look-up runs
+ * on a helper thread (kafka_lookup.c), one at a time, and wakes the
+ * dispatcher when it is over.
  */
 static void
 discover(void)
 {
-	char		name[EB_MAX_TOPIC + 1];
-	rd_kafka_resp_err_t err;
-	int			cnt;
+	const char *due[LOOKUP_TOPICS_MAX];
+	TopicState *which[LOOKUP_TOPICS_MAX];
+	int			n = 0;
+	TimestampTz now;
 	ListCell   *lc;
 
-	if (eb_kafka_lookup_topic_result(name, &err, &cnt))
-	{
-		TopicState *ts = find_topic(name);
-
-		if (ts != NULL)			/* else unsubscribed meanwhile */
-			discovered(ts, err, cnt);
-	}
+	(void) eb_kafka_lookup_topics_result(topic_found, NULL);
 	if (!eb_kafka_connected())
 		return;
+	now = GetCurrentTimestamp();
 	foreach(lc, topics)
 	{
 		TopicState *ts = lfirst(lc);
 
-		if (GetCurrentTimestamp() < ts->next_check)
+		if (now < ts->next_check)
 			continue;
-		if (eb_kafka_lookup_start(eb_kafka, ts->name))
-			ts->next_check = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), RETRY_MS);
-		break;					/* one at a time */
+		which[n] = ts;
+		due[n++] = ts->name;
+		if (n == LOOKUP_TOPICS_MAX)
+			break;
 	}
+	if (n > 0 && eb_kafka_lookup_start(eb_kafka, due, n))
+		for (int i = 0; i < n; i++)
+			which[i]->next_check = TimestampTzPlusMilliseconds(now, RETRY_MS);
 }
 
 /*

@@ -34,59 +34,99 @@
 typedef struct Lookup
 {
 	rd_kafka_t *rk;
-	char		topic[EB_MAX_TOPIC + 1];	/* "" = the cluster (probe) */
+	int			ntopics;		/* 0: the cluster (probe) */
 	rd_kafka_resp_err_t err;
-	int			partitions;		/* -1: not in the answer, or its error */
+	char		(*topics)[EB_MAX_TOPIC + 1];
+	int		   *partitions;		/* per topic; -1: not in the answer, or its error */
 } Lookup;
 
 static Lookup *lookup = NULL;	/* the one started last, until taken */
 static EbCall *lookup_call = NULL;	/* where it runs (bounded.c) */
 
-/* Helper thread (eb_call_start): one metadata request. */
+/* Free a Lookup (plain C: the helper thread may do it). */
+static void
+lookup_free(void *arg)
+{
+	Lookup	   *l = arg;
+
+	free(l->topics);
+	free(l->partitions);
+	free(l);
+}
+
+/*
+ * Helper thread (eb_call_start): one metadata request.  One topic is asked
+ * for by name; several at once as the client's known topics (a handle for
+ * each makes it known), so that topics subscribed together are found in one
+ * request rather than one after another, each possibly held behind a
+ * fetch.
+ */
 static void
 lookup_run(void *arg)
 {
 	Lookup	   *l = arg;
-	rd_kafka_topic_t *rkt = NULL;
+	rd_kafka_topic_t **rkt = NULL;
 	const struct rd_kafka_metadata *md = NULL;
 
-	l->partitions = -1;
-	if (l->topic[0] != '\0' && (rkt = rd_kafka_topic_new(l->rk, l->topic, NULL)) == NULL)
-		l->err = RD_KAFKA_RESP_ERR__INVALID_ARG;
-	else
-		l->err = rd_kafka_metadata(l->rk, 0, rkt, &md, rkt ? LOOKUP_TIMEOUT_MS : PROBE_TIMEOUT_MS);
+	l->err = RD_KAFKA_RESP_ERR_NO_ERROR;
+	if (l->ntopics > 0 && (rkt = calloc(l->ntopics, sizeof(rd_kafka_topic_t *))) == NULL)
+		l->err = RD_KAFKA_RESP_ERR__FAIL;
+	for (int i = 0; i < l->ntopics; i++)
+	{
+		l->partitions[i] = -1;
+		if (rkt != NULL && (rkt[i] = rd_kafka_topic_new(l->rk, l->topics[i], NULL)) == NULL)
+			l->err = RD_KAFKA_RESP_ERR__INVALID_ARG;
+	}
+	if (l->err == RD_KAFKA_RESP_ERR_NO_ERROR)
+		l->err = rd_kafka_metadata(l->rk, 0, l->ntopics == 1 ? rkt[0] : NULL, &md,
+								   l->ntopics > 0 ? LOOKUP_TIMEOUT_MS : PROBE_TIMEOUT_MS);
 	if (l->err == RD_KAFKA_RESP_ERR_NO_ERROR)
 	{
-		for (int i = 0; rkt != NULL && i < md->topic_cnt; i++)
-			if (strcmp(md->topics[i].topic, l->topic) == 0 &&
-				md->topics[i].err == RD_KAFKA_RESP_ERR_NO_ERROR)
-				l->partitions = md->topics[i].partition_cnt;
+		for (int t = 0; t < l->ntopics; t++)
+			for (int i = 0; i < md->topic_cnt; i++)
+				if (strcmp(md->topics[i].topic, l->topics[t]) == 0 &&
+					md->topics[i].err == RD_KAFKA_RESP_ERR_NO_ERROR)
+					l->partitions[t] = md->topics[i].partition_cnt;
 		rd_kafka_metadata_destroy(md);
 	}
-	if (rkt != NULL)
-		rd_kafka_topic_destroy(rkt);
+	for (int i = 0; rkt != NULL && i < l->ntopics; i++)
+		if (rkt[i] != NULL)
+			rd_kafka_topic_destroy(rkt[i]);
+	free(rkt);
 }
 
 /*
- * Start looking up topic's partitions (NULL: whether the cluster answers)
- * with client rk.  False if a look-up is still running or its outcome not
- * taken yet (ask again later).  The main thread is woken when it is over.
+ * Start looking up the partitions of ntopics topics (none: whether the
+ * cluster answers) with client rk.  False if a look-up is still running or
+ * its outcome not taken yet (ask again later).  The main thread is woken
+ * when it is over.
  */
 bool
-eb_kafka_lookup_start(rd_kafka_t *rk, const char *topic)
+eb_kafka_lookup_start(rd_kafka_t *rk, const char *const *topics, int ntopics)
 {
 	Lookup	   *l;
 
 	if (lookup_call != NULL || (l = calloc(1, sizeof(Lookup))) == NULL)
 		return false;
 	l->rk = rk;
-	strlcpy(l->topic, topic ? topic : "", sizeof(l->topic));
-	if ((lookup_call = eb_call_start(lookup_run, l, free, true)) == NULL)
+	l->ntopics = ntopics;
+	l->topics = calloc(Max(ntopics, 1), sizeof(*l->topics));
+	l->partitions = calloc(Max(ntopics, 1), sizeof(int));
+	if (l->topics == NULL || l->partitions == NULL)
 	{
-		free(l);
+		lookup_free(l);
+		return false;
+	}
+	for (int i = 0; i < ntopics; i++)
+		strlcpy(l->topics[i], topics[i], sizeof(l->topics[i]));
+	if ((lookup_call = eb_call_start(lookup_run, l, lookup_free, true)) == NULL)
+	{
+		lookup_free(l);
 		return false;
 	}
 	lookup = l;
+	if (ntopics > 0)
+		eb_shmem_count_topic_lookup(EB_TRANSPORT_KAFKA);
 	return true;
 }
 
@@ -94,7 +134,7 @@ eb_kafka_lookup_start(rd_kafka_t *rk, const char *topic)
 static Lookup *
 finished(bool probe)
 {
-	if (lookup_call == NULL || (lookup->topic[0] == '\0') != probe ||
+	if (lookup_call == NULL || (lookup->ntopics == 0) != probe ||
 		!eb_call_wait(lookup_call, 0))
 		return NULL;
 	return lookup;
@@ -123,21 +163,27 @@ eb_kafka_lookup_probe_result(rd_kafka_resp_err_t *err)
 }
 
 /*
- * Take a topic look-up's outcome, if one came: true, with the topic (a
- * buffer of EB_MAX_TOPIC + 1), *err and its partition count (-1 if the
- * answer did not have the topic).
+ * Take a topic look-up's outcome, if one came: fn(topic, err, partitions,
+ * arg) for each of its topics (partitions -1 if the answer did not have the
+ * topic); true if there was one.
  */
 bool
-eb_kafka_lookup_topic_result(char *topic, rd_kafka_resp_err_t *err, int *partitions)
+eb_kafka_lookup_topics_result(EbKafkaLookupFn fn, void *arg)
 {
 	Lookup	   *l = finished(false);
 
 	if (l == NULL)
 		return false;
-	memcpy(topic, l->topic, EB_MAX_TOPIC + 1);
-	*err = l->err;
-	*partitions = l->partitions;
-	taken();
+	PG_TRY();
+	{
+		for (int i = 0; i < l->ntopics; i++)
+			fn(l->topics[i], l->err, l->partitions[i], arg);
+	}
+	PG_FINALLY();
+	{
+		taken();
+	}
+	PG_END_TRY();
 	return true;
 }
 

@@ -113,6 +113,9 @@ eventbus_metrics(PG_FUNCTION_ARGS)
 			(double) pg_atomic_read_u64(&c->consumed));
 		put(rsinfo, "quarantined_total", "counter", t, -1, -1,
 			(double) pg_atomic_read_u64(&c->quarantined));
+		if (t == EB_TRANSPORT_KAFKA)
+			put(rsinfo, "topic_lookups_total", "counter", t, -1, -1,
+				(double) pg_atomic_read_u64(&c->topic_lookups));
 	}
 	put_outbox_gauges(rsinfo);
 

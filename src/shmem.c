@@ -89,6 +89,7 @@ eb_shmem_startup(void)
 			pg_atomic_init_u64(&eb_shared->counters[t].published, 0);
 			pg_atomic_init_u64(&eb_shared->counters[t].consumed, 0);
 			pg_atomic_init_u64(&eb_shared->counters[t].quarantined, 0);
+			pg_atomic_init_u64(&eb_shared->counters[t].topic_lookups, 0);
 		}
 		for (int w = 0; w < EB_MAX_WORKERS; w++)
 			init_worker(&eb_shared->workers[w]);
@@ -141,6 +142,7 @@ eb_shmem_snapshot(EbShared *out)
 		copy_atomic(&out->counters[t].published, &eb_shared->counters[t].published);
 		copy_atomic(&out->counters[t].consumed, &eb_shared->counters[t].consumed);
 		copy_atomic(&out->counters[t].quarantined, &eb_shared->counters[t].quarantined);
+		copy_atomic(&out->counters[t].topic_lookups, &eb_shared->counters[t].topic_lookups);
 	}
 	for (int w = 0; w < EB_MAX_WORKERS; w++)
 	{
@@ -440,6 +442,13 @@ void
 eb_shmem_count_consumed(int transport, uint64 n)
 {
 	pg_atomic_fetch_add_u64(&eb_shared->counters[transport].consumed, (int64) n);
+}
+
+/* A metadata request for subscribed topics' partitions was started. */
+void
+eb_shmem_count_topic_lookup(int transport)
+{
+	pg_atomic_fetch_add_u64(&eb_shared->counters[transport].topic_lookups, 1);
 }
 
 /* Messages written to eventbus.quarantine. */

@@ -65,6 +65,7 @@ typedef struct EbTransportCounters
 	pg_atomic_uint64 published; /* events committed to the outbox */
 	pg_atomic_uint64 consumed;	/* messages the dispatcher received */
 	pg_atomic_uint64 quarantined;	/* of those, written to eventbus.quarantine */
+	pg_atomic_uint64 topic_lookups; /* metadata requests for topics' partitions */
 } EbTransportCounters;
 
 /* Lag of one subscription, written by the dispatcher. */
@@ -144,6 +145,7 @@ extern void eb_shmem_worker_counts(int worker, uint64 handled, uint64 duplicates
 								   uint64 failed, uint64 dead_lettered, uint64 busy_us);
 extern void eb_shmem_count_published(int transport, uint64 n);
 extern void eb_shmem_count_consumed(int transport, uint64 n);
+extern void eb_shmem_count_topic_lookup(int transport);
 extern void eb_shmem_count_quarantined(int transport, uint64 n);
 
 /* Broker connection state (this process's rows: launcher producer, dispatcher consumer). */
