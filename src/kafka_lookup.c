@@ -71,12 +71,15 @@ lookup_run(void *arg)
 	l->err = RD_KAFKA_RESP_ERR_NO_ERROR;
 	if (l->ntopics > 0 && (rkt = calloc(l->ntopics, sizeof(rd_kafka_topic_t *))) == NULL)
 		l->err = RD_KAFKA_RESP_ERR__FAIL;
+	/* A topic without a handle stays unknown (-1); the others are asked for. */
 	for (int i = 0; i < l->ntopics; i++)
 	{
 		l->partitions[i] = -1;
-		if (rkt != NULL && (rkt[i] = rd_kafka_topic_new(l->rk, l->topics[i], NULL)) == NULL)
-			l->err = RD_KAFKA_RESP_ERR__INVALID_ARG;
+		if (rkt != NULL)
+			rkt[i] = rd_kafka_topic_new(l->rk, l->topics[i], NULL);
 	}
+	if (l->ntopics == 1 && rkt != NULL && rkt[0] == NULL)
+		l->err = RD_KAFKA_RESP_ERR__INVALID_ARG;
 	if (l->err == RD_KAFKA_RESP_ERR_NO_ERROR)
 		l->err = rd_kafka_metadata(l->rk, 0, l->ntopics == 1 ? rkt[0] : NULL, &md,
 								   l->ntopics > 0 ? LOOKUP_TIMEOUT_MS : PROBE_TIMEOUT_MS);
