@@ -649,7 +649,9 @@ status_assignment(void)
 {
 	TimestampTz now = GetCurrentTimestamp();
 
-	if (status_list != NULL && now < TimestampTzPlusMilliseconds(status_at, STATUS_SNAPSHOT_MS))
+	/* A snapshot belongs to the client it came from. */
+	if (eb_kafka != NULL && status_list != NULL &&
+		now < TimestampTzPlusMilliseconds(status_at, STATUS_SNAPSHOT_MS))
 		return status_list;
 	status_forget();
 	if (eb_kafka == NULL || rd_kafka_assignment(eb_kafka, &status_list) != RD_KAFKA_RESP_ERR_NO_ERROR)
