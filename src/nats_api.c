@@ -1,8 +1,9 @@
 /*
  * nats_api.c — JetStream API requests off the worker's main thread.
  *
- * Creating a stream and binding a durable consumer are requests that wait
- * for the server's answer (5 s at most each).  A server that hangs, or a
+ * Creating a stream, binding a durable consumer and (shared mode,
+ * nats_lease.c) reading or writing a lease are requests that wait for the
+ * server's answer (5 s, a lease's 1 s, at most each).  A server that hangs, or a
  * network that drops packets without closing the connection, leaves the
  * connection up for minutes (until its pings go unanswered) and makes
  * every such request wait its whole timeout.  On the launcher's main thread
@@ -221,6 +222,7 @@ job_destroy(void *arg)
 {
 	EbNatsJob  *j = arg;
 
+	eb_nats_lease_job_destroy(j);
 	free(j->durable);
 	free(j);
 }
@@ -231,7 +233,12 @@ job_run(void *arg)
 {
 	EbNatsJob  *j = arg;
 
-	j->ok = j->kind == EB_NATS_JOB_STREAM ? job_stream(j) : job_bind(j);
+	if (j->kind == EB_NATS_JOB_STREAM)
+		j->ok = job_stream(j);
+	else if (j->kind == EB_NATS_JOB_BIND)
+		j->ok = job_bind(j);
+	else
+		eb_nats_lease_job_run(j);
 	pthread_mutex_lock(&job_mutex);
 	jobs_running--;
 	pthread_cond_broadcast(&job_cond);

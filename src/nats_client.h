@@ -46,15 +46,32 @@ extern bool eb_nats_produce(const EbEvent *ev, const char *value, size_t len, in
 extern void eb_nats_round_abandon(void);
 extern void eb_nats_wave_sent(int round_n);
 
+/* Lease keys and what a read of one found (nats_lease.c). */
+#define EB_NATS_LEASE_KEY			256 /* key length limit, with its NUL */
+#define EB_NATS_LEASE_VALUE			128 /* a holder's name, with its NUL */
+
+typedef enum EbNatsLeaseState
+{
+	EB_LEASE_UNKNOWN,			/* no answer */
+	EB_LEASE_FREE,				/* never held, or released cleanly */
+	EB_LEASE_MINE_BEFORE,		/* held by this instance (a dispatcher before) */
+	EB_LEASE_OTHER				/* held by another instance */
+} EbNatsLeaseState;
+
 /*
- * nats_api.c: JetStream API requests (stream creation, durable binds) as
- * jobs on a helper thread.  The main thread fills in a job, starts it, and
- * reads its outcome once eb_nats_job_done says so.
+ * nats_api.c: JetStream API requests (stream creation, durable binds, the
+ * shared mode's lease requests) as jobs on a helper thread.  The main
+ * thread fills in a job, starts it, and reads its outcome once
+ * eb_nats_job_done says so.
  */
 typedef enum EbNatsJobKind
 {
 	EB_NATS_JOB_STREAM,			/* make sure a stream captures the topic */
-	EB_NATS_JOB_BIND			/* that, and bind the durable pull consumer */
+	EB_NATS_JOB_BIND,			/* that, and bind the durable pull consumer */
+	EB_NATS_JOB_LEASE_OPEN,		/* open (create) the lease bucket */
+	EB_NATS_JOB_LEASE_READ,		/* read a lease */
+	EB_NATS_JOB_LEASE_WRITE,	/* write our name into it (compare-and-set) */
+	EB_NATS_JOB_LEASE_RELEASE	/* flush (NAKs sent before), then mark it released */
 } EbNatsJobKind;
 
 typedef struct EbNatsJob
@@ -74,6 +91,14 @@ typedef struct EbNatsJob
 	char		stream[256];	/* bind: the stream capturing the topic */
 	uint64		start;			/* bind: restarted at this stream sequence (0: not) */
 	int64		unacked;		/* bind: messages unacknowledged before the restart */
+	/* lease jobs (nats_lease.c) */
+	char		lease_key[EB_NATS_LEASE_KEY];
+	char		lease_value[EB_NATS_LEASE_VALUE];	/* our name (write; read: whose) */
+	uint64		lease_rev;		/* write, release: expected; read: out (0: no key) */
+	uint64		lease_newrev;	/* write: out, 0 if refused or no answer */
+	EbNatsLeaseState lease_state;	/* read: out */
+	kvStore    *kv;				/* the bucket (open: out, until taken) */
+	jsCtx	   *lease_js;		/* open: out, until taken */
 	/* the helper's */
 	natsConnection *nc;
 	jsCtx	   *js;
@@ -136,23 +161,14 @@ extern void eb_nats_consumer_abandon(void *token);
 extern int	eb_nats_consumer_share(const char *topic);
 
 /* nats_lease.c: one instance at a time consumes a shared durable */
-#define EB_NATS_LEASE_KEY			256 /* key length limit, with its NUL */
-
-typedef enum EbNatsLeaseState
-{
-	EB_LEASE_UNKNOWN,			/* no answer */
-	EB_LEASE_FREE,				/* never held, or released cleanly */
-	EB_LEASE_MINE_BEFORE,		/* held by this instance (a dispatcher before) */
-	EB_LEASE_OTHER				/* held by another instance */
-} EbNatsLeaseState;
-
 extern bool eb_nats_lease_open(void);
+extern bool eb_nats_lease_opening(void);
 extern void eb_nats_lease_close(void);
 extern bool eb_nats_lease_ready(void);
 extern void eb_nats_lease_key(const char *durable, char *key);
 extern bool eb_nats_lease_changes(void (*fn) (const char *key, bool is_free, void *arg), void *arg);
-extern EbNatsLeaseState eb_nats_lease_read(const char *key, uint64 *rev);
-extern uint64 eb_nats_lease_write(const char *key, uint64 rev);
-extern bool eb_nats_lease_release(const char *key, uint64 rev);
+extern EbNatsJob *eb_nats_lease_start(EbNatsJobKind kind, const char *key, uint64 rev);
+extern void eb_nats_lease_job_run(EbNatsJob *j);
+extern void eb_nats_lease_job_destroy(EbNatsJob *j);
 
 #endif							/* EB_NATS_CLIENT_H */

@@ -215,6 +215,8 @@ eb_nats_release_sub(NatsSub *ns)
 {
 	eb_nats_job_free(ns->bind_job);		/* a bind in flight is left to its helper */
 	ns->bind_job = NULL;
+	eb_nats_job_free(ns->lease_job);	/* as is a lease request */
+	ns->lease_job = NULL;
 	if (ns->feed)
 	{
 		eb_nats_feed_destroy(ns->feed);
@@ -590,7 +592,7 @@ flush_acks(void)
 		NatsHeld   *held = lfirst(lc);
 		NatsSub    *ns = held->ns;
 
-		if (!ns->released && eb_nats_conn != NULL && held->reply[0] != '\0' &&
+		if (!ns->released && !ns->given_back && eb_nats_conn != NULL && held->reply[0] != '\0' &&
 			natsConnection_PublishString(eb_nats_conn, held->reply, "+ACK") != NATS_OK)
 			ereport(DEBUG1, (errmsg_internal("JetStream ack failed; it will redeliver (the inbox skips it)")));
 		dlist_delete(&held->node);

@@ -65,6 +65,14 @@ typedef struct NatsSub
 	int			open_requests;	/* pull requests open at the last poll */
 	TimestampTz release_by;		/* RELEASING: deadline */
 	List	   *naks;			/* RELEASING: NatsNak * to give back */
+	EbNatsJob  *lease_job;		/* a lease request in flight (nats_shared.c), or NULL */
+	int			lease_step;		/* what it is for (nats_shared.c's LeaseStep) */
+	TimestampTz lease_sent;		/* when it was sent */
+	bool		acquire_takeover;	/* STANDBY, taking the lease: bind at the ack floor */
+	const char *acquire_how;	/* and why it may be taken (for the log) */
+	bool		given_back;		/* RELEASING: its messages were NAKed: no ack, no NAK */
+	int			naks_sent;		/* how many */
+	int			still_out;		/* of which were out unfinished */
 } NatsSub;
 
 /* The dispatcher's handle on one delivered message: what acks it. */

@@ -27,9 +27,10 @@
  * dispatcher) when a lease was written or released; they read a key only
  * then and when its staleness deadline comes.
  *
- * Every call here is a synchronous JetStream request, made from the main
- * thread with its own short timeout (LEASE_WAIT_MS), and only while
- * connected.
+ * Every request to the server (opening the bucket, reading, writing and
+ * releasing a lease) runs as a job on a helper thread (nats_api.c), with
+ * its own short timeout (LEASE_WAIT_MS), and only while connected: a
+ * server that hangs holds up nothing on the dispatcher's main thread.
  */
 #include "postgres.h"
 
@@ -59,9 +60,13 @@ static struct
 
 static jsCtx *lease_js = NULL;
 static kvStore *kv = NULL;
+static EbNatsJob *open_job = NULL;	/* an open under way */
+/* Lease requests under way that use kv (helper threads decrement it). */
+static pthread_mutex_t jobs_mutex = PTHREAD_MUTEX_INITIALIZER;
+static int	bucket_jobs = 0;
 static natsSubscription *notify_sub = NULL;
 static char instance[96];		/* the part of a value before '/' */
-static char me[128];			/* our whole value */
+static char me[EB_NATS_LEASE_VALUE];	/* our whole value */
 static bool open_failed = false;	/* the last open failed (and said so) */
 
 /*
@@ -111,35 +116,19 @@ notify_cb(natsConnection *nc, natsSubscription *sub, natsMsg *msg, void *closure
 }
 
 /*
- * Open the bucket (creating it) and the notifications; false (with a LOG
- * line once per failure kind) if that is not possible now.  The nonce is
- * new each time: a reopened lease set is a new holder to the others only
- * in its nonce.
+ * Helper thread: open the bucket (creating it) for an open job; the main
+ * thread takes what it made (eb_nats_lease_open).  Plain C.
  */
-bool
-eb_nats_lease_open(void)
+static void
+job_open(EbNatsJob *j)
 {
-	kvConfig	cfg;
 	jsOptions	jo;
+	kvConfig	cfg;
 	natsStatus	s;
-	sigset_t	old;
-	uint32		nonce = 0;
 
-	if (kv != NULL)
-		return true;
-	if (eb_nats_conn == NULL || !eb_nats_connected())
-		return false;
-
-	snprintf(instance, sizeof(instance), UINT64_FORMAT ".%u." INT64_FORMAT,
-			 GetSystemIdentifier(), MyDatabaseId, (int64) PgStartTime);
-	if (!pg_strong_random(&nonce, sizeof(nonce)))
-		nonce = (uint32) MyProcPid ^ (uint32) GetCurrentTimestamp();
-	snprintf(me, sizeof(me), "%s/%d.%08x", instance, MyProcPid, nonce);
-
-	eb_nats_block_signals(&old);
 	jsOptions_Init(&jo);
 	jo.Wait = LEASE_WAIT_MS;
-	s = natsConnection_JetStream(&lease_js, eb_nats_conn, &jo);
+	s = natsConnection_JetStream(&j->lease_js, j->nc, &jo);
 	if (s == NATS_OK)
 	{
 		kvConfig_Init(&cfg);
@@ -147,29 +136,183 @@ eb_nats_lease_open(void)
 		cfg.Description = "eventbus: which instance consumes each shared JetStream durable";
 		cfg.History = 1;
 		cfg.StorageType = js_FileStorage;
-		s = js_CreateKeyValue(&kv, lease_js, &cfg);
+		s = js_CreateKeyValue(&j->kv, j->lease_js, &cfg);
 		/* Created by someone else with other settings: use it as it is. */
 		if (s != NATS_OK)
-			s = js_KeyValue(&kv, lease_js, LEASE_BUCKET);
+			s = js_KeyValue(&j->kv, j->lease_js, LEASE_BUCKET);
 	}
-	if (s == NATS_OK)
+	j->ok = s == NATS_OK;
+	if (!j->ok)
+		snprintf(j->error, sizeof(j->error), "%s",
+				 nats_GetLastError(NULL) ? nats_GetLastError(NULL) : natsStatus_GetText(s));
+}
+
+/* Helper thread: read a lease (see EbNatsLeaseState).  Plain C. */
+static void
+job_read(EbNatsJob *j)
+{
+	kvEntry    *e = NULL;
+	natsStatus	s = kvStore_Get(&e, j->kv, j->lease_key);
+	const char *slash = strchr(j->lease_value, '/');
+	size_t		ilen = slash ? (size_t) (slash - j->lease_value) : strlen(j->lease_value);
+	const char *v;
+	int			len;
+
+	j->lease_rev = 0;
+	if (s == NATS_NOT_FOUND)
+		j->lease_state = EB_LEASE_FREE;
+	if (s != NATS_OK)
+		return;
+	j->lease_rev = kvEntry_Revision(e);
+	v = kvEntry_Value(e);
+	len = kvEntry_ValueLen(e);
+	if (len <= 0 || v == NULL)
+		j->lease_state = EB_LEASE_FREE;
+	else if ((size_t) len > ilen && memcmp(v, j->lease_value, ilen) == 0 && v[ilen] == '/')
+		j->lease_state = EB_LEASE_MINE_BEFORE;
+	else
+		j->lease_state = EB_LEASE_OTHER;
+	kvEntry_Destroy(e);
+}
+
+/*
+ * Helper thread: write our name into the lease if its revision is still
+ * lease_rev (0: the key must not exist); lease_newrev is the new revision,
+ * 0 if someone else wrote it first or there was no answer.  Plain C.
+ */
+static void
+job_write(EbNatsJob *j)
+{
+	uint64_t	newrev = 0;
+	natsStatus	s;
+
+	if (j->lease_rev == 0)
+		s = kvStore_CreateString(&newrev, j->kv, j->lease_key, j->lease_value);
+	else
+		s = kvStore_UpdateString(&newrev, j->kv, j->lease_key, j->lease_value, j->lease_rev);
+	j->lease_newrev = s == NATS_OK ? (uint64) newrev : 0;
+}
+
+/*
+ * Helper thread: release a lease we hold at lease_rev (an empty value), so
+ * that the next holder binds the durable as it is.  The NAKs published
+ * before it are flushed (and the server has read them) first: the next
+ * holder must get them first.  ok: released.  Plain C.
+ */
+static void
+job_release(EbNatsJob *j)
+{
+	uint64_t	newrev = 0;
+
+	(void) natsConnection_FlushTimeout(j->nc, LEASE_WAIT_MS);
+	j->ok = kvStore_Update(&newrev, j->kv, j->lease_key, "", 0, j->lease_rev) == NATS_OK;
+}
+
+/* Helper thread (nats_api.c's job_run): run a lease job.  Plain C. */
+void
+eb_nats_lease_job_run(EbNatsJob *j)
+{
+	switch (j->kind)
+	{
+		case EB_NATS_JOB_LEASE_OPEN:
+			job_open(j);
+			return;				/* not counted: it uses no bucket */
+		case EB_NATS_JOB_LEASE_READ:
+			job_read(j);
+			break;
+		case EB_NATS_JOB_LEASE_WRITE:
+			job_write(j);
+			break;
+		case EB_NATS_JOB_LEASE_RELEASE:
+			job_release(j);
+			break;
+		default:
+			return;
+	}
+	pthread_mutex_lock(&jobs_mutex);
+	bucket_jobs--;
+	pthread_mutex_unlock(&jobs_mutex);
+}
+
+/*
+ * A job is freed (either side): an open job whose bucket was not taken
+ * destroys it.  Plain C.
+ */
+void
+eb_nats_lease_job_destroy(EbNatsJob *j)
+{
+	if (j->kind != EB_NATS_JOB_LEASE_OPEN)
+		return;
+	if (j->kv != NULL)
+		kvStore_Destroy(j->kv);
+	if (j->lease_js != NULL)
+		jsCtx_Destroy(j->lease_js);
+	j->kv = NULL;
+	j->lease_js = NULL;
+}
+
+/*
+ * Open the bucket and the notifications.  The request runs as a job
+ * (nats_api.c): the first call starts it and returns false; a later call,
+ * once it is over, takes its outcome (true: open).  The caller paces new
+ * attempts (eb_nats_lease_opening: one is under way).  A failure is said
+ * once per failure kind (LOG).  The nonce is new each time: a reopened
+ * lease set is a new holder to the others only in its nonce.
+ */
+bool
+eb_nats_lease_open(void)
+{
+	EbNatsJob  *j = open_job;
+	natsStatus	s = NATS_OK;
+	sigset_t	old;
+	uint32		nonce = 0;
+
+	if (kv != NULL)
+		return true;
+	if (j == NULL)
+	{
+		if (eb_nats_conn == NULL || !eb_nats_connected())
+			return false;
+		snprintf(instance, sizeof(instance), UINT64_FORMAT ".%u." INT64_FORMAT,
+				 GetSystemIdentifier(), MyDatabaseId, (int64) PgStartTime);
+		if (!pg_strong_random(&nonce, sizeof(nonce)))
+			nonce = (uint32) MyProcPid ^ (uint32) GetCurrentTimestamp();
+		snprintf(me, sizeof(me), "%s/%d.%08x", instance, MyProcPid, nonce);
+		if ((j = eb_nats_job_new(EB_NATS_JOB_LEASE_OPEN, "")) != NULL && eb_nats_job_start(j))
+			open_job = j;
+		return false;
+	}
+	if (!eb_nats_job_done(j))
+		return false;
+	open_job = NULL;
+	if (j->ok)
+	{
+		kv = j->kv;
+		lease_js = j->lease_js;
+		j->kv = NULL;
+		j->lease_js = NULL;
+		/* cnats may start a delivery thread: it must not take our signals. */
+		eb_nats_block_signals(&old);
 		s = natsConnection_Subscribe(&notify_sub, eb_nats_conn, "$KV." LEASE_BUCKET ".>",
 									 notify_cb, NULL);
-	if (s == NATS_OK)
-		s = natsSubscription_SetPendingLimits(notify_sub, -1, -1);
-	eb_nats_restore_signals(&old);
-	if (s != NATS_OK)
+		if (s == NATS_OK)
+			s = natsSubscription_SetPendingLimits(notify_sub, -1, -1);
+		eb_nats_restore_signals(&old);
+	}
+	if (!j->ok || s != NATS_OK)
 	{
 		/* Said once until it opens: the caller retries every second. */
 		ereport(open_failed ? DEBUG1 : LOG,
 				(errcode(ERRCODE_CONNECTION_FAILURE),
 				 errmsg("could not open the JetStream lease bucket %s: %s", LEASE_BUCKET,
-						nats_GetLastError(NULL) ? nats_GetLastError(NULL) : natsStatus_GetText(s)),
+						!j->ok ? j->error : natsStatus_GetText(s)),
 				 errdetail("In eventbus.consumer_mode = shared no JetStream subject is consumed until it opens; retrying.")));
+		eb_nats_job_free(j);
 		eb_nats_lease_close();
 		open_failed = true;
 		return false;
 	}
+	eb_nats_job_free(j);
 	open_failed = false;
 	pthread_mutex_lock(&changed_mutex);
 	changed.n = 0;
@@ -178,19 +321,39 @@ eb_nats_lease_open(void)
 	return true;
 }
 
-/* Forget the bucket (the connection is closing or reconnected). */
+/* Is an open of the bucket under way? */
+bool
+eb_nats_lease_opening(void)
+{
+	return open_job != NULL;
+}
+
+/*
+ * Forget the bucket (the connection is closing).  A lease request still
+ * under way keeps using it: then it is left to the process's end, as the
+ * connection's teardown leaves a connection that a job still uses.
+ */
 void
 eb_nats_lease_close(void)
 {
 	sigset_t	old;
+	int			running;
 
+	eb_nats_job_free(open_job);
+	open_job = NULL;
+	pthread_mutex_lock(&jobs_mutex);
+	running = bucket_jobs;
+	pthread_mutex_unlock(&jobs_mutex);
 	eb_nats_block_signals(&old);
 	if (notify_sub != NULL)
 		natsSubscription_Destroy(notify_sub);
-	if (kv != NULL)
-		kvStore_Destroy(kv);
-	if (lease_js != NULL)
-		jsCtx_Destroy(lease_js);
+	if (running == 0)
+	{
+		if (kv != NULL)
+			kvStore_Destroy(kv);
+		if (lease_js != NULL)
+			jsCtx_Destroy(lease_js);
+	}
 	eb_nats_restore_signals(&old);
 	notify_sub = NULL;
 	kv = NULL;
@@ -229,87 +392,37 @@ eb_nats_lease_changes(void (*fn) (const char *key, bool is_free, void *arg), voi
 }
 
 /*
- * Read a lease: EB_LEASE_FREE (never held or released), EB_LEASE_MINE_BEFORE
- * (held by this instance: a dispatcher of ours that died, or this one before
- * a reconnect), EB_LEASE_OTHER (held elsewhere) or EB_LEASE_UNKNOWN (no
- * answer).  *rev is the revision read (0 when the key does not exist).
+ * Start a lease request as a job (nats_api.c): read (EB_NATS_JOB_LEASE_READ),
+ * write our name if the revision is still rev (WRITE; rev 0: the key must
+ * not exist), or release what we hold at rev (RELEASE).  NULL when it
+ * cannot be sent now (bucket not open, not connected): as no answer.  The
+ * caller takes the outcome once eb_nats_job_done says so, and frees it.
  */
-EbNatsLeaseState
-eb_nats_lease_read(const char *key, uint64 *rev)
+EbNatsJob *
+eb_nats_lease_start(EbNatsJobKind kind, const char *key, uint64 rev)
 {
-	kvEntry    *e = NULL;
-	natsStatus	s;
-	sigset_t	old;
-	EbNatsLeaseState st;
-	size_t		ilen = strlen(instance);
+	EbNatsJob  *j;
 
-	*rev = 0;
 	if (kv == NULL || !eb_nats_connected())
-		return EB_LEASE_UNKNOWN;
-	eb_nats_block_signals(&old);
-	s = kvStore_Get(&e, kv, key);
-	eb_nats_restore_signals(&old);
-	if (s == NATS_NOT_FOUND)
-		return EB_LEASE_FREE;
-	if (s != NATS_OK)
-		return EB_LEASE_UNKNOWN;
-	*rev = kvEntry_Revision(e);
+		return NULL;
+	if ((j = eb_nats_job_new(kind, "")) == NULL)
+		return NULL;
+	strlcpy(j->lease_key, key, sizeof(j->lease_key));
+	strlcpy(j->lease_value, me, sizeof(j->lease_value));
+	j->lease_rev = rev;
+	j->lease_state = EB_LEASE_UNKNOWN;
+	j->kv = kv;
+	pthread_mutex_lock(&jobs_mutex);
+	bucket_jobs++;
+	pthread_mutex_unlock(&jobs_mutex);
+	if (!eb_nats_job_start(j))
 	{
-		const char *v = kvEntry_Value(e);
-		int			len = kvEntry_ValueLen(e);
-
-		if (len <= 0 || v == NULL)
-			st = EB_LEASE_FREE;
-		else if ((size_t) len > ilen && memcmp(v, instance, ilen) == 0 && v[ilen] == '/')
-			st = EB_LEASE_MINE_BEFORE;
-		else
-			st = EB_LEASE_OTHER;
+		pthread_mutex_lock(&jobs_mutex);
+		bucket_jobs--;
+		pthread_mutex_unlock(&jobs_mutex);
+		return NULL;
 	}
-	kvEntry_Destroy(e);
-	return st;
-}
-
-/*
- * Write our name into the lease if its revision is still rev (0: the key
- * must not exist).  Returns the new revision, 0 if someone else wrote it
- * first or there was no answer.
- */
-uint64
-eb_nats_lease_write(const char *key, uint64 rev)
-{
-	uint64_t	newrev = 0;
-	natsStatus	s;
-	sigset_t	old;
-
-	if (kv == NULL || !eb_nats_connected())
-		return 0;
-	eb_nats_block_signals(&old);
-	if (rev == 0)
-		s = kvStore_CreateString(&newrev, kv, key, me);
-	else
-		s = kvStore_UpdateString(&newrev, kv, key, me, rev);
-	eb_nats_restore_signals(&old);
-	return s == NATS_OK ? (uint64) newrev : 0;
-}
-
-/*
- * Release a lease we hold at revision rev (an empty value): the next
- * holder binds the durable as it is.  False if it was not ours any more or
- * there was no answer.
- */
-bool
-eb_nats_lease_release(const char *key, uint64 rev)
-{
-	uint64_t	newrev = 0;
-	natsStatus	s;
-	sigset_t	old;
-
-	if (kv == NULL || !eb_nats_connected() || rev == 0)
-		return false;
-	eb_nats_block_signals(&old);
-	s = kvStore_Update(&newrev, kv, key, "", 0, rev);
-	eb_nats_restore_signals(&old);
-	return s == NATS_OK;
+	return j;
 }
 
 /* Is the lease bucket open? */

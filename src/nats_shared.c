@@ -19,6 +19,33 @@
 #include "nats_consumer.h"
 #include "util.h"
 
+/* What a subscription's lease request (ns->lease_job) is for. */
+typedef enum LeaseStep
+{
+	STEP_NONE,
+	STEP_ACQUIRE_READ,			/* a stand-by looks at its lease */
+	STEP_ACQUIRE_WRITE,			/* and takes it */
+	STEP_REFRESH_WRITE,			/* a holder rewrites it */
+	STEP_REFRESH_READ,			/* that was refused or not answered: whose is it? */
+	STEP_RELEASE				/* NAKs flushed, then marked released */
+} LeaseStep;
+
+#define STOP_RELEASE_MS		2500	/* at exit: the releases (a flush, then a write) */
+
+static void release_end(NatsSub *ns, bool released);
+
+/* Send a lease request for ns as a job; false if it cannot be sent now. */
+static bool
+lease_send(NatsSub *ns, EbNatsJobKind kind, LeaseStep step, uint64 rev, TimestampTz now)
+{
+	ns->lease_job = eb_nats_lease_start(kind, ns->lease_key, rev);
+	if (ns->lease_job == NULL)
+		return false;
+	ns->lease_step = step;
+	ns->lease_sent = now;
+	return true;
+}
+
 /* --- shared mode: one instance at a time consumes a durable --- */
 
 /*
@@ -48,7 +75,7 @@ eb_nats_consumer_abandon(void *token)
 	NatsSub    *ns = held->ns;
 
 	dlist_delete(&held->node);
-	if (!ns->released && ns->state == SUB_RELEASING && held->reply[0] != '\0')
+	if (!ns->released && ns->state == SUB_RELEASING && !ns->given_back && held->reply[0] != '\0')
 	{
 		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
 		NatsNak    *nak = palloc(sizeof(NatsNak));
@@ -137,16 +164,16 @@ give_up(NatsSub *ns)
 /*
  * Give a lease back: its queued and abandoned messages (and, at a
  * deadline, those still out) are NAKed in stream order, so the next holder
- * gets them first and in order; then the lease is marked released, and
- * the next holder binds the durable as it is (no take-over).
+ * gets them first and in order; then the lease is marked released (a job:
+ * it flushes the NAKs first), and the next holder binds the durable as it
+ * is (no take-over).  release_end finishes it.
  */
 static void
-finish_release(NatsSub *ns)
+release_begin(NatsSub *ns, TimestampTz now)
 {
 	natsMsg    *msgs[TAKE_CHUNK];
 	int64		sizes[TAKE_CHUNK];
 	int			got;
-	int			still_out = 0;
 	dlist_mutable_iter it;
 	ListCell   *lc;
 	MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
@@ -174,6 +201,7 @@ finish_release(NatsSub *ns)
 		}
 	}
 	/* Out past the deadline: their handlers' outcome is not known here. */
+	ns->still_out = 0;
 	dlist_foreach_modify(it, &ns->out)
 	{
 		NatsHeld   *held = dlist_container(NatsHeld, node, it.cur);
@@ -182,7 +210,7 @@ finish_release(NatsSub *ns)
 		nak->seq = held->seq;
 		nak->reply = pstrdup(held->reply);
 		ns->naks = lappend(ns->naks, nak);
-		still_out++;
+		ns->still_out++;
 	}
 	MemoryContextSwitchTo(old);
 
@@ -196,30 +224,33 @@ finish_release(NatsSub *ns)
 		pfree(nak->reply);
 		pfree(nak);
 	}
-	if (eb_nats_conn != NULL)
-	{
-		sigset_t	sigs;
+	ns->naks_sent = list_length(ns->naks);
+	list_free(ns->naks);
+	ns->naks = NIL;
+	/* From now on its messages are neither acked nor NAKed here. */
+	ns->given_back = true;
+	if (!lease_send(ns, EB_NATS_JOB_LEASE_RELEASE, STEP_RELEASE, ns->lease_rev, now))
+		release_end(ns, false);
+}
 
-		eb_nats_block_signals(&sigs);
-		(void) natsConnection_FlushTimeout(eb_nats_conn, 1000);
-		eb_nats_restore_signals(&sigs);
-	}
-	if (still_out > 0)
+/* The release is over (released: the lease is marked so): forget ns. */
+static void
+release_end(NatsSub *ns, bool released)
+{
+	if (ns->still_out > 0)
 		ereport(LOG,
 				(errmsg("JetStream consumer %s: %d messages delivered here were not finished at the release; given back",
-						ns->durable, still_out),
+						ns->durable, ns->still_out),
 				 errdetail("A handler of one of them that commits here after all runs in this database and in the next holder's.")));
-	if (eb_nats_lease_release(ns->lease_key, ns->lease_rev))
+	if (released)
 		ereport(LOG,
 				(errmsg("released the JetStream lease of consumer %s (subject %s), %d messages given back",
-						ns->durable, ns->topic, list_length(ns->naks))));
+						ns->durable, ns->topic, ns->naks_sent)));
 	else
 		ereport(LOG,
 				(errcode(ERRCODE_CONNECTION_FAILURE),
 				 errmsg("could not release the JetStream lease of consumer %s; another instance takes it when it goes stale",
 						ns->durable)));
-	list_free(ns->naks);
-	ns->naks = NIL;
 	eb_nats_subs = list_delete_ptr(eb_nats_subs, ns);
 	eb_nats_release_sub(ns);
 }
@@ -248,14 +279,20 @@ lease_acquired(NatsSub *ns, uint64 rev, TimestampTz sent, bool takeover, const c
 	eb_nats_bind_sub(ns, takeover);
 }
 
-/* A stand-by's look at its lease: take it if free, ours, or stale. */
+/* A stand-by takes its lease: write our name if its revision is still rev. */
 static void
-try_acquire(NatsSub *ns, TimestampTz now)
+acquire_write(NatsSub *ns, uint64 rev, bool takeover, const char *how, TimestampTz now)
 {
-	uint64		rev;
-	uint64		newrev;
-	EbNatsLeaseState st = eb_nats_lease_read(ns->lease_key, &rev);
+	ns->acquire_takeover = takeover;
+	ns->acquire_how = how;
+	if (!lease_send(ns, EB_NATS_JOB_LEASE_WRITE, STEP_ACQUIRE_WRITE, rev, now))
+		ns->check_at = TimestampTzPlusMilliseconds(now, LEASE_RETRY_MS);
+}
 
+/* What a stand-by's read of its lease found: take it if free, ours, or stale. */
+static void
+acquire_read_done(NatsSub *ns, EbNatsLeaseState st, uint64 rev, TimestampTz now)
+{
 	switch (st)
 	{
 		case EB_LEASE_UNKNOWN:
@@ -268,20 +305,12 @@ try_acquire(NatsSub *ns, TimestampTz now)
 			ns->check_at = TimestampTzPlusMilliseconds(ns->free_since, LEASE_SPREAD_MS * leases_held());
 			if (now < ns->check_at)
 				return;
-			newrev = eb_nats_lease_write(ns->lease_key, rev);
-			if (newrev != 0)
-				lease_acquired(ns, newrev, now, rev == 0,
-							   rev == 0 ? "first holder" : "released cleanly by its last holder");
-			else
-				ns->check_at = TimestampTzPlusMilliseconds(now, 200);
+			acquire_write(ns, rev, rev == 0,
+						  rev == 0 ? "first holder" : "released cleanly by its last holder", now);
 			return;
 		case EB_LEASE_MINE_BEFORE:
 			/* Ours before (a dispatcher of ours that died, or a reconnect). */
-			newrev = eb_nats_lease_write(ns->lease_key, rev);
-			if (newrev != 0)
-				lease_acquired(ns, newrev, now, true, "taken back from a previous dispatcher of this instance");
-			else
-				ns->check_at = TimestampTzPlusMilliseconds(now, 200);
+			acquire_write(ns, rev, true, "taken back from a previous dispatcher of this instance", now);
 			return;
 		case EB_LEASE_OTHER:
 			ns->free_since = 0;
@@ -292,33 +321,30 @@ try_acquire(NatsSub *ns, TimestampTz now)
 			}
 			else if (now >= TimestampTzPlusMilliseconds(ns->seen_at, LEASE_TTL_MS))
 			{
-				newrev = eb_nats_lease_write(ns->lease_key, rev);
-				if (newrev != 0)
-				{
-					lease_acquired(ns, newrev, now, true, "its holder stopped refreshing it");
-					return;
-				}
+				acquire_write(ns, rev, true, "its holder stopped refreshing it", now);
+				return;
 			}
 			ns->check_at = TimestampTzPlusMilliseconds(ns->seen_at, LEASE_TTL_MS + 100);
 			return;
 	}
 }
 
-/* Refresh a lease we hold; give the subject up if it is not ours any more. */
+/* Refresh a lease we hold: write our name again at the revision we wrote. */
 static void
 refresh(NatsSub *ns, TimestampTz now)
 {
-	uint64		rev;
-	uint64		newrev = eb_nats_lease_write(ns->lease_key, ns->lease_rev);
+	if (!lease_send(ns, EB_NATS_JOB_LEASE_WRITE, STEP_REFRESH_WRITE, ns->lease_rev, now))
+		ns->refresh_at = TimestampTzPlusMilliseconds(now, LEASE_RETRY_MS);
+}
 
-	if (newrev != 0)
-	{
-		ns->lease_rev = newrev;
-		ns->refreshed = now;
-		ns->refresh_at = TimestampTzPlusMilliseconds(now, LEASE_REFRESH_MS);
-		return;
-	}
-	switch (eb_nats_lease_read(ns->lease_key, &rev))
+/*
+ * A refresh's write was refused or not answered: what does the lease say?
+ * Give the subject up if it is not ours any more.
+ */
+static void
+refresh_read_done(NatsSub *ns, EbNatsLeaseState st, uint64 rev, TimestampTz now)
+{
+	switch (st)
 	{
 		case EB_LEASE_UNKNOWN:
 		case EB_LEASE_MINE_BEFORE:	/* our write landed, its answer did not */
@@ -335,6 +361,71 @@ refresh(NatsSub *ns, TimestampTz now)
 	}
 }
 
+/*
+ * ns's lease request is over: go on from where it was sent.  ns may be
+ * given up (and freed) here.
+ */
+static void
+lease_step_done(NatsSub *ns, EbNatsJob *j, TimestampTz now)
+{
+	switch ((LeaseStep) ns->lease_step)
+	{
+		case STEP_ACQUIRE_READ:
+			if (ns->state == SUB_STANDBY)
+				acquire_read_done(ns, j->lease_state, j->lease_rev, now);
+			break;
+		case STEP_ACQUIRE_WRITE:
+			if (ns->state != SUB_STANDBY)
+				break;
+			if (j->lease_newrev != 0)
+				lease_acquired(ns, j->lease_newrev, ns->lease_sent, ns->acquire_takeover, ns->acquire_how);
+			else
+				ns->check_at = TimestampTzPlusMilliseconds(now, 200);
+			break;
+		case STEP_REFRESH_WRITE:
+			if (j->lease_newrev != 0)
+			{
+				ns->lease_rev = j->lease_newrev;
+				ns->refreshed = ns->lease_sent;
+				ns->refresh_at = TimestampTzPlusMilliseconds(ns->lease_sent, LEASE_REFRESH_MS);
+			}
+			else if (ns->state == SUB_HELD &&
+					 !lease_send(ns, EB_NATS_JOB_LEASE_READ, STEP_REFRESH_READ, 0, now))
+				ns->refresh_at = TimestampTzPlusMilliseconds(now, LEASE_RETRY_MS);
+			break;
+		case STEP_REFRESH_READ:
+			if (ns->state == SUB_HELD)
+				refresh_read_done(ns, j->lease_state, j->lease_rev, now);
+			break;
+		case STEP_RELEASE:
+			release_end(ns, j->ok);
+			break;
+		case STEP_NONE:
+			break;
+	}
+}
+
+/* Take the outcomes of the lease requests that are over. */
+static void
+lease_steps_finish(TimestampTz now)
+{
+	List	   *snapshot = list_copy(eb_nats_subs);
+	ListCell   *lc;
+
+	foreach(lc, snapshot)
+	{
+		NatsSub    *ns = lfirst(lc);
+		EbNatsJob  *j = ns->lease_job;
+
+		if (j == NULL || !eb_nats_job_done(j))
+			continue;
+		ns->lease_job = NULL;
+		lease_step_done(ns, j, now);
+		eb_nats_job_free(j);
+	}
+	list_free(snapshot);
+}
+
 /* A lease was written (nats_lease.c's notification): look at it soon. */
 static void
 lease_changed(const char *key, bool is_free, void *arg)
@@ -348,7 +439,9 @@ lease_changed(const char *key, bool is_free, void *arg)
 /*
  * Shared mode, every poll: fence, refresh, take, release leases.  A lease
  * not refreshed for LEASE_FENCE_MS (no server) is given up here before any
- * stand-by can find it stale.
+ * stand-by can find it stale.  Every request to the server is a job (at
+ * most one per subscription at a time): this only starts them and takes
+ * their outcomes.
  */
 void
 eb_nats_shared_tick(void)
@@ -373,14 +466,18 @@ eb_nats_shared_tick(void)
 		}
 	}
 	list_free(snapshot);
+	lease_steps_finish(now);
 
 	if (eb_js == NULL || !eb_nats_connected())
 		return;
 	if (!eb_nats_lease_ready())
 	{
-		if (now < open_at)
-			return;
-		open_at = TimestampTzPlusMilliseconds(now, LEASE_RETRY_MS);
+		if (!eb_nats_lease_opening())
+		{
+			if (now < open_at)
+				return;
+			open_at = TimestampTzPlusMilliseconds(now, LEASE_RETRY_MS);
+		}
 		if (!eb_nats_lease_open())
 			return;
 	}
@@ -395,6 +492,8 @@ eb_nats_shared_tick(void)
 
 		if (ProcDiePending)
 			break;
+		if (ns->lease_job != NULL)
+			continue;			/* one request at a time */
 		switch (ns->state)
 		{
 			case SUB_HELD:
@@ -408,12 +507,13 @@ eb_nats_shared_tick(void)
 				}
 				break;
 			case SUB_STANDBY:
-				if (now >= ns->check_at)
-					try_acquire(ns, now);
+				if (now >= ns->check_at &&
+					!lease_send(ns, EB_NATS_JOB_LEASE_READ, STEP_ACQUIRE_READ, 0, now))
+					ns->check_at = TimestampTzPlusMilliseconds(now, LEASE_RETRY_MS);
 				break;
 			case SUB_RELEASING:
 				if ((ns->held == 0 && ns->open_requests == 0) || now >= ns->release_by)
-					finish_release(ns);
+					release_begin(ns, now);
 				break;
 		}
 	}
@@ -470,7 +570,8 @@ eb_nats_shared_set_topics(List *want)
 /*
  * Shared mode, at exit: give every lease back.  The server ends our pull
  * requests within SHARED_EXPIRES_MS; whatever they brought and whatever is
- * out unfinished is NAKed in stream order, then the leases are released.
+ * out unfinished is NAKed in stream order, then the leases are released
+ * (their requests together, waited for at most STOP_RELEASE_MS).
  */
 void
 eb_nats_shared_stop(void)
@@ -505,15 +606,45 @@ eb_nats_shared_stop(void)
 			break;
 		pg_usleep(20 * 1000);
 	}
+
+	/* A refresh under way may still move the revision: wait for it. */
+	deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), STOP_RELEASE_MS);
 	snapshot = list_copy(eb_nats_subs);
 	foreach(lc, snapshot)
 	{
 		NatsSub    *ns = lfirst(lc);
 
-		if (ns->state == SUB_RELEASING && ns->lease_rev != 0)
-			finish_release(ns);
+		if (ns->state != SUB_RELEASING || ns->lease_rev == 0)
+			continue;
+		if (ns->lease_job != NULL && ns->lease_step != STEP_RELEASE)
+		{
+			EbNatsJob  *j = ns->lease_job;
+
+			if (!eb_nats_job_wait(j, Max(0, eb_ms_until(deadline))))
+				continue;		/* no answer: others take it when it goes stale */
+			ns->lease_job = NULL;
+			if (j->kind == EB_NATS_JOB_LEASE_WRITE && j->lease_newrev != 0)
+				ns->lease_rev = j->lease_newrev;
+			eb_nats_job_free(j);
+		}
+		if (ns->lease_job == NULL)
+			release_begin(ns, GetCurrentTimestamp());
+	}
+	list_free(snapshot);
+
+	/* The releases, sent together: wait for them (bounded). */
+	snapshot = list_copy(eb_nats_subs);
+	foreach(lc, snapshot)
+	{
+		NatsSub    *ns = lfirst(lc);
+		EbNatsJob  *j = ns->lease_job;
+
+		if (j == NULL || ns->lease_step != STEP_RELEASE)
+			continue;
+		ns->lease_job = NULL;
+		release_end(ns, eb_nats_job_wait(j, Max(0, eb_ms_until(deadline))) && j->ok);
+		eb_nats_job_free(j);
 	}
 	list_free(snapshot);
 	eb_nats_lease_close();
 }
-
