@@ -451,6 +451,8 @@ eb_nats_shared_tick(void)
 	List	   *snapshot;
 	ListCell   *lc;
 
+	/* First the answers that came: a refresh answered just now counts. */
+	lease_steps_finish(now);
 	snapshot = list_copy(eb_nats_subs);
 	foreach(lc, snapshot)
 	{
@@ -466,7 +468,6 @@ eb_nats_shared_tick(void)
 		}
 	}
 	list_free(snapshot);
-	lease_steps_finish(now);
 
 	if (eb_js == NULL || !eb_nats_connected())
 		return;
