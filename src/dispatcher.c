@@ -35,6 +35,7 @@
 #include "guc.h"
 #include "pool.h"
 #include "pool_link.h"
+#include "quarantine.h"
 #include "transport.h"
 #include "util.h"
 
@@ -98,21 +99,6 @@ typedef struct ItemRef
 	int			worker;
 } ItemRef;
 
-/* A malformed message waiting to be written to eventbus.quarantine. */
-typedef struct Quarantined
-{
-	Delivery   *delivery;
-	int			transport;
-	char	   *topic;
-	int32		partition;
-	int64		offset;
-	uint64		stream_seq;
-	bytea	   *key;
-	Jsonb	   *headers;
-	bytea	   *raw;
-	const char *reason;
-} Quarantined;
-
 static Sub *subs = NULL;
 static int	nsubs = 0;
 static uint64 subs_generation = 0;
@@ -121,9 +107,8 @@ static TimestampTz subs_loaded_at = 0;
 static HTAB *items;				/* tag -> ItemRef */
 static uint64 next_tag = 1;
 static int	in_flight = 0;
-static List *quarantine = NIL;
 static dlist_head unflushed = DLIST_STATIC_INIT(unflushed);	/* oldest first */
-static MemoryContext msg_cxt;	/* deliveries, quarantine */
+static MemoryContext msg_cxt;	/* deliveries */
 static bool consumer_up[EB_NTRANSPORTS];
 static bool shared_at_start = false;	/* eventbus.consumer_mode when it started */
 
@@ -141,6 +126,13 @@ finish(Delivery *d)
 		tr->consumer_done(d->token);
 	pfree(d);
 	in_flight--;
+}
+
+/* A quarantined message is written: finish it (quarantine.c). */
+static void
+finish_quarantined(void *delivery)
+{
+	finish((Delivery *) delivery);
 }
 
 /*
@@ -245,18 +237,6 @@ sched_send(int w, int slot, uint64 tag, StringInfo buf)
 	return true;
 }
 
-/* A bytea copy of bytes. */
-static bytea *
-to_bytea(const char *data, size_t len)
-{
-	bytea	   *b = palloc(VARHDRSZ + len);
-
-	SET_VARSIZE(b, VARHDRSZ + len);
-	if (len > 0)
-		memcpy(VARDATA(b), data, len);
-	return b;
-}
-
 /*
  * Take one inbound message (the consumers' EbDeliverFn): decode it, then
  * either queue it for quarantine or hand one work item per matching
@@ -291,19 +271,7 @@ dispatch_message(EbInbound *in)
 	MemoryContextSwitchTo(parent);
 	if (reason != NULL)
 	{
-		Quarantined *q = palloc0(sizeof(Quarantined));
-
-		q->delivery = d;
-		q->transport = in->transport;
-		q->topic = pstrdup(in->topic);
-		q->partition = in->partition;
-		q->offset = in->offset;
-		q->stream_seq = in->stream_seq;
-		q->key = in->key ? to_bytea(in->key, in->keylen) : NULL;
-		q->headers = eb_inbound_headers_jsonb(in->nheaders, in->header_names, in->header_values);
-		q->raw = to_bytea(in->data, in->len);
-		q->reason = pstrdup(reason);
-		quarantine = lappend(quarantine, q);	/* flushed in this iteration */
+		eb_quarantine_queue(in, reason, d);	/* flushed in this iteration */
 		MemoryContextDelete(mcxt);
 		return;
 	}
@@ -346,64 +314,6 @@ dispatch_message(EbInbound *in)
 	/* No subscription (any more) for it: nothing to do. */
 	if (d->pending == 0)
 		finish(d);
-}
-
-/* Write queued malformed messages to eventbus.quarantine, then finish them. */
-static void
-flush_quarantine(void)
-{
-	ListCell   *lc;
-	Oid			types[10] = {TEXTOID, TEXTOID, INT4OID, INT8OID, INT8OID, BYTEAOID, JSONBOID, BYTEAOID, TEXTOID};
-
-	MemoryContext cxt;
-
-	if (quarantine == NIL)
-		return;
-	cxt = eb_xact_begin();
-	foreach(lc, quarantine)
-	{
-		Quarantined *q = lfirst(lc);
-		Datum		v[9];
-		char		n[9];
-
-		memset(n, ' ', sizeof(n));
-		v[0] = CStringGetTextDatum(eb_transport_name(q->transport));
-		v[1] = CStringGetTextDatum(q->topic);
-		v[2] = Int32GetDatum(q->partition);
-		n[2] = q->partition >= 0 ? ' ' : 'n';
-		v[3] = Int64GetDatum(q->offset);
-		n[3] = q->offset >= 0 ? ' ' : 'n';
-		v[4] = Int64GetDatum((int64) q->stream_seq);
-		n[4] = q->stream_seq > 0 ? ' ' : 'n';
-		v[5] = PointerGetDatum(q->key);
-		n[5] = q->key ? ' ' : 'n';
-		v[6] = JsonbPGetDatum(q->headers);
-		n[6] = q->headers ? ' ' : 'n';
-		v[7] = PointerGetDatum(q->raw);
-		v[8] = CStringGetTextDatum(q->reason);
-		if (SPI_execute_with_args("INSERT INTO eventbus.quarantine (transport, topic, kafka_partition,"
-								  " kafka_offset, stream_sequence, message_key, headers, raw, reason)"
-								  " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-								  9, types, v, n, false, 0) != SPI_OK_INSERT)
-			elog(ERROR, "could not write to eventbus.quarantine");
-		ereport(LOG,
-				(errcode(ERRCODE_DATA_EXCEPTION),
-				 errmsg("quarantined a message from %s topic %s: %s",
-						eb_transport_name(q->transport), q->topic, q->reason)));
-	}
-	/* The messages are acknowledged next: flushed whatever synchronous_commit says. */
-	ForceSyncCommit();
-	eb_xact_end(cxt);
-
-	foreach(lc, quarantine)
-	{
-		Quarantined *q = lfirst(lc);
-
-		eb_shmem_count_quarantined(q->transport, 1);
-		finish(q->delivery);
-	}
-	list_free(quarantine);
-	quarantine = NIL;
 }
 
 /*
@@ -770,7 +680,7 @@ eventbus_dispatcher_main(Datum main_arg)
 			eb_sched_dispatch(sched_send);
 			eb_pool_link_flush();
 		}
-		flush_quarantine();
+		eb_quarantine_flush(finish_quarantined);
 		prune_inbox();
 		report_status();
 
