@@ -395,7 +395,8 @@ eb_nats_lease_changes(void (*fn) (const char *key, bool is_free, void *arg), voi
  * Start a lease request as a job (nats_api.c): read (EB_NATS_JOB_LEASE_READ),
  * write our name if the revision is still rev (WRITE; rev 0: the key must
  * not exist), or release what we hold at rev (RELEASE).  NULL when it
- * cannot be sent now (bucket not open, not connected): as no answer.  The
+ * cannot be sent now (bucket not open, not connected, a release of
+ * revision 0): as no answer.  The
  * caller takes the outcome once eb_nats_job_done says so, and frees it.
  */
 EbNatsJob *
@@ -405,6 +406,8 @@ eb_nats_lease_start(EbNatsJobKind kind, const char *key, uint64 rev)
 
 	if (kv == NULL || !eb_nats_connected())
 		return NULL;
+	if (kind == EB_NATS_JOB_LEASE_RELEASE && rev == 0)
+		return NULL;			/* never written by us: nothing to release */
 	if ((j = eb_nats_job_new(kind, "")) == NULL)
 		return NULL;
 	strlcpy(j->lease_key, key, sizeof(j->lease_key));

@@ -44,10 +44,8 @@ disp=$(dispatcher_pid)
 kill -STOP "$DEVBROKER_PID"
 q -c "SELECT eventbus_subscribe('$TK', 't50_handle(eventbus.envelope)', 'kafka')" >/dev/null
 sleep 1
-( for i in $(seq 1 40); do publish "$TN" "$i" nats; sleep 0.1; done ) &
-publisher=$!
-read -r f n < <(main_waits "$disp" 4)
-wait "$publisher"
+publish_nats() { publish "$TN" "$1" nats; }
+read -r f n < <(main_waits_during "$disp" 4 40 publish_nats)
 diag "Kafka frozen, a Kafka topic subscribed: the dispatcher's main thread in a futex in $f of $n samples"
 ok "$([ "$f" -le $((n / 20)) ]; echo $?)" "the dispatcher's main thread does not wait for the frozen Kafka broker (at most 5 % of the samples in a futex)"
 wait_count 60 41 "SELECT count(*) FROM t50_handled WHERE topic = '$TN'" 30

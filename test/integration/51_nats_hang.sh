@@ -45,12 +45,11 @@ q -c "SELECT eventbus_subscribe('$TN', 't51_handle(eventbus.envelope)', 'nats')"
 q -c "SELECT count(eventbus_publish('$TN2', 'agg-' || g, 'T51', '{}'::jsonb, transport => 'nats')) FROM generate_series(1, 50) g" >/dev/null
 q -c "SELECT eventbus_subscribe('$TN2', 't51_handle(eventbus.envelope)', 'nats')" >/dev/null
 sleep 1
-( for i in $(seq 1 40); do publish "$TK" "$i" kafka; sleep 0.1; done ) &
-publisher=$!
 main_waits "$launcher" 4 > "$EVENTBUS_STATE/t51.launcher" &
 sampler=$!
-read -r df dn < <(main_waits "$disp" 4)
-wait "$sampler"; wait "$publisher"
+publish_kafka() { publish "$TK" "$1" kafka; }
+read -r df dn < <(main_waits_during "$disp" 4 40 publish_kafka)
+wait "$sampler"
 read -r lf ln < "$EVENTBUS_STATE/t51.launcher"
 rm -f "$EVENTBUS_STATE/t51.launcher"
 diag "NATS frozen: main thread in a futex in $df of $dn samples (dispatcher), $lf of $ln (launcher)"

@@ -62,10 +62,8 @@ wait_count 90 4 "SELECT count(*) FROM t53_handled WHERE topic LIKE 't53.%.$run'"
 disp=$(dispatcher_pid)
 kill -STOP "$NATS_PID"
 subscribe "t53.nats4.$run" nats
-( for i in $(seq 1 60); do publish "$TK" "$i" kafka; sleep 0.1; done ) &
-publisher=$!
-read -r df dn < <(main_waits "$disp" 8)
-wait "$publisher"
+publish_kafka() { publish "$TK" "$1" kafka; }
+read -r df dn < <(main_waits_during "$disp" 8 60 publish_kafka)
 diag "NATS frozen: the dispatcher's main thread in a futex in $df of $dn samples"
 ok "$([ "$df" -le $((dn / 20)) ]; echo $?)" "the dispatcher's main thread does not wait for the frozen NATS server's lease answers (at most 5 % of the samples in a futex)"
 wait_count 60 61 "SELECT count(*) FROM t53_handled WHERE topic = '$TK'" 30

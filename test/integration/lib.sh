@@ -268,6 +268,19 @@ main_waits() {
 	echo "$f $n"
 }
 
+# main_waits_during PID SECONDS COUNT COMMAND... — main_waits PID SECONDS
+# while COMMAND I runs for I = 1..COUNT, every 0.1 s, in the background
+# (the other transport's traffic meanwhile); prints "futex samples".
+main_waits_during() {
+	local pid=$1 secs=$2 n=$3 bg r
+	shift 3
+	( for i in $(seq 1 "$n"); do "$@" "$i"; sleep 0.1; done ) &
+	bg=$!
+	r=$(main_waits "$pid" "$secs")
+	wait "$bg"
+	echo "$r"
+}
+
 # consumer_state TRANSPORT — state of the dispatcher's consumer for it.
 consumer_state() {
 	q -c "SELECT state FROM eventbus_status() WHERE component = 'dispatcher' AND transport = '$1'" 2>/dev/null
