@@ -161,9 +161,85 @@ job_stream_name(EbNatsJob *j)
 }
 
 /*
- * Bind the job's durable pull consumer (creating it if needed).  takeover:
- * restart an existing durable at its ack floor + 1 (delete, recreate);
- * else use it as it is.  Helper thread.
+ * Helper thread: open (creating it if needed) the bucket of single mode's
+ * kept positions; NULL if the server or the account does not allow it.
+ */
+static kvStore *
+positions_open(EbNatsJob *j)
+{
+	kvStore    *kv = NULL;
+	kvConfig	cfg;
+
+	kvConfig_Init(&cfg);
+	cfg.Bucket = EB_NATS_POSITIONS_BUCKET;
+	cfg.Description = "eventbus: up to which stream sequence each AckNone durable's messages are handled";
+	cfg.History = 1;
+	cfg.StorageType = js_FileStorage;
+	/* Created by someone else with other settings: use it as it is. */
+	if (js_CreateKeyValue(&kv, j->js, &cfg) != NATS_OK &&
+		js_KeyValue(&kv, j->js, EB_NATS_POSITIONS_BUCKET) != NATS_OK)
+		return NULL;
+	return kv;
+}
+
+/*
+ * Helper thread: the kept position of the job's durable.  Returns false
+ * when the server did not answer; *found false when no position is kept (or
+ * what is kept is not a number: never trusted).
+ */
+static bool
+position_read(EbNatsJob *j, kvStore *kv, uint64 *pos, bool *found)
+{
+	kvEntry    *e = NULL;
+	natsStatus	s = kvStore_Get(&e, kv, j->lease_key);
+	const char *v;
+	int			len;
+
+	*found = false;
+	*pos = 0;
+	if (s == NATS_NOT_FOUND)
+		return true;
+	if (s != NATS_OK)
+	{
+		snprintf(j->error, sizeof(j->error), "could not read the kept position of JetStream consumer %s: %s",
+				 j->durable, natsStatus_GetText(s));
+		return false;
+	}
+	v = kvEntry_Value(e);
+	len = kvEntry_ValueLen(e);
+	if (v != NULL && len > 0 && len <= 18)
+	{
+		uint64		n = 0;
+		int			i;
+
+		for (i = 0; i < len && v[i] >= '0' && v[i] <= '9'; i++)
+			n = n * 10 + (uint64) (v[i] - '0');
+		if (i == len)
+		{
+			*pos = n;
+			*found = true;
+		}
+	}
+	kvEntry_Destroy(e);
+	return true;
+}
+
+/*
+ * Bind the job's durable pull consumer (creating it if needed).  Helper
+ * thread.
+ *
+ * ack_none (single mode): the durable is AckNone, and how far its messages
+ * are handled is kept in EB_NATS_POSITIONS_BUCKET.  Every bind then is a
+ * takeover: an AckNone durable forgets what it delivered and we did not
+ * finish, so it is recreated at the kept position + 1.  The position is written before the durable is
+ * recreated, so that an AckNone durable always has one; one that has none
+ * (the bucket emptied by hand) starts again from the stream's first message,
+ * which the inbox skips, rather than lose any.  Without the bucket
+ * (permissions): an explicitly acked durable, as in shared mode.
+ *
+ * Explicitly acked (shared mode): takeover restarts an existing durable at
+ * its ack floor + 1, else it is used as it is (a lease released cleanly:
+ * nothing of it is in flight anywhere) unless it is an AckNone one.
  */
 static bool
 job_bind(EbNatsJob *j)
@@ -172,48 +248,97 @@ job_bind(EbNatsJob *j)
 	jsConsumerInfo *ci = NULL;
 	jsErrCode	jerr = 0;
 	natsStatus	s;
+	kvStore    *kv = NULL;
 	bool		exists = false;
+	bool		was_none = false;
+	uint64		ack_floor = 0;
+	bool		ok = false;
 
 	if (!job_stream(j) || !job_stream_name(j))
 		return false;
+	if (j->ack_none && (kv = positions_open(j)) == NULL)
+	{
+		j->ack_none = false;
+		j->no_positions = true;
+	}
 	if (js_GetConsumerInfo(&ci, j->js, j->stream, j->durable, NULL, &jerr) == NATS_OK)
 	{
-		if (j->takeover)
-		{
-			j->start = ci->AckFloor.Stream + 1;
+		exists = true;
+		was_none = ci->Config != NULL && ci->Config->AckPolicy == js_AckNone;
+		ack_floor = ci->AckFloor.Stream;
+		if (!was_none)
 			j->unacked = ci->NumAckPending;
-			js_DeleteConsumer(j->js, j->stream, j->durable, NULL, &jerr);
-		}
-		else
-			exists = true;
 		jsConsumerInfo_Destroy(ci);
 		ci = NULL;
 	}
-	if (exists)
-		return true;
-
-	/* A pull consumer: no deliver subject; the inbox receives its answers. */
-	jsConsumerConfig_Init(&cfg);
-	cfg.Durable = j->durable;
-	cfg.AckPolicy = js_AckExplicit;
-	/* New durable: the start policy (everything retained); else resume. */
-	cfg.DeliverPolicy = j->start > 0 ? js_DeliverByStartSequence : js_DeliverAll;
-	cfg.OptStartSeq = j->start;
-	cfg.AckWait = j->ack_wait_ns;
-	cfg.MaxAckPending = j->max_ack_pending;
-	cfg.MaxDeliver = -1;
-	cfg.FilterSubject = j->topic;
-	jerr = 0;
-	s = js_AddConsumer(&ci, j->js, j->stream, &cfg, NULL, &jerr);
-	if (ci)
-		jsConsumerInfo_Destroy(ci);
-	if (s != NATS_OK)
+	if (exists && !j->takeover && !was_none && !j->ack_none)
+		ok = true;				/* explicit, released cleanly: as it is */
+	else
 	{
-		snprintf(j->error, sizeof(j->error), "could not bind JetStream consumer %s for %s: %s (JetStream error %d)",
-				 j->durable, j->topic, natsStatus_GetText(s), (int) jerr);
-		return false;
+		/* Where to start: 0 = every message the stream keeps. */
+		j->start = 0;
+		if (exists && !was_none)
+			j->start = ack_floor + 1;
+		else if (exists)
+		{
+			uint64		pos;
+			bool		found;
+
+			if (kv == NULL && (kv = positions_open(j)) == NULL)
+			{
+				snprintf(j->error, sizeof(j->error), "could not open the JetStream bucket %s for the position of consumer %s",
+						 EB_NATS_POSITIONS_BUCKET, j->durable);
+				goto done;
+			}
+			if (!position_read(j, kv, &pos, &found))
+				goto done;
+			if (found)
+				j->start = pos + 1;
+			else
+				j->replay_all = true;
+		}
+		if (j->ack_none)
+		{
+			char		val[24];
+			uint64		rev = 0;
+
+			snprintf(val, sizeof(val), UINT64_FORMAT, j->start > 0 ? j->start - 1 : (uint64) 0);
+			if ((s = kvStore_PutString(&rev, kv, j->lease_key, val)) != NATS_OK)
+			{
+				snprintf(j->error, sizeof(j->error), "could not keep the position of JetStream consumer %s: %s",
+						 j->durable, natsStatus_GetText(s));
+				goto done;
+			}
+		}
+		if (exists)
+			js_DeleteConsumer(j->js, j->stream, j->durable, NULL, &jerr);
+
+		/* A pull consumer: no deliver subject; the inbox receives its answers. */
+		jsConsumerConfig_Init(&cfg);
+		cfg.Durable = j->durable;
+		cfg.AckPolicy = j->ack_none ? js_AckNone : js_AckExplicit;
+		cfg.DeliverPolicy = j->start > 0 ? js_DeliverByStartSequence : js_DeliverAll;
+		cfg.OptStartSeq = j->start;
+		if (!j->ack_none)
+		{
+			cfg.AckWait = j->ack_wait_ns;
+			cfg.MaxAckPending = j->max_ack_pending;
+		}
+		cfg.MaxDeliver = -1;
+		cfg.FilterSubject = j->topic;
+		jerr = 0;
+		s = js_AddConsumer(&ci, j->js, j->stream, &cfg, NULL, &jerr);
+		if (ci)
+			jsConsumerInfo_Destroy(ci);
+		if (s != NATS_OK)
+			snprintf(j->error, sizeof(j->error), "could not bind JetStream consumer %s for %s: %s (JetStream error %d)",
+					 j->durable, j->topic, natsStatus_GetText(s), (int) jerr);
+		ok = s == NATS_OK;
 	}
-	return true;
+done:
+	if (kv != NULL)
+		kvStore_Destroy(kv);
+	return ok;
 }
 
 /* Free a job and what it owns. */

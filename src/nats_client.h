@@ -46,6 +46,13 @@ extern bool eb_nats_produce(const EbEvent *ev, const char *value, size_t len, in
 extern void eb_nats_round_abandon(void);
 extern void eb_nats_wave_sent(int round_n);
 
+/*
+ * Single mode's durables are AckNone: how far each one's messages are
+ * finished is kept in this KeyValue bucket (key: the lease key of the
+ * durable), see nats_consumer.c.
+ */
+#define EB_NATS_POSITIONS_BUCKET	"eventbus_positions"
+
 /* Lease keys and what a read of one found (nats_lease.c). */
 #define EB_NATS_LEASE_KEY			256 /* key length limit, with its NUL */
 #define EB_NATS_LEASE_VALUE			128 /* a holder's name, with its NUL */
@@ -80,7 +87,8 @@ typedef struct EbNatsJob
 	EbNatsJobKind kind;
 	char		topic[EB_MAX_TOPIC + 1];
 	char	   *durable;		/* bind (malloc'd: a consumer group name has no length limit) */
-	bool		takeover;		/* bind: restart an existing durable at its ack floor + 1 */
+	bool		takeover;		/* bind: restart an existing durable at its position + 1 */
+	bool		ack_none;		/* bind: keep the position ourselves (out: if we can) */
 	int64		ack_wait_ns;	/* bind: the new consumer's settings */
 	int64		max_ack_pending;
 	char		names_request[EB_MAX_TOPIC * 6 + 32];	/* bind: {"subject":...} */
@@ -91,6 +99,8 @@ typedef struct EbNatsJob
 	char		stream[256];	/* bind: the stream capturing the topic */
 	uint64		start;			/* bind: restarted at this stream sequence (0: not) */
 	int64		unacked;		/* bind: messages unacknowledged before the restart */
+	bool		no_positions;	/* bind: the positions bucket could not be opened */
+	bool		replay_all;		/* bind: an AckNone durable without a kept position */
 	/* lease jobs (nats_lease.c) */
 	char		lease_key[EB_NATS_LEASE_KEY];
 	char		lease_value[EB_NATS_LEASE_VALUE];	/* our name (write; read: whose) */

@@ -4,8 +4,21 @@
  * open on each (batch, max_bytes, expiry) for as much as the dispatcher can
  * take; the server answers as messages arrive, into the inbox
  * (nats_inbox.c), which wakes the dispatcher.  Nothing polls while idle: a
- * request only ends when used up or expired, and is then renewed.  A
- * message is acked only after its handlers' transaction committed.
+ * request only ends when used up or expired, and is then renewed.
+ *
+ * Single mode: the durables are AckNone, and we keep their positions, as
+ * Kafka's consumer keeps its committed offsets.  Acking each message cost
+ * the server and us more than handling it (an ack is a message of its own
+ * for the server to route and apply).  A subscription's position is the
+ * stream sequence up to which every message delivered to us is finished
+ * (its handlers' commit flushed, or quarantined): the message before the
+ * oldest one still out, else the last delivered.  It is written to the
+ * KeyValue bucket EB_NATS_POSITIONS_BUCKET (a plain publish, no answer
+ * awaited) at most every POSITION_EVERY_MS while it moves, and when the
+ * subscription is released (shutdown included).  A position lost on the
+ * way only means more comes again after a restart, which the inbox skips.
+ * Shared mode keeps explicit acks: a lease's hand-over gives messages back
+ * one by one (NAK), which an AckNone durable cannot take.
  *
  * Memory: the bytes queued in the inbox plus what the open requests may
  * still bring stay within the budget the dispatcher passes to poll (its
@@ -15,14 +28,15 @@
  * eventbus.dispatcher_memory itself is fetched alone, when nothing else is
  * held.
  *
- * Order across restarts: JetStream redelivers a message that was delivered
- * but never acked only after AckWait, while new fetches would already return
- * later messages — an aggregate's later event could be handled first.  So
- * when binding a durable that exists, we restart it at its ack floor + 1
- * (delete, recreate at that stream sequence): everything not known to be
- * finished comes again, in stream order, and the inbox skips what was
- * already handled.  The durable's name and position survive; it is never
- * deleted on shutdown.
+ * Order across restarts: an AckNone durable never redelivers, and an
+ * explicit one redelivers a message that was delivered but never acked only
+ * after AckWait, while new fetches would already return later messages (an
+ * aggregate's later event could be handled first).  So when binding a
+ * durable that exists, we restart it at its position + 1 (the kept one, or
+ * an explicit durable's ack floor; delete, recreate at that stream
+ * sequence, nats_api.c): everything not known to be finished comes again,
+ * in stream order, and the inbox skips what was already handled.  The
+ * durable's name and position survive; it is never deleted on shutdown.
  *
  * In shared mode (eventbus.consumer_mode = shared, nats_shared.c) a
  * subscription binds and fetches only while this instance holds its lease.
@@ -49,6 +63,7 @@
 #define GRANT_MIN		(256 * 1024)	/* max_bytes of a request, at least... */
 #define GRANT_FLOOR		(16 * 1024) /* ...unless many subjects share the budget */
 #define RETRY_MS		1000	/* after an unexpected status */
+#define POSITION_EVERY_MS 200	/* a moving position is written this often */
 
 List	   *eb_nats_subs = NIL;		/* NatsSub *, bound or to be bound */
 static List *wanted = NIL;		/* subjects to consume (char *) */
@@ -56,6 +71,8 @@ static uint64 seen_reconnects = 0;
 static bool paused = false;
 static int	next_turn = 0;		/* fairness: the sub served first */
 static List *acks_due = NIL;	/* NatsHeld * finished, ack not sent yet */
+static bool said_no_positions = false;
+
 
 bool		eb_nats_shared_mode = false;	/* eventbus.consumer_mode = shared */
 
@@ -84,6 +101,53 @@ durable_name(const char *topic)
 		appendStringInfoChar(&buf, *p == '.' ? '_' : *p);
 	appendStringInfo(&buf, "_%08x", h);
 	return buf.data;
+}
+
+/*
+ * An AckNone subscription's position: the stream sequence up to which every
+ * message delivered to it is finished (see the top of this file).
+ */
+static uint64
+position(NatsSub *ns)
+{
+	NatsHeld   *oldest;
+
+	if (ns->stuck)
+		return ns->kept;
+	if (dlist_is_empty(&ns->out))
+		return ns->last_seq;
+	oldest = dlist_head_element(NatsHeld, node, &ns->out);
+	/* Sequence unknown (no metadata): no further than before. */
+	return oldest->seq > 0 ? oldest->seq - 1 : ns->kept;
+}
+
+/*
+ * Write ns's position to the bucket if it moved (and, unless now, its
+ * interval is over): a plain publish on the KeyValue subject, as a put
+ * without waiting for the answer.
+ */
+static void
+keep_position(NatsSub *ns, bool now)
+{
+	uint64		pos;
+	char		subject[sizeof("$KV." EB_NATS_POSITIONS_BUCKET ".") + EB_NATS_LEASE_KEY];
+	char		val[24];
+	TimestampTz ts;
+
+	if (!ns->ack_none || ns->released || eb_nats_conn == NULL)
+		return;
+	pos = position(ns);
+	if (pos <= ns->kept)
+		return;
+	ts = GetCurrentTimestamp();
+	if (!now && ts < ns->keep_at)
+		return;
+	snprintf(subject, sizeof(subject), "$KV." EB_NATS_POSITIONS_BUCKET ".%s", ns->lease_key);
+	snprintf(val, sizeof(val), UINT64_FORMAT, pos);
+	ns->keep_at = TimestampTzPlusMilliseconds(ts, POSITION_EVERY_MS);
+	if (natsConnection_PublishString(eb_nats_conn, subject, val) != NATS_OK)
+		return;					/* tried again after the interval */
+	ns->kept = pos;
 }
 
 /* A subscription of one subject, not bound yet. */
@@ -134,6 +198,8 @@ eb_nats_bind_sub(NatsSub *ns, bool takeover)
 	}
 	j->durable = durable;
 	j->takeover = takeover;
+	j->ack_none = !eb_nats_shared_mode;
+	strlcpy(j->lease_key, ns->lease_key, sizeof(j->lease_key));
 	j->ack_wait_ns = ACK_WAIT_NS;
 	j->max_ack_pending = MAX_ACK_PENDING;
 	strlcpy(j->names_request, body.data, sizeof(j->names_request));
@@ -157,6 +223,23 @@ bind_finish(NatsSub *ns)
 		eb_nats_job_free(j);
 		return;
 	}
+	if (j->no_positions && !said_no_positions)
+	{
+		ereport(WARNING,
+				(errcode(ERRCODE_CONNECTION_FAILURE),
+				 errmsg("could not open the JetStream KeyValue bucket \"%s\": JetStream consumers acknowledge every message",
+						EB_NATS_POSITIONS_BUCKET),
+				 errhint("Allow the NATS account to create and use that bucket; consumption is slower without it.")));
+		said_no_positions = true;
+	}
+	if (j->replay_all)
+		ereport(WARNING,
+				(errcode(ERRCODE_DATA_CORRUPTED),
+				 errmsg("JetStream consumer %s has no kept position in bucket \"%s\": starting again from the stream's first message",
+						ns->durable, EB_NATS_POSITIONS_BUCKET),
+				 errdetail("Messages already handled are skipped (the inbox records them).")));
+	ns->ack_none = j->ack_none;
+	ns->last_seq = ns->kept = j->start > 0 ? j->start - 1 : 0;
 	if (j->unacked > 0)
 		ereport(LOG,
 				(errmsg("resuming JetStream consumer %s at stream sequence " UINT64_FORMAT
@@ -213,6 +296,7 @@ eb_nats_free_sub(NatsSub *ns)
 void
 eb_nats_release_sub(NatsSub *ns)
 {
+	keep_position(ns, true);
 	eb_nats_job_free(ns->bind_job);		/* a bind in flight is left to its helper */
 	ns->bind_job = NULL;
 	eb_nats_job_free(ns->lease_job);	/* as is a lease request */
@@ -331,6 +415,7 @@ deliver(NatsSub *ns, natsMsg *msg)
 	{
 		in.stream_seq = meta->Sequence.Stream;
 		held->seq = in.stream_seq;
+		ns->last_seq = Max(ns->last_seq, held->seq);
 		ns->pending = (int64) meta->NumPending;
 		jsMsgMetaData_Destroy(meta);
 	}
@@ -539,6 +624,8 @@ eb_nats_consumer_poll(int max, int64 max_bytes)
 	ListCell   *lc;
 
 	flush_acks();
+	foreach(lc, eb_nats_subs)
+		keep_position(lfirst(lc), false);
 	if (eb_nats_shared_mode)
 		eb_nats_shared_tick();
 	if (eb_js == NULL || !eb_nats_connected())
@@ -592,8 +679,8 @@ flush_acks(void)
 		NatsHeld   *held = lfirst(lc);
 		NatsSub    *ns = held->ns;
 
-		if (!ns->released && !ns->given_back && eb_nats_conn != NULL && held->reply[0] != '\0' &&
-			natsConnection_PublishString(eb_nats_conn, held->reply, "+ACK") != NATS_OK)
+		if (!ns->released && !ns->given_back && !ns->ack_none && eb_nats_conn != NULL &&
+			held->reply[0] != '\0' && natsConnection_PublishString(eb_nats_conn, held->reply, "+ACK") != NATS_OK)
 			ereport(DEBUG1, (errmsg_internal("JetStream ack failed; it will redeliver (the inbox skips it)")));
 		dlist_delete(&held->node);
 		pfree(held);
@@ -670,9 +757,26 @@ eb_nats_consumer_pause(bool pause)
 	paused = pause;
 }
 
-/* Arrivals and request ends wake the dispatcher: no polling when idle. */
+/*
+ * Arrivals and request ends wake the dispatcher: no polling when idle, but
+ * for a position still to write (when its interval is over).
+ */
 int
 eb_nats_consumer_idle_poll_ms(void)
 {
-	return 0;
+	ListCell   *lc;
+	int			ms = 0;
+
+	foreach(lc, eb_nats_subs)
+	{
+		NatsSub    *ns = lfirst(lc);
+
+		if (ns->ack_none && !ns->released && eb_nats_conn != NULL && position(ns) > ns->kept)
+		{
+			int			due = (int) Max(1, eb_ms_until(ns->keep_at));
+
+			ms = ms == 0 ? due : Min(ms, due);
+		}
+	}
+	return ms;
 }

@@ -49,7 +49,14 @@ typedef struct NatsSub
 	int			last_status;	/* last unexpected status logged */
 	TimestampTz retry_at;		/* no request before (after a status) */
 	bool		released;		/* no longer in subs: never ack for it */
-	dlist_head	out;			/* NatsHeld delivered, not finished */
+	dlist_head	out;			/* NatsHeld delivered, not finished (delivery order) */
+
+	/* single mode: an AckNone durable whose position we keep */
+	bool		ack_none;
+	uint64		last_seq;		/* stream sequence of the last message delivered */
+	uint64		kept;			/* position last written to the bucket */
+	bool		stuck;			/* a message was abandoned: position stays */
+	TimestampTz keep_at;		/* write it no sooner than this */
 
 	/* shared mode */
 	SubState	state;

@@ -74,6 +74,9 @@ eb_nats_consumer_abandon(void *token)
 	NatsHeld   *held = token;
 	NatsSub    *ns = held->ns;
 
+	/* Not finished: an AckNone durable's position must not pass it. */
+	if (ns->ack_none)
+		ns->stuck = true;
 	dlist_delete(&held->node);
 	if (!ns->released && ns->state == SUB_RELEASING && !ns->given_back && held->reply[0] != '\0')
 	{

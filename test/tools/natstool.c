@@ -33,8 +33,15 @@
  *       One JSON line about the stream capturing SUBJECT (config and state).
  *   consumers STREAM
  *       Durable consumer names of STREAM, sorted, one per line.
+ *   consumer STREAM DURABLE
+ *       "ack=none|all|explicit delivered=SEQ ack_floor=SEQ ack_pending=N
+ *       pending=N" (stream sequences) for that durable.
+ *   kv-get BUCKET KEY
+ *       The key's value on one line; exit status 3 if the key does not exist.
+ *   kv-del BUCKET KEY
+ *       Delete the key (its history too): "deleted KEY".
  *
- * Exit status: 0 success, 1 error, 2 no such stream, 64 usage error.
+ * Exit status: 0 success, 1 error, 2 no such stream, 3 no such key, 64 usage error.
  */
 #define _GNU_SOURCE
 #include <nats/nats.h>
@@ -87,6 +94,8 @@ usage(const char *msg)
 		  "  set-max-msg-size NAME BYTES | set-max-msgs NAME COUNT\n"
 		  "  stream-info SUBJECT\n"
 		  "  consumers STREAM\n"
+		  "  consumer STREAM DURABLE\n"
+		  "  kv-get BUCKET KEY | kv-del BUCKET KEY\n"
 		  "  listen SUBJECT SECONDS\n", stderr);
 	return EXIT_USAGE;
 }
@@ -668,6 +677,67 @@ cmd_consumers(const char *stream)
 	return 0;
 }
 
+/* Print one durable's ack policy and positions. */
+static int
+cmd_consumer(const char *stream, const char *durable)
+{
+	jsConsumerInfo *ci = NULL;
+	jsErrCode	jerr = 0;
+	natsStatus	s = js_GetConsumerInfo(&ci, js, stream, durable, NULL, &jerr);
+
+	if (s != NATS_OK)
+		return fail("reading the consumer", s, jerr);
+	printf("ack=%s delivered=%llu ack_floor=%llu ack_pending=%lld pending=%llu\n",
+		   ci->Config->AckPolicy == js_AckNone ? "none" :
+		   ci->Config->AckPolicy == js_AckAll ? "all" : "explicit",
+		   (unsigned long long) ci->Delivered.Stream, (unsigned long long) ci->AckFloor.Stream,
+		   (long long) ci->NumAckPending, (unsigned long long) ci->NumPending);
+	jsConsumerInfo_Destroy(ci);
+	return 0;
+}
+
+/* Print a KeyValue entry's value; exit status 3 if there is none. */
+static int
+cmd_kv_get(const char *bucket, const char *key)
+{
+	kvStore    *kv = NULL;
+	kvEntry    *e = NULL;
+	natsStatus	s = js_KeyValue(&kv, js, bucket);
+
+	if (s == NATS_OK)
+		s = kvStore_Get(&e, kv, key);
+	if (s == NATS_NOT_FOUND)
+	{
+		kvStore_Destroy(kv);
+		return 3;
+	}
+	if (s != NATS_OK)
+	{
+		kvStore_Destroy(kv);
+		return fail("reading the key", s, 0);
+	}
+	printf("%.*s\n", kvEntry_ValueLen(e), kvEntry_ValueString(e));
+	kvEntry_Destroy(e);
+	kvStore_Destroy(kv);
+	return 0;
+}
+
+/* Delete a KeyValue key with its history. */
+static int
+cmd_kv_del(const char *bucket, const char *key)
+{
+	kvStore    *kv = NULL;
+	natsStatus	s = js_KeyValue(&kv, js, bucket);
+
+	if (s == NATS_OK)
+		s = kvStore_Purge(kv, key, NULL);
+	kvStore_Destroy(kv);
+	if (s != NATS_OK)
+		return fail("deleting the key", s, 0);
+	printf("deleted %s\n", key);
+	return 0;
+}
+
 /* Print the subject of every message on SUBJECT (wildcards allowed) for SECONDS. */
 static int
 cmd_listen(const char *subject, const char *seconds)
@@ -760,7 +830,8 @@ main(int argc, char **argv)
 			  strcmp(cmd, "consumers") == 0) ? nargs != 1 :
 			 strcmp(cmd, "ensure-stream") == 0 ? nargs < 2 :
 			 (strcmp(cmd, "set-max-msg-size") == 0 || strcmp(cmd, "set-max-msgs") == 0 ||
-			  strcmp(cmd, "listen") == 0) ?
+			  strcmp(cmd, "listen") == 0 || strcmp(cmd, "consumer") == 0 ||
+			  strcmp(cmd, "kv-get") == 0 || strcmp(cmd, "kv-del") == 0) ?
 			 nargs != 2 : true)
 		return usage("unknown command or wrong number of arguments");
 
@@ -794,6 +865,12 @@ main(int argc, char **argv)
 		rc = cmd_consumers(argv[0]);
 	else if (strcmp(cmd, "listen") == 0)
 		rc = cmd_listen(argv[0], argv[1]);
+	else if (strcmp(cmd, "consumer") == 0)
+		rc = cmd_consumer(argv[0], argv[1]);
+	else if (strcmp(cmd, "kv-get") == 0)
+		rc = cmd_kv_get(argv[0], argv[1]);
+	else if (strcmp(cmd, "kv-del") == 0)
+		rc = cmd_kv_del(argv[0], argv[1]);
 	else
 		rc = cmd_set_limit(argv[0], strcmp(cmd, "set-max-msgs") == 0, argv[1]);
 
