@@ -42,8 +42,8 @@ test/tools/devbroker: test/tools/devbroker.c test/tools/devbroker_proxy.c test/t
 test/tools/kafkaraw: test/tools/kafkaraw.c
 	$(CC) $(TOOL_CFLAGS) -o $@ $< $(shell pkg-config --cflags --libs rdkafka) -lpthread
 
-test/tools/natstool: test/tools/natstool.c
-	$(CC) $(TOOL_CFLAGS) -o $@ $< $(shell pkg-config --cflags --libs libnats) -lpthread
+test/tools/natstool: test/tools/natstool.c test/tools/natstool_admin.c test/tools/natstool.h
+	$(CC) $(TOOL_CFLAGS) -o $@ test/tools/natstool.c test/tools/natstool_admin.c $(shell pkg-config --cflags --libs libnats) -lpthread
 
 # The suite needs a server that preloads eventbus (GUCs, the 55000 checks)
 # and a test database the launcher does not serve (the "not served" errors):
