@@ -73,7 +73,6 @@ static int	next_turn = 0;		/* fairness: the sub served first */
 static List *acks_due = NIL;	/* NatsHeld * finished, ack not sent yet */
 static bool said_no_positions = false;
 
-
 bool		eb_nats_shared_mode = false;	/* eventbus.consumer_mode = shared */
 
 static void flush_acks(void);
