@@ -234,8 +234,9 @@ position_read(EbNatsJob *j, kvStore *kv, uint64 *pos, bool *found)
  * finish, so it is recreated at the kept position + 1.  The position is written before the durable is
  * recreated, so that an AckNone durable always has one; one that has none
  * (the bucket emptied by hand) starts again from the stream's first message,
- * which the inbox skips, rather than lose any.  Without the bucket
- * (permissions): an explicitly acked durable, as in shared mode.
+ * which the inbox skips, rather than lose any.  Without the bucket, or if
+ * that write fails (permissions, a bucket of other settings): an
+ * explicitly acked durable, as in shared mode.
  *
  * Explicitly acked (shared mode): takeover restarts an existing durable at
  * its ack floor + 1, else it is used as it is (a lease released cleanly:
@@ -258,6 +259,8 @@ job_bind(EbNatsJob *j)
 		return false;
 	if (j->ack_none && (kv = positions_open(j)) == NULL)
 	{
+		snprintf(j->error, sizeof(j->error), "opening it: %s",
+				 nats_GetLastError(NULL) ? nats_GetLastError(NULL) : "no answer");
 		j->ack_none = false;
 		j->no_positions = true;
 	}
@@ -303,11 +306,13 @@ job_bind(EbNatsJob *j)
 			uint64		rev = 0;
 
 			snprintf(val, sizeof(val), UINT64_FORMAT, j->start > 0 ? j->start - 1 : (uint64) 0);
+			/* Not writable (permissions, a bucket of other settings): ack instead. */
 			if ((s = kvStore_PutString(&rev, kv, j->lease_key, val)) != NATS_OK)
 			{
-				snprintf(j->error, sizeof(j->error), "could not keep the position of JetStream consumer %s: %s",
-						 j->durable, natsStatus_GetText(s));
-				goto done;
+				snprintf(j->error, sizeof(j->error), "writing key %s: %s", j->lease_key,
+						 nats_GetLastError(NULL) ? nats_GetLastError(NULL) : natsStatus_GetText(s));
+				j->ack_none = false;
+				j->no_positions = true;
 			}
 		}
 		if (exists)

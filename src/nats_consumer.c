@@ -226,8 +226,9 @@ bind_finish(NatsSub *ns)
 	{
 		ereport(WARNING,
 				(errcode(ERRCODE_CONNECTION_FAILURE),
-				 errmsg("could not open the JetStream KeyValue bucket \"%s\": JetStream consumers acknowledge every message",
+				 errmsg("could not use the JetStream KeyValue bucket \"%s\": JetStream consumers acknowledge every message",
 						EB_NATS_POSITIONS_BUCKET),
+				 errdetail("%s", j->error),
 				 errhint("Allow the NATS account to create and use that bucket; consumption is slower without it.")));
 		said_no_positions = true;
 	}

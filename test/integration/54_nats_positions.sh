@@ -14,7 +14,11 @@
 #    explicitly acked one at the kept position, and back to single into an
 #    AckNone one at its ack floor: nothing comes again either way;
 #  - with the kept position deleted by hand, the durable starts again from
-#    the stream's first message (a WARNING says so): the inbox skips it all.
+#    the stream's first message (a WARNING says so): the inbox skips it all;
+#  - with the bucket unusable (sealed, so no position can be written; a
+#    stream of its name capturing other subjects), a new
+#    subscription's durable is explicitly acked instead, with a WARNING, and
+#    its events are handled.
 source "$(dirname "$0")/lib.sh"
 
 run=$(date +%s)$RANDOM
@@ -136,6 +140,38 @@ tail -c +$((log_from + 1)) "$EVENTBUS_PG_LOG" | grep -q "has no kept position in
 ok $? "a WARNING said so"
 wait_until 10 '[ "$(kept)" = "$(last_seq)" ]'
 ok $? "the kept position is back at the stream's last message ($(kept) of $(last_seq))"
+# --- the bucket unusable: a new subscription falls back to explicit acks ----
+# unusable SETUP BATCH NAME WHAT — replace the bucket (SETUP, shell), then a
+# new subject with 20 events: its durable is explicitly acked, every event
+# handled.  The bucket is deleted again afterwards (the next bind creates it).
+KVS=KV_$BUCKET
+cleanup_before=$CONSUMER_CLEANUP
+CONSUMER_CLEANUP="$CONSUMER_CLEANUP; \"\$NATSTOOL\" --url \"\$EVENTBUS_NATS_URL\" stream-delete $KVS"
+unusable() {
+	local topic="t54.$3.$run" stream="T54$3_$run" d
+	"$NATSTOOL" --url "$EVENTBUS_NATS_URL" stream-delete "$KVS" >/dev/null && eval "$1"
+	ok $? "$4: the bucket replaced"
+	nats_stream "$stream" "$topic" || bail "could not create the NATS stream of $topic"
+	q -c "INSERT INTO t54_sent SELECT '$2', '$2-' || a, v, gen_random_uuid() FROM generate_series(1, 5) a, generate_series(1, 4) v" >/dev/null
+	produce_sql nats "$topic" "SELECT aggregate_id, t_env(event_id, aggregate_id, 'T54', version, '{\"slow\": false}')
+	                           FROM t54_sent WHERE batch = '$2' ORDER BY version, aggregate_id"
+	log_from=$(stat -c %s "$EVENTBUS_PG_LOG")
+	q -c "SELECT eventbus_subscribe('$topic', 't54_handler(eventbus.envelope)', 'nats')" >/dev/null
+	wait_handled 60
+	ok $? "$4: a new subject's 20 events handled"
+	d=$(nats_consumers "$stream" | head -1)
+	wait_until 10 '"$NATSTOOL" --url "$EVENTBUS_NATS_URL" consumer "$stream" "$d" | grep -q "^ack=explicit .* ack_pending=0 "'
+	ok $? "$4: its durable is explicitly acked, every message of it acked"
+}
+unusable "\"\$NATSTOOL\" --url \"\$EVENTBUS_NATS_URL\" kv-add-sealed $BUCKET >/dev/null" f sealed \
+	"a bucket that takes no write (sealed)"
+tail -c +$((log_from + 1)) "$EVENTBUS_PG_LOG" | grep -A1 "could not use the JetStream KeyValue bucket \"$BUCKET\"" | grep -q "writing key"
+ok $? "a WARNING said why (writing the position failed)"
+unusable "nats_stream $KVS 't54decoy.$run.>'" g decoy "a stream of the bucket's name capturing other subjects"
+"$NATSTOOL" --url "$EVENTBUS_NATS_URL" stream-delete "$KVS" >/dev/null
+ok $? "the replacement deleted (the next bind creates the bucket again)"
+CONSUMER_CLEANUP=$cleanup_before
+
 sleep 1
 res=$(once_in_order)
 is "$(echo "$res" | sed -n 1p)" "$(sent)/$(sent)/$(sent)" "in all, each event handled exactly once"

@@ -40,6 +40,11 @@
  *       The key's value on one line; exit status 3 if the key does not exist.
  *   kv-del BUCKET KEY
  *       Delete the key (its history too): "deleted KEY".
+ *   stream-delete NAME
+ *       Delete the stream with its messages and consumers: "deleted NAME".
+ *   kv-add-sealed BUCKET
+ *       Create a KeyValue bucket and seal its stream (it can be opened and
+ *       read but takes no write): "created BUCKET (sealed)".
  *
  * Exit status: 0 success, 1 error, 2 no such stream, 3 no such key, 64 usage error.
  */
@@ -94,6 +99,7 @@ usage(const char *msg)
 		  "  consumers STREAM\n"
 		  "  consumer STREAM DURABLE\n"
 		  "  kv-get BUCKET KEY | kv-del BUCKET KEY\n"
+		  "  stream-delete NAME | kv-add-sealed BUCKET\n"
 		  "  listen SUBJECT SECONDS\n", stderr);
 	return EXIT_USAGE;
 }
@@ -607,7 +613,8 @@ main(int argc, char **argv)
 			return usage("pub needs a SUBJECT first");
 	}
 	else if ((strcmp(cmd, "dump") == 0 || strcmp(cmd, "stream-info") == 0 ||
-			  strcmp(cmd, "consumers") == 0) ? nargs != 1 :
+			  strcmp(cmd, "consumers") == 0 || strcmp(cmd, "stream-delete") == 0 ||
+			  strcmp(cmd, "kv-add-sealed") == 0) ? nargs != 1 :
 			 strcmp(cmd, "ensure-stream") == 0 ? nargs < 2 :
 			 (strcmp(cmd, "set-max-msg-size") == 0 || strcmp(cmd, "set-max-msgs") == 0 ||
 			  strcmp(cmd, "listen") == 0 || strcmp(cmd, "consumer") == 0 ||
@@ -651,6 +658,10 @@ main(int argc, char **argv)
 		rc = cmd_kv_get(argv[0], argv[1]);
 	else if (strcmp(cmd, "kv-del") == 0)
 		rc = cmd_kv_del(argv[0], argv[1]);
+	else if (strcmp(cmd, "stream-delete") == 0)
+		rc = cmd_stream_delete(argv[0]);
+	else if (strcmp(cmd, "kv-add-sealed") == 0)
+		rc = cmd_kv_add_sealed(argv[0]);
 	else
 		rc = cmd_set_limit(argv[0], strcmp(cmd, "set-max-msgs") == 0, argv[1]);
 

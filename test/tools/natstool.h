@@ -30,5 +30,7 @@ extern int	cmd_consumers(const char *stream);
 extern int	cmd_consumer(const char *stream, const char *durable);
 extern int	cmd_kv_get(const char *bucket, const char *key);
 extern int	cmd_kv_del(const char *bucket, const char *key);
+extern int	cmd_stream_delete(const char *name);
+extern int	cmd_kv_add_sealed(const char *bucket);
 
 #endif							/* NATSTOOL_H */

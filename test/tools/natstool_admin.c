@@ -232,3 +232,51 @@ cmd_kv_del(const char *bucket, const char *key)
 	return 0;
 }
 
+/* Delete a stream (with its messages and consumers). */
+int
+cmd_stream_delete(const char *name)
+{
+	jsErrCode	jerr = 0;
+	natsStatus	s = js_DeleteStream(js, name, NULL, &jerr);
+
+	if (s != NATS_OK)
+		return fail("deleting the stream", s, jerr);
+	printf("deleted %s\n", name);
+	return 0;
+}
+
+/*
+ * Create a KeyValue bucket (one revision per key) and seal its stream: it
+ * can be opened and read, but takes no write.
+ */
+int
+cmd_kv_add_sealed(const char *bucket)
+{
+	kvStore    *kv = NULL;
+	kvConfig	cfg;
+	jsStreamInfo *si = NULL,
+			   *updated = NULL;
+	jsErrCode	jerr = 0;
+	char		stream[256];
+	natsStatus	s;
+
+	kvConfig_Init(&cfg);
+	cfg.Bucket = bucket;
+	cfg.History = 1;
+	s = js_CreateKeyValue(&kv, js, &cfg);
+	if (s != NATS_OK)
+		return fail("creating the bucket", s, 0);
+	kvStore_Destroy(kv);
+	snprintf(stream, sizeof(stream), "KV_%s", bucket);
+	s = js_GetStreamInfo(&si, js, stream, NULL, &jerr);
+	if (s != NATS_OK)
+		return fail("looking up the bucket's stream", s, jerr);
+	si->Config->Sealed = true;
+	s = js_UpdateStream(&updated, js, si->Config, NULL, &jerr);
+	jsStreamInfo_Destroy(si);
+	if (s != NATS_OK)
+		return fail("sealing the bucket's stream", s, jerr);
+	jsStreamInfo_Destroy(updated);
+	printf("created %s (sealed)\n", bucket);
+	return 0;
+}
