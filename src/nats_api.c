@@ -231,16 +231,21 @@ position_read(EbNatsJob *j, kvStore *kv, uint64 *pos, bool *found)
  * ack_none (single mode): the durable is AckNone, and how far its messages
  * are handled is kept in EB_NATS_POSITIONS_BUCKET.  Every bind then is a
  * takeover: an AckNone durable forgets what it delivered and we did not
- * finish, so it is recreated at the kept position + 1.  The position is written before the durable is
- * recreated, so that an AckNone durable always has one; one that has none
- * (the bucket emptied by hand) starts again from the stream's first message,
- * which the inbox skips, rather than lose any.  Without the bucket, or if
+ * finish, so it is recreated at the kept position + 1.  The position is
+ * written before the durable is recreated, so that an AckNone durable
+ * always has one; one that has none (the bucket emptied by hand) starts
+ * again from the stream's first message, which the inbox skips, rather
+ * than lose any.  Without the bucket, or if
  * that write fails (permissions, a bucket of other settings): an
  * explicitly acked durable, as in shared mode.
  *
  * Explicitly acked (shared mode): takeover restarts an existing durable at
  * its ack floor + 1, else it is used as it is (a lease released cleanly:
  * nothing of it is in flight anywhere) unless it is an AckNone one.
+ *
+ * A durable is taken for absent only when the server says so: after no
+ * answer the bind fails (and is tried again), rather than write a position
+ * of 0 over the kept one.
  */
 static bool
 job_bind(EbNatsJob *j)
@@ -264,7 +269,14 @@ job_bind(EbNatsJob *j)
 		j->ack_none = false;
 		j->no_positions = true;
 	}
-	if (js_GetConsumerInfo(&ci, j->js, j->stream, j->durable, NULL, &jerr) == NATS_OK)
+	s = js_GetConsumerInfo(&ci, j->js, j->stream, j->durable, NULL, &jerr);
+	if (s != NATS_OK && s != NATS_NOT_FOUND && jerr != JSConsumerNotFoundErr)
+	{
+		snprintf(j->error, sizeof(j->error), "could not look up JetStream consumer %s: %s (JetStream error %d)",
+				 j->durable, natsStatus_GetText(s), (int) jerr);
+		goto done;
+	}
+	if (s == NATS_OK)
 	{
 		exists = true;
 		was_none = ci->Config != NULL && ci->Config->AckPolicy == js_AckNone;
