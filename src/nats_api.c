@@ -161,23 +161,39 @@ job_stream_name(EbNatsJob *j)
 }
 
 /*
- * Helper thread: open (creating it if needed) the bucket of single mode's
- * kept positions; NULL if the server or the account does not allow it.
+ * Helper thread: open a KeyValue bucket of one revision per key on file
+ * storage, creating it if needed; one created by someone else with other
+ * settings is used as it is.  Plain C.
+ */
+natsStatus
+eb_nats_kv_open(jsCtx *js, const char *bucket, const char *description, kvStore **kv)
+{
+	kvConfig	cfg;
+	natsStatus	s;
+
+	kvConfig_Init(&cfg);
+	cfg.Bucket = bucket;
+	cfg.Description = description;
+	cfg.History = 1;
+	cfg.StorageType = js_FileStorage;
+	s = js_CreateKeyValue(kv, js, &cfg);
+	if (s != NATS_OK)
+		s = js_KeyValue(kv, js, bucket);
+	return s;
+}
+
+/*
+ * Helper thread: open the bucket of single mode's kept positions; NULL if
+ * the server or the account does not allow it.
  */
 static kvStore *
 positions_open(EbNatsJob *j)
 {
 	kvStore    *kv = NULL;
-	kvConfig	cfg;
 
-	kvConfig_Init(&cfg);
-	cfg.Bucket = EB_NATS_POSITIONS_BUCKET;
-	cfg.Description = "eventbus: up to which stream sequence each AckNone durable's messages are handled";
-	cfg.History = 1;
-	cfg.StorageType = js_FileStorage;
-	/* Created by someone else with other settings: use it as it is. */
-	if (js_CreateKeyValue(&kv, j->js, &cfg) != NATS_OK &&
-		js_KeyValue(&kv, j->js, EB_NATS_POSITIONS_BUCKET) != NATS_OK)
+	if (eb_nats_kv_open(j->js, EB_NATS_POSITIONS_BUCKET,
+						"eventbus: up to which stream sequence each AckNone durable's messages are handled",
+						&kv) != NATS_OK)
 		return NULL;
 	return kv;
 }

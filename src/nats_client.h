@@ -122,6 +122,8 @@ extern bool eb_nats_job_done(EbNatsJob *j);
 extern bool eb_nats_job_wait(EbNatsJob *j, int timeout_ms);
 extern void eb_nats_job_free(EbNatsJob *j);
 extern bool eb_nats_jobs_wait(int timeout_ms);
+extern natsStatus eb_nats_kv_open(jsCtx *js, const char *bucket, const char *description,
+								  kvStore **kv);
 
 /*
  * nats_inbox.c: where pull requests are answered.  A feed is one consumer's

@@ -123,24 +123,14 @@ static void
 job_open(EbNatsJob *j)
 {
 	jsOptions	jo;
-	kvConfig	cfg;
 	natsStatus	s;
 
 	jsOptions_Init(&jo);
 	jo.Wait = LEASE_WAIT_MS;
 	s = natsConnection_JetStream(&j->lease_js, j->nc, &jo);
 	if (s == NATS_OK)
-	{
-		kvConfig_Init(&cfg);
-		cfg.Bucket = LEASE_BUCKET;
-		cfg.Description = "eventbus: which instance consumes each shared JetStream durable";
-		cfg.History = 1;
-		cfg.StorageType = js_FileStorage;
-		s = js_CreateKeyValue(&j->kv, j->lease_js, &cfg);
-		/* Created by someone else with other settings: use it as it is. */
-		if (s != NATS_OK)
-			s = js_KeyValue(&j->kv, j->lease_js, LEASE_BUCKET);
-	}
+		s = eb_nats_kv_open(j->lease_js, LEASE_BUCKET,
+							"eventbus: which instance consumes each shared JetStream durable", &j->kv);
 	j->ok = s == NATS_OK;
 	if (!j->ok)
 		snprintf(j->error, sizeof(j->error), "%s",
