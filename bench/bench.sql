@@ -508,6 +508,75 @@ RETURNS TABLE (n int, kind text, doc jsonb) LANGUAGE sql AS $$
     FROM agg a JOIN ranked m ON m.tr = a.tr AND m.lvl IS NOT DISTINCT FROM a.lvl AND m.rn = (m.cnt + 1) / 2
 $$;
 
+-- combine_bursts(transports, level, repeat): one repeat of a short level
+-- from its bursts (results of kind level_burst).  A burst lasts a few tenths
+-- of a second, and this VM's CPU runs at two speeds that alternate within
+-- a second (see bench/run.sh), so a short level runs several bursts per
+-- repeat, one after the other, each from its own gate with its own topics
+-- and aggregates, and the repeat's events/s is all its events over the sum
+-- of its bursts' windows, as pgbench counts its whole run.  Counts, windows
+-- and CPU seconds are summed, the rates derived from the sums, memory is the
+-- largest per process; latency and stages are those of the burst with the
+-- median events/s (a burst's window, not pooled).
+CREATE FUNCTION @S@.combine_bursts(p_tr text, p_level int, p_repeat int) RETURNS jsonb LANGUAGE sql AS $$
+  WITH b AS (
+    SELECT n, doc FROM @S@.results
+     WHERE kind = 'level_burst' AND doc->>'transports' = p_tr
+       AND (doc->>'level')::int = p_level AND (doc->>'repeat')::int = p_repeat),
+  med AS (
+    SELECT doc FROM b ORDER BY (doc->>'events_per_s')::numeric, n
+    OFFSET (SELECT (count(*) - 1) / 2 FROM b) LIMIT 1),
+  s AS (
+    SELECT count(*) AS bursts,
+           jsonb_agg((doc->>'events_per_s')::numeric ORDER BY n) AS eps_all,
+           jsonb_agg(doc->'run_key' ORDER BY n) AS keys,
+           sum((doc->>'published')::numeric) AS published, sum((doc->>'delivered')::numeric) AS delivered,
+           sum((doc->>'duplicates')::numeric) AS duplicates, sum((doc->>'order_violations')::numeric) AS violations,
+           sum((doc->>'unexpected')::numeric) AS unexpected, sum((doc->>'handler_calls')::numeric) AS calls,
+           sum((doc->>'handler_transactions')::numeric) AS htx, sum((doc->>'first_deliveries')::numeric) AS firsts,
+           sum((doc->>'relay_rounds')::numeric) AS rounds, sum((doc->>'aggregates')::numeric) AS aggregates,
+           sum((doc->>'aggregates_seen')::numeric) AS aggs_seen, sum((doc->>'aggregates_complete')::numeric) AS aggs_complete,
+           sum((doc->>'publisher_cpu_ticks')::numeric) AS pub_ticks, sum((doc->>'samples')::numeric) AS samples,
+           sum((doc->>'end_to_end_s')::numeric) AS e2e_s, sum((doc->>'publish_s')::numeric) AS publish_s,
+           sum((doc->>'handling_s')::numeric) AS handling_s,
+           max((doc->>'max_outbox_backlog')::numeric) AS outbox, max((doc->>'max_pool_queued')::numeric) AS pool_queued,
+           max((doc->>'max_subscription_lag')::numeric) AS lag
+      FROM b),
+  cpu AS (
+    SELECT jsonb_object_agg(k, v) AS c
+      FROM (SELECT e.key AS k, round(sum(e.value::numeric), 2) AS v
+              FROM b, jsonb_each_text(b.doc->'cpu_s') e
+             WHERE e.key <> 'steal_pct' AND jsonb_typeof(b.doc->'cpu_s'->e.key) = 'number'
+             GROUP BY e.key) x),
+  mem AS (
+    SELECT jsonb_object_agg(k, v) AS m
+      FROM (SELECT DISTINCT ON (e.key) e.key AS k, e.value AS v
+              FROM b, jsonb_each(b.doc->'memory_max') e
+             ORDER BY e.key, coalesce((e.value->>'own_mib')::numeric, (e.value->>'uss_mib')::numeric) DESC NULLS LAST) x)
+  SELECT med.doc || jsonb_build_object(
+           'run_key', p_tr || '.' || p_level || '.' || p_repeat,
+           'bursts', s.bursts, 'burst_run_keys', s.keys, 'burst_events_per_s', s.eps_all,
+           'pooled', 'events/s = all bursts'' events / the sum of their windows; latency and stages: the burst with the median events/s',
+           'published', s.published, 'delivered', s.delivered,
+           'delivered_pct', round(100.0 * s.delivered / nullif(s.published, 0), 2),
+           'duplicates', s.duplicates, 'order_violations', s.violations, 'unexpected', s.unexpected,
+           'handler_calls', s.calls, 'handler_transactions', s.htx,
+           'handler_calls_per_transaction', round(s.calls / nullif(s.htx, 0), 2),
+           'first_deliveries', s.firsts, 'relay_rounds', s.rounds,
+           'events_per_relay_round', round(s.published / nullif(s.rounds, 0), 1),
+           'aggregates', s.aggregates, 'aggregates_seen', s.aggs_seen, 'aggregates_complete', s.aggs_complete,
+           'publisher_cpu_ticks', s.pub_ticks, 'samples', s.samples,
+           'end_to_end_s', s.e2e_s, 'publish_s', s.publish_s, 'handling_s', s.handling_s,
+           'events_per_s', round(s.delivered / nullif(s.e2e_s, 0)),
+           'publish_events_per_s', round(s.published / nullif(s.publish_s, 0)),
+           'handling_events_per_s', round(s.delivered / nullif(s.handling_s, 0)),
+           'max_outbox_backlog', s.outbox, 'max_pool_queued', s.pool_queued, 'max_subscription_lag', s.lag,
+           'cpu_s', cpu.c || jsonb_build_object('steal_pct',
+                      round(100 * (cpu.c->>'steal')::numeric / nullif((cpu.c->>'machine_capacity')::numeric, 0), 1)),
+           'memory_max', mem.m)
+    FROM med, s, cpu, mem
+$$;
+
 CREATE FUNCTION @S@.level_summary() RETURNS TABLE (n int, kind text, doc jsonb) LANGUAGE sql AS $$
   SELECT * FROM @S@.run_summary('level', 'events_per_s')
 $$;
@@ -818,12 +887,14 @@ BEGIN
   RETURN NEXT '';
 
   -- End to end
-  RETURN NEXT 'END TO END (trigger publish -> handler commit), median of the repeats; 1-5 rows per publishing transaction, * 50 rows:';
+  RETURN NEXT 'END TO END (trigger publish -> handler commit), median of the repeats; 1-5 rows per publishing transaction, * 50 rows;';
+  RETURN NEXT '  RxBxN: R repeats of B bursts of N events, a repeat''s events/s = its events / the sum of its bursts'' windows:';
   RETURN NEXT format('%-6s %-10s %10s %9s %4s %5s %9s %13s %6s %9s %7s %8s %7s %7s %7s %7s', 'level', 'transport', 'events',
                      'delivered', 'dup', 'order', 'events/s', '(min-max)', 'x ref', 'publish/s', 'pool tx', 'relay rd', 'p50 ms', 'p95 ms', 'p99 ms', 'max ms');
   FOR x IN SELECT l FROM jsonb_array_elements(coalesce(r->'levels', '[]') || coalesce(r->'levels_50_per_tx', '[]')) l LOOP
     RETURN NEXT format('%-6s %-10s %10s %8s%% %4s %5s %9s %13s %6s %9s %7s %8s %7s %7s %7s %7s',
-                       (x->>'level') || CASE WHEN x->>'rows_per_tx' = '50-50' THEN '*' ELSE '' END, x->>'transports', (x->>'repeats') || 'x' || (x->>'published'),
+                       (x->>'level') || CASE WHEN x->>'rows_per_tx' = '50-50' THEN '*' ELSE '' END, x->>'transports',
+                       (x->>'repeats') || 'x' || CASE WHEN x ? 'bursts' THEN (x->>'bursts') || 'x' || (x->>'level') ELSE x->>'published' END,
                        x#>>'{all_repeats,delivered_pct}', x#>>'{all_repeats,duplicates}', x#>>'{all_repeats,order_violations}',
                        x->>'events_per_s', '(' || (x->>'events_per_s_min') || '-' || (x->>'events_per_s_max') || ')',
                        x->>'ratio_to_reference', x->>'publish_events_per_s', x->>'handler_calls_per_transaction',

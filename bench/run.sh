@@ -26,6 +26,8 @@
 #     rolled-back row each) and started together at a gate, as pgbench
 #     counts from when its connections are made.  Each level BENCH_REPEATS
 #     (3) times, repeats, transports and levels interleaved; the median.
+#     A level under BENCH_BURST_EVENTS (2000) runs as ceil(2000 / level)
+#     bursts per repeat, its events/s pooled over them (see below).
 #     Then, for information (the target is judged on the levels above),
 #     BENCH_TX50_EVENTS (10000; 0 skips it) events published 50 rows per
 #     transaction, as in the reference.
@@ -80,6 +82,7 @@ STACK=$REPO/scripts/stack.sh
 export EVENTBUS_STATE=${BENCH_STATE:-${TMPDIR:-/tmp}/eventbus-bench-$(printf '%s' "$REPO" | md5sum | cut -c1-8)}
 LEVELS=${BENCH_LEVELS:-500 2000 5000 10000}
 TX50_EVENTS=${BENCH_TX50_EVENTS:-10000}
+BURST_EVENTS=${BENCH_BURST_EVENTS:-2000}
 TRANSPORTS=${BENCH_TRANSPORTS:-kafka nats}
 CONNS=${BENCH_CONNECTIONS:-4}
 REPEATS=${BENCH_REPEATS:-3}
@@ -222,12 +225,34 @@ done
 # runs it is compared with (the machine's load drifts): pgbench doing all
 # the same writes, 50 events per transaction; its median is the figure.
 REF_CLIENTS=${BENCH_REF_CLIENTS:-$(bq -c "SHOW eventbus.workers")}
+# A level under BURST_EVENTS events lasts a few tenths of a second, and on
+# this VM the CPU's speed alternates within a second (a fixed loop of ~15 ms
+# took 14-15 ms in some tenths of a second and 21-27 ms in others, idle
+# machine, no steal reported): one such window says more about which phase
+# it fell in than about eventbus.  So each repeat of a short level runs
+# ceil(BURST_EVENTS / level) bursts one after the other (each its own run:
+# gate, topics, aggregates), and its events/s is all their events over the
+# sum of their windows (bench.sql combine_bursts), as pgbench counts its
+# whole run.
+bursts_of() { echo $(( $1 >= BURST_EVENTS ? 1 : (BURST_EVENTS + $1 - 1) / $1 )); }
 for ((rep = 1; rep <= REPEATS; rep++)); do
 	for tr in $TRANSPORTS; do
 		for level in $LEVELS; do
-			say "[$((SECONDS))s] level $level, $tr, repeat $rep/$REPEATS: subscribe, warm up, publish $level events from $CONNS connections"
-			bench_run "$tr.$level.$rep" "$level-$rep" "$level" "$CONNS" "$tr" load 1 5 || die "$tr $level failed"
-			doc=$(bq -c "SELECT '${BENCH_DOC//\'/\'\'}'::jsonb || jsonb_build_object('level', $level, 'repeat', $rep)")
+			nb=$(bursts_of "$level")
+			if [ "$nb" -eq 1 ]; then
+				say "[$((SECONDS))s] level $level, $tr, repeat $rep/$REPEATS: subscribe, warm up, publish $level events from $CONNS connections"
+				bench_run "$tr.$level.$rep" "$level-$rep" "$level" "$CONNS" "$tr" load 1 5 || die "$tr $level failed"
+				doc=$(bq -c "SELECT '${BENCH_DOC//\'/\'\'}'::jsonb || jsonb_build_object('level', $level, 'repeat', $rep)")
+			else
+				for ((b = 1; b <= nb; b++)); do
+					say "[$((SECONDS))s] level $level, $tr, repeat $rep/$REPEATS, burst $b/$nb: subscribe, warm up, publish $level events from $CONNS connections"
+					bench_run "$tr.$level.$rep.$b" "$level-$rep-$b" "$level" "$CONNS" "$tr" load 1 5 || die "$tr $level failed"
+					doc=$(bq -c "SELECT '${BENCH_DOC//\'/\'\'}'::jsonb || jsonb_build_object('level', $level, 'repeat', $rep, 'burst', $b)")
+					store level_burst "$doc"
+					brief "$doc"
+				done
+				doc=$(bq -c "SELECT $BENCH_SCHEMA.combine_bursts('$tr', $level, $rep)")
+			fi
 			store level "$doc"
 			brief "$doc"
 		done
@@ -335,7 +360,7 @@ kprops=$(bq -c "SHOW eventbus.kafka_properties")
 workers=$(bq -c "SHOW eventbus.workers")
 machine=$(printf '{"cores": %s, "cpu": "%s", "memory_gib": %s, "os": "%s", "kernel": "%s", "versions": "%s", "engine": "%s", "cpu_busy_before": "%s", "cpu_steal_before": "%s", "load_average_before": "%s", "load_average_after": "%s"}' \
 	"$(nproc)" "$cpu_model" "$mem_gib" "$os" "$(uname -r)" "$versions" "$engine" "$busy_before" "$steal_before" "$load_before" "$load_after")
-config=$(printf '{"levels": "%s", "tx50_events": '"$TX50_EVENTS"', "repeats": %s, "transports": "%s", "connections": %s, "rows_per_transaction": "1-5", "aggregates": "events / 10, versions 1..10", "publisher_aggregates": "each connection its own (aggregate mod connections)", "topics_per_transport": 5, "steady_rate": %s, "steady_duration_s": %s, "latency_repeats": %s, "steady_connections": 2, "steady_rows_per_transaction": 5, "consume_events": %s, "consume_kafka_partitions": %s, "consume_repeats": %s, "idle_seconds": %s, "pool_workers": %s, "kafka_properties": "%s", "fetch_wait_ms": %s, "reference_seconds": %s, "reference_clients": %s, "memory_sample_every_s": %s, "kafka_broker": "dev broker (librdkafka mock cluster, in memory)", "nats_server": "file store"}' \
+config=$(printf '{"levels": "%s", "burst_events": '"$BURST_EVENTS"', "tx50_events": '"$TX50_EVENTS"', "repeats": %s, "transports": "%s", "connections": %s, "rows_per_transaction": "1-5", "aggregates": "events / 10, versions 1..10", "publisher_aggregates": "each connection its own (aggregate mod connections)", "topics_per_transport": 5, "steady_rate": %s, "steady_duration_s": %s, "latency_repeats": %s, "steady_connections": 2, "steady_rows_per_transaction": 5, "consume_events": %s, "consume_kafka_partitions": %s, "consume_repeats": %s, "idle_seconds": %s, "pool_workers": %s, "kafka_properties": "%s", "fetch_wait_ms": %s, "reference_seconds": %s, "reference_clients": %s, "memory_sample_every_s": %s, "kafka_broker": "dev broker (librdkafka mock cluster, in memory)", "nats_server": "file store"}' \
 	"$LEVELS" "$REPEATS" "$TRANSPORTS" "$CONNS" "$RATE" "$DURATION" "$LATENCY_REPEATS" "$CONSUME_EVENTS" "$CONSUME_PARTITIONS" "$CONSUME_REPEATS" "$IDLE_SECONDS" \
 	"$workers" "$kprops" "${BENCH_FETCH_WAIT_MS:-500}" "$REF_SECONDS" "$REF_CLIENTS" "${BENCH_MEM_EVERY:-2}")
 method='{
@@ -347,6 +372,7 @@ method='{
   "references": "pgbench -M prepared, each client on its own aggregates (1,000 over 5 topics), one statement per event; handler alone = SELECT handle(envelope built in SQL); all writes = business row + version upsert + outbox row per event, DELETE of as many outbox rows, inbox row + handler per event, in three transactions per 50 events; each run once per repeat of the runs it is compared with, the median is the figure (events_per_s_all: every run)",
   "duplicates": "handler calls minus distinct events",
   "order_violations": "first deliveries whose version is not the last seen version + 1, checked in the handler transaction (a repeated delivery counts as a duplicate only)",
+  "bursts": "a level under config.burst_events events runs ceil(burst_events / level) bursts per repeat, one after the other, each its own run (gate, topics, aggregates): the repeat'"'"'s events/s = its delivered events / the sum of the bursts'"'"' windows (first publish -> last handler commit of each burst); counts, windows and CPU summed, memory the largest, latency and stages from the burst with the median events/s; burst_events_per_s lists every burst. A few tenths of a second are too short on this VM, whose CPU speed alternates within a second",
   "levels": "each level runs BENCH_REPEATS times (interleaved); levels[] holds, per transport and level, the repeat with the median events/s plus every repeat events/s and the loss / duplicate / order counts summed over all repeats (all_repeats); runs[] holds every repeat. consume[] likewise over consume_runs[]",
   "memory": "per eventbus process (launcher, dispatcher, worker N) from /proc/PID/smaps (the sums of smaps_rollup, per mapping), sampled every memory_sample_every_s during each run: USS = Private_Clean + Private_Dirty, shm_private = the part of USS in the main PostgreSQL shared memory segment (shared buffers that no other live process maps at that moment, e.g. outbox pages written by sessions that disconnected since), own = USS - shm_private (the target), PSS, RSS; memory_max = the largest sample over all runs",
   "cpu": "CPU seconds (utime + stime, all threads) per process group over the shell window around a run; publishers = the publishing backends, measured by themselves (/proc/self/stat at the start and end of their procedure); cpu_us_per_event = CPU seconds * 1e6 / delivered events; machine = whole machine busy time (other jobs included), without steal (from the ninth round on; earlier rounds counted steal as busy); steal = CPU time the hypervisor gave to other guests (/proc/stat), steal_pct = steal as % of the capacity of the window: timings from runs with steal are not comparable with runs without",

@@ -140,6 +140,28 @@ is "$(q -c "SELECT jsonb_array_length('${report//\'/\'\'}'::jsonb #> '{latency,n
 text=$(q -c "SELECT line FROM $BENCH_SCHEMA.report_text('${report//\'/\'\'}'::jsonb) line")
 is "$(grep -c '^  nats, every repeat, p50 / p99 ms (steal %): 3 / 30 (0), 3 / 12 (0), 3 / 14 (0)$' <<< "$text")" 1 "report: every latency repeat is printed"
 
+# A short level's repeat runs several bursts; its events/s is all their
+# events over the sum of their windows, not the median or the mean of the
+# bursts' rates (made-up bursts: 500 events in 0.2, 0.25 and 0.125 s are
+# 2,500, 2,000 and 4,000 events/s; pooled 1,500 / 0.575 s = 2,609).
+q >/dev/null <<SQL
+INSERT INTO $BENCH_SCHEMA.results (kind, doc)
+SELECT 'level_burst', jsonb_build_object('transports', 'nats', 'level', 500, 'repeat', 9, 'burst', b, 'run_key', 'made-up.' || b,
+         'published', 500, 'delivered', 500, 'duplicates', 0, 'order_violations', b - 1, 'unexpected', 0,
+         'handler_calls', 500, 'handler_transactions', 100, 'relay_rounds', 25, 'end_to_end_s', w, 'publish_s', w, 'handling_s', w,
+         'events_per_s', round(500 / w), 'latency_ms', jsonb_build_object('p99', p99),
+         'cpu_s', jsonb_build_object('workers', 0.1 * b, 'steal', 0.01, 'machine_capacity', 0.4, 'steal_pct', 2.5),
+         'memory_max', jsonb_build_object('worker_0', jsonb_build_object('own_mib', own, 'uss_mib', own)))
+  FROM (VALUES (1, 0.2, 11, 1), (2, 0.25, 12, 3), (3, 0.125, 13, 2)) v (b, w, p99, own);
+SQL
+comb=$(q -c "SELECT $BENCH_SCHEMA.combine_bursts('nats', 500, 9)")
+is "$(bench_field "$comb" bursts)/$(bench_field "$comb" delivered)/$(bench_field "$comb" end_to_end_s)/$(bench_field "$comb" events_per_s)" "3/1500/0.575/2609" \
+	"bursts: a repeat's events/s is its 1,500 events over the sum of the 3 windows (2,609, not the median 2,500)"
+is "$(bench_field "$comb" order_violations)/$(bench_field "$comb" handler_calls_per_transaction)/$(bench_field "$comb" events_per_relay_round)" "3/5.00/20.0" \
+	"bursts: counts summed (0 + 1 + 2 order violations), per-transaction and per-round figures from the sums"
+is "$(bench_field "$comb" cpu_s workers)/$(bench_field "$comb" cpu_s steal_pct)/$(bench_field "$comb" memory_max worker_0 own_mib)/$(bench_field "$comb" latency_ms p99)" "0.60/2.5/3/11" \
+	"bursts: CPU seconds summed, steal % of the summed capacity, the largest memory, latency from the median burst"
+
 # The checker itself: handler calls made by hand for a planned run "check"
 # (4 business rows of one aggregate, inserted with the trigger off so nothing
 # is published): v1, v3 (gap), v2 (late), v3 again (same event: a
