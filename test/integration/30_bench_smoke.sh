@@ -17,7 +17,9 @@
 # events reach the handler in order: no violation), an idle second, the
 # report and its printed tables built from all that, its ratio targets
 # judged on the exact quotient, its latency taken from the repeat with the
-# median p99 (made-up repeats); then the checker itself: hand-made handler
+# median p99 (made-up repeats), a short level's bursts pooled and each
+# level run judged against its own reference (made-up runs); then the
+# checker itself: hand-made handler
 # calls with a gap, a late event and a repeat must come out as 1 duplicate,
 # 2 order violations and 75% delivered.  Never a timing threshold.
 # shellcheck source=test/integration/lib.sh
@@ -161,6 +163,27 @@ is "$(bench_field "$comb" order_violations)/$(bench_field "$comb" handler_calls_
 	"bursts: counts summed (0 + 1 + 2 order violations), per-transaction and per-round figures from the sums"
 is "$(bench_field "$comb" cpu_s workers)/$(bench_field "$comb" cpu_s steal_pct)/$(bench_field "$comb" memory_max worker_0 own_mib)/$(bench_field "$comb" latency_ms p99)" "0.60/2.5/3/11" \
 	"bursts: CPU seconds summed, steal % of the summed capacity, the largest memory, latency from the median burst"
+
+# Each level run is judged against the reference run right after it: the
+# level's figure is the repeat with the median of those ratios, and the
+# target shows the lowest level by ratio (made-up runs of a transport
+# "paired": level 2,000 at 2,000 / 3,000 / 2,500 events/s against 4,000 /
+# 4,000 / 3,000 are 0.5 / 0.75 / 0.833, median 0.75 (by events/s it would
+# be 2,500 at 0.833); level 500 at 0.5 / 0.55 / 0.75, median 0.55).
+q >/dev/null <<SQL
+INSERT INTO $BENCH_SCHEMA.results (kind, doc)
+SELECT 'level', jsonb_build_object('transports', 'paired', 'level', lvl, 'repeat', rep, 'published', lvl, 'delivered', lvl,
+         'events_per_s', eps, 'paired_reference_events_per_s', ref, 'paired_ratio', round(eps::numeric / ref, 3))
+  FROM (VALUES (2000, 1, 2000, 4000), (2000, 2, 3000, 4000), (2000, 3, 2500, 3000),
+               (500, 1, 2000, 4000), (500, 2, 2200, 4000), (500, 3, 3000, 4000)) v (lvl, rep, eps, ref);
+SQL
+report=$(q -c "SELECT $BENCH_SCHEMA.report('{\"config\": {\"steady_rate\": 0}}')")
+is "$(q -c "SELECT l->>'events_per_s' || '/' || (l->>'reference_events_per_s') || '/' || (l->>'ratio_to_reference')
+              FROM jsonb_array_elements('${report//\'/\'\'}'::jsonb->'levels') l WHERE l->>'transports' = 'paired' AND l->>'level' = '2000'")" \
+	"3000/4000/0.750" "paired references: a level's figure is the repeat with the median ratio to its own reference (0.75, not 2,500 at 0.833)"
+is "$(bench_field "$report" targets end_to_end paired level)/$(bench_field "$report" targets end_to_end paired ratio)/$(bench_field "$report" targets end_to_end paired pgbench_all_writes_50_per_tx)/$(bench_field "$report" targets end_to_end paired met)" \
+	"500/0.550/4000/false" "paired references: the target shows the lowest level by ratio (500 at 0.55 of 4,000: missed)"
+q -c "DELETE FROM $BENCH_SCHEMA.results WHERE doc->>'transports' = 'paired'" >/dev/null
 
 # The checker itself: handler calls made by hand for a planned run "check"
 # (4 business rows of one aggregate, inserted with the trigger off so nothing
