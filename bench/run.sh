@@ -241,40 +241,43 @@ REF_CLIENTS=${BENCH_REF_CLIENTS:-$(bq -c "SHOW eventbus.workers")}
 # sum of their windows (bench.sql combine_bursts), as pgbench counts its
 # whole run.
 bursts_of() { echo $(( $1 >= BURST_EVENTS ? 1 : (BURST_EVENTS + $1 - 1) / $1 )); }
+# run_level KEY LABEL EVENTS TRANSPORT MIN_ROWS FIELDS — one load run (MIN_ROWS
+# to 5 rows per transaction, or 50 with 50); DOC = its document || FIELDS
+# (jsonb_build_object arguments).
+run_level() {
+	bench_run "$1" "$2" "$3" "$CONNS" "$4" load "$5" "$([ "$5" = 50 ] && echo 50 || echo 5)" || die "$4 $3 ($1) failed"
+	DOC=$(bq -c "SELECT '${BENCH_DOC//\'/\'\'}'::jsonb || jsonb_build_object($6)")
+}
 for ((rep = 1; rep <= REPEATS; rep++)); do
 	for tr in $TRANSPORTS; do
 		for level in $LEVELS; do
 			nb=$(bursts_of "$level")
-			if [ "$nb" -eq 1 ]; then
-				say "[$((SECONDS))s] level $level, $tr, repeat $rep/$REPEATS: subscribe, warm up, publish $level events from $CONNS connections"
-				bench_run "$tr.$level.$rep" "$level-$rep" "$level" "$CONNS" "$tr" load 1 5 || die "$tr $level failed"
-				doc=$(bq -c "SELECT '${BENCH_DOC//\'/\'\'}'::jsonb || jsonb_build_object('level', $level, 'repeat', $rep)")
-			else
-				for ((b = 1; b <= nb; b++)); do
-					say "[$((SECONDS))s] level $level, $tr, repeat $rep/$REPEATS, burst $b/$nb: subscribe, warm up, publish $level events from $CONNS connections"
-					bench_run "$tr.$level.$rep.$b" "$level-$rep-$b" "$level" "$CONNS" "$tr" load 1 5 || die "$tr $level failed"
-					doc=$(bq -c "SELECT '${BENCH_DOC//\'/\'\'}'::jsonb || jsonb_build_object('level', $level, 'repeat', $rep, 'burst', $b)")
-					store level_burst "$doc"
-					brief "$doc"
-				done
-				doc=$(bq -c "SELECT $BENCH_SCHEMA.combine_bursts('$tr', $level, $rep)")
-			fi
+			for ((b = 1; b <= nb; b++)); do
+				if [ "$nb" -eq 1 ]; then
+					key=$tr.$level.$rep label=$level-$rep what="repeat $rep/$REPEATS"
+				else
+					key=$tr.$level.$rep.$b label=$level-$rep-$b what="repeat $rep/$REPEATS, burst $b/$nb"
+				fi
+				say "[$((SECONDS))s] level $level, $tr, $what: subscribe, warm up, publish $level events from $CONNS connections"
+				run_level "$key" "$label" "$level" "$tr" 1 "'level', $level, 'repeat', $rep$([ "$nb" -gt 1 ] && echo ", 'burst', $b")"
+				if [ "$nb" -gt 1 ]; then store level_burst "$DOC"; brief "$DOC"; fi
+			done
+			[ "$nb" -eq 1 ] || DOC=$(bq -c "SELECT $BENCH_SCHEMA.combine_bursts('$tr', $level, $rep)")
 			say "[$((SECONDS))s] paired reference: pgbench, all the writes of an event, 50 events per transaction, $REF_CLIENTS clients, $REF_SECONDS s"
 			ref=$(bench_ref_end_to_end "$REF_SECONDS" "$REF_CLIENTS" 50); store ref_end_to_end_50 "$ref"
 			doc=$(bq -c "SELECT d || jsonb_build_object('paired_reference_events_per_s', (r->>'events_per_s')::numeric,
 			                                            'paired_reference_steal_pct', r->'steal_pct',
 			                                            'paired_ratio', round((d->>'events_per_s')::numeric / nullif((r->>'events_per_s')::numeric, 0), 3))
-			               FROM (SELECT '${doc//\'/\'\'}'::jsonb AS d, '$ref'::jsonb AS r) x")
+			               FROM (SELECT '${DOC//\'/\'\'}'::jsonb AS d, '$ref'::jsonb AS r) x")
 			store level "$doc"
 			brief "$doc"
 			bq -c "SELECT format('paired reference all writes 50/tx: %s events/s, ratio %s', '$ref'::jsonb->>'events_per_s', '${doc//\'/\'\'}'::jsonb->>'paired_ratio')" >&2
 		done
 		if [ "$TX50_EVENTS" -gt 0 ]; then
 			say "[$((SECONDS))s] $TX50_EVENTS events, $tr, repeat $rep/$REPEATS, 50 rows per publishing transaction (as the reference's)"
-			bench_run "$tr.tx50.$rep" "tx50-$rep" "$TX50_EVENTS" "$CONNS" "$tr" load 50 50 || die "$tr 50 rows per transaction failed"
-			doc=$(bq -c "SELECT '${BENCH_DOC//\'/\'\'}'::jsonb || jsonb_build_object('level', $TX50_EVENTS, 'repeat', $rep)")
-			store level_tx50 "$doc"
-			brief "$doc"
+			run_level "$tr.tx50.$rep" "tx50-$rep" "$TX50_EVENTS" "$tr" 50 "'level', $TX50_EVENTS, 'repeat', $rep"
+			store level_tx50 "$DOC"
+			brief "$DOC"
 		fi
 	done
 done
