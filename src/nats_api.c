@@ -282,6 +282,7 @@ job_bind(EbNatsJob *j)
 	{
 		snprintf(j->error, sizeof(j->error), "opening it: %s",
 				 nats_GetLastError(NULL) ? nats_GetLastError(NULL) : "no answer");
+		strlcpy(j->positions_cause, j->error, sizeof(j->positions_cause));
 		j->ack_none = false;
 		j->no_positions = true;
 	}
@@ -337,6 +338,8 @@ job_bind(EbNatsJob *j)
 			/* Not writable (permissions, a bucket of other settings): ack instead. */
 			if ((s = kvStore_PutString(&rev, kv, j->lease_key, val)) != NATS_OK)
 			{
+				snprintf(j->positions_cause, sizeof(j->positions_cause), "writing a position: %s",
+						 nats_GetLastError(NULL) ? nats_GetLastError(NULL) : natsStatus_GetText(s));
 				snprintf(j->error, sizeof(j->error), "writing key %s: %s", j->lease_key,
 						 nats_GetLastError(NULL) ? nats_GetLastError(NULL) : natsStatus_GetText(s));
 				j->ack_none = false;

@@ -100,6 +100,7 @@ typedef struct EbNatsJob
 	uint64		start;			/* bind: restarted at this stream sequence (0: not) */
 	int64		unacked;		/* bind: messages unacknowledged before the restart */
 	bool		no_positions;	/* bind: the positions bucket could not be opened */
+	char		positions_cause[256];	/* why, without key names (said once per cause) */
 	bool		replay_all;		/* bind: an AckNone durable without a kept position */
 	/* lease jobs (nats_lease.c) */
 	char		lease_key[EB_NATS_LEASE_KEY];

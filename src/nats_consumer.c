@@ -71,7 +71,7 @@ static uint64 seen_reconnects = 0;
 static bool paused = false;
 static int	next_turn = 0;		/* fairness: the sub served first */
 static List *acks_due = NIL;	/* NatsHeld * finished, ack not sent yet */
-static bool said_no_positions = false;
+static char said_positions_cause[256] = "";	/* the last fallback cause logged */
 
 bool		eb_nats_shared_mode = false;	/* eventbus.consumer_mode = shared */
 
@@ -222,7 +222,8 @@ bind_finish(NatsSub *ns)
 		eb_nats_job_free(j);
 		return;
 	}
-	if (j->no_positions && !said_no_positions)
+	/* Once per cause: binds of every subject repeat the same one. */
+	if (j->no_positions && strcmp(j->positions_cause, said_positions_cause) != 0)
 	{
 		ereport(WARNING,
 				(errcode(ERRCODE_CONNECTION_FAILURE),
@@ -230,7 +231,7 @@ bind_finish(NatsSub *ns)
 						EB_NATS_POSITIONS_BUCKET),
 				 errdetail("%s", j->error),
 				 errhint("Allow the NATS account to create and use that bucket; consumption is slower without it.")));
-		said_no_positions = true;
+		strlcpy(said_positions_cause, j->positions_cause, sizeof(said_positions_cause));
 	}
 	if (j->replay_all)
 		ereport(WARNING,

@@ -17,8 +17,9 @@
 #    the stream's first message (a WARNING says so): the inbox skips it all;
 #  - with the bucket unusable (sealed, so no position can be written; a
 #    stream of its name capturing other subjects), a new
-#    subscription's durable is explicitly acked instead, with a WARNING, and
-#    its events are handled.
+#    subscription's durable is explicitly acked instead, with a WARNING
+#    naming the cause (each new cause said again), and its events are
+#    handled.
 source "$(dirname "$0")/lib.sh"
 
 run=$(date +%s)$RANDOM
@@ -168,6 +169,9 @@ unusable "\"\$NATSTOOL\" --url \"\$EVENTBUS_NATS_URL\" kv-add-sealed $BUCKET >/d
 tail -c +$((log_from + 1)) "$EVENTBUS_PG_LOG" | grep -A1 "could not use the JetStream KeyValue bucket \"$BUCKET\"" | grep -q "writing key"
 ok $? "a WARNING said why (writing the position failed)"
 unusable "nats_stream $KVS 't54decoy.$run.>'" g decoy "a stream of the bucket's name capturing other subjects"
+# Another cause than the last one said is said again, by the same process.
+tail -c +$((log_from + 1)) "$EVENTBUS_PG_LOG" | grep -A1 "could not use the JetStream KeyValue bucket \"$BUCKET\"" | grep -q "opening it"
+ok $? "a WARNING said the new cause (the bucket could not be opened)"
 "$NATSTOOL" --url "$EVENTBUS_NATS_URL" stream-delete "$KVS" >/dev/null
 ok $? "the replacement deleted (the next bind creates the bucket again)"
 CONSUMER_CLEANUP=$cleanup_before
