@@ -232,9 +232,9 @@ done
 # 50-row runs, for information, are compared with it).
 REF_CLIENTS=${BENCH_REF_CLIENTS:-$(bq -c "SHOW eventbus.workers")}
 # A level under BURST_EVENTS events lasts a few tenths of a second, and on
-# this VM the CPU's speed alternates within a second (a fixed loop of ~15 ms
-# took 14-15 ms in some tenths of a second and 21-27 ms in others, idle
-# machine, no steal reported): one such window says more about which phase
+# this VM the CPU's speed alternates within a second (a fixed loop took
+# 13-19 ms in some tenths of a second and 20-31 ms in others, idle machine,
+# no steal reported): one such window says more about which phase
 # it fell in than about eventbus.  So each repeat of a short level runs
 # ceil(BURST_EVENTS / level) bursts one after the other (each its own run:
 # gate, topics, aggregates), and its events/s is all their events over the
@@ -265,13 +265,13 @@ for ((rep = 1; rep <= REPEATS; rep++)); do
 			[ "$nb" -eq 1 ] || DOC=$(bq -c "SELECT $BENCH_SCHEMA.combine_bursts('$tr', $level, $rep)")
 			say "[$((SECONDS))s] paired reference: pgbench, all the writes of an event, 50 events per transaction, $REF_CLIENTS clients, $REF_SECONDS s"
 			ref=$(bench_ref_end_to_end "$REF_SECONDS" "$REF_CLIENTS" 50); store ref_end_to_end_50 "$ref"
-			doc=$(bq -c "SELECT d || jsonb_build_object('paired_reference_events_per_s', (r->>'events_per_s')::numeric,
+			DOC=$(bq -c "SELECT d || jsonb_build_object('paired_reference_events_per_s', (r->>'events_per_s')::numeric,
 			                                            'paired_reference_steal_pct', r->'steal_pct',
 			                                            'paired_ratio', round((d->>'events_per_s')::numeric / nullif((r->>'events_per_s')::numeric, 0), 3))
 			               FROM (SELECT '${DOC//\'/\'\'}'::jsonb AS d, '$ref'::jsonb AS r) x")
-			store level "$doc"
-			brief "$doc"
-			bq -c "SELECT format('paired reference all writes 50/tx: %s events/s, ratio %s', '$ref'::jsonb->>'events_per_s', '${doc//\'/\'\'}'::jsonb->>'paired_ratio')" >&2
+			store level "$DOC"
+			brief "$DOC"
+			bq -c "SELECT format('paired reference all writes 50/tx: %s events/s, ratio %s', '$ref'::jsonb->>'events_per_s', '${DOC//\'/\'\'}'::jsonb->>'paired_ratio')" >&2
 		done
 		if [ "$TX50_EVENTS" -gt 0 ]; then
 			say "[$((SECONDS))s] $TX50_EVENTS events, $tr, repeat $rep/$REPEATS, 50 rows per publishing transaction (as the reference's)"
@@ -386,7 +386,7 @@ method='{
   "duplicates": "handler calls minus distinct events",
   "order_violations": "first deliveries whose version is not the last seen version + 1, checked in the handler transaction (a repeated delivery counts as a duplicate only)",
   "bursts": "a level under config.burst_events events runs ceil(burst_events / level) bursts per repeat, one after the other, each its own run (gate, topics, aggregates): the repeat'"'"'s events/s = its delivered events / the sum of the bursts'"'"' windows (first publish -> last handler commit of each burst); counts, windows and CPU summed, memory the largest, latency and stages from the burst with the median events/s; burst_events_per_s lists every burst. A few tenths of a second are too short on this VM, whose CPU speed alternates within a second",
-  "levels": "each level runs BENCH_REPEATS times (interleaved); levels[] holds, per transport and level, the repeat with the median events/s plus every repeat events/s and the loss / duplicate / order counts summed over all repeats (all_repeats); runs[] holds every repeat. consume[] likewise over consume_runs[]",
+  "levels": "each level runs BENCH_REPEATS times (interleaved); levels[] holds, per transport and level, the repeat with the median paired ratio (levels_50_per_tx[]: with the median events/s) plus every repeat events/s and the loss / duplicate / order counts summed over all repeats (all_repeats); runs[] holds every repeat. consume[] likewise over consume_runs[]",
   "memory": "per eventbus process (launcher, dispatcher, worker N) from /proc/PID/smaps (the sums of smaps_rollup, per mapping), sampled every memory_sample_every_s during each run: USS = Private_Clean + Private_Dirty, shm_private = the part of USS in the main PostgreSQL shared memory segment (shared buffers that no other live process maps at that moment, e.g. outbox pages written by sessions that disconnected since), own = USS - shm_private (the target), PSS, RSS; memory_max = the largest sample over all runs",
   "cpu": "CPU seconds (utime + stime, all threads) per process group over the shell window around a run; publishers = the publishing backends, measured by themselves (/proc/self/stat at the start and end of their procedure); cpu_us_per_event = CPU seconds * 1e6 / delivered events; machine = whole machine busy time (other jobs included), without steal (from the ninth round on; earlier rounds counted steal as busy); steal = CPU time the hypervisor gave to other guests (/proc/stat), steal_pct = steal as % of the capacity of the window: timings from runs with steal are not comparable with runs without",
   "idle": "fresh topics (5 per transport) subscribed and warmed up, then idle_seconds with nothing published: CPU of launcher + dispatcher + workers as % of one core; nats-server and devbroker separately"
