@@ -9,22 +9,16 @@
  */
 #include "postgres.h"
 
-#include "access/genam.h"
 #include "access/htup_details.h"
-#include "access/stratnum.h"
-#include "access/table.h"
-#include "access/tableam.h"
 #include "access/xact.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
-#include "executor/tuptable.h"
 #include "funcapi.h"
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "utils/acl.h"
 #include "utils/builtins.h"
-#include "utils/fmgroids.h"
 #include "utils/hsearch.h"
 #include "utils/inval.h"
 #include "utils/json.h"
@@ -50,16 +44,11 @@
 #include "util.h"
 
 static SPIPlanPtr claim_plan = NULL;
-static SPIPlanPtr record_batch_plan = NULL;
 static SPIPlanPtr dead_plan = NULL;
 
 #define CLAIM_SQL \
 	"INSERT INTO eventbus.inbox (subscription_id, event_id, outcome)" \
 	" VALUES ($1, $2, 'handled') ON CONFLICT DO NOTHING"
-#define RECORD_BATCH_SQL \
-	"INSERT INTO eventbus.inbox (subscription_id, event_id, outcome)" \
-	" SELECT x.s, x.e, 'handled' FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.int8[])," \
-	"  pg_catalog.unnest($2::pg_catalog.uuid[])) x (s, e)"
 #define DEAD_SQL \
 	"WITH d AS (INSERT INTO eventbus.dead_letters" \
 	"  (subscription_id, envelope, error_message, error_sqlstate, attempts)" \
@@ -331,114 +320,6 @@ exec_plan(SPIPlanPtr *plan, const char *sql, int nargs, Oid *types, Datum *value
 	if (rc < 0)
 		elog(ERROR, "statement failed: %s", SPI_result_code_string(rc));
 	return (int) SPI_processed;
-}
-
-/*
- * The (subscription, event) arrays of the items of a batch in mask, for
- * eb_inbox_record_batch; false if none.
- */
-static bool
-inbox_arrays(EbWorkItem *const *items, const bool *mask, int n, Datum *args)
-{
-	Datum	   *subs = palloc(sizeof(Datum) * Max(n, 1));
-	Datum	   *events = palloc(sizeof(Datum) * Max(n, 1));
-	int			k = 0;
-
-	for (int i = 0; i < n; i++)
-	{
-		if (!mask[i])
-			continue;
-		subs[k] = Int64GetDatum(items[i]->subscription_id);
-		events[k++] = DirectFunctionCall1(uuid_in, CStringGetDatum(items[i]->ev.event_id));
-	}
-	if (k == 0)
-		return false;
-	args[0] = PointerGetDatum(construct_array(subs, k, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
-	args[1] = PointerGetDatum(construct_array(events, k, UUIDOID, UUID_LEN, false, TYPALIGN_CHAR));
-	return true;
-}
-
-/*
- * Which of a batch's events (those in mask) the inbox already has: seen[i]
- * set for each, and for an item repeating an earlier one's (subscription,
- * event).  Probed in the inbox's primary key with a dirty snapshot, as a
- * unique check does: no predicate lock (the pool may run SERIALIZABLE) and
- * no row claimed, so that items given back to the dispatcher (scheduler.c)
- * never wait for this transaction on another worker.  A row another
- * transaction is still inserting does not count (it may roll back): the
- * insert of eb_inbox_record_batch then waits for it, and fails if it
- * committed.
- */
-void
-eb_inbox_check_batch(EbWorkItem *const *items, const bool *mask, int n, bool *seen)
-{
-	Oid			nsp = get_namespace_oid("eventbus", false);
-	Relation	heap;
-	Relation	index;
-	SnapshotData dirty;
-	IndexScanDesc scan;
-	TupleTableSlot *slot;
-	bool		any = false;
-
-	for (int i = 0; i < n; i++)
-	{
-		seen[i] = false;
-		for (int j = 0; j < i && mask[i]; j++)
-			if (mask[j] && items[j]->subscription_id == items[i]->subscription_id &&
-				pg_strcasecmp(items[j]->ev.event_id, items[i]->ev.event_id) == 0)
-				seen[i] = true;
-		any |= mask[i] && !seen[i];
-	}
-	if (!any)
-		return;
-
-	heap = table_open(get_relname_relid("inbox", nsp), AccessShareLock);
-	index = index_open(RelationGetPrimaryKeyIndex(heap), AccessShareLock);
-	InitDirtySnapshot(dirty);
-	scan = index_beginscan(heap, index, &dirty, 2, 0);
-	slot = table_slot_create(heap, NULL);
-	for (int i = 0; i < n; i++)
-	{
-		ScanKeyData keys[2];
-		Datum		event;
-
-		if (!mask[i] || seen[i])
-			continue;
-		event = DirectFunctionCall1(uuid_in, CStringGetDatum(items[i]->ev.event_id));
-		ScanKeyInit(&keys[0], 1, BTEqualStrategyNumber, F_INT8EQ,
-					Int64GetDatum(items[i]->subscription_id));
-		ScanKeyInit(&keys[1], 2, BTEqualStrategyNumber, F_UUID_EQ, event);
-		index_rescan(scan, keys, 2, NULL, 0);
-		if (index_getnext_slot(scan, ForwardScanDirection, slot))
-			seen[i] = !TransactionIdIsValid(dirty.xmin);
-		ExecClearTuple(slot);
-	}
-	index_endscan(scan);
-	ExecDropSingleTupleTableSlot(slot);
-	index_close(index, NoLock);
-	table_close(heap, NoLock);
-}
-
-/*
- * Record the handled events of a batch (those in mask) in the inbox, with
- * one statement, before its commit.  One that is there already (handled
- * meanwhile in another transaction) fails the statement: the caller rolls
- * the batch back and runs it the careful way, which skips it.
- */
-void
-eb_inbox_record_batch(EbWorkItem *const *items, const bool *mask, int n)
-{
-	Oid			types[2] = {INT8ARRAYOID, UUIDARRAYOID};
-	Datum		args[2];
-
-	if (!inbox_arrays(items, mask, n, args))
-		return;
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
-	PushActiveSnapshot(GetTransactionSnapshot());
-	(void) exec_plan(&record_batch_plan, RECORD_BATCH_SQL, 2, types, args);
-	PopActiveSnapshot();
-	SPI_finish();
 }
 
 /* Show in pg_stat_activity which subscription and event this worker runs. */

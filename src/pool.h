@@ -57,12 +57,14 @@ extern Datum eb_make_envelope(const EbWorkItem *item);
 extern bool eb_handler_call(Oid handler, Oid role, Datum envelope, ErrorData **error);
 extern void eb_handler_invoke(Oid handler, Oid role, Datum envelope);
 extern ErrorData *eb_handler_error(Oid handler);
-extern void eb_inbox_check_batch(EbWorkItem *const *items, const bool *mask, int n, bool *seen);
-extern void eb_inbox_record_batch(EbWorkItem *const *items, const bool *mask, int n);
 extern bool eb_handler_owner_present(const EbWorkItem *item);
 extern void eb_handler_report_activity(const EbWorkItem *item);
 extern void eb_dead_letter(const EbWorkItem *item, const ErrorData *error, int attempts);
 extern Oid	eb_envelope_type(void);
+
+/* inbox.c: a batch's look-up and record in eventbus.inbox */
+extern void eb_inbox_check_batch(EbWorkItem *const *items, const bool *mask, int n, bool *seen);
+extern void eb_inbox_record_batch(EbWorkItem *const *items, const bool *mask, int n);
 
 /* DSM layout shared by dispatcher.c and pool.c: per worker an inbound
  * (dispatcher -> worker) and an outbound (completions) queue. */
