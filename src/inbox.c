@@ -6,7 +6,9 @@
  * them, in the same transaction, so the records commit with the handlers'
  * effects or not at all.  Both go to the table and its indexes directly,
  * not through SQL: per batch of a few events, planning-cache checks and
- * executor start-up cost about as much as the index work itself.
+ * executor start-up cost about as much as the index work itself.  Only
+ * the record has a statement to fall back on, for a table changed since
+ * the extension created it (direct_ok).
  */
 #include "postgres.h"
 
@@ -217,7 +219,7 @@ eb_inbox_record_batch(EbWorkItem *const *items, const bool *mask, int n)
 		slot->tts_values[1] = event_uuid(items[i]);
 		slot->tts_values[2] = outcome;
 		slot->tts_values[3] = TimestampTzGetDatum(GetCurrentTimestamp());
-		memset(slot->tts_isnull, false, sizeof(bool) * 4);
+		memset(slot->tts_isnull, false, sizeof(bool) * RelationGetDescr(rel)->natts);
 		ExecStoreVirtualTuple(slot);
 		table_tuple_insert(rel, slot, GetCurrentCommandId(true), 0, NULL);
 		(void) ExecInsertIndexTuples(rri, slot, estate, false, false, NULL, NIL);
