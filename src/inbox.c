@@ -8,7 +8,7 @@
  * not through SQL: per batch of a few events, planning-cache checks and
  * executor start-up cost about as much as the index work itself.  Only
  * the record has a statement to fall back on, for a table changed since
- * the extension created it (direct_ok).
+ * the extension created it (eb_direct_ok, direct_insert.c).
  */
 #include "postgres.h"
 
@@ -31,10 +31,11 @@
 #include "utils/timestamp.h"
 #include "utils/uuid.h"
 
+#include "direct_insert.h"
 #include "pool.h"
 #include "util.h"
 
-/* The statement used when the table is not as created (see direct_ok). */
+/* The statement used when the table is not as created (eb_direct_ok). */
 #define RECORD_BATCH_SQL \
 	"INSERT INTO eventbus.inbox (subscription_id, event_id, outcome)" \
 	" SELECT x.s, x.e, 'handled' FROM ROWS FROM (pg_catalog.unnest($1::pg_catalog.int8[])," \
@@ -116,34 +117,6 @@ eb_inbox_check_batch(EbWorkItem *const *items, const bool *mask, int n, bool *se
 	table_close(heap, NoLock);
 }
 
-/*
- * May rows go into the table directly?  Only while it is the plain table
- * the extension created: (bigint, uuid, text, timestamptz), no triggers,
- * no CHECK constraints, no rules, not partitioned.  Anything else (a
- * trigger a superuser added, say) takes the SQL statement, which honours
- * it.
- */
-static bool
-direct_ok(Relation rel)
-{
-	static const Oid types[] = {INT8OID, UUIDOID, TEXTOID, TIMESTAMPTZOID};
-	TupleDesc	desc = RelationGetDescr(rel);
-
-	if (rel->rd_rel->relkind != RELKIND_RELATION || rel->trigdesc != NULL ||
-		rel->rd_rules != NULL || rel->rd_rel->relrowsecurity ||
-		(desc->constr && desc->constr->num_check > 0) ||
-		desc->natts != lengthof(types))
-		return false;
-	for (int i = 0; i < desc->natts; i++)
-	{
-		Form_pg_attribute att = TupleDescAttr(desc, i);
-
-		if (att->attisdropped || att->atttypid != types[i] || att->attgenerated)
-			return false;
-	}
-	return true;
-}
-
 /* The batch's records through the SQL statement. */
 static void
 record_by_sql(EbWorkItem *const *items, const bool *mask, int n)
@@ -184,11 +157,11 @@ record_by_sql(EbWorkItem *const *items, const bool *mask, int n)
 void
 eb_inbox_record_batch(EbWorkItem *const *items, const bool *mask, int n)
 {
+	static const Oid types[] = {INT8OID, UUIDOID, TEXTOID, TIMESTAMPTZOID};
 	Relation	rel;
-	EState	   *estate;
-	ResultRelInfo *rri;
-	TupleTableSlot *slot;
-	Datum		outcome;
+	EbDirectInsert *d;
+	Datum		values[lengthof(types)];
+	bool		isnull[lengthof(types)] = {false};
 	bool		any = false;
 
 	for (int i = 0; i < n; i++)
@@ -197,37 +170,24 @@ eb_inbox_record_batch(EbWorkItem *const *items, const bool *mask, int n)
 		return;
 
 	rel = inbox_open(RowExclusiveLock);
-	if (!direct_ok(rel))
+	if (!eb_direct_ok(rel, types, lengthof(types), 0, 0))
 	{
 		table_close(rel, NoLock);
 		record_by_sql(items, mask, n);
 		return;
 	}
 
-	estate = CreateExecutorState();
-	rri = makeNode(ResultRelInfo);
-	InitResultRelInfo(rri, rel, 1, NULL, 0);
-	ExecOpenIndices(rri, false);
-	slot = table_slot_create(rel, NULL);
-	outcome = CStringGetTextDatum("handled");
+	d = eb_direct_begin(rel);
+	values[2] = CStringGetTextDatum("handled");
 	for (int i = 0; i < n; i++)
 	{
 		if (!mask[i])
 			continue;
-		ExecClearTuple(slot);
-		slot->tts_values[0] = Int64GetDatum(items[i]->subscription_id);
-		slot->tts_values[1] = event_uuid(items[i]);
-		slot->tts_values[2] = outcome;
-		slot->tts_values[3] = TimestampTzGetDatum(GetCurrentTimestamp());
-		memset(slot->tts_isnull, false, sizeof(bool) * RelationGetDescr(rel)->natts);
-		ExecStoreVirtualTuple(slot);
-		table_tuple_insert(rel, slot, GetCurrentCommandId(true), 0, NULL);
-		(void) ExecInsertIndexTuples(rri, slot, estate, false, false, NULL, NIL);
-		ResetPerTupleExprContext(estate);
+		values[0] = Int64GetDatum(items[i]->subscription_id);
+		values[1] = event_uuid(items[i]);
+		values[3] = TimestampTzGetDatum(GetCurrentTimestamp());
+		eb_direct_row(d, values, isnull);
 	}
-	ExecDropSingleTupleTableSlot(slot);
-	ExecCloseIndices(rri);
-	FreeExecutorState(estate);
+	eb_direct_end(d);
 	table_close(rel, NoLock);
-	CommandCounterIncrement();
 }
