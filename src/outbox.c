@@ -6,7 +6,9 @@
  * Versions come from an upsert on eventbus.aggregate_versions whose row lock
  * is held to commit, so concurrent publishers of one (topic, aggregate) are
  * serialized: versions and outbox ids follow commit order, which is what
- * lets the relay send rows in id order.
+ * lets the relay send rows in id order.  The row itself goes into the
+ * table and its indexes directly (direct_insert.c) while the outbox is as
+ * the extension created it; one statement does both otherwise.
  *
  * Nothing that can never be delivered is accepted: the topic must be valid
  * for its transport, and the event, encoded exactly as the relay will send
@@ -14,18 +16,25 @@
  */
 #include "postgres.h"
 
+#include "access/table.h"
 #include "access/xact.h"
+#include "catalog/dependency.h"
+#include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "commands/dbcommands.h"
+#include "commands/sequence.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "utils/builtins.h"
+#include "utils/inval.h"
 #include "utils/jsonb.h"
+#include "utils/lsyscache.h"
 #include "utils/numeric.h"
 #include "utils/timestamp.h"
 #include "utils/uuid.h"
 
+#include "direct_insert.h"
 #include "envelope.h"
 #include "eventbus.h"
 #include "guc.h"
@@ -34,22 +43,47 @@
 
 PG_FUNCTION_INFO_V1(eventbus_publish);
 
+/* The arguments of the statements below, as numbered there. */
+enum
+{
+	A_TOPIC, A_AGGREGATE, A_TYPE, A_PAYLOAD, A_TRANSPORT, A_VERSION,
+	A_TRACE, A_CORRELATION, A_TENANT, A_HEADERS, A_EVENT_ID, N_ARGS
+};
+
 static SPIPlanPtr insert_plan = NULL;
-static Oid	insert_types[11] = {TEXTOID, TEXTOID, TEXTOID, JSONBOID, TEXTOID,
+static SPIPlanPtr upsert_plan = NULL;
+static Oid	insert_types[N_ARGS] = {TEXTOID, TEXTOID, TEXTOID, JSONBOID, TEXTOID,
 	INT8OID, TEXTOID, TEXTOID, INT4OID, JSONBOID, UUIDOID};
 
-#define INSERT_SQL \
-	"WITH v AS (" \
-	" INSERT INTO eventbus.aggregate_versions AS a (topic, aggregate_id, version)" \
+/* The aggregate's version: $1 topic, $2 aggregate, $6 an explicit version. */
+#define UPSERT_SQL \
+	"INSERT INTO eventbus.aggregate_versions AS a (topic, aggregate_id, version)" \
 	" VALUES ($1, $2, COALESCE($6, 1))" \
 	" ON CONFLICT (topic, aggregate_id) DO UPDATE SET version =" \
 	"  CASE WHEN $6 IS NULL THEN a.version OPERATOR(pg_catalog.+) 1 ELSE GREATEST(a.version, $6) END" \
-	" RETURNING version)" \
+	" RETURNING version"
+
+/* The version and the outbox row in one statement (outbox not as created). */
+#define INSERT_SQL \
+	"WITH v AS (" UPSERT_SQL ")" \
 	" INSERT INTO eventbus.outbox (event_id, transport, topic, aggregate_id," \
 	"  event_type, event_version, occurred_at, trace_id, correlation_id," \
 	"  tenant_id, payload, headers)" \
 	" SELECT $11, $5, $1, $2, $3, COALESCE($6, v.version), pg_catalog.clock_timestamp()," \
 	"  $7, $8, $9, $4, $10 FROM v RETURNING event_version"
+
+/* eventbus.outbox's columns as the extension creates it (id: identity). */
+static const Oid outbox_types[] = {INT8OID, UUIDOID, TEXTOID, TEXTOID, TEXTOID,
+	TEXTOID, INT8OID, TIMESTAMPTZOID, TEXTOID, TEXTOID, INT4OID, JSONBOID, JSONBOID,
+	INT4OID, TEXTOID};
+
+/* The columns eventbus_publish may leave NULL: trace_id, correlation_id, tenant_id, headers, last_error. */
+#define OUTBOX_NULLABLE ((UINT32_C(1) << 8) | (UINT32_C(1) << 9) | (UINT32_C(1) << 10) | \
+						 (UINT32_C(1) << 12) | (UINT32_C(1) << 14))
+
+/* The outbox whose id sequence is cached (until its relcache entry is invalidated). */
+static Oid	seq_of_relid = InvalidOid;
+static Oid	outbox_seqid = InvalidOid;
 
 /* ERROR with 22004 naming the field when a required argument is NULL. */
 static void
@@ -199,6 +233,95 @@ check_event_size(int transport, Size wire, Size envelope)
 				 errhint("The envelope is JSON text: control characters in strings take 6 bytes each.")));
 }
 
+/* Relcache callback: the outbox changed (or everything did), look its sequence up again. */
+static void
+forget_outbox_sequence(Datum arg, Oid relid)
+{
+	if (relid == InvalidOid || relid == seq_of_relid)
+		seq_of_relid = InvalidOid;
+}
+
+/* The sequence of the outbox's identity column (rel opened, so invalidations are in). */
+static Oid
+outbox_sequence(Relation rel)
+{
+	static bool registered = false;
+
+	if (!registered)
+	{
+		CacheRegisterRelcacheCallback(forget_outbox_sequence, (Datum) 0);
+		registered = true;
+	}
+	if (seq_of_relid != RelationGetRelid(rel))
+	{
+		outbox_seqid = getIdentitySequence(RelationGetRelid(rel), 1, false);
+		seq_of_relid = RelationGetRelid(rel);
+	}
+	return outbox_seqid;
+}
+
+/*
+ * The version and the outbox row (args as the statements number them):
+ * the version by the upsert, then the row written directly, its id drawn
+ * after the upsert locked the aggregate's version row as the statement
+ * draws it.  The one statement instead when the outbox is not as the
+ * extension created it.  Returns the event's version.
+ */
+static int64
+insert_event(Datum *args, char *nulls, TimestampTz occurred_at)
+{
+	Relation	rel;
+	int64		version;
+	bool		isnull;
+	int			rc;
+
+	rel = table_open(get_relname_relid("outbox", get_namespace_oid("eventbus", false)),
+					 RowExclusiveLock);
+	if (!eb_direct_ok(rel, outbox_types, lengthof(outbox_types), 1, OUTBOX_NULLABLE))
+	{
+		table_close(rel, NoLock);
+		rc = SPI_execute_plan(eb_keep_plan(&insert_plan, INSERT_SQL, N_ARGS, insert_types),
+							  args, nulls, false, 0);
+		if (rc != SPI_OK_INSERT_RETURNING || SPI_processed != 1)
+			elog(ERROR, "eventbus outbox insert failed: %s", SPI_result_code_string(rc));
+		return DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	}
+
+	rc = SPI_execute_plan(eb_keep_plan(&upsert_plan, UPSERT_SQL, N_ARGS, insert_types),
+						  args, nulls, false, 0);
+	if (rc != SPI_OK_INSERT_RETURNING || SPI_processed != 1)
+		elog(ERROR, "eventbus aggregate version upsert failed: %s", SPI_result_code_string(rc));
+	version = nulls[A_VERSION] == 'n'
+		? DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull))
+		: DatumGetInt64(args[A_VERSION]);
+
+	{
+		Datum		values[lengthof(outbox_types)];
+		bool		rownulls[lengthof(outbox_types)];
+		const int	from_arg[lengthof(outbox_types)] = {
+			-1, A_EVENT_ID, A_TRANSPORT, A_TOPIC, A_AGGREGATE, A_TYPE, -1, -1,
+			A_TRACE, A_CORRELATION, A_TENANT, A_PAYLOAD, A_HEADERS, -1, -1
+		};
+		EbDirectInsert *d;
+
+		for (int i = 0; i < (int) lengthof(outbox_types); i++)
+		{
+			values[i] = from_arg[i] >= 0 ? args[from_arg[i]] : (Datum) 0;
+			rownulls[i] = from_arg[i] >= 0 ? nulls[from_arg[i]] == 'n' : false;
+		}
+		values[0] = Int64GetDatum(nextval_internal(outbox_sequence(rel), true));
+		values[6] = Int64GetDatum(version);
+		values[7] = TimestampTzGetDatum(occurred_at);
+		values[13] = Int32GetDatum(0);	/* attempts */
+		rownulls[14] = true;			/* last_error */
+		d = eb_direct_begin(rel);
+		eb_direct_row(d, values, rownulls);
+		eb_direct_end(d);
+	}
+	table_close(rel, NoLock);
+	return version;
+}
+
 /* eventbus_publish(topic, aggregate_id, event_type, payload, ...) RETURNS uuid */
 Datum
 eventbus_publish(PG_FUNCTION_ARGS)
@@ -212,9 +335,9 @@ eventbus_publish(PG_FUNCTION_ARGS)
 	EbEvent		ev;
 	StringInfoData envelope;
 	Size		wire;
-	Datum		values[11];
-	char		nulls[11];
-	int			rc;
+	Datum		values[N_ARGS];
+	char		nulls[N_ARGS];
+	int64		version;
 
 	eb_require_preload();
 
@@ -295,13 +418,13 @@ eventbus_publish(PG_FUNCTION_ARGS)
 						   get_database_name(MyDatabaseId)),
 				 errhint("Publish from database \"%s\", or set eventbus.database and restart.", eb_database)));
 
-	values[0] = PointerGetDatum(cstring_to_text(topic));
-	values[1] = PointerGetDatum(cstring_to_text(aggregate_id));
-	values[2] = PointerGetDatum(cstring_to_text(event_type));
-	values[3] = PointerGetDatum(payload);
-	values[4] = PointerGetDatum(cstring_to_text(eb_transport_name(transport)));
+	values[A_TOPIC] = PointerGetDatum(cstring_to_text(topic));
+	values[A_AGGREGATE] = PointerGetDatum(cstring_to_text(aggregate_id));
+	values[A_TYPE] = PointerGetDatum(cstring_to_text(event_type));
+	values[A_PAYLOAD] = PointerGetDatum(payload);
+	values[A_TRANSPORT] = PointerGetDatum(cstring_to_text(eb_transport_name(transport)));
 	memset(nulls, ' ', sizeof(nulls));
-	for (int i = 5; i <= 9; i++)
+	for (int i = A_VERSION; i <= A_HEADERS; i++)
 	{
 		if (PG_ARGISNULL(i))
 		{
@@ -311,7 +434,7 @@ eventbus_publish(PG_FUNCTION_ARGS)
 		else
 			values[i] = PG_GETARG_DATUM(i);
 	}
-	values[10] = UUIDPGetDatum(event_id);
+	values[A_EVENT_ID] = UUIDPGetDatum(event_id);
 
 	/*
 	 * The transaction id first, the row's id (the sequence) after it: the
@@ -320,15 +443,9 @@ eventbus_publish(PG_FUNCTION_ARGS)
 	(void) GetTopTransactionId();
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	rc = SPI_execute_plan(eb_keep_plan(&insert_plan, INSERT_SQL, 11, insert_types),
-						  values, nulls, false, 0);
-	if (rc != SPI_OK_INSERT_RETURNING || SPI_processed != 1)
-		elog(ERROR, "eventbus outbox insert failed: %s", SPI_result_code_string(rc));
+	version = insert_event(values, nulls, ev.occurred_at);
 	if (PG_ARGISNULL(5))
 	{
-		bool		isnull;
-		int64		version = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0],
-														   SPI_tuptable->tupdesc, 1, &isnull));
 		int			extra = version_digits(version) - 1;
 
 		/* The version appears in the envelope and in X-Event-Version. */
