@@ -2,10 +2,11 @@
 -- is as the extension created it, the row goes into the table and its two
 -- indexes directly (id from the identity sequence); once a superuser has
 -- added a trigger, a CHECK or NOT NULL constraint, or changed the identity,
--- the INSERT statement runs instead and honours it.  One transaction,
--- rolled back: nothing here reaches a broker.
+-- the INSERT statement runs instead and honours it.  A read-only
+-- transaction still refuses the publish (the version's statement checks
+-- it).  One transaction, rolled back: nothing here reaches a broker.
 BEGIN;
-SELECT plan(20);
+SELECT plan(22);
 
 CREATE TEMP TABLE t_ids AS SELECT 'ow-' || md5(random()::text) AS agg;
 CREATE TEMP TABLE t_pub (n int, id uuid);
@@ -72,6 +73,12 @@ SELECT pg_temp.pub(5);
 SELECT is((SELECT count(*) FROM public.ow_fired), 2::bigint, 'the trigger dropped, the row is written directly again');
 SELECT is((SELECT event_version FROM eventbus.outbox WHERE event_id = (SELECT id FROM t_pub WHERE n = 5)), 5::bigint,
           'and gets the next version');
+
+-- A read-only transaction still refuses the publish, and nothing is written.
+SELECT throws_ok($$SELECT set_config('transaction_read_only', 'on', true), pg_temp.pub(6)$$, '25006', NULL,
+                 'in a read-only transaction the publish is refused');
+SELECT is((SELECT count(*) FROM eventbus.outbox WHERE aggregate_id = pg_temp.agg()), 5::bigint,
+          'and no outbox row was written');
 
 -- 3. A CHECK constraint on the outbox is honoured.
 ALTER TABLE eventbus.outbox ADD CONSTRAINT ow_check CHECK (event_type <> 'Forbidden') NOT VALID;
