@@ -265,7 +265,9 @@ outbox_sequence(Relation rel)
  * the version by the upsert, then the row written directly, its id drawn
  * after the upsert locked the aggregate's version row as the statement
  * draws it.  The one statement instead when the outbox is not as the
- * extension created it.  Returns the event's version.
+ * extension created it.  Returns the event's version.  The direct write
+ * makes no executor checks of its own: a read-only transaction or parallel
+ * mode is refused by the upsert statement, which always runs first.
  */
 static int64
 insert_event(Datum *args, char *nulls, TimestampTz occurred_at)
