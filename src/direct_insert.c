@@ -13,9 +13,11 @@
 #include "access/table.h"
 #include "access/tableam.h"
 #include "access/xact.h"
+#include "catalog/namespace.h"
 #include "catalog/pg_class.h"
 #include "executor/executor.h"
 #include "nodes/execnodes.h"
+#include "utils/lsyscache.h"
 #include "utils/rel.h"
 
 #include "direct_insert.h"
@@ -27,6 +29,13 @@ struct EbDirectInsert
 	ResultRelInfo *rri;
 	TupleTableSlot *slot;
 };
+
+/* Open eventbus.<name>, one of the extension's own tables. */
+Relation
+eb_open_own_table(const char *name, LOCKMODE lockmode)
+{
+	return table_open(get_relname_relid(name, get_namespace_oid("eventbus", false)), lockmode);
+}
 
 /*
  * May rows go into rel directly?  Only while it is a plain table with

@@ -5,10 +5,12 @@
 #ifndef EB_DIRECT_INSERT_H
 #define EB_DIRECT_INSERT_H
 
+#include "storage/lockdefs.h"
 #include "utils/relcache.h"
 
 typedef struct EbDirectInsert EbDirectInsert;
 
+extern Relation eb_open_own_table(const char *name, LOCKMODE lockmode);
 extern bool eb_direct_ok(Relation rel, const Oid *types, int ntypes, AttrNumber identity_att,
 						 uint32 nullable);
 extern EbDirectInsert *eb_direct_begin(Relation rel);

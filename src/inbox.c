@@ -18,14 +18,11 @@
 #include "access/table.h"
 #include "access/tableam.h"
 #include "access/xact.h"
-#include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "executor/executor.h"
 #include "executor/spi.h"
-#include "nodes/execnodes.h"
 #include "utils/builtins.h"
 #include "utils/fmgroids.h"
-#include "utils/lsyscache.h"
 #include "utils/rel.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
@@ -42,15 +39,6 @@
 	"  pg_catalog.unnest($2::pg_catalog.uuid[])) x (s, e)"
 
 static SPIPlanPtr record_batch_plan = NULL;
-
-/* Open eventbus.inbox. */
-static Relation
-inbox_open(LOCKMODE lockmode)
-{
-	Oid			nsp = get_namespace_oid("eventbus", false);
-
-	return table_open(get_relname_relid("inbox", nsp), lockmode);
-}
 
 /* An item's event id as a uuid Datum. */
 static Datum
@@ -92,7 +80,7 @@ eb_inbox_check_batch(EbWorkItem *const *items, const bool *mask, int n, bool *se
 	if (!any)
 		return;
 
-	heap = inbox_open(AccessShareLock);
+	heap = eb_open_own_table("inbox", AccessShareLock);
 	index = index_open(RelationGetPrimaryKeyIndex(heap), AccessShareLock);
 	InitDirtySnapshot(dirty);
 	scan = index_beginscan(heap, index, &dirty, 2, 0);
@@ -169,7 +157,7 @@ eb_inbox_record_batch(EbWorkItem *const *items, const bool *mask, int n)
 	if (!any)
 		return;
 
-	rel = inbox_open(RowExclusiveLock);
+	rel = eb_open_own_table("inbox", RowExclusiveLock);
 	if (!eb_direct_ok(rel, types, lengthof(types), 0, 0))
 	{
 		table_close(rel, NoLock);

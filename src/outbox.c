@@ -19,7 +19,6 @@
 #include "access/table.h"
 #include "access/xact.h"
 #include "catalog/dependency.h"
-#include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "commands/dbcommands.h"
 #include "commands/sequence.h"
@@ -29,7 +28,6 @@
 #include "utils/builtins.h"
 #include "utils/inval.h"
 #include "utils/jsonb.h"
-#include "utils/lsyscache.h"
 #include "utils/numeric.h"
 #include "utils/timestamp.h"
 #include "utils/uuid.h"
@@ -277,8 +275,7 @@ insert_event(Datum *args, char *nulls, TimestampTz occurred_at)
 	bool		isnull;
 	int			rc;
 
-	rel = table_open(get_relname_relid("outbox", get_namespace_oid("eventbus", false)),
-					 RowExclusiveLock);
+	rel = eb_open_own_table("outbox", RowExclusiveLock);
 	if (!eb_direct_ok(rel, outbox_types, lengthof(outbox_types), 1, OUTBOX_NULLABLE))
 	{
 		table_close(rel, NoLock);
