@@ -59,6 +59,7 @@
 #define ACK_WAIT_NS		((int64) 30 * 1000000000)
 #define MAX_ACK_PENDING 20000
 #define FETCH_MAX		256		/* messages per pull request */
+#define IDLE_BATCH		32		/* ...of a subject whose last request was not used up */
 #define REQUEST_EXPIRES_MS 10000	/* an idle request is renewed this often */
 #define GRANT_MIN		(256 * 1024)	/* max_bytes of a request, at least... */
 #define GRANT_FLOOR		(16 * 1024) /* ...unless many subjects share the budget */
@@ -479,6 +480,7 @@ deliver_queued(int max, int64 max_bytes, int64 *bytes)
 			for (int i = 0; i < got; i++)
 			{
 				ns->largest = Max(ns->largest, sizes[i]);
+				ns->got++;
 				ns->need = 0;
 				ns->last_status = 0;
 				*bytes += sizes[i];
@@ -546,12 +548,18 @@ read_states(EbNatsFeedState *st, int nsubs, int64 *held_msgs, int64 *held_bytes,
 /*
  * Keep a pull request open on every bound subject, with the credit still
  * free (avail_msgs, avail_bytes: the dispatcher's budget minus what is
- * held).  An idle subject's request holds only its share of the budget
- * (max messages and eventbus.dispatcher_memory over the subjects), so that
- * every subject has one open.  Subjects take turns; one whose request would
- * not fit holds the others back until it does, so a large message is not
- * starved by small ones.  A message larger than eventbus.dispatcher_memory
- * itself is asked for alone, when nothing else is held.
+ * held).  What an open request may still bring is held until it is used up
+ * or expires, so an idle subject's request asks for little: at most
+ * IDLE_BATCH messages and its share of half the budget (max messages and
+ * eventbus.dispatcher_memory over the subjects).  Idle subjects thus never
+ * hold more than about half, and a subject whose last request was used up
+ * (busy) asks for up to FETCH_MAX of what is free.  Before, every request
+ * held a full share, and 40 idle subjects held it all: a subject that then
+ * had a backlog got a few messages a request, one request per WAL flush.
+ * Subjects take turns; one whose request would not fit holds the others
+ * back until it does, so a large message is not starved by small ones.  A
+ * message larger than eventbus.dispatcher_memory itself is asked for
+ * alone, when nothing else is held.
  */
 static void
 grant_credit(EbNatsFeedState *st, int nsubs, int max, int64 avail_msgs, int64 avail_bytes,
@@ -561,22 +569,25 @@ grant_credit(EbNatsFeedState *st, int nsubs, int max, int64 avail_msgs, int64 av
 	TimestampTz now = GetCurrentTimestamp();
 	int			blocked = -1;
 	int			nbound = 0;
-	int64		share_msgs;
-	int64		share_bytes;
+	int64		idle_msgs;
+	int64		idle_bytes;
+	int64		busy_bytes;
 
 	for (int i = 0; i < nsubs; i++)
 		if (fetching(list_nth(eb_nats_subs, i)))
 			nbound++;
-	share_msgs = Max(1, Min(FETCH_MAX, max / Max(nbound, 1)));
-	share_bytes = Max(GRANT_FLOOR, Min(GRANT_MIN, dispatcher_memory / Max(nbound, 1)));
+	idle_msgs = Max(1, Min(IDLE_BATCH, max / (2 * Max(nbound, 1))));
+	idle_bytes = Max(GRANT_FLOOR, Min(GRANT_MIN, dispatcher_memory / (2 * Max(nbound, 1))));
+	busy_bytes = Max(GRANT_FLOOR, Min(GRANT_MIN, dispatcher_memory / 2));
 
 	for (int k = 0; k < nsubs && avail_msgs > 0; k++)
 	{
 		int			i = (next_turn + k) % nsubs;
 		NatsSub    *ns = list_nth(eb_nats_subs, i);
-		int64		want = Max(share_bytes, Max(ns->need, 2 * ns->largest));
+		bool		busy = ns->asked > 0 && ns->got + st[i].queued >= ns->asked;
+		int64		want = Max(busy ? busy_bytes : idle_bytes, Max(ns->need, 2 * ns->largest));
 		int64		least = Max(GRANT_FLOOR, Max(ns->need, ns->largest));
-		int			batch = (int) Min(share_msgs, avail_msgs);
+		int			batch = (int) Min(busy ? FETCH_MAX : idle_msgs, avail_msgs);
 		int64		grant;
 
 		if (!fetching(ns) || st[i].open > 0 || now < ns->retry_at)
@@ -599,6 +610,8 @@ grant_credit(EbNatsFeedState *st, int nsubs, int max, int64 avail_msgs, int64 av
 								  eb_nats_shared_mode ? SHARED_EXPIRES_MS : REQUEST_EXPIRES_MS))
 			continue;			/* not connected: retried at the next poll */
 		ns->last_grant = grant;
+		ns->asked = batch;
+		ns->got = 0;
 		avail_msgs -= batch;
 		avail_bytes -= grant;
 		nothing_held = false;

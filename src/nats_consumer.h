@@ -45,6 +45,8 @@ typedef struct NatsSub
 	int64		held;			/* delivered messages not yet finished */
 	int64		largest;		/* largest message seen (server's count) */
 	int64		last_grant;		/* max_bytes of its last request */
+	int			asked;			/* messages its last request asked for */
+	int			got;			/* of those, taken since */
 	int64		need;			/* a request got nothing: ask for this much */
 	int			last_status;	/* last unexpected status logged */
 	TimestampTz retry_at;		/* no request before (after a status) */

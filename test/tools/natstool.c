@@ -100,7 +100,7 @@ usage(const char *msg)
 		  "  consumer STREAM DURABLE\n"
 		  "  kv-get BUCKET KEY | kv-del BUCKET KEY\n"
 		  "  stream-delete NAME | kv-add-sealed BUCKET\n"
-		  "  listen SUBJECT SECONDS\n", stderr);
+		  "  listen SUBJECT SECONDS [data]\n", stderr);
 	return EXIT_USAGE;
 }
 
@@ -524,9 +524,13 @@ cmd_pub(const char *subject, header *hdrs, int nhdrs, bool msgid, bool hex)
 	return rc;
 }
 
-/* Print the subject of every message on SUBJECT (wildcards allowed) for SECONDS. */
+/*
+ * Print the subject of every message on SUBJECT (wildcards allowed) for
+ * SECONDS; with data, a tab and its payload after it (one line: a payload
+ * holding a newline is printed as is).
+ */
 static int
-cmd_listen(const char *subject, const char *seconds)
+cmd_listen(const char *subject, const char *seconds, bool data)
 {
 	natsSubscription *sub = NULL;
 	natsStatus	s;
@@ -562,7 +566,12 @@ cmd_listen(const char *subject, const char *seconds)
 			natsSubscription_Destroy(sub);
 			return fail("receiving", s, 0);
 		}
-		printf("%s\n", natsMsg_GetSubject(msg));
+		if (data)
+			printf("%s\t%.*s\n", natsMsg_GetSubject(msg), natsMsg_GetDataLength(msg),
+				   natsMsg_GetData(msg) ? natsMsg_GetData(msg) : "");
+		else
+			printf("%s\n", natsMsg_GetSubject(msg));
+		fflush(stdout);			/* a listener may be killed when enough was seen */
 		natsMsg_Destroy(msg);
 	}
 	natsSubscription_Destroy(sub);
@@ -617,9 +626,11 @@ main(int argc, char **argv)
 			  strcmp(cmd, "kv-add-sealed") == 0) ? nargs != 1 :
 			 strcmp(cmd, "ensure-stream") == 0 ? nargs < 2 :
 			 (strcmp(cmd, "set-max-msg-size") == 0 || strcmp(cmd, "set-max-msgs") == 0 ||
-			  strcmp(cmd, "listen") == 0 || strcmp(cmd, "consumer") == 0 ||
+			  strcmp(cmd, "consumer") == 0 ||
 			  strcmp(cmd, "kv-get") == 0 || strcmp(cmd, "kv-del") == 0) ?
-			 nargs != 2 : true)
+			 nargs != 2 :
+			 strcmp(cmd, "listen") == 0 ?
+			 !(nargs == 2 || (nargs == 3 && strcmp(argv[2], "data") == 0)) : true)
 		return usage("unknown command or wrong number of arguments");
 
 	s = natsOptions_Create(&opts);
@@ -651,7 +662,7 @@ main(int argc, char **argv)
 	else if (strcmp(cmd, "consumers") == 0)
 		rc = cmd_consumers(argv[0]);
 	else if (strcmp(cmd, "listen") == 0)
-		rc = cmd_listen(argv[0], argv[1]);
+		rc = cmd_listen(argv[0], argv[1], nargs == 3);
 	else if (strcmp(cmd, "consumer") == 0)
 		rc = cmd_consumer(argv[0], argv[1]);
 	else if (strcmp(cmd, "kv-get") == 0)
