@@ -319,20 +319,35 @@ bench_warmup() {
 # generic: the harness's own look-up of the next rows in its plan table was
 # planned anew for every transaction, 14 % of the publishers' CPU (perf),
 # which is no write of an event and which the pgbench reference does not do.
+# Once done they stay connected until the run's sampler ends (it holds
+# bench_hold_sql's lock from before the gate opens to the run's last
+# handler commit), as pgbench's clients do until its run is over: a
+# backend's exit (the kernel unmapping its memory) fell inside the window,
+# about a tenth of the publishing backends' CPU samples in 500-event runs
+# (perf), taken from the pipeline being measured.
 bench_publishers() {
 	local key=$1 conns=$2 mode=$3 a=$4 b=$5 c
 	local opts="${PGOPTIONS:-} -c plan_cache_mode=force_generic_plan"
 	BENCH_PUB_PIDS=()
 	for ((c = 0; c < conns; c++)); do
 		if [ "$mode" = steady ]; then
-			PGOPTIONS=$opts PGAPPNAME=bench_publisher bq -c "CALL $BENCH_SCHEMA.steady('$key', $c, $a, $b)" >/dev/null &
+			PGOPTIONS=$opts PGAPPNAME=bench_publisher bq -c "CALL $BENCH_SCHEMA.steady('$key', $c, $a, $b)" \
+				-c "$(bench_hold_sql "$key" shared)" >/dev/null &
 		else
-			PGOPTIONS=$opts PGAPPNAME=bench_publisher bq -c "CALL $BENCH_SCHEMA.load('$key', $c, $a, $b)" >/dev/null &
+			PGOPTIONS=$opts PGAPPNAME=bench_publisher bq -c "CALL $BENCH_SCHEMA.load('$key', $c, $a, $b)" \
+				-c "$(bench_hold_sql "$key" shared)" >/dev/null &
 		fi
 		BENCH_PUB_PIDS+=($!)
 	done
 	bench_wait 60 "SELECT count(*) = $conns FROM $BENCH_SCHEMA.gate_ready WHERE run_key = '$key'" ||
 		{ bench_log "$key: publishing connections not ready within 60 s"; bench_go "$key"; return 1; }
+}
+
+# bench_hold_sql KEY [shared] — the statement taking KEY's hold lock (a
+# session advisory lock, released when the session ends): the sampler holds
+# it exclusively for the whole run, the publishing connections wait for it.
+bench_hold_sql() {
+	echo "SELECT pg_advisory_lock${2:+_$2}(hashtext('$BENCH_SCHEMA'), hashtext('$1'))"
 }
 
 # bench_go KEY — open the start gate of KEY's publishing connections.
@@ -401,9 +416,10 @@ bench_run() {
 	# The samplers start, and take their first sample, before the window: a
 	# new backend and its first look at the catalogs, and the first read of
 	# /proc, cost tens of ms of CPU, taken from the first publishing
-	# transactions otherwise (a tenth of a 500-event run).
+	# transactions otherwise (a tenth of a 500-event run).  Its session
+	# holds the run's hold lock (bench_publishers) until the run is over.
 	bench_mem_start
-	bq -c "CALL $BENCH_SCHEMA.sample('$key', $events, $timeout, 30, ${BENCH_SAMPLE_EVERY:-0.5})" >/dev/null &
+	bq -c "$(bench_hold_sql "$key")" -c "CALL $BENCH_SCHEMA.sample('$key', $events, $timeout, 30, ${BENCH_SAMPLE_EVERY:-0.5})" >/dev/null &
 	sampler=$!
 	bench_wait 30 "SELECT EXISTS (SELECT 1 FROM $BENCH_SCHEMA.samples WHERE run_key = '$key')" ||
 		bench_log "$key: the sampler took no first sample within 30 s"

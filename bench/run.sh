@@ -24,7 +24,8 @@
 #     per transaction, as fast as they go; subscriptions warmed up
 #     before, and the publishing connections connected, warmed up (one
 #     rolled-back row each) and started together at a gate, as pgbench
-#     counts from when its connections are made.  Each level BENCH_REPEATS
+#     counts from when its connections are made; they stay connected until
+#     the run is over, as pgbench's clients do (bench_publishers).  Each level BENCH_REPEATS
 #     (3) times, repeats, transports and levels interleaved; the median.
 #     A level under BENCH_BURST_EVENTS (2000) runs as ceil(2000 / level)
 #     bursts per repeat, its events/s pooled over them (see below).
