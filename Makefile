@@ -36,8 +36,9 @@ all: tools
 endif
 tools: test/tools/devbroker test/tools/natstool test/tools/kafkaraw
 
-test/tools/devbroker: test/tools/devbroker.c test/tools/devbroker_proxy.c test/tools/devbroker_proxy.h
-	$(CC) $(TOOL_CFLAGS) -o $@ test/tools/devbroker.c test/tools/devbroker_proxy.c $(shell pkg-config --cflags --libs rdkafka) -lpthread -ldl
+test/tools/devbroker: test/tools/devbroker.c test/tools/devbroker_proxy.c test/tools/devbroker_proxy.h \
+		test/tools/devbroker_wire.c test/tools/devbroker_wire.h
+	$(CC) $(TOOL_CFLAGS) -o $@ test/tools/devbroker.c test/tools/devbroker_proxy.c test/tools/devbroker_wire.c $(shell pkg-config --cflags --libs rdkafka) -lpthread -ldl
 
 test/tools/kafkaraw: test/tools/kafkaraw.c
 	$(CC) $(TOOL_CFLAGS) -o $@ $< $(shell pkg-config --cflags --libs rdkafka) -lpthread
