@@ -76,7 +76,7 @@ buf_consume(Buf *b, size_t n)
 	}
 }
 
-/* The length of the complete frame at the front of b, or 0. */
+/* The length of the complete frame at the front of b, 0 if incomplete, (size_t) -1 if invalid. */
 size_t
 frame_at(const Buf *b)
 {
