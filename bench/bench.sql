@@ -159,15 +159,13 @@ BEGIN
   RETURN QUERY SELECT DISTINCT topic FROM @S@.plan WHERE run_key = p_key ORDER BY 1;
 END $$;
 
--- CPU time (utime + stime, clock ticks) of the calling backend, from
--- /proc/self/stat (Linux; the harness runs as superuser): the publishing
--- connections record theirs, since their processes are gone when the shell
--- looks.  NULL where it cannot be read.
-CREATE FUNCTION @S@.self_cpu_ticks() RETURNS bigint LANGUAGE plpgsql AS $$
-DECLARE s text;
+-- CPU time (ns) of the calling backend, from /proc/self/schedstat (Linux;
+-- the harness runs as superuser; a backend has one thread): the publishing
+-- connections record theirs, since their processes may be gone when the
+-- shell looks.  NULL where it cannot be read.
+CREATE FUNCTION @S@.self_cpu_ns() RETURNS bigint LANGUAGE plpgsql AS $$
 BEGIN
-  s := substring(pg_read_file('/proc/self/stat') FROM '\) (.*)$');
-  RETURN split_part(s, ' ', 12)::bigint + split_part(s, ' ', 13)::bigint;
+  RETURN split_part(pg_read_file('/proc/self/schedstat'), ' ', 1)::bigint;
 EXCEPTION WHEN OTHERS THEN
   RETURN NULL;
 END $$;
@@ -175,7 +173,7 @@ END $$;
 CREATE TABLE @S@.publisher_cpu (
     run_key  text NOT NULL,
     conn     int NOT NULL,
-    ticks    bigint                -- CPU ticks of load() / steady(), start to end
+    cpu_ns   bigint                -- CPU ns of load() / steady(), start to end
 );
 
 -- The start gate.  A publishing connection starts warm and with the others,
@@ -227,7 +225,7 @@ DECLARE n int; pos int := 0; sz int; t0 bigint;
 BEGIN
   SELECT count(*) INTO n FROM @S@.plan WHERE run_key = p_key AND conn = p_conn;
   CALL @S@.await_gate(p_key, p_conn);
-  t0 := @S@.self_cpu_ticks();
+  t0 := @S@.self_cpu_ns();
   WHILE pos < n LOOP
     sz := p_min + floor(random() * (p_max - p_min + 1))::int;
     INSERT INTO @S@.orders (run_key, transport, topic, aggregate_id, sku, qty, amount)
@@ -237,7 +235,7 @@ BEGIN
     COMMIT;
     pos := pos + sz;
   END LOOP;
-  INSERT INTO @S@.publisher_cpu VALUES (p_key, p_conn, @S@.self_cpu_ticks() - t0);
+  INSERT INTO @S@.publisher_cpu VALUES (p_key, p_conn, @S@.self_cpu_ns() - t0);
   COMMIT;
 END $$;
 
@@ -252,7 +250,7 @@ BEGIN
   SELECT count(*) INTO n FROM @S@.plan WHERE run_key = p_key AND conn = p_conn;
   CALL @S@.await_gate(p_key, p_conn);
   t0 := clock_timestamp();
-  c0 := @S@.self_cpu_ticks();
+  c0 := @S@.self_cpu_ns();
   WHILE pos < n LOOP
     wait := extract(epoch FROM t0 + make_interval(secs => k * p_interval) - clock_timestamp());
     IF wait > 0 THEN PERFORM pg_sleep(wait); END IF;
@@ -264,7 +262,7 @@ BEGIN
     pos := pos + p_batch;
     k := k + 1;
   END LOOP;
-  INSERT INTO @S@.publisher_cpu VALUES (p_key, p_conn, @S@.self_cpu_ticks() - c0);
+  INSERT INTO @S@.publisher_cpu VALUES (p_key, p_conn, @S@.self_cpu_ns() - c0);
   COMMIT;
 END $$;
 
@@ -459,7 +457,7 @@ BEGIN
            'time_source', CASE WHEN cts THEN 'commit_timestamp' ELSE 'handler_clock' END,
            'max_outbox_backlog', s.outbox, 'max_pool_queued', s.pool_queued, 'max_subscription_lag', s.lag,
            'samples', s.n,
-           'publisher_cpu_ticks', (SELECT sum(ticks) FROM @S@.publisher_cpu WHERE run_key = p_key))
+           'publisher_cpu_ns', (SELECT sum(cpu_ns) FROM @S@.publisher_cpu WHERE run_key = p_key))
     INTO r
     FROM o, h, d, u, l, lt, v, p, s;
   RETURN r;
@@ -536,7 +534,7 @@ CREATE FUNCTION @S@.combine_bursts(p_tr text, p_level int, p_repeat int) RETURNS
            sum((doc->>'handler_transactions')::numeric) AS htx, sum((doc->>'first_deliveries')::numeric) AS firsts,
            sum((doc->>'relay_rounds')::numeric) AS rounds, sum((doc->>'aggregates')::numeric) AS aggregates,
            sum((doc->>'aggregates_seen')::numeric) AS aggs_seen, sum((doc->>'aggregates_complete')::numeric) AS aggs_complete,
-           sum((doc->>'publisher_cpu_ticks')::numeric) AS pub_ticks, sum((doc->>'samples')::numeric) AS samples,
+           sum((doc->>'publisher_cpu_ns')::numeric) AS pub_ns, sum((doc->>'samples')::numeric) AS samples,
            sum((doc->>'end_to_end_s')::numeric) AS e2e_s, sum((doc->>'publish_s')::numeric) AS publish_s,
            sum((doc->>'handling_s')::numeric) AS handling_s,
            max((doc->>'max_outbox_backlog')::numeric) AS outbox, max((doc->>'max_pool_queued')::numeric) AS pool_queued,
@@ -544,7 +542,7 @@ CREATE FUNCTION @S@.combine_bursts(p_tr text, p_level int, p_repeat int) RETURNS
       FROM b),
   cpu AS (
     SELECT jsonb_object_agg(k, v) AS c
-      FROM (SELECT e.key AS k, round(sum(e.value::numeric), 2) AS v
+      FROM (SELECT e.key AS k, round(sum(e.value::numeric), 4) AS v
               FROM b, jsonb_each_text(b.doc->'cpu_s') e
              WHERE e.key <> 'steal_pct' AND jsonb_typeof(b.doc->'cpu_s'->e.key) = 'number'
              GROUP BY e.key) x),
@@ -565,7 +563,7 @@ CREATE FUNCTION @S@.combine_bursts(p_tr text, p_level int, p_repeat int) RETURNS
            'first_deliveries', s.firsts, 'relay_rounds', s.rounds,
            'events_per_relay_round', round(s.published / nullif(s.rounds, 0), 1),
            'aggregates', s.aggregates, 'aggregates_seen', s.aggs_seen, 'aggregates_complete', s.aggs_complete,
-           'publisher_cpu_ticks', s.pub_ticks, 'samples', s.samples,
+           'publisher_cpu_ns', s.pub_ns, 'samples', s.samples,
            'end_to_end_s', s.e2e_s, 'publish_s', s.publish_s, 'handling_s', s.handling_s,
            'events_per_s', round(s.delivered / nullif(s.e2e_s, 0)),
            'publish_events_per_s', round(s.published / nullif(s.publish_s, 0)),

@@ -97,14 +97,22 @@ stat_fields() {
 	read -ra STAT <<< "${s##*) }"
 }
 
-# cpu_ticks PID [children] — utime+stime (+ cutime+cstime of reaped children).
-cpu_ticks() {
-	if ! stat_fields "$1"; then echo 0; return; fi
-	if [ "${2:-}" = children ]; then
-		echo $((STAT[11] + STAT[12] + STAT[13] + STAT[14]))
-	else
-		echo $((STAT[11] + STAT[12]))
-	fi
+# cpu_ns PID — into CPU_NS, the CPU time of PID's live threads in ns (0 if
+# gone): the first field of /proc/PID/task/*/schedstat, the scheduler's own
+# nanosecond account.  utime and stime in /proc/PID/stat come in clock
+# ticks (10 ms), a sixth of a 500-event burst's window.  A thread that exits
+# takes its time with it; the processes measured this way (postgres
+# processes, librdkafka's and cnats's threads, nats-server, the dev broker)
+# keep theirs for the whole run.  A variable, not output: no subshell per
+# process.
+cpu_ns() {
+	local f n
+	CPU_NS=0
+	[ -n "$1" ] || return 0
+	for f in /proc/"$1"/task/*/schedstat; do
+		read -r n _ 2>/dev/null < "$f" && CPU_NS=$((CPU_NS + n))
+	done
+	return 0
 }
 
 # machine_ticks — "busy total steal" jiffies of all CPUs from /proc/stat:
@@ -116,41 +124,46 @@ machine_ticks() {
 	awk '/^cpu / { t = 0; for (i = 2; i <= 9; i++) t += $i; print t - $5 - $6 - $9, t, $9 }' /proc/stat
 }
 
-# bench_proc_snapshot — sets SNAP_* (CPU ticks per component, wall ns).
+# bench_proc_snapshot — sets SNAP_* (CPU ns per component, wall ns).
 # Components: launcher (the relay), dispatcher, workers (the pool, sum),
 # other postgres processes (backends: the publishing connections, the
 # sampler, autovacuum; checkpointer, walwriter... — live ones plus the
-# reaped ones through the postmaster's cutime), nats-server, devbroker, the
-# whole machine.
+# reaped ones through the postmaster's cutime + cstime, which come in clock
+# ticks), nats-server, devbroker, the whole machine (/proc/stat: ticks).
 bench_proc_snapshot() {
-	local pid role pm p eb=" "
+	local pid role pm p eb=" " tick_ns=$((1000000000 / CLK_TCK))
 	SNAP_WALL=$(date +%s%N)
 	SNAP_LAUNCHER=0 SNAP_DISPATCHER=0 SNAP_WORKERS=0 SNAP_PG=0
 	while read -r pid role; do
 		[ -n "$pid" ] || continue
 		eb="$eb$pid "
-		stat_fields "$pid" || continue
+		cpu_ns "$pid"
 		case $role in
-			launcher) SNAP_LAUNCHER=$((SNAP_LAUNCHER + STAT[11] + STAT[12])) ;;
-			dispatcher) SNAP_DISPATCHER=$((SNAP_DISPATCHER + STAT[11] + STAT[12])) ;;
-			worker) SNAP_WORKERS=$((SNAP_WORKERS + STAT[11] + STAT[12])) ;;
+			launcher) SNAP_LAUNCHER=$((SNAP_LAUNCHER + CPU_NS)) ;;
+			dispatcher) SNAP_DISPATCHER=$((SNAP_DISPATCHER + CPU_NS)) ;;
+			worker) SNAP_WORKERS=$((SNAP_WORKERS + CPU_NS)) ;;
 		esac
 	done < <(bench_eventbus_pids)
 	pm=$(bench_postmaster_pid)
 	if [ -n "$pm" ] && stat_fields "$pm"; then
-		SNAP_PG=$((STAT[11] + STAT[12] + STAT[13] + STAT[14]))
+		cpu_ns "$pm"
+		SNAP_PG=$((CPU_NS + (STAT[13] + STAT[14]) * tick_ns))
 		for p in /proc/[0-9]*; do
 			p=${p#/proc/}
 			[[ $eb == *" $p "* ]] && continue
 			stat_fields "$p" || continue
-			[ "${STAT[1]}" = "$pm" ] && SNAP_PG=$((SNAP_PG + STAT[11] + STAT[12]))
+			[ "${STAT[1]}" = "$pm" ] || continue
+			cpu_ns "$p"
+			SNAP_PG=$((SNAP_PG + CPU_NS))
 		done
 	fi
 	read -r p 2>/dev/null < "$EVENTBUS_STATE/nats/nats.pid" || true   # no newline in that file
-	SNAP_NATS=$(cpu_ticks "${p//[^0-9]/}")
+	cpu_ns "${p//[^0-9]/}"
+	SNAP_NATS=$CPU_NS
 	p=
 	read -r p 2>/dev/null < "$EVENTBUS_STATE/kafka/devbroker.pid" || true
-	SNAP_KAFKA=$(cpu_ticks "${p//[^0-9]/}")
+	cpu_ns "${p//[^0-9]/}"
+	SNAP_KAFKA=$CPU_NS
 	read -r SNAP_BUSY SNAP_TOTAL SNAP_STEAL < <(machine_ticks)
 }
 
@@ -162,31 +175,33 @@ bench_snap_save() {
 	done
 }
 
-# bench_cpu_json [PUBLISHER_TICKS] — CPU seconds per component between
+# bench_cpu_json [PUBLISHER_NS] — CPU seconds per component between
 # BEFORE_* and SNAP_* (the shell's window around a run, a little wider than
 # the measured one).  publishers = the publishing connections' backends
-# (measured by themselves, bench.sql self_cpu_ticks; absent when not given),
+# (measured by themselves, bench.sql self_cpu_ns; absent when not given),
 # other_postgres = the rest of the postgres processes; unattributed = the
 # machine's busy time minus the stack's processes: the harness's psql
 # clients, and whatever else runs on the machine; steal = CPU time the
 # hypervisor took (steal_pct: of the machine's capacity in the window).
+# The processes' figures are in ns (4 decimals kept: 0.1 ms), the
+# machine's in clock ticks (2 decimals).
 bench_cpu_json() {
-	local wall ncpu pub=${1:-}
+	local wall pub=${1:-}
 	wall=$(( (SNAP_WALL - BEFORE_WALL) / 1000000 ))
-	ncpu=$(nproc)
-	awk -v hz="$CLK_TCK" -v wall="$wall" -v ncpu="$ncpu" -v pub="$pub" \
+	awk -v hz="$CLK_TCK" -v wall="$wall" -v pub="$pub" \
 	    -v l=$((SNAP_LAUNCHER - BEFORE_LAUNCHER)) -v d=$((SNAP_DISPATCHER - BEFORE_DISPATCHER)) \
 	    -v w=$((SNAP_WORKERS - BEFORE_WORKERS)) -v pg=$((SNAP_PG - BEFORE_PG)) \
 	    -v n=$((SNAP_NATS - BEFORE_NATS)) -v k=$((SNAP_KAFKA - BEFORE_KAFKA)) \
 	    -v busy=$((SNAP_BUSY - BEFORE_BUSY)) -v tot=$((SNAP_TOTAL - BEFORE_TOTAL)) \
 	    -v st=$((SNAP_STEAL - BEFORE_STEAL)) 'BEGIN {
-		printf "{\"window_s\": %.2f, \"launcher\": %.2f, \"dispatcher\": %.2f, \"workers\": %.2f, ", wall / 1000, l / hz, d / hz, w / hz
+		ns = 1e9
+		printf "{\"window_s\": %.2f, \"launcher\": %.4f, \"dispatcher\": %.4f, \"workers\": %.4f, ", wall / 1000, l / ns, d / ns, w / ns
 		if (pub != "")
-			printf "\"publishers\": %.2f, \"other_postgres\": %.2f, ", pub / hz, (pg - pub) / hz
+			printf "\"publishers\": %.4f, \"other_postgres\": %.4f, ", pub / ns, (pg - pub) / ns
 		else
-			printf "\"other_postgres\": %.2f, ", pg / hz
-		printf "\"nats_server\": %.2f, \"devbroker\": %.2f, \"machine_busy\": %.2f, \"machine_capacity\": %.2f, \"unattributed\": %.2f, ",
-		       n / hz, k / hz, busy / hz, tot / hz, (busy - l - d - w - pg - n - k) / hz
+			printf "\"other_postgres\": %.4f, ", pg / ns
+		printf "\"nats_server\": %.4f, \"devbroker\": %.4f, \"machine_busy\": %.2f, \"machine_capacity\": %.2f, \"unattributed\": %.2f, ",
+		       n / ns, k / ns, busy / hz, tot / hz, busy / hz - (l + d + w + pg + n + k) / ns
 		printf "\"steal\": %.2f, \"steal_pct\": %.1f}", st / hz, (tot > 0 ? 100 * st / tot : 0) }'
 }
 
@@ -377,7 +392,7 @@ bench_go() {
 # eventbus pids for the next run and for the leftover count.
 bench_run() {
 	local key=$1 label=$2 events=$3 conns=$4 trs=$5 mode=$6 a=$7 b=$8
-	local topics=() nt c sampler cpu mem timeout pid role t tr parts=() sub_at="" pubticks="" extra rounds0 rounds
+	local topics=() nt c sampler cpu mem timeout pid role t tr parts=() sub_at="" pubns="" extra rounds0 rounds
 	BENCH_DOC=
 	mapfile -t topics < <(bq -c "SELECT $BENCH_SCHEMA.make_plan('$key', '$BENCH_PREFIX', '$label', '$BENCH_RUN',
 	                                      $events, $conns, string_to_array('$trs', ','))")
@@ -436,11 +451,11 @@ bench_run() {
 	wait "$sampler" || bench_log "$key: the sampler failed"
 	# Only now (the run's last handler committed): a query in the run's tail
 	# would start a backend (psql) while the pipeline still works.
-	[ "$mode" != consume ] && pubticks=$(bq -c "SELECT sum(ticks) FROM $BENCH_SCHEMA.publisher_cpu WHERE run_key = '$key'")
+	[ "$mode" != consume ] && pubns=$(bq -c "SELECT sum(cpu_ns) FROM $BENCH_SCHEMA.publisher_cpu WHERE run_key = '$key'")
 	# Relay rounds in the window (consume mode relays before it: none).
 	rounds=$(( $(bench_relay_rounds) - rounds0 ))
 	bench_proc_snapshot
-	cpu=$(bench_cpu_json "$pubticks")
+	cpu=$(bench_cpu_json "$pubns")
 	mem=$(bench_mem_stop)
 	while read -r pid role; do
 		[[ -z $pid || " $BENCH_EB_PIDS " == *" $pid "* ]] || BENCH_EB_PIDS="$BENCH_EB_PIDS $pid"
