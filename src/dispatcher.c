@@ -712,6 +712,7 @@ eventbus_dispatcher_main(Datum main_arg)
 		}
 		if (timeout > 0)
 		{
+			timeout = eb_worker_report_stats(timeout);
 			(void) WaitEventSetWait(wes, timeout, &event, 1, PG_WAIT_EXTENSION);
 			ResetLatch(MyLatch);
 			eb_wakeup_drain();

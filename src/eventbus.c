@@ -19,6 +19,7 @@
 #include "eventbus.h"
 #include "guc.h"
 #include "privilege.h"
+#include "util.h"
 
 PG_MODULE_MAGIC;
 
@@ -113,6 +114,34 @@ void
 eb_stop_by_draining(void)
 {
 	pqsignal(SIGTERM, drain_sigterm);
+}
+
+/*
+ * Before a worker loop sleeps: send this process's table and I/O statistics
+ * (at most once a second), and return how long it may sleep so that counts
+ * held back are sent within PostgreSQL's idle interval.  A backend does so
+ * when idle; a background worker must, or autovacuum would not see its
+ * writes until it exits.  Held-back counts are sent by force once that
+ * interval is over, as a backend's idle timeout does: pgstat measures the
+ * interval from the last transaction's end, which does not move while the
+ * process sleeps.  Call outside a transaction.
+ */
+long
+eb_worker_report_stats(long timeout)
+{
+	static TimestampTz due = 0; /* when held-back counts go by force */
+	TimestampTz now = GetCurrentTimestamp();
+	long		next = pgstat_report_stat(due != 0 && now >= due);
+
+	if (next <= 0)
+	{
+		due = 0;
+		return timeout;
+	}
+	if (due == 0 || now >= due)
+		due = TimestampTzPlusMilliseconds(now, next);
+	next = Max(eb_ms_until(due), 1);
+	return timeout < 0 || next < timeout ? next : timeout;
 }
 
 /*

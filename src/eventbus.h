@@ -38,6 +38,7 @@ extern void eb_worker_connect(const char *appname);
 extern volatile sig_atomic_t eb_stop_requested;
 extern void eb_stop_by_draining(void);
 extern bool eb_worker_loop_top(MemoryContext loop_cxt);
+extern long eb_worker_report_stats(long timeout);
 struct BackgroundWorker;
 extern void eb_bgworker_init(struct BackgroundWorker *w, const char *function,
 							 const char *name, const char *type);

@@ -60,7 +60,6 @@ extension_state(char **version)
 		*version = MemoryContextStrdup(cxt, v ? v : "");
 	}
 	eb_xact_end(cxt);
-	pgstat_report_stat(false);
 	return state;
 }
 
@@ -249,6 +248,7 @@ eventbus_launcher_main(Datum main_arg)
 		}
 
 		pgstat_report_activity(STATE_IDLE, NULL);
+		timeout = eb_worker_report_stats(timeout);
 		(void) WaitEventSetWait(wes, timeout, &event, 1, PG_WAIT_EXTENSION);
 		ResetLatch(MyLatch);
 		eb_wakeup_drain();

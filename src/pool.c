@@ -771,6 +771,7 @@ eventbus_worker_main(Datum main_arg)
 
 		if (!ran && wait > 0)
 		{
+			wait = eb_worker_report_stats(wait);
 			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 							 wait, PG_WAIT_EXTENSION);
 			ResetLatch(MyLatch);
