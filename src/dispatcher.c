@@ -42,6 +42,21 @@
 /* Inbox pruning: rows per transaction, and time per second spent on it. */
 #define PRUNE_CHUNK		10000
 #define PRUNE_BUDGET_MS	200
+#define PRUNE_IDLE_MS	10000	/* after a pass that found nothing to delete */
+
+/*
+ * The statements this process runs every few seconds, idle or not: prepared
+ * once (eb_keep_plan), as parsing and planning them each time was most of
+ * an idle dispatcher's CPU.
+ */
+#define PRUNE_SQL \
+	"DELETE FROM eventbus.inbox WHERE ctid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT ctid FROM eventbus.inbox" \
+	" WHERE handled_at OPERATOR(pg_catalog.<) (pg_catalog.now() OPERATOR(pg_catalog.-)" \
+	" pg_catalog.make_interval(mins => $1)) ORDER BY handled_at LIMIT " CppAsString2(PRUNE_CHUNK) "))"
+#define SUBS_SQL \
+	"SELECT s.id, s.topic, s.transport, s.handler::pg_catalog.oid, s.role_id, s.max_attempts" \
+	" FROM eventbus.subscriptions s WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_authid a" \
+	" WHERE a.oid OPERATOR(pg_catalog.=) s.role_id) ORDER BY s.id"
 
 /*
  * Shared consumption, asked to stop: finish what was received, at most this
@@ -103,6 +118,7 @@ static Sub *subs = NULL;
 static int	nsubs = 0;
 static uint64 subs_generation = 0;
 static TimestampTz subs_loaded_at = 0;
+static SPIPlanPtr subs_plan = NULL;
 
 static HTAB *items;				/* tag -> ItemRef */
 static uint64 next_tag = 1;
@@ -343,9 +359,7 @@ load_subscriptions(void)
 
 	cxt = eb_xact_begin();
 	/* Subscriptions whose owner was dropped (from another database) stop. */
-	if (SPI_execute("SELECT s.id, s.topic, s.transport, s.handler::pg_catalog.oid, s.role_id, s.max_attempts"
-					" FROM eventbus.subscriptions s WHERE EXISTS (SELECT 1 FROM pg_catalog.pg_authid a"
-					" WHERE a.oid OPERATOR(pg_catalog.=) s.role_id) ORDER BY s.id", true, 0) != SPI_OK_SELECT)
+	if (SPI_execute_plan(eb_keep_plan(&subs_plan, SUBS_SQL, 0, NULL), NULL, NULL, true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "could not read subscriptions");
 	n = (int) SPI_processed;
 	old = MemoryContextSwitchTo(TopMemoryContext);
@@ -437,38 +451,39 @@ manage_clients(void)
 static void
 prune_inbox(void)
 {
-	static TimestampTz last = 0;
-	char		sql[320];
+	static TimestampTz next = 0;
+	static SPIPlanPtr plan = NULL;
+	Oid			argtypes[1] = {INT4OID};
+	Datum		args[1];
 	TimestampTz start = GetCurrentTimestamp();
+	uint64		pruned = 0;
 
 	/*
 	 * Every second, delete expired rows in chunks of PRUNE_CHUNK (one
 	 * transaction each, oldest first by the handled_at index) until a chunk
 	 * comes back short or PRUNE_BUDGET_MS passed: up to ~10 chunks a second,
 	 * far above any sustained handling rate, without holding up consumption.
+	 * A pass that found nothing waits PRUNE_IDLE_MS for the next: then rows
+	 * expire seconds late, and an idle dispatcher runs no statement a second.
 	 */
-	if (eb_inbox_retention_min == 0 ||
-		start < TimestampTzPlusMilliseconds(last, 1000))
+	if (eb_inbox_retention_min == 0 || start < next)
 		return;
-	last = start;
-	snprintf(sql, sizeof(sql),
-			 "DELETE FROM eventbus.inbox WHERE ctid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT ctid FROM eventbus.inbox"
-			 " WHERE handled_at OPERATOR(pg_catalog.<) (pg_catalog.now() OPERATOR(pg_catalog.-)"
-			 " pg_catalog.make_interval(mins => %d)) ORDER BY handled_at LIMIT %d))",
-			 eb_inbox_retention_min, PRUNE_CHUNK);
+	args[0] = Int32GetDatum(eb_inbox_retention_min);
 	for (;;)
 	{
 		MemoryContext cxt = eb_xact_begin();
 		uint64		n;
 
-		if (SPI_execute(sql, false, 0) != SPI_OK_DELETE)
+		if (SPI_execute_plan(eb_keep_plan(&plan, PRUNE_SQL, 1, argtypes), args, NULL, false, 0) != SPI_OK_DELETE)
 			elog(ERROR, "could not prune the inbox");
 		n = SPI_processed;
 		eb_xact_end(cxt);
+		pruned += n;
 		if (n < PRUNE_CHUNK ||
 			GetCurrentTimestamp() >= TimestampTzPlusMilliseconds(start, PRUNE_BUDGET_MS))
 			break;
 	}
+	next = TimestampTzPlusMilliseconds(start, pruned > 0 ? 1000 : PRUNE_IDLE_MS);
 }
 
 /*

@@ -32,6 +32,9 @@
  */
 static const char *const supported_versions[] = {"0.1.0", "0.2.0", NULL};
 
+/* While the extension runs, how often the launcher looks whether it still does. */
+#define EXT_CHECK_READY_MS	5000
+
 typedef enum ExtensionState
 {
 	EXT_ABSENT,
@@ -43,12 +46,15 @@ typedef enum ExtensionState
 static ExtensionState
 extension_state(char **version)
 {
+	static SPIPlanPtr plan = NULL;
 	ExtensionState state = EXT_ABSENT;
 	MemoryContext cxt = eb_xact_begin();
 
+	/* Prepared once: it runs every few seconds, idle or not. */
 	*version = NULL;
-	if (SPI_execute("SELECT extversion FROM pg_catalog.pg_extension"
-					" WHERE extname OPERATOR(pg_catalog.=) 'eventbus'", true, 1) == SPI_OK_SELECT &&
+	if (SPI_execute_plan(eb_keep_plan(&plan, "SELECT extversion FROM pg_catalog.pg_extension"
+									  " WHERE extname OPERATOR(pg_catalog.=) 'eventbus'", 0, NULL),
+						 NULL, NULL, true, 1) == SPI_OK_SELECT &&
 		SPI_processed == 1)
 	{
 		char	   *v = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
@@ -151,6 +157,7 @@ eventbus_launcher_main(Datum main_arg)
 	char	   *version = NULL;
 	MemoryContext loop_cxt;
 	TimestampTz checked_at = 0;
+	bool		relay_failed = false;
 
 	eb_launcher_connect();
 
@@ -203,11 +210,18 @@ eventbus_launcher_main(Datum main_arg)
 			proc_exit(1);
 		}
 
-		/* A catalog look-up once a second, not on every commit's wake-up. */
-		if (!ready || GetCurrentTimestamp() >= TimestampTzPlusMilliseconds(checked_at, 1000))
+		/*
+		 * A catalog look-up, not on every commit's wake-up: every second
+		 * while the extension is absent, every EXT_CHECK_READY_MS while it
+		 * runs, and at once after the relay failed (a DROP EXTENSION fails
+		 * the relay's next statement).
+		 */
+		if (!ready || relay_failed ||
+			GetCurrentTimestamp() >= TimestampTzPlusMilliseconds(checked_at, EXT_CHECK_READY_MS))
 		{
 			ext = extension_state(&version);
 			checked_at = GetCurrentTimestamp();
+			relay_failed = false;
 		}
 		else
 			ext = last;
@@ -236,7 +250,7 @@ eventbus_launcher_main(Datum main_arg)
 		if (ready)
 		{
 			ensure_dispatcher();
-			timeout = eb_relay_step();
+			timeout = eb_relay_step(&relay_failed);
 		}
 		if (timeout > 0)
 		{

@@ -55,6 +55,13 @@
 #define BATCH_MAX	EB_BATCH_ITEMS	/* events per transaction */
 #define KEY_LEN		(EB_MAX_AGGREGATE_ID + 24)
 
+/*
+ * Longest sleep with nothing to retry: new work, a stop and a reload set
+ * the latch, so the timeout only bounds the wait, and an idle pool wakes
+ * rarely.
+ */
+#define IDLE_WAIT_MS	10000
+
 /* A work item waiting in a parked key's queue. */
 typedef struct Pending
 {
@@ -624,7 +631,7 @@ run_due_parked(void)
 	Pending    *batch[BATCH_MAX];
 	int			n = 0;
 	TimestampTz now = GetCurrentTimestamp();
-	long		next = 1000;
+	long		next = IDLE_WAIT_MS;
 
 	hash_seq_init(&seq, parked);
 	while ((k = hash_seq_search(&seq)) != NULL)

@@ -532,10 +532,11 @@ step_transport(int t, bool woken)
 /*
  * One pass of the relay over both transports.  Returns how long the
  * launcher may sleep (ms) before it must call again; commits and broker
- * events wake it sooner.
+ * events wake it sooner.  *failed is set when a transport's step raised an
+ * error (the extension may be being dropped).
  */
 long
-eb_relay_step(void)
+eb_relay_step(bool *failed)
 {
 	volatile long timeout = 1000;
 	uint32		pending;
@@ -563,6 +564,7 @@ eb_relay_step(void)
 			rounds[t].next_try = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), 1000);
 			rounds[t].more = true;	/* look again after the backoff */
 			timeout = Min(timeout, 1000);
+			*failed = true;
 		}
 		PG_END_TRY();
 	}

@@ -77,7 +77,7 @@ typedef struct Round
 /* relay.c: run by the launcher */
 extern void eb_relay_init(void);
 extern void eb_relay_shutdown(void);
-extern long eb_relay_step(void);
+extern long eb_relay_step(bool *failed);
 
 /* relay_read.c: a round's rows */
 extern int	eb_relay_fetch_batch(int t, Round *r, EbEvent **events, bool **held,
